@@ -1,0 +1,36 @@
+"""``lazysnap serve``: run the snapshotter daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from snapshotter.config import LOG_LEVELS, ConfigError, load_config, with_overrides
+from snapshotter.daemon import StartupError, serve
+from snapshotter.logs import setup_logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file (default /etc/lazysnap/config.toml)")
+    parser.add_argument("--root", help="state directory (default /var/lib/lazysnap)")
+    parser.add_argument("--address", help="gRPC socket (default /run/lazysnap/lazysnap.sock)")
+    parser.add_argument("--hosts-dir", help="registry hosts.toml directory")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = with_overrides(
+            load_config(args.config), root=args.root, address=args.address,
+            hosts_dir=args.hosts_dir, log_level=args.log_level,
+        )
+    except ConfigError as exc:
+        print(f"lazysnap: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    try:
+        return serve(config)
+    except StartupError as exc:
+        print(f"lazysnap: cannot start: {exc}", file=sys.stderr)
+        return 1

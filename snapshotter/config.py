@@ -1,0 +1,134 @@
+"""The daemon's configuration: ``/etc/lazysnap/config.toml``, then command-line flags.
+
+Every key has a documented default (docs/config.md); unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/lazysnap/config.toml")
+DEFAULT_ROOT = Path("/var/lib/lazysnap")
+DEFAULT_ADDRESS = Path("/run/lazysnap/lazysnap.sock")
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+class ConfigError(Exception):
+    """The configuration file or a flag is invalid; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path = DEFAULT_ROOT
+    address: Path = DEFAULT_ADDRESS
+    hosts_dir: Path = DEFAULT_HOSTS_DIR
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _expect(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table[key]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}{key}: expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    lowered = value.lower()
+    if lowered not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return lowered
+
+
+def _path(value: str, name: str) -> Path:
+    if not value:
+        raise ConfigError(f"{name}: must not be empty")
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(f"{name}: {value!r} must be an absolute path")
+    return path
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    known = {"root", "address", "hosts_dir", "log"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    config = Config()
+    if "root" in data:
+        config = replace(config, root=_path(_expect(data, "root", str, ""), "root"))
+    if "address" in data:
+        config = replace(config, address=_path(_expect(data, "address", str, ""), "address"))
+    if "hosts_dir" in data:
+        config = replace(
+            config, hosts_dir=_path(_expect(data, "hosts_dir", str, ""), "hosts_dir")
+        )
+    if "log" in data:
+        table = _expect(data, "log", dict, "")
+        extra = sorted(set(table) - {"level", "format"})
+        if extra:
+            raise ConfigError(f"unknown configuration keys: {', '.join('log.' + k for k in extra)}")
+        log = LogConfig()
+        if "level" in table:
+            log = replace(log, level=_choice(_expect(table, "level", str, "log."), LOG_LEVELS,
+                                             "log.level"))
+        if "format" in table:
+            log = replace(log, format=_choice(_expect(table, "format", str, "log."), LOG_FORMATS,
+                                              "log.format"))
+        config = replace(config, log=log)
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Read the file; a missing default file means defaults, a missing named file is an error."""
+    target = path or DEFAULT_CONFIG_PATH
+    try:
+        raw = target.read_bytes()
+    except FileNotFoundError:
+        if path is None:
+            return Config()
+        raise ConfigError(f"configuration file {target} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {target}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{target}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{target}: {exc}") from None
+
+
+def with_overrides(
+    config: Config,
+    *,
+    root: str | None = None,
+    address: str | None = None,
+    hosts_dir: str | None = None,
+    log_level: str | None = None,
+) -> Config:
+    """Command-line flags win over the file."""
+    if root is not None:
+        config = replace(config, root=_path(root, "--root"))
+    if address is not None:
+        config = replace(config, address=_path(address, "--address"))
+    if hosts_dir is not None:
+        config = replace(config, hosts_dir=_path(hosts_dir, "--hosts-dir"))
+    if log_level is not None:
+        config = replace(
+            config, log=replace(config.log, level=_choice(log_level, LOG_LEVELS, "--log-level"))
+        )
+    return config

@@ -1,0 +1,31 @@
+"""Disk usage of a directory tree, counted like du: allocated blocks, each inode once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from snapshotter.model import Usage
+
+
+def disk_usage(top: Path) -> Usage:
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    stack = [str(top)]
+    while stack:
+        path = stack.pop()
+        try:
+            entries = os.scandir(path)
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                ident = (st.st_dev, st.st_ino)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                size += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return Usage(size=size, inodes=len(seen))

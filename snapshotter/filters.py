@@ -1,0 +1,185 @@
+"""containerd's filter language for snapshot List (pure).
+
+    filter   := selector ( "," selector )*          all selectors must match (AND)
+    selector := fieldpath [ operator value ]         no operator: the field is present
+    fieldpath:= field ( "." field )*
+    field    := identifier | quoted
+    operator := "==" | "!=" | "~="                  ~= is a regular expression search
+    value    := quoted | characters up to the next ","
+
+Several filter strings passed to List are alternatives (OR). Snapshot fields are ``name``,
+``parent``, ``kind`` (active|view|committed) and ``labels.<key>``, where keys holding dots or
+slashes are quoted: ``labels."containerd.io/snapshot.ref"==sha256:...``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from snapshotter.errors import InvalidArgumentError
+from snapshotter.model import SnapshotInfo
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_OPERATORS = ("==", "!=", "~=")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    fieldpath: tuple[str, ...]
+    operator: str | None  # None: presence test
+    value: str = ""
+    pattern: re.Pattern[str] | None = None
+
+
+Filter = tuple[Selector, ...]
+
+
+class _Scanner:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"invalid filter {self.text!r} at position {self.pos}: {message}"
+        )
+
+    def skip_spaces(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def at_end(self) -> bool:
+        self.skip_spaces()
+        return self.pos >= len(self.text)
+
+    def peek(self, token: str) -> bool:
+        self.skip_spaces()
+        return self.text.startswith(token, self.pos)
+
+    def quoted(self) -> str:
+        quote = self.text[self.pos]
+        self.pos += 1
+        out: list[str] = []
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == quote:
+                return "".join(out)
+            if char == "\\":
+                if self.pos >= len(self.text):
+                    break
+                esc = self.text[self.pos]
+                self.pos += 1
+                if esc in _ESCAPES:
+                    out.append(_ESCAPES[esc])
+                elif esc in "xuU":
+                    width = {"x": 2, "u": 4, "U": 8}[esc]
+                    digits = self.text[self.pos : self.pos + width]
+                    hexdigits = "0123456789abcdefABCDEF"
+                    if len(digits) != width or not all(c in hexdigits for c in digits):
+                        raise self.error(f"bad \\{esc} escape")
+                    out.append(chr(int(digits, 16)))
+                    self.pos += width
+                else:
+                    raise self.error(f"unknown escape \\{esc}")
+            else:
+                out.append(char)
+        raise self.error("unterminated quoted string")
+
+    def field(self) -> str:
+        self.skip_spaces()
+        if self.pos < len(self.text) and self.text[self.pos] in "\"'":
+            return self.quoted()
+        match = _IDENT.match(self.text, self.pos)
+        if not match:
+            raise self.error("expected a field name")
+        self.pos = match.end()
+        return match.group()
+
+    def value(self) -> str:
+        self.skip_spaces()
+        if self.pos < len(self.text) and self.text[self.pos] in "\"'":
+            return self.quoted()
+        end = self.text.find(",", self.pos)
+        end = len(self.text) if end < 0 else end
+        raw = self.text[self.pos : end].strip()
+        if not raw:
+            raise self.error("expected a value")
+        self.pos = end
+        return raw
+
+
+def parse_filter(text: str) -> Filter:
+    """Parse one filter string (selectors joined by commas); raise InvalidArgumentError."""
+    scanner = _Scanner(text)
+    selectors: list[Selector] = []
+    if scanner.at_end():
+        return ()
+    while True:
+        path = [scanner.field()]
+        while scanner.peek(".") and not scanner.peek(".."):
+            scanner.pos += 1
+            path.append(scanner.field())
+        operator = next((op for op in _OPERATORS if scanner.peek(op)), None)
+        if operator is None:
+            selectors.append(Selector(tuple(path), None))
+        else:
+            scanner.pos += len(operator)
+            value = scanner.value()
+            pattern = None
+            if operator == "~=":
+                try:
+                    pattern = re.compile(value)
+                except re.error as exc:
+                    raise scanner.error(f"bad regular expression: {exc}") from None
+            selectors.append(Selector(tuple(path), operator, value, pattern))
+        if scanner.at_end():
+            return tuple(selectors)
+        if not scanner.peek(","):
+            raise scanner.error("expected ',' or the end of the filter")
+        scanner.pos += 1
+
+
+def parse_filters(texts: Sequence[str]) -> list[Filter]:
+    return [parse_filter(text) for text in texts]
+
+
+def _field(info: SnapshotInfo, path: tuple[str, ...]) -> str | None:
+    head, rest = path[0], path[1:]
+    if head == "labels":
+        if not rest:
+            return None
+        return info.labels.get(".".join(rest))
+    if rest:
+        return None
+    value = {"name": info.name, "parent": info.parent, "kind": info.kind.label}.get(head)
+    return value or None
+
+
+def _selector_matches(selector: Selector, info: SnapshotInfo) -> bool:
+    value = _field(info, selector.fieldpath)
+    if selector.operator is None:
+        return value is not None
+    if selector.operator == "!=":
+        return value != selector.value
+    if value is None:
+        return False
+    if selector.operator == "==":
+        return value == selector.value
+    assert selector.pattern is not None
+    return selector.pattern.search(value) is not None
+
+
+def matcher(filters: Sequence[Filter]) -> Callable[[SnapshotInfo], bool]:
+    """A predicate that is true when any filter (OR) has all its selectors (AND) matching."""
+    active = [f for f in filters if f]
+    if len(active) < len(filters) or not filters:
+        return lambda _info: True  # an empty filter string matches everything
+
+    def matches(info: SnapshotInfo) -> bool:
+        return any(all(_selector_matches(s, info) for s in f) for f in active)
+
+    return matches

@@ -1,0 +1,36 @@
+"""Label rules shared with containerd (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from snapshotter.errors import InvalidArgumentError
+
+# containerd's pkg/labels: key and value together may not exceed 4096 bytes.
+MAX_LABEL_BYTES = 4096
+
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+REMOTE = "containerd.io/snapshot/remote"
+REMOTE_VALUE = "remote snapshot"
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+STARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+
+
+def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Return the labels as a plain dict, or raise InvalidArgumentError naming the bad key."""
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        if not key:
+            raise InvalidArgumentError("label key must not be empty")
+        size = len(key.encode()) + len(value.encode())
+        if size > MAX_LABEL_BYTES:
+            shown = key if len(key) <= 64 else key[:61] + "..."
+            raise InvalidArgumentError(
+                f"label key and value too long: {shown!r} is {size} bytes, "
+                f"the limit is {MAX_LABEL_BYTES}"
+            )
+        checked[key] = value
+    return checked

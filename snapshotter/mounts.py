@@ -1,0 +1,58 @@
+"""Mounts handed to containerd, built the way containerd's overlayfs snapshotter builds them (pure).
+
+- no parent: a bind mount of the snapshot's own directory (``ro`` for a view);
+- a view of one parent: a read-only bind mount of that parent;
+- a view of several parents: an overlay with only lower directories (read-only by nature);
+- an active snapshot with parents: an overlay with ``upperdir``/``workdir`` on local disk.
+
+mount(2) copies its options into one page, so ``lowerdir`` lists of many layers can overflow it.
+When the absolute paths do not fit, lower directories are named by their short links
+(``<root>/l/<id>``) instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.model import Kind, Mount
+
+# The kernel's limit is one page (4096 bytes) for the whole option string including the
+# terminating NUL; containerd also adds options of its own on some paths, so keep a margin.
+MOUNT_OPTIONS_BUDGET = 4096 - 256
+
+
+@dataclass(frozen=True, slots=True)
+class LowerDir:
+    path: Path  # where the layer's tree is (a local directory or a FUSE layer directory)
+    short: Path  # a short symbolic link to ``path``
+
+
+def _options_length(options: Sequence[str]) -> int:
+    return sum(len(o) for o in options) + max(len(options) - 1, 0)
+
+
+def _overlay(lowers: Sequence[LowerDir], extra: Sequence[str]) -> Mount:
+    full = [*extra, "lowerdir=" + ":".join(str(d.path) for d in lowers)]
+    if _options_length(full) > MOUNT_OPTIONS_BUDGET:
+        full = [*extra, "lowerdir=" + ":".join(str(d.short) for d in lowers)]
+    if _options_length(full) > MOUNT_OPTIONS_BUDGET:
+        raise ValueError(f"{len(lowers)} lower layers do not fit in the mount options")
+    return Mount(type="overlay", source="overlay", options=tuple(full))
+
+
+def build_mounts(
+    kind: Kind, own_fs: Path, own_work: Path, parents: Sequence[LowerDir]
+) -> list[Mount]:
+    """Mounts for an active or view snapshot; ``parents`` are nearest first."""
+    if kind is Kind.COMMITTED:
+        raise ValueError("committed snapshots have no mounts")
+    if not parents:
+        mode = "ro" if kind is Kind.VIEW else "rw"
+        return [Mount(type="bind", source=str(own_fs), options=(mode, "rbind"))]
+    if kind is Kind.VIEW:
+        if len(parents) == 1:
+            return [Mount(type="bind", source=str(parents[0].path), options=("ro", "rbind"))]
+        return [_overlay(parents, ["index=off"])]
+    return [_overlay(parents, ["index=off", f"workdir={own_work}", f"upperdir={own_fs}"])]

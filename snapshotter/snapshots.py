@@ -1,0 +1,289 @@
+"""The snapshot domain: containerd's Snapshotter semantics over sqlite metadata and overlay dirs.
+
+Every method is one metadata transaction. Keys are opaque strings (containerd sends keys like
+``default/12/extract-123 sha256:...``): they only ever live in the database, and directories are
+named by numeric ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from snapshotter.diskusage import disk_usage
+from snapshotter.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from snapshotter.filters import matcher, parse_filters
+from snapshotter.labels import validate_labels
+from snapshotter.layout import Layout
+from snapshotter.metadata import MetadataStore, SnapshotRecord, Transaction
+from snapshotter.model import Counts, Kind, Mount, SnapshotInfo, Usage
+from snapshotter.mounts import LowerDir, build_mounts
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+
+
+def _info(record: SnapshotRecord) -> SnapshotInfo:
+    return SnapshotInfo(
+        name=record.key,
+        parent=record.parent_key,
+        kind=record.kind,
+        created_ns=record.created_ns,
+        updated_ns=record.updated_ns,
+        labels=dict(record.labels),
+    )
+
+
+def _require_key(key: str, what: str = "key") -> None:
+    if not key:
+        raise InvalidArgumentError(f"snapshot {what} must not be empty")
+
+
+class Snapshotter:
+    """Ordinary (local overlay) snapshots with containerd's semantics."""
+
+    def __init__(self, root: Path, *, clock: Clock = time.time_ns) -> None:
+        self.layout = Layout(root)
+        self.layout.create()
+        self.store = MetadataStore(self.layout.database)
+        self._clock = clock
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- creating ----------------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
+    ) -> list[Mount]:
+        _require_key(key)
+        checked = validate_labels(labels)
+        with self.store.transaction() as tx:
+            if tx.get(key) is not None:
+                raise AlreadyExistsError(f"snapshot {key!r} already exists")
+            parent_record = self._committed_parent(tx, parent)
+            snapshot_id = tx.insert(
+                key, parent_record.id if parent_record else None, kind, self._clock(), checked
+            )
+            # The directories are made before the transaction commits: a crash now leaves an
+            # orphaned directory for Cleanup, never a row without its directory.
+            self._make_dirs(snapshot_id, kind)
+            mounts = self._mounts(tx, snapshot_id, kind, parent_record)
+        log.info("snapshot created kind=%s key=%r parent=%r id=%d", kind.label, key, parent,
+                 snapshot_id)
+        return mounts
+
+    def _committed_parent(self, tx: Transaction, parent: str) -> SnapshotRecord | None:
+        if not parent:
+            return None
+        record = tx.get(parent)
+        if record is None:
+            raise NotFoundError(f"parent snapshot {parent!r} does not exist")
+        if record.kind is not Kind.COMMITTED:
+            raise InvalidArgumentError(
+                f"parent snapshot {parent!r} is {record.kind.label}, not committed"
+            )
+        return record
+
+    def _make_dirs(self, snapshot_id: int, kind: Kind) -> None:
+        directory = self.layout.snapshot_dir(snapshot_id)
+        if directory.exists():
+            # Left by a transaction that was rolled back (or a crash) and whose id is reused.
+            shutil.rmtree(directory)
+        directory.mkdir(mode=0o700)
+        fs = self.layout.fs_dir(snapshot_id)
+        fs.mkdir()
+        # containerd's RootPermission: a fresh root is 0755 whatever the umask.
+        os.chmod(fs, 0o755)  # noqa: S103
+        if kind is Kind.ACTIVE:
+            self.layout.work_dir(snapshot_id).mkdir(mode=0o700)
+        link = self.layout.link(snapshot_id)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(fs, link.parent))
+
+    def _mounts(
+        self, tx: Transaction, snapshot_id: int, kind: Kind, parent: SnapshotRecord | None
+    ) -> list[Mount]:
+        chain = tx.ancestors(parent.id) if parent else []
+        lowers = [
+            LowerDir(self.layout.fs_dir(r.id), self.layout.link(r.id)) for r in chain
+        ]
+        return build_mounts(
+            kind, self.layout.fs_dir(snapshot_id), self.layout.work_dir(snapshot_id), lowers
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def mounts(self, key: str) -> list[Mount]:
+        _require_key(key)
+        with self.store.transaction() as tx:
+            record = self._get(tx, key)
+            if record.kind is Kind.COMMITTED:
+                raise FailedPreconditionError(
+                    f"snapshot {key!r} is committed: only active and view snapshots have mounts"
+                )
+            parent = tx.get_by_id(record.parent_id) if record.parent_id else None
+            return self._mounts(tx, record.id, record.kind, parent)
+
+    def stat(self, key: str) -> SnapshotInfo:
+        _require_key(key)
+        with self.store.transaction() as tx:
+            return _info(self._get(tx, key))
+
+    def list(self, filters: Sequence[str] = ()) -> list[SnapshotInfo]:
+        matches = matcher(parse_filters(filters))
+        with self.store.transaction() as tx:
+            records = tx.all()
+        return [info for info in map(_info, records) if matches(info)]
+
+    def usage(self, key: str) -> Usage:
+        _require_key(key)
+        with self.store.transaction() as tx:
+            record = self._get(tx, key)
+        if record.size is not None and record.inodes is not None:
+            return Usage(record.size, record.inodes)
+        return disk_usage(self.layout.fs_dir(record.id))
+
+    def counts(self) -> Counts:
+        with self.store.transaction() as tx:
+            return tx.counts()
+
+    @staticmethod
+    def _get(tx: Transaction, key: str) -> SnapshotRecord:
+        record = tx.get(key)
+        if record is None:
+            raise NotFoundError(f"snapshot {key!r} does not exist")
+        return record
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str], parent: str = ""
+    ) -> None:
+        _require_key(name, "name")
+        _require_key(key)
+        checked = validate_labels(labels)
+        with self.store.transaction() as tx:
+            record = self._committable(tx, key)
+        # Measured outside the transaction: du of a large layer must not stall other RPCs.
+        usage = disk_usage(self.layout.fs_dir(record.id))
+        with self.store.transaction() as tx:
+            current = self._committable(tx, key)
+            if current.id != record.id:
+                raise NotFoundError(f"snapshot {key!r} changed while being committed")
+            if tx.get(name) is not None:
+                raise AlreadyExistsError(f"snapshot {name!r} already exists")
+            parent_id = current.parent_id
+            if parent:
+                if current.parent_key and parent != current.parent_key:
+                    raise InvalidArgumentError(
+                        f"commit parent {parent!r} differs from the snapshot's parent "
+                        f"{current.parent_key!r}"
+                    )
+                parent_record = self._committed_parent(tx, parent)
+                assert parent_record is not None
+                parent_id = parent_record.id
+            tx.commit_snapshot(
+                current.id, name, parent_id, self._clock(), checked, usage.size, usage.inodes
+            )
+        shutil.rmtree(self.layout.work_dir(record.id), ignore_errors=True)
+        log.info("snapshot committed name=%r key=%r id=%d size=%d", name, key, record.id,
+                 usage.size)
+
+    def _committable(self, tx: Transaction, key: str) -> SnapshotRecord:
+        record = self._get(tx, key)
+        if record.kind is Kind.VIEW:
+            raise FailedPreconditionError(f"snapshot {key!r} is a view: views cannot be committed")
+        if record.kind is not Kind.ACTIVE:
+            raise FailedPreconditionError(f"snapshot {key!r} is not active")
+        return record
+
+    def remove(self, key: str) -> None:
+        _require_key(key)
+        with self.store.transaction() as tx:
+            record = self._get(tx, key)
+            if tx.has_children(record.id):
+                raise FailedPreconditionError(
+                    f"cannot remove snapshot {key!r}: it has children (remove them first)"
+                )
+            tx.delete(record.id)
+            # Moved aside inside the transaction so no later id can meet this directory.
+            trashed = self._trash(record.id)
+        self._empty_trash(trashed)
+        log.info("snapshot removed key=%r id=%d", key, record.id)
+
+    def update(self, info: SnapshotInfo, fieldpaths: Sequence[str]) -> SnapshotInfo:
+        _require_key(info.name, "name")
+        with self.store.transaction() as tx:
+            record = self._get(tx, info.name)
+            labels = dict(record.labels)
+            if not fieldpaths:
+                labels = dict(info.labels)
+            for path in fieldpaths:
+                if path.startswith("labels."):
+                    label = path[len("labels."):]
+                    if label in info.labels:
+                        labels[label] = info.labels[label]
+                    else:
+                        labels.pop(label, None)
+                elif path == "labels":
+                    labels = dict(info.labels)
+                else:
+                    raise InvalidArgumentError(
+                        f"cannot update {path!r} field on snapshot {info.name!r}"
+                    )
+            tx.set_labels(record.id, validate_labels(labels), self._clock())
+            updated = tx.get_by_id(record.id)
+            assert updated is not None
+            return _info(updated)
+
+    def cleanup(self) -> int:
+        """Remove directories and links that no snapshot owns; return how many were removed."""
+        trashed: list[Path] = []
+        with self.store.transaction() as tx:
+            ids = tx.ids()
+            for entry in list(self.layout.snapshots.iterdir()):
+                if not (entry.name.isdigit() and int(entry.name) in ids):
+                    trashed.append(self._trash_path(entry))
+        for link in list(self.layout.links.iterdir()):
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+        trashed += list(self.layout.trash.iterdir())
+        for path in trashed:
+            self._empty_trash(path)
+        if trashed:
+            log.info("cleanup removed=%d", len(trashed))
+        return len(trashed)
+
+    def _trash(self, snapshot_id: int) -> Path:
+        self.layout.link(snapshot_id).unlink(missing_ok=True)
+        directory = self.layout.snapshot_dir(snapshot_id)
+        return self._trash_path(directory) if directory.exists() else directory
+
+    def _trash_path(self, path: Path) -> Path:
+        target = self.layout.trash / f"{path.name}-{time.monotonic_ns()}"
+        path.rename(target)
+        return target
+
+    @staticmethod
+    def _empty_trash(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
