@@ -1,6 +1,99 @@
 """An OCI distribution client on httpx: references, hosts, auth, manifests, ranged blob reads.
 
-Never imports ``fusefs`` or ``snapshotter``.
+Never imports ``fusefs`` or ``snapshotter``; no httpx type appears in this public surface.
 """
 
-__all__: list[str] = []
+from registry.blob import RemoteBlob
+from registry.client import ManifestContent, RegistryClient, ResolvedImage
+from registry.credentials import (
+    CredentialProvider,
+    Credentials,
+    DockerConfigCredentials,
+    StaticCredentials,
+)
+from registry.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    CredentialsError,
+    DigestMismatchError,
+    HostsConfigError,
+    InvalidReferenceError,
+    ManifestError,
+    NotFoundError,
+    OCIErrorDetail,
+    PlatformNotFoundError,
+    ProtocolError,
+    RangeNotSatisfiableError,
+    RangeNotSupportedError,
+    RegistryError,
+    RegistryTimeoutError,
+    ServerError,
+    TransportError,
+    UnsupportedDigestError,
+)
+from registry.hosts import (
+    DEFAULT_HOSTS_DIR,
+    HOSTS_DIR_ENV,
+    HostsConfig,
+    RegistryHost,
+    parse_hosts_toml,
+    resolve_hosts_dir,
+)
+from registry.manifest import (
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    host_platform,
+    parse_manifest,
+    parse_platform,
+    select_manifest,
+)
+from registry.options import ClientOptions
+from registry.reference import Reference, parse_reference
+
+__all__ = [
+    "DEFAULT_HOSTS_DIR",
+    "HOSTS_DIR_ENV",
+    "AuthenticationError",
+    "AuthorizationError",
+    "ClientOptions",
+    "CredentialProvider",
+    "Credentials",
+    "CredentialsError",
+    "Descriptor",
+    "DigestMismatchError",
+    "DockerConfigCredentials",
+    "HostsConfig",
+    "HostsConfigError",
+    "Index",
+    "InvalidReferenceError",
+    "Manifest",
+    "ManifestContent",
+    "ManifestError",
+    "NotFoundError",
+    "OCIErrorDetail",
+    "Platform",
+    "PlatformNotFoundError",
+    "ProtocolError",
+    "RangeNotSatisfiableError",
+    "RangeNotSupportedError",
+    "Reference",
+    "RegistryClient",
+    "RegistryError",
+    "RegistryHost",
+    "RegistryTimeoutError",
+    "RemoteBlob",
+    "ResolvedImage",
+    "ServerError",
+    "StaticCredentials",
+    "TransportError",
+    "UnsupportedDigestError",
+    "host_platform",
+    "parse_hosts_toml",
+    "parse_manifest",
+    "parse_platform",
+    "parse_reference",
+    "resolve_hosts_dir",
+    "select_manifest",
+]

@@ -78,9 +78,7 @@ def _valid_position(value: str) -> bool:
 def _valid_sha256(value: str) -> bool:
     prefix, _, hexpart = value.partition(":")
     return (
-        prefix == "sha256"
-        and len(hexpart) == 64
-        and all(c in "0123456789abcdef" for c in hexpart)
+        prefix == "sha256" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
     )
 
 
@@ -96,7 +94,9 @@ def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClas
             return LayerClassification(None, f"malformed {checksum_key} annotation")
         if not _valid_position(annotations[position_key]):
             return LayerClassification(None, f"malformed {position_key} annotation")
-        legacy = " (legacy annotation names)" if checksum_key == LEGACY_ZSTD_CHUNKED_CHECKSUM else ""
+        legacy = (
+            " (legacy annotation names)" if checksum_key == LEGACY_ZSTD_CHUNKED_CHECKSUM else ""
+        )
         return LayerClassification("zstd:chunked", f"zstd:chunked TOC annotations{legacy}")
     if base in _GZIP_TYPES:
         toc_digest = annotations.get(ESTARGZ_TOC_DIGEST)

@@ -1,0 +1,430 @@
+"""The httpx edge: pooled clients per TLS identity, auth, redirects, retries and error mapping.
+
+Nothing httpx-typed leaves the ``registry`` package: handlers given to ``Engine.call`` receive
+the response inside this package only, and every httpx exception becomes a ``RegistryError``
+chained with ``from``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import random
+import ssl
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
+
+import anyio
+import httpx
+
+from registry.auth import (
+    Challenge,
+    Token,
+    TokenCache,
+    TokenKey,
+    basic_authorization,
+    parse_token_response,
+    parse_www_authenticate,
+    pick_challenge,
+)
+from registry.credentials import CredentialProvider, Credentials
+from registry.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    HostsConfigError,
+    NotFoundError,
+    OCIErrorDetail,
+    ProtocolError,
+    RangeNotSatisfiableError,
+    RegistryError,
+    RegistryTimeoutError,
+    ServerError,
+    TransportError,
+)
+from registry.hosts import RegistryHost
+from registry.options import ClientOptions
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Response = httpx.Response
+Handler = Callable[[httpx.Response], Awaitable[T]]
+TransportFactory = Callable[[RegistryHost], httpx.AsyncBaseTransport]
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+MAX_ERROR_BODY = 64 * 1024
+
+
+class RetryableError(Exception):
+    """Raised by a handler to ask for another attempt (e.g. a truncated body)."""
+
+    def __init__(self, error: RegistryError, *, immediate: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.immediate = immediate
+
+
+def safe_url(url: str | httpx.URL) -> str:
+    """The URL without query or fragment: presigned redirect URLs carry secrets there."""
+    parts = urllib.parse.urlsplit(str(url))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _oci_details(body: bytes) -> list[OCIErrorDetail]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errors, list):
+        return []
+    details = []
+    for item in errors:
+        if isinstance(item, dict):
+            details.append(OCIErrorDetail(str(item.get("code", "")), str(item.get("message", ""))))
+    return details
+
+
+_STATUS_ERRORS: dict[int, type[RegistryError]] = {
+    401: AuthenticationError,
+    403: AuthorizationError,
+    404: NotFoundError,
+    416: RangeNotSatisfiableError,
+}
+
+
+async def error_from_response(response: httpx.Response, what: str) -> RegistryError:
+    """The registry error for a non-success answer, with the OCI error body's codes."""
+    body = b""
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass  # the status alone is enough to classify
+    status = response.status_code
+    cls = _STATUS_ERRORS.get(status)
+    if cls is None:
+        cls = ServerError if status in RETRY_STATUSES or status >= 500 else ProtocolError
+    return cls(
+        f"{what}: unexpected answer" if cls is ProtocolError else what,
+        status=status,
+        url=safe_url(response.request.url),
+        details=_oci_details(body),
+    )
+
+
+def _error_from_exception(exc: Exception, what: str, url: str) -> RegistryError:
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return RegistryTimeoutError(f"{what}: timed out ({type(exc).__name__})", url=url)
+    if isinstance(exc, httpx.TransportError):
+        return TransportError(f"{what}: {type(exc).__name__}: {exc}", url=url)
+    return ProtocolError(f"{what}: {type(exc).__name__}: {exc}", url=url)
+
+
+class Engine:
+    """Sends requests to registry hosts with auth, manual redirects and retries."""
+
+    def __init__(
+        self,
+        options: ClientOptions,
+        credentials: CredentialProvider | None,
+        transport_factory: TransportFactory | None = None,
+    ) -> None:
+        self.options = options
+        self._credential_provider = credentials
+        self._transport_factory = transport_factory
+        self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
+        self._challenges: dict[str, Challenge] = {}
+        self._credentials: dict[str, Credentials | None] = {}
+        self._tokens = TokenCache()
+        self._token_locks: dict[TokenKey, anyio.Lock] = {}
+        self.no_range_hosts: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    # -- clients --------------------------------------------------------------------------
+
+    def _ssl_context(self, host: RegistryHost) -> ssl.SSLContext:
+        # The system CAs plus what hosts.toml names; verification is only off when it says so.
+        context = ssl.create_default_context()
+        try:
+            for ca in host.ca_files:
+                context.load_verify_locations(cafile=str(ca))
+            for cert in host.client_certs:
+                context.load_cert_chain(str(cert.cert), str(cert.key) if cert.key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise HostsConfigError(f"TLS files for {host.netloc}: {exc}") from exc
+        if host.skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def client_for(self, host: RegistryHost) -> httpx.AsyncClient:
+        key = (host.skip_verify, host.ca_files, host.client_certs)
+        client = self._clients.get(key)
+        if client is None:
+            opts = self.options
+            client = httpx.AsyncClient(
+                verify=self._ssl_context(host),
+                http2=opts.http2,
+                timeout=httpx.Timeout(
+                    connect=opts.connect_timeout,
+                    read=opts.read_timeout,
+                    write=opts.read_timeout,
+                    pool=opts.connect_timeout,
+                ),
+                limits=httpx.Limits(
+                    max_connections=opts.max_connections,
+                    max_keepalive_connections=opts.max_connections,
+                ),
+                follow_redirects=False,
+                transport=self._transport_factory(host) if self._transport_factory else None,
+            )
+            self._clients[key] = client
+        return client
+
+    # -- auth -----------------------------------------------------------------------------
+
+    async def _credentials_for(self, host: RegistryHost) -> Credentials | None:
+        if host.netloc not in self._credentials:
+            provider = self._credential_provider
+            found = await provider.credentials_for(host.netloc) if provider else None
+            self._credentials[host.netloc] = found
+        return self._credentials[host.netloc]
+
+    def _token_key(
+        self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
+    ) -> TokenKey:
+        return (host.netloc, challenge.realm or "", challenge.service or "", frozenset(scopes))
+
+    async def _authorization(self, host: RegistryHost, scopes: Sequence[str]) -> str | None:
+        challenge = self._challenges.get(host.netloc)
+        if challenge is None:
+            return None  # anonymous until the registry asks
+        credentials = await self._credentials_for(host)
+        if challenge.scheme == "basic":
+            return basic_authorization(credentials) if credentials else None
+        key = self._token_key(host, challenge, scopes)
+        token = self._tokens.get(key)
+        if token is None:
+            lock = self._token_locks.setdefault(key, anyio.Lock())
+            async with lock:  # one token fetch for many concurrent reads
+                token = self._tokens.get(key)
+                if token is None:
+                    token = await self._fetch_token(host, challenge, scopes, credentials)
+                    self._tokens.put(key, token)
+        return "Bearer " + token.value
+
+    def _on_unauthorized(
+        self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
+    ) -> None:
+        self._challenges[host.netloc] = challenge
+        self._tokens.invalidate(self._token_key(host, challenge, scopes))
+
+    async def _fetch_token(
+        self,
+        host: RegistryHost,
+        challenge: Challenge,
+        scopes: Sequence[str],
+        credentials: Credentials | None,
+    ) -> Token:
+        realm = challenge.realm
+        if not realm or urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
+            raise AuthenticationError(f"{host.netloc}: Bearer challenge without a usable realm")
+        all_scopes = list(dict.fromkeys([*scopes, *challenge.scopes]))
+        client = self.client_for(host)
+        headers = {"User-Agent": self.options.user_agent}
+        what = f"token for {host.netloc} from {safe_url(realm)}"
+        try:
+            with anyio.fail_after(self.options.request_timeout):
+                if credentials and credentials.identity_token:
+                    form = {
+                        "grant_type": "refresh_token",
+                        "refresh_token": credentials.identity_token,
+                        "client_id": "lazysnap",
+                        "scope": " ".join(all_scopes),
+                    }
+                    if challenge.service:
+                        form["service"] = challenge.service
+                    response = await client.post(realm, data=form, headers=headers)
+                else:
+                    params = httpx.QueryParams([("scope", s) for s in all_scopes])
+                    if challenge.service:
+                        params = params.add("service", challenge.service)
+                    if credentials and credentials.password:
+                        params = params.add("account", credentials.username)
+                        headers["Authorization"] = basic_authorization(credentials)
+                    response = await client.get(realm, params=params, headers=headers)
+        except (TimeoutError, httpx.HTTPError) as exc:
+            raise _error_from_exception(exc, what, safe_url(realm)) from exc
+        if response.status_code in (401, 403):
+            raise AuthenticationError(
+                f"{what}: the token server refused "
+                + ("the configured credentials" if credentials else "anonymous access"),
+                status=response.status_code,
+                url=safe_url(realm),
+                details=_oci_details(response.content),
+            )
+        if response.status_code != 200:
+            raise await error_from_response(response, what)
+        token = parse_token_response(response.content, self._tokens.now())
+        log.debug("auth token-fetched host=%s scopes=%s", host.netloc, ",".join(all_scopes))
+        return token
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        host: RegistryHost,
+        method: str,
+        url: str,
+        scopes: Sequence[str],
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+    ) -> httpx.Response:
+        """One attempt: the answer after auth and redirects; the caller must close it."""
+        client = self.client_for(host)
+        current, auth_retried = url, False
+        for _hop in range(MAX_REDIRECTS + 1):
+            request_headers: dict[str, str] = {"User-Agent": self.options.user_agent}
+            same_host = urllib.parse.urlsplit(current).netloc == host.netloc
+            if same_host:
+                # hosts.toml headers and credentials go to the configured host only, never to
+                # a redirect target elsewhere (object storage, a CDN).
+                for name, values in host.headers.items():
+                    request_headers[name] = ", ".join(values)
+            request_headers.update(headers or {})
+            authorization = await self._authorization(host, scopes) if same_host else None
+            if authorization:
+                request_headers["Authorization"] = authorization
+            request = client.build_request(
+                method, current, headers=request_headers, content=content
+            )
+            response = await client.send(request, stream=True)
+            status = response.status_code
+            if status == 401 and same_host and not auth_retried:
+                challenge = pick_challenge(
+                    c
+                    for value in response.headers.get_list("www-authenticate")
+                    for c in _safe_challenges(value)
+                )
+                if challenge is not None:
+                    await response.aclose()
+                    self._on_unauthorized(host, challenge, scopes)
+                    auth_retried = True
+                    continue
+            if status in REDIRECT_STATUSES and "location" in response.headers:
+                location = response.headers["location"]
+                await response.aclose()
+                current = urllib.parse.urljoin(current, location)
+                if status == 303 and method != "HEAD":
+                    method, content = "GET", None
+                continue
+            return response
+        raise ProtocolError(f"more than {MAX_REDIRECTS} redirects", url=safe_url(url))
+
+    def _backoff(self, attempt: int) -> float:
+        # Exponential with full jitter, so many readers retrying together spread out.
+        ceiling = min(self.options.backoff_max, self.options.backoff_initial * (2**attempt))
+        return random.uniform(0, ceiling)
+
+    async def call(
+        self,
+        host: RegistryHost,
+        method: str,
+        url: str,
+        handler: Handler[T],
+        *,
+        scopes: Sequence[str],
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        retry: bool = True,
+        total_timeout: float | None = None,
+    ) -> T:
+        """Send with retries; ``handler`` turns the (streaming) answer into a result.
+
+        5xx/429 answers, connection errors, timeouts and ``RetryableError`` from the handler are
+        retried with backoff (``Retry-After`` honoured); other answers go to the handler, which
+        raises the right ``RegistryError`` for them. ``total_timeout`` bounds one attempt
+        (default ``request_timeout``; ``math.inf`` for long downloads bounded by read timeouts).
+        """
+        attempts = self.options.max_attempts if retry else 1
+        limit = self.options.request_timeout if total_timeout is None else total_timeout
+        deadline = None if math.isinf(limit) else limit
+        last: RegistryError | None = None
+        delay = 0.0
+        for attempt in range(attempts):
+            if attempt:
+                await anyio.sleep(delay)
+            delay = self._backoff(attempt)
+            try:
+                with anyio.fail_after(deadline):
+                    response = await self._send(host, method, url, scopes, headers, content)
+                    try:
+                        if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
+                            last = await error_from_response(response, what)
+                            retry_after = parse_retry_after(response.headers.get("retry-after"))
+                            if retry_after is not None:
+                                delay = min(retry_after, self.options.retry_after_max)
+                            log.info(
+                                "registry retry what=%r status=%d attempt=%d delay=%.2f",
+                                what,
+                                response.status_code,
+                                attempt + 1,
+                                delay,
+                            )
+                            continue
+                        return await handler(response)
+                    finally:
+                        await response.aclose()
+            except RetryableError as exc:
+                last = exc.error
+                if exc.immediate:
+                    delay = 0.0
+            except (TimeoutError, httpx.TransportError) as exc:
+                last = _error_from_exception(exc, what, safe_url(url))
+                last.__cause__ = exc
+            except httpx.HTTPError as exc:
+                raise _error_from_exception(exc, what, safe_url(url)) from exc
+            log.info(
+                "registry retry what=%r error=%r attempt=%d", what, type(last).__name__, attempt + 1
+            )
+        assert last is not None
+        raise last from last.__cause__
+
+
+def _safe_challenges(value: str) -> list[Challenge]:
+    try:
+        return parse_www_authenticate(value)
+    except ValueError:
+        log.warning("auth unparsable-challenge")
+        return []

@@ -1,0 +1,179 @@
+"""Random access to a remote blob: ``read_at`` with one single-range GET per call.
+
+Satisfies ``fusefs.blob.BlobReader`` structurally. A registry that redirects blob GETs to object
+storage is asked once; the redirect target is reused until it expires or answers 401/403/410.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from registry._http import Engine, RetryableError, error_from_response, safe_url
+from registry.errors import (
+    RangeNotSatisfiableError,
+    RangeNotSupportedError,
+    RegistryError,
+    TransportError,
+)
+from registry.hosts import RegistryHost
+
+log = logging.getLogger(__name__)
+
+_STALE_REDIRECT_STATUSES = frozenset({401, 403, 404, 410})
+
+
+class RemoteBlob:
+    """One blob of one repository, read in ranges from the first host that has it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        hosts: Sequence[RegistryHost],
+        repository: str,
+        digest: str,
+        size: int,
+        scopes: Sequence[str],
+    ) -> None:
+        if not hosts:
+            raise ValueError("a RemoteBlob needs at least one host")
+        self._engine = engine
+        self._hosts = list(hosts)
+        self._repository = repository
+        self._digest = digest
+        self._size = size
+        self._scopes = tuple(scopes)
+        self._redirect: tuple[str, float] | None = None  # (target URL, monotonic expiry)
+
+    def __repr__(self) -> str:
+        return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    def _blob_url(self, host: RegistryHost) -> str:
+        return f"{host.api_url}/{self._repository}/blobs/{self._digest}"
+
+    def _cached_redirect(self) -> str | None:
+        if self._redirect is None:
+            return None
+        url, expiry = self._redirect
+        if time.monotonic() >= expiry:
+            self._redirect = None
+            return None
+        return url
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or a ``RegistryError``."""
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise RangeNotSatisfiableError(
+                f"range {offset}+{length} outside blob {self._digest} of {self._size} bytes"
+            )
+        if length == 0:
+            return b""
+        last: RegistryError | None = None
+        for index, host in enumerate(self._hosts):
+            try:
+                data = await self._read_from(host, offset, length)
+            except (TransportError, RangeNotSupportedError) as exc:
+                # Another host may still serve this range: a mirror down, or one without ranges.
+                last = exc
+                if index + 1 < len(self._hosts):
+                    log.warning(
+                        "blob host-failover digest=%s host=%s error=%s",
+                        self._digest,
+                        host.netloc,
+                        type(exc).__name__,
+                    )
+                    continue
+                raise
+            if index:
+                # Stick to the host that answered, for the next reads.
+                self._hosts.insert(0, self._hosts.pop(index))
+            return data
+        assert last is not None
+        raise last
+
+    async def _read_from(self, host: RegistryHost, offset: int, length: int) -> bytes:
+        if host.netloc in self._engine.no_range_hosts:
+            raise RangeNotSupportedError(
+                f"{host.netloc} answered a ranged GET with the whole blob before"
+            )
+        blob_url = self._blob_url(host)
+        end = offset + length - 1
+        what = f"range {offset}-{end} of blob {self._digest}"
+        used_redirect: list[str | None] = [None]
+
+        async def handle(response: httpx.Response) -> bytes:
+            status = response.status_code
+            if status == 206:
+                data = await response.aread()
+                if len(data) != length:
+                    raise RetryableError(
+                        TransportError(
+                            f"{what}: got {len(data)} of {length} bytes (truncated body)",
+                            url=safe_url(response.url),
+                        )
+                    )
+                _check_content_range(response, offset, end, what)
+                final = str(response.url)
+                if final != blob_url and used_redirect[0] is None:
+                    self._redirect = (final, time.monotonic() + self._engine.options.redirect_ttl)
+                return data
+            if status == 200:
+                # The whole blob is on its way: abort instead of downloading it silently.
+                self._engine.no_range_hosts.add(host.netloc)
+                log.warning("blob no-range-support host=%s digest=%s", host.netloc, self._digest)
+                raise RangeNotSupportedError(
+                    f"{what}: the server ignored the Range header (answered 200)",
+                    status=200,
+                    url=safe_url(response.url),
+                )
+            if used_redirect[0] is not None and status in _STALE_REDIRECT_STATUSES:
+                # The presigned target expired or was revoked: ask the registry again.
+                raise _StaleRedirect
+            raise await error_from_response(response, what)
+
+        headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
+        cached = self._cached_redirect()
+        if cached is not None:
+            used_redirect[0] = cached
+            try:
+                return await self._engine.call(
+                    host, "GET", cached, handle, scopes=self._scopes, what=what, headers=headers
+                )
+            except _StaleRedirect:
+                log.info("blob redirect-stale digest=%s host=%s", self._digest, host.netloc)
+                self._redirect = None
+                used_redirect[0] = None
+        try:
+            return await self._engine.call(
+                host, "GET", blob_url, handle, scopes=self._scopes, what=what, headers=headers
+            )
+        except _StaleRedirect as exc:  # cannot happen without a cached target; be explicit
+            raise TransportError(f"{what}: redirect target refused us") from exc
+
+
+class _StaleRedirect(Exception):
+    """A cached redirect target answered 401/403/404/410: drop it, go back to the registry."""
+
+
+def _check_content_range(response: httpx.Response, start: int, end: int, what: str) -> None:
+    value = response.headers.get("content-range")
+    if value is None:
+        return  # some servers omit it; the length check already passed
+    unit, _, spec = value.partition(" ")
+    first, _, rest = spec.partition("-")
+    last = rest.partition("/")[0]
+    if unit.strip() != "bytes" or first != str(start) or last != str(end):
+        raise RetryableError(
+            TransportError(f"{what}: server sent a different range ({value})", url=None)
+        )

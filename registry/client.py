@@ -1,0 +1,521 @@
+"""The registry client: resolve, manifests, blobs (ranged and whole), push.
+
+Each operation tries the registry's hosts in order (mirrors first, per hosts.toml) among those
+with the needed capability, and moves to the next host when one fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import urllib.parse
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+import httpx
+
+from registry._http import Engine, RetryableError, TransportFactory, error_from_response, safe_url
+from registry.auth import repository_scope
+from registry.blob import RemoteBlob
+from registry.credentials import CredentialProvider
+from registry.errors import (
+    DigestMismatchError,
+    HostsConfigError,
+    ManifestError,
+    NotFoundError,
+    ProtocolError,
+    RegistryError,
+    TransportError,
+)
+from registry.hosts import HostsConfig, RegistryHost
+from registry.manifest import (
+    ACCEPT_MANIFESTS,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    parse_manifest,
+    select_manifest,
+    sha256_digest,
+    verify_digest,
+)
+from registry.options import ClientOptions
+from registry.reference import Reference, validate_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+OCTET_STREAM = "application/octet-stream"
+DEFAULT_MAX_FETCH = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    headers: httpx.Headers
+    content: bytes
+    url: str
+
+
+def _expect(
+    ok: Collection[int], what: str, *, body: bool = True
+) -> Callable[[httpx.Response], Awaitable[_Answer]]:
+    async def handle(response: httpx.Response) -> _Answer:
+        if response.status_code not in ok:
+            raise await error_from_response(response, what)
+        content = await response.aread() if body else b""
+        expected = response.headers.get("content-length")
+        if body and expected is not None and expected.isdigit() and len(content) != int(expected):
+            raise RetryableError(
+                TransportError(f"{what}: truncated body", url=safe_url(response.url))
+            )
+        return _Answer(response.status_code, response.headers, content, str(response.url))
+
+    return handle
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestContent:
+    """A manifest or index exactly as the registry sent it, verified against its digest."""
+
+    content: bytes
+    media_type: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedImage:
+    reference: Reference
+    digest: str  # what the reference resolved to (an index or a manifest)
+    media_type: str
+    index: Index | None
+    manifest_digest: str
+    manifest: Manifest
+    platform: Platform | None  # the index entry's platform, when there was an index
+
+
+class RegistryClient:
+    """An async OCI distribution client. Use as ``async with RegistryClient(...) as client``."""
+
+    def __init__(
+        self,
+        hosts: HostsConfig | None = None,
+        credentials: CredentialProvider | None = None,
+        options: ClientOptions | None = None,
+        *,
+        _transport_factory: TransportFactory | None = None,
+    ) -> None:
+        self._hosts_config = hosts or HostsConfig()
+        self._engine = Engine(options or ClientOptions(), credentials, _transport_factory)
+        self._hosts_cache: dict[str, list[RegistryHost]] = {}
+
+    def __repr__(self) -> str:
+        return f"RegistryClient({self._hosts_config!r})"
+
+    @property
+    def options(self) -> ClientOptions:
+        return self._engine.options
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
+
+    # -- hosts ----------------------------------------------------------------------------
+
+    async def hosts_for(self, registry: str, capability: str) -> list[RegistryHost]:
+        hosts = self._hosts_cache.get(registry)
+        if hosts is None:
+            hosts = await anyio.to_thread.run_sync(self._hosts_config.hosts_for, registry)
+            self._hosts_cache[registry] = hosts
+        usable = [h for h in hosts if h.can(capability)]
+        if not usable:
+            raise HostsConfigError(f"no host of {registry} has the {capability!r} capability")
+        return usable
+
+    async def _failover(
+        self, ref: Reference, capability: str, op: Callable[[RegistryHost], Awaitable[T]]
+    ) -> T:
+        hosts = await self.hosts_for(ref.domain, capability)
+        for index, host in enumerate(hosts):
+            try:
+                return await op(host)
+            except RegistryError as exc:
+                if index + 1 == len(hosts):
+                    raise
+                log.warning(
+                    "registry host-failover registry=%s host=%s error=%s message=%r",
+                    ref.domain,
+                    host.netloc,
+                    type(exc).__name__,
+                    exc.message,
+                )
+        raise AssertionError("unreachable: hosts_for never returns an empty list")
+
+    @staticmethod
+    def _pull_scopes(ref: Reference) -> tuple[str, ...]:
+        return (repository_scope(ref.path, ["pull"]),)
+
+    @staticmethod
+    def _push_scopes(ref: Reference, mount_from: Reference | None = None) -> tuple[str, ...]:
+        scopes = [repository_scope(ref.path, ["pull", "push"])]
+        if mount_from is not None and mount_from.path != ref.path:
+            scopes.append(repository_scope(mount_from.path, ["pull"]))
+        return tuple(scopes)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def _manifest_url(self, host: RegistryHost, ref: Reference, obj: str) -> str:
+        return f"{host.api_url}/{ref.path}/manifests/{obj}"
+
+    async def resolve(self, ref: Reference) -> Descriptor:
+        """The descriptor (digest, media type, size) a tag or digest reference points at."""
+        if ref.digest is not None:
+            content = await self.fetch_manifest(ref, ref.digest)
+            return Descriptor(content.media_type, content.digest, len(content.content))
+
+        async def on_host(host: RegistryHost) -> Descriptor:
+            url = self._manifest_url(host, ref, ref.object)
+            what = f"resolve {ref}"
+            headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
+            try:
+                answer = await self._engine.call(
+                    host,
+                    "HEAD",
+                    url,
+                    _expect({200}, what, body=False),
+                    scopes=self._pull_scopes(ref),
+                    what=what,
+                    headers=headers,
+                )
+                digest = answer.headers.get("docker-content-digest")
+                length = answer.headers.get("content-length", "")
+                media_type = answer.headers.get("content-type", "").split(";")[0].strip()
+                if digest and length.isdigit() and media_type:
+                    return Descriptor(media_type, validate_digest(digest), int(length))
+            except (NotFoundError, TransportError):
+                raise
+            except RegistryError as exc:
+                if exc.status in (401, 403):
+                    raise
+                log.info("resolve head-failed registry=%s status=%s", ref.domain, exc.status)
+            # HEAD told us too little (or is unsupported): GET the manifest and hash it.
+            content = await self._get_manifest(host, ref, ref.object)
+            return Descriptor(content.media_type, content.digest, len(content.content))
+
+        return await self._failover(ref, "resolve", on_host)
+
+    async def _get_manifest(self, host: RegistryHost, ref: Reference, obj: str) -> ManifestContent:
+        what = f"manifest {ref.path}:{obj}" if not obj.startswith("sha") else f"manifest {obj}"
+        answer = await self._engine.call(
+            host,
+            "GET",
+            self._manifest_url(host, ref, obj),
+            _expect({200}, what),
+            scopes=self._pull_scopes(ref),
+            what=what,
+            headers={"Accept": ", ".join(ACCEPT_MANIFESTS)},
+        )
+        media_type = answer.headers.get("content-type", "").split(";")[0].strip()
+        computed = sha256_digest(answer.content)
+        claimed = answer.headers.get("docker-content-digest")
+        expected = obj if ":" in obj else claimed
+        if expected is not None and expected.startswith("sha256:") and expected != computed:
+            raise DigestMismatchError(
+                f"{what} from {host.netloc} hashes to {computed}, expected {expected}"
+            )
+        if expected is not None and not expected.startswith("sha256:"):
+            verify_digest(answer.content, expected)
+        return ManifestContent(answer.content, media_type, expected or computed)
+
+    async def fetch_manifest(
+        self, ref: Reference, digest_or_tag: str | None = None
+    ) -> ManifestContent:
+        """A manifest or index body, verified against the digest it was asked by."""
+        obj = digest_or_tag or ref.object
+        capability = "pull" if ":" in obj else "resolve"
+        return await self._failover(ref, capability, lambda h: self._get_manifest(h, ref, obj))
+
+    async def resolve_image(
+        self, ref: Reference, platform: Platform | None = None
+    ) -> ResolvedImage:
+        """Resolve a reference to the image manifest for ``platform`` (default: this machine)."""
+        top = await self.fetch_manifest(ref, ref.digest or (await self.resolve(ref)).digest)
+        parsed = parse_manifest(top.content, top.media_type)
+        if isinstance(parsed, Manifest):
+            return ResolvedImage(ref, top.digest, parsed.media_type, None, top.digest, parsed, None)
+        chosen = select_manifest(parsed, platform)
+        content = await self.fetch_manifest(ref, chosen.digest)
+        manifest = parse_manifest(content.content, content.media_type or chosen.media_type)
+        if not isinstance(manifest, Manifest):
+            raise ManifestError(f"index entry {chosen.digest} is not an image manifest")
+        return ResolvedImage(
+            ref, top.digest, parsed.media_type, parsed, content.digest, manifest, chosen.platform
+        )
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def _blob_url(self, host: RegistryHost, ref: Reference, digest: str) -> str:
+        return f"{host.api_url}/{ref.path}/blobs/{digest}"
+
+    async def _stat_on(self, host: RegistryHost, ref: Reference, digest: str) -> int:
+        what = f"blob {digest}"
+        answer = await self._engine.call(
+            host,
+            "HEAD",
+            self._blob_url(host, ref, digest),
+            _expect({200}, what, body=False),
+            scopes=self._pull_scopes(ref),
+            what=what,
+        )
+        length = answer.headers.get("content-length", "")
+        if not length.isdigit():
+            raise ProtocolError(f"{what}: HEAD answer has no Content-Length", url=answer.url)
+        return int(length)
+
+    async def stat_blob(self, ref: Reference, digest: str) -> int:
+        """The blob's size in bytes (HEAD)."""
+        validate_digest(digest)
+        return await self._failover(ref, "pull", lambda h: self._stat_on(h, ref, digest))
+
+    async def open_blob(self, ref: Reference, digest: str, size: int | None = None) -> RemoteBlob:
+        """A ranged reader for one blob. ``size`` (from a descriptor) saves the HEAD request."""
+        validate_digest(digest)
+        hosts = await self.hosts_for(ref.domain, "pull")
+        if size is None:
+            found: list[RegistryHost] = []
+
+            async def on_host(host: RegistryHost) -> int:
+                result = await self._stat_on(host, ref, digest)
+                found.append(host)
+                return result
+
+            size = await self._failover(ref, "pull", on_host)
+            hosts = [found[0], *(h for h in hosts if h is not found[0])]
+        return RemoteBlob(self._engine, hosts, ref.path, digest, size, self._pull_scopes(ref))
+
+    async def fetch_blob(
+        self, ref: Reference, digest: str, *, max_size: int = DEFAULT_MAX_FETCH
+    ) -> bytes:
+        """A small blob (a config, a TOC) in memory, verified against its digest."""
+        validate_digest(digest)
+
+        async def on_host(host: RegistryHost) -> bytes:
+            what = f"blob {digest}"
+
+            async def handle(response: httpx.Response) -> bytes:
+                if response.status_code != 200:
+                    raise await error_from_response(response, what)
+                chunks, total = [], 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > max_size:
+                        raise ProtocolError(f"{what}: larger than {max_size} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+            data = await self._engine.call(
+                host,
+                "GET",
+                self._blob_url(host, ref, digest),
+                handle,
+                scopes=self._pull_scopes(ref),
+                what=what,
+            )
+            verify_digest(data, digest)
+            return data
+
+        return await self._failover(ref, "pull", on_host)
+
+    async def download_blob(self, ref: Reference, digest: str, dest: Path) -> int:
+        """Stream a whole blob to ``dest`` (via ``dest.partial``), verified; returns its size."""
+        algorithm, _, expected = validate_digest(digest).partition(":")
+        partial = dest.with_name(dest.name + ".partial")
+
+        async def on_host(host: RegistryHost) -> int:
+            what = f"download {digest}"
+
+            async def handle(response: httpx.Response) -> int:
+                if response.status_code != 200:
+                    raise await error_from_response(response, what)
+                hasher = hashlib.new(algorithm)
+                size = 0
+                async with await anyio.open_file(partial, "wb") as out:
+                    async for chunk in response.aiter_bytes(1024 * 1024):
+                        hasher.update(chunk)
+                        size += len(chunk)
+                        await out.write(chunk)
+                if hasher.hexdigest() != expected:
+                    raise DigestMismatchError(
+                        f"{what}: content hashes to {algorithm}:{hasher.hexdigest()}",
+                        url=safe_url(response.url),
+                    )
+                return size
+
+            # Long blobs are bounded by the read timeout between chunks, not a total deadline.
+            return await self._engine.call(
+                host,
+                "GET",
+                self._blob_url(host, ref, digest),
+                handle,
+                scopes=self._pull_scopes(ref),
+                what=what,
+                total_timeout=math.inf,
+            )
+
+        try:
+            size = await self._failover(ref, "pull", on_host)
+        except BaseException:
+            await anyio.Path(partial).unlink(missing_ok=True)
+            raise
+        await anyio.Path(partial).rename(dest)
+        return size
+
+    # -- push -----------------------------------------------------------------------------
+
+    async def push_blob(
+        self,
+        ref: Reference,
+        data: bytes,
+        *,
+        media_type: str = OCTET_STREAM,
+        mount_from: Reference | None = None,
+        chunk_size: int | None = None,
+    ) -> Descriptor:
+        """Upload a blob unless the repository has it; mount it from ``mount_from`` if possible.
+
+        ``chunk_size`` uploads in PATCH chunks of that size instead of one PUT.
+        """
+        digest = sha256_digest(data)
+        descriptor = Descriptor(media_type, digest, len(data))
+        scopes = self._push_scopes(ref, mount_from)
+
+        async def on_host(host: RegistryHost) -> Descriptor:
+            try:
+                await self._stat_on_scoped(host, ref, digest, scopes)
+                log.debug("push blob-exists digest=%s", digest)
+                return descriptor
+            except NotFoundError:
+                pass
+            query = ""
+            if mount_from is not None and mount_from.domain == ref.domain:
+                query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from.path})
+            what = f"start upload of {digest}"
+            started = await self._engine.call(
+                host,
+                "POST",
+                f"{host.api_url}/{ref.path}/blobs/uploads/{query}",
+                _expect({201, 202}, what),
+                scopes=scopes,
+                what=what,
+            )
+            if started.status == 201:
+                log.info("push blob-mounted digest=%s from=%s", digest, mount_from)
+                return descriptor
+            location = self._location(host, started)
+            if chunk_size is not None and 0 < chunk_size < len(data):
+                for start in range(0, len(data), chunk_size):
+                    chunk = data[start : start + chunk_size]
+                    what = f"upload chunk {start} of {digest}"
+                    answer = await self._engine.call(
+                        host,
+                        "PATCH",
+                        location,
+                        _expect({202}, what),
+                        scopes=scopes,
+                        what=what,
+                        content=chunk,
+                        retry=False,
+                        headers={
+                            "Content-Type": OCTET_STREAM,
+                            "Content-Range": f"{start}-{start + len(chunk) - 1}",
+                        },
+                    )
+                    location = self._location(host, answer)
+                body = b""
+            else:
+                body = data
+            what = f"finish upload of {digest}"
+            await self._engine.call(
+                host,
+                "PUT",
+                _with_query(location, digest=digest),
+                _expect({201}, what),
+                scopes=scopes,
+                what=what,
+                content=body,
+                retry=False,
+                headers={"Content-Type": OCTET_STREAM},
+                total_timeout=math.inf,
+            )
+            return descriptor
+
+        return await self._failover(ref, "push", on_host)
+
+    async def _stat_on_scoped(
+        self, host: RegistryHost, ref: Reference, digest: str, scopes: Sequence[str]
+    ) -> None:
+        what = f"blob {digest}"
+        await self._engine.call(
+            host,
+            "HEAD",
+            self._blob_url(host, ref, digest),
+            _expect({200}, what, body=False),
+            scopes=scopes,
+            what=what,
+        )
+
+    @staticmethod
+    def _location(host: RegistryHost, answer: _Answer) -> str:
+        location: str | None = answer.headers.get("location")
+        if not location:
+            raise ProtocolError("upload answer without a Location header", url=answer.url)
+        joined: str = urllib.parse.urljoin(answer.url, location)
+        return joined
+
+    async def push_manifest(self, ref: Reference, content: bytes, media_type: str) -> str:
+        """PUT a manifest under the reference's tag (or its digest); returns the digest."""
+        digest = sha256_digest(content)
+        if ref.digest is not None and ref.digest != digest:
+            raise DigestMismatchError(f"manifest hashes to {digest}, reference says {ref.digest}")
+        obj = ref.tag or digest
+        scopes = self._push_scopes(ref)
+
+        async def on_host(host: RegistryHost) -> str:
+            what = f"push manifest {ref}"
+            answer = await self._engine.call(
+                host,
+                "PUT",
+                self._manifest_url(host, ref, obj),
+                _expect({201}, what),
+                scopes=scopes,
+                what=what,
+                content=content,
+                headers={"Content-Type": media_type},
+            )
+            claimed = answer.headers.get("docker-content-digest")
+            if claimed and claimed != digest:
+                raise DigestMismatchError(f"{what}: registry stored {claimed}, we sent {digest}")
+            return digest
+
+        return await self._failover(ref, "push", on_host)
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = parts.query + ("&" if parts.query else "") + urllib.parse.urlencode(params)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))

@@ -1,0 +1,28 @@
+"""Tunables of the registry client: timeouts, retries, pooling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # between two received chunks
+    request_timeout: float = 60.0  # total for one attempt of a request (headers and body)
+    max_attempts: int = 4  # per request, counting the first
+    backoff_initial: float = 0.2  # the first retry waits up to this long (full jitter)
+    backoff_max: float = 5.0
+    retry_after_max: float = 30.0  # a Retry-After longer than this is cut to it
+    redirect_ttl: float = 300.0  # how long a blob's redirect target is reused
+    max_connections: int = 64  # per TLS identity
+    http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
+    upload_chunk_size: int = 8 * 1024 * 1024
+    user_agent: str = "lazysnap/0.1"
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for name in ("connect_timeout", "read_timeout", "request_timeout", "redirect_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

@@ -1,0 +1,1 @@
+"""Reusable helpers for tests against a real registry: TLS CA, token server, fault proxy, images."""
