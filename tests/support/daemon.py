@@ -1,0 +1,94 @@
+"""Run ``lazysnap serve`` as a real subprocess and talk to it over its socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from snapshotter._proto import daemon_pb2, daemon_pb2_grpc, snapshots_pb2_grpc
+
+LAZYSNAP = [sys.executable, "-m", "snapshotter.cli"]
+
+
+@dataclass
+class Daemon:
+    root: Path
+    address: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [*LAZYSNAP, "serve", "--root", str(self.root), "--address", str(self.address),
+             "--log-level", "debug", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lazysnap exited early:\n{self.log()[-3000:]}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"lazysnap not ready in {timeout}s:\n{self.log()[-3000:]}")
+
+    def healthy(self) -> bool:
+        if not self.address.exists():
+            return False
+        try:
+            with grpc.insecure_channel(f"unix:{self.address}") as channel:
+                daemon_pb2_grpc.DaemonStub(channel).Status(daemon_pb2.StatusRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @contextlib.contextmanager
+    def snapshots(self) -> Iterator[snapshots_pb2_grpc.SnapshotsStub]:
+        with grpc.insecure_channel(f"unix:{self.address}") as channel:
+            yield snapshots_pb2_grpc.SnapshotsStub(channel)
+
+
+@contextlib.contextmanager
+def running_daemon(workdir: Path, *, extra_args: list[str] | None = None) -> Iterator[Daemon]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(workdir / "root", workdir / "lazysnap.sock", workdir / "lazysnap.log",
+                    extra_args=extra_args or [])
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
