@@ -26,6 +26,7 @@ class Daemon:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
@@ -33,6 +34,7 @@ class Daemon:
             [*LAZYSNAP, "serve", "--root", str(self.root), "--address", str(self.address),
              "--log-level", "debug", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
