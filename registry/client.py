@@ -207,11 +207,8 @@ class RegistryClient:
                 media_type = answer.headers.get("content-type", "").split(";")[0].strip()
                 if digest and length.isdigit() and media_type:
                     return Descriptor(media_type, validate_digest(digest), int(length))
-            except (NotFoundError, TransportError):
-                raise
-            except RegistryError as exc:
-                if exc.status in (401, 403):
-                    raise
+            except ProtocolError as exc:
+                # An answer the HEAD path does not understand (405, 400...): GET may work.
                 log.info("resolve head-failed registry=%s status=%s", ref.domain, exc.status)
             # HEAD told us too little (or is unsupported): GET the manifest and hash it.
             content = await self._get_manifest(host, ref, ref.object)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from registry import AuthenticationError, Credentials
+from registry.auth import (
+    Token,
+    TokenCache,
+    basic_authorization,
+    parse_token_response,
+    parse_www_authenticate,
+    pick_challenge,
+    repository_scope,
+)
+
+
+def test_parse_bearer_challenge() -> None:
+    (c,) = parse_www_authenticate(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/busybox:pull repository:x:push"'
+    )
+    assert c.scheme == "bearer"
+    assert c.realm == "https://auth.docker.io/token"
+    assert c.service == "registry.docker.io"
+    assert c.scopes == ("repository:library/busybox:pull", "repository:x:push")
+
+
+def test_parse_several_challenges_and_escapes() -> None:
+    challenges = parse_www_authenticate(
+        r'Basic realm="a \"quoted\" realm", Bearer realm=https://t.test/tok, error="invalid_token"'
+    )
+    assert [c.scheme for c in challenges] == ["basic", "bearer"]
+    assert challenges[0].realm == 'a "quoted" realm'
+    assert challenges[1].realm == "https://t.test/tok"
+    assert challenges[1].params["error"] == "invalid_token"
+    picked = pick_challenge(challenges)
+    assert picked is not None and picked.scheme == "bearer"
+
+
+def test_unterminated_quote_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unterminated"):
+        parse_www_authenticate('Bearer realm="oops')
+
+
+def test_token_response_and_cache() -> None:
+    now = [1000.0]
+    cache = TokenCache(clock=lambda: now[0])
+    token = parse_token_response(b'{"access_token": "abc", "expires_in": 120}', now[0])
+    assert token.value == "abc" and 1000 + 60 <= token.expires_at < 1000 + 120
+    key = ("r.io", "realm", "svc", frozenset({"repository:a:pull"}))
+    cache.put(key, token)
+    assert cache.get(key) is token
+    now[0] += 200
+    assert cache.get(key) is None  # expired tokens are dropped
+    cache.put(key, token)
+    cache.invalidate(key)
+    assert cache.get(key) is None
+
+
+def test_token_default_lifetime() -> None:
+    token = parse_token_response(b'{"token": "t"}', 0.0)
+    assert 0 < token.expires_at <= 60
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b"{}", b'{"token": ""}'])
+def test_bad_token_responses(body: bytes) -> None:
+    with pytest.raises(AuthenticationError):
+        parse_token_response(body, 0.0)
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    creds = Credentials("alice", "hunter2", "idtok")
+    token = Token("tokenvalue", 5.0)
+    for text in (repr(creds), str(creds), repr(token)):
+        assert "hunter2" not in text and "idtok" not in text and "tokenvalue" not in text
+    assert "alice" in repr(creds)
+
+
+def test_helpers() -> None:
+    assert repository_scope("a/b", ["pull", "push"]) == "repository:a/b:pull,push"
+    assert basic_authorization(Credentials("u", "p")) == "Basic dTpw"

@@ -1,0 +1,506 @@
+"""The client against an in-memory registry (httpx.MockTransport): auth, retries, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from registry import (
+    AuthenticationError,
+    ClientOptions,
+    Credentials,
+    DigestMismatchError,
+    NotFoundError,
+    RangeNotSatisfiableError,
+    RangeNotSupportedError,
+    RegistryClient,
+    RegistryTimeoutError,
+    ServerError,
+    TransportError,
+    parse_platform,
+    parse_reference,
+)
+from registry.hosts import RegistryHost
+from registry.manifest import OCI_INDEX, OCI_MANIFEST
+from tests.registry.fake_registry import FAST, FakeRegistry, digest_of, make_client, oci_error
+
+REF = parse_reference("reg.test/team/app:v1")
+DATA = bytes(range(256)) * 400  # 102400 bytes
+
+
+def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return trio.run(fn)
+
+
+def manifest_body(layer_digest: str, size: int) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": layer_digest,
+                "size": size,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest,
+                    "size": size,
+                }
+            ],
+        }
+    ).encode()
+
+
+def seeded(**kwargs: Any) -> tuple[FakeRegistry, str]:
+    fake = FakeRegistry(**kwargs)
+    digest = fake.add_blob(DATA)
+    fake.add_manifest(manifest_body(digest, len(DATA)), OCI_MANIFEST, tag="v1")
+    return fake, digest
+
+
+async def read(client: RegistryClient, digest: str, offset: int, length: int) -> bytes:
+    blob = await client.open_blob(REF, digest)
+    return await blob.read_at(offset, length)
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+
+def test_anonymous_bearer_flow_reuses_token() -> None:
+    fake, digest = seeded(auth="bearer")
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            image = await client.resolve_image(REF)
+            assert image.manifest.layers[0].digest == digest
+            assert await read(client, digest, 10, 100) == DATA[10:110]
+
+    run(main)
+    token_requests = [r for r in fake.requests if r.url.host == "auth.test"]
+    assert len(token_requests) == 1
+    assert "authorization" not in token_requests[0].headers
+    assert token_requests[0].url.params.get_list("scope") == ["repository:team/app:pull"]
+    assert token_requests[0].url.params["service"] == "reg.test"
+
+
+def test_credentialed_bearer_and_refresh_on_401() -> None:
+    fake, digest = seeded(auth="bearer")
+
+    async def main() -> None:
+        async with make_client(fake, credentials=Credentials("alice", "s3cret")) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 10) == DATA[:10]
+            fake.revoked_tokens.update(fake.issued_tokens)  # the registry forgets the token
+            assert await blob.read_at(5, 10) == DATA[5:15]
+
+    run(main)
+    token_requests = [r for r in fake.requests if r.url.host == "auth.test"]
+    assert len(token_requests) == 2
+    assert token_requests[0].headers["authorization"].startswith("Basic ")
+    assert token_requests[0].url.params["account"] == "alice"
+
+
+def test_bad_password_is_an_auth_error_without_the_secret() -> None:
+    fake, _digest = seeded(auth="bearer")
+
+    async def main() -> None:
+        async with make_client(fake, credentials=Credentials("alice", "wrong-pw")) as client:
+            await client.resolve(REF)
+
+    with pytest.raises(AuthenticationError) as info:
+        run(main)
+    assert "wrong-pw" not in str(info.value) and "wrong-pw" not in repr(info.value)
+    assert "refused the configured credentials" in str(info.value)
+
+
+def test_basic_auth() -> None:
+    fake, digest = seeded(auth="basic")
+
+    async def main() -> None:
+        async with make_client(fake, credentials=Credentials("alice", "s3cret")) as client:
+            assert await read(client, digest, 0, 5) == DATA[:5]
+        async with make_client(fake) as anonymous:
+            await anonymous.resolve(REF)
+
+    with pytest.raises(AuthenticationError, match="HTTP 401"):
+        run(main)
+
+
+def test_auth_and_host_headers_never_go_to_redirect_target() -> None:
+    fake, digest = seeded(auth="basic", redirect_blobs_to="https://storage.test")
+    hosts = {"reg.test": [RegistryHost("https://reg.test/v2", headers={"X-Secret-Header": ("1",)})]}
+
+    async def main() -> None:
+        async with make_client(
+            fake, credentials=Credentials("alice", "s3cret"), hosts=hosts
+        ) as client:
+            assert await read(client, digest, 100, 50) == DATA[100:150]
+
+    run(main)
+    storage = [r for r in fake.requests if r.url.host == "storage.test"]
+    assert storage
+    for request in storage:
+        assert "authorization" not in request.headers
+        assert "x-secret-header" not in request.headers
+    assert any("authorization" in r.headers for r in fake.requests if r.url.host == "reg.test")
+
+
+# -- blobs --------------------------------------------------------------------------------
+
+
+def test_redirect_is_cached_and_refreshed_on_403() -> None:
+    fake, digest = seeded(redirect_blobs_to="https://storage.test")
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 10) == DATA[:10]
+            assert await blob.read_at(10, 10) == DATA[10:20]
+            assert await blob.read_at(20, 10) == DATA[20:30]
+            registry_gets = [
+                r for r in fake.requests if r.method == "GET" and r.url.host == "reg.test"
+            ]
+            assert len(registry_gets) == 1  # later reads went straight to storage
+            fake.storage_sig = "ROTATED"  # the presigned URL expires
+            assert await blob.read_at(30, 10) == DATA[30:40]
+            registry_gets = [
+                r for r in fake.requests if r.method == "GET" and r.url.host == "reg.test"
+            ]
+            assert len(registry_gets) == 2
+
+    run(main)
+
+
+def test_range_read_exact_bytes_and_bounds() -> None:
+    fake, digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest)
+            assert blob.size == len(DATA) and blob.digest == digest
+            assert await blob.read_at(len(DATA) - 7, 7) == DATA[-7:]
+            assert await blob.read_at(3, 0) == b""
+            for offset, length in ((len(DATA) - 1, 2), (-1, 1), (0, -1)):
+                with pytest.raises(RangeNotSatisfiableError):
+                    await blob.read_at(offset, length)
+            ranges = [r.headers["range"] for r in fake.requests if "range" in r.headers]
+            assert ranges == [f"bytes={len(DATA) - 7}-{len(DATA) - 1}"]
+
+    run(main)
+
+
+def test_416_from_server() -> None:
+    fake, digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest, size=len(DATA) * 2)  # a wrong size
+            await blob.read_at(len(DATA) + 5, 5)
+
+    with pytest.raises(RangeNotSatisfiableError, match="RANGE_INVALID"):
+        run(main)
+
+
+class _Tripwire(httpx.AsyncByteStream):
+    def __init__(self) -> None:
+        self.iterated = False
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.iterated = True
+        yield b"x" * 100
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_200_to_a_ranged_get_is_not_consumed() -> None:
+    fake, digest = seeded()
+    stream = _Tripwire()
+    fake.faults.append(lambda r: None)  # HEAD passes
+    fake.faults.append(lambda r: httpx.Response(200, stream=stream))
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest)
+            with pytest.raises(RangeNotSupportedError, match="ignored the Range header"):
+                await blob.read_at(0, 10)
+            count = len(fake.requests)
+            with pytest.raises(RangeNotSupportedError):
+                await blob.read_at(0, 10)
+            assert len(fake.requests) == count  # known now: no second request
+
+    run(main)
+    assert not stream.iterated and stream.closed
+
+
+def test_truncated_body_is_retried() -> None:
+    fake, digest = seeded()
+    fake.faults.append(lambda r: None)  # HEAD
+    fake.faults.append(
+        lambda r: httpx.Response(
+            206, content=DATA[:5], headers={"Content-Range": f"bytes 0-9/{len(DATA)}"}
+        )
+    )
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            assert await read(client, digest, 0, 10) == DATA[:10]
+
+    run(main)
+    assert sum(1 for r in fake.requests if "range" in r.headers) == 2
+
+
+def test_wrong_content_range_is_retried() -> None:
+    fake, digest = seeded()
+    fake.faults.append(lambda r: None)
+    fake.faults.append(
+        lambda r: httpx.Response(
+            206, content=DATA[:10], headers={"Content-Range": f"bytes 0-9/{len(DATA)}"}
+        )
+    )
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            assert await read(client, digest, 50, 10) == DATA[50:60]
+
+    run(main)
+
+
+# -- retries and errors -------------------------------------------------------------------
+
+
+def test_5xx_and_429_are_retried_honouring_retry_after() -> None:
+    fake, _digest = seeded()
+    fake.faults += [
+        lambda r: oci_error(503, "UNAVAILABLE", "busy"),
+        lambda r: oci_error(429, "TOOMANYREQUESTS", "slow down", {"Retry-After": "1"}),
+    ]
+    options = ClientOptions(request_timeout=2, backoff_initial=0.001, retry_after_max=0.3)
+
+    async def main() -> None:
+        async with make_client(fake, options=options) as client:
+            start = time.monotonic()
+            assert (await client.resolve(REF)).digest.startswith("sha256:")
+            assert 0.3 <= time.monotonic() - start < 2
+
+    run(main)
+
+
+def test_retries_run_out_with_the_registry_message() -> None:
+    fake, _digest = seeded()
+    fake.faults += [lambda r: oci_error(503, "UNAVAILABLE", "maintenance window")] * 10
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            await client.resolve(REF)
+
+    with pytest.raises(ServerError, match="maintenance window") as info:
+        run(main)
+    assert info.value.status == 503
+    assert info.value.details[0].code == "UNAVAILABLE"
+    assert len(fake.requests) == FAST.max_attempts
+
+
+def test_connection_errors_retried_then_chained() -> None:
+    fake, _digest = seeded()
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    fake.faults += [refuse, refuse]
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            await client.resolve(REF)
+        fake.faults += [refuse] * 10
+        async with make_client(fake) as client:
+            await client.resolve(REF)
+
+    with pytest.raises(TransportError) as info:
+        run(main)
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+def test_timeout_is_bounded() -> None:
+    fake, _digest = seeded(delay=5)
+    options = ClientOptions(request_timeout=0.2, max_attempts=2, backoff_initial=0.001)
+
+    async def main() -> None:
+        async with make_client(fake, options=options) as client:
+            await client.resolve(REF)
+
+    start = time.monotonic()
+    with pytest.raises(RegistryTimeoutError):
+        run(main)
+    assert time.monotonic() - start < 2
+
+
+def test_not_found_carries_oci_code() -> None:
+    fake, _digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            await client.resolve(parse_reference("reg.test/team/app:missing"))
+
+    with pytest.raises(NotFoundError, match="MANIFEST_UNKNOWN"):
+        run(main)
+
+
+def test_manifest_digest_is_verified() -> None:
+    fake, digest = seeded()
+    body = manifest_body(digest, len(DATA))
+    manifest_digest = digest_of(body)
+    fake.manifests[manifest_digest] = (body.replace(b"team", b"evil", 0) + b" ", OCI_MANIFEST)
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            await client.fetch_manifest(REF, manifest_digest)
+
+    with pytest.raises(DigestMismatchError):
+        run(main)
+
+
+def test_resolve_falls_back_to_get_when_head_says_too_little() -> None:
+    fake, _digest = seeded()
+    fake.faults.append(lambda r: httpx.Response(200))  # HEAD without Docker-Content-Digest
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            descriptor = await client.resolve(REF)
+            assert descriptor.digest == digest_of(fake.manifests["v1"][0])
+
+    run(main)
+    assert [r.method for r in fake.requests] == ["HEAD", "GET"]
+
+
+def test_index_platform_selection() -> None:
+    fake, digest = seeded()
+    arm = manifest_body(digest, len(DATA)).replace(b'"schemaVersion": 2', b'"schemaVersion": 2 ')
+    amd = manifest_body(digest, len(DATA))
+    arm_digest = fake.add_manifest(arm, OCI_MANIFEST)
+    amd_digest = fake.add_manifest(amd, OCI_MANIFEST)
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": amd_digest,
+                    "size": len(amd),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                },
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": arm_digest,
+                    "size": len(arm),
+                    "platform": {"os": "linux", "architecture": "arm64"},
+                },
+            ],
+        }
+    ).encode()
+    index_digest = fake.add_manifest(index, OCI_INDEX, tag="multi")
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            ref = parse_reference("reg.test/team/app:multi")
+            image = await client.resolve_image(ref, parse_platform("linux/arm64"))
+            assert (image.digest, image.manifest_digest) == (index_digest, arm_digest)
+            assert image.index is not None and str(image.platform) == "linux/arm64"
+
+    run(main)
+
+
+def test_mirror_fails_then_upstream_answers() -> None:
+    fake, _digest = seeded()
+    hosts = {
+        "reg.test": [
+            RegistryHost(
+                "https://mirror.test/v2",
+                capabilities=frozenset({"pull", "resolve"}),
+                is_mirror=True,
+            ),
+            RegistryHost("https://reg.test/v2"),
+        ]
+    }
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "mirror.test":
+            fake.requests.append(request)
+            return oci_error(500, "INTERNAL", "mirror broken")
+        return await fake.handle(request)
+
+    async def main() -> None:
+        async with make_client(fake, hosts=hosts, handler=handler) as client:
+            image = await client.resolve_image(REF)
+            blob = await client.open_blob(REF, image.manifest.layers[0].digest)
+            assert await blob.read_at(1, 3) == DATA[1:4]
+
+    run(main)
+    assert any(r.url.host == "mirror.test" for r in fake.requests)
+
+
+# -- whole blobs and push -----------------------------------------------------------------
+
+
+def test_download_verifies_digest(tmp_path: Path) -> None:
+    fake, digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            size = await client.download_blob(REF, digest, tmp_path / "blob")
+            assert size == len(DATA)
+            assert (tmp_path / "blob").read_bytes() == DATA
+            fake.blobs[digest] = DATA[:-1] + b"\x00"
+            with pytest.raises(DigestMismatchError):
+                await client.download_blob(REF, digest, tmp_path / "bad")
+            small = fake.add_blob(b"config")
+            assert await client.fetch_blob(REF, small) == b"config"
+            with pytest.raises(DigestMismatchError):
+                await client.fetch_blob(REF, digest)
+
+    run(main)
+    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad.partial").exists()
+
+
+def test_push_monolithic_chunked_mount_and_manifest() -> None:
+    fake = FakeRegistry()
+    blob_a, blob_b = b"a" * 1000, b"b" * 2500
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            desc = await client.push_blob(REF, blob_a)
+            assert fake.blobs[desc.digest] == blob_a
+            desc_b = await client.push_blob(REF, blob_b, chunk_size=1000)
+            assert fake.blobs[desc_b.digest] == blob_b
+            patches = [r for r in fake.requests if r.method == "PATCH"]
+            assert [r.headers["content-range"] for r in patches] == [
+                "0-999",
+                "1000-1999",
+                "2000-2499",
+            ]
+            before = len(fake.requests)
+            await client.push_blob(REF, blob_a)  # already there: one HEAD
+            assert [r.method for r in fake.requests[before:]] == ["HEAD"]
+            other = parse_reference("reg.test/other/app:v1")
+            fake.faults.append(lambda r: oci_error(404, "BLOB_UNKNOWN", "not in this repository"))
+            await client.push_blob(other, blob_b, mount_from=REF)
+            posts = [r for r in fake.requests if r.method == "POST"]
+            assert posts[-1].url.params["mount"] == desc_b.digest
+            assert posts[-1].url.params["from"] == "team/app"
+            body = manifest_body(desc.digest, len(blob_a))
+            digest = await client.push_manifest(REF, body, OCI_MANIFEST)
+            assert fake.manifests["v1"] == (body, OCI_MANIFEST) and digest == digest_of(body)
+
+    run(main)
