@@ -81,7 +81,10 @@ class _Scanner:
                     hexdigits = "0123456789abcdefABCDEF"
                     if len(digits) != width or not all(c in hexdigits for c in digits):
                         raise self.error(f"bad \\{esc} escape")
-                    out.append(chr(int(digits, 16)))
+                    code = int(digits, 16)
+                    if code > 0x10FFFF:
+                        raise self.error(f"\\{esc}{digits} is not a unicode code point")
+                    out.append(chr(code))
                     self.pos += width
                 else:
                     raise self.error(f"unknown escape \\{esc}")
@@ -133,7 +136,7 @@ def parse_filter(text: str) -> Filter:
             if operator == "~=":
                 try:
                     pattern = re.compile(value)
-                except re.error as exc:
+                except (re.error, OverflowError, RecursionError) as exc:
                     raise scanner.error(f"bad regular expression: {exc}") from None
             selectors.append(Selector(tuple(path), operator, value, pattern))
         if scanner.at_end():
@@ -148,29 +151,37 @@ def parse_filters(texts: Sequence[str]) -> list[Filter]:
 
 
 def _field(info: SnapshotInfo, path: tuple[str, ...]) -> str | None:
+    """The field's value, or None when absent (containerd's snapshot filter adaptor).
+
+    ``name``, ``parent`` and ``kind`` are always present (an empty parent is the value "");
+    ``labels.<key>`` is present when the label is set.
+    """
     head, rest = path[0], path[1:]
     if head == "labels":
         if not rest:
             return None
         return info.labels.get(".".join(rest))
-    if rest:
-        return None
-    value = {"name": info.name, "parent": info.parent, "kind": info.kind.label}.get(head)
-    return value or None
+    if head == "name":
+        return info.name
+    if head == "parent":
+        return info.parent
+    if head == "kind":
+        return info.kind.label
+    return None
 
 
 def _selector_matches(selector: Selector, info: SnapshotInfo) -> bool:
     value = _field(info, selector.fieldpath)
     if selector.operator is None:
         return value is not None
-    if selector.operator == "!=":
-        return value != selector.value
-    if value is None:
-        return False
     if selector.operator == "==":
-        return value == selector.value
+        return value is not None and value == selector.value
+    # As in containerd, "!=" and "~=" compare an absent field as the empty string: so
+    # ``labels.x!=y`` is true where x is unset, and ``parent!=""`` is false without a parent.
+    if selector.operator == "!=":
+        return (value or "") != selector.value
     assert selector.pattern is not None
-    return selector.pattern.search(value) is not None
+    return selector.pattern.search(value or "") is not None
 
 
 def matcher(filters: Sequence[Filter]) -> Callable[[SnapshotInfo], bool]:
