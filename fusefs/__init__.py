@@ -2,6 +2,32 @@
 
 Never imports ``registry`` or ``snapshotter``: what it needs from a blob is the ``BlobReader``
 protocol, which the registry's blob reader satisfies structurally.
+
+The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level directories),
+``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``.
 """
 
-__all__: list[str] = []
+from fusefs.blob import BlobReader
+from fusefs.cache import CacheUsage, ChunkCache, ChunkIntegrityError
+from fusefs.fetcher import FetchConfig, FetchError
+from fusefs.filesystem import DEFAULT_CACHE_CAPACITY, LayerUsage, LazyFilesystem
+from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
+from fusefs.localblob import LocalFileBlob
+
+__all__ = [
+    "DEFAULT_CACHE_CAPACITY",
+    "BlobReader",
+    "CacheUsage",
+    "ChunkCache",
+    "ChunkIntegrityError",
+    "ChunkRef",
+    "Codec",
+    "EntryAttr",
+    "EntryKind",
+    "FetchConfig",
+    "FetchError",
+    "LayerIndex",
+    "LayerUsage",
+    "LazyFilesystem",
+    "LocalFileBlob",
+]

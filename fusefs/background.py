@@ -1,0 +1,151 @@
+"""Prefetch and background fetch of one layer, and the whole-blob digest check at the end.
+
+On attach the landmark-prioritized range ``[0, prefetch_end)`` is fetched in one request. With
+background fetch on, the rest of the blob follows in large ranges, several at a time, each one
+started only when no on-demand read is waiting (``ChunkFetcher.wait_for_idle``). Every byte of
+the blob passes through a sha256 in blob order, so once the last range is in, the blob is checked
+against its digest: the one check that also covers the TOC and chunks without a chunk digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import trio
+
+from fusefs.fetcher import ChunkFetcher, FetchError
+from fusefs.layer import ChunkTag, Layer
+from fusefs.ranges import PlannedRange, split_blob
+
+log = logging.getLogger(__name__)
+
+_HASH_OFF_THREAD = 1 << 20  # hash bigger buffers on a worker thread (hashlib drops the GIL)
+
+
+async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
+    """Fetch ``[0, prefetch_end)`` in one request (landmark files only, no verification)."""
+    end = layer.index.prefetch_end
+    if not end:
+        return
+    ranges = split_blob(
+        layer.all_chunks(), blob_size=layer.blob.size, range_size=end, first_cut=end
+    )
+    first = next(ranges, None)
+    if first is None or first.end > end:
+        return
+    await _fetch(fetcher, layer, first)
+    log.info(
+        "prefetch done layer=%s digest=%s bytes=%d chunks=%d",
+        layer.layer_id,
+        layer.digest,
+        first.length,
+        len(first.chunks),
+    )
+
+
+async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
+    """Fetch the whole blob (prefetch range first), fill the cache, and verify the blob digest."""
+    config = fetcher.config
+    ranges = split_blob(
+        layer.all_chunks(),
+        blob_size=layer.blob.size,
+        range_size=config.background_range,
+        first_cut=layer.index.prefetch_end,
+    )
+    hasher = hashlib.sha256()
+    hashed = _OrderedHasher(hasher, config.background_concurrency)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for number, planned in enumerate(ranges):
+            await hashed.slots.acquire()
+            if number > 0:  # the prefetch range goes first, whatever readers are doing
+                await fetcher.wait_for_idle()
+            nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
+    layer.stats.background_done = True
+    actual = "sha256:" + hasher.hexdigest()
+    layer.stats.blob_verified = actual == layer.digest
+    if layer.stats.blob_verified:
+        log.info(
+            "layer fully fetched and verified layer=%s digest=%s seconds=%.3f",
+            layer.layer_id,
+            layer.digest,
+            trio.current_time() - started,
+        )
+    else:
+        layer.stats.errors += 1
+        log.error(
+            "layer blob digest mismatch layer=%s digest=%s actual=%s",
+            layer.layer_id,
+            layer.digest,
+            actual,
+        )
+
+
+async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, background: bool) -> None:
+    """The per-layer task started by attach; failures are logged, never raised."""
+    try:
+        if background:
+            await fetch_everything(fetcher, layer)
+        else:
+            await prefetch(fetcher, layer)
+    except Exception as exc:
+        layer.stats.errors += 1
+        log.error(
+            "background fetch stopped layer=%s digest=%s error=%r",
+            layer.layer_id,
+            layer.digest,
+            exc,
+        )
+
+
+class _OrderedHasher:
+    """Feeds ranges that finish in any order into the hash in blob order; ``slots`` bounds how
+    many ranges (fetching or waiting for their turn) are held in memory."""
+
+    def __init__(self, hasher: hashlib._Hash, concurrency: int) -> None:
+        self._hasher = hasher
+        self._next = 0
+        self._waiting: dict[int, bytes] = {}
+        self._lock = trio.Lock()
+        self.slots = trio.Semaphore(concurrency)
+
+    async def feed(self, number: int, data: bytes) -> None:
+        self._waiting[number] = data
+        async with self._lock:
+            while self._next in self._waiting:
+                chunk = self._waiting.pop(self._next)
+                if len(chunk) >= _HASH_OFF_THREAD:
+                    await trio.to_thread.run_sync(self._hasher.update, chunk)
+                else:
+                    self._hasher.update(chunk)
+                self._next += 1
+                self.slots.release()
+
+
+async def _fetch(fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
+    raw = await layer.blob.read_at(planned.start, planned.length)
+    layer.stats.requests += 1
+    layer.stats.fetched_bytes += len(raw)
+    if len(raw) != planned.length:
+        raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
+    # Decode only what is still missing; the rest is already cached or being fetched.
+    todo = PlannedRange(
+        planned.start,
+        planned.end,
+        tuple(c for c in planned.chunks if not fetcher.is_cached(layer, c[1])),
+    )
+    if todo.chunks:
+        await fetcher.fetch_range(layer, todo, raw=raw)
+    return raw
+
+
+async def _fetch_and_hash(
+    fetcher: ChunkFetcher,
+    layer: Layer,
+    planned: PlannedRange[ChunkTag],
+    number: int,
+    hashed: _OrderedHasher,
+) -> None:
+    raw = await _fetch(fetcher, layer, planned)
+    await hashed.feed(number, raw)

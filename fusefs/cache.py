@@ -1,0 +1,245 @@
+"""The on-disk chunk cache: content-addressed, verified, size-capped with LRU eviction.
+
+A chunk with a ``chunkDigest`` is stored under that digest, so an identical chunk in two layers
+is stored once. A chunk without one is keyed by (blob digest, position) and trusted only as far
+as the whole-blob verification after background fetch goes.
+
+Every file is written to a temporary name and renamed into place, so a crash leaves either the
+whole chunk or nothing (leftover temporaries are removed at open). Content is checked against its
+digest when stored and again when loaded: a mismatch is never returned (it raises
+``ChunkIntegrityError`` on store; a corrupt file on disk is deleted and counted as a miss).
+
+The LRU order lives in memory (one small dict entry per cached chunk) and in file mtimes, which
+loads refresh, so the order survives a restart. Disk I/O runs on worker threads; the bookkeeping
+only ever runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from fusefs.index import ChunkRef
+
+log = logging.getLogger(__name__)
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})\Z")
+_KEY = re.compile(r"(sha256-[0-9a-f]{64}|blob-[0-9a-f]{64}-\d+-\d+-\d+)\Z")
+_TMP_PREFIX = ".tmp-"
+
+
+class ChunkIntegrityError(Exception):
+    """Chunk bytes do not match the digest the TOC promised."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    bytes: int
+    chunks: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    stores: int
+    evictions: int
+    verify_failures: int
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of a ``sha256:<hex>`` digest; ValueError for anything else."""
+    match = _DIGEST.match(digest)
+    if match is None:
+        raise ValueError(f"unsupported or malformed digest: {digest!r}")
+    return match.group(1)
+
+
+def chunk_key(ref: ChunkRef, blob_digest: str) -> str:
+    """The cache key of a chunk: its content digest, or its place in the blob when it has none."""
+    if ref.digest is not None:
+        return "sha256-" + digest_hex(ref.digest)
+    # Hash the blob digest rather than parse it, so any algorithm name gives a safe file name.
+    blob = hashlib.sha256(blob_digest.encode()).hexdigest()
+    return f"blob-{blob}-{ref.blob_offset}-{ref.inner_offset}-{ref.size}"
+
+
+def verify_chunk(data: bytes | memoryview, expected_digest: str | None) -> None:
+    """Raise ChunkIntegrityError unless ``data`` hashes to ``expected_digest`` (None: no check)."""
+    if expected_digest is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest_hex(expected_digest):
+        raise ChunkIntegrityError(
+            f"chunk digest mismatch: expected {expected_digest}, got sha256:{actual}"
+        )
+
+
+class ChunkCache:
+    """A directory of verified chunks with a byte budget; open it with ``await ChunkCache.open``."""
+
+    def __init__(self, directory: Path, capacity_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("cache capacity must be positive")
+        self._dir = directory
+        self._capacity = capacity_bytes
+        self._entries: OrderedDict[str, int] = OrderedDict()  # key -> size, oldest first
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._stores = 0
+        self._evictions = 0
+        self._verify_failures = 0
+
+    @classmethod
+    async def open(cls, directory: Path, *, capacity_bytes: int) -> ChunkCache:
+        cache = cls(directory, capacity_bytes)
+        found = await trio.to_thread.run_sync(cache._scan_sync)
+        for _mtime, key, size in sorted(found):
+            cache._entries[key] = size
+            cache._bytes += size
+        await cache._evict_over_capacity()
+        log.info(
+            "chunk cache opened dir=%s chunks=%d bytes=%d capacity=%d",
+            directory,
+            len(cache._entries),
+            cache._bytes,
+            capacity_bytes,
+        )
+        return cache
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def usage(self) -> CacheUsage:
+        return CacheUsage(
+            bytes=self._bytes,
+            chunks=len(self._entries),
+            capacity_bytes=self._capacity,
+            hits=self._hits,
+            misses=self._misses,
+            stores=self._stores,
+            evictions=self._evictions,
+            verify_failures=self._verify_failures,
+        )
+
+    def size_of(self, key: str) -> int | None:
+        return self._entries.get(key)
+
+    async def load(self, key: str, expected_digest: str | None) -> bytes | None:
+        """The chunk's bytes, or None when absent or found corrupt (then it is deleted)."""
+        if key not in self._entries:
+            self._misses += 1
+            return None
+        data, corrupt = await trio.to_thread.run_sync(self._load_sync, key, expected_digest)
+        if data is None:
+            self._forget(key)
+            self._misses += 1
+            if corrupt:
+                self._verify_failures += 1
+            return None
+        self._hits += 1
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return data
+
+    def write_verified(self, key: str, data: bytes, expected_digest: str | None) -> None:
+        """Verify and write one chunk; safe to call from a worker thread. Call ``commit`` after.
+
+        Raises ChunkIntegrityError (nothing is written) when the digest does not match.
+        """
+        try:
+            verify_chunk(data, expected_digest)
+        except ChunkIntegrityError:
+            self._verify_failures += 1  # a plain int add: the GIL makes this safe enough
+            raise
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    async def commit(self, key: str, size: int) -> None:
+        """Record a chunk written by ``write_verified`` and evict least recently used ones."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        self._entries[key] = size
+        self._bytes += size
+        self._stores += 1
+        await self._evict_over_capacity()
+
+    async def store(self, key: str, data: bytes, expected_digest: str | None) -> None:
+        await trio.to_thread.run_sync(self.write_verified, key, data, expected_digest)
+        await self.commit(key, len(data))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        if _KEY.match(key) is None:
+            raise ValueError(f"malformed cache key: {key!r}")
+        # Fan out by the first hex digits so no directory grows huge.
+        shard = key.split("-", 2)[1][:2]
+        return self._dir / shard / key
+
+    def _forget(self, key: str) -> None:
+        size = self._entries.pop(key, None)
+        if size is not None:
+            self._bytes -= size
+
+    async def _evict_over_capacity(self) -> None:
+        victims: list[str] = []
+        while self._bytes > self._capacity and self._entries:
+            key, size = self._entries.popitem(last=False)
+            self._bytes -= size
+            self._evictions += 1
+            victims.append(key)
+        if victims:
+            await trio.to_thread.run_sync(self._unlink_sync, victims)
+
+    def _unlink_sync(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def _load_sync(self, key: str, expected_digest: str | None) -> tuple[bytes | None, bool]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, False
+        try:
+            verify_chunk(data, expected_digest)
+        except ChunkIntegrityError as exc:
+            log.error("corrupt cached chunk removed key=%s error=%s", key, exc)
+            path.unlink(missing_ok=True)
+            return None, True
+        # The mtime is the LRU order after a restart.
+        os.utime(path)
+        return data, False
+
+    def _scan_sync(self) -> list[tuple[int, str, int]]:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[int, str, int]] = []
+        for shard in self._dir.iterdir():
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard):
+                if entry.name.startswith(_TMP_PREFIX):
+                    os.unlink(entry.path)  # a write interrupted by a crash
+                    continue
+                if _KEY.match(entry.name) is None or not entry.is_file():
+                    continue
+                st = entry.stat()
+                found.append((st.st_mtime_ns, entry.name, st.st_size))
+        return found

@@ -1,0 +1,238 @@
+"""``LazyFilesystem``: the one mount, its attached layers, the chunk cache and fetcher together.
+
+Use it inside trio::
+
+    fs = LazyFilesystem(mountpoint, cache_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)          # mounted once this returns
+        path = await fs.attach("layer-1", blob, index, background_fetch=True)
+        ...
+        fs.unmount()                         # or cancel the nursery; run() unmounts cleanly
+
+``run`` also returns when the mount is removed from outside (``fusermount3 -u``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from fusefs import session
+from fusefs.accesslog import AccessLog
+from fusefs.background import run_layer_background
+from fusefs.blob import BlobReader
+from fusefs.cache import CacheUsage, ChunkCache, chunk_key
+from fusefs.fetcher import ChunkFetcher, Decoder, FetchConfig
+from fusefs.index import LayerIndex
+from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
+from fusefs.layer import Layer
+from fusefs.operations import LazyOperations
+from fusefs.table import LayerTable, check_layer_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_CAPACITY = 10 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class LayerUsage:
+    layer_id: str
+    slot: int
+    digest: str
+    blob_size: int
+    entry_count: int
+    cached_bytes: int  # uncompressed bytes of this layer's chunks now in the cache
+    fetched_bytes: int  # compressed bytes read from the blob so far
+    requests: int
+    errors: int
+    verify_failures: int
+    background_done: bool
+    blob_verified: bool | None
+
+
+class LazyFilesystem:
+    def __init__(
+        self,
+        mountpoint: Path,
+        cache_dir: Path,
+        *,
+        cache_capacity: int = DEFAULT_CACHE_CAPACITY,
+        fsname: str = "lazysnap",
+        config: FetchConfig | None = None,
+        access_log: Path | None = None,
+        single_layer: bool = False,
+        allow_other: bool = True,
+        decoder: Decoder | None = None,
+    ) -> None:
+        """``single_layer``: the one attached layer is the mount root (``lazysnap mount --blob``)
+        instead of a directory ``<mountpoint>/<layer-id>``."""
+        self.mountpoint = mountpoint
+        self._cache_dir = cache_dir
+        self._cache_capacity = cache_capacity
+        self._fsname = fsname
+        self._config = config or FetchConfig()
+        self._access_log_path = access_log
+        self._allow_other = allow_other
+        self._decoder = decoder
+        self._inodes = InodeMap(single_layer=single_layer)
+        self._table = LayerTable()
+        self._background: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._fetcher: ChunkFetcher | None = None
+        self._cache: ChunkCache | None = None
+        self._run_scope: trio.CancelScope | None = None
+        self._operations: LazyOperations | None = None
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the cache, mount, and serve until unmounted (from outside, by ``unmount()``, or
+        by cancellation). Signals ``task_status`` once the mount is live."""
+        if self._run_scope is not None:
+            raise RuntimeError("LazyFilesystem.run() is already running")
+        self._cache = await ChunkCache.open(self._cache_dir, capacity_bytes=self._cache_capacity)
+        with trio.CancelScope() as scope:
+            self._run_scope = scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._fetcher = ChunkFetcher(self._cache, nursery, self._config, self._decoder)
+                    access_log = None
+                    if self._access_log_path is not None:
+                        access_log = AccessLog(self._access_log_path)
+                        nursery.start_soon(access_log.run)
+                    self._operations = LazyOperations(
+                        self._table,
+                        self._fetcher,
+                        self._inodes,
+                        mount_time_ns=time.time_ns(),
+                        access_log=access_log,
+                    )
+                    await nursery.start(self._serve, self._operations)
+                    task_status.started()
+            finally:
+                self._nursery = None
+                self._fetcher = None
+                self._background.clear()
+                self._run_scope = None
+
+    async def _serve(
+        self,
+        operations: LazyOperations,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await session.serve(
+            operations,
+            self.mountpoint,
+            fsname=self._fsname,
+            allow_other=self._allow_other,
+            task_status=task_status,
+        )
+        # Unmounted from outside: stop background work so run() returns.
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def unmount(self) -> None:
+        """Stop serving; ``run`` unmounts and returns."""
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    # -- layers ------------------------------------------------------------------------------
+
+    async def attach(
+        self,
+        layer_id: str,
+        blob: BlobReader,
+        index: LayerIndex,
+        *,
+        background_fetch: bool = True,
+        slot: int | None = None,
+    ) -> Path:
+        """Make ``index`` readable at ``<mountpoint>/<layer_id>`` and start prefetch (and, if
+        asked, background fetch). ``slot`` pins the inode range (the daemon stores it so a
+        restart reuses it); by default the lowest free slot is taken."""
+        check_layer_id(layer_id)
+        if self._nursery is None or self._fetcher is None:
+            raise RuntimeError("attach() needs a running filesystem (start run() first)")
+        if self._inodes.single_layer:
+            if len(self._table):
+                raise ValueError("a single-layer mount holds one layer")
+            slot = SINGLE_LAYER_SLOT
+        if slot is None:
+            slot = self._table.free_slot()
+        layer = Layer(layer_id, slot, blob, index)
+        self._table.add(layer)
+        scope = trio.CancelScope()
+        self._background[layer_id] = scope
+        self._nursery.start_soon(self._run_background, layer, scope, background_fetch)
+        log.info(
+            "layer attached layer=%s slot=%d digest=%s entries=%d background=%s",
+            layer_id,
+            slot,
+            blob.digest,
+            index.entry_count,
+            background_fetch,
+        )
+        return self.layer_path(layer_id)
+
+    async def _run_background(
+        self, layer: Layer, scope: trio.CancelScope, background: bool
+    ) -> None:
+        assert self._fetcher is not None
+        with scope:
+            await run_layer_background(self._fetcher, layer, background=background)
+
+    async def detach(self, layer_id: str) -> None:
+        """Remove a layer: its directory disappears and its inodes become stale."""
+        layer = self._table.remove(layer_id)
+        scope = self._background.pop(layer_id, None)
+        if scope is not None:
+            scope.cancel()
+        if not self._inodes.single_layer:
+            session.forget_root_entry(os.fsencode(layer_id))
+        log.info("layer detached layer=%s slot=%d digest=%s", layer_id, layer.slot, layer.digest)
+
+    def layer_path(self, layer_id: str) -> Path:
+        if self._inodes.single_layer:
+            return self.mountpoint
+        return self.mountpoint / layer_id
+
+    def layer_ids(self) -> list[str]:
+        return [layer.layer_id for layer in self._table.layers()]
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def usage(self, layer_id: str) -> LayerUsage:
+        """Counters of one layer; ``cached_bytes`` walks its chunk list (O(chunks))."""
+        layer = self._table.by_id(layer_id)
+        if layer is None:
+            raise KeyError(layer_id)
+        cached = 0
+        if self._cache is not None:
+            for _, ref in layer.all_chunks():
+                if not ref.zeros and chunk_key(ref, layer.digest) in self._cache:
+                    cached += ref.size
+        stats = layer.stats
+        return LayerUsage(
+            layer_id=layer_id,
+            slot=layer.slot,
+            digest=layer.digest,
+            blob_size=layer.blob.size,
+            entry_count=layer.index.entry_count,
+            cached_bytes=cached,
+            fetched_bytes=stats.fetched_bytes,
+            requests=stats.requests,
+            errors=stats.errors,
+            verify_failures=stats.verify_failures,
+            background_done=stats.background_done,
+            blob_verified=stats.blob_verified,
+        )
+
+    def cache_usage(self) -> CacheUsage | None:
+        return None if self._cache is None else self._cache.usage()

@@ -1,0 +1,132 @@
+"""One attached layer: its blob, its index, its counters, and compact per-entry bookkeeping.
+
+Nothing here is per-entry Python objects: the "already read" marks are a bit array and the
+position of each file in blob order is an ``array`` built on the first cache miss.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from fusefs.blob import BlobReader
+from fusefs.index import ChunkRef, LayerIndex
+
+log = logging.getLogger(__name__)
+
+ChunkTag = tuple[int, int]  # (entry id, chunk number within the file)
+
+_MAX_LOGGED_ERRORS = 1000
+
+
+@dataclass(slots=True)
+class LayerStats:
+    """Counters of one layer, reported through ``LazyFilesystem.usage``."""
+
+    fetched_bytes: int = 0
+    requests: int = 0
+    errors: int = 0
+    verify_failures: int = 0
+    background_done: bool = False
+    blob_verified: bool | None = None  # None until the whole blob has been read and hashed
+    logged: set[tuple[str, int, str]] = field(default_factory=set)
+
+
+class Layer:
+    """The filesystem's view of one attached layer (immutable apart from its counters)."""
+
+    __slots__ = (
+        "_access_marks",
+        "_file_positions",
+        "_file_sequence",
+        "_read_marks",
+        "blob",
+        "index",
+        "layer_id",
+        "slot",
+        "stats",
+    )
+
+    def __init__(self, layer_id: str, slot: int, blob: BlobReader, index: LayerIndex) -> None:
+        self.layer_id = layer_id
+        self.slot = slot
+        self.blob = blob
+        self.index = index
+        self.stats = LayerStats()
+        self._read_marks = bytearray((index.entry_count + 7) // 8)
+        self._access_marks: bytearray | None = None  # only with an access log
+        self._file_positions: array[int] | None = None
+        self._file_sequence: Sequence[int] | None = None
+
+    @property
+    def digest(self) -> str:
+        return self.blob.digest
+
+    def mark_read(self, entry: int) -> bool:
+        """Mark ``entry`` as read by the fetcher; True the first time."""
+        return _set_bit(self._read_marks, entry)
+
+    def mark_accessed(self, entry: int) -> bool:
+        """Mark ``entry`` as seen by the access log; True the first time."""
+        if self._access_marks is None:
+            self._access_marks = bytearray(len(self._read_marks))
+        return _set_bit(self._access_marks, entry)
+
+    def chunk_at(self, chunks: Sequence[ChunkRef], file_offset: int) -> int:
+        """The number of the chunk holding byte ``file_offset`` (chunks cover the file)."""
+        return max(0, bisect.bisect_right(chunks, file_offset, key=_file_offset) - 1)
+
+    def chunks_after(self, entry: int, number: int) -> Iterator[tuple[ChunkTag, ChunkRef]]:
+        """Chunks in blob order after chunk ``number`` of ``entry``: the rest of the file, then
+        the following files. Lazy: the range planner stops pulling when its range is full."""
+        chunks = self.index.chunks(entry)
+        for k in range(number + 1, len(chunks)):
+            yield (entry, k), chunks[k]
+        sequence, positions = self._blob_order()
+        if entry >= len(positions) or positions[entry] < 0:
+            return
+        for pos in range(positions[entry] + 1, len(sequence)):
+            following = sequence[pos]
+            for k, ref in enumerate(self.index.chunks(following)):
+                yield (following, k), ref
+
+    def all_chunks(self) -> Iterator[tuple[ChunkTag, ChunkRef]]:
+        """Every chunk of the layer in blob order (for prefetch and background fetch)."""
+        sequence, _ = self._blob_order()
+        for entry in sequence:
+            for k, ref in enumerate(self.index.chunks(entry)):
+                yield (entry, k), ref
+
+    def should_log(self, operation: str, entry: int, error: BaseException) -> bool:
+        """Each (operation, entry, error type) is logged once, so a failing file cannot flood."""
+        key = (operation, entry, type(error).__name__)
+        if key in self.stats.logged or len(self.stats.logged) >= _MAX_LOGGED_ERRORS:
+            return False
+        self.stats.logged.add(key)
+        return True
+
+    def _blob_order(self) -> tuple[Sequence[int], array[int]]:
+        if self._file_positions is None or self._file_sequence is None:
+            sequence = self.index.file_entries()
+            positions = array("i", [-1]) * self.index.entry_count
+            for pos, entry in enumerate(sequence):
+                positions[entry] = pos
+            self._file_sequence = sequence
+            self._file_positions = positions
+        return self._file_sequence, self._file_positions
+
+
+def _set_bit(bits: bytearray, number: int) -> bool:
+    byte, bit = divmod(number, 8)
+    mask = 1 << bit
+    if bits[byte] & mask:
+        return False
+    bits[byte] |= mask
+    return True
+
+
+def _file_offset(ref: ChunkRef) -> int:
+    return ref.file_offset

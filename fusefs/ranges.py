@@ -1,0 +1,113 @@
+"""Pure range planning: which compressed bytes to ask the blob for, in how many requests.
+
+Round trips dominate a lazy start, so a miss never fetches just its own chunk: the planner grows
+the request over the following chunks of the file and then over the next files in blob order
+(TOC order is tar order, so a directory's small files sit together), up to a size cap and across
+only small gaps of bytes nobody asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from fusefs.index import ChunkRef
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRange(Generic[T]):
+    """One blob request ``[start, end)`` and the chunks (with their caller's tags) it decodes."""
+
+    start: int
+    end: int
+    chunks: tuple[tuple[T, ChunkRef], ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def coalesce(
+    seed: Sequence[tuple[T, ChunkRef]],
+    following: Iterable[tuple[T, ChunkRef]],
+    *,
+    wanted: Callable[[ChunkRef], bool],
+    max_range: int,
+    max_gap: int,
+) -> PlannedRange[T]:
+    """Extend the range covering ``seed`` over ``following`` chunks (in blob order).
+
+    ``seed`` chunks are always included, whatever their size. A following chunk joins while the
+    range stays within ``max_range`` bytes and the bytes skipped before it (chunks that are not
+    ``wanted``, e.g. already cached, plus anything between chunks) stay within ``max_gap``.
+    Planning stops at the first chunk that does not fit or that lies before the range (a TOC
+    whose blob order is not monotonic), so the cost is bounded by what the range can hold.
+    """
+    if not seed:
+        raise ValueError("coalesce needs at least one seed chunk")
+    start = min(ref.blob_offset for _, ref in seed)
+    end = max(ref.blob_end for _, ref in seed)
+    chunks = list(seed)
+    for tag, ref in following:
+        if ref.zeros:
+            continue  # nothing to fetch
+        if ref.blob_offset < start or ref.blob_offset > end + max_gap:
+            break
+        new_end = max(end, ref.blob_end)
+        if new_end - start > max_range:
+            break
+        if not wanted(ref):
+            continue
+        end = new_end
+        chunks.append((tag, ref))
+    return PlannedRange(start, end, tuple(chunks))
+
+
+def split_blob(
+    chunks: Iterable[tuple[T, ChunkRef]],
+    *,
+    blob_size: int,
+    range_size: int,
+    first_cut: int | None = None,
+) -> Iterator[PlannedRange[T]]:
+    """Cover the whole blob ``[0, blob_size)`` with consecutive ranges of about ``range_size``.
+
+    Cuts fall only at chunk boundaries (never inside bytes a chunk needs, including gzip members
+    shared through innerOffset), so every chunk lies entirely inside one range. ``first_cut``
+    (the prefetch landmark's offset) makes ``[0, first_cut)`` a range of its own, whatever its
+    size. The last range runs to the end of the blob (TOC and footer included), so the ranges'
+    bytes hashed in order give the blob digest. Chunks are consumed lazily.
+    """
+    if range_size <= 0:
+        raise ValueError("range_size must be positive")
+    cut = first_cut if first_cut is not None and 0 < first_cut < blob_size else None
+    start = 0
+    covered = 0  # one past the last byte any chunk of the current range needs
+    pending: list[tuple[T, ChunkRef]] = []
+    for tag, ref in chunks:
+        if ref.zeros:
+            continue
+        if cut is not None and ref.blob_end > cut:
+            # Everything before the landmark is one request, however large.
+            yield PlannedRange(start, cut, tuple(pending))
+            pending = []
+            start = covered = cut
+            cut = None
+        elif cut is None and ref.blob_offset >= covered and ref.blob_offset - start >= range_size:
+            yield PlannedRange(start, ref.blob_offset, tuple(pending))
+            pending = []
+            start = ref.blob_offset
+        if ref.blob_offset < start:
+            continue  # straddles a cut or out of blob order: left to on-demand reads
+        pending.append((tag, ref))
+        covered = max(covered, ref.blob_end)
+    if cut is not None:
+        yield PlannedRange(start, cut, tuple(pending))
+        pending = []
+        start = covered = cut
+    end = max(blob_size, covered)
+    if start < end:
+        yield PlannedRange(start, end, tuple(pending))

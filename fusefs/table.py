@@ -1,0 +1,69 @@
+"""The attached layers, by slot (for inode numbers) and by name (for lookups at the mount root)."""
+
+from __future__ import annotations
+
+import os
+
+from fusefs.inodes import MAX_SLOT
+from fusefs.layer import Layer
+
+_MAX_NAME = 255
+
+
+def check_layer_id(layer_id: str) -> bytes:
+    """The layer id as a directory name; ValueError unless it is one safe path component."""
+    name = os.fsencode(layer_id)
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise ValueError(f"layer id must be a single path component: {layer_id!r}")
+    if len(name) > _MAX_NAME:
+        raise ValueError(f"layer id longer than {_MAX_NAME} bytes: {layer_id!r}")
+    return name
+
+
+class LayerTable:
+    def __init__(self) -> None:
+        self._by_slot: dict[int, Layer] = {}
+        self._by_name: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_slot)
+
+    def get(self, slot: int) -> Layer | None:
+        return self._by_slot.get(slot)
+
+    def slot_of(self, name: bytes) -> int | None:
+        return self._by_name.get(name)
+
+    def by_id(self, layer_id: str) -> Layer | None:
+        slot = self._by_name.get(os.fsencode(layer_id))
+        return None if slot is None else self._by_slot[slot]
+
+    def layers(self) -> list[Layer]:
+        """Attached layers in slot order (the mount root's stable readdir order)."""
+        return [self._by_slot[slot] for slot in sorted(self._by_slot)]
+
+    def free_slot(self) -> int:
+        slot = 1
+        while slot in self._by_slot:
+            slot += 1
+        if slot > MAX_SLOT:
+            raise RuntimeError("no free layer slot")
+        return slot
+
+    def add(self, layer: Layer) -> None:
+        name = check_layer_id(layer.layer_id)
+        if name in self._by_name:
+            raise ValueError(f"layer already attached: {layer.layer_id!r}")
+        if layer.slot in self._by_slot:
+            raise ValueError(f"layer slot already in use: {layer.slot}")
+        if not 1 <= layer.slot <= MAX_SLOT:
+            raise ValueError(f"layer slot out of range: {layer.slot}")
+        self._by_slot[layer.slot] = layer
+        self._by_name[name] = layer.slot
+
+    def remove(self, layer_id: str) -> Layer:
+        name = os.fsencode(layer_id)
+        slot = self._by_name.pop(name, None)
+        if slot is None:
+            raise KeyError(layer_id)
+        return self._by_slot.pop(slot)

@@ -1,0 +1,324 @@
+"""Helpers for the filesystem tests: an in-memory fake layer (index + blob) and a FUSE server
+run in a subprocess with guaranteed teardown.
+
+The fake layer compresses each chunk as its own gzip member (what eStargz does), so it can be
+decoded by the fake decoder here and by the real ``fusefs.formats.decode_chunk``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind
+
+REPO = Path(__file__).resolve().parents[2]
+LAZYSNAP = REPO / ".venv" / "bin" / "lazysnap"
+
+_TYPE_BITS = {
+    EntryKind.DIR: stat.S_IFDIR,
+    EntryKind.REG: stat.S_IFREG,
+    EntryKind.SYMLINK: stat.S_IFLNK,
+    EntryKind.CHAR: stat.S_IFCHR,
+    EntryKind.BLOCK: stat.S_IFBLK,
+    EntryKind.FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass
+class FakeEntry:
+    path: str
+    kind: EntryKind = EntryKind.REG
+    perm: int = 0o644
+    content: bytes = b""
+    target: bytes = b""  # symlink target
+    hardlink_to: str | None = None
+    rdev: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 1_700_000_000_000_000_000
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Node:
+    path: str
+    kind: EntryKind
+    perm: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    rdev: int
+    content: bytes
+    target: bytes
+    xattrs: dict[bytes, bytes]
+    parent: int
+    nlink: int = 1
+    children: list[tuple[bytes, int]] = field(default_factory=list)
+    chunks: list[ChunkRef] = field(default_factory=list)
+
+
+class FakeIndex:
+    """A LayerIndex over a list of FakeEntry, with a gzip-member-per-chunk blob."""
+
+    def __init__(
+        self,
+        entries: Sequence[FakeEntry],
+        *,
+        chunk_size: int = 64 * 1024,
+        with_digests: bool = True,
+        prefetch_paths: Sequence[str] = (),
+        corrupt_digest_of: str | None = None,
+    ) -> None:
+        self._nodes: list[_Node] = [
+            _Node("", EntryKind.DIR, 0o755, 0, 0, 0, 0, b"", b"", {}, 0, nlink=2)
+        ]
+        by_path: dict[str, int] = {"": 0}
+        for e in entries:
+            parent_path = e.path.rpartition("/")[0]
+            if parent_path not in by_path:
+                raise ValueError(f"parent of {e.path} must come first")
+            parent = by_path[parent_path]
+            name = e.path.rpartition("/")[2].encode()
+            if e.hardlink_to is not None:
+                target = by_path[e.hardlink_to]
+                self._nodes[target].nlink += 1
+                self._nodes[parent].children.append((name, target))
+                continue
+            node_id = len(self._nodes)
+            self._nodes.append(
+                _Node(
+                    e.path,
+                    e.kind,
+                    e.perm,
+                    e.uid,
+                    e.gid,
+                    e.mtime_ns,
+                    e.rdev,
+                    e.content,
+                    e.target,
+                    dict(e.xattrs),
+                    parent,
+                    nlink=2 if e.kind == EntryKind.DIR else 1,
+                )
+            )
+            by_path[e.path] = node_id
+            self._nodes[parent].children.append((name, node_id))
+            if e.kind == EntryKind.DIR:
+                self._nodes[parent].nlink += 1
+        # Blob: prioritized files first, then a landmark boundary, then everything else.
+        order = [by_path[p] for p in prefetch_paths]
+        order += [
+            i for i, n in enumerate(self._nodes) if n.kind == EntryKind.REG and i not in order
+        ]
+        blob = bytearray(b"HEADER--")  # something before the first chunk, like a tar header
+        self._prefetch_end: int | None = None
+        self.files_in_blob_order: list[int] = []
+        for position, node_id in enumerate(order):
+            if position == len(prefetch_paths) and prefetch_paths:
+                self._prefetch_end = len(blob)
+            node = self._nodes[node_id]
+            if not node.content:
+                continue
+            self.files_in_blob_order.append(node_id)
+            for file_offset in range(0, len(node.content), chunk_size):
+                data = node.content[file_offset : file_offset + chunk_size]
+                member = gzip.compress(data, mtime=0)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest() if with_digests else None
+                if node.path == corrupt_digest_of:
+                    digest = "sha256:" + "0" * 64
+                node.chunks.append(
+                    ChunkRef(file_offset, len(data), len(blob), len(blob) + len(member), 0, digest)
+                )
+                blob += member
+                blob += b"pad"  # bytes between chunks (the next tar header in eStargz)
+        if prefetch_paths and self._prefetch_end is None:
+            self._prefetch_end = len(blob)
+        blob += b"TOC-AND-FOOTER"
+        self.blob_bytes = bytes(blob)
+        self.by_path = by_path
+
+    @property
+    def codec(self) -> Codec:
+        return Codec.GZIP
+
+    @property
+    def entry_count(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def toc_digest(self) -> str:
+        return "sha256:" + "1" * 64
+
+    @property
+    def prefetch_end(self) -> int | None:
+        return self._prefetch_end
+
+    def attr(self, entry: int) -> EntryAttr:
+        n = self._nodes[entry]
+        size = len(n.content) if n.kind == EntryKind.REG else len(n.target)
+        if n.kind not in (EntryKind.REG, EntryKind.SYMLINK):
+            size = 0
+        return EntryAttr(
+            n.kind, _TYPE_BITS[n.kind] | n.perm, n.uid, n.gid, size, n.mtime_ns, n.rdev, n.nlink
+        )
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        for child_name, child in self._nodes[parent].children:
+            if child_name == name:
+                return child
+        return None
+
+    def children(self, directory: int) -> Sequence[tuple[bytes, int]]:
+        return self._nodes[directory].children
+
+    def parent(self, entry: int) -> int:
+        return self._nodes[entry].parent
+
+    def path(self, entry: int) -> str:
+        return self._nodes[entry].path
+
+    def readlink(self, entry: int) -> bytes:
+        return self._nodes[entry].target
+
+    def xattrs(self, entry: int) -> dict[bytes, bytes]:
+        return dict(self._nodes[entry].xattrs)
+
+    def chunks(self, entry: int) -> Sequence[ChunkRef]:
+        return self._nodes[entry].chunks
+
+    def file_entries(self) -> Sequence[int]:
+        return self.files_in_blob_order
+
+
+class FakeBlob:
+    """An in-memory BlobReader that records its requests and can be made to fail."""
+
+    def __init__(self, data: bytes, *, digest: str | None = None) -> None:
+        self.data = data
+        self._digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        self.requests: list[tuple[int, int]] = []
+        self.fail = False
+        self.gate: object | None = None  # a trio.Event the test sets to let reads finish
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        import trio  # noqa: PLC0415 (keep this module importable from sync tests)
+
+        self.requests.append((offset, length))
+        if isinstance(self.gate, trio.Event):
+            await self.gate.wait()
+        else:
+            await trio.sleep(0)
+        if self.fail:
+            raise OSError("injected blob failure")
+        if offset + length > len(self.data):
+            raise ValueError("range beyond blob")
+        return self.data[offset : offset + length]
+
+
+def fake_decoder(codec: Codec, compressed: bytes, ref: ChunkRef) -> bytes:
+    """Decode one chunk of a gzip-member blob (what fusefs.formats does for eStargz)."""
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(compressed, ref.inner_offset + ref.size)
+    return out[ref.inner_offset : ref.inner_offset + ref.size]
+
+
+# -- FUSE servers in a subprocess ------------------------------------------------------------
+
+
+def wait_for(
+    predicate: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise AssertionError(f"server exited with {proc.returncode} before {what}: {out}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def running_mount(
+    args: Sequence[str],
+    mountpoint: Path,
+    *,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``args`` (a FUSE server for ``mountpoint``), wait until mounted, always tear down."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_for(lambda: is_mounted(mountpoint), timeout, f"mount at {mountpoint}", proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        if is_mounted(mountpoint):
+            force_unmount(mountpoint)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def lazysnap_mount_args(blob: Path, mountpoint: Path, *extra: str) -> list[str]:
+    return [str(LAZYSNAP), "mount", "--blob", str(blob), str(mountpoint), *extra]
+
+
+def python_args(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test function under ``trio.run`` (fixtures pass through ``__wrapped__``)."""
+    import trio  # noqa: PLC0415
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        trio.run(functools.partial(fn, *args, **kwargs))
+
+    return wrapper
