@@ -1,0 +1,52 @@
+"""Seekable layer formats: eStargz and zstd:chunked (both variants), read and write.
+
+Readers turn a blob's footer and TOC into a compact, validated ``fusefs.index.LayerIndex``;
+``decode_chunk`` turns a chunk's compressed bytes into its content; writers convert a layer tar.
+Everything here is pure except ``load_layer_index``, which reads the blob.
+"""
+
+from fusefs.formats.annotations import (
+    ESTARGZ_TOC_DIGEST,
+    ESTARGZ_UNCOMPRESSED_SIZE,
+    LEGACY_ZSTD_MANIFEST_CHECKSUM,
+    LEGACY_ZSTD_MANIFEST_POSITION,
+    ZSTD_MANIFEST_CHECKSUM,
+    ZSTD_MANIFEST_POSITION,
+    ZSTD_TARSPLIT_POSITION,
+)
+from fusefs.formats.chunks import decode_chunk, verify_chunk
+from fusefs.formats.compact import CompactLayerIndex
+from fusefs.formats.errors import ChunkDecodeError, ChunkDigestError, LayerFormatError
+from fusefs.formats.footer import LayerFormat, TocLocation, parse_footer
+from fusefs.formats.layer import index_from_toc, location_from_annotations
+from fusefs.formats.limits import IndexLimits
+from fusefs.formats.loader import load_layer_index
+from fusefs.formats.result import WriteResult
+from fusefs.formats.writer import DEFAULT_CHUNK_SIZE, write_estargz, write_zstd_chunked
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ESTARGZ_TOC_DIGEST",
+    "ESTARGZ_UNCOMPRESSED_SIZE",
+    "LEGACY_ZSTD_MANIFEST_CHECKSUM",
+    "LEGACY_ZSTD_MANIFEST_POSITION",
+    "ZSTD_MANIFEST_CHECKSUM",
+    "ZSTD_MANIFEST_POSITION",
+    "ZSTD_TARSPLIT_POSITION",
+    "ChunkDecodeError",
+    "ChunkDigestError",
+    "CompactLayerIndex",
+    "IndexLimits",
+    "LayerFormat",
+    "LayerFormatError",
+    "TocLocation",
+    "WriteResult",
+    "decode_chunk",
+    "index_from_toc",
+    "load_layer_index",
+    "location_from_annotations",
+    "parse_footer",
+    "verify_chunk",
+    "write_estargz",
+    "write_zstd_chunked",
+]

@@ -1,0 +1,104 @@
+"""From a located, compressed TOC to a verified LayerIndex (pure: no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+
+from fusefs.formats import annotations as keys
+from fusefs.formats.builder import build_index
+from fusefs.formats.compact import CompactLayerIndex
+from fusefs.formats.errors import LayerFormatError
+from fusefs.formats.footer import LayerFormat, TocLocation, zstd_location
+from fusefs.formats.limits import IndexLimits
+from fusefs.formats.tocdata import parse_toc_json, toc_json_bytes
+from fusefs.index import Codec
+
+log = logging.getLogger(__name__)
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_POSITION = re.compile(r"(\d{1,19}):(\d{1,19}):(\d{1,19})(?::(\d{1,19}))?\Z")
+
+
+def _check_digest(value: str, what: str) -> str:
+    if not _DIGEST.match(value):
+        raise LayerFormatError(f"{what} {value!r} is not a sha256 digest")
+    return value
+
+
+def location_from_annotations(
+    annotations: Mapping[str, str] | None, blob_size: int
+) -> TocLocation | None:
+    """The zstd:chunked TOC position from a layer's annotations, if they give one."""
+    if not annotations:
+        return None
+    for key, fmt in (
+        (keys.ZSTD_MANIFEST_POSITION, LayerFormat.ZSTD_CHUNKED),
+        (keys.LEGACY_ZSTD_MANIFEST_POSITION, LayerFormat.ZSTD_CHUNKED_LEGACY),
+    ):
+        value = annotations.get(key)
+        if value is None:
+            continue
+        match = _POSITION.match(value)
+        if match is None:
+            raise LayerFormatError(f"annotation {key} = {value!r} is malformed")
+        offset, length, raw = (int(g) for g in match.group(1, 2, 3))
+        if match.group(4) is not None and int(match.group(4)) != 1:
+            raise LayerFormatError(f"annotation {key} names an unknown manifest type")
+        return zstd_location(fmt, offset, length, raw, blob_size)
+    return None
+
+
+def index_from_toc(
+    location: TocLocation,
+    compressed_toc: bytes,
+    *,
+    toc_digest: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    limits: IndexLimits | None = None,
+) -> CompactLayerIndex:
+    """Decompress, verify and index the TOC found at ``location``.
+
+    Digests checked when given: ``toc_digest`` (the uncompressed TOC JSON's sha256; for
+    zstd:chunked the compressed TOC's sha256 is accepted too, as that is what its
+    manifest-checksum annotation commits to), the eStargz ``toc.digest`` annotation, and the
+    zstd:chunked manifest-checksum annotations.
+    """
+    limits = limits or IndexLimits()
+    annotations = annotations or {}
+    is_zstd = location.format is not LayerFormat.ESTARGZ
+    compressed_digest = "sha256:" + hashlib.sha256(compressed_toc).hexdigest() if is_zstd else ""
+    if is_zstd:
+        for key in (keys.ZSTD_MANIFEST_CHECKSUM, keys.LEGACY_ZSTD_MANIFEST_CHECKSUM):
+            expected = annotations.get(key)
+            if expected is not None and _check_digest(expected, key) != compressed_digest:
+                raise LayerFormatError(
+                    f"TOC digest mismatch: {key} is {expected}, TOC has {compressed_digest}"
+                )
+    data = toc_json_bytes(location, compressed_toc, limits)
+    json_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    expected = annotations.get(keys.ESTARGZ_TOC_DIGEST)
+    if expected is not None and _check_digest(expected, keys.ESTARGZ_TOC_DIGEST) != json_digest:
+        raise LayerFormatError(f"TOC digest mismatch: label {expected}, TOC has {json_digest}")
+    if toc_digest is not None:
+        _check_digest(toc_digest, "expected TOC digest")
+        if toc_digest not in (json_digest, compressed_digest):
+            raise LayerFormatError(f"TOC digest mismatch: expected {toc_digest}, got {json_digest}")
+    entries = parse_toc_json(data, limits)
+    del data
+    index = build_index(
+        entries,
+        codec=Codec.ZSTD if is_zstd else Codec.GZIP,
+        toc_digest=json_digest,
+        payload_end=location.payload_end,
+        limits=limits,
+    )
+    log.debug(
+        "layer index built format=%s entries=%d toc_digest=%s",
+        location.format.value,
+        index.entry_count,
+        json_digest,
+    )
+    return index

@@ -1,0 +1,74 @@
+"""load_layer_index: the only part of the formats that reads a blob."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fusefs.blob import BlobReader
+from fusefs.formats.errors import LayerFormatError
+from fusefs.formats.footer import parse_footer
+from fusefs.formats.layer import index_from_toc, location_from_annotations
+from fusefs.formats.limits import IndexLimits
+from fusefs.index import LayerIndex
+
+log = logging.getLogger(__name__)
+
+# One read of the blob's tail usually holds the footer and the whole (compressed) TOC.
+TAIL_READ_SIZE = 512 * 1024
+
+
+async def load_layer_index(
+    blob: BlobReader,
+    *,
+    toc_digest: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    limits: IndexLimits | None = None,
+) -> LayerIndex:
+    """Read, verify and index a seekable layer's TOC with one or two ranged reads.
+
+    When the annotations give the TOC position (zstd:chunked), the footer is not read at all.
+    Otherwise the last ``TAIL_READ_SIZE`` bytes are read; the TOC is sliced from them when it
+    fits, else fetched with one more read. Raises LayerFormatError for anything malformed.
+    """
+    limits = limits or IndexLimits()
+    size = blob.size
+    if size <= 0:
+        raise LayerFormatError("blob is empty")
+    location = location_from_annotations(annotations, size)
+    tail = b""
+    tail_start = size
+    if location is None:
+        tail_start = max(0, size - TAIL_READ_SIZE)
+        tail = await blob.read_at(tail_start, size - tail_start)
+        _check_length(tail, size - tail_start)
+        location = parse_footer(tail, size)
+    if location.toc_length > limits.max_toc_compressed:
+        raise LayerFormatError(
+            f"compressed TOC of {location.toc_length} bytes exceeds the limit "
+            f"{limits.max_toc_compressed}"
+        )
+    if location.toc_offset >= tail_start:
+        start = location.toc_offset - tail_start
+        compressed = tail[start : start + location.toc_length]
+        reads = 1
+    else:
+        compressed = await blob.read_at(location.toc_offset, location.toc_length)
+        _check_length(compressed, location.toc_length)
+        reads = 1 if not tail else 2
+    del tail
+    log.debug(
+        "toc fetched blob=%s format=%s toc_bytes=%d reads=%d",
+        blob.digest,
+        location.format.value,
+        location.toc_length,
+        reads,
+    )
+    return index_from_toc(
+        location, compressed, toc_digest=toc_digest, annotations=annotations, limits=limits
+    )
+
+
+def _check_length(data: bytes, expected: int) -> None:
+    if len(data) != expected:
+        raise LayerFormatError(f"blob read returned {len(data)} bytes, expected {expected}")

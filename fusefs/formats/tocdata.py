@@ -1,0 +1,132 @@
+"""Turn the compressed TOC bytes of a blob into the TOC JSON document (pure, bounded).
+
+Decompression is bounded by ``IndexLimits.max_toc_uncompressed`` while it runs, so a
+decompression bomb costs at most that much memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import zlib
+from typing import Any
+
+import zstandard
+
+from fusefs.formats.errors import LayerFormatError
+from fusefs.formats.footer import LayerFormat, TocLocation
+from fusefs.formats.limits import IndexLimits
+
+TOC_TAR_NAME = "stargz.index.json"
+_BLOCK = 512
+# Tar headers that may precede the TOC's own header (PAX / GNU long names).
+_EXTENSION_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME})
+
+
+def toc_json_bytes(location: TocLocation, compressed: bytes, limits: IndexLimits) -> bytes:
+    """The uncompressed TOC JSON of a blob whose TOC bytes are ``compressed``."""
+    if len(compressed) != location.toc_length:
+        raise LayerFormatError(
+            f"TOC is {len(compressed)} bytes, the footer says {location.toc_length}"
+        )
+    if len(compressed) > limits.max_toc_compressed:
+        raise LayerFormatError(
+            f"compressed TOC of {len(compressed)} bytes exceeds the limit "
+            f"{limits.max_toc_compressed}"
+        )
+    if location.format is LayerFormat.ESTARGZ:
+        return _estargz_toc(compressed, limits)
+    return _zstd_toc(compressed, location.toc_uncompressed, limits)
+
+
+def _estargz_toc(member: bytes, limits: IndexLimits) -> bytes:
+    # The member holds the TOC's tar header, the JSON and the end-of-archive blocks.
+    bound = limits.max_toc_uncompressed + 8 * _BLOCK
+    try:
+        data = zlib.decompressobj(wbits=31).decompress(member, bound)
+    except zlib.error as exc:
+        raise LayerFormatError(f"eStargz TOC is not valid gzip: {exc}") from exc
+    pos = 0
+    for _ in range(4):
+        header = data[pos : pos + _BLOCK]
+        if len(header) < _BLOCK:
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.TarError as exc:
+            raise LayerFormatError(f"eStargz TOC tar header is invalid: {exc}") from exc
+        body = pos + _BLOCK
+        if info.size > limits.max_toc_uncompressed:
+            raise LayerFormatError(
+                f"eStargz TOC of {info.size} bytes exceeds the limit {limits.max_toc_uncompressed}"
+            )
+        if info.type in _EXTENSION_TYPES:
+            pos = body + -(-info.size // _BLOCK) * _BLOCK
+            continue
+        if info.name != TOC_TAR_NAME or not info.isreg():
+            raise LayerFormatError(f"eStargz TOC member is {info.name!r}, not {TOC_TAR_NAME}")
+        if len(data) < body + info.size:
+            raise LayerFormatError("eStargz TOC is truncated")
+        return data[body : body + info.size]
+    raise LayerFormatError("eStargz TOC member holds no stargz.index.json")
+
+
+def _zstd_toc(compressed: bytes, expected: int | None, limits: IndexLimits) -> bytes:
+    if expected is not None and expected > limits.max_toc_uncompressed:
+        raise LayerFormatError(
+            f"zstd:chunked TOC of {expected} bytes exceeds the limit {limits.max_toc_uncompressed}"
+        )
+    bound = limits.max_toc_uncompressed if expected is None else expected
+    data = bounded_zstd_decompress(compressed, bound + 1, what="zstd:chunked TOC")
+    if len(data) > bound:
+        raise LayerFormatError(f"zstd:chunked TOC decompresses to more than {bound} bytes")
+    if expected is not None and len(data) != expected:
+        raise LayerFormatError(
+            f"zstd:chunked TOC decompresses to {len(data)} bytes, expected {expected}"
+        )
+    return data
+
+
+def bounded_zstd_decompress(compressed: bytes | memoryview, limit: int, *, what: str) -> bytes:
+    """Decompress up to ``limit`` bytes across frames; the frames need no content size."""
+    parts: list[bytes] = []
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+        with reader:
+            while total < limit:
+                piece = reader.read(min(limit - total, 1 << 20))
+                if not piece:
+                    break
+                parts.append(piece)
+                total += len(piece)
+    except zstandard.ZstdError as exc:
+        raise LayerFormatError(f"{what} is not valid zstd: {exc}") from exc
+    return b"".join(parts)
+
+
+def parse_toc_json(data: bytes, limits: IndexLimits) -> list[Any]:
+    """The ``entries`` list of a TOC document (shape checks only; entries are checked later)."""
+    try:
+        text = data.decode("utf-8")
+        document = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LayerFormatError(f"TOC is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise LayerFormatError("TOC JSON is not an object")
+    version = document.get("version")
+    if type(version) is not int or version != 1:
+        raise LayerFormatError(f"unsupported TOC version {version!r}")
+    entries = document.get("entries")
+    if not isinstance(entries, list):
+        raise LayerFormatError("TOC has no entries list")
+    if len(entries) > limits.max_entries:
+        raise LayerFormatError(
+            f"TOC has {len(entries)} entries, more than the limit {limits.max_entries}"
+        )
+    return entries
+
+
+def sha256_digest(data: bytes | memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
