@@ -207,8 +207,9 @@ class RegistryClient:
                 media_type = answer.headers.get("content-type", "").split(";")[0].strip()
                 if digest and length.isdigit() and media_type:
                     return Descriptor(media_type, validate_digest(digest), int(length))
-            except ProtocolError as exc:
-                # An answer the HEAD path does not understand (405, 400...): GET may work.
+            except (ProtocolError, NotFoundError) as exc:
+                # An answer the HEAD path does not understand (405, 400...): GET may work. A 404
+                # to HEAD has no body: the GET brings the registry's error message.
                 log.info("resolve head-failed registry=%s status=%s", ref.domain, exc.status)
             # HEAD told us too little (or is unsupported): GET the manifest and hash it.
             content = await self._get_manifest(host, ref, ref.object)
