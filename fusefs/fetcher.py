@@ -10,7 +10,6 @@ Priority: on-demand reads mark themselves as foreground; background work calls
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from fusefs.cache import ChunkCache, chunk_key
+from fusefs.formats import decode_chunk
 from fusefs.index import ChunkRef, Codec
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, coalesce
@@ -84,13 +84,6 @@ class _HotChunks:
             self._bytes -= len(old)
 
 
-def _default_decoder(codec: Codec, compressed: bytes, ref: ChunkRef) -> bytes:
-    # Looked up at call time: the formats package is only needed on a real fetch.
-    formats = importlib.import_module("fusefs.formats")
-    data: bytes = formats.decode_chunk(codec, compressed, ref)
-    return data
-
-
 class ChunkFetcher:
     """Serves chunk bytes to the read path, prefetch and background fetch."""
 
@@ -104,7 +97,7 @@ class ChunkFetcher:
         self._cache = cache
         self._nursery = nursery
         self.config = config or FetchConfig()
-        self._decode = decoder or _default_decoder
+        self._decode = decoder or decode_chunk
         self._inflight: dict[str, _Flight] = {}
         self._hot = _HotChunks(self.config.hot_bytes)
         self._foreground = 0
@@ -315,20 +308,20 @@ class ChunkFetcher:
                 return None
             raise
         stored: list[tuple[str, int]] = []
-        for (key, _), outcome in zip(todo, outcomes, strict=True):
+        for (key, ref), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, bytes):
                 self._resolve(key, flights[key], outcome, None)
                 stored.append((key, len(outcome)))
             else:
                 layer.stats.verify_failures += 1
-                log.error(
-                    "chunk rejected layer=%s digest=%s range=%d-%d error=%s",
-                    layer.layer_id,
-                    layer.digest,
-                    planned.start,
-                    planned.end,
-                    outcome,
-                )
+                if layer.should_log("chunk", ref.blob_offset, outcome):
+                    log.error(
+                        "chunk rejected layer=%s digest=%s blob_offset=%d error=%s",
+                        layer.layer_id,
+                        layer.digest,
+                        ref.blob_offset,
+                        outcome,
+                    )
                 self._resolve(key, flights[key], None, outcome)
         # Waiters are released first; the LRU bookkeeping (and eviction) comes after.
         for key, size in stored:

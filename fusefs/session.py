@@ -15,17 +15,17 @@ import trio
 
 log = logging.getLogger(__name__)
 
-MAX_READ = 1 << 20  # bytes per FUSE read request (the kernel caps it at its max_pages)
 _active = False
 
 
 def mount_options(fsname: str, *, allow_other: bool = True) -> set[str]:
+    # No max_read: libfuse then negotiates its largest request size (max_pages, 1 MiB with
+    # libfuse 3.14), and pyfuse3 cannot set the matching conn->max_read that the option needs.
     options = {
         f"fsname={fsname}",
         "subtype=lazysnap",
         "ro",
         "default_permissions",  # the kernel checks mode bits; we never see access()
-        f"max_read={MAX_READ}",
     }
     if allow_other:
         options.add("allow_other")  # containers run as other users

@@ -322,3 +322,68 @@ def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         trio.run(functools.partial(fn, *args, **kwargs))
 
     return wrapper
+
+
+# -- a FUSE server over fake layers, run as ``python -m tests.integration.fuse_support`` ----------
+
+BIG = bytes(range(256)) * 1200  # 300 KiB: several 64 KiB chunks
+
+BASE_ENTRIES = [
+    FakeEntry("bin", kind=EntryKind.DIR, perm=0o755),
+    FakeEntry("bin/tool", perm=0o4755, content=b"#!/bin/sh\necho hi\n", uid=7, gid=8),
+    FakeEntry("bin/alias", hardlink_to="bin/tool"),
+    FakeEntry("link", kind=EntryKind.SYMLINK, perm=0o777, target=b"bin/tool"),
+    FakeEntry("etc", kind=EntryKind.DIR, perm=0o755),
+    FakeEntry("etc/keep", content=b"base keep\n"),
+    FakeEntry("etc/old", content=b"base old\n"),
+    FakeEntry("tmp", kind=EntryKind.DIR, perm=0o1777),
+    FakeEntry("big", content=BIG, xattrs={b"user.note": b"hello"}),
+    FakeEntry("bad", content=b"corrupt me" * 100),
+    FakeEntry("doomed", content=b"deleted by the top layer\n"),
+    FakeEntry("empty", content=b""),
+    FakeEntry("null", kind=EntryKind.CHAR, perm=0o666, rdev=os.makedev(1, 3)),
+    FakeEntry("pipe", kind=EntryKind.FIFO, perm=0o644),
+    FakeEntry("caf\u00e9", content=b"unicode name\n"),
+]
+
+TOP_ENTRIES = [
+    FakeEntry("doomed", kind=EntryKind.CHAR, perm=0o000, rdev=0),  # whiteout
+    FakeEntry(
+        "etc", kind=EntryKind.DIR, perm=0o755, xattrs={b"trusted.overlay.opaque": b"y"}
+    ),  # opaque
+    FakeEntry("etc/new", content=b"top new\n"),
+]
+
+
+def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool) -> None:
+    import trio  # noqa: PLC0415
+
+    from fusefs import LazyFilesystem  # noqa: PLC0415
+
+    async def main() -> None:
+        fs = LazyFilesystem(mountpoint, cache_dir, single_layer=not multi, decoder=fake_decoder)
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        fs.unmount()
+                        return
+
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                await fs.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            await nursery.start(serve)
+            base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
+            await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False)
+            if multi:
+                top = FakeIndex(TOP_ENTRIES)
+                await fs.attach("top", FakeBlob(top.blob_bytes), top, background_fetch=True)
+
+    trio.run(main)
+
+
+if __name__ == "__main__":
+    _serve_fake(Path(sys.argv[1]), Path(sys.argv[2]), multi="--multi" in sys.argv[3:])
