@@ -5,7 +5,7 @@
     fieldpath:= field ( "." field )*
     field    := identifier | quoted
     operator := "==" | "!=" | "~="                  ~= is a regular expression search
-    value    := quoted | characters up to the next ","
+    value    := quoted | characters up to the next "," or white space
 
 Several filter strings passed to List are alternatives (OR). Snapshot fields are ``name``,
 ``parent``, ``kind`` (active|view|committed) and ``labels.<key>``, where keys holding dots or
@@ -106,9 +106,11 @@ class _Scanner:
         self.skip_spaces()
         if self.pos < len(self.text) and self.text[self.pos] in "\"'":
             return self.quoted()
-        end = self.text.find(",", self.pos)
-        end = len(self.text) if end < 0 else end
-        raw = self.text[self.pos : end].strip()
+        # Unquoted values end at a comma or white space (containerd: value := [^\s,]+).
+        end = self.pos
+        while end < len(self.text) and self.text[end] != "," and not self.text[end].isspace():
+            end += 1
+        raw = self.text[self.pos : end]
         if not raw:
             raise self.error("expected a value")
         self.pos = end
