@@ -135,12 +135,23 @@ async def error_from_response(response: httpx.Response, what: str) -> RegistryEr
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, taking the message from the chain when httpx leaves it empty."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or str(seen):
+            break
+        seen = seen.__cause__ or seen.__context__
+    detail = str(seen) if seen is not None else ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
 def _error_from_exception(exc: Exception, what: str, url: str) -> RegistryError:
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return RegistryTimeoutError(f"{what}: timed out ({type(exc).__name__})", url=url)
     if isinstance(exc, httpx.TransportError):
-        return TransportError(f"{what}: {type(exc).__name__}: {exc}", url=url)
-    return ProtocolError(f"{what}: {type(exc).__name__}: {exc}", url=url)
+        return TransportError(f"{what}: {_describe(exc)}", url=url)
+    return ProtocolError(f"{what}: {_describe(exc)}", url=url)
 
 
 class Engine:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class TestCA:
+class ThrowawayCA:
     ca_cert: Path
     ca_key: Path
     server_cert: Path
@@ -24,7 +24,7 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def make_test_ca(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TestCA:
+def make_test_ca(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> ThrowawayCA:
     """A CA and a server certificate signed by it, valid for ``hosts`` (IPs or DNS names)."""
     directory.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -81,7 +81,7 @@ def make_test_ca(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "loc
         "server.ext",
         cwd=directory,
     )
-    return TestCA(
+    return ThrowawayCA(
         directory / "ca.pem",
         directory / "ca.key",
         directory / "server.pem",
