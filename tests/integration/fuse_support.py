@@ -8,9 +8,11 @@ decoded by the fake decoder here and by the real ``fusefs.formats.decode_chunk``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -243,20 +245,104 @@ def fake_decoder(codec: Codec, compressed: bytes, ref: ChunkRef) -> bytes:
     return out[ref.inner_offset : ref.inner_offset + ref.size]
 
 
+# -- comparing trees ---------------------------------------------------------------------------
+
+LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark"}
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What ``lstat``, ``readlink``, ``listxattr`` and ``read`` show for one name."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    nlink: int
+    target: str
+    xattrs: tuple[tuple[str, bytes], ...]
+    content_sha: str
+    link_group: str
+
+
+def view(root: Path, *, from_tar: bool) -> dict[str, Seen]:
+    """Every name under ``root``; for a ``tar -x`` tree, overlay whiteouts are translated the
+    way the layer index presents them (``.wh.x`` -> a 0/0 char device ``x``, ``.wh..wh..opq``
+    -> ``trusted.overlay.opaque=y`` on its directory)."""
+    seen: dict[str, Seen] = {}
+    groups: dict[int, str] = {}
+    opaque: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if from_tar and name in LANDMARKS and dirpath == str(root):
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                # overlayfs lists a whiteout of its lowest layer but cannot look it up
+                continue
+            if from_tar and name == ".wh..wh..opq":
+                opaque.add(os.path.relpath(dirpath, root))
+                continue
+            if from_tar and name.startswith(".wh."):
+                rel = os.path.join(os.path.relpath(dirpath, root), name[4:]).removeprefix("./")
+                seen[rel] = Seen(
+                    stat.S_IFCHR, st.st_uid, st.st_gid, 0, st.st_mtime_ns, 0, 1, "", (), "", rel
+                )
+                continue
+            xattrs = tuple(
+                sorted(
+                    (k, os.getxattr(path, k, follow_symlinks=False))
+                    for k in os.listxattr(path, follow_symlinks=False)
+                )
+            )
+            content = ""
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = hashlib.sha256(f.read()).hexdigest()
+            group = groups.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) else rel
+            seen[rel] = Seen(
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+                st.st_mtime_ns,
+                st.st_rdev,
+                st.st_nlink,
+                os.readlink(path) if stat.S_ISLNK(st.st_mode) else "",
+                xattrs,
+                content,
+                group,
+            )
+    for rel in opaque:
+        old = seen[rel]
+        xattrs = tuple(sorted((*old.xattrs, ("trusted.overlay.opaque", b"y"))))
+        seen[rel] = Seen(**{**old.__dict__, "xattrs": xattrs})
+    return seen
+
+
+def normalise_groups(tree: dict[str, Seen]) -> dict[str, Seen]:
+    """Hardlink groups named by their sorted first member (so both trees name them alike)."""
+    members: dict[str, list[str]] = {}
+    for path, s in tree.items():
+        members.setdefault(s.link_group, []).append(path)
+    first = {group: min(paths) for group, paths in members.items()}
+    return {p: Seen(**{**s.__dict__, "link_group": first[s.link_group]}) for p, s in tree.items()}
+
+
 # -- FUSE servers in a subprocess ------------------------------------------------------------
 
 
-def wait_for(
-    predicate: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    assert callable(predicate)
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        if proc is not None and proc.poll() is not None:
-            out = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise AssertionError(f"server exited with {proc.returncode} before {what}: {out}")
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -271,25 +357,37 @@ def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
 
 
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    log: Path  # the server's stderr
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 @contextlib.contextmanager
 def running_mount(
-    args: Sequence[str],
-    mountpoint: Path,
-    *,
-    timeout: float = 60.0,
-    env: dict[str, str] | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``args`` (a FUSE server for ``mountpoint``), wait until mounted, always tear down."""
+    args: Sequence[str], mountpoint: Path, *, timeout: float = 60.0
+) -> Iterator[Server]:
+    """Start ``args`` (a FUSE server for ``mountpoint``), wait until mounted, always tear down:
+    SIGTERM, then kill; ``fusermount3 -u -z`` if still mounted; the process is reaped."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        list(args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
+    log = mountpoint.with_name(mountpoint.name + ".log")
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=stderr)
+    server = Server(proc, log)
     try:
-        wait_for(lambda: is_mounted(mountpoint), timeout, f"mount at {mountpoint}", proc)
-        yield proc
+        deadline = time.monotonic() + timeout
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"server exited with {proc.returncode} before mounting: {server.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no mount at {mountpoint} after {timeout}s")
+            time.sleep(0.05)
+        yield server
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -300,9 +398,6 @@ def running_mount(
                 proc.wait(timeout=30)
         if is_mounted(mountpoint):
             force_unmount(mountpoint)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def lazysnap_mount_args(blob: Path, mountpoint: Path, *extra: str) -> list[str]:
@@ -364,23 +459,37 @@ def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool) -> None:
         fs = LazyFilesystem(mountpoint, cache_dir, single_layer=not multi, decoder=fake_decoder)
         async with trio.open_nursery() as nursery:
 
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        fs.unmount()
-                        return
+            async def control() -> None:
+                """SIGTERM/SIGINT: unmount. SIGUSR1: write usage to <mountpoint>.usage.json
+                and detach "top". SIGUSR2: attach "top" again."""
+                wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+                with trio.open_signal_receiver(*wanted) as signals:
+                    async for signum in signals:
+                        if signum == signal.SIGUSR1:
+                            usage = {i: dataclasses.asdict(fs.usage(i)) for i in fs.layer_ids()}
+                            report = mountpoint.with_name(mountpoint.name + ".usage.json")
+                            report.write_text(json.dumps(usage))
+                            await fs.detach("top")
+                        elif signum == signal.SIGUSR2:
+                            await attach_top()
+                        else:
+                            fs.unmount()
+                            return
 
             async def serve(*, task_status: trio.TaskStatus[None]) -> None:
                 await fs.run(task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(stop_on_signal)
+            async def attach_top() -> None:
+                top = FakeIndex(TOP_ENTRIES)
+                await fs.attach("top", FakeBlob(top.blob_bytes), top, background_fetch=True)
+
+            nursery.start_soon(control)
             await nursery.start(serve)
             base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
             await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False)
             if multi:
-                top = FakeIndex(TOP_ENTRIES)
-                await fs.attach("top", FakeBlob(top.blob_bytes), top, background_fetch=True)
+                await attach_top()
 
     trio.run(main)
 

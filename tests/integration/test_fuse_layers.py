@@ -1,0 +1,105 @@
+"""One mount, several layers as top-level directories (fake layers, real FUSE, real overlayfs)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fuse_support import (
+    BIG,
+    REPO,
+    is_mounted,
+    python_args,
+    running_mount,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+
+def fake_server(mnt: Path, cache: Path) -> list[str]:
+    return python_args("-m", "tests.integration.fuse_support", str(mnt), str(cache), "--multi")
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # so ``python -m tests.integration.fuse_support`` resolves
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_layers_are_top_level_directories_attached_and_detached_at_runtime(
+    tmp_path: Path,
+) -> None:
+    mnt = tmp_path / "mnt"
+    with running_mount(fake_server(mnt, tmp_path / "cache"), mnt) as server:
+        wait_for((mnt / "top").exists, 10, "the second layer")
+        assert sorted(os.listdir(mnt)) == ["base", "top"]
+        root = os.stat(mnt)
+        assert root.st_ino == 1 and stat.S_ISDIR(root.st_mode)
+        base, top = os.stat(mnt / "base"), os.stat(mnt / "top")
+        assert base.st_ino == (1 << 32) | 1 and top.st_ino == (2 << 32) | 1
+        tool = os.stat(mnt / "base/bin/tool")
+        assert tool.st_ino >> 32 == 1 and tool.st_mode == stat.S_IFREG | 0o4755
+        assert (mnt / "base/big").read_bytes() == BIG
+        assert os.getxattr(mnt / "base/big", "user.note") == b"hello"
+        assert os.getxattr(mnt / "top/etc", "trusted.overlay.opaque") == b"y"
+        whiteout = os.lstat(mnt / "top/doomed")
+        assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+        with pytest.raises(OSError) as info:
+            (mnt / "base/bad").read_bytes()
+        assert info.value.errno == errno.EIO
+
+        server.proc.send_signal(signal.SIGUSR1)  # report usage, then detach "top"
+        wait_for(lambda: not (mnt / "top").exists(), 10, "top to be detached")
+        assert os.listdir(mnt) == ["base"]
+        usage = json.loads(mnt.with_name("mnt.usage.json").read_text())
+        assert usage["base"]["cached_bytes"] >= len(BIG)
+        assert usage["base"]["errors"] >= 1 and usage["base"]["verify_failures"] >= 1
+        assert usage["top"]["slot"] == 2
+
+        server.proc.send_signal(signal.SIGUSR2)  # attach it again: the lowest free slot
+        wait_for((mnt / "top").exists, 10, "top to be attached again")
+        assert os.stat(mnt / "top").st_ino == (2 << 32) | 1
+        assert (mnt / "top/etc/new").read_bytes() == b"top new\n"
+    assert server.proc.returncode == 0
+    assert not is_mounted(mnt)
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_overlayfs_over_two_fuse_layers_honours_whiteouts_and_opaque_dirs(
+    tmp_path: Path,
+) -> None:
+    mnt = tmp_path / "mnt"
+    merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
+    for d in (merged, upper, work):
+        d.mkdir()
+    with running_mount(fake_server(mnt, tmp_path / "cache"), mnt):
+        wait_for((mnt / "top").exists, 10, "the second layer")
+        options = f"lowerdir={mnt}/top:{mnt}/base,upperdir={upper},workdir={work}"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        try:
+            names = sorted(os.listdir(merged))
+            assert "doomed" not in names  # whited out by the top layer
+            assert {"bin", "big", "link", "etc", "caf\u00e9", "null", "pipe"} <= set(names)
+            assert os.listdir(merged / "etc") == ["new"]  # opaque: base's files are hidden
+            assert (merged / "big").read_bytes() == BIG
+            assert (merged / "bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+            (merged / "written").write_bytes(b"upper")  # writes land in the upper dir
+            os.unlink(merged / "etc/new")
+            assert (upper / "written").read_bytes() == b"upper"
+            assert stat.S_ISCHR(os.lstat(upper / "etc/new").st_mode)
+            assert (mnt / "top/etc/new").read_bytes() == b"top new\n"  # the layer is unchanged
+        finally:
+            subprocess.run(["umount", str(merged)], check=True, timeout=30)
