@@ -18,6 +18,7 @@ DEFAULT_ADDRESS = Path("/run/lazysnap/lazysnap.sock")
 DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+DEFAULT_CACHE_CAPACITY = 10 << 30
 
 
 class ConfigError(Exception):
@@ -31,11 +32,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class LazyConfig:
+    enabled: bool = True  # serve layers lazily over FUSE when containerd's labels allow it
+    background_fetch: bool = True  # fetch the rest of each lazy layer after it is attached
+    cache_capacity: int = DEFAULT_CACHE_CAPACITY  # bytes of chunk cache before LRU eviction
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
     hosts_dir: Path = DEFAULT_HOSTS_DIR
     log: LogConfig = field(default_factory=LogConfig)
+    lazy: LazyConfig = field(default_factory=LazyConfig)
 
 
 def _expect(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -62,7 +71,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log"}
+    known = {"root", "address", "hosts_dir", "log", "lazy"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -88,7 +97,26 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             log = replace(log, format=_choice(_expect(table, "format", str, "log."), LOG_FORMATS,
                                               "log.format"))
         config = replace(config, log=log)
+    if "lazy" in data:
+        config = replace(config, lazy=_parse_lazy(_expect(data, "lazy", dict, "")))
     return config
+
+
+def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
+    extra = sorted(set(table) - {"enabled", "background_fetch", "cache_capacity"})
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('lazy.' + k for k in extra)}")
+    lazy = LazyConfig()
+    for key in ("enabled", "background_fetch"):
+        if key in table:
+            lazy = replace(lazy, **{key: _expect(table, key, bool, "lazy.")})
+    if "cache_capacity" in table:
+        capacity = table["cache_capacity"]
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ConfigError(f"lazy.cache_capacity: expected bytes (an integer >= 0), "
+                              f"got {capacity!r}")
+        lazy = replace(lazy, cache_capacity=capacity)
+    return lazy
 
 
 def load_config(path: Path | None) -> Config:

@@ -1,8 +1,9 @@
-"""The composition root: build the snapshotter, serve gRPC, run trio on the main thread.
+"""The composition root: build the snapshotter, the lazy filesystem and the registry client,
+serve gRPC, and run trio on the main thread.
 
 grpcio's async API is asyncio-only, so the gRPC server is the synchronous one on a thread pool;
-the main thread runs ``trio.run`` (the home of the FUSE session and registry fetches) and waits
-there for SIGTERM/SIGINT.
+the main thread runs ``trio.run``: the FUSE session, registry fetches and background fetch live
+there, and it waits for SIGTERM/SIGINT. RPCs reach trio through ``RemoteSnapshots`` (one hop).
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import trio
 
+from fusefs import LazyFilesystem
+from registry import DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.config import Config
 from snapshotter.grpc_service import add_services
 from snapshotter.metadata import MetadataError
+from snapshotter.remote_layers import RemoteLayers, RemoteSnapshots
 from snapshotter.sdnotify import notify
 from snapshotter.snapshots import Snapshotter
 from snapshotter.socket_path import SocketError, prepare_socket_path
@@ -74,6 +79,56 @@ def _start_server(snapshotter: Snapshotter, address: Path) -> grpc.Server:
     return server
 
 
+def _clear_stale_mount(mountpoint: Path) -> None:
+    """A killed daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except FileNotFoundError:
+        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    except OSError:
+        pass
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                   capture_output=True, timeout=30)
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True,
+                   timeout=30)
+
+
+async def _start_lazy(
+    config: Config, snapshotter: Snapshotter, nursery: trio.Nursery
+) -> tuple[LazyFilesystem, RegistryClient] | None:
+    """Mount the FUSE filesystem and re-attach remote layers; None when FUSE is unavailable."""
+    if not config.lazy.enabled:
+        log.info("lazy pulling disabled by configuration")
+        return None
+    layout = snapshotter.layout
+    if not await trio.Path("/dev/fuse").exists():
+        log.warning("lazy pulling unavailable: /dev/fuse is missing; serving ordinary snapshots")
+        return None
+    await trio.to_thread.run_sync(_clear_stale_mount, layout.fuse)
+    fs = LazyFilesystem(layout.fuse, layout.cache, cache_capacity=config.lazy.cache_capacity)
+    try:
+        await nursery.start(fs.run)
+    except Exception as exc:
+        log.warning("lazy pulling unavailable: cannot mount %s: %s", layout.fuse, exc)
+        return None
+    client = RegistryClient(HostsConfig(config.hosts_dir), DockerConfigCredentials())
+    layers = RemoteLayers(fs, client, layout.tails,
+                          background_fetch=config.lazy.background_fetch)
+
+    def records() -> list:  # type: ignore[type-arg]
+        with snapshotter.store.transaction() as tx:
+            return tx.remote_layers()
+
+    # Restoring reads only local files (saved TOC ranges): startup never waits on a registry.
+    async with trio.open_nursery() as restoring:
+        for record in await trio.to_thread.run_sync(records):
+            restoring.start_soon(layers.restore, record)
+    snapshotter.enable_remote(RemoteSnapshots(layers, trio.lowlevel.current_trio_token()))
+    return fs, client
+
+
 async def _wait_for_stop_signal() -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -81,27 +136,57 @@ async def _wait_for_stop_signal() -> int:
     return 0
 
 
+async def _serve(config: Config, snapshotter: Snapshotter) -> int:
+    async with trio.open_nursery() as nursery:
+        lazy = await _start_lazy(config, snapshotter, nursery)
+        server = await trio.to_thread.run_sync(_start_server, snapshotter, config.address)
+        log.info(
+            "serving", extra={"version": VERSION, "root": str(config.root),
+                              "address": str(config.address), "pid": os.getpid(),
+                              "lazy": lazy is not None},
+        )
+        notify(f"READY=1\nSTATUS=serving on {config.address}\nMAINPID={os.getpid()}")
+        try:
+            signum = await _wait_for_stop_signal()
+            log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        finally:
+            notify("STOPPING=1")
+            # In-flight RPCs finish (they may still hop into trio, so wait off the trio thread).
+            await trio.to_thread.run_sync(
+                lambda: server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+            )
+            snapshotter.enable_remote(None)
+            with contextlib.suppress(FileNotFoundError):
+                config.address.unlink()
+            if lazy is not None:
+                fs, client = lazy
+                await client.aclose()
+                fs.unmount()
+            nursery.cancel_scope.cancel()
+    return signum
+
+
+def _startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
+    """trio wraps errors raised in a nursery in groups; an operator wants the message."""
+    found = group.subgroup(StartupError)
+    while found is not None:
+        first = found.exceptions[0]
+        if isinstance(first, StartupError):
+            return first
+        found = first.subgroup(StartupError) if isinstance(first, BaseExceptionGroup) else None
+    return None
+
+
 def serve(config: Config) -> int:
     snapshotter = _open_snapshotter(config.root)
     try:
-        server = _start_server(snapshotter, config.address)
-    except BaseException:
-        snapshotter.close()
+        trio.run(_serve, config, snapshotter)
+    except BaseExceptionGroup as group:
+        startup = _startup_error(group)
+        if startup is not None:
+            raise startup from None
         raise
-    log.info(
-        "serving", extra={"version": VERSION, "root": str(config.root),
-                          "address": str(config.address), "pid": os.getpid()},
-    )
-    notify(f"READY=1\nSTATUS=serving on {config.address}\nMAINPID={os.getpid()}")
-    try:
-        signum = trio.run(_wait_for_stop_signal)
-        log.info("stopping", extra={"signal": signal.Signals(signum).name})
     finally:
-        notify("STOPPING=1")
-        # In-flight RPCs finish (each is one sqlite transaction); new ones are refused.
-        server.stop(SHUTDOWN_GRACE_SECONDS).wait()
         snapshotter.close()
-        with contextlib.suppress(FileNotFoundError):
-            config.address.unlink()
     log.info("stopped")
     return 0

@@ -41,6 +41,23 @@ class Layout:
     def trash(self) -> Path:
         return self.root / "trash"
 
+    @property
+    def fuse(self) -> Path:
+        """The one FUSE mount; each remote layer is a directory ``fuse/<layer-id>``."""
+        return self.root / "fuse"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def tails(self) -> Path:
+        """Saved footer/TOC ranges of remote layers, for restarts without the network."""
+        return self.root / "tails"
+
+    def remote_dir(self, layer_id: str) -> Path:
+        return self.fuse / layer_id
+
     def snapshot_dir(self, snapshot_id: int) -> Path:
         return self.snapshots / str(snapshot_id)
 
@@ -55,6 +72,6 @@ class Layout:
 
     def create(self) -> None:
         """Create the state directories (0700: snapshot contents are root's business)."""
-        for path in (self.root, self.snapshots, self.links, self.trash):
+        for path in (self.root, self.snapshots, self.links, self.trash, self.tails):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)

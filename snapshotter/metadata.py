@@ -37,12 +37,23 @@ CREATE TABLE IF NOT EXISTS snapshots (
     inodes INTEGER
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS remote_layers (
+    snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+    layer_id TEXT NOT NULL UNIQUE,
+    slot INTEGER NOT NULL UNIQUE,
+    image_ref TEXT NOT NULL,
+    layer_digest TEXT NOT NULL,
+    blob_size INTEGER NOT NULL,
+    toc_digest TEXT,
+    annotations TEXT NOT NULL
+);
 """
 
 _SELECT = """
 SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.created_ns, s.updated_ns,
-       s.labels, s.size, s.inodes
+       s.labels, s.size, s.inodes, r.layer_id
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
+LEFT JOIN remote_layers r ON r.snapshot_id = s.id
 """
 
 
@@ -58,10 +69,25 @@ class SnapshotRecord:
     labels: dict[str, str]
     size: int | None
     inodes: int | None
+    remote_layer: str | None = None  # the FUSE layer id of a lazily served (remote) snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLayerRecord:
+    """Everything needed to re-attach a remote layer after a restart, without the network."""
+
+    snapshot_id: int
+    layer_id: str
+    slot: int
+    image_ref: str
+    layer_digest: str
+    blob_size: int
+    toc_digest: str | None
+    annotations: dict[str, str]
 
 
 def _record(row: tuple[object, ...]) -> SnapshotRecord:
-    (id_, key, parent_id, parent_key, kind, created, updated, labels, size, inodes) = row
+    (id_, key, parent_id, parent_key, kind, created, updated, labels, size, inodes, remote) = row
     assert isinstance(id_, int) and isinstance(key, str) and isinstance(labels, str)
     assert isinstance(kind, int) and isinstance(created, int) and isinstance(updated, int)
     return SnapshotRecord(
@@ -75,6 +101,7 @@ def _record(row: tuple[object, ...]) -> SnapshotRecord:
         labels=json.loads(labels),
         size=size if isinstance(size, int) else None,
         inodes=inodes if isinstance(inodes, int) else None,
+        remote_layer=remote if isinstance(remote, str) else None,
     )
 
 
@@ -149,6 +176,31 @@ class Transaction:
                 json.dumps(labels, sort_keys=True), size, inodes, snapshot_id,
             ),
         )
+
+    def insert_remote(self, record: RemoteLayerRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO remote_layers (snapshot_id, layer_id, slot, image_ref, layer_digest,"
+            " blob_size, toc_digest, annotations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.snapshot_id, record.layer_id, record.slot, record.image_ref,
+                record.layer_digest, record.blob_size, record.toc_digest,
+                json.dumps(record.annotations, sort_keys=True),
+            ),
+        )
+
+    def remote_layers(self) -> list[RemoteLayerRecord]:
+        rows = self._conn.execute(
+            "SELECT snapshot_id, layer_id, slot, image_ref, layer_digest, blob_size, toc_digest,"
+            " annotations FROM remote_layers ORDER BY snapshot_id"
+        ).fetchall()
+        return [
+            RemoteLayerRecord(int(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), int(r[5]),
+                              None if r[6] is None else str(r[6]), json.loads(r[7]))
+            for r in rows
+        ]
+
+    def used_slots(self) -> set[int]:
+        return {int(r[0]) for r in self._conn.execute("SELECT slot FROM remote_layers")}
 
     def set_labels(self, snapshot_id: int, labels: dict[str, str], now_ns: int) -> None:
         self._conn.execute(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,11 +24,18 @@ from snapshotter.errors import (
     NotFoundError,
 )
 from snapshotter.filters import matcher, parse_filters
-from snapshotter.labels import validate_labels
+from snapshotter.labels import REMOTE, REMOTE_VALUE, validate_labels
 from snapshotter.layout import Layout
-from snapshotter.metadata import MetadataStore, SnapshotRecord, Transaction
+from snapshotter.metadata import (
+    MetadataStore,
+    RemoteLayerRecord,
+    SnapshotRecord,
+    Transaction,
+)
 from snapshotter.model import Counts, Kind, Mount, SnapshotInfo, Usage
 from snapshotter.mounts import LowerDir, build_mounts
+from snapshotter.remote_labels import RemoteDecision, decide
+from snapshotter.remote_layers import AttachedLayer, RemoteLayerError, RemoteSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,13 @@ class Snapshotter:
         self.layout.create()
         self.store = MetadataStore(self.layout.database)
         self._clock = clock
+        self._remote: RemoteSnapshots | None = None
+        self._slots_lock = threading.Lock()
+        self._reserved_slots: set[int] = set()
+
+    def enable_remote(self, remote: RemoteSnapshots | None) -> None:
+        """Serve layers lazily from now on (None: ordinary snapshots only)."""
+        self._remote = remote
 
     def close(self) -> None:
         self.store.close()
@@ -64,6 +80,8 @@ class Snapshotter:
     # -- creating ----------------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        if self._remote is not None:
+            self._try_remote(self._remote, key, parent, labels)  # raises AlreadyExists if served
         return self._create(Kind.ACTIVE, key, parent, labels)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
@@ -101,7 +119,8 @@ class Snapshotter:
             )
         return record
 
-    def _make_dirs(self, snapshot_id: int, kind: Kind) -> None:
+    def _make_dirs(self, snapshot_id: int, kind: Kind, tree: Path | None = None) -> None:
+        """``tree``: where the snapshot's files really are (a FUSE layer directory)."""
         directory = self.layout.snapshot_dir(snapshot_id)
         if directory.exists():
             # Left by a transaction that was rolled back (or a crash) and whose id is reused.
@@ -115,18 +134,112 @@ class Snapshotter:
             self.layout.work_dir(snapshot_id).mkdir(mode=0o700)
         link = self.layout.link(snapshot_id)
         link.unlink(missing_ok=True)
-        link.symlink_to(os.path.relpath(fs, link.parent))
+        link.symlink_to(os.path.relpath(tree or fs, link.parent))
 
     def _mounts(
         self, tx: Transaction, snapshot_id: int, kind: Kind, parent: SnapshotRecord | None
     ) -> list[Mount]:
         chain = tx.ancestors(parent.id) if parent else []
-        lowers = [
-            LowerDir(self.layout.fs_dir(r.id), self.layout.link(r.id)) for r in chain
-        ]
+        lowers = [LowerDir(self._tree(r), self.layout.link(r.id)) for r in chain]
         return build_mounts(
             kind, self.layout.fs_dir(snapshot_id), self.layout.work_dir(snapshot_id), lowers
         )
+
+    def _tree(self, record: SnapshotRecord) -> Path:
+        if record.remote_layer is not None:
+            return self.layout.remote_dir(record.remote_layer)
+        return self.layout.fs_dir(record.id)
+
+    # -- remote (lazily served) layers -------------------------------------------------------
+
+    def _try_remote(
+        self, remote: RemoteSnapshots, key: str, parent: str, labels: Mapping[str, str]
+    ) -> None:
+        """Serve the layer lazily and raise AlreadyExistsError, or return for the normal path."""
+        decision = decide(labels)
+        if decision is None:
+            return  # not a layer extraction (a container's own snapshot)
+        if decision.needs_manifest:
+            try:
+                decision = remote.decide_with_manifest(decision)
+            except Exception as exc:  # the normal path still works without the registry
+                self._fallback(key, f"manifest lookup failed: {type(exc).__name__}: {exc}")
+                return
+        request = decision.request
+        if request is None or decision.format is None:
+            self._fallback(key, decision.reason)
+            return
+        checked = validate_labels(labels)
+        with self.store.transaction() as tx:
+            parent_record = tx.get(parent) if parent else None
+            if parent and (parent_record is None or parent_record.kind is not Kind.COMMITTED):
+                return  # let the normal path report the bad parent
+            existing = tx.get(request.chain_ref)
+            if existing is not None and existing.parent_key == parent:
+                raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
+            slot = self._reserve_slot(tx.used_slots())
+        layer_id = "r" + secrets.token_hex(6)
+        try:
+            try:
+                attached = remote.attach(request, decision.format, layer_id, slot)
+            except RemoteLayerError as exc:
+                self._fallback(key, str(exc))
+                return
+            except Exception as exc:
+                log.exception("remote attach failed key=%r", key)
+                self._fallback(key, f"{type(exc).__name__}: {exc}")
+                return
+            name = self._record_remote(request.chain_ref, parent, checked, attached, decision)
+        finally:
+            with self._slots_lock:
+                self._reserved_slots.discard(slot)
+        log.info("remote-snapshot-prepared=true key=%r name=%r layer=%s format=%s reason=%r",
+                 key, name, layer_id, decision.format, decision.reason)
+        raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
+
+    def _reserve_slot(self, used: set[int]) -> int:
+        with self._slots_lock:
+            slot = 1
+            while slot in used or slot in self._reserved_slots:
+                slot += 1
+            self._reserved_slots.add(slot)
+            return slot
+
+    def _record_remote(
+        self,
+        chain_ref: str,
+        parent: str,
+        labels: dict[str, str],
+        attached: AttachedLayer,
+        decision: RemoteDecision,
+    ) -> str:
+        assert decision.request is not None
+        try:
+            with self.store.transaction() as tx:
+                parent_record = tx.get(parent) if parent else None
+                # Another namespace may hold this chain ID over a different parent key.
+                taken = tx.get(chain_ref) is not None
+                name = f"{chain_ref}@{attached.layer_id}" if taken else chain_ref
+                snapshot_id = tx.insert(
+                    name, parent_record.id if parent_record else None, Kind.COMMITTED,
+                    self._clock(), {**labels, REMOTE: REMOTE_VALUE},
+                )
+                self._make_dirs(snapshot_id, Kind.COMMITTED,
+                                self.layout.remote_dir(attached.layer_id))
+                tx.insert_remote(RemoteLayerRecord(
+                    snapshot_id, attached.layer_id, attached.slot, decision.request.image_ref,
+                    decision.request.layer_digest, attached.blob_size, attached.toc_digest,
+                    attached.annotations,
+                ))
+        except BaseException:
+            assert self._remote is not None
+            self._remote.detach(attached.layer_id)
+            raise
+        return name
+
+    @staticmethod
+    def _fallback(key: str, reason: str) -> None:
+        log.info("remote-snapshot-prepared=false key=%r reason=%r", key, reason)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -156,6 +269,10 @@ class Snapshotter:
         _require_key(key)
         with self.store.transaction() as tx:
             record = self._get(tx, key)
+        if record.remote_layer is not None:
+            # What the lazy layer occupies on this node: its chunks in the cache so far.
+            cached = self._remote.cached_bytes(record.remote_layer) if self._remote else 0
+            return Usage(cached, 0)
         if record.size is not None and record.inodes is not None:
             return Usage(record.size, record.inodes)
         return disk_usage(self.layout.fs_dir(record.id))
@@ -223,9 +340,15 @@ class Snapshotter:
                     f"cannot remove snapshot {key!r}: it has children (remove them first)"
                 )
             tx.delete(record.id)
-            # Moved aside inside the transaction so no later id can meet this directory.
-            trashed = self._trash(record.id)
-        self._empty_trash(trashed)
+        # The directory goes only after the deletion has committed: a crash before that must
+        # leave the row with its directory. Ids are never reused (AUTOINCREMENT), so no later
+        # snapshot can meet this directory; if we die now, Cleanup removes the orphan.
+        self._empty_trash(self._trash(record.id))
+        if record.remote_layer is not None and self._remote is not None:
+            try:
+                self._remote.detach(record.remote_layer)
+            except Exception:  # the row is gone; a layer left attached is only memory
+                log.exception("detach failed layer=%s", record.remote_layer)
         log.info("snapshot removed key=%r id=%d", key, record.id)
 
     def update(self, info: SnapshotInfo, fieldpaths: Sequence[str]) -> SnapshotInfo:
@@ -273,12 +396,15 @@ class Snapshotter:
 
     def _trash(self, snapshot_id: int) -> Path:
         self.layout.link(snapshot_id).unlink(missing_ok=True)
-        directory = self.layout.snapshot_dir(snapshot_id)
-        return self._trash_path(directory) if directory.exists() else directory
+        return self._trash_path(self.layout.snapshot_dir(snapshot_id))
 
     def _trash_path(self, path: Path) -> Path:
+        """Move ``path`` into the trash; a path already gone (a concurrent Cleanup) is fine."""
         target = self.layout.trash / f"{path.name}-{time.monotonic_ns()}"
-        path.rename(target)
+        try:
+            path.rename(target)
+        except FileNotFoundError:
+            return path
         return target
 
     @staticmethod

@@ -87,6 +87,7 @@ def test_socket_in_use_is_a_clear_startup_error(short_tmp: Path) -> None:
                         str(daemon.address))
         assert second.returncode == 1
         assert "is in use: another daemon is serving on it" in second.stderr
+        assert "Traceback" not in second.stderr
         assert daemon.healthy(), "the first daemon keeps serving"
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusefs.formats import write_estargz, write_zstd_chunked
+
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "wc", "sha256sum", "find", "sleep", "true", "stat")
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -148,4 +150,21 @@ def push_layout(layout: Path, tag: str, reference: str) -> None:
         ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
          f"oci:{layout}:{tag}", f"docker://{reference}"],
         check=True, capture_output=True, timeout=120,
+    )
+
+
+MEDIA_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+
+def seekable_layer(tar: bytes, fmt: str, **writer_options: object) -> Layer:
+    """Convert a layer tar with lazysnap's own writer (eStargz or zstd:chunked)."""
+    out = io.BytesIO()
+    writer = write_estargz if fmt == "estargz" else write_zstd_chunked
+    result = writer(io.BytesIO(tar), out, **writer_options)  # type: ignore[arg-type]
+    media_type = MEDIA_LAYER_GZIP if fmt == "estargz" else MEDIA_LAYER_ZSTD
+    return Layer(
+        blob=out.getvalue(),
+        diff_id=result.diff_id,
+        media_type=media_type,
+        annotations=tuple(sorted(result.annotations.items())),
     )

@@ -1,0 +1,126 @@
+"""Blob wrappers that let a restarted daemon re-attach remote layers without the network.
+
+On first attach the ranges the TOC reader asks for (footer and TOC, the layer's "tail") are
+recorded and saved next to the database; on restart they are served from that file, and the
+registry is contacted only when a file's content is first read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fusefs import BlobReader
+
+_MAGIC = b"LZTAIL1\n"
+_MAX_TAIL_BYTES = 256 << 20  # a TOC larger than this is refused by the reader's limits anyway
+
+
+class TailFileError(Exception):
+    """The saved tail file is missing, truncated or not ours."""
+
+
+class RecordingBlob:
+    """Passes reads through and remembers them, so the TOC ranges can be saved."""
+
+    def __init__(self, inner: BlobReader) -> None:
+        self._inner = inner
+        self.ranges: dict[int, bytes] = {}
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def digest(self) -> str:
+        return self._inner.digest
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        data = await self._inner.read_at(offset, length)
+        self.ranges[offset] = data
+        return data
+
+
+class TailServedBlob:
+    """Serves the saved ranges locally; anything else goes to the inner blob."""
+
+    def __init__(self, inner: BlobReader, ranges: dict[int, bytes]) -> None:
+        self._inner = inner
+        self._ranges = sorted(ranges.items())
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def digest(self) -> str:
+        return self._inner.digest
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        for start, data in self._ranges:
+            if start <= offset and offset + length <= start + len(data):
+                return data[offset - start : offset - start + length]
+        return await self._inner.read_at(offset, length)
+
+
+class DeferredBlob:
+    """A blob whose size and digest are known but whose reader is opened on first use."""
+
+    def __init__(self, digest: str, size: int, opener: Callable[[], Awaitable[BlobReader]]) -> None:
+        self._digest = digest
+        self._size = size
+        self._opener = opener
+        self._opened: BlobReader | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if self._opened is None:
+            self._opened = await self._opener()
+        return await self._opened.read_at(offset, length)
+
+
+def save_tail(path: Path, digest: str, ranges: dict[int, bytes]) -> None:
+    spans = [[offset, len(data)] for offset, data in sorted(ranges.items())]
+    header = json.dumps({"digest": digest, "ranges": spans}).encode()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        out.write(_MAGIC + struct.pack(">I", len(header)) + header)
+        for _, data in sorted(ranges.items()):
+            out.write(data)
+    tmp.replace(path)  # atomic: a crash leaves the old file or none, never half of one
+
+
+def load_tail(path: Path, digest: str) -> dict[int, bytes]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TailFileError(f"{path}: {exc.strerror}") from None
+    if len(raw) > _MAX_TAIL_BYTES or not raw.startswith(_MAGIC) or len(raw) < len(_MAGIC) + 4:
+        raise TailFileError(f"{path}: not a lazysnap tail file")
+    (header_len,) = struct.unpack(">I", raw[len(_MAGIC) : len(_MAGIC) + 4])
+    start = len(_MAGIC) + 4
+    try:
+        header = json.loads(raw[start : start + header_len])
+        ranges = [(int(o), int(n)) for o, n in header["ranges"]]
+        saved_digest = str(header["digest"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TailFileError(f"{path}: bad header: {exc}") from None
+    if saved_digest != digest:
+        raise TailFileError(f"{path}: saved for {saved_digest}, wanted {digest}")
+    out: dict[int, bytes] = {}
+    position = start + header_len
+    for offset, length in ranges:
+        if position + length > len(raw):
+            raise TailFileError(f"{path}: truncated")
+        out[offset] = raw[position : position + length]
+        position += length
+    return out

@@ -1,0 +1,111 @@
+"""Decide from a Prepare's labels whether a layer can be served lazily (pure, no network).
+
+containerd passes a layer's descriptor annotations down only when their keys start with
+``containerd.io/snapshot/`` (so the eStargz TOC digest arrives as is). lazysnap's own unpacker
+also forwards the other annotations a reader needs (zstd:chunked positions and checksums) and the
+layer's media type, under ``containerd.io/snapshot/lazysnap.annotation/<key>`` and
+``containerd.io/snapshot/lazysnap.media-type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from snapshotter.labels import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    SNAPSHOT_REF,
+    STARGZ_TOC_DIGEST,
+)
+from snapshotter.lazy_formats import LazyFormat, classify_layer
+
+ANNOTATION_LABEL_PREFIX = "containerd.io/snapshot/lazysnap.annotation/"
+MEDIA_TYPE_LABEL = "containerd.io/snapshot/lazysnap.media-type"
+# Assumed when no media type is passed: the TOC annotations decide between the formats.
+_DEFAULT_MEDIA_TYPES: dict[LazyFormat, str] = {
+    "estargz": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd:chunked": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLayerRequest:
+    """A layer extraction containerd announced with enough labels to try a lazy mount."""
+
+    chain_ref: str  # containerd.io/snapshot.ref: the chain ID the committed snapshot stands for
+    image_ref: str
+    layer_digest: str
+    manifest_digest: str | None
+    image_layers: tuple[str, ...]
+    annotations: dict[str, str] = field(default_factory=dict)
+    media_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDecision:
+    """``format`` set: serve lazily. ``needs_manifest``: only the manifest can tell."""
+
+    request: RemoteLayerRequest | None
+    format: LazyFormat | None
+    reason: str
+    needs_manifest: bool = False
+
+
+def layer_annotations(labels: Mapping[str, str]) -> dict[str, str]:
+    annotations = {
+        key[len(ANNOTATION_LABEL_PREFIX):]: value
+        for key, value in labels.items()
+        if key.startswith(ANNOTATION_LABEL_PREFIX) and len(key) > len(ANNOTATION_LABEL_PREFIX)
+    }
+    if STARGZ_TOC_DIGEST in labels:
+        annotations[STARGZ_TOC_DIGEST] = labels[STARGZ_TOC_DIGEST]
+    return annotations
+
+
+def classify(media_type: str | None, annotations: Mapping[str, str]) -> tuple[LazyFormat | None,
+                                                                              str]:
+    if media_type:
+        found = classify_layer(media_type, annotations)
+        return found.format, found.reason
+    for fmt, assumed in _DEFAULT_MEDIA_TYPES.items():
+        found = classify_layer(assumed, annotations)
+        if found.format == fmt:
+            return found.format, found.reason
+    return None, "no eStargz or zstd:chunked TOC annotation among the labels"
+
+
+def decide(labels: Mapping[str, str]) -> RemoteDecision | None:
+    """None when the Prepare is not a layer extraction (no snapshot.ref label)."""
+    chain_ref = labels.get(SNAPSHOT_REF)
+    if not chain_ref:
+        return None
+    image_ref = labels.get(CRI_IMAGE_REF, "")
+    layer_digest = labels.get(CRI_LAYER_DIGEST, "")
+    if not image_ref or not layer_digest:
+        return RemoteDecision(
+            None, None, "no cri.image-ref / cri.layer-digest labels (snapshot annotations off?)"
+        )
+    if not layer_digest.startswith("sha256:"):
+        return RemoteDecision(None, None, f"unsupported layer digest {layer_digest[:80]!r}")
+    layers = tuple(d for d in labels.get(CRI_IMAGE_LAYERS, "").split(",") if d)
+    media_type = labels.get(MEDIA_TYPE_LABEL) or None
+    request = RemoteLayerRequest(
+        chain_ref=chain_ref,
+        image_ref=image_ref,
+        layer_digest=layer_digest,
+        manifest_digest=labels.get(CRI_MANIFEST_DIGEST) or None,
+        image_layers=layers,
+        annotations=layer_annotations(labels),
+        media_type=media_type,
+    )
+    fmt, reason = classify(media_type, request.annotations)
+    if fmt is not None:
+        return RemoteDecision(request, fmt, reason)
+    if request.manifest_digest and not request.annotations and media_type is None:
+        # CRI forwards no zstd:chunked annotations: the manifest may still show a seekable layer.
+        return RemoteDecision(request, None, "labels do not tell; manifest needed",
+                              needs_manifest=True)
+    return RemoteDecision(request, None, reason)

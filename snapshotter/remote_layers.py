@@ -1,0 +1,188 @@
+"""Remote (lazily served) layers: resolve the blob, read its TOC, attach it under the FUSE mount.
+
+Everything here runs on the trio thread. The gRPC threads reach it through ``RemoteSnapshots``,
+which makes exactly one ``trio.from_thread`` hop per call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import trio
+
+from fusefs import BlobReader, LazyFilesystem
+from fusefs.formats import LayerFormatError, load_layer_index
+from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
+from snapshotter.blob_tail import (
+    DeferredBlob,
+    RecordingBlob,
+    TailFileError,
+    TailServedBlob,
+    load_tail,
+    save_tail,
+)
+from snapshotter.lazy_formats import LazyFormat
+from snapshotter.metadata import RemoteLayerRecord
+from snapshotter.remote_labels import RemoteDecision, RemoteLayerRequest, classify
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ATTACH_TIMEOUT_SECONDS = 30.0  # resolve + footer + TOC; containerd waits on this Prepare
+
+
+class RemoteLayerError(Exception):
+    """The layer cannot be served lazily; the message is the logged fallback reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedLayer:
+    layer_id: str
+    slot: int
+    blob_size: int
+    toc_digest: str
+    annotations: dict[str, str]
+
+
+class RemoteLayers:
+    def __init__(
+        self,
+        fs: LazyFilesystem,
+        client: RegistryClient,
+        tails_dir: Path,
+        *,
+        background_fetch: bool = True,
+    ) -> None:
+        self._fs = fs
+        self._client = client
+        self._tails = tails_dir
+        self._background_fetch = background_fetch
+
+    def _tail_path(self, layer_id: str) -> Path:
+        return self._tails / f"{layer_id}.tail"
+
+    async def decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
+        """Fetch the manifest named by cri.manifest-digest to read the layer's annotations."""
+        request = decision.request
+        assert request is not None and request.manifest_digest
+        ref = parse_reference(request.image_ref)
+        with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
+            content = await self._client.fetch_manifest(ref, request.manifest_digest)
+        manifest = parse_manifest(content.content, content.media_type)
+        if not isinstance(manifest, Manifest):
+            return RemoteDecision(request, None, "cri.manifest-digest names an index")
+        layer = next((d for d in manifest.layers if d.digest == request.layer_digest), None)
+        if layer is None:
+            return RemoteDecision(request, None, "layer digest not in the manifest")
+        annotations = {**request.annotations, **dict(layer.annotations)}
+        fmt, reason = classify(layer.media_type, annotations)
+        enriched = RemoteLayerRequest(
+            request.chain_ref, request.image_ref, request.layer_digest, request.manifest_digest,
+            request.image_layers, annotations, layer.media_type,
+        )
+        return RemoteDecision(enriched, fmt, reason + " (from the manifest)")
+
+    async def attach(
+        self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int
+    ) -> AttachedLayer:
+        ref = parse_reference(request.image_ref)
+        try:
+            with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
+                blob = await self._client.open_blob(ref, request.layer_digest)
+                recording = RecordingBlob(blob)
+                index = await load_layer_index(
+                    recording,
+                    toc_digest=request.annotations.get("containerd.io/snapshot/stargz/toc.digest"),
+                    annotations=request.annotations,
+                )
+        except trio.TooSlowError:
+            raise RemoteLayerError(
+                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+        except (RegistryError, LayerFormatError) as exc:
+            raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+        await trio.to_thread.run_sync(
+            save_tail, self._tail_path(layer_id), blob.digest, recording.ranges
+        )
+        await self._fs.attach(
+            layer_id, blob, index, background_fetch=self._background_fetch, slot=slot
+        )
+        log.info("remote layer attached layer=%s digest=%s format=%s entries=%d",
+                 layer_id, blob.digest, fmt, index.entry_count)
+        return AttachedLayer(layer_id, slot, blob.size, index.toc_digest,
+                             dict(request.annotations))
+
+    async def restore(self, record: RemoteLayerRecord) -> None:
+        """Re-attach after a restart from the saved tail: no network until a file is read."""
+        ref = parse_reference(record.image_ref)
+
+        async def open_remote() -> BlobReader:
+            return await self._client.open_blob(ref, record.layer_digest, record.blob_size)
+
+        deferred = DeferredBlob(record.layer_digest, record.blob_size, open_remote)
+        try:
+            ranges = await trio.to_thread.run_sync(
+                load_tail, self._tail_path(record.layer_id), record.layer_digest
+            )
+            source: BlobReader = TailServedBlob(deferred, ranges)
+        except TailFileError as exc:
+            log.warning("layer=%s tail unusable (%s); reading the TOC from the registry",
+                        record.layer_id, exc)
+            source = deferred
+        try:
+            index = await load_layer_index(
+                source, toc_digest=record.toc_digest, annotations=record.annotations
+            )
+        except (RegistryError, LayerFormatError, OSError) as exc:
+            log.error("remote layer not restored layer=%s digest=%s error=%r",
+                      record.layer_id, record.layer_digest, str(exc))
+            return
+        await self._fs.attach(record.layer_id, deferred, index,
+                              background_fetch=self._background_fetch, slot=record.slot)
+        log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
+
+    async def detach(self, layer_id: str) -> None:
+        if layer_id in self._fs.layer_ids():
+            await self._fs.detach(layer_id)
+        await trio.to_thread.run_sync(
+            lambda: self._tail_path(layer_id).unlink(missing_ok=True)
+        )
+
+    async def cached_bytes(self, layer_id: str) -> int:
+        if layer_id not in self._fs.layer_ids():
+            return 0
+        return self._fs.usage(layer_id).cached_bytes
+
+
+class RemoteSnapshots:
+    """The synchronous face of RemoteLayers for the gRPC threads: one trio hop per call."""
+
+    def __init__(self, layers: RemoteLayers, token: trio.lowlevel.TrioToken) -> None:
+        self._layers = layers
+        self._token = token
+
+    def _hop(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        async def call() -> T:
+            return await fn(*args, **kwargs)
+
+        return trio.from_thread.run(call, trio_token=self._token)
+
+    def decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
+        return self._hop(self._layers.decide_with_manifest, decision)
+
+    def attach(
+        self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int
+    ) -> AttachedLayer:
+        return self._hop(self._layers.attach, request, fmt, layer_id, slot)
+
+    def detach(self, layer_id: str) -> None:
+        self._hop(self._layers.detach, layer_id)
+
+    def cached_bytes(self, layer_id: str) -> int:
+        return self._hop(self._layers.cached_bytes, layer_id)
