@@ -14,6 +14,8 @@ COMMAND_MODULES: dict[str, str] = {
     "status": "snapshotter.commands.status",
     "inspect": "snapshotter.commands.inspect",
     "mount": "snapshotter.commands.mount",
+    "pull": "snapshotter.commands.pull",
+    "unpack": "snapshotter.commands.unpack",
 }
 
 COMMAND_HELP: dict[str, str] = {
@@ -21,6 +23,8 @@ COMMAND_HELP: dict[str, str] = {
     "status": "check that the daemon answers on its socket",
     "inspect": "show an image's manifest and whether its layers can be pulled lazily",
     "mount": "mount a seekable layer blob or an image read-only over FUSE",
+    "pull": "pull an image into containerd and unpack it into lazysnap with CRI's layer labels",
+    "unpack": "unpack an image containerd already has into lazysnap with CRI's layer labels",
 }
 
 

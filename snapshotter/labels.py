@@ -34,3 +34,12 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
             )
         checked[key] = value
     return checked
+
+# Client-side unpacker (lazysnap pull / unpack): labels containerd itself reads.
+SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"  # only these (and SNAPSHOT_REF) reach a backend
+UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its diff ID
+GC_REF_SNAPSHOT_PREFIX = "containerd.io/gc.ref.snapshot."  # + snapshotter, on the config blob
+GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"  # on a manifest
+GC_REF_CONTENT_LAYER_PREFIX = "containerd.io/gc.ref.content.l."  # + index, on a manifest
+GC_REF_CONTENT_MANIFEST_PREFIX = "containerd.io/gc.ref.content.m."  # + index, on an index
+GC_EXPIRE = "containerd.io/gc.expire"  # on a lease: RFC 3339 time after which GC drops it

@@ -1,0 +1,54 @@
+"""Arguments and error reporting shared by ``lazysnap pull`` and ``lazysnap unpack``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from snapshotter.containerd_client import DEFAULT_CONTAINERD_ADDRESS
+from snapshotter.progress import LayerResult
+
+DEFAULT_SNAPSHOTTER = "lazysnap"
+
+
+def add_containerd_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "image", metavar="IMAGE", help="image reference, e.g. busybox or host:5000/app:1"
+    )
+    parser.add_argument(
+        "--snapshotter", default=DEFAULT_SNAPSHOTTER,
+        help=f"containerd snapshotter to unpack into (default: {DEFAULT_SNAPSHOTTER})",
+    )
+    parser.add_argument(
+        "--namespace", "-n", default="default", help="containerd namespace (default: default)"
+    )
+    parser.add_argument(
+        "--address", default=str(DEFAULT_CONTAINERD_ADDRESS),
+        help=f"containerd's socket (default: {DEFAULT_CONTAINERD_ADDRESS})",
+    )
+    parser.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]",
+        help="platform to pick from an index (default: this machine)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (default: warning)",
+    )
+
+
+def fail(command: str, message: object) -> int:
+    """One line on stderr, exit code 1."""
+    text = " ".join(str(message).split())
+    print(f"lazysnap {command}: {text}", file=sys.stderr)
+    return 1
+
+
+def summary(image: str, snapshotter: str, results: Sequence[LayerResult]) -> str:
+    counts = {outcome: sum(1 for r in results if r.outcome == outcome)
+              for outcome in ("remote", "applied", "exists")}
+    return (
+        f"unpacked {image} into {snapshotter}: {len(results)} layers "
+        f"({counts['remote']} remote, {counts['applied']} applied, {counts['exists']} existing)"
+    )

@@ -1,0 +1,91 @@
+"""``lazysnap pull IMAGE``: fetch an image into containerd and unpack it into a snapshotter with
+the per-layer labels containerd's CRI sends, so that lazysnap can serve layers lazily.
+
+Registry hosts come from containerd's hosts.toml convention (``--hosts-dir``); loopback
+registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as containerd does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+import trio
+
+from registry import (
+    DockerConfigCredentials,
+    HostsConfig,
+    NotFoundError,
+    RegistryClient,
+    RegistryError,
+    host_platform,
+    parse_platform,
+    parse_reference,
+)
+from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
+from snapshotter.commands._containerd_args import add_containerd_arguments, fail, summary
+from snapshotter.containerd_client import ContainerdClient
+from snapshotter.errors import SnapshotterError
+from snapshotter.image_pull import ImageDocuments, pull
+from snapshotter.logs import setup_logging
+from snapshotter.progress import LayerResult, NoProgress, Progress, TextProgress
+
+NAME = "pull"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_containerd_arguments(parser)
+    parser.add_argument(
+        "--hosts-dir", metavar="DIR",
+        help="containerd-style registry hosts directory "
+        "(default: $LAZYSNAP_HOSTS_DIR, else /etc/containerd/certs.d)",
+    )
+    parser.add_argument(
+        "--snapshotter-address", metavar="SOCK",
+        help="check first that the lazysnap daemon answers on this socket",
+    )
+
+
+def _check_daemon(address: str) -> None:
+    try:
+        with grpc.insecure_channel(f"unix:{address}") as channel:
+            daemon_pb2_grpc.DaemonStub(channel).Status(daemon_pb2.StatusRequest(), timeout=5)
+    except grpc.RpcError as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        raise SnapshotterError(f"lazysnap daemon at {address} does not answer: {detail}") from exc
+
+
+async def _pull(
+    args: argparse.Namespace, client: ContainerdClient, progress: Progress
+) -> tuple[ImageDocuments, list[LayerResult]]:
+    reference = parse_reference(args.image)
+    platform = parse_platform(args.platform) if args.platform else host_platform()
+    async with RegistryClient(HostsConfig(args.hosts_dir), DockerConfigCredentials()) as registry:
+        return await pull(client, registry, reference, args.snapshotter, platform, progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, "text")
+    progress: Progress = NoProgress() if args.quiet else TextProgress(sys.stdout)
+    try:
+        parse_reference(args.image)
+        if args.platform:
+            parse_platform(args.platform)
+    except ValueError as exc:
+        return fail(NAME, exc)
+    try:
+        if args.snapshotter_address:
+            _check_daemon(args.snapshotter_address)
+        with ContainerdClient(args.address, args.namespace) as client:
+            client.version()  # fail fast, before any download, when containerd is not there
+            image, results = trio.run(_pull, args, client, progress)
+    except NotFoundError as exc:
+        return fail(NAME, f"{args.image}: not found in the registry: {exc}")
+    except RegistryError as exc:
+        return fail(NAME, f"{args.image}: {type(exc).__name__}: {exc}")
+    except (SnapshotterError, ValueError) as exc:
+        return fail(NAME, exc)
+    if not args.quiet:
+        print(summary(image.name, args.snapshotter, results))
+    return 0

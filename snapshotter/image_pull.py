@@ -1,0 +1,228 @@
+"""Pull an image into containerd, or unpack one containerd already has, for a snapshotter.
+
+The registry side is async (trio, through ``registry``); containerd's client is synchronous
+gRPC. ``pull`` fetches the small documents in trio, then runs the containerd work in a worker
+thread; layer blobs the unpacker needs are downloaded by hopping back into trio
+(``trio.from_thread``), so the trio thread never blocks on gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from registry import (
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    Reference,
+    RegistryClient,
+    parse_manifest,
+    parse_reference,
+    select_manifest,
+)
+from snapshotter.chain import index_gc_labels, manifest_gc_labels
+from snapshotter.containerd_api import ContainerdAPI, ImageRecord
+from snapshotter.errors import NotFoundError
+from snapshotter.progress import LayerResult, Progress
+from snapshotter.unpacker import BlobSource, Unpacker, UnpackError, plan_unpack
+
+log = logging.getLogger(__name__)
+
+MAX_DOCUMENT = 4 * 1024 * 1024  # manifests and indexes (the distribution spec's limit)
+MAX_CONFIG = 64 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ImageDocuments:
+    """An image's index (if any), platform manifest and config, byte for byte."""
+
+    name: str  # containerd's image name: the normalised reference
+    target: Descriptor  # what the name points at: the index, or the manifest
+    target_content: bytes
+    index: Index | None
+    manifest_digest: str
+    manifest_content: bytes
+    manifest: Manifest
+    config: bytes
+
+
+def _parse_documents(
+    target: Descriptor,
+    target_content: bytes,
+    platform: Platform | None,
+) -> tuple[Index | None, Descriptor]:
+    """The index (if the target is one) and the descriptor of the manifest to unpack."""
+    parsed = parse_manifest(target_content, target.media_type)
+    if isinstance(parsed, Manifest):
+        return None, target
+    return parsed, select_manifest(parsed, platform)
+
+
+# -- pull -----------------------------------------------------------------------------------
+
+
+async def fetch_documents(
+    registry: RegistryClient, ref: Reference, platform: Platform | None
+) -> ImageDocuments:
+    resolved = await registry.resolve(ref)
+    top = await registry.fetch_manifest(ref, resolved.digest)
+    target = Descriptor(top.media_type or resolved.media_type, top.digest, len(top.content))
+    index, chosen = _parse_documents(target, top.content, platform)
+    if index is None:
+        manifest_content = top.content
+    else:
+        manifest_content = (await registry.fetch_manifest(ref, chosen.digest)).content
+    manifest = parse_manifest(manifest_content, chosen.media_type)
+    if not isinstance(manifest, Manifest):
+        raise UnpackError(f"{chosen.digest} is not an image manifest")
+    config = await registry.fetch_blob(ref, manifest.config.digest, max_size=MAX_CONFIG)
+    return ImageDocuments(
+        str(ref), target, top.content, index, chosen.digest, manifest_content, manifest, config
+    )
+
+
+class RegistryBlobs:
+    """Layer blobs from the registry, downloaded (and verified) into a scratch directory.
+
+    ``open`` runs in a worker thread started by ``trio.to_thread``; the download itself runs
+    in trio.
+    """
+
+    def __init__(self, registry: RegistryClient, ref: Reference, scratch: Path) -> None:
+        self._registry = registry
+        self._ref = ref
+        self._scratch = scratch
+
+    @contextlib.contextmanager
+    def open(self, layer: Descriptor) -> Iterator[Iterable[bytes]]:
+        path = self._scratch / layer.digest.replace(":", "-")
+        trio.from_thread.run(self._registry.download_blob, self._ref, layer.digest, path)
+        try:
+            yield _file_chunks(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as blob:
+        while chunk := blob.read(READ_CHUNK):
+            yield chunk
+
+
+def store_blob(
+    api: ContainerdAPI, data: bytes, digest: str, labels: Mapping[str, str] | None = None
+) -> None:
+    """Put a small blob into containerd's content store with ``labels`` (also when present)."""
+    written = api.write_content(
+        f"lazysnap-{digest}", [data], expected=digest, total=len(data), labels=labels
+    )
+    if not written and labels:
+        api.set_content_labels(digest, labels)
+
+
+def gc_labels_for_manifest(manifest: Manifest) -> dict[str, str]:
+    return manifest_gc_labels(manifest.config.digest, [layer.digest for layer in manifest.layers])
+
+
+def store_and_unpack(
+    api: ContainerdAPI,
+    image: ImageDocuments,
+    snapshotter: str,
+    blobs: BlobSource,
+    progress: Progress,
+) -> list[LayerResult]:
+    """Store the documents with containerd's GC labels, unpack, then name the image - all under
+    one lease, so a failure leaves nothing that containerd would keep."""
+    plan = plan_unpack(image.name, image.manifest_digest, image.manifest, image.config)
+    with api.lease():
+        store_blob(api, image.config, image.manifest.config.digest)
+        store_blob(
+            api, image.manifest_content, image.manifest_digest,
+            gc_labels_for_manifest(image.manifest),
+        )
+        if image.index is not None:
+            store_blob(
+                api, image.target_content, image.target.digest,
+                index_gc_labels([m.digest for m in image.index.manifests]),
+            )
+        results = Unpacker(api, snapshotter, blobs=blobs, progress=progress).unpack(plan)
+        api.put_image(ImageRecord(image.name, image.target))
+    return results
+
+
+async def pull(
+    api: ContainerdAPI,
+    registry: RegistryClient,
+    ref: Reference,
+    snapshotter: str,
+    platform: Platform | None,
+    progress: Progress,
+) -> tuple[ImageDocuments, list[LayerResult]]:
+    image = await fetch_documents(registry, ref, platform)
+    with tempfile.TemporaryDirectory(prefix="lazysnap-pull-") as scratch:
+        blobs = RegistryBlobs(registry, ref, Path(scratch))
+        results = await trio.to_thread.run_sync(
+            store_and_unpack, api, image, snapshotter, blobs, progress
+        )
+    return image, results
+
+
+# -- unpack ---------------------------------------------------------------------------------
+
+
+def find_image(api: ContainerdAPI, name: str) -> ImageRecord:
+    """containerd's record for ``name``, also when given in short form (``busybox``)."""
+    candidates = [name]
+    with contextlib.suppress(ValueError):
+        normalised = str(parse_reference(name))
+        if normalised != name:
+            candidates.append(normalised)
+    for candidate in candidates:
+        try:
+            return api.get_image(candidate)
+        except NotFoundError:
+            continue
+    raise NotFoundError(f"image {name!r} is not in containerd (see `ctr images ls`)")
+
+
+def load_documents(
+    api: ContainerdAPI, record: ImageRecord, platform: Platform | None
+) -> ImageDocuments:
+    """The documents of an image containerd already has, from its content store."""
+    target_content = api.read_content(record.target.digest, max_size=MAX_DOCUMENT)
+    index, chosen = _parse_documents(record.target, target_content, platform)
+    manifest_content = (
+        target_content if index is None else api.read_content(chosen.digest, max_size=MAX_DOCUMENT)
+    )
+    manifest = parse_manifest(manifest_content, chosen.media_type)
+    if not isinstance(manifest, Manifest):
+        raise UnpackError(f"{chosen.digest} is not an image manifest")
+    config = api.read_content(manifest.config.digest, max_size=MAX_CONFIG)
+    return ImageDocuments(
+        record.name, record.target, target_content, index, chosen.digest, manifest_content,
+        manifest, config,
+    )
+
+
+def unpack_existing(
+    api: ContainerdAPI,
+    name: str,
+    snapshotter: str,
+    platform: Platform | None,
+    progress: Progress,
+) -> tuple[ImageDocuments, list[LayerResult]]:
+    """Unpack an image containerd has into ``snapshotter``, from containerd's content only."""
+    image = load_documents(api, find_image(api, name), platform)
+    plan = plan_unpack(image.name, image.manifest_digest, image.manifest, image.config)
+    with api.lease():
+        results = Unpacker(api, snapshotter, progress=progress).unpack(plan)
+    return image, results

@@ -1,0 +1,187 @@
+"""`lazysnap pull` and `lazysnap unpack` against a real containerd 1.6 with lazysnap as a proxy
+snapshotter: layers arrive with CRI's per-layer labels, and the images run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter import labels as L
+from snapshotter._proto import snapshots_pb2
+from snapshotter.chain import chain_ids
+from tests.integration.conftest import PushedImage
+from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
+from tests.support.daemon import Daemon, running_daemon
+from tests.support.ports import free_port
+
+pytestmark = [pytest.mark.root, pytest.mark.containerd, pytest.mark.registry, pytest.mark.slow]
+
+CRI_LABELS = (L.CRI_IMAGE_REF, L.CRI_LAYER_DIGEST, L.CRI_MANIFEST_DIGEST, L.CRI_IMAGE_LAYERS)
+
+
+@pytest.fixture
+def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    with running_daemon(short_tmp / "d") as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        yield daemon, containerd
+
+
+def _lazysnap(
+    command: str, containerd: RunningContainerd, image: str, *extra: str, address: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    hosts_dir = containerd.workdir / "certs.d"  # empty: registries get containerd's defaults
+    hosts_dir.mkdir(exist_ok=True)
+    args = [
+        sys.executable, "-m", "snapshotter.cli", command, image,
+        "--address", str(address or containerd.address), "--namespace", containerd.namespace,
+        *(["--hosts-dir", str(hosts_dir)] if command == "pull" else []),
+        *extra,
+    ]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _chains(image: PushedImage) -> list[str]:
+    return chain_ids([layer.diff_id for layer in image.layers])
+
+
+def _ctr_info(containerd: RunningContainerd, chain_id: str) -> dict[str, object] | None:
+    result = containerd.ctr("snapshots", "--snapshotter", "lazysnap", "info", chain_id, check=False)
+    if result.returncode != 0:
+        assert "not found" in result.stderr, result.stderr
+        return None
+    info: dict[str, object] = json.loads(result.stdout)
+    return info
+
+
+def _labels(info: dict[str, object] | None) -> dict[str, str]:
+    assert info is not None
+    labels = info.get("Labels") or {}
+    assert isinstance(labels, dict)
+    return labels
+
+
+def _expected_cri_labels(image: PushedImage, number: int) -> dict[str, str]:
+    digests = [layer.digest for layer in image.layers]
+    return {
+        L.CRI_IMAGE_REF: image.reference,
+        L.CRI_LAYER_DIGEST: digests[number],
+        L.CRI_MANIFEST_DIGEST: image.manifest_digest,
+        L.CRI_IMAGE_LAYERS: ",".join(digests[number:]),
+    }
+
+
+def _leases(containerd: RunningContainerd) -> list[str]:
+    return containerd.ctr("leases", "ls", "-q").stdout.split()
+
+
+def _run_cat(containerd: RunningContainerd, image: PushedImage, name: str) -> str:
+    result = containerd.ctr(
+        "run", "--rm", "--snapshotter", "lazysnap", image.reference, name, "/bin/cat", "/etc/hello"
+    )
+    return result.stdout
+
+
+def test_pull_unpacks_with_cri_labels_and_runs(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    daemon, containerd = stack
+    pulled = _lazysnap(
+        "pull", containerd, busybox_image.reference, "--snapshotter-address", str(daemon.address)
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    lines = pulled.stdout.splitlines()
+    for number, layer in enumerate(busybox_image.layers, start=1):
+        # Until the daemon serves layers remotely, every layer takes the fallback path.
+        assert any(
+            line.startswith(f"layer {number}/2 {layer.digest} applied") for line in lines
+        ), pulled.stdout
+    assert busybox_image.reference in containerd.ctr("images", "ls", "-q").stdout.split()
+    assert _run_cat(containerd, busybox_image, "c1") == "hello from layer two\n"
+
+    chains = _chains(busybox_image)
+    for number, chain_id in enumerate(chains):
+        labels = _labels(_ctr_info(containerd, chain_id))
+        assert {k: labels.get(k) for k in CRI_LABELS} == _expected_cri_labels(busybox_image, number)
+        assert labels[L.SNAPSHOT_REF] == chain_id
+
+    # The backend itself got the labels (containerd passes only containerd.io/snapshot/* and
+    # snapshot.ref on): the committed snapshot carries the labels of the Commit.
+    with daemon.snapshots() as stub:
+        infos = [i for reply in stub.List(snapshots_pb2.ListSnapshotsRequest()) for i in reply.info]
+    for number, chain_id in enumerate(chains):
+        (info,) = [i for i in infos if i.name.endswith("/" + chain_id)]
+        assert info.kind == snapshots_pb2.COMMITTED
+        expected = {**_expected_cri_labels(busybox_image, number), L.SNAPSHOT_REF: chain_id}
+        assert dict(info.labels) == expected
+
+    # The layer blobs carry their diff ID, the config names the top snapshot for the GC.
+    content = containerd.ctr("content", "ls").stdout
+    for layer in busybox_image.layers:
+        row = next(line for line in content.splitlines() if line.startswith(layer.digest))
+        assert f"{L.UNCOMPRESSED}={layer.diff_id}" in row
+    assert f"{L.GC_REF_SNAPSHOT_PREFIX}lazysnap={chains[-1]}" in content
+    assert _leases(containerd) == []
+
+    # A second pull finds every layer in place.
+    again = _lazysnap("pull", containerd, busybox_image.reference)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count(" exists ") == 2, again.stdout
+    assert _leases(containerd) == []
+
+
+def test_unpack_image_pulled_for_overlayfs(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    _daemon, containerd = stack
+    containerd.ctr("image", "pull", "--plain-http", busybox_image.reference)  # overlayfs
+    chains = _chains(busybox_image)
+    assert [_ctr_info(containerd, chain_id) for chain_id in chains] == [None, None]
+
+    unpacked = _lazysnap("unpack", containerd, busybox_image.reference)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert "unpacked" in unpacked.stdout.splitlines()[-1]
+    for number, chain_id in enumerate(chains):
+        labels = _labels(_ctr_info(containerd, chain_id))
+        assert {k: labels.get(k) for k in CRI_LABELS} == _expected_cri_labels(busybox_image, number)
+    assert _run_cat(containerd, busybox_image, "c2") == "hello from layer two\n"
+    assert _leases(containerd) == []
+
+
+def test_bad_input_fails_with_one_line_and_leaves_nothing(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    _daemon, containerd = stack
+    registry_host = busybox_image.reference.split("/")[0]
+
+    def check(result: subprocess.CompletedProcess[str], *words: str) -> None:
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        errors = result.stderr.strip().splitlines()
+        assert len(errors) == 1, result.stderr
+        for word in words:
+            assert word in errors[0].lower(), errors[0]
+
+    unknown = f"{registry_host}/test/no-such-image:latest"
+    check(_lazysnap("pull", containerd, unknown), "lazysnap pull:", "not")
+    down = f"127.0.0.1:{free_port()}/test/busybox:latest"
+    check(_lazysnap("pull", containerd, down), "lazysnap pull:")
+    missing = containerd.workdir / "missing.sock"
+    check(
+        _lazysnap("pull", containerd, busybox_image.reference, address=missing),
+        "does not exist",
+    )
+    check(_lazysnap("unpack", containerd, unknown), "lazysnap unpack:", "not in containerd")
+    check(
+        _lazysnap("unpack", containerd, busybox_image.reference, address=missing),
+        "does not exist",
+    )
+    assert containerd.ctr("images", "ls", "-q").stdout.split() == []
+    assert _leases(containerd) == []
+    assert containerd.ctr("snapshots", "--snapshotter", "lazysnap", "ls").stdout.splitlines()[1:] == []
