@@ -18,8 +18,10 @@ import binascii
 import bisect
 import logging
 import os
+import re
 import stat
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from fusefs.formats.compact import (
     DIGEST_SIZE,
     CompactLayerIndex,
     IndexArrays,
+    encode_xattrs,
 )
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.limits import IndexLimits
@@ -63,7 +66,7 @@ _TYPE_BITS = {
 }
 _U32 = 1 << 32
 _I63 = 1 << 63
-_HEX = frozenset("0123456789abcdef")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 
 def _int(entry: dict[str, Any], key: str, hi: int = _I63, lo: int = 0) -> int:
@@ -84,13 +87,12 @@ def _str(entry: dict[str, Any], key: str) -> str:
 
 def _digest(entry: dict[str, Any], key: str) -> bytes | None:
     """The raw 32 bytes of a ``sha256:<hex>`` field, None when absent or empty."""
-    value = _str(entry, key)
+    value = entry.get(key)
     if not value:
         return None
-    hex_part = value.removeprefix("sha256:")
-    if len(value) != 71 or len(hex_part) != 64 or not set(hex_part) <= _HEX:
+    if type(value) is not str or not _SHA256.match(value):
         raise LayerFormatError(f"TOC field {key!r} = {value!r} is not a sha256 digest")
-    return bytes.fromhex(hex_part)
+    return bytes.fromhex(value[7:])
 
 
 def split_name(name: str, limits: IndexLimits) -> list[bytes]:
@@ -170,10 +172,21 @@ class _Builder:
         self.pending: _PendingFile | None = None
         self.prefetch_end: int | None = None
         self.root_described = False
+        self.mtimes: dict[str, int] = {}  # layers repeat a few timestamps: parse each once
         self._new_entry(EntryKind.DIR, stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, -1, b"")
         self.implicit[0] = 1
 
     # --- entries ---------------------------------------------------------------------------
+
+    def _modtime(self, value: object) -> int:
+        if type(value) is not str:
+            return parse_modtime(value)
+        parsed = self.mtimes.get(value)
+        if parsed is None:
+            parsed = parse_modtime(value)
+            if len(self.mtimes) < 65536:
+                self.mtimes[value] = parsed
+        return parsed
 
     def _new_entry(
         self,
@@ -280,7 +293,7 @@ class _Builder:
         mode = _TYPE_BITS[kind] | (_int(entry, "mode", _U32) & 0o7777)
         uid = _int(entry, "uid", _U32)
         gid = _int(entry, "gid", _U32)
-        mtime_ns = parse_modtime(entry.get("modtime"))
+        mtime_ns = self._modtime(entry.get("modtime"))
         if not parts:
             if kind != EntryKind.DIR or self.root_described:
                 raise LayerFormatError("duplicate or non-directory root entry")
@@ -294,8 +307,13 @@ class _Builder:
         if base.startswith(_WHITEOUT_PREFIX):
             self._add_whiteout(kind, parts, uid, gid, mtime_ns)
             return
-        parent = self._directory(parts[:-1])
         key = b"/".join(parts)
+        if len(parts) == 1:
+            parent = 0
+        else:
+            parent = self.paths.get(key[: -len(base) - 1], -1)
+            if parent < 0 or self.kind[parent] != EntryKind.DIR:
+                parent = self._directory(parts[:-1])
         existing = self.paths.get(key, -1)
         if existing >= 0:
             if kind == EntryKind.DIR and self.implicit[existing]:
@@ -310,9 +328,10 @@ class _Builder:
             size = _int(entry, "size", self.limits.max_file_size + 1)
         new = self._new_entry(kind, mode, uid, gid, size, mtime_ns, rdev, parent, base)
         self.paths[key] = new
-        xattrs = self._xattrs(entry)
-        if xattrs:
-            self.xattrs[new] = xattrs
+        if "xattrs" in entry:
+            xattrs = self._xattrs(entry)
+            if xattrs:
+                self.xattrs[new] = xattrs
         if kind == EntryKind.DIR:
             return
         if kind == EntryKind.SYMLINK:
@@ -570,6 +589,14 @@ class _Builder:
                 self.name_dirent[entry] = position[self.name_dirent[entry]]
         self.dirents = []
         self.paths = {}
+        xattr_entries = array("I", sorted(self.xattrs))
+        xattr_offsets = array("Q", [0])
+        xattr_data = bytearray()
+        for entry in xattr_entries:
+            xattr_data += encode_xattrs(self.xattrs[entry])
+            xattr_offsets.append(len(xattr_data))
+        self.xattrs = {}
+        self.mtimes = {}
         files = [e for e in range(count) if self.chunk_count[e] and self._first_data(e) >= 0]
         files.sort(key=self._first_data)
         arrays = IndexArrays(
@@ -601,7 +628,9 @@ class _Builder:
             chunk_inner_offset=self.c_inner,
             chunk_flags=self.c_flags,
             chunk_digests=bytes(self.c_digests),
-            xattrs=self.xattrs,
+            xattr_entries=xattr_entries,
+            xattr_offsets=xattr_offsets,
+            xattr_data=bytes(xattr_data),
             file_order=array("I", files),
         )
         return CompactLayerIndex(
@@ -617,7 +646,7 @@ class _Builder:
 
 
 def build_index(
-    entries: list[Any],
+    entries: Iterable[Any],
     *,
     codec: Codec,
     toc_digest: str,
@@ -627,12 +656,8 @@ def build_index(
     """Validate TOC ``entries`` (JSON objects in TOC order) and index them.
 
     ``payload_end`` bounds every chunk's compressed range (the TOC's offset in the blob).
-    Entries are released as they are consumed, so the JSON objects do not outlive the build.
     """
-    if len(entries) > limits.max_entries:
-        raise LayerFormatError(f"TOC has {len(entries)} entries, over the limit")
     builder = _Builder(codec, payload_end, limits)
-    for i in range(len(entries)):
-        builder.add(entries[i])
-        entries[i] = None  # free the parsed JSON object early: keeps peak memory down
+    for entry in entries:
+        builder.add(entry)
     return builder.build(toc_digest)

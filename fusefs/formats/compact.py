@@ -9,20 +9,42 @@ Layout (all arrays indexed by entry id unless stated otherwise):
 * symlink targets live in one ``links`` blob (``link_off``/``link_len``);
 * chunks: an entry's chunks are ``[chunk_start, chunk_start + chunk_count)`` of the ``chunk_*``
   arrays; digests are 32 raw bytes each in ``chunk_digests``;
-* xattrs: a sparse dict for the few entries that have any.
+* xattrs: for the few entries that have any, a sorted ``xattr_entries`` array and, per such
+  entry, a record range in ``xattr_data`` (``<HI`` name and value lengths, name, value).
 """
 
 from __future__ import annotations
 
+import bisect
+import struct
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind
+
+_XATTR_HEADER = struct.Struct("<HI")
 
 CHUNK_HAS_DIGEST = 1
 CHUNK_ZEROS = 2
 DIGEST_SIZE = 32
+
+
+def encode_xattrs(pairs: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    return b"".join(_XATTR_HEADER.pack(len(k), len(v)) + k + v for k, v in pairs)
+
+
+def decode_xattrs(data: bytes, start: int, end: int) -> dict[bytes, bytes]:
+    found = {}
+    pos = start
+    while pos < end:
+        name_len, value_len = _XATTR_HEADER.unpack_from(data, pos)
+        pos += _XATTR_HEADER.size
+        name = data[pos : pos + name_len]
+        pos += name_len
+        found[name] = data[pos : pos + value_len]
+        pos += value_len
+    return found
 
 
 @dataclass(slots=True)
@@ -57,7 +79,9 @@ class IndexArrays:
     chunk_inner_offset: array[int]
     chunk_flags: array[int]
     chunk_digests: bytes
-    xattrs: dict[int, tuple[tuple[bytes, bytes], ...]]
+    xattr_entries: array[int]
+    xattr_offsets: array[int]  # len(xattr_entries) + 1 boundaries into xattr_data
+    xattr_data: bytes
     file_order: array[int]
 
 
@@ -170,7 +194,11 @@ class CompactLayerIndex:
 
     def xattrs(self, entry: int) -> dict[bytes, bytes]:
         self._check(entry)
-        return dict(self._a.xattrs.get(entry, ()))
+        a = self._a
+        slot = bisect.bisect_left(a.xattr_entries, entry)
+        if slot == len(a.xattr_entries) or a.xattr_entries[slot] != entry:
+            return {}
+        return decode_xattrs(a.xattr_data, a.xattr_offsets[slot], a.xattr_offsets[slot + 1])
 
     def chunks(self, entry: int) -> Sequence[ChunkRef]:
         self._check(entry)
@@ -201,7 +229,7 @@ class CompactLayerIndex:
     def memory_bytes(self) -> int:
         """Approximate bytes held by the index's arrays and blobs (for benchmarks)."""
         total = 0
-        for value in (getattr(self._a, name) for name in IndexArrays.__slots__):
+        for value in (getattr(self._a, f.name) for f in fields(IndexArrays)):
             if isinstance(value, array):
                 total += value.itemsize * len(value)
             elif isinstance(value, bytes):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from fusefs.blob import BlobReader
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.footer import parse_footer
+from fusefs.formats.heap import release_free_heap
 from fusefs.formats.layer import index_from_toc, location_from_annotations
 from fusefs.formats.limits import IndexLimits
 from fusefs.index import LayerIndex
@@ -64,9 +65,12 @@ async def load_layer_index(
         location.toc_length,
         reads,
     )
-    return index_from_toc(
+    index = index_from_toc(
         location, compressed, toc_digest=toc_digest, annotations=annotations, limits=limits
     )
+    del compressed
+    release_free_heap()
+    return index
 
 
 def _check_length(data: bytes, expected: int) -> None:

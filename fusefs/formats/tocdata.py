@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import zstandard
@@ -106,26 +108,97 @@ def bounded_zstd_decompress(compressed: bytes | memoryview, limit: int, *, what:
     return b"".join(parts)
 
 
-def parse_toc_json(data: bytes, limits: IndexLimits) -> list[Any]:
-    """The ``entries`` list of a TOC document (shape checks only; entries are checked later)."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, pos: int) -> int:
+    match = _WHITESPACE.match(text, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def iter_toc_entries(data: bytes, limits: IndexLimits) -> Iterator[Any]:
+    """The TOC's entries one JSON object at a time.
+
+    The document is walked at its top level by hand and each entry is decoded on its own, so
+    the parsed JSON never exists as a whole: only one entry's objects are alive at a time,
+    which keeps the peak and the leftover heap of a 100k-entry TOC small. Malformed documents
+    raise LayerFormatError (the version check happens when the iteration ends).
+    """
     try:
         text = data.decode("utf-8")
-        document = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise LayerFormatError(f"TOC is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
+    except UnicodeDecodeError as exc:
+        raise LayerFormatError(f"TOC is not valid UTF-8 JSON: {exc}") from exc
+    decoder = json.JSONDecoder()
+    version: Any = None
+    seen_entries = False
+    count = 0
+
+    def decode(pos: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as exc:
+            raise LayerFormatError(f"TOC is not valid JSON: {exc}") from exc
+
+    def expect(pos: int, char: str, what: str) -> int:
+        pos = _skip(text, pos)
+        if text[pos : pos + 1] != char:
+            raise LayerFormatError(f"TOC is not valid JSON: expected {what} at {pos}")
+        return _skip(text, pos + 1)
+
+    if text[_skip(text, 0) : _skip(text, 0) + 1] != "{":
         raise LayerFormatError("TOC JSON is not an object")
-    version = document.get("version")
+    pos = expect(0, "{", "an object")
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise LayerFormatError(f"TOC is not valid JSON: expected a key at {pos}")
+            key, pos = decode(pos)
+            pos = expect(pos, ":", "':'")
+            if key == "entries":
+                if seen_entries:
+                    raise LayerFormatError("TOC has two entries lists")
+                seen_entries = True
+                if text[pos : pos + 1] != "[":
+                    raise LayerFormatError("TOC entries is not a list")
+                pos = _skip(text, pos + 1)
+                if text[pos : pos + 1] == "]":
+                    pos += 1
+                else:
+                    while True:
+                        entry, pos = decode(pos)
+                        count += 1
+                        if count > limits.max_entries:
+                            raise LayerFormatError(
+                                f"TOC has more than the limit of {limits.max_entries} entries"
+                            )
+                        yield entry
+                        pos = _skip(text, pos)
+                        separator = text[pos : pos + 1]
+                        pos = _skip(text, pos + 1)
+                        if separator == "]":
+                            break
+                        if separator != ",":
+                            raise LayerFormatError("TOC is not valid JSON: bad entries list")
+            else:
+                value, pos = decode(pos)
+                if key == "version":
+                    version = value
+            pos = _skip(text, pos)
+            separator = text[pos : pos + 1]
+            pos = _skip(text, pos + 1)
+            if separator == "}":
+                break
+            if separator != ",":
+                raise LayerFormatError("TOC is not valid JSON: bad object")
+    if _skip(text, pos) != len(text):
+        raise LayerFormatError("TOC is not valid JSON: data after the document")
+    if not seen_entries:
+        raise LayerFormatError("TOC has no entries list")
     if type(version) is not int or version != 1:
         raise LayerFormatError(f"unsupported TOC version {version!r}")
-    entries = document.get("entries")
-    if not isinstance(entries, list):
-        raise LayerFormatError("TOC has no entries list")
-    if len(entries) > limits.max_entries:
-        raise LayerFormatError(
-            f"TOC has {len(entries)} entries, more than the limit {limits.max_entries}"
-        )
-    return entries
 
 
 def sha256_digest(data: bytes | memoryview) -> str:

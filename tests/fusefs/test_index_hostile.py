@@ -25,6 +25,7 @@ from fusefs.formats.footer import (
     build_zstd_legacy_footer,
     skippable_frame,
 )
+from fusefs.formats.tocdata import iter_toc_entries
 from fusefs.index import Codec, EntryKind
 from tests.fusefs.formats_support import (
     MemoryBlob,
@@ -202,8 +203,11 @@ def test_invalid_json_is_rejected(raw: bytes) -> None:
 
 def test_entry_count_limit() -> None:
     entries = [reg(f"f{i}", size=0) for i in range(5)]
-    with pytest.raises(LayerFormatError, match="limit"):
+    with pytest.raises(LayerFormatError, match="more than"):
         load_entries(entries, limits=IndexLimits(max_entries=4))
+    document = json.dumps({"version": 1, "entries": entries}).encode()
+    with pytest.raises(LayerFormatError, match="more than the limit of 4 entries"):
+        list(iter_toc_entries(document, IndexLimits(max_entries=4)))
     # Implied directories count too.
     with pytest.raises(LayerFormatError, match="implied"):
         load_entries([reg("a/b/c/d/e", size=0)], limits=IndexLimits(max_entries=4))
