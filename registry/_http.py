@@ -352,6 +352,20 @@ class Engine:
                     self._on_unauthorized(host, challenge, scopes)
                     auth_retried = True
                     continue
+            if (
+                status == 403
+                and same_host
+                and not auth_retried
+                and authorization is not None
+                and authorization.startswith("Bearer ")
+            ):
+                # Some registries (ECR) answer 403 to an expired token: fetch a fresh one once.
+                challenge = self._challenges.get(host.netloc)
+                if challenge is not None:
+                    await response.aclose()
+                    self._on_unauthorized(host, challenge, scopes)
+                    auth_retried = True
+                    continue
             if status in REDIRECT_STATUSES and "location" in response.headers:
                 location = response.headers["location"]
                 await response.aclose()

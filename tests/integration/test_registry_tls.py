@@ -51,6 +51,8 @@ def test_tls_with_hosts_toml_ca(
             assert await blob.read_at(123, 4567) == layer[123 : 123 + 4567]
 
     run(main)
+    # Go's TLS server offers h2 through ALPN, and the client takes it.
+    assert "/v2/tls/app/blobs/" in registry.log() and "HTTP/2.0" in registry.log()
     result = lazysnap("inspect", name, "--hosts-dir", str(hosts_dir))
     assert result.returncode == 0, result.stderr
     assert pushed_digest_in(result.stdout)

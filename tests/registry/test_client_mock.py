@@ -12,8 +12,10 @@ import httpx
 import pytest
 import trio
 
+from fusefs.blob import BlobReader
 from registry import (
     AuthenticationError,
+    AuthorizationError,
     ClientOptions,
     Credentials,
     DigestMismatchError,
@@ -107,6 +109,40 @@ def test_credentialed_bearer_and_refresh_on_401() -> None:
     assert len(token_requests) == 2
     assert token_requests[0].headers["authorization"].startswith("Basic ")
     assert token_requests[0].url.params["account"] == "alice"
+
+
+def test_403_to_a_bearer_token_fetches_a_fresh_one_once() -> None:
+    fake, digest = seeded(auth="bearer")
+    fake.faults.append(lambda r: None)  # the first GET: 401 and the token dance
+    fake.faults.append(lambda r: None)  # token
+    fake.faults.append(lambda r: None)  # GET with the token: fine
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            fake.faults.append(lambda r: oci_error(403, "DENIED", "token expired"))
+            assert await blob.read_at(4, 4) == DATA[4:8]
+            denied = oci_error(403, "DENIED", "really denied")
+            fake.faults += [lambda r: denied, lambda r: None, lambda r: denied]  # GET, token, GET
+            with pytest.raises(AuthorizationError, match="really denied"):
+                await blob.read_at(8, 4)
+
+    run(main)
+    assert len([r for r in fake.requests if r.url.host == "auth.test"]) == 3
+
+
+def test_remote_blob_satisfies_the_fusefs_protocol() -> None:
+    fake, digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest)
+            reader: BlobReader = blob  # checked by mypy as well as at run time
+            assert isinstance(reader, BlobReader)
+            assert await reader.read_at(0, 3) == DATA[:3]
+
+    run(main)
 
 
 def test_bad_password_is_an_auth_error_without_the_secret() -> None:
