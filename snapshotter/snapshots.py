@@ -69,6 +69,7 @@ class Snapshotter:
         self._remote: RemoteSnapshots | None = None
         self._slots_lock = threading.Lock()
         self._reserved_slots: set[int] = set()
+        self._attaching: set[str] = set()  # layer ids between attach and their row (Cleanup)
 
     def enable_remote(self, remote: RemoteSnapshots | None) -> None:
         """Serve layers lazily from now on (None: ordinary snapshots only)."""
@@ -179,6 +180,8 @@ class Snapshotter:
                 raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
             slot = self._reserve_slot(tx.used_slots())
         layer_id = "r" + secrets.token_hex(6)
+        with self._slots_lock:
+            self._attaching.add(layer_id)
         try:
             try:
                 attached = remote.attach(request, decision.format, layer_id, slot)
@@ -193,6 +196,7 @@ class Snapshotter:
         finally:
             with self._slots_lock:
                 self._reserved_slots.discard(slot)
+                self._attaching.discard(layer_id)
         log.info("remote-snapshot-prepared=true key=%r name=%r layer=%s format=%s reason=%r",
                  key, name, layer_id, decision.format, decision.reason)
         raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
@@ -377,16 +381,26 @@ class Snapshotter:
             return _info(updated)
 
     def cleanup(self) -> int:
-        """Remove directories and links that no snapshot owns; return how many were removed."""
+        """Remove directories, links and saved TOC tails that no snapshot owns (left by a crash
+        between the filesystem step and the transaction); return how many were removed."""
         trashed: list[Path] = []
         with self.store.transaction() as tx:
             ids = tx.ids()
+            layer_ids = {record.layer_id for record in tx.remote_layers()}
+            with self._slots_lock:
+                layer_ids |= self._attaching
             for entry in list(self.layout.snapshots.iterdir()):
                 if not (entry.name.isdigit() and int(entry.name) in ids):
                     trashed.append(self._trash_path(entry))
-        for link in list(self.layout.links.iterdir()):
-            if link.is_symlink() and not link.exists():
-                link.unlink()
+            # Links are named by id, so ownership is by name (a remote layer's link may dangle
+            # while its layer is detached, and must survive that).
+            owned_links = {self.layout.link(i).name for i in ids}
+            for link in list(self.layout.links.iterdir()):
+                if link.name not in owned_links:
+                    trashed.append(link)
+            for tail in list(self.layout.tails.iterdir()):
+                if tail.name.removesuffix(".tail") not in layer_ids:
+                    trashed.append(tail)
         trashed += list(self.layout.trash.iterdir())
         for path in trashed:
             self._empty_trash(path)

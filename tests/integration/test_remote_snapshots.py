@@ -244,3 +244,20 @@ def test_remove_detaches_the_layer(short_tmp: Path, lazy_image: LazyImage) -> No
             stub.Remove(snapshots_pb2.RemoveSnapshotRequest(key=lazy_image.chain[0]))
         assert list(fuse_root.iterdir()) == []
         assert list((daemon.root / "tails").iterdir()) == []
+
+
+def test_cleanup_removes_orphans_but_keeps_live_layers(
+    short_tmp: Path, lazy_image: LazyImage
+) -> None:
+    with running_daemon(short_tmp / "d") as daemon:
+        _prepare_all_lazily(daemon, lazy_image)
+        tails = daemon.root / "tails"
+        live = sorted(p.name for p in tails.iterdir())
+        # What a daemon killed between attach and its transaction leaves behind.
+        (tails / "rdeadbeef0000.tail").write_bytes(b"orphan")
+        (daemon.root / "l" / "zzzz").symlink_to("../fuse/rdeadbeef0000")
+        with daemon.snapshots() as stub:
+            stub.Cleanup(snapshots_pb2.CleanupRequest())
+        assert sorted(p.name for p in tails.iterdir()) == live
+        assert not (daemon.root / "l" / "zzzz").is_symlink()
+        assert _stat(daemon, lazy_image.chain[1]).labels[REMOTE] == REMOTE_VALUE
