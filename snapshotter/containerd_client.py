@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -75,6 +77,47 @@ def _raise(exc: grpc.RpcError, what: str) -> NoReturn:
     detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     error = _ERRORS.get(code, ContainerdError)
     raise error(f"{what}: {detail or code.name}") from exc
+
+
+def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` cut to at most one gRPC message's worth each."""
+    for chunk in chunks:
+        for start in range(0, len(chunk), WRITE_CHUNK):
+            yield chunk[start : start + WRITE_CHUNK]
+
+
+class _WriteReplies:
+    """Drains a Write stream's replies on a helper thread; keeps the commit digest or error."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self.committed = ""
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._drain, name="content-write", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for reply in self._call:
+                if reply.action == content_pb2.COMMIT:
+                    self.committed = reply.digest
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def send(self, requests: queue.Queue[Any], message: Any) -> bool:
+        """Queue ``message``; False once the stream has ended (containerd answered an error)."""
+        while self._thread.is_alive():
+            try:
+                requests.put(message, timeout=0.2)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def wait(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ContainerdError(f"content write did not finish within {timeout:.0f} s")
 
 
 def _descriptor_to_proto(d: Descriptor) -> descriptor_pb2.Descriptor:
@@ -241,42 +284,51 @@ class ContainerdClient:
         labels: Mapping[str, str] | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> bool:
-        def requests() -> Iterator[content_pb2.WriteContentRequest]:
-            offset = 0
-            for chunk in chunks:
-                # containerd's service takes at most one message's worth per write.
-                for start in range(0, len(chunk), WRITE_CHUNK):
-                    piece = chunk[start : start + WRITE_CHUNK]
-                    yield content_pb2.WriteContentRequest(
-                        action=content_pb2.WRITE, ref=ref, offset=offset, data=piece,
-                        total=total, expected=expected,
-                    )
-                    offset += len(piece)
-                    if on_progress is not None:
-                        on_progress(len(piece))
-            yield content_pb2.WriteContentRequest(
-                action=content_pb2.COMMIT, ref=ref, offset=offset, total=total,
-                expected=expected, labels=dict(labels or {}),
-            )
-
-        committed = ""
+        # grpc consumes a request iterator on a thread of its own and swallows its exceptions,
+        # so ``chunks`` (which may read from the network) is consumed here, in the caller's
+        # thread, and handed over through a queue; a helper thread drains the replies so that
+        # HTTP/2 flow control never stalls containerd.
+        requests: queue.Queue[content_pb2.WriteContentRequest | None] = queue.Queue(maxsize=8)
+        call = self._content.Write(
+            iter(requests.get, None), metadata=self._metadata(), timeout=WRITE_TIMEOUT
+        )
+        replies = _WriteReplies(call)
         try:
-            stream = self._content.Write(
-                requests(), metadata=self._metadata(), timeout=WRITE_TIMEOUT
-            )
-            for reply in stream:
-                if reply.action == content_pb2.COMMIT:
-                    committed = reply.digest
-        except grpc.RpcError as exc:
-            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return False
-            self._abort_write(ref)
-            _raise(exc, f"write content {expected}")
+            offset = 0
+            for piece in _pieces(chunks):
+                message = content_pb2.WriteContentRequest(
+                    action=content_pb2.WRITE, ref=ref, offset=offset, data=piece,
+                    total=total, expected=expected,
+                )
+                if not replies.send(requests, message):
+                    break  # containerd ended the stream: its error is in ``replies``
+                offset += len(piece)
+                if on_progress is not None:
+                    on_progress(len(piece))
+            else:
+                commit = content_pb2.WriteContentRequest(
+                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=total,
+                    expected=expected, labels=dict(labels or {}),
+                )
+                replies.send(requests, commit)
+            replies.send(requests, None)  # end of the request stream
+            replies.wait(WRITE_TIMEOUT)
         except BaseException:
+            call.cancel()
+            replies.wait(CALL_TIMEOUT)
             self._abort_write(ref)
             raise
-        if committed and committed != expected:
-            raise ContainerdError(f"write content: containerd stored {committed}, not {expected}")
+        if replies.error is not None:
+            error = replies.error
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            self._abort_write(ref)
+            _raise(error, f"write content {expected}")
+        if replies.committed != expected:
+            raise ContainerdError(
+                f"write content: containerd committed {replies.committed or 'nothing'}, "
+                f"not {expected}"
+            )
         return True
 
     def _abort_write(self, ref: str) -> None:
