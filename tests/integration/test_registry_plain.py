@@ -21,6 +21,7 @@ from snapshotter.lazy_formats import (
     ZSTD_CHUNKED_CHECKSUM,
     ZSTD_CHUNKED_POSITION,
 )
+from tests.integration.registry_support.fault_proxy import run_fault_proxy
 from tests.integration.registry_support.helpers import lazysnap, run, write_hosts_toml
 from tests.integration.registry_support.images import (
     LayerSpec,
@@ -190,3 +191,22 @@ def test_inspect_cli(docker_registry: RunningRegistry, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "invalid reference" in bad.stderr
     bad_platform = lazysnap("inspect", name, "--platform", "linux", "--hosts-dir", str(tmp_path))
     assert bad_platform.returncode == 2 and "os/arch" in bad_platform.stderr
+
+
+def test_ipv6_literal_host(docker_registry: RunningRegistry, tmp_path: Path) -> None:
+    """An IPv6 loopback reference ([::1]:PORT/...) goes over IPv6 (through a pass-through proxy)."""
+    layer = random_blob(100_000, seed=61)
+    with run_fault_proxy(docker_registry.host, bind="::1") as proxy:
+        name = f"{proxy.host}/ipv6/app:v1"
+        assert name.startswith("[::1]:")
+
+        async def main() -> None:
+            async with client(tmp_path) as c:
+                pushed = await push_image(c, name, [LayerSpec(layer)])
+                image = await c.resolve_image(parse_reference(name))
+                assert image.digest == pushed.manifest_digest
+                blob = await c.open_blob(parse_reference(name), image.manifest.layers[0].digest)
+                assert await blob.read_at(99_000, 1000) == layer[99_000:]
+
+        run(main)
+        assert proxy.requests > 0

@@ -223,14 +223,17 @@ class FaultProxy:
 
 
 @contextlib.contextmanager
-def run_fault_proxy(upstream: str) -> Iterator[FaultProxy]:
+def run_fault_proxy(upstream: str, *, bind: str = "127.0.0.1") -> Iterator[FaultProxy]:
+    """Serve on ``bind`` (``"::1"`` for IPv6 loopback); ``proxy.host`` is what references use."""
     proxy = FaultProxy(upstream)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((bind, 0))
     listener.listen(64)
     listener.settimeout(0.2)
-    proxy.host = f"127.0.0.1:{listener.getsockname()[1]}"
+    port = listener.getsockname()[1]
+    proxy.host = f"[{bind}]:{port}" if family == socket.AF_INET6 else f"{bind}:{port}"
     threads: list[threading.Thread] = []
 
     def accept_loop() -> None:
