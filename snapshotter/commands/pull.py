@@ -8,6 +8,7 @@ registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as conta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import grpc
@@ -19,6 +20,7 @@ from registry import (
     NotFoundError,
     RegistryClient,
     RegistryError,
+    RegistryHost,
     host_platform,
     parse_platform,
     parse_reference,
@@ -42,9 +44,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: $LAZYSNAP_HOSTS_DIR, else /etc/containerd/certs.d)",
     )
     parser.add_argument(
+        "--plain-http", action="store_true",
+        help="talk plain HTTP to every registry host (loopback registries always use it)",
+    )
+    parser.add_argument(
         "--snapshotter-address", metavar="SOCK",
         help="check first that the lazysnap daemon answers on this socket",
     )
+
+
+class PlainHTTPHosts(HostsConfig):
+    """``--plain-http``: the configured hosts, with https replaced by http (as ``ctr``)."""
+
+    def hosts_for(self, registry: str) -> list[RegistryHost]:
+        return [
+            dataclasses.replace(host, api_url=host.api_url.replace("https://", "http://", 1))
+            for host in super().hosts_for(registry)
+        ]
 
 
 def _check_daemon(address: str) -> None:
@@ -61,7 +77,8 @@ async def _pull(
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     reference = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    async with RegistryClient(HostsConfig(args.hosts_dir), DockerConfigCredentials()) as registry:
+    hosts = PlainHTTPHosts(args.hosts_dir) if args.plain_http else HostsConfig(args.hosts_dir)
+    async with RegistryClient(hosts, DockerConfigCredentials()) as registry:
         return await pull(client, registry, reference, args.snapshotter, platform, progress)
 
 

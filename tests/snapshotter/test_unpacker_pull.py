@@ -4,12 +4,14 @@ streaming, the whole-blob fallback for registries without ranges, and registry e
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import trio
 
-from registry import NotFoundError, Platform, parse_reference
+from registry import HostsConfig, NotFoundError, Platform, parse_reference
 from snapshotter import image_pull
+from snapshotter.commands.pull import PlainHTTPHosts
 from snapshotter.image_pull import pull
 from snapshotter.progress import LayerResult, TextProgress
 from tests.registry.fake_registry import FakeRegistry, make_client
@@ -82,3 +84,15 @@ def test_missing_layer_in_registry_fails_without_naming_the_image() -> None:
     assert containerd.images == {} and containerd.open_leases == []
     # The first layer was committed; without the lease containerd's GC will take it.
     assert list(containerd.snapshots) == [image.chains[0]]
+
+
+def test_plain_http_turns_every_configured_host_to_http(tmp_path: Path) -> None:
+    (tmp_path / "reg.example").mkdir()
+    (tmp_path / "reg.example" / "hosts.toml").write_text(
+        'server = "https://reg.example"\n[host."https://mirror.example"]\n'
+    )
+    hosts = PlainHTTPHosts(tmp_path).hosts_for("reg.example")
+    assert [h.api_url for h in hosts] == ["http://mirror.example/v2", "http://reg.example/v2"]
+    assert [h.api_url for h in HostsConfig(tmp_path).hosts_for("other.example")] == [
+        "https://other.example/v2"
+    ]
