@@ -1,0 +1,307 @@
+"""FUSE read benchmark: lazysnap mounts vs the same files in a plain directory, in one run.
+
+    sudo .venv/bin/python benchmarks/fuse_read.py [--big-mib 256] [--files 50000]
+                                                  [--rss-entries 100000]
+
+Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a user would run it):
+
+* cold sequential read of one big file from a local eStargz blob (fresh mount, empty cache) vs a
+  plain single-pass decompression of the same blob (the floor for any reader of that blob);
+* warm sequential read of that file (kernel page cache) vs the same file in a plain directory;
+* cold and warm ``os.walk`` + ``lstat`` over a layer of many small files vs the plain directory;
+* TOC load (``load_layer_index``) time for that layer, i.e. what attach waits for;
+* RSS of the ``lazysnap mount`` process with a layer of many entries attached (after a walk),
+  against the RSS of the same command with a one-file layer.
+
+Prints a table with ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fusefs import LocalFileBlob  # noqa: E402
+from fusefs.formats import load_layer_index, write_estargz  # noqa: E402
+
+LAZYSNAP = REPO / ".venv" / "bin" / "lazysnap"
+MiB = 1 << 20
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+@contextmanager
+def lazysnap_mount(blob: Path, mnt: Path, *extra: str) -> Iterator[int]:
+    mnt.mkdir(parents=True, exist_ok=True)
+    log = mnt.with_name(mnt.name + ".log")
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [str(LAZYSNAP), "mount", "--blob", str(blob), str(mnt), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                output = log.read_text(errors="replace")
+                raise RuntimeError(f"lazysnap mount of {blob} did not come up: {output}")
+            time.sleep(0.02)
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_of(runs: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``runs`` timings: warm numbers are noisy on a shared machine."""
+    return min(timed(fn) for _ in range(runs))
+
+
+def read_all(path: Path) -> int:
+    buf = bytearray(MiB)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def walk_stat(root: Path) -> int:
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, name))
+            count += 1
+    return count
+
+
+def gunzip_blob(blob: Path) -> int:
+    """A plain single-pass decompression of every gzip member of the blob."""
+    total = 0
+    with open(blob, "rb") as f:
+        data = f.read()
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        total += len(inflater.decompress(data))
+        data = inflater.unused_data
+        if not inflater.eof:
+            break
+    return total
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def tree_tar(files: int, per_dir: int = 100, size: int = 64) -> bytes:
+    """A layer of ``files`` small files in directories of ``per_dir`` (built in memory)."""
+    out = io.BytesIO()
+    payload = b"x" * size
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for d in range((files + per_dir - 1) // per_dir):
+            info = tarfile.TarInfo(f"d{d:05d}")
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            archive.addfile(info)
+            for i in range(min(per_dir, files - d * per_dir)):
+                info = tarfile.TarInfo(f"d{d:05d}/f{i:03d}")
+                info.size = size
+                archive.addfile(info, io.BytesIO(payload))
+    return out.getvalue()
+
+
+def make_estargz(tar_bytes: bytes, blob: Path) -> None:
+    with open(blob, "wb") as out:
+        write_estargz(io.BytesIO(tar_bytes), out)
+
+
+# -- the measurements ------------------------------------------------------------------------
+
+
+def big_file(work: Path, mib: int, rows: list[tuple[str, str, str, str]]) -> None:
+    plain = work / "plain-big"
+    plain.mkdir()
+    # Half random, half text: compressible like real binaries, not a trivial zero run.
+    rnd = os.urandom(MiB // 2)
+    text = b"".join(b"line %08d of a moderately compressible file\n" % i for i in range(11000))
+    block = (rnd + text)[:MiB]
+    with open(plain / "big.bin", "wb") as f:
+        for i in range(mib):
+            f.write(block[i % 7 :] + block[: i % 7])
+    tar_path = work / "big.tar"
+    subprocess.run(["tar", "-C", str(plain), "-cf", str(tar_path), "big.bin"], check=True)
+    blob = work / "big.esgz"
+    make_estargz(tar_path.read_bytes(), blob)
+    size = mib * MiB
+
+    decompress = timed(lambda: gunzip_blob(blob))
+    read_all(plain / "big.bin")
+    native_warm = best_of(3, lambda: read_all(plain / "big.bin"))
+    with lazysnap_mount(
+        blob, work / "mnt-big", "--no-background-fetch", "--cache-dir", str(work / "cache-big")
+    ):
+        cold = timed(lambda: read_all(work / "mnt-big" / "big.bin"))
+        warm = best_of(3, lambda: read_all(work / "mnt-big" / "big.bin"))
+    rows.append(
+        (
+            f"cold seq read {mib} MiB (MB/s)",
+            f"{size / cold / 1e6:.0f}",
+            f"{size / decompress / 1e6:.0f} (gunzip blob)",
+            f"{decompress / cold:.2f}",
+        )
+    )
+    rows.append(
+        (
+            f"warm seq read {mib} MiB (MB/s)",
+            f"{size / warm / 1e6:.0f}",
+            f"{size / native_warm / 1e6:.0f} (plain dir)",
+            f"{native_warm / warm:.2f}",
+        )
+    )
+
+
+def many_files(work: Path, files: int, rows: list[tuple[str, str, str, str]]) -> None:
+    tar_bytes = tree_tar(files)
+    plain = work / "plain-tree"
+    plain.mkdir()
+    subprocess.run(["tar", "-C", str(plain), "-xf", "-"], input=tar_bytes, check=True)
+    blob = work / "tree.esgz"
+    make_estargz(tar_bytes, blob)
+
+    async def load() -> float:
+        local = await LocalFileBlob.open(blob)
+        start = time.perf_counter()
+        await load_layer_index(local)
+        elapsed = time.perf_counter() - start
+        local.close()
+        return elapsed
+
+    attach = min(trio.run(load) for _ in range(3))
+    native_cold = timed(lambda: walk_stat(plain))  # dentries may be cached: a lower bound
+    native_warm = best_of(3, lambda: walk_stat(plain))
+    with lazysnap_mount(blob, work / "mnt-tree", "--cache-dir", str(work / "cache-tree")):
+        cold = timed(lambda: walk_stat(work / "mnt-tree"))
+        warm = best_of(3, lambda: walk_stat(work / "mnt-tree"))
+    entries = files + files // 100
+    rows.append(
+        (
+            f"walk+lstat {entries} entries, cold (s)",
+            f"{cold:.3f}",
+            f"{native_cold:.3f}",
+            f"{native_cold / cold:.2f}",
+        )
+    )
+    rows.append(
+        (
+            f"walk+lstat {entries} entries, warm (s)",
+            f"{warm:.3f}",
+            f"{native_warm:.3f}",
+            f"{native_warm / warm:.2f}",
+        )
+    )
+    rows.append(
+        (
+            f"TOC load for {entries} entries (s)",
+            f"{attach:.3f}",
+            "target 0.5",
+            f"{0.5 / attach:.2f}",
+        )
+    )
+
+
+def memory(work: Path, entries: int, rows: list[tuple[str, str, str, str]]) -> None:
+    small = work / "one.esgz"
+    make_estargz(tree_tar(1), small)
+    big = work / "rss.esgz"
+    make_estargz(tree_tar(entries, per_dir=1000, size=16), big)
+    with lazysnap_mount(small, work / "mnt-one") as pid:
+        walk_stat(work / "mnt-one")
+        base = rss_kib(pid)
+    with lazysnap_mount(big, work / "mnt-rss", "--no-background-fetch") as pid:
+        attached = rss_kib(pid)
+        walk_stat(work / "mnt-rss")
+        walked = rss_kib(pid)
+    rows.append(
+        (
+            f"RSS, {entries} entries attached (MB)",
+            f"{attached / 1024:.1f}",
+            f"{base / 1024:.1f} (1 entry)",
+            f"{(attached - base) / 1024:.1f} MB more",
+        )
+    )
+    rows.append(
+        (
+            f"RSS, after walking {entries} (MB)",
+            f"{walked / 1024:.1f}",
+            "target 60",
+            f"{60 / (walked / 1024):.2f}",
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big-mib", type=int, default=256)
+    parser.add_argument("--files", type=int, default=50_000)
+    parser.add_argument("--rss-entries", type=int, default=100_000)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (FUSE mounts with allow_other)", file=sys.stderr)
+        return 2
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="lazysnap-bench-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        big_file(work, args.big_mib, rows)
+        many_files(work, args.files, rows)
+        memory(work, args.rss_entries, rows)
+    header = ("measurement", "lazysnap", "baseline", "ratio (>1: lazysnap faster)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
