@@ -376,7 +376,7 @@ class Engine:
             return response
         raise ProtocolError(f"more than {MAX_REDIRECTS} redirects", url=safe_url(url))
 
-    def _backoff(self, attempt: int) -> float:
+    def backoff(self, attempt: int) -> float:
         # Exponential with full jitter, so many readers retrying together spread out.
         ceiling = min(self.options.backoff_max, self.options.backoff_initial * (2**attempt))
         return random.uniform(0, ceiling)
@@ -410,7 +410,7 @@ class Engine:
         for attempt in range(attempts):
             if attempt:
                 await anyio.sleep(delay)
-            delay = self._backoff(attempt)
+            delay = self.backoff(attempt)
             try:
                 with anyio.fail_after(deadline):
                     response = await self._send(host, method, url, scopes, headers, content)

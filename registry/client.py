@@ -30,6 +30,7 @@ from registry.errors import (
     NotFoundError,
     ProtocolError,
     RegistryError,
+    ServerError,
     TransportError,
 )
 from registry.hosts import HostsConfig, RegistryHost
@@ -398,8 +399,55 @@ class RegistryClient:
 
         ``chunk_size`` uploads in PATCH chunks of that size instead of one PUT.
         """
-        digest = sha256_digest(data)
-        descriptor = Descriptor(media_type, digest, len(data))
+
+        async def read(offset: int, length: int) -> bytes:
+            return data[offset : offset + length]
+
+        return await self._push(
+            ref, sha256_digest(data), len(data), read, media_type, mount_from, chunk_size
+        )
+
+    async def push_blob_file(
+        self,
+        ref: Reference,
+        path: Path,
+        *,
+        media_type: str = OCTET_STREAM,
+        mount_from: Reference | None = None,
+        chunk_size: int | None = None,
+    ) -> Descriptor:
+        """Upload a blob from a file, in chunks (``options.upload_chunk_size`` by default)."""
+        digest, size = await anyio.to_thread.run_sync(_hash_file, path)
+        async with await anyio.open_file(path, "rb") as source:
+
+            async def read(offset: int, length: int) -> bytes:
+                await source.seek(offset)
+                data: bytes = await source.read(length)
+                if len(data) != length:
+                    raise RegistryError(f"{path} changed while it was uploaded")
+                return data
+
+            return await self._push(
+                ref,
+                digest,
+                size,
+                read,
+                media_type,
+                mount_from,
+                chunk_size or self.options.upload_chunk_size,
+            )
+
+    async def _push(
+        self,
+        ref: Reference,
+        digest: str,
+        size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        media_type: str,
+        mount_from: Reference | None,
+        chunk_size: int | None,
+    ) -> Descriptor:
+        descriptor = Descriptor(media_type, digest, size)
         scopes = self._push_scopes(ref, mount_from)
 
         async def on_host(host: RegistryHost) -> Descriptor:
@@ -409,60 +457,92 @@ class RegistryClient:
                 return descriptor
             except NotFoundError:
                 pass
-            query = ""
-            if mount_from is not None and mount_from.domain == ref.domain:
-                query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from.path})
-            what = f"start upload of {digest}"
-            started = await self._engine.call(
-                host,
-                "POST",
-                f"{host.api_url}/{ref.path}/blobs/uploads/{query}",
-                _expect({201, 202}, what),
-                scopes=scopes,
-                what=what,
-            )
-            if started.status == 201:
-                log.info("push blob-mounted digest=%s from=%s", digest, mount_from)
-                return descriptor
-            location = self._location(host, started)
-            if chunk_size is not None and 0 < chunk_size < len(data):
-                for start in range(0, len(data), chunk_size):
-                    chunk = data[start : start + chunk_size]
-                    what = f"upload chunk {start} of {digest}"
-                    answer = await self._engine.call(
-                        host,
-                        "PATCH",
-                        location,
-                        _expect({202}, what),
-                        scopes=scopes,
-                        what=what,
-                        content=chunk,
-                        retry=False,
-                        headers={
-                            "Content-Type": OCTET_STREAM,
-                            "Content-Range": f"{start}-{start + len(chunk) - 1}",
-                        },
+            # An upload session cannot resume a half-sent request, so a failed session is
+            # abandoned and a new one started, with the usual backoff.
+            attempts = self.options.max_attempts
+            for attempt in range(attempts):
+                try:
+                    await self._upload(
+                        host, ref, digest, size, read, scopes, mount_from, chunk_size
                     )
-                    location = self._location(host, answer)
-                body = b""
-            else:
-                body = data
-            what = f"finish upload of {digest}"
-            await self._engine.call(
-                host,
-                "PUT",
-                _with_query(location, digest=digest),
-                _expect({201}, what),
-                scopes=scopes,
-                what=what,
-                content=body,
-                retry=False,
-                headers={"Content-Type": OCTET_STREAM},
-                total_timeout=math.inf,
-            )
-            return descriptor
+                    return descriptor
+                except (TransportError, ServerError) as exc:
+                    if attempt + 1 == attempts:
+                        raise
+                    log.info(
+                        "push upload-retry digest=%s attempt=%d error=%s",
+                        digest,
+                        attempt + 1,
+                        type(exc).__name__,
+                    )
+                    await anyio.sleep(self._engine.backoff(attempt))
+            raise AssertionError("unreachable")
 
         return await self._failover(ref, "push", on_host)
+
+    async def _upload(
+        self,
+        host: RegistryHost,
+        ref: Reference,
+        digest: str,
+        size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        scopes: Sequence[str],
+        mount_from: Reference | None,
+        chunk_size: int | None,
+    ) -> None:
+        query = ""
+        if mount_from is not None and mount_from.domain == ref.domain:
+            query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from.path})
+        what = f"start upload of {digest}"
+        started = await self._engine.call(
+            host,
+            "POST",
+            f"{host.api_url}/{ref.path}/blobs/uploads/{query}",
+            _expect({201, 202}, what),
+            scopes=scopes,
+            what=what,
+        )
+        if started.status == 201:
+            log.info("push blob-mounted digest=%s from=%s", digest, mount_from)
+            return
+        location = self._location(host, started)
+        body = b""
+        if chunk_size is not None and 0 < chunk_size < size:
+            for start in range(0, size, chunk_size):
+                chunk = await read(start, min(chunk_size, size - start))
+                what = f"upload chunk {start} of {digest}"
+                answer = await self._engine.call(
+                    host,
+                    "PATCH",
+                    location,
+                    _expect({202}, what),
+                    scopes=scopes,
+                    what=what,
+                    content=chunk,
+                    retry=False,
+                    total_timeout=math.inf,
+                    headers={
+                        "Content-Type": OCTET_STREAM,
+                        "Content-Range": f"{start}-{start + len(chunk) - 1}",
+                    },
+                )
+                location = self._location(host, answer)
+        else:
+            body = await read(0, size)
+        what = f"finish upload of {digest}"
+        await self._engine.call(
+            host,
+            "PUT",
+            _with_query(location, digest=digest),
+            _expect({201}, what),
+            scopes=scopes,
+            what=what,
+            content=body,
+            retry=False,
+            headers={"Content-Type": OCTET_STREAM},
+            total_timeout=math.inf,
+        )
 
     async def _stat_on_scoped(
         self, host: RegistryHost, ref: Reference, digest: str, scopes: Sequence[str]
@@ -511,6 +591,16 @@ class RegistryClient:
             return digest
 
         return await self._failover(ref, "push", on_host)
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    hasher = hashlib.sha256()
+    size = 0
+    with path.open("rb") as source:
+        while block := source.read(1024 * 1024):
+            hasher.update(block)
+            size += len(block)
+    return "sha256:" + hasher.hexdigest(), size
 
 
 def _with_query(url: str, **params: str) -> str:

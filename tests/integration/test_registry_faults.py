@@ -195,3 +195,24 @@ def test_random_fault_schedule(proxy: fp.FaultProxy, tmp_path: Path) -> None:
             outcomes["error"] += 1
         assert proxy.applied == failing[:consumed]
     assert outcomes["ok"] and outcomes["error"]  # the schedule exercised both outcomes
+
+
+def test_push_survives_faults_on_the_upload(proxy: fp.FaultProxy, tmp_path: Path) -> None:
+    data = random_blob(3 * 1024 * 1024 + 5, seed=77)
+    path = tmp_path / "layer.bin"
+    path.write_bytes(data)
+    patches = lambda method, path: method == "PATCH"  # noqa: E731
+    puts = lambda method, path: method == "PUT"  # noqa: E731
+    proxy.inject(fp.reset(match=patches), fp.status(503, match=puts))
+    ref = parse_reference(f"{proxy.host}/faults/push:v1")
+
+    async def main() -> None:
+        async with _client(tmp_path) as client:
+            descriptor = await client.push_blob_file(ref, path, chunk_size=1024 * 1024)
+            assert descriptor.digest == sha256_digest(data)
+            blob = await client.open_blob(ref, descriptor.digest)
+            assert blob.size == len(data)
+            assert await blob.read_at(len(data) - 100, 100) == data[-100:]
+
+    run(main)
+    assert proxy.applied == ["reset", "status"]

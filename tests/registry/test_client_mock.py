@@ -540,3 +540,28 @@ def test_push_monolithic_chunked_mount_and_manifest() -> None:
             assert fake.manifests["v1"] == (body, OCI_MANIFEST) and digest == digest_of(body)
 
     run(main)
+
+
+def test_push_blob_file_in_chunks_restarts_a_failed_session(tmp_path: Path) -> None:
+    fake = FakeRegistry()
+    data = bytes(range(256)) * 40  # 10240 bytes
+    path = tmp_path / "layer"
+    path.write_bytes(data)
+    failed = [False]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        patches = [r for r in fake.requests if r.method == "PATCH"]
+        if request.method == "PATCH" and len(patches) == 1 and not failed[0]:
+            failed[0] = True
+            fake.requests.append(request)
+            return oci_error(500, "INTERNAL", "disk hiccup")
+        return await fake.handle(request)
+
+    async def main() -> None:
+        async with make_client(fake, handler=handler) as client:
+            descriptor = await client.push_blob_file(REF, path, chunk_size=4096)
+            assert descriptor.digest == digest_of(data) and descriptor.size == len(data)
+
+    run(main)
+    assert fake.blobs[digest_of(data)] == data
+    assert [r.method for r in fake.requests].count("POST") == 2  # a fresh session after the 500
