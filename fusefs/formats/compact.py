@@ -1,14 +1,15 @@
-"""A LayerIndex kept in flat arrays: a few bytes per entry, objects built only on demand.
+"""A LayerIndex kept in a few flat buffers: ~80 bytes per entry, objects built only on demand.
 
-Layout (all arrays indexed by entry id unless stated otherwise):
+Layout:
 
-* attributes: ``kind``, ``mode``, ``uid``, ``gid``, ``size``, ``mtime_ns``, ``rdev``, ``nlink``;
-* tree: ``parent`` and ``name_dirent`` (the entry's first name); a directory's children are the
-  dirents ``[dir_start, dir_start + dir_count)``, sorted by name for binary-search lookup. Dirent
-  arrays (``dirent_*``) are indexed by dirent number; names live in one ``names`` blob;
-* symlink targets live in one ``links`` blob (``link_off``/``link_len``);
-* chunks: an entry's chunks are ``[chunk_start, chunk_start + chunk_count)`` of the ``chunk_*``
-  arrays; digests are 32 raw bytes each in ``chunk_digests``;
+* ``kinds``: one byte per entry (EntryKind);
+* ``records``: one fixed-size little-endian record per entry (``ENTRY``: mode, uid, gid, size,
+  mtime, rdev, nlink, parent, first name, chunk range, symlink target range);
+* dirents: a directory's children are the dirents ``[dir_start, dir_start + dir_count)``,
+  sorted by name for binary-search lookup; dirent names live in one ``names`` blob. An entry's
+  own name is its first dirent (hardlinks add more dirents for the same entry);
+* symlink targets live in one ``links`` blob;
+* chunks: one ``CHUNK`` record per chunk and 32 raw digest bytes each in ``chunk_digests``;
 * xattrs: for the few entries that have any, a sorted ``xattr_entries`` array and, per such
   entry, a record range in ``xattr_data`` (``<HI`` name and value lengths, name, value).
 """
@@ -23,7 +24,32 @@ from dataclasses import dataclass, fields
 
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind
 
+# mode, uid, gid, size, mtime_ns, rdev, nlink, parent, name_dirent, chunk_start, chunk_count,
+# link_off, link_len
+ENTRY = struct.Struct("<IIIqqQIIIIIQI")
+# file_offset, size, blob_offset, blob_end, inner_offset, flags
+CHUNK = struct.Struct("<qqqqqB")
 _XATTR_HEADER = struct.Struct("<HI")
+
+
+def _field(fmt: str, index: int) -> tuple[struct.Struct, int]:
+    """A one-field struct and its offset inside a record of ``fmt``, for in-place updates."""
+    codes = fmt[1:]
+    return struct.Struct("<" + codes[index]), struct.calcsize("<" + codes[:index])
+
+
+ENTRY_MODE = _field(ENTRY.format, 0)
+ENTRY_UID = _field(ENTRY.format, 1)
+ENTRY_GID = _field(ENTRY.format, 2)
+ENTRY_MTIME = _field(ENTRY.format, 4)
+ENTRY_NLINK = _field(ENTRY.format, 6)
+ENTRY_PARENT = _field(ENTRY.format, 7)
+ENTRY_NAME_DIRENT = _field(ENTRY.format, 8)
+ENTRY_CHUNK_START = _field(ENTRY.format, 9)
+ENTRY_CHUNK_COUNT = _field(ENTRY.format, 10)
+CHUNK_BLOB_OFFSET = _field(CHUNK.format, 2)
+CHUNK_BLOB_END = _field(CHUNK.format, 3)
+CHUNK_FLAGS = _field(CHUNK.format, 5)
 
 CHUNK_HAS_DIGEST = 1
 CHUNK_ZEROS = 2
@@ -51,33 +77,16 @@ def decode_xattrs(data: bytes, start: int, end: int) -> dict[bytes, bytes]:
 class IndexArrays:
     """The storage of a CompactLayerIndex; the builder fills it, the index only reads it."""
 
-    kind: array[int]
-    mode: array[int]
-    uid: array[int]
-    gid: array[int]
-    size: array[int]
-    mtime_ns: array[int]
-    rdev: array[int]
-    nlink: array[int]
-    parent: array[int]
-    name_dirent: array[int]
+    kinds: bytes
+    records: bytes
     dir_start: array[int]
     dir_count: array[int]
-    link_off: array[int]
-    link_len: array[int]
-    chunk_start: array[int]
-    chunk_count: array[int]
     dirent_name_off: array[int]
     dirent_name_len: array[int]
     dirent_target: array[int]
     names: bytes
     links: bytes
-    chunk_file_offset: array[int]
-    chunk_size: array[int]
-    chunk_blob_offset: array[int]
-    chunk_blob_end: array[int]
-    chunk_inner_offset: array[int]
-    chunk_flags: array[int]
+    chunk_records: bytes
     chunk_digests: bytes
     xattr_entries: array[int]
     xattr_offsets: array[int]  # len(xattr_entries) + 1 boundaries into xattr_data
@@ -88,12 +97,13 @@ class IndexArrays:
 class CompactLayerIndex:
     """The LayerIndex of one validated TOC (see ``fusefs.index.LayerIndex``)."""
 
-    __slots__ = ("_a", "_codec", "_prefetch_end", "_toc_digest")
+    __slots__ = ("_a", "_codec", "_count", "_prefetch_end", "_toc_digest")
 
     def __init__(
         self, arrays: IndexArrays, *, codec: Codec, toc_digest: str, prefetch_end: int | None
     ) -> None:
         self._a = arrays
+        self._count = len(arrays.kinds)
         self._codec = codec
         self._toc_digest = toc_digest
         self._prefetch_end = prefetch_end
@@ -104,7 +114,7 @@ class CompactLayerIndex:
 
     @property
     def entry_count(self) -> int:
-        return len(self._a.kind)
+        return self._count
 
     @property
     def toc_digest(self) -> str:
@@ -114,23 +124,28 @@ class CompactLayerIndex:
     def prefetch_end(self) -> int | None:
         return self._prefetch_end
 
-    def _check(self, entry: int) -> None:
-        if not 0 <= entry < len(self._a.kind):
+    def _record(self, entry: int) -> tuple[int, ...]:
+        if not 0 <= entry < self._count:
             raise KeyError(f"no entry {entry}")
+        return ENTRY.unpack_from(self._a.records, entry * ENTRY.size)
 
     def attr(self, entry: int) -> EntryAttr:
-        self._check(entry)
-        a = self._a
+        mode, uid, gid, size, mtime_ns, rdev, nlink, *_ = self._record(entry)
         return EntryAttr(
-            kind=EntryKind(a.kind[entry]),
-            mode=a.mode[entry],
-            uid=a.uid[entry],
-            gid=a.gid[entry],
-            size=a.size[entry],
-            mtime_ns=a.mtime_ns[entry],
-            rdev=a.rdev[entry],
-            nlink=a.nlink[entry],
+            kind=EntryKind(self._a.kinds[entry]),
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
+            mtime_ns=mtime_ns,
+            rdev=rdev,
+            nlink=nlink,
         )
+
+    def kind(self, entry: int) -> EntryKind:
+        if not 0 <= entry < self._count:
+            raise KeyError(f"no entry {entry}")
+        return EntryKind(self._a.kinds[entry])
 
     def _dirent_name(self, dirent: int) -> bytes:
         a = self._a
@@ -138,10 +153,9 @@ class CompactLayerIndex:
         return a.names[start : start + a.dirent_name_len[dirent]]
 
     def lookup(self, parent: int, name: bytes) -> int | None:
-        self._check(parent)
-        a = self._a
-        if a.kind[parent] != EntryKind.DIR:
+        if self.kind(parent) != EntryKind.DIR:
             return None
+        a = self._a
         lo = a.dir_start[parent]
         hi = lo + a.dir_count[parent]
         while lo < hi:  # binary search over the directory's name-sorted dirents
@@ -156,10 +170,9 @@ class CompactLayerIndex:
         return None
 
     def children(self, directory: int) -> Sequence[tuple[bytes, int]]:
-        self._check(directory)
-        a = self._a
-        if a.kind[directory] != EntryKind.DIR:
+        if self.kind(directory) != EntryKind.DIR:
             return ()
+        a = self._a
         start = a.dir_start[directory]
         return [
             (self._dirent_name(d), a.dirent_target[d])
@@ -167,33 +180,29 @@ class CompactLayerIndex:
         ]
 
     def parent(self, entry: int) -> int:
-        self._check(entry)
-        return self._a.parent[entry]
+        return self._record(entry)[7]
 
     def name(self, entry: int) -> bytes:
         """The entry's own (first) name; b"" for the root."""
-        self._check(entry)
-        if entry == 0:
-            return b""
-        return self._dirent_name(self._a.name_dirent[entry])
+        name_dirent = self._record(entry)[8]
+        return b"" if entry == 0 else self._dirent_name(name_dirent)
 
     def path(self, entry: int) -> str:
         parts: list[bytes] = []
         while entry != 0:
-            parts.append(self.name(entry))
-            entry = self._a.parent[entry]
+            record = self._record(entry)
+            parts.append(self._dirent_name(record[8]))
+            entry = record[7]
         return b"/".join(reversed(parts)).decode("utf-8", "surrogateescape")
 
     def readlink(self, entry: int) -> bytes:
-        self._check(entry)
-        a = self._a
-        if a.kind[entry] != EntryKind.SYMLINK:
+        if self.kind(entry) != EntryKind.SYMLINK:
             raise KeyError(f"entry {entry} is not a symlink")
-        start = a.link_off[entry]
-        return a.links[start : start + a.link_len[entry]]
+        record = self._record(entry)
+        return self._a.links[record[11] : record[11] + record[12]]
 
     def xattrs(self, entry: int) -> dict[bytes, bytes]:
-        self._check(entry)
+        self._record(entry)
         a = self._a
         slot = bisect.bisect_left(a.xattr_entries, entry)
         if slot == len(a.xattr_entries) or a.xattr_entries[slot] != entry:
@@ -201,24 +210,24 @@ class CompactLayerIndex:
         return decode_xattrs(a.xattr_data, a.xattr_offsets[slot], a.xattr_offsets[slot + 1])
 
     def chunks(self, entry: int) -> Sequence[ChunkRef]:
-        self._check(entry)
-        a = self._a
-        start = a.chunk_start[entry]
-        return [self._chunk(c) for c in range(start, start + a.chunk_count[entry])]
+        record = self._record(entry)
+        start, count = record[9], record[10]
+        return [self._chunk(c) for c in range(start, start + count)]
 
     def _chunk(self, c: int) -> ChunkRef:
         a = self._a
-        flags = a.chunk_flags[c]
+        file_offset, size, blob_offset, blob_end, inner, flags = CHUNK.unpack_from(
+            a.chunk_records, c * CHUNK.size
+        )
         digest = None
         if flags & CHUNK_HAS_DIGEST:
-            raw = a.chunk_digests[c * DIGEST_SIZE : (c + 1) * DIGEST_SIZE]
-            digest = "sha256:" + raw.hex()
+            digest = "sha256:" + a.chunk_digests[c * DIGEST_SIZE : (c + 1) * DIGEST_SIZE].hex()
         return ChunkRef(
-            file_offset=a.chunk_file_offset[c],
-            size=a.chunk_size[c],
-            blob_offset=a.chunk_blob_offset[c],
-            blob_end=a.chunk_blob_end[c],
-            inner_offset=a.chunk_inner_offset[c],
+            file_offset=file_offset,
+            size=size,
+            blob_offset=blob_offset,
+            blob_end=blob_end,
+            inner_offset=inner,
             digest=digest,
             zeros=bool(flags & CHUNK_ZEROS),
         )
@@ -227,7 +236,7 @@ class CompactLayerIndex:
         return self._a.file_order
 
     def memory_bytes(self) -> int:
-        """Approximate bytes held by the index's arrays and blobs (for benchmarks)."""
+        """Bytes held by the index's buffers (for benchmarks)."""
         total = 0
         for value in (getattr(self._a, f.name) for f in fields(IndexArrays)):
             if isinstance(value, array):

@@ -109,6 +109,7 @@ def bounded_zstd_decompress(compressed: bytes | memoryview, limit: int, *, what:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_BLANKS = " \t\n\r"  # note: "" in _BLANKS is True, which only costs a no-op skip
 
 
 def _skip(text: str, pos: int) -> int:
@@ -175,9 +176,13 @@ def iter_toc_entries(data: bytes, limits: IndexLimits) -> Iterator[Any]:
                                 f"TOC has more than the limit of {limits.max_entries} entries"
                             )
                         yield entry
-                        pos = _skip(text, pos)
                         separator = text[pos : pos + 1]
-                        pos = _skip(text, pos + 1)
+                        if separator in _BLANKS:
+                            pos = _skip(text, pos)
+                            separator = text[pos : pos + 1]
+                        pos += 1
+                        if text[pos : pos + 1] in _BLANKS:
+                            pos = _skip(text, pos)
                         if separator == "]":
                             break
                         if separator != ",":
