@@ -83,8 +83,11 @@ class RemoteBlob:
         for index, host in enumerate(self._hosts):
             try:
                 data = await self._read_from(host, offset, length)
-            except (TransportError, RangeNotSupportedError) as exc:
-                # Another host may still serve this range: a mirror down, or one without ranges.
+            except RangeNotSatisfiableError:
+                raise  # the range is wrong, not the host
+            except RegistryError as exc:
+                # Another host may still serve this range: a mirror down, one without ranges,
+                # one that lost the blob.
                 last = exc
                 if index + 1 < len(self._hosts):
                     log.warning(

@@ -565,3 +565,31 @@ def test_push_blob_file_in_chunks_restarts_a_failed_session(tmp_path: Path) -> N
     run(main)
     assert fake.blobs[digest_of(data)] == data
     assert [r.method for r in fake.requests].count("POST") == 2  # a fresh session after the 500
+
+
+def test_blob_reads_fail_over_to_the_next_host_and_stay_there() -> None:
+    fake, digest = seeded()
+    hosts = {
+        "reg.test": [
+            RegistryHost("https://mirror.test/v2", frozenset({"pull"}), is_mirror=True),
+            RegistryHost("https://reg.test/v2"),
+        ]
+    }
+    mirror_requests: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "mirror.test":
+            mirror_requests.append(request)
+            return oci_error(503, "UNAVAILABLE", "mirror down")
+        return await fake.handle(request)
+
+    async def main() -> None:
+        async with make_client(fake, hosts=hosts, handler=handler) as client:
+            blob = await client.open_blob(REF, digest, size=len(DATA))  # no HEAD: mirror first
+            assert await blob.read_at(7, 9) == DATA[7:16]
+            asked = len(mirror_requests)
+            assert asked == FAST.max_attempts
+            assert await blob.read_at(20, 5) == DATA[20:25]
+            assert len(mirror_requests) == asked  # the working host is tried first now
+
+    run(main)
