@@ -15,8 +15,10 @@ from snapshotter import labels as L
 from snapshotter._proto import snapshots_pb2
 from snapshotter.chain import chain_ids
 from tests.integration.conftest import PushedImage
+from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
+from tests.support.docker_registry import RunningRegistry
 from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.containerd, pytest.mark.registry, pytest.mark.slow]
@@ -82,6 +84,12 @@ def _leases(containerd: RunningContainerd) -> list[str]:
     return containerd.ctr("leases", "ls", "-q").stdout.split()
 
 
+def _collect_garbage(containerd: RunningContainerd) -> None:
+    """Run containerd's GC now: deleting a lease with --sync collects before it answers."""
+    containerd.ctr("leases", "create", "--id", "lazysnap-test-gc")
+    containerd.ctr("leases", "delete", "--sync", "lazysnap-test-gc")
+
+
 def _run_cat(containerd: RunningContainerd, image: PushedImage, name: str) -> str:
     result = containerd.ctr(
         "run", "--rm", "--snapshotter", "lazysnap", image.reference, name, "/bin/cat", "/etc/hello"
@@ -104,6 +112,9 @@ def test_pull_unpacks_with_cri_labels_and_runs(
             line.startswith(f"layer {number}/2 {layer.digest} applied") for line in lines
         ), pulled.stdout
     assert busybox_image.reference in containerd.ctr("images", "ls", "-q").stdout.split()
+    # The GC labels keep everything once our lease is gone: image -> manifest -> config ->
+    # top snapshot -> its parent.
+    _collect_garbage(containerd)
     assert _run_cat(containerd, busybox_image, "c1") == "hello from layer two\n"
 
     chains = _chains(busybox_image)
@@ -184,4 +195,33 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(
     )
     assert containerd.ctr("images", "ls", "-q").stdout.split() == []
     assert _leases(containerd) == []
+    assert containerd.ctr("snapshots", "--snapshotter", "lazysnap", "ls").stdout.splitlines()[1:] == []
+
+
+def test_pull_failing_midway_leaves_nothing_behind(
+    stack: tuple[Daemon, RunningContainerd],
+    docker_registry: RunningRegistry,
+    busybox_image: PushedImage,
+    tmp_path: Path,
+) -> None:
+    _daemon, containerd = stack
+    # The second layer is unique to this image, so the registry can lose it without harm.
+    unique = oci.gzip_layer(oci.TarBuilder().file("lost", tmp_path.name.encode()).tar())
+    oci.write_layout(tmp_path / "layout", (busybox_image.layers[0], unique))
+    reference = f"{docker_registry.host}/test/broken:latest"
+    oci.push_layout(tmp_path / "layout", "latest", reference)
+    hexdigest = unique.digest.removeprefix("sha256:")
+    blob = docker_registry.root / "data/docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest
+    (blob / "data").unlink()
+
+    failed = _lazysnap("pull", containerd, reference)
+    assert failed.returncode == 1, failed.stdout
+    (error,) = failed.stderr.strip().splitlines()
+    assert error.startswith(f"lazysnap pull: {reference}:") and unique.digest in error
+    # The first layer was unpacked before the failure; without an image or a lease nothing
+    # references it any more, so containerd's GC takes it.
+    assert f"layer 1/2 {busybox_image.layers[0].digest} applied" in failed.stdout
+    assert _leases(containerd) == []
+    assert containerd.ctr("images", "ls", "-q").stdout.split() == []
+    _collect_garbage(containerd)
     assert containerd.ctr("snapshots", "--snapshotter", "lazysnap", "ls").stdout.splitlines()[1:] == []
