@@ -23,7 +23,12 @@ from snapshotter.model import SnapshotInfo
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _OPERATORS = ("==", "!=", "~=")
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
+# Go's strconv escapes (containerd unquotes filter strings with Go's rules; %q emits \a \b ...).
+_ESCAPES = {
+    "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+    "\\": "\\", '"': '"', "'": "'",
+}
+_OCTAL = "01234567"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,15 @@ class _Scanner:
                 self.pos += 1
                 if esc in _ESCAPES:
                     out.append(_ESCAPES[esc])
+                elif esc in _OCTAL:
+                    # Go: exactly three octal digits, at most \377.
+                    digits = self.text[self.pos - 1 : self.pos + 2]
+                    if len(digits) != 3 or not all(c in _OCTAL for c in digits):
+                        raise self.error("bad octal escape")
+                    if int(digits, 8) > 0o377:
+                        raise self.error(f"octal escape \\{digits} is over \\377")
+                    out.append(chr(int(digits, 8)))
+                    self.pos += 2
                 elif esc in "xuU":
                     width = {"x": 2, "u": 4, "U": 8}[esc]
                     digits = self.text[self.pos : self.pos + width]
