@@ -4,7 +4,7 @@ Never imports ``fusefs`` or ``snapshotter``; no httpx type appears in this publi
 """
 
 from registry.blob import RemoteBlob
-from registry.client import ManifestContent, RegistryClient, ResolvedImage
+from registry.client import ManifestContent, RegistryClient, ResolvedImage, create_client
 from registry.credentials import (
     CredentialProvider,
     Credentials,
@@ -89,6 +89,7 @@ __all__ = [
     "StaticCredentials",
     "TransportError",
     "UnsupportedDigestError",
+    "create_client",
     "host_platform",
     "parse_hosts_toml",
     "parse_manifest",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import httpx
 from registry._http import Engine, RetryableError, TransportFactory, error_from_response, safe_url
 from registry.auth import repository_scope
 from registry.blob import RemoteBlob
-from registry.credentials import CredentialProvider
+from registry.credentials import CredentialProvider, DockerConfigCredentials
 from registry.errors import (
     DigestMismatchError,
     HostsConfigError,
@@ -591,6 +592,17 @@ class RegistryClient:
             return digest
 
         return await self._failover(ref, "push", on_host)
+
+
+def create_client(
+    hosts_dir: str | os.PathLike[str] | None = None,
+    *,
+    docker_config: Path | None = None,
+    options: ClientOptions | None = None,
+) -> RegistryClient:
+    """The usual client: hosts from ``hosts_dir`` (else ``$LAZYSNAP_HOSTS_DIR``, else
+    ``/etc/containerd/certs.d``) and credentials from docker's config.json."""
+    return RegistryClient(HostsConfig(hosts_dir), DockerConfigCredentials(docker_config), options)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

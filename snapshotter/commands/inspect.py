@@ -11,12 +11,10 @@ from typing import Any, TextIO
 import trio
 
 from registry import (
-    DockerConfigCredentials,
-    HostsConfig,
     InvalidReferenceError,
-    RegistryClient,
     RegistryError,
     ResolvedImage,
+    create_client,
     host_platform,
     parse_platform,
     parse_reference,
@@ -102,7 +100,7 @@ def _print_table(report: dict[str, Any], out: TextIO) -> None:
 async def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     reference = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    async with RegistryClient(HostsConfig(args.hosts_dir), DockerConfigCredentials()) as client:
+    async with create_client(args.hosts_dir) as client:
         image = await client.resolve_image(reference, platform)
     return _report(image)
 
