@@ -105,10 +105,13 @@ def _prepare(daemon: Daemon, key: str, parent: str, labels: dict[str, str]) -> l
 
 
 def _expect_remote(daemon: Daemon, image: LazyImage, index: int, parent: str) -> None:
-    with pytest.raises(grpc.RpcError) as raised:
+    try:
         _prepare(daemon, f"ns/{index}/extract-{index} {image.chain[index]}", parent,
                  _labels(image, index))
-    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS, raised.value.details()
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.ALREADY_EXISTS, exc.details()
+    else:
+        pytest.fail(f"layer {index} was not served lazily:\n{daemon.log()[-4000:]}")
 
 
 def _stat(daemon: Daemon, key: str) -> snapshots_pb2.Info:
