@@ -225,3 +225,49 @@ def test_pull_failing_midway_leaves_nothing_behind(
     assert containerd.ctr("images", "ls", "-q").stdout.split() == []
     _collect_garbage(containerd)
     assert containerd.ctr("snapshots", "--snapshotter", "lazysnap", "ls").stdout.splitlines()[1:] == []
+
+
+@pytest.fixture(scope="module")
+def seekable_image(
+    docker_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> PushedImage:
+    """busybox as eStargz, /etc/hello as zstd:chunked, then a plain gzip layer."""
+    layers = (
+        oci.seekable_layer(oci.busybox_tar(), "estargz", chunk_size=64 << 10),
+        oci.seekable_layer(
+            oci.TarBuilder().dir("etc").file("etc/hello", b"hello from a lazy layer\n").tar(),
+            "zstd:chunked",
+        ),
+        oci.gzip_layer(oci.TarBuilder().dir("etc").file("etc/plain", b"plain\n").tar()),
+    )
+    layout = tmp_path_factory.mktemp("pull-seekable-layout")
+    digest = oci.write_layout(layout, layers)
+    reference = f"{docker_registry.host}/test/pull-seekable:latest"
+    oci.push_layout(layout, "latest", reference)
+    return PushedImage(reference, layers, digest)
+
+
+@pytest.mark.fuse
+def test_pull_serves_seekable_layers_remotely(
+    stack: tuple[Daemon, RunningContainerd], seekable_image: PushedImage
+) -> None:
+    daemon, containerd = stack
+    pulled = _lazysnap("pull", containerd, seekable_image.reference)
+    assert pulled.returncode == 0, pulled.stderr + daemon.log()[-3000:]
+    outcomes = [line.split()[3] for line in pulled.stdout.splitlines() if line.startswith("layer ")]
+    assert outcomes == ["remote", "remote", "applied"], pulled.stdout
+    chains = _chains(seekable_image)
+    for number, chain_id in enumerate(chains):
+        labels = _labels(_ctr_info(containerd, chain_id))
+        assert {k: labels.get(k) for k in CRI_LABELS} == _expected_cri_labels(seekable_image, number)
+    # Lazy layers were never downloaded into containerd's content store.
+    content = containerd.ctr("content", "ls", "-q").stdout.split()
+    assert seekable_image.layers[0].digest not in content
+    assert seekable_image.layers[2].digest in content
+    _collect_garbage(containerd)
+    result = containerd.ctr(
+        "run", "--rm", "--snapshotter", "lazysnap", seekable_image.reference, "c3",
+        "/bin/cat", "/etc/hello", "/etc/plain",
+    )
+    assert result.stdout == "hello from a lazy layer\nplain\n"
+    assert _leases(containerd) == []
