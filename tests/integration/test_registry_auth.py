@@ -19,7 +19,7 @@ from registry import (
     StaticCredentials,
     parse_reference,
 )
-from tests.integration.registry_support.helpers import lazysnap, run, write_docker_config
+from tests.integration.registry_support.helpers import lazysnap, require, run, write_docker_config
 from tests.integration.registry_support.htpasswd import write_htpasswd
 from tests.integration.registry_support.images import LayerSpec, push_image, random_blob
 from tests.integration.registry_support.tls import openssl_available
@@ -37,8 +37,7 @@ def _auth_entry(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    if not registry_available():
-        pytest.skip("Debian's docker-registry is not installed")
+    require(registry_available(), "Debian's docker-registry is not installed")
     workdir = tmp_path_factory.mktemp("basic-registry")
     htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD})
     auth = {"htpasswd": {"realm": "lazysnap-test", "path": str(htpasswd)}}
@@ -50,8 +49,10 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
 def token_registry(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningRegistry, TokenServer]]:
-    if not (registry_available() and openssl_available()):
-        pytest.skip("needs Debian's docker-registry and the openssl CLI")
+    require(
+        registry_available() and openssl_available(),
+        "needs Debian's docker-registry and the openssl CLI",
+    )
     workdir = tmp_path_factory.mktemp("token-registry")
     with (
         run_token_server(
@@ -161,8 +162,10 @@ def test_token_auth_bad_credentials_and_refresh_token(
 
 
 def test_expired_token_is_refreshed(tmp_path: Path) -> None:
-    if not (registry_available() and openssl_available()):
-        pytest.skip("needs Debian's docker-registry and the openssl CLI")
+    require(
+        registry_available() and openssl_available(),
+        "needs Debian's docker-registry and the openssl CLI",
+    )
     with (
         run_token_server(tmp_path / "token", users={USER: PASSWORD}, lifetime=2) as tokens,
         run_registry(

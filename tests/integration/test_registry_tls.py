@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from registry import HostsConfig, RegistryClient, TransportError, parse_reference
-from tests.integration.registry_support.helpers import lazysnap, run, write_hosts_toml
+from tests.integration.registry_support.helpers import lazysnap, require, run, write_hosts_toml
 from tests.integration.registry_support.images import LayerSpec, push_image, random_blob
 from tests.integration.registry_support.tls import ThrowawayCA, make_test_ca, openssl_available
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
@@ -21,8 +21,10 @@ pytestmark = pytest.mark.registry
 def tls_registry(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningRegistry, ThrowawayCA]]:
-    if not (registry_available() and openssl_available()):
-        pytest.skip("needs Debian's docker-registry and the openssl CLI")
+    require(
+        registry_available() and openssl_available(),
+        "needs Debian's docker-registry and the openssl CLI",
+    )
     workdir = tmp_path_factory.mktemp("tls-registry")
     ca = make_test_ca(workdir / "pki")
     tls = {"tls": {"certificate": str(ca.server_cert), "key": str(ca.server_key)}}

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import trio
 
 T = TypeVar("T")
@@ -46,3 +47,12 @@ def lazysnap(
         timeout=timeout,
         env=environ,
     )
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip without the tool, except in CI, where a missing tool must fail loudly."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)

@@ -24,7 +24,9 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def make_test_ca(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> ThrowawayCA:
+def make_test_ca(
+    directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ThrowawayCA:
     """A CA and a server certificate signed by it, valid for ``hosts`` (IPs or DNS names)."""
     directory.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
