@@ -75,9 +75,9 @@ class FakeRegistry:
             return True
         if self.auth == "basic":
             expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-            return header == f"Basic {expected}"
+            return bool(header == f"Basic {expected}")
         token = header.removeprefix("Bearer ")
-        return (
+        return bool(
             header.startswith("Bearer ")
             and token in self.issued_tokens
             and token not in self.revoked_tokens

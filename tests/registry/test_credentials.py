@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from registry import CredentialsError, DockerConfigCredentials
+from registry import Credentials, CredentialsError, DockerConfigCredentials
 from registry.credentials import docker_config_path
 
 
@@ -17,7 +17,7 @@ def _write(path: Path, doc: object) -> Path:
     return path
 
 
-def _lookup(config: Path, host: str) -> object:
+def _lookup(config: Path, host: str) -> Credentials | None:
     return trio.run(DockerConfigCredentials(config).credentials_for, host)
 
 
@@ -40,11 +40,11 @@ def test_auths_entries(tmp_path: Path) -> None:
         },
     )
     creds = _lookup(config, "r.io")
-    assert creds is not None and (creds.username, creds.password) == ("bob", "pa:ss")  # type: ignore[attr-defined]
+    assert creds is not None and (creds.username, creds.password) == ("bob", "pa:ss")
     other = _lookup(config, "other.io")
-    assert other is not None and other.password == "p"  # type: ignore[attr-defined]
+    assert other is not None and other.password == "p"
     hub = _lookup(config, "registry-1.docker.io")
-    assert hub is not None and hub.identity_token == "refresh"  # type: ignore[attr-defined]
+    assert hub is not None and hub.identity_token == "refresh"
     assert _lookup(config, "empty.io") is None
     assert _lookup(config, "unknown.io") is None
     assert _lookup(tmp_path / "missing.json", "r.io") is None
@@ -86,9 +86,9 @@ def test_cred_helpers(tmp_path: Path, helper_dir: Path) -> None:
         {"credHelpers": {"r.io": "fake", "tok.io": "fake", "broken.io": "fake", "none.io": "fake"}},
     )
     creds = _lookup(config, "r.io")
-    assert creds is not None and creds.password == "helper-pass"  # type: ignore[attr-defined]
+    assert creds is not None and creds.password == "helper-pass"
     tok = _lookup(config, "tok.io")
-    assert tok is not None and tok.identity_token == "idt" and not tok.username  # type: ignore[attr-defined]
+    assert tok is not None and tok.identity_token == "idt" and not tok.username
     assert _lookup(config, "none.io") is None
     with pytest.raises(CredentialsError, match="exit code 3"):
         _lookup(config, "broken.io")
@@ -99,8 +99,9 @@ def test_creds_store_then_auths(tmp_path: Path, helper_dir: Path) -> None:
         tmp_path / "config.json",
         {"credsStore": "fake", "auths": {"x.io": {"username": "a", "password": "b"}}},
     )
-    assert _lookup(config, "r.io").password == "helper-pass"  # type: ignore[union-attr]
-    assert _lookup(config, "x.io").password == "b"  # type: ignore[union-attr]
+    store, auths = _lookup(config, "r.io"), _lookup(config, "x.io")
+    assert store is not None and store.password == "helper-pass"
+    assert auths is not None and auths.password == "b"
 
 
 def test_missing_helper(tmp_path: Path) -> None:
