@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry import AuthenticationError, Credentials
 from registry.auth import (
@@ -79,3 +81,26 @@ def test_secrets_stay_out_of_reprs() -> None:
 def test_helpers() -> None:
     assert repository_scope("a/b", ["pull", "push"]) == "repository:a/b:pull,push"
     assert basic_authorization(Credentials("u", "p")) == "Basic dTpw"
+
+
+@given(st.text(max_size=200))
+def test_challenge_parser_is_total(text: str) -> None:
+    # Any header either parses or raises ValueError: nothing else escapes to the caller.
+    try:
+        challenges = parse_www_authenticate(text)
+    except ValueError:
+        return
+    for challenge in challenges:
+        assert challenge.scheme == challenge.scheme.lower()
+
+
+@given(
+    realm=st.text(
+        alphabet=st.characters(blacklist_characters='"\\', blacklist_categories=("Cs",)),
+        max_size=40,
+    ),
+    service=st.from_regex(r"[a-z0-9.:-]{1,20}", fullmatch=True),
+)
+def test_challenge_round_trip(realm: str, service: str) -> None:
+    (challenge,) = parse_www_authenticate(f'Bearer realm="{realm}", service={service}')
+    assert challenge.realm == realm and challenge.service == service
