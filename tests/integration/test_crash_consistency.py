@@ -47,7 +47,7 @@ class Model:
 
 
 def _traffic(address: Path, model: Model, round_: int, stop: threading.Event) -> None:
-    """Prepare/Commit/Remove/View loops until the daemon dies under us."""
+    """Prepare/Commit/View/Cleanup/Remove loops until the daemon dies under us."""
     rng = random.Random(round_)
     with grpc.insecure_channel(f"unix:{address}") as channel:
         c = Client(snapshots_pb2_grpc.SnapshotsStub(channel))
@@ -74,6 +74,11 @@ def _traffic(address: Path, model: Model, round_: int, stop: threading.Event) ->
             if rng.random() < 0.3:
                 try:
                     c.view(f"r{round_}/view {j}", name)
+                except grpc.RpcError:
+                    return
+            if rng.random() < 0.1:
+                try:
+                    c.cleanup()  # concurrent with nothing here, but killed mid-way sometimes
                 except grpc.RpcError:
                     return
             if rng.random() < 0.4:

@@ -510,7 +510,20 @@ def test_rename(suite: Suite) -> None:
     )
 
 
-def test_128_layers_mount(suite: Suite) -> None:
+@pytest.fixture(params=["short-root", "long-root"])
+def suite_any_root(request: pytest.FixtureRequest, workdir: Path) -> Iterator[tuple[Suite, bool]]:
+    # With a short root, 128 short links fit one page as they are. With a long one (the socket
+    # still under 108 bytes) they do not, and the test mounts them the way containerd's mount.All
+    # does: lowerdirs compacted relative to their common directory.
+    state = workdir / ("d" if request.param == "short-root" else "state-" + "x" * 44)
+    work = workdir / "work"
+    work.mkdir()
+    with daemon_in(state) as running, running.snapshots() as stub:
+        yield Suite(Client(stub), work), request.param == "long-root"
+
+
+def test_128_layers_mount(suite_any_root: tuple[Suite, bool]) -> None:
+    suite, long_root = suite_any_root
     c = suite.client
     lowest = apply_all(
         create_file("/bottom", b"way at the bottom\n", 0o777),
@@ -535,7 +548,8 @@ def test_128_layers_mount(suite: Suite) -> None:
         preparing = str(suite.work / f"prepare-layer-{i}")
         mounts = c.prepare(preparing, parent, OPT)
         for m in mounts:
-            assert sum(len(o) + 1 for o in m.options) <= MOUNT_OPTIONS_BUDGET
+            fits = sum(len(o) + 1 for o in m.options) <= MOUNT_OPTIONS_BUDGET
+            assert fits or long_root, i
         with mounted(mounts, suite.scratch("m")) as target:
             assert_same_tree(flat, target)
             applier(flat)
