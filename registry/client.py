@@ -354,11 +354,20 @@ class RegistryClient:
                     raise await error_from_response(response, what)
                 hasher = hashlib.new(algorithm)
                 size = 0
+                # No fixed total deadline fits every blob size: allow the announced length at
+                # the minimum rate, so a server dripping bytes cannot hold us forever.
+                length = response.headers.get("content-length", "")
+                budget = (
+                    self.options.request_timeout + int(length) / self.options.min_download_rate
+                    if length.isdigit()
+                    else None  # chunked: only the read timeout bounds it
+                )
                 async with await anyio.open_file(partial, "wb") as out:
-                    async for chunk in response.aiter_bytes(1024 * 1024):
-                        hasher.update(chunk)
-                        size += len(chunk)
-                        await out.write(chunk)
+                    with anyio.fail_after(budget):
+                        async for chunk in response.aiter_bytes(1024 * 1024):
+                            hasher.update(chunk)
+                            size += len(chunk)
+                            await out.write(chunk)
                 if hasher.hexdigest() != expected:
                     raise DigestMismatchError(
                         f"{what}: content hashes to {algorithm}:{hasher.hexdigest()}",

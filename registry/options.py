@@ -14,6 +14,7 @@ class ClientOptions:
     backoff_initial: float = 0.2  # the first retry waits up to this long (full jitter)
     backoff_max: float = 5.0
     retry_after_max: float = 30.0  # a Retry-After longer than this is cut to it
+    min_download_rate: float = 64 * 1024  # bytes/s: bounds a whole-blob download in total
     redirect_ttl: float = 300.0  # how long a blob's redirect target is reused
     max_connections: int = 64  # per TLS identity
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
@@ -23,6 +24,12 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        for name in ("connect_timeout", "read_timeout", "request_timeout", "redirect_ttl"):
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "request_timeout",
+            "redirect_ttl",
+            "min_download_rate",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -593,3 +593,39 @@ def test_blob_reads_fail_over_to_the_next_host_and_stay_there() -> None:
             assert len(mirror_requests) == asked  # the working host is tried first now
 
     run(main)
+
+
+class _Drip(httpx.AsyncByteStream):
+    """A body that arrives in pieces with pauses: each gap is short, the whole is slow."""
+
+    def __init__(self, data: bytes, pause: float) -> None:
+        self.data, self.pause = data, pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), 1000):
+            await trio.sleep(self.pause)
+            yield self.data[start : start + 1000]
+
+
+def test_download_is_bounded_in_total(tmp_path: Path) -> None:
+    fake, digest = seeded()
+    options = ClientOptions(
+        request_timeout=0.3, max_attempts=2, backoff_initial=0.001, min_download_rate=1e9
+    )
+
+    def drip(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, stream=_Drip(DATA[:5000], 0.1), headers={"Content-Length": "5000"}
+        )
+
+    fake.faults += [drip, drip]
+
+    async def main() -> None:
+        async with make_client(fake, options=options) as client:
+            await client.download_blob(REF, digest, tmp_path / "blob")
+
+    start = time.monotonic()
+    with pytest.raises(RegistryTimeoutError):
+        run(main)
+    assert time.monotonic() - start < 2
+    assert not (tmp_path / "blob.partial").exists()
