@@ -397,7 +397,9 @@ class Snapshotter:
             owned_links = {self.layout.link(i).name for i in ids}
             for link in list(self.layout.links.iterdir()):
                 if link.name not in owned_links:
-                    trashed.append(link)
+                    # Moved aside under the lock, like the directories: once it is released, a
+                    # Prepare may reuse a crashed transaction's id and make this very link anew.
+                    trashed.append(self._trash_path(link))
             for tail in list(self.layout.tails.iterdir()):
                 if tail.name.removesuffix(".tail") not in layer_ids:
                     trashed.append(tail)

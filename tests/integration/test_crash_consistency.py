@@ -296,3 +296,49 @@ def test_crash_at_each_step_leaves_whole_snapshots(workdir: Path, op: str, point
             sn.commit("victim-committed", "victim", {})
     finally:
         sn.close()
+
+
+def test_cleanup_racing_a_prepare_that_reuses_a_crashed_id_keeps_its_link(workdir: Path) -> None:
+    # A Prepare killed before its COMMIT leaves <root>/snapshots/N and <root>/l/<N> behind, and
+    # sqlite hands the id N out again. A Cleanup that judged those orphans must not remove the
+    # new snapshot N's short link once the lock is released (128-layer mounts need the links).
+    root = workdir / "root"
+    sn = Snapshotter(root)
+    sn.prepare("base-active", "", {})
+    sn.commit("base", "base-active", {})
+    _crash_at(root, "_make_dirs", "prepare")  # leaves id 2's directory and link, no row
+    sn.close()
+    sn = Snapshotter(root)
+    orphan_link = sn.layout.link(2)
+    assert orphan_link.is_symlink()
+
+    judged = threading.Event()
+    prepared = threading.Event()
+    original = Snapshotter._empty_trash
+
+    def paused_empty_trash(path: Path) -> None:
+        # The first deletion after Cleanup's transaction waits until Prepare has reused id 2.
+        if not judged.is_set():
+            judged.set()
+            assert prepared.wait(timeout=30)
+        original(path)
+
+    try:
+        Snapshotter._empty_trash = staticmethod(paused_empty_trash)  # type: ignore[method-assign]
+        cleaner = threading.Thread(target=sn.cleanup)
+        cleaner.start()
+        assert judged.wait(timeout=30)
+        sn.prepare("reuser", "base", {})
+        prepared.set()
+        cleaner.join(timeout=30)
+        assert not cleaner.is_alive()
+    finally:
+        Snapshotter._empty_trash = staticmethod(original)  # type: ignore[method-assign]
+    try:
+        (reuser_id,) = [i for i, (key, _) in _rows(root).items() if key == "reuser"]
+        assert reuser_id == 2
+        assert sn.layout.link(2).is_symlink()
+        assert sn.layout.link(2).resolve() == sn.layout.fs_dir(2).resolve()
+        assert sn.layout.fs_dir(2).is_dir()
+    finally:
+        sn.close()
