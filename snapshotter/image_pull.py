@@ -240,10 +240,30 @@ def unpack_existing(
     snapshotter: str,
     platform: Platform | None,
     progress: Progress,
+    blobs: BlobSource | None = None,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
-    """Unpack an image containerd has into ``snapshotter``, from containerd's content only."""
+    """Unpack an image containerd has into ``snapshotter``. Layer blobs missing from containerd's
+    content store come from ``blobs``, or are an error without it."""
     image = load_documents(api, find_image(api, name), platform)
     plan = plan_unpack(image.name, image.manifest_digest, image.manifest, image.config)
     with api.lease():
-        results = Unpacker(api, snapshotter, progress=progress).unpack(plan)
+        results = Unpacker(api, snapshotter, blobs=blobs, progress=progress).unpack(plan)
     return image, results
+
+
+async def unpack_fetching(
+    api: ContainerdAPI,
+    registry: RegistryClient,
+    name: str,
+    snapshotter: str,
+    platform: Platform | None,
+    progress: Progress,
+) -> tuple[ImageDocuments, list[LayerResult]]:
+    """``unpack_existing`` that fetches missing layer blobs from the image's registry."""
+    record = await trio.to_thread.run_sync(find_image, api, name)
+    ref = parse_reference(record.name)
+    with tempfile.TemporaryDirectory(prefix="lazysnap-unpack-") as scratch:
+        blobs = RegistryBlobs(registry, ref, Path(scratch))
+        return await trio.to_thread.run_sync(
+            unpack_existing, api, record.name, snapshotter, platform, progress, blobs
+        )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
+from registry import HostsConfig, RegistryHost
 from snapshotter.containerd_client import DEFAULT_CONTAINERD_ADDRESS
 from snapshotter.progress import LayerResult
 
@@ -36,6 +38,34 @@ def add_containerd_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
         help="log level on stderr (default: warning)",
     )
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hosts-dir", metavar="DIR",
+        help="containerd-style registry hosts directory "
+        "(default: $LAZYSNAP_HOSTS_DIR, else /etc/containerd/certs.d)",
+    )
+    parser.add_argument(
+        "--plain-http", action="store_true",
+        help="talk plain HTTP to every registry host (loopback registries always use it)",
+    )
+
+
+class PlainHTTPHosts(HostsConfig):
+    """``--plain-http``: the configured hosts, with https replaced by http (as ``ctr``)."""
+
+    def hosts_for(self, registry: str) -> list[RegistryHost]:
+        return [
+            dataclasses.replace(host, api_url=host.api_url.replace("https://", "http://", 1))
+            for host in super().hosts_for(registry)
+        ]
+
+
+def hosts_config(args: argparse.Namespace) -> HostsConfig:
+    if args.plain_http:
+        return PlainHTTPHosts(args.hosts_dir)
+    return HostsConfig(args.hosts_dir)
 
 
 def fail(command: str, message: object) -> int:

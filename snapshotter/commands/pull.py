@@ -8,7 +8,6 @@ registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as conta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import grpc
@@ -16,17 +15,21 @@ import trio
 
 from registry import (
     DockerConfigCredentials,
-    HostsConfig,
     NotFoundError,
     RegistryClient,
     RegistryError,
-    RegistryHost,
     host_platform,
     parse_platform,
     parse_reference,
 )
 from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
-from snapshotter.commands._containerd_args import add_containerd_arguments, fail, summary
+from snapshotter.commands._containerd_args import (
+    add_containerd_arguments,
+    add_registry_arguments,
+    fail,
+    hosts_config,
+    summary,
+)
 from snapshotter.containerd_client import ContainerdClient
 from snapshotter.errors import SnapshotterError
 from snapshotter.image_pull import ImageDocuments, pull
@@ -38,29 +41,11 @@ NAME = "pull"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_containerd_arguments(parser)
-    parser.add_argument(
-        "--hosts-dir", metavar="DIR",
-        help="containerd-style registry hosts directory "
-        "(default: $LAZYSNAP_HOSTS_DIR, else /etc/containerd/certs.d)",
-    )
-    parser.add_argument(
-        "--plain-http", action="store_true",
-        help="talk plain HTTP to every registry host (loopback registries always use it)",
-    )
+    add_registry_arguments(parser)
     parser.add_argument(
         "--snapshotter-address", metavar="SOCK",
         help="check first that the lazysnap daemon answers on this socket",
     )
-
-
-class PlainHTTPHosts(HostsConfig):
-    """``--plain-http``: the configured hosts, with https replaced by http (as ``ctr``)."""
-
-    def hosts_for(self, registry: str) -> list[RegistryHost]:
-        return [
-            dataclasses.replace(host, api_url=host.api_url.replace("https://", "http://", 1))
-            for host in super().hosts_for(registry)
-        ]
 
 
 def _check_daemon(address: str) -> None:
@@ -77,8 +62,7 @@ async def _pull(
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     reference = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    hosts = PlainHTTPHosts(args.hosts_dir) if args.plain_http else HostsConfig(args.hosts_dir)
-    async with RegistryClient(hosts, DockerConfigCredentials()) as registry:
+    async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as registry:
         return await pull(client, registry, reference, args.snapshotter, platform, progress)
 
 

@@ -1,25 +1,57 @@
 """``lazysnap unpack IMAGE``: unpack an image containerd already has (e.g. pulled for overlayfs)
 into a snapshotter, with the per-layer labels containerd's CRI sends. Reads the image record,
-manifest and config from containerd; fetches nothing."""
+manifest, config and layer blobs from containerd; with ``--fetch``, layer blobs containerd lacks
+(e.g. layers another snapshotter serves lazily) come from the image's registry."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from registry import RegistryError, host_platform, parse_platform
-from snapshotter.commands._containerd_args import add_containerd_arguments, fail, summary
+import trio
+
+from registry import (
+    DockerConfigCredentials,
+    Platform,
+    RegistryClient,
+    RegistryError,
+    host_platform,
+    parse_platform,
+)
+from snapshotter.commands._containerd_args import (
+    add_containerd_arguments,
+    add_registry_arguments,
+    fail,
+    hosts_config,
+    summary,
+)
 from snapshotter.containerd_client import ContainerdClient
 from snapshotter.errors import SnapshotterError
-from snapshotter.image_pull import unpack_existing
+from snapshotter.image_pull import ImageDocuments, unpack_existing, unpack_fetching
 from snapshotter.logs import setup_logging
-from snapshotter.progress import NoProgress, Progress, TextProgress
+from snapshotter.progress import LayerResult, NoProgress, Progress, TextProgress
 
 NAME = "unpack"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_containerd_arguments(parser)
+    parser.add_argument(
+        "--fetch", action="store_true",
+        help="fetch layer blobs missing from containerd's content store from the registry",
+    )
+    add_registry_arguments(parser)
+
+
+async def _unpack_fetching(
+    args: argparse.Namespace, client: ContainerdClient, platform: Platform, progress: Progress
+) -> tuple[ImageDocuments, list[LayerResult]]:
+    async with RegistryClient(
+        hosts_config(args), DockerConfigCredentials()
+    ) as registry:
+        return await unpack_fetching(
+            client, registry, args.image, args.snapshotter, platform, progress
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
         platform = parse_platform(args.platform) if args.platform else host_platform()
         with ContainerdClient(args.address, args.namespace) as client:
             client.version()
-            image, results = unpack_existing(
-                client, args.image, args.snapshotter, platform, progress
-            )
+            if args.fetch:
+                image, results = trio.run(_unpack_fetching, args, client, platform, progress)
+            else:
+                image, results = unpack_existing(
+                    client, args.image, args.snapshotter, platform, progress
+                )
     except (SnapshotterError, RegistryError, ValueError) as exc:
         return fail(NAME, exc)
     if not args.quiet:

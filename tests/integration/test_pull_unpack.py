@@ -44,7 +44,7 @@ def _lazysnap(
     args = [
         sys.executable, "-m", "snapshotter.cli", command, image,
         "--address", str(address or containerd.address), "--namespace", containerd.namespace,
-        *(["--hosts-dir", str(hosts_dir)] if command == "pull" else []),
+        *(["--hosts-dir", str(hosts_dir)] if command == "pull" or "--fetch" in extra else []),
         *extra,
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
@@ -270,4 +270,20 @@ def test_pull_serves_seekable_layers_remotely(
         "/bin/cat", "/etc/hello", "/etc/plain",
     )
     assert result.stdout == "hello from a lazy layer\nplain\n"
+    assert _leases(containerd) == []
+
+    # overlayfs needs the blobs lazysnap never downloaded: an error, unless fetching is allowed.
+    refused = _lazysnap("unpack", containerd, seekable_image.reference, "--snapshotter", "overlayfs")
+    assert refused.returncode == 1
+    assert seekable_image.layers[0].digest in refused.stderr
+    assert "not in containerd's content store" in refused.stderr
+    fetched = _lazysnap(
+        "unpack", containerd, seekable_image.reference, "--snapshotter", "overlayfs", "--fetch"
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    result = containerd.ctr(
+        "run", "--rm", "--snapshotter", "overlayfs", seekable_image.reference, "c4",
+        "/bin/cat", "/etc/hello",
+    )
+    assert result.stdout == "hello from a lazy layer\n"
     assert _leases(containerd) == []

@@ -11,7 +11,7 @@ import trio
 
 from registry import HostsConfig, NotFoundError, Platform, parse_reference
 from snapshotter import image_pull
-from snapshotter.commands.pull import PlainHTTPHosts
+from snapshotter.commands._containerd_args import PlainHTTPHosts
 from snapshotter.image_pull import pull
 from snapshotter.progress import LayerResult, TextProgress
 from tests.registry.fake_registry import FakeRegistry, make_client
