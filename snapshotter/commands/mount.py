@@ -7,8 +7,12 @@ chunk on first read, verified and cached; unless ``--no-background-fetch``, the 
 read in the background and checked against its digest. Runs until Ctrl-C, SIGTERM or an external
 unmount (``fusermount3 -u MOUNTPOINT``), and always unmounts on the way out.
 
-The image-reference form (``lazysnap mount IMAGE MOUNTPOINT``, layers merged with overlay) needs
-the registry client and is not supported yet.
+    lazysnap mount registry.example/app:1.0 /mnt/app [--platform linux/amd64]
+
+The image form resolves the reference with the registry client (hosts from the containerd-style
+hosts directory, credentials from the docker config), attaches every layer (all must be eStargz
+or zstd:chunked) as a directory of one private FUSE mount, and merges them read-only with
+overlayfs at MOUNTPOINT (a one-layer image is mounted directly).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -37,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "source",
         nargs="?",
         metavar="SOURCE",
-        help="image reference to mount (not yet supported; use --blob)",
+        help="image reference to mount (its layers merged read-only), unless --blob is given",
     )
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="existing directory")
     parser.add_argument(
@@ -72,6 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIGEST",
         help="expected sha256 of the TOC (the containerd.io/snapshot/stargz/toc.digest value)",
     )
+    parser.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="image platform to pick from an index (default: this machine's)",
+    )
+    parser.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        help="containerd-style registry hosts directory (default: $LAZYSNAP_HOSTS_DIR or "
+        "/etc/containerd/certs.d)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
@@ -81,16 +97,11 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    if args.blob is None:
-        if args.source is None:
-            return _usage("give --blob PATH (a local layer blob) or an image reference")
-        return _usage(
-            f"mounting an image reference ({args.source}) is not yet supported: it needs the "
-            "registry client; mount a downloaded layer with --blob PATH instead"
-        )
-    if args.source is not None:
+    if args.blob is None and args.source is None:
+        return _usage("give --blob PATH (a local layer blob) or an image reference")
+    if args.blob is not None and args.source is not None:
         return _usage("give either --blob PATH or an image reference, not both")
-    if not args.blob.is_file():
+    if args.blob is not None and not args.blob.is_file():
         return _usage(f"blob not found: {args.blob}")
     if not args.mountpoint.is_dir():
         return _usage(f"mountpoint is not a directory: {args.mountpoint}")
@@ -100,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = (
         Path(tempfile.mkdtemp(prefix="lazysnap-cache-")) if temporary_cache else args.cache_dir
     )
+    serve = _serve_blob if args.blob is not None else _serve_image
     try:
-        return trio.run(_serve, args, cache_dir)
+        return trio.run(serve, args, cache_dir)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -114,7 +126,7 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-async def _serve(args: argparse.Namespace, cache_dir: Path) -> int:
+async def _serve_blob(args: argparse.Namespace, cache_dir: Path) -> int:
     # Imported here so that argument errors are reported without loading the formats.
     from fusefs.formats import LayerFormatError, load_layer_index  # noqa: PLC0415
 
@@ -134,8 +146,8 @@ async def _serve(args: argparse.Namespace, cache_dir: Path) -> int:
             allow_other=os.geteuid() == 0,
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, fs)
-            await nursery.start(_run_then_stop, fs, nursery.cancel_scope)
+            nursery.start_soon(stop_on_signal, fs)
+            await nursery.start(run_then_stop, fs, nursery.cancel_scope)
             await fs.attach(
                 args.blob.name, blob, index, background_fetch=not args.no_background_fetch
             )
@@ -150,7 +162,7 @@ async def _serve(args: argparse.Namespace, cache_dir: Path) -> int:
         blob.close()
 
 
-async def _run_then_stop(
+async def run_then_stop(
     fs: LazyFilesystem,
     scope: trio.CancelScope,
     *,
@@ -160,9 +172,135 @@ async def _run_then_stop(
     scope.cancel()  # unmounted (from outside or by a signal): stop the signal watcher too
 
 
-async def _stop_on_signal(fs: LazyFilesystem) -> None:
+async def stop_on_signal(
+    fs: LazyFilesystem, before: list[Callable[[], Awaitable[None]]] | None = None
+) -> None:
+    """On SIGINT/SIGTERM: run ``before`` (e.g. unmount an overlay on top), then unmount."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("stopping on signal=%s", signal.Signals(signum).name)
+            for step in before or ():
+                await step()
             fs.unmount()
             return
+
+
+# -- the image form --------------------------------------------------------------------------
+
+
+async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
+    from fusefs.formats import (  # noqa: PLC0415
+        ESTARGZ_TOC_DIGEST,
+        LayerFormatError,
+        load_layer_index,
+    )
+    from registry import (  # noqa: PLC0415
+        DockerConfigCredentials,
+        HostsConfig,
+        RegistryClient,
+        RegistryError,
+        parse_platform,
+        parse_reference,
+    )
+
+    try:
+        ref = parse_reference(args.source)
+        platform = parse_platform(args.platform) if args.platform else None
+    except (RegistryError, ValueError) as exc:
+        return _usage(str(exc))
+    mountpoint: Path = args.mountpoint.resolve()
+    private = Path(await trio.to_thread.run_sync(tempfile.mkdtemp, None, "lazysnap-mount-"))
+    try:
+        async with RegistryClient(HostsConfig(args.hosts_dir), DockerConfigCredentials()) as client:
+            try:
+                image = await client.resolve_image(ref, platform)
+                layers = []
+                for number, descriptor in enumerate(image.manifest.layers):
+                    blob = await client.open_blob(ref, descriptor.digest, descriptor.size)
+                    try:
+                        index = await load_layer_index(
+                            blob,
+                            toc_digest=descriptor.annotations.get(ESTARGZ_TOC_DIGEST),
+                            annotations=dict(descriptor.annotations),
+                        )
+                    except LayerFormatError as exc:
+                        print(
+                            f"lazysnap mount: error: layer {number} ({descriptor.digest}, "
+                            f"{descriptor.media_type}) cannot be mounted lazily: {exc}",
+                            file=sys.stderr,
+                        )
+                        return EXIT_FAILED
+                    layer_id = f"{number:03d}-{descriptor.digest.partition(':')[2][:12]}"
+                    layers.append((layer_id, blob, index))
+            except RegistryError as exc:
+                print(f"lazysnap mount: error: {args.source}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            if not layers:
+                print(f"lazysnap mount: error: {args.source} has no layers", file=sys.stderr)
+                return EXIT_FAILED
+            single = len(layers) == 1
+            fuse_dir = mountpoint if single else private / "fuse"
+            await trio.Path(private / "fuse").mkdir()
+            fs = LazyFilesystem(
+                fuse_dir,
+                cache_dir,
+                cache_capacity=args.cache_size,
+                access_log=args.access_log,
+                single_layer=single,
+                allow_other=os.geteuid() == 0,
+            )
+            before_unmount: list[Callable[[], Awaitable[None]]] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_signal, fs, before_unmount)
+                await nursery.start(run_then_stop, fs, nursery.cancel_scope)
+                lowers = [
+                    await fs.attach(
+                        layer_id, blob, index, background_fetch=not args.no_background_fetch
+                    )
+                    for layer_id, blob, index in layers
+                ]
+                if not single:
+                    # Top layer first; a separate process mounts, as ours serves the lowers.
+                    options = "ro,lowerdir=" + ":".join(str(p) for p in reversed(lowers))
+                    await trio.run_process(
+                        ["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)]
+                    )
+                    before_unmount.append(lambda: _unmount_overlay(mountpoint))
+                    nursery.start_soon(_stop_when_unmounted, fs, mountpoint)
+                print(
+                    f"lazysnap: mounted {args.source} ({len(layers)} layers) at {mountpoint}; "
+                    f"Ctrl-C or `umount {mountpoint}` to stop",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    if not single:
+                        with trio.CancelScope(shield=True):
+                            await _unmount_overlay(mountpoint)
+        return 0
+    finally:
+        await trio.to_thread.run_sync(shutil.rmtree, private, True)
+
+
+def _is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+async def _stop_when_unmounted(fs: LazyFilesystem, mountpoint: Path) -> None:
+    """The overlay at MOUNTPOINT was unmounted from outside: stop as after Ctrl-C."""
+    while True:
+        if not await trio.to_thread.run_sync(_is_mounted, mountpoint):
+            break
+        await trio.sleep(0.5)
+    log.info("overlay unmounted from outside mountpoint=%s", mountpoint)
+    fs.unmount()
+
+
+async def _unmount_overlay(mountpoint: Path) -> None:
+    if await trio.to_thread.run_sync(_is_mounted, mountpoint):
+        # Lazily: a process still inside the tree must not keep the FUSE server alive.
+        await trio.run_process(["umount", "-l", str(mountpoint)], check=False)

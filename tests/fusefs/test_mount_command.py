@@ -18,11 +18,14 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_image_reference_is_not_yet_supported(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    code, err = run(capsys, "docker.io/library/busybox:latest", str(tmp_path))
-    assert code == 2 and "not yet supported" in err and "--blob" in err
+def test_bad_image_reference(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run(capsys, "Bad::Ref", str(tmp_path))
+    assert code == 2 and "invalid reference" in err
+
+
+def test_unreachable_registry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run(capsys, "127.0.0.1:1/x/y:z", str(tmp_path), "--hosts-dir", str(tmp_path))
+    assert code == 1 and "127.0.0.1:1/x/y:z" in err and "connect" in err.lower()
 
 
 def test_missing_source(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
