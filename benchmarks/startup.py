@@ -1,0 +1,531 @@
+#!/usr/bin/env python3
+"""Container start-up from nothing local: overlayfs full pull vs lazysnap lazy pull (issue 5).
+
+For each link (loopback, then a netproxy link of ``--mbit`` / ``--rtt-ms``), each workload and
+each arm, on a fresh containerd root/state and a fresh lazysnap root (no cache can leak between
+arms), it measures:
+
+* time to first output: from the start of the pull command to the first line the container
+  writes to stdout (``ctr run`` without a TTY, its stdout read through a pipe);
+* bytes fetched by then (the proxy's downstream byte counter: blobs, manifests, HTTP headers;
+  for lazysnap this includes what its background fetch got meanwhile), and the number of HTTP
+  and Range requests the proxy saw;
+* time until the whole image is local: for the full pull, the end of ``ctr image pull`` (it
+  downloads and unpacks everything before it returns); for lazysnap, the moment the daemon logs
+  ``layer fully fetched and verified`` for every layer of the image (its background fetch hashed
+  the whole blob against its digest), polled every 50 ms.
+
+Arms: ``overlayfs`` = ``ctr image pull --plain-http`` of the ordinary gzip image + ``ctr run``;
+``estargz`` / ``zstd:chunked`` = ``lazysnap pull --snapshotter lazysnap`` of the same root file
+system converted with lazysnap's writers (no prioritized files: unoptimized, as in the issue's
+stargz comparison) + ``ctr run --snapshotter lazysnap``. All images come from one docker-registry
+on loopback; every pull goes through the netproxy (unlimited on the loopback link) so that bytes
+are counted the same way for every arm.
+
+The image is a debootstrap bookworm minbase with python3 (one layer, ~66 MB gzip, ~175 MB tar),
+built once and cached with its OCI layouts under /var/cache/lazysnap-bench/.
+
+    .venv/bin/python benchmarks/startup.py                   # loopback + 100 Mbit/s, 20 ms
+    .venv/bin/python benchmarks/startup.py --quick           # loopback only
+    .venv/bin/python benchmarks/startup.py --links limited --workloads hello,imports \\
+        --mbit 100 --rtt-ms 20 --json /tmp/startup.json
+
+Needs root, /dev/fuse, containerd 1.6 + ctr + runc, docker-registry and skopeo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from netproxy import LinkProxy  # noqa: E402
+
+from tests.support import oci_image as oci  # noqa: E402
+from tests.support.containerd import RunningContainerd, run_containerd  # noqa: E402
+from tests.support.daemon import running_daemon  # noqa: E402
+from tests.support.docker_registry import run_registry  # noqa: E402
+
+CACHE = Path("/var/cache/lazysnap-bench")
+ROOTFS_TAR = CACHE / "bookworm-minbase-python3.tar"
+MIRROR = "http://deb.debian.org/debian"
+LAZYSNAP = REPO / ".venv" / "bin" / "lazysnap"
+REPOSITORY = "bench/debian"
+
+WORKLOADS: dict[str, list[str]] = {
+    # The container must print to be observed; the imports workload prints after importing.
+    "hello": ["python3", "-c", 'print("hello")'],
+    "imports": ["python3", "-c", 'import json, asyncio, sqlite3; print("imported")'],
+    "read-everything": [
+        "sh", "-c", "find / -xdev -type f -exec cat {} + > /dev/null; echo done",
+    ],
+}
+ARMS = ("overlayfs", "estargz", "zstd:chunked")
+ARM_TITLES = {
+    "overlayfs": "overlayfs full pull",
+    "estargz": "lazysnap eStargz",
+    "zstd:chunked": "lazysnap zstd:chunked",
+}
+TAGS = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstdchunked"}
+# Issue 5: lazy time-to-first-output as a fraction of the full pull's, and whole-image-local.
+TARGETS = {"hello": 0.11, "imports": 0.17, "read-everything": 1.1}
+WHOLE_LOCAL_TARGET = 1.2
+FULLY_FETCHED = "layer fully fetched and verified"
+FETCH_STOPPED = "background fetch stopped"
+
+RUN_TIMEOUT = 900.0  # one container run, read-everything on a slow link included
+LOCAL_TIMEOUT = 900.0  # waiting for the background fetch after the container exited
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the image ------------------------------------------------------------------------------
+
+def ensure_rootfs() -> Path:
+    """The debootstrap root file system as a tar, built once (a few minutes) and cached."""
+    if ROOTFS_TAR.exists():
+        return ROOTFS_TAR
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if shutil.which("debootstrap") is None:
+        log("installing debootstrap")
+        subprocess.run(["apt-get", "install", "-y", "debootstrap"], check=True,
+                       stdout=subprocess.DEVNULL, timeout=600)
+    build = Path(tempfile.mkdtemp(prefix="rootfs.", dir=CACHE))
+    try:
+        log(f"debootstrap --variant=minbase --include=python3 bookworm -> {build}")
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3", "bookworm", str(build),
+             MIRROR],
+            check=True, stdout=subprocess.DEVNULL, timeout=1800,
+        )
+        # What a real image build would not ship: downloaded packages and package lists.
+        for deb in (build / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        shutil.rmtree(build / "var/lib/apt/lists", ignore_errors=True)
+        (build / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+        partial = ROOTFS_TAR.with_suffix(".tar.part")
+        # Device nodes and the contents of /proc and /sys belong to the runtime, not the image.
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(build), "--exclude=./dev/*",
+             "--exclude=./proc/*", "--exclude=./sys/*", "-cf", str(partial), "."],
+            check=True, timeout=600,
+        )
+        partial.rename(ROOTFS_TAR)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return ROOTFS_TAR
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    arm: str
+    layout: Path
+    blob_sizes: tuple[int, ...]
+    tar_size: int
+
+    @property
+    def compressed(self) -> int:
+        return sum(self.blob_sizes)
+
+
+def ensure_layouts(tar_path: Path, chunk_size: int | None) -> dict[str, ImageInfo]:
+    """One OCI layout per arm, converted once per (tar, format, chunk size) and cached."""
+    digest = hashlib.sha256()
+    with tar_path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    tar_key = digest.hexdigest()[:12]
+    infos: dict[str, ImageInfo] = {}
+    tar: bytes | None = None
+    for arm in ARMS:
+        suffix = f"-c{chunk_size}" if chunk_size and arm != "overlayfs" else ""
+        layout = CACHE / "layouts" / f"{TAGS[arm]}{suffix}-{tar_key}"
+        if not (layout / "index.json").exists():
+            if tar is None:
+                tar = tar_path.read_bytes()
+            log(f"converting the root file system for {arm} (once; cached in {layout})")
+            options = {"chunk_size": chunk_size} if chunk_size else {}
+            layer = oci.gzip_layer(tar) if arm == "overlayfs" else oci.seekable_layer(
+                tar, arm, **options)
+            scratch = Path(tempfile.mkdtemp(prefix="layout.", dir=CACHE))
+            oci.write_layout(scratch, [layer], tag="latest", cmd=("python3",))
+            layout.parent.mkdir(parents=True, exist_ok=True)
+            scratch.rename(layout)
+        index = json.loads((layout / "index.json").read_text())
+        manifest_digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+        manifest = json.loads((layout / "blobs/sha256" / manifest_digest).read_text())
+        infos[arm] = ImageInfo(arm, layout, tuple(int(x["size"]) for x in manifest["layers"]),
+                               tar_path.stat().st_size)
+    return infos
+
+
+# -- one measurement --------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    link: str
+    workload: str
+    arm: str
+    ok: bool = False
+    error: str = ""
+    pull_s: float = 0.0  # the pull command alone
+    first_output_s: float = 0.0
+    exit_s: float = 0.0
+    local_s: float = 0.0  # whole image local (see the module doc)
+    first_line: str = ""
+    fetched_first: int = 0  # proxy bytes downstream at first output
+    requests_first: int = 0
+    ranges_first: int = 0
+    fetched_local: int = 0  # ... once the whole image was local
+    requests_local: int = 0
+    ranges_local: int = 0
+    pull_summary: str = ""
+
+
+def _kill_after(process: subprocess.Popen[bytes], seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, process.kill)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _pull(arm: str, reference: str, containerd: RunningContainerd, hosts_dir: Path,
+          daemon_address: Path) -> str:
+    if arm == "overlayfs":
+        command = ["ctr", "--address", str(containerd.address), "--namespace",
+                   containerd.namespace, "image", "pull", "--plain-http", reference]
+    else:
+        command = [str(LAZYSNAP), "pull", reference, "--snapshotter", "lazysnap",
+                   "--address", str(containerd.address), "--namespace", containerd.namespace,
+                   "--hosts-dir", str(hosts_dir), "--snapshotter-address", str(daemon_address)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _count_in_log(path: Path, needle: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(needle)
+    except FileNotFoundError:
+        return 0
+
+
+def measure(
+    link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
+    workdir: Path, number: int,
+) -> Result:
+    result = Result(link, workload, arm)
+    workdir.mkdir(parents=True)
+    hosts_dir = workdir / "hosts"  # empty: loopback registries are plain HTTP by default
+    hosts_dir.mkdir()
+    lazy = arm != "overlayfs"
+    # info, not debug: per-read debug logging would slow the daemon down.
+    with running_daemon(workdir / "d", extra_args=["--log-level", "info"]) as daemon, \
+            run_containerd(workdir / "c", daemon.address) as containerd:
+        before = proxy.counters()
+        started = time.monotonic()
+        result.pull_summary = _pull(arm, reference, containerd, hosts_dir, daemon.address)
+        result.pull_s = time.monotonic() - started
+
+        command = ["ctr", "--address", str(containerd.address), "--namespace",
+                   containerd.namespace, "run", "--rm",
+                   *(["--snapshotter", "lazysnap"] if lazy else []),
+                   reference, f"bench{number}", *WORKLOADS[workload]]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        timer = _kill_after(process, RUN_TIMEOUT)
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            first = process.stdout.readline()
+            result.first_output_s = time.monotonic() - started
+            at_first = proxy.counters().minus(before)
+            _, errors = process.communicate()
+            result.exit_s = time.monotonic() - started
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        result.first_line = first.decode(errors="replace").strip()
+        result.fetched_first = at_first.bytes_down
+        result.requests_first = at_first.http_requests
+        result.ranges_first = at_first.range_requests
+        if process.returncode != 0 or not first:
+            result.error = (f"ctr run exited {process.returncode}: "
+                            f"{errors.decode(errors='replace').strip()[-1000:]}")
+            return result
+
+        if lazy:
+            layers = len(image.blob_sizes)
+            deadline = time.monotonic() + LOCAL_TIMEOUT
+            while _count_in_log(daemon.log_path, FULLY_FETCHED) < layers:
+                if _count_in_log(daemon.log_path, FETCH_STOPPED):
+                    result.error = "background fetch stopped (see the daemon log)"
+                    return result
+                if time.monotonic() > deadline:
+                    result.error = f"not fully fetched after {LOCAL_TIMEOUT:.0f} s"
+                    return result
+                time.sleep(0.05)
+            result.local_s = time.monotonic() - started
+        else:
+            result.local_s = result.pull_s
+        at_local = proxy.counters().minus(before)
+        result.fetched_local = at_local.bytes_down
+        result.requests_local = at_local.http_requests
+        result.ranges_local = at_local.range_requests
+        remote = re.search(r"\((\d+) remote", result.pull_summary)
+        if lazy and (remote is None or int(remote.group(1)) != len(image.blob_sizes)):
+            result.error = f"layers were not served lazily: {result.pull_summary}"
+            return result
+        result.ok = True
+    return result
+
+
+# -- clean-up -------------------------------------------------------------------------------
+
+def unmount_under(root: Path) -> None:
+    """Lazily unmount whatever is still mounted below ``root`` (deepest first)."""
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    mbit: float
+    rtt_ms: float
+
+    @property
+    def title(self) -> str:
+        if not self.mbit and not self.rtt_ms:
+            return "loopback (netproxy, unlimited)"
+        return f"{self.mbit:g} Mbit/s, {self.rtt_ms:g} ms RTT (netproxy)"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
+
+
+def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo]) -> str:
+    out = [f"\n=== {link.title} ==="]
+    out.append("image: " + ", ".join(
+        f"{ARM_TITLES[a]} {_mb(i.compressed)} MB" for a, i in images.items())
+        + f"; tar {_mb(next(iter(images.values())).tar_size)} MB")
+    header = (f"{'workload':<16} {'arm':<22} {'first out':>9} {'ratio':>6} {'target':>7} "
+              f"{'fetched MB':>10} {'ratio':>6} {'req':>5} {'ranges':>6} "
+              f"{'pull':>6} {'local':>7} {'ratio':>6} {'target':>7}")
+    out += [header, "-" * len(header)]
+    for workload in WORKLOADS:
+        rows = [r for r in results if r.workload == workload]
+        if not rows:
+            continue
+        base = next((r for r in rows if r.arm == "overlayfs" and r.ok), None)
+        for r in rows:
+            if not r.ok:
+                out.append(f"{workload:<16} {ARM_TITLES[r.arm]:<22} FAILED: {r.error[:160]}")
+                continue
+            lazy = r.arm != "overlayfs"
+            first_ratio = _ratio(r.first_output_s, base.first_output_s) if base else "-"
+            fetched_ratio = _ratio(r.fetched_first, base.fetched_first) if base else "-"
+            local_ratio = _ratio(r.local_s, base.local_s) if base else "-"
+            target = f"<={TARGETS[workload]:.2f}x" if lazy else ""
+            local_target = f"<={WHOLE_LOCAL_TARGET:.1f}x" if lazy else ""
+            if lazy and base:
+                target += " ok" if r.first_output_s <= TARGETS[workload] * base.first_output_s \
+                    else " MISS"
+                local_target += " ok" if r.local_s <= WHOLE_LOCAL_TARGET * base.local_s \
+                    else " MISS"
+            out.append(
+                f"{workload:<16} {ARM_TITLES[r.arm]:<22} {r.first_output_s:>8.2f}s "
+                f"{first_ratio:>6} {target:>7} {_mb(r.fetched_first):>10} {fetched_ratio:>6} "
+                f"{r.requests_first:>5} {r.ranges_first:>6} {r.pull_s:>5.2f}s "
+                f"{r.local_s:>6.2f}s {local_ratio:>6} {local_target:>7}"
+            )
+    out.append(
+        "first out = pull command start -> first stdout line of the container; fetched = proxy "
+        "bytes downstream by then (lazysnap: on-demand + background); req/ranges = HTTP "
+        "requests / Range headers by then; pull = the pull command alone; local = whole image "
+        "local (full pull: end of ctr image pull; lazysnap: daemon logged every layer fully "
+        "fetched and verified); ratios vs the overlayfs full pull of the same workload."
+    )
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for name in workloads:
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    for arm in arms:
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    known = {"loopback": Link("loopback", 0, 0), "limited": Link("limited", args.mbit, args.rtt_ms)}
+    if args.links == "all":
+        names = ["loopback"] if args.quick else ["loopback", "limited"]
+    else:
+        names = [x.strip() for x in args.links.split(",") if x.strip()]
+    if not names or any(name not in known for name in names):
+        raise SystemExit(f"--links: expected all or a list of {', '.join(known)}")
+    links = [known[name] for name in names]
+
+    images = ensure_layouts(ensure_rootfs(), args.chunk_size)
+    images = {arm: images[arm] for arm in ARMS if arm in arms}
+    log("image: " + ", ".join(f"{a} {_mb(i.compressed)} MB" for a, i in images.items()))
+
+    top = Path(tempfile.mkdtemp(prefix="lzb", dir="/tmp"))  # short: unix socket paths
+    all_results: list[Result] = []
+    tables: list[str] = []
+    proxy: LinkProxy | None = None
+    try:
+        with run_registry(top / "registry") as registry:
+            for arm, image in images.items():
+                log(f"pushing {arm} image ({_mb(image.compressed)} MB) with skopeo")
+                oci.push_layout(image.layout, "latest", f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
+            host, port = registry.host.rsplit(":", 1)
+            number = 0
+            for link in links:
+                proxy = LinkProxy((host, int(port)), mbit=link.mbit, rtt_ms=link.rtt_ms,
+                                  lifetime=args.lifetime)
+                proxy.start()
+                results: list[Result] = []
+                try:
+                    for workload in workloads:
+                        for arm in images:
+                            number += 1
+                            reference = f"{proxy.address}/{REPOSITORY}:{TAGS[arm]}"
+                            log(f"[{link.name}] {workload} / {arm} ...")
+                            workdir = top / f"r{number}"
+                            try:
+                                result = measure(link.name, workload, arm, images[arm],
+                                                 reference, proxy, workdir, number)
+                            except Exception as exc:  # one broken arm must not end the run
+                                result = Result(link.name, workload, arm, error=repr(exc)[:2000])
+                            finally:
+                                unmount_under(workdir)
+                                if args.keep_logs:
+                                    _keep_logs(workdir, args.keep_logs, number, link, workload,
+                                               arm)
+                                shutil.rmtree(workdir, ignore_errors=True)
+                            log(f"    {_brief(result)}")
+                            results.append(result)
+                finally:
+                    proxy.stop()
+                    proxy = None
+                all_results += results
+                table = render(link, results, images)
+                tables.append(table)
+                print(table, flush=True)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        unmount_under(top)
+        shutil.rmtree(top, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"results": [dataclasses.asdict(r) for r in all_results],
+             "images": {a: {"compressed": i.compressed, "tar": i.tar_size,
+                            "blobs": list(i.blob_sizes)} for a, i in images.items()},
+             "machine": _machine()}, indent=1))
+    return 0 if all(r.ok for r in all_results) else 1
+
+
+def _keep_logs(workdir: Path, dest: str, number: int, link: Link, workload: str,
+               arm: str) -> None:
+    target = Path(dest) / f"{number:02d}-{link.name}-{workload}-{TAGS[arm]}"
+    target.mkdir(parents=True, exist_ok=True)
+    for source, name in ((workdir / "d" / "lazysnap.log", "lazysnap.log"),
+                         (workdir / "c" / "containerd.log", "containerd.log")):
+        with contextlib.suppress(OSError):
+            shutil.copy(source, target / name)
+
+
+def _brief(r: Result) -> str:
+    if not r.ok:
+        return f"FAILED {r.error[:300]}"
+    return (f"first output {r.first_output_s:.2f}s ({r.first_line!r}), pull {r.pull_s:.2f}s, "
+            f"fetched {_mb(r.fetched_first)} MB in {r.requests_first} requests "
+            f"({r.ranges_first} ranges), whole image local {r.local_s:.2f}s "
+            f"({_mb(r.fetched_local)} MB); {r.pull_summary}")
+
+
+def _machine() -> dict[str, str]:
+    return {"cpus": str(os.cpu_count()), "kernel": os.uname().release,
+            "python": sys.version.split()[0]}
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every service and unmount."""
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="loopback only (no limited link)")
+    parser.add_argument("--links", default="all",
+                        help="all, loopback, limited, or loopback,limited (default: all)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma separated (default: {','.join(WORKLOADS)})")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma separated (default: {','.join(ARMS)})")
+    parser.add_argument("--mbit", type=float, default=100.0, help="limited link rate")
+    parser.add_argument("--rtt-ms", type=float, default=20.0, help="limited link RTT")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="chunk size of the lazy formats (default: lazysnap's writer)")
+    parser.add_argument("--lifetime", type=float, default=7200.0,
+                        help="the proxy stops by itself after this many seconds")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--keep-logs", metavar="DIR",
+                        help="copy each run's lazysnap and containerd logs here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("startup.py needs root (containerd, mounts)", file=sys.stderr)
+        return 2
+    with _terminate_on_sigterm():
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print("interrupted; everything started was stopped", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
