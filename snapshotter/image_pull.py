@@ -34,7 +34,7 @@ from snapshotter.chain import index_gc_labels, manifest_gc_labels
 from snapshotter.containerd_api import ContainerdAPI, ImageRecord
 from snapshotter.errors import NotFoundError
 from snapshotter.progress import LayerResult, Progress
-from snapshotter.unpacker import BlobSource, Unpacker, UnpackError, plan_unpack
+from snapshotter.unpacker import BlobSource, Unpacker, UnpackError, ingest_ref, plan_unpack
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def store_blob(
 ) -> None:
     """Put a small blob into containerd's content store with ``labels`` (also when present)."""
     written = api.write_content(
-        f"lazysnap-{digest}", [data], expected=digest, total=len(data), labels=labels
+        ingest_ref(digest), [data], expected=digest, total=len(data), labels=labels
     )
     if not written and labels:
         api.set_content_labels(digest, labels)

@@ -114,6 +114,13 @@ def extraction_key(chain_id: str) -> str:
     return f"extract-{time.time_ns() % 1_000_000_000}-{unique} {chain_id}"
 
 
+def ingest_ref(digest: str) -> str:
+    """A content-store ingest name of our own: containerd locks a ref while it is written, so a
+    concurrent pull of the same blob must not share it (the second commit then simply finds the
+    blob present)."""
+    return f"lazysnap-{digest}-{secrets.token_hex(4)}"
+
+
 class Unpacker:
     def __init__(
         self,
@@ -233,7 +240,7 @@ class Unpacker:
             )
         with self._blobs.open(layer) as chunks:
             self._api.write_content(
-                f"lazysnap-layer-{layer.digest}",
+                ingest_ref(layer.digest),
                 chunks,
                 expected=layer.digest,
                 total=layer.size,
