@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(NAME, f"{args.image}: {type(exc).__name__}: {exc}")
     except (SnapshotterError, ValueError) as exc:
         return fail(NAME, exc)
+    except KeyboardInterrupt:
+        fail(NAME, "interrupted (containerd collects what was stored once its lease expires)")
+        return 130
     if not args.quiet:
         print(summary(image.name, args.snapshotter, results))
     return 0

@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
                 )
     except (SnapshotterError, RegistryError, ValueError) as exc:
         return fail(NAME, exc)
+    except KeyboardInterrupt:
+        fail(NAME, "interrupted (containerd collects what was stored once its lease expires)")
+        return 130
     if not args.quiet:
         print(summary(image.name, args.snapshotter, results))
     return 0
