@@ -10,6 +10,7 @@ import json
 import os
 import random
 import stat
+import struct
 import subprocess
 import tarfile
 import zlib
@@ -333,6 +334,13 @@ def estargz_blob(
     )
     toc_offset = len(payload)
     return payload + gzip_member(toc_tar) + build_estargz_footer(toc_offset)
+
+
+def legacy_estargz_footer(toc_offset: int) -> bytes:
+    """The 47-byte footer of early stargz: XLEN 22, extra = "%016xSTARGZ", no subfield header."""
+    extra = b"%016xSTARGZ" % toc_offset
+    header = b"\x1f\x8b\x08\x04" + b"\0\0\0\0" + b"\0\xff" + struct.pack("<H", len(extra))
+    return header + extra + b"\x01\x00\x00\xff\xff" + b"\0" * 8
 
 
 def payload_members(*contents: bytes) -> tuple[bytes, list[int]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,14 +13,7 @@ from fusefs.formats.footer import (
     build_zstd_footer,
     build_zstd_legacy_footer,
 )
-from tests.fusefs.formats_support import decompress_gzip_stream
-
-
-def legacy_estargz_footer(toc_offset: int) -> bytes:
-    """The 47-byte footer of early stargz: XLEN 22, extra = "%016xSTARGZ", no subfield header."""
-    extra = b"%016xSTARGZ" % toc_offset
-    header = b"\x1f\x8b\x08\x04" + b"\0\0\0\0" + b"\0\xff" + struct.pack("<H", len(extra))
-    return header + extra + b"\x01\x00\x00\xff\xff" + b"\0" * 8
+from tests.fusefs.formats_support import decompress_gzip_stream, legacy_estargz_footer
 
 
 def test_estargz_footer_layout() -> None:

@@ -39,11 +39,11 @@ from tests.fusefs.formats_support import (
     decompress_zstd_stream,
     gnu_tar,
     index_view,
+    legacy_estargz_footer,
     read_file,
     sha,
     tar_view,
 )
-from tests.fusefs.test_formats_footer import legacy_estargz_footer
 
 
 def load(blob: bytes, **kwargs: Any) -> tuple[CompactLayerIndex, MemoryBlob]:

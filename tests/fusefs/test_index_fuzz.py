@@ -4,17 +4,29 @@ LayerFormatError, and whatever they accept is a consistent index."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import tarfile
 from typing import Any
 
+import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fusefs.formats import IndexLimits, LayerFormat, LayerFormatError, TocLocation, index_from_toc
+from fusefs.formats import (
+    IndexLimits,
+    LayerFormat,
+    LayerFormatError,
+    TocLocation,
+    index_from_toc,
+    load_layer_index,
+    write_estargz,
+    write_zstd_chunked,
+)
 from fusefs.formats.builder import build_index
 from fusefs.formats.tocdata import iter_toc_entries
 from fusefs.index import Codec, EntryKind, LayerIndex
-from tests.fusefs.formats_support import gzip_member, sha
+from tests.fusefs.formats_support import MemoryBlob, gzip_member, sha
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = IndexLimits(max_entries=200, max_depth=8)
@@ -182,3 +194,45 @@ def test_index_from_arbitrary_toc_bytes(
     )
     with contextlib.suppress(LayerFormatError):
         index_from_toc(location, data, limits=LIMITS)
+
+
+def _writer_blobs() -> list[bytes]:
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in (("d/a", b"a" * 3000), ("d/b", b""), ("c", bytes(5000))):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    blobs = []
+    for write, options in (
+        (write_estargz, {"chunk_size": 1024}),
+        (write_zstd_chunked, {"chunk_size": 1024}),
+        (write_zstd_chunked, {"chunk_size": 2048, "legacy": True}),
+    ):
+        out = io.BytesIO()
+        plain.seek(0)
+        write(plain, out, **options)
+        blobs.append(out.getvalue())
+    return blobs
+
+
+WRITER_BLOBS = _writer_blobs()
+
+
+@FUZZ
+@given(
+    which=st.integers(0, len(WRITER_BLOBS) - 1),
+    flips=st.lists(st.tuples(st.integers(1, 400), st.integers(1, 255)), min_size=1, max_size=4),
+)
+def test_damaged_blob_tails_only_raise_format_errors(
+    which: int, flips: list[tuple[int, int]]
+) -> None:
+    blob = bytearray(WRITER_BLOBS[which])
+    for back, mask in flips:
+        blob[-min(back, len(blob))] ^= mask  # the TOC and footer live at the end
+
+    async def main() -> None:
+        await load_layer_index(MemoryBlob(bytes(blob)))
+
+    with contextlib.suppress(LayerFormatError):
+        trio.run(main)
