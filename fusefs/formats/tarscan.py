@@ -102,11 +102,16 @@ def scan_members(source: BinaryIO) -> tuple[list[TarMember], int]:
             if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
                 continue
             data_size = info.size if info.isreg() else 0
+            if info.offset < end:
+                raise ValueError(f"tar member {info.name!r} overlaps the previous one")
+            # Bytes tarfile consumed before the member's own headers (a global PAX header)
+            # belong to it, so that copying members in order reproduces the input.
+            header_start = end
             end = info.offset_data + -(-data_size // BLOCK) * BLOCK
             members.append(
                 TarMember(
                     info=info,
-                    header_start=info.offset,
+                    header_start=header_start,
                     data_start=info.offset_data,
                     data_size=data_size,
                     end=end,

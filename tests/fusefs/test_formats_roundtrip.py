@@ -290,3 +290,26 @@ def _tar_content(tar_bytes: bytes, name: str) -> bytes:
         extracted = archive.extractfile(name)
         assert extracted is not None
         return extracted.read()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_extension_headers_survive(tar_format: int) -> None:
+    plain = io.BytesIO()
+    headers = {"comment": "a global header"} if tar_format == tarfile.PAX_FORMAT else {}
+    with tarfile.open(fileobj=plain, mode="w", format=tar_format, pax_headers=headers) as archive:
+        info = tarfile.TarInfo("long/" + "n" * 200)
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+        info = tarfile.TarInfo("link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "t" * 300
+        archive.addfile(info)
+    layer = plain.getvalue()
+    out = io.BytesIO()
+    result = write_zstd_chunked(io.BytesIO(layer), out)
+    assert decompress_zstd_stream(out.getvalue()) == layer
+    index, _ = load(out.getvalue(), toc_digest=result.toc_digest)
+    assert index_view(index, out.getvalue()) == tar_view(layer)
+    blob, result = convert(layer, "estargz-default")
+    index, _ = load(blob, toc_digest=result.toc_digest)
+    assert index_view(index, blob) == tar_view(layer)
