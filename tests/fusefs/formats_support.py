@@ -234,6 +234,14 @@ def tar_view(tar_bytes: bytes) -> dict[str, Node]:
                 content_sha=hashlib.sha256(content).hexdigest() if kind == EntryKind.REG else "",
                 link_group=path,
             )
+    for path in list(nodes) + [f"{d}/.wh..wh..opq" for d in opaque if d]:
+        # Directories a tar implies without a member of their own, as the index creates them.
+        parent = path.rpartition("/")[0]
+        while parent and parent not in nodes:
+            nodes[parent] = Node(
+                EntryKind.DIR, stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, b"", (), "", parent
+            )
+            parent = parent.rpartition("/")[0]
     for path in opaque:
         node = nodes[path]
         xattrs = tuple(sorted((*node.xattrs, (b"trusted.overlay.opaque", b"y"))))
