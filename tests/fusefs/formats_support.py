@@ -242,7 +242,7 @@ def tar_view(tar_bytes: bytes) -> dict[str, Node]:
                 EntryKind.DIR, stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, b"", (), "", parent
             )
             parent = parent.rpartition("/")[0]
-    for path in opaque:
+    for path in opaque - {""}:  # the root's attributes are not part of the view
         node = nodes[path]
         xattrs = tuple(sorted((*node.xattrs, (b"trusted.overlay.opaque", b"y"))))
         nodes[path] = Node(**{**node.__dict__, "xattrs": xattrs})
