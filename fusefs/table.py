@@ -24,6 +24,7 @@ class LayerTable:
     def __init__(self) -> None:
         self._by_slot: dict[int, Layer] = {}
         self._by_name: dict[bytes, int] = {}
+        self._next = 1  # one past the highest slot used so far
 
     def __len__(self) -> int:
         return len(self._by_slot)
@@ -43,11 +44,19 @@ class LayerTable:
         return [self._by_slot[slot] for slot in sorted(self._by_slot)]
 
     def free_slot(self) -> int:
-        slot = 1
-        while slot in self._by_slot:
-            slot += 1
-        if slot > MAX_SLOT:
-            raise RuntimeError("no free layer slot")
+        """A slot never handed out before in this process (while there are any).
+
+        The kernel may keep inodes of a detached layer cached for a long time; a new layer at
+        the same slot would reuse their numbers for different files. The daemon pins slots it
+        stored, and reuses a slot only for the same layer (the same inode numbers and files).
+        """
+        slot = self._next
+        if slot > MAX_SLOT:  # a few billion attaches later: fall back to the lowest free one
+            slot = 1
+            while slot in self._by_slot:
+                slot += 1
+            if slot > MAX_SLOT:
+                raise RuntimeError("no free layer slot")
         return slot
 
     def add(self, layer: Layer) -> None:
@@ -60,6 +69,7 @@ class LayerTable:
             raise ValueError(f"layer slot out of range: {layer.slot}")
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer.slot
+        self._next = max(self._next, layer.slot + 1)
 
     def remove(self, layer_id: str) -> Layer:
         name = os.fsencode(layer_id)
