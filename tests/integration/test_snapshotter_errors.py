@@ -387,21 +387,27 @@ FILTER_CASES: list[tuple[list[str], set[str]]] = [
 ]
 
 
-@pytest.mark.parametrize(("filters", "expected"), FILTER_CASES, ids=lambda v: repr(v)[:60])
-def test_list_filters(populated: Client, filters: list[str], expected: set[str]) -> None:
-    assert set(names(populated.list(*filters))) == expected
+def test_list_filters(populated: Client) -> None:
+    # One daemon for all cases (a daemon per case would cost a second each).
+    wrong = {tuple(filters): (set(names(populated.list(*filters))), expected)
+             for filters, expected in FILTER_CASES}
+    wrong = {k: v for k, v in wrong.items() if v[0] != v[1]}
+    assert not wrong, wrong
 
 
-@pytest.mark.parametrize("bad", [
+MALFORMED = [
     "name==", "name=", "==x", "name==x,", ",name==x", "labels.", 'labels."open==x',
     "name~=(", "name~=a{99999999999}", 'name=="\\q"', 'name=="\\U00110000"', "name==x y==z",
     "a..b",
-])
-def test_malformed_filter_is_invalid_argument(c: Client, bad: str) -> None:
+]
+
+
+def test_malformed_filter_is_invalid_argument(c: Client) -> None:
     c.prepare("something")
-    code, message = status_of(lambda: c.list("name==something", bad))
-    assert code == INVALID_ARGUMENT, bad
-    assert "filter" in message
+    for bad in MALFORMED:
+        code, message = status_of(lambda: c.list("name==something", bad))  # noqa: B023
+        assert code == INVALID_ARGUMENT, bad
+        assert "filter" in message, bad
 
 
 def test_list_streams_more_than_100_results(c: Client) -> None:
@@ -479,10 +485,13 @@ def test_cleanup_removes_only_orphaned_snapshot_directories(
     (snapshots / "stray-file").write_bytes(b"")
     (daemon.root / "not-a-snapshot").write_bytes(b"outside snapshots/")
     root_entries = set(os.listdir(daemon.root))
+    owned_links = {p.name: os.readlink(p) for p in (daemon.root / "l").iterdir()}
+    assert len(owned_links) == len(owned)
 
     c.cleanup()
 
     assert _snapshot_dirs(daemon) == owned
+    assert {p.name: os.readlink(p) for p in (daemon.root / "l").iterdir()} == owned_links
     assert set(os.listdir(daemon.root)) == root_entries
     assert (daemon.root / "not-a-snapshot").read_bytes() == b"outside snapshots/"
     # Every snapshot still works.
