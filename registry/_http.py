@@ -255,10 +255,19 @@ class Engine:
         return "Bearer " + token.value
 
     def _on_unauthorized(
-        self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
+        self,
+        host: RegistryHost,
+        challenge: Challenge,
+        scopes: Sequence[str],
+        sent: str | None,
     ) -> None:
         self._challenges[host.netloc] = challenge
-        self._tokens.invalidate(self._token_key(host, challenge, scopes))
+        key = self._token_key(host, challenge, scopes)
+        cached = self._tokens.get(key)
+        # Drop the cached token only if it is the one refused: a late 401 to a request sent
+        # anonymously (or with an older token) must not throw away a fresh token.
+        if cached is not None and sent == "Bearer " + cached.value:
+            self._tokens.invalidate(key)
 
     async def _fetch_token(
         self,
@@ -349,7 +358,7 @@ class Engine:
                 )
                 if challenge is not None:
                     await response.aclose()
-                    self._on_unauthorized(host, challenge, scopes)
+                    self._on_unauthorized(host, challenge, scopes, authorization)
                     auth_retried = True
                     continue
             if (
@@ -363,7 +372,7 @@ class Engine:
                 challenge = self._challenges.get(host.netloc)
                 if challenge is not None:
                     await response.aclose()
-                    self._on_unauthorized(host, challenge, scopes)
+                    self._on_unauthorized(host, challenge, scopes, authorization)
                     auth_retried = True
                     continue
             if status in REDIRECT_STATUSES and "location" in response.headers:

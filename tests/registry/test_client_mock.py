@@ -629,3 +629,24 @@ def test_download_is_bounded_in_total(tmp_path: Path) -> None:
         run(main)
     assert time.monotonic() - start < 2
     assert not (tmp_path / "blob.partial").exists()
+
+
+def test_concurrent_first_reads_fetch_one_token() -> None:
+    fake, digest = seeded(auth="bearer")
+    fake.delay = 0.01  # let the reads overlap
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            blob = await client.open_blob(REF, digest, size=len(DATA))
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await blob.read_at(i * 100, 100)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(one, i)
+            assert all(results[i] == DATA[i * 100 : i * 100 + 100] for i in range(20))
+
+    run(main)
+    assert len([r for r in fake.requests if r.url.host == "auth.test"]) == 1
