@@ -161,7 +161,7 @@ class _Builder:
         self.fetch_entries = array("I")
         # The regular file whose chunk entries may follow: (entry or -1, name, size, digest,
         # endOffset, chunks).
-        self.pending: tuple[int, str, int, bytes | None, int, list[_Chunk]] | None = None
+        self.pending: tuple[int, str, int, Any, int, list[_Chunk]] | None = None
         self.prefetch_end: int | None = None
         self.root_described = False
         self.mtimes: dict[str, int] = {}  # layers repeat a few timestamps: parse each once
@@ -480,7 +480,9 @@ class _Builder:
         if type(end_offset) is not int or not 0 <= end_offset < _I63:
             end_offset = _int(fields, "endOffset")
         chunks = [self._chunk_fields(fields, 0)] if size > 0 else []
-        self.pending = (entry, name, size, _digest(fields, "digest"), end_offset, chunks)
+        # The whole-file digest only matters for single-chunk files without a chunkDigest
+        # (containers/storage); it is checked when used.
+        self.pending = (entry, name, size, fields.get("digest"), end_offset, chunks)
 
     def _add_chunk(self, entry: dict[str, Any], name: str) -> None:
         pending = self.pending
@@ -518,7 +520,7 @@ class _Builder:
                     f"{size_field}, layout says {size})"
                 )
             if digest is None and count == 1:
-                digest = file_digest
+                digest = _digest({"digest": file_digest}, "digest")
             if digest is None and not zeros:
                 raise LayerFormatError(f"chunk of {name!r} has no digest")
             if zeros:

@@ -332,6 +332,13 @@ def test_crc64_matches_go_iso() -> None:
     crc.update(b"123456789")
     assert crc.value() == 0xB90956C775A41001  # CRC-64/GO-ISO check value
     assert crc.digest() == bytes.fromhex("b90956c775a41001")
+    data = bytes(range(256)) * 41 + b"tail"
+    whole = Crc64()
+    whole.update(data)
+    pieces = Crc64()
+    for start in range(0, len(data), 13):  # unaligned pieces take the byte-at-a-time path
+        pieces.update(memoryview(data)[start : start + 13])
+    assert pieces.value() == whole.value()
 
 
 def test_tar_split_rebuilds_the_tar(tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ HOSTILE: dict[str, tuple[list[Any], str]] = {
     "reg-chunk-offset": ([reg("a", chunkOffset=3)], "chunkOffset"),
     "no-digest": ([reg("a", chunkDigest="")], "no digest"),
     "bad-digest": ([reg("a", chunkDigest="sha256:xyz")], "sha256"),
+    "bad-file-digest": ([reg("a", chunkDigest="", digest="sha256:0")], "sha256"),
     "md5-digest": ([reg("a", chunkDigest="md5:" + "0" * 32)], "sha256"),
     "unknown-type": ([{"name": "s", "type": "socket"}], "unknown TOC entry type"),
     "unknown-chunk-type": ([reg("a", chunkType="holes")], "chunkType"),
