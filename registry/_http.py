@@ -55,7 +55,7 @@ Response = httpx.Response
 Handler = Callable[[httpx.Response], Awaitable[T]]
 TransportFactory = Callable[[RegistryHost], httpx.AsyncBaseTransport]
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
