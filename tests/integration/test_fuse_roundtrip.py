@@ -7,12 +7,14 @@ always unmounts and reaps it (``fuse_support.running_mount``).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
 import shutil
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,32 @@ def test_overlayfs_over_lazysnap_mounts_matches_the_merged_tars(
             want.content_sha,
         ), path
     assert (merged.parent / "rw").exists()
+
+
+def test_concurrent_cold_readers_get_the_right_bytes(
+    layer: tuple[bytes, dict[str, Seen]], tmp_path: Path
+) -> None:
+    tar_bytes, expected = layer
+    blob = write_blob(tar_bytes, "estargz", tmp_path / "layer.blob")
+    files = sorted(p for p, s in expected.items() if stat.S_ISREG(s.mode) and s.size)
+    mnt = tmp_path / "mnt"
+    errors: list[str] = []
+
+    def reader(offset: int) -> None:
+        # Every thread reads every file, starting at a different one, in odd-sized pieces.
+        for path in files[offset:] + files[:offset]:
+            digest = hashlib.sha256()
+            with open(mnt / path, "rb", buffering=0) as f:
+                while piece := f.read(12_345 + offset):
+                    digest.update(piece)
+            if digest.hexdigest() != expected[path].content_sha:
+                errors.append(path)
+
+    with running_mount(lazysnap_mount_args(blob, mnt, "--no-background-fetch"), mnt):
+        threads = [threading.Thread(target=reader, args=(i * 7,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
