@@ -140,30 +140,32 @@ def iter_range(source: BinaryIO, start: int, length: int, piece: int) -> Iterato
 def prioritize(
     members: Sequence[TarMember], prioritized: Sequence[str]
 ) -> tuple[list[TarMember], list[TarMember]]:
-    """Split members into (prioritized first, in the given order, with their parent directories
-    and hardlink targets; the rest in input order). Names not in the tar are ignored."""
-    by_name: dict[str, TarMember] = {}
-    for member in members:
-        by_name.setdefault(_clean(member.path), member)
-    chosen: list[TarMember] = []
+    """Split members into (prioritized first, in the given order, each preceded by its parent
+    directories and hardlink target; the rest in input order). Names not in the tar are
+    ignored: one prefetch list usually serves every layer of an image."""
+    by_name: dict[str, int] = {}
+    for position, member in enumerate(members):
+        by_name.setdefault(_clean(member.path), position)
+    chosen: list[int] = []
     taken: set[int] = set()
 
     def take(name: str) -> None:
-        member = by_name.get(name)
-        if member is None or id(member) in taken:
+        position = by_name.get(name)
+        if position is None or position in taken:
             return
+        taken.add(position)
         parts = name.split("/")
         for depth in range(1, len(parts)):
             take("/".join(parts[:depth]))
-        if member.info.islnk():
-            take(_clean(member.info.linkname))
-        taken.add(id(member))
-        chosen.append(member)
+        info = members[position].info
+        if info.islnk():
+            take(_clean(info.linkname))
+        chosen.append(position)
 
     for name in prioritized:
         take(_clean(name))
-    rest = [m for m in members if id(m) not in taken]
-    return chosen, rest
+    rest = [m for position, m in enumerate(members) if position not in taken]
+    return [members[position] for position in chosen], rest
 
 
 def _clean(name: str) -> str:

@@ -222,14 +222,15 @@ class _LayerWriter:
         self.entries: list[dict[str, Any]] = []
         self.tarsplit = _TarSplit() if self.native else None
 
-    def _raw(self, data: bytes) -> None:
+    def raw(self, data: bytes) -> None:
+        """Tar bytes that are not file content (headers, padding, end-of-archive)."""
         self.framed.write(data)
         if self.tarsplit is not None:
             self.tarsplit.raw(data)
 
     def member(self, member: TarMember) -> None:
         info = member.info
-        self._raw(
+        self.raw(
             read_range(self.source, member.header_start, member.data_start - member.header_start)
         )
         entry = _base_entry(info)
@@ -241,17 +242,17 @@ class _LayerWriter:
         self.entries.extend(pieces)
         padding = member.end - (member.data_start + size)
         if padding:
-            self._raw(read_range(self.source, member.data_start + size, padding))
+            self.raw(read_range(self.source, member.data_start + size, padding))
 
     def synthetic(self, info: tarfile.TarInfo, content: bytes) -> None:
         """A member that is not in the input (the landmark)."""
-        self._raw(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        self.raw(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
         entry = _base_entry(info)
         crc = Crc64() if self.tarsplit is not None else None
         self.entries.extend(self._payload(entry, -1, len(content), crc, content))
         if self.tarsplit is not None and crc is not None:
             self.tarsplit.file(info.name, len(content), crc.digest())
-        self._raw(bytes(-len(content) % BLOCK))
+        self.raw(bytes(-len(content) % BLOCK))
 
     def _payload(
         self,
@@ -480,7 +481,7 @@ def _write_zstd_chunked(
     source.seek(0, 2)
     tail = read_range(source, tail_start, source.tell() - tail_start)
     writer.framed.new_frame()
-    writer._raw(tail)  # end-of-archive blocks and record padding, byte for byte
+    writer.raw(tail)  # end-of-archive blocks and record padding, byte for byte
     writer.framed.end_frame()
     framed = writer.framed
     cctx = zstandard.ZstdCompressor(level=compression_level)

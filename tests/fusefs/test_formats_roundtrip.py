@@ -313,3 +313,13 @@ def test_extension_headers_survive(tar_format: int) -> None:
     blob, result = convert(layer, "estargz-default")
     index, _ = load(blob, toc_digest=result.toc_digest)
     assert index_view(index, blob) == tar_view(layer)
+
+
+def test_prioritized_hardlink_brings_its_target(sample_tar: bytes) -> None:
+    blob, result = convert(sample_tar, "estargz-64k", prioritized=["hostname-hard", "tmp"])
+    with tarfile.open(fileobj=io.BytesIO(decompress(blob, result))) as archive:
+        names = [m.name for m in archive]
+    assert names[:4] == ["./etc", "./etc/hostname", "./hostname-hard", "./tmp"]
+    assert names[4] == ".prefetch.landmark"
+    index, _ = load(blob, toc_digest=result.toc_digest)
+    assert index_view(index, blob) == tar_view(sample_tar)
