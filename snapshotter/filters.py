@@ -6,6 +6,7 @@
     field    := identifier | quoted
     operator := "==" | "!=" | "~="                  ~= is a regular expression search
     value    := quoted | characters up to the next "," or white space
+    quoted   := Go string in "..." (also '...'), or /.../ or |...| after ~=
 
 Several filter strings passed to List are alternatives (OR). Snapshot fields are ``name``,
 ``parent``, ``kind`` (active|view|committed) and ``labels.<key>``, where keys holding dots or
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from snapshotter.errors import InvalidArgumentError
 from snapshotter.model import SnapshotInfo
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+# containerd's scanner takes any run of letters, digits, "_" and "-" as a field name.
+_IDENT = re.compile(r"[A-Za-z0-9_\-]+")
 _OPERATORS = ("==", "!=", "~=")
 # Go's strconv escapes (containerd unquotes filter strings with Go's rules; %q emits \a \b ...).
 _ESCAPES = {
@@ -106,6 +108,24 @@ class _Scanner:
                 out.append(char)
         raise self.error("unterminated quoted string")
 
+    def alt_quoted(self) -> str:
+        """A ``~=`` value quoted with ``/`` or ``|`` (containerd's regexp quotes): only
+        backslash-quote is unescaped, so regexp escapes such as ``\\d`` pass through."""
+        quote = self.text[self.pos]
+        self.pos += 1
+        out: list[str] = []
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == quote:
+                return "".join(out)
+            if char == "\\" and self.text.startswith(quote, self.pos):
+                out.append(quote)
+                self.pos += 1
+            else:
+                out.append(char)
+        raise self.error("unterminated quoted regular expression")
+
     def field(self) -> str:
         self.skip_spaces()
         if self.pos < len(self.text) and self.text[self.pos] in "\"'":
@@ -116,10 +136,12 @@ class _Scanner:
         self.pos = match.end()
         return match.group()
 
-    def value(self) -> str:
+    def value(self, regexp: bool = False) -> str:
         self.skip_spaces()
         if self.pos < len(self.text) and self.text[self.pos] in "\"'":
             return self.quoted()
+        if regexp and self.pos < len(self.text) and self.text[self.pos] in "/|":
+            return self.alt_quoted()
         # Unquoted values end at a comma or white space (containerd: value := [^\s,]+).
         end = self.pos
         while end < len(self.text) and self.text[end] != "," and not self.text[end].isspace():
@@ -147,7 +169,7 @@ def parse_filter(text: str) -> Filter:
             selectors.append(Selector(tuple(path), None))
         else:
             scanner.pos += len(operator)
-            value = scanner.value()
+            value = scanner.value(regexp=operator == "~=")
             pattern = None
             if operator == "~=":
                 try:

@@ -13,9 +13,10 @@ from snapshotter.model import Kind, SnapshotInfo
 REF = "containerd.io/snapshot.ref"
 
 
-def info(name: str, parent: str = "", kind: Kind = Kind.COMMITTED, **labels: str) -> SnapshotInfo:
+def info(name: str, parent: str = "", kind: Kind = Kind.COMMITTED,
+         labels: dict[str, str] | None = None, **more: str) -> SnapshotInfo:
     return SnapshotInfo(name=name, parent=parent, kind=kind, created_ns=1, updated_ns=1,
-                        labels=dict(labels))
+                        labels={**(labels or {}), **more})
 
 
 def go_quote(text: str) -> str:
@@ -55,6 +56,20 @@ def test_parse_selectors() -> None:
     (regexp,) = parse_filter("name~=^a.*b$")
     assert regexp.operator == "~=" and regexp.pattern is not None
     assert parse_filter("") == ()
+    # containerd's scanner accepts digits and "-" anywhere in a field name.
+    assert parse_filter("1-a==x") == (Selector(("1-a",), "==", "x"),)
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    (r"name~=/^a\d+\/x$/", r"^a\d+/x$"),  # only \/ is unescaped; \d reaches the regexp
+    ("name~=|a,b|", "a,b"),  # commas inside the quotes belong to the regexp
+    ('name~="^a"', "^a"),
+    ("name~=^a", "^a"),
+])
+def test_regexp_values_may_be_quoted_with_slashes_or_bars(text: str, pattern: str) -> None:
+    (selector,) = parse_filter(text)
+    assert selector.value == pattern
+    assert selector.pattern is not None and selector.pattern.pattern == pattern
 
 
 @pytest.mark.parametrize(("quoted", "value"), [
@@ -74,7 +89,7 @@ def test_go_string_escapes(quoted: str, value: str) -> None:
     "name==", "name=", "==x", "name==x,", ",name==x", "name==x,,name==y", "labels.",
     'labels."open==x', 'name=="unterminated', "name~=(", "name~=a{99999999999}",
     r'name=="\q"', r'name=="\0"', r'name=="\400"', r'name=="\xZZ"', r'name=="\U00110000"',
-    "name==x y==z", "a..b", "name>=x", "1name==x", ".name==x",
+    "name==x y==z", "a..b", "name>=x", ".name==x", "name~=/unterminated", "name~=|a",
 ])
 def test_malformed_filters_are_invalid_argument(bad: str) -> None:
     with pytest.raises(InvalidArgumentError, match="filter"):
@@ -85,7 +100,7 @@ def test_malformed_filters_are_invalid_argument(bad: str) -> None:
 
 A = info("a", kind=Kind.ACTIVE, l="2")
 P = info("p")
-C = info("c", parent="p", l="1", **{REF: "sha256:x"})
+C = info("c", parent="p", labels={"l": "1", REF: "sha256:x"})
 V = info("v", parent="p", kind=Kind.VIEW)
 ALL = [A, P, C, V]
 
@@ -108,6 +123,8 @@ ALL = [A, P, C, V]
     (["labels.l~=."], {"a", "c"}),
     (["labels.l~=^$"], {"p", "v"}),  # ~= sees an absent label as ""
     (["name~=^[av]$"], {"a", "v"}),
+    (["name~=/^[av]$/"], {"a", "v"}),
+    (["name~=|c|,kind==committed"], {"c"}),
     (["kind==committed,labels.l"], {"c"}),
     (["name==a", "name==v"], {"a", "v"}),
     ([f'labels."{REF}"==sha256:x,parent=="p"'], {"c"}),
@@ -140,8 +157,8 @@ def test_parser_raises_nothing_but_invalid_argument(text: str) -> None:
 @given(key=st.text(min_size=1, max_size=40), value=st.text(max_size=40), other=st.text(max_size=5))
 def test_quoted_label_filters_find_exactly_their_label(key: str, value: str, other: str) -> None:
     # containerd builds lookups with Go's %q: any key and value round-trip.
-    wanted = info("wanted", **{key: value})
-    unrelated = info("unrelated", **{key: value + other + "x"})
+    wanted = info("wanted", labels={key: value})
+    unrelated = info("unrelated", labels={key: value + other + "x"})
     selector = f"labels.{go_quote(key)}=={go_quote(value)}"
     assert matches([selector], wanted)
     assert not matches([selector], unrelated)
@@ -152,7 +169,7 @@ def test_quoted_label_filters_find_exactly_their_label(key: str, value: str, oth
 @settings(max_examples=200, deadline=None)
 @given(name=st.text(min_size=1, max_size=60), parent=st.text(max_size=60))
 def test_remote_lookup_filter_matches_any_key(name: str, parent: str) -> None:
-    target = info(name, parent=parent, **{REF: name})
+    target = info(name, parent=parent, labels={REF: name})
     lookup = f'labels."{REF}"=={go_quote(name)},parent=={go_quote(parent)}'
     assert matches([lookup], target)
-    assert not matches([lookup], info(name, parent=parent + "-other", **{REF: name}))
+    assert not matches([lookup], info(name, parent=parent + "-other", labels={REF: name}))
