@@ -421,10 +421,10 @@ def test_move_file_from_lower_layer(suite: Suite) -> None:
     )
 
 
-@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("layers", [0, 1, 2])
 def test_view_readonly(suite: Suite, layers: int) -> None:
-    # One parent gives a read-only bind mount, several an overlay without upperdir: both must
-    # refuse writes when really mounted.
+    # No parent or one parent gives a read-only bind mount, several an overlay without upperdir:
+    # all must refuse writes when really mounted.
     c = suite.client
     parent = ""
     for i in range(layers):
