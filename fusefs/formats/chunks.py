@@ -65,7 +65,10 @@ def _unzstd_prefix(compressed: bytes | memoryview, wanted: int) -> bytes:
     parts: list[bytes] = []
     total = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+        # Feeding the whole input at once (read_size) is ~2x faster than the default 128 KiB.
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            compressed, read_size=max(1, len(compressed)), read_across_frames=True
+        )
         with reader:
             while total < wanted:
                 piece = reader.read(wanted - total)

@@ -95,7 +95,9 @@ def bounded_zstd_decompress(compressed: bytes | memoryview, limit: int, *, what:
     parts: list[bytes] = []
     total = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            compressed, read_size=max(1, len(compressed)), read_across_frames=True
+        )
         with reader:
             while total < limit:
                 piece = reader.read(min(limit - total, 1 << 20))
