@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import pyfuse3
@@ -32,6 +33,7 @@ CACHE_TIMEOUT = 24 * 3600.0  # seconds; the tree of an attached layer never chan
 _BLOCK = 4096
 _IO_BLOCK = 128 * 1024  # st_blksize: invites tools to read in large pieces
 _NAME_MAX = 255
+_LISTINGS = 8  # directories whose child lists are kept while they are being read
 
 
 class LazyOperations(pyfuse3.Operations):
@@ -57,6 +59,9 @@ class LazyOperations(pyfuse3.Operations):
         self._mount_time_ns = mount_time_ns
         self._access_log = access_log
         self.errors = 0  # failures not attributable to a layer
+        # A big directory is read in many readdir calls; the index builds its child list per
+        # call, so keep the lists of the few directories being listed (layers are immutable).
+        self._listings: OrderedDict[int, tuple[Layer, Sequence[tuple[bytes, int]]]] = OrderedDict()
 
     # -- resolving inodes --------------------------------------------------------------------
 
@@ -248,11 +253,22 @@ class LazyOperations(pyfuse3.Operations):
                     yield os.fsencode(layer.layer_id), attributes, layer.slot
             return
         layer, entry = resolved
-        children = layer.index.children(entry)
+        children = self._children(inode, layer, entry)
         for position in range(start_id, len(children)):
             name, child_entry = children[position]
             child = self._inodes.inode(layer.slot, child_entry)
             yield name, self._entry_attributes(child, layer.index.attr(child_entry)), position + 1
+
+    def _children(self, inode: int, layer: Layer, entry: int) -> Sequence[tuple[bytes, int]]:
+        cached = self._listings.get(inode)
+        if cached is not None and cached[0] is layer:
+            self._listings.move_to_end(inode)
+            return cached[1]
+        children = layer.index.children(entry)
+        self._listings[inode] = (layer, children)
+        if len(self._listings) > _LISTINGS:
+            self._listings.popitem(last=False)
+        return children
 
     async def releasedir(self, fh: int) -> None:
         return None
