@@ -1,4 +1,8 @@
-"""Disk usage of a directory tree, counted like du: allocated blocks, each inode once."""
+"""Disk usage of a directory tree, counted like du: allocated blocks, each inode once.
+
+The tree may change during the walk (Usage of a running container's snapshot): entries that
+vanish are skipped, like ``du`` does, instead of failing the call.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,15 @@ def disk_usage(top: Path) -> Usage:
         path = stack.pop()
         try:
             entries = os.scandir(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         with entries:
             for entry in entries:
-                st = entry.stat(follow_symlinks=False)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    # Deleted since it was listed: a running container's layer changes under us.
+                    continue
                 ident = (st.st_dev, st.st_ino)
                 if ident in seen:
                     continue

@@ -7,6 +7,8 @@ containerd turns the proxy's status codes into errdefs classes and relies on the
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -502,3 +504,43 @@ def test_cleanup_removes_only_orphaned_snapshot_directories(
     c.commit("active-committed", "active")
     c.cleanup()
     assert len(_snapshot_dirs(daemon)) == len(owned)
+
+
+def test_usage_of_an_active_snapshot_under_churn(c: Client, workdir: Path) -> None:
+    # CRI polls Usage of running containers' snapshots: files vanishing during the walk are
+    # not errors.
+    mounts = c.prepare("busy")
+    stop = threading.Event()
+    failures: list[tuple[grpc.StatusCode, str]] = []
+    with mounted(mounts, workdir / "m") as target:
+        churn = target / "churn"
+        churn.mkdir()
+
+        def churning() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                sub = churn / f"d{i % 7}"
+                sub.mkdir(exist_ok=True)
+                for n in range(20):
+                    (sub / f"f{n}").write_bytes(b"x")
+                shutil.rmtree(sub)
+
+        worker = threading.Thread(target=churning)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 4
+            calls = 0
+            while time.monotonic() < deadline:
+                calls += 1
+                try:
+                    size, inodes = c.usage("busy")
+                    assert size >= 0 and inodes >= 1
+                except grpc.RpcError as exc:
+                    failures.append((exc.code(), exc.details() or ""))
+        finally:
+            stop.set()
+            worker.join()
+    (workdir / "m").rmdir()
+    assert calls > 20
+    assert not failures, failures[:3]
