@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -235,7 +236,7 @@ def _count_in_log(path: Path, needle: str) -> int:
 
 def measure(
     link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
-    workdir: Path, number: int,
+    workdir: Path, number: int, *, background_fetch: bool = True,
 ) -> Result:
     result = Result(link, workload, arm)
     workdir.mkdir(parents=True)
@@ -243,7 +244,12 @@ def measure(
     hosts_dir.mkdir()
     lazy = arm != "overlayfs"
     # info, not debug: per-read debug logging would slow the daemon down.
-    with running_daemon(workdir / "d", extra_args=["--log-level", "info"]) as daemon, \
+    daemon_args = ["--log-level", "info"]
+    if not background_fetch:
+        config = workdir / "lazysnap.toml"
+        config.write_text("[lazy]\nbackground_fetch = false\n")
+        daemon_args += ["--config", str(config)]
+    with running_daemon(workdir / "d", extra_args=daemon_args) as daemon, \
             run_containerd(workdir / "c", daemon.address) as containerd:
         before = proxy.counters()
         started = time.monotonic()
@@ -277,7 +283,9 @@ def measure(
                             f"{errors.decode(errors='replace').strip()[-1000:]}")
             return result
 
-        if lazy:
+        if lazy and not background_fetch:
+            result.local_s = math.nan  # never, by construction
+        elif lazy:
             layers = len(image.blob_sizes)
             deadline = time.monotonic() + LOCAL_TIMEOUT
             while _count_in_log(daemon.log_path, FULLY_FETCHED) < layers:
@@ -334,11 +342,12 @@ def _mb(n: int) -> str:
 
 
 def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 else "-"
+    return f"{value / base:.2f}x" if base > 0 and not math.isnan(value) else "-"
 
 
-def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo]) -> str:
-    out = [f"\n=== {link.title} ==="]
+def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
+           note: str = "") -> str:
+    out = [f"\n=== {link.title}{note} ==="]
     out.append("image: " + ", ".join(
         f"{ARM_TITLES[a]} {_mb(i.compressed)} MB" for a, i in images.items())
         + f"; tar {_mb(next(iter(images.values())).tar_size)} MB")
@@ -364,8 +373,11 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo]) 
             if lazy and base:
                 target += " ok" if r.first_output_s <= TARGETS[workload] * base.first_output_s \
                     else " MISS"
-                local_target += " ok" if r.local_s <= WHOLE_LOCAL_TARGET * base.local_s \
-                    else " MISS"
+                if math.isnan(r.local_s):
+                    local_target = ""
+                else:
+                    local_target += " ok" if r.local_s <= WHOLE_LOCAL_TARGET * base.local_s \
+                        else " MISS"
             out.append(
                 f"{workload:<16} {ARM_TITLES[r.arm]:<22} {r.first_output_s:>8.2f}s "
                 f"{first_ratio:>6} {target:>7} {_mb(r.fetched_first):>10} {fetched_ratio:>6} "
@@ -428,8 +440,10 @@ def run(args: argparse.Namespace) -> int:
                             log(f"[{link.name}] {workload} / {arm} ...")
                             workdir = top / f"r{number}"
                             try:
-                                result = measure(link.name, workload, arm, images[arm],
-                                                 reference, proxy, workdir, number)
+                                result = measure(
+                                    link.name, workload, arm, images[arm], reference, proxy,
+                                    workdir, number,
+                                    background_fetch=not args.no_background_fetch)
                             except Exception as exc:  # one broken arm must not end the run
                                 result = Result(link.name, workload, arm, error=repr(exc)[:2000])
                             finally:
@@ -444,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
                     proxy.stop()
                     proxy = None
                 all_results += results
-                table = render(link, results, images)
+                table = render(link, results, images, " [lazysnap background fetch OFF]"
+                               if args.no_background_fetch else "")
                 tables.append(table)
                 print(table, flush=True)
     finally:
@@ -512,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="chunk size of the lazy formats (default: lazysnap's writer)")
     parser.add_argument("--lifetime", type=float, default=7200.0,
                         help="the proxy stops by itself after this many seconds")
+    parser.add_argument(
+        "--no-background-fetch", action="store_true",
+        help="diagnosis: lazysnap daemons run with [lazy] background_fetch = false (on-demand "
+        "reads only; 'local' is then never reached and shows nan)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="copy each run's lazysnap and containerd logs here")
