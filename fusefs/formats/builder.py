@@ -302,7 +302,10 @@ class _Builder:
                 _int(entry, "gid", _U32),
             )
         mode = _TYPE_BITS[kind] | (mode & 0o7777)
-        mtime_ns = self._modtime(get("modtime"))
+        modtime = get("modtime")
+        mtime_ns = self.mtimes.get(modtime) if type(modtime) is str else None
+        if mtime_ns is None:
+            mtime_ns = self._modtime(modtime)
         if not parts:
             if kind != _DIR or self.root_described:
                 raise LayerFormatError("duplicate or non-directory root entry")
@@ -535,8 +538,7 @@ class _Builder:
                 if end_offset:
                     # containers/storage: a file's chunks are consecutive frames ending at
                     # endOffset.
-                    following = [c[2] for c in chunks[i + 1 :] if c[2]]
-                    blob_end = following[0] if following else end_offset
+                    blob_end = chunks[i + 1][2] if i + 1 < count else end_offset
                     if not blob_offset < blob_end <= self.payload_end:
                         raise LayerFormatError(
                             f"chunk of {name!r} has an invalid compressed range "

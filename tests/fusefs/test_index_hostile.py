@@ -372,3 +372,27 @@ def test_zstd_end_offsets_are_checked() -> None:
                 payload_end=100,
                 limits=limits,
             )
+
+
+def test_a_file_with_many_chunks_loads_in_linear_time() -> None:
+    # Chunk ranges are resolved from neighbours only; 20k zstd chunks take well under a second
+    # (a quadratic scan would take minutes). Not a timing assertion: the test timeout guards it.
+    count = 20_000
+    entries: list[dict[str, Any]] = [
+        {"name": "f", "type": "reg", "size": count, "offset": 10, "endOffset": 10 + 2 * count,
+         "chunkSize": 1, "chunkDigest": sha(b"x")},
+    ]  # fmt: skip
+    entries += [
+        {"name": "f", "type": "chunk", "offset": 10 + 2 * i, "chunkOffset": i, "chunkSize": 1,
+         "chunkDigest": sha(b"x")}
+        for i in range(1, count)
+    ]  # fmt: skip
+    index = build_index(
+        entries, codec=Codec.ZSTD, toc_digest=sha(b""), payload_end=10 + 2 * count,
+        limits=IndexLimits(),
+    )  # fmt: skip
+    f = index.lookup(0, b"f")
+    assert f is not None
+    chunks = index.chunks(f)
+    assert len(chunks) == count
+    assert (chunks[-1].blob_offset, chunks[-1].blob_end) == (10 + 2 * (count - 1), 10 + 2 * count)
