@@ -10,7 +10,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -544,3 +544,59 @@ def test_usage_of_an_active_snapshot_under_churn(c: Client, workdir: Path) -> No
     (workdir / "m").rmdir()
     assert calls > 20
     assert not failures, failures[:3]
+
+
+def _race(calls: list[Callable[[], object]]) -> list[grpc.StatusCode]:
+    """Start all calls at once; return each one's status code (OK for success)."""
+    barrier = threading.Barrier(len(calls))
+    codes: list[grpc.StatusCode] = [grpc.StatusCode.UNKNOWN] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            calls[i]()
+            codes[i] = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            codes[i] = exc.code()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return codes
+
+
+def test_concurrent_callers_get_one_winner_and_clean_errors(
+    c: Client, daemon: Daemon, workdir: Path
+) -> None:
+    _committed(c, "base")
+    codes = _race([lambda: c.prepare("same", "base")] * 8 + [lambda: c.view("same", "base")] * 4)
+    assert codes.count(grpc.StatusCode.OK) == 1
+    assert set(codes) == {grpc.StatusCode.OK, ALREADY_EXISTS}
+
+    c.prepare("for-commit", "base")
+    codes = _race([lambda i=i: c.commit(f"name-{i}", "for-commit") for i in range(8)])
+    assert codes.count(grpc.StatusCode.OK) == 1
+    assert set(codes) <= {grpc.StatusCode.OK, NOT_FOUND, FAILED_PRECONDITION}
+    assert len([n for n in names(c.list()) if n.startswith("name-")]) == 1
+
+    # Commit (which measures the layer outside its transaction) racing Remove of the same key.
+    for round_ in range(3):
+        key = f"big-{round_}"
+        with mounted(c.prepare(key, "base"), workdir / "m") as target:
+            for d in range(20):
+                (target / str(d)).mkdir()
+                for f in range(50):
+                    (target / str(d) / str(f)).write_bytes(b"x")
+        (workdir / "m").rmdir()
+        commit, remove = _race([lambda k=key: c.commit(f"{k}-c", k), lambda k=key: c.remove(k)])
+        assert grpc.StatusCode.INTERNAL not in (commit, remove)
+        if commit == grpc.StatusCode.OK:
+            assert remove == NOT_FOUND
+            assert c.stat(f"{key}-c").kind == snapshots_pb2.COMMITTED
+        else:
+            assert (commit, remove) == (NOT_FOUND, grpc.StatusCode.OK)
+        assert status_of(lambda k=key: c.stat(k))[0] == NOT_FOUND
+    c.cleanup()
+    assert len(_snapshot_dirs(daemon)) == len(c.list())
