@@ -168,7 +168,7 @@ class Engine:
         self._transport_factory = transport_factory
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
         self._challenges: dict[str, Challenge] = {}
-        self._credentials: dict[str, Credentials | None] = {}
+        self._credentials: dict[str, tuple[Credentials | None, float]] = {}
         self._tokens = TokenCache()
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
         self.no_range_hosts: set[str] = set()
@@ -225,11 +225,16 @@ class Engine:
     # -- auth -----------------------------------------------------------------------------
 
     async def _credentials_for(self, host: RegistryHost) -> Credentials | None:
-        if host.netloc not in self._credentials:
+        # Looked up again after a while, and after a refusal, so that rotated credentials
+        # (config.json rewritten, a helper's fresh ECR password) reach a long-lived daemon.
+        cached = self._credentials.get(host.netloc)
+        now = time.monotonic()
+        if cached is None or cached[1] <= now:
             provider = self._credential_provider
             found = await provider.credentials_for(host.netloc) if provider else None
-            self._credentials[host.netloc] = found
-        return self._credentials[host.netloc]
+            cached = (found, now + self.options.credentials_ttl)
+            self._credentials[host.netloc] = cached
+        return cached[0]
 
     def _token_key(
         self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
@@ -262,6 +267,8 @@ class Engine:
         sent: str | None,
     ) -> None:
         self._challenges[host.netloc] = challenge
+        if sent is not None:
+            self._credentials.pop(host.netloc, None)
         key = self._token_key(host, challenge, scopes)
         cached = self._tokens.get(key)
         # Drop the cached token only if it is the one refused: a late 401 to a request sent

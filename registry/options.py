@@ -15,6 +15,7 @@ class ClientOptions:
     backoff_max: float = 5.0
     retry_after_max: float = 30.0  # a Retry-After longer than this is cut to it
     min_download_rate: float = 64 * 1024  # bytes/s: bounds a whole-blob download in total
+    credentials_ttl: float = 300.0  # how long looked-up credentials are reused
     redirect_ttl: float = 300.0  # how long a blob's redirect target is reused
     max_connections: int = 64  # per TLS identity
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1

@@ -31,7 +31,14 @@ from registry import (
 )
 from registry.hosts import RegistryHost
 from registry.manifest import OCI_INDEX, OCI_MANIFEST
-from tests.registry.fake_registry import FAST, FakeRegistry, digest_of, make_client, oci_error
+from tests.registry.fake_registry import (
+    FAST,
+    FakeRegistry,
+    FixedHosts,
+    digest_of,
+    make_client,
+    oci_error,
+)
 
 REF = parse_reference("reg.test/team/app:v1")
 DATA = bytes(range(256)) * 400  # 102400 bytes
@@ -650,3 +657,31 @@ def test_concurrent_first_reads_fetch_one_token() -> None:
 
     run(main)
     assert len([r for r in fake.requests if r.url.host == "auth.test"]) == 1
+
+
+class _CountingCredentials:
+    def __init__(self, passwords: list[str]) -> None:
+        self.passwords = passwords
+        self.lookups = 0
+
+    async def credentials_for(self, host: str) -> Credentials | None:
+        self.lookups += 1
+        return Credentials("alice", self.passwords[min(self.lookups, len(self.passwords)) - 1])
+
+
+def test_rotated_credentials_are_picked_up_after_a_refusal() -> None:
+    fake, digest = seeded(auth="basic")
+    provider = _CountingCredentials(["old-password", "s3cret"])
+    config = FixedHosts({fake.host: [RegistryHost(f"https://{fake.host}/v2")]})
+    transport = httpx.MockTransport(fake.handle)
+
+    async def main() -> None:
+        client = RegistryClient(config, provider, FAST, _transport_factory=lambda _h: transport)
+        async with client:
+            with pytest.raises(AuthenticationError):
+                await client.resolve(REF)  # the old password is refused...
+            assert (await client.resolve(REF)).digest  # ...and looked up again afterwards
+            assert await read(client, digest, 0, 3) == DATA[:3]
+
+    run(main)
+    assert provider.lookups == 2
