@@ -195,7 +195,18 @@ def test_malformed_documents_are_rejected(document: Any, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"{", b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000, b'{"version": 1e999999}']
+    "raw",
+    [
+        b"{",
+        b"\xff\xfe{}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"version": 1, "entries": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+        b'{"version": ' + b"[" * 100_000 + b"]" * 100_000 + b', "entries": []}',
+        b'{"version": 1e999999}',
+        b'{"version": 1, "entries": []} trailing',
+        b'{"version": 1, "entries": [], "entries": []}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"},]}',
+    ],
 )
 def test_invalid_json_is_rejected(raw: bytes) -> None:
     with pytest.raises(LayerFormatError):
