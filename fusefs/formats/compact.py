@@ -21,6 +21,7 @@ import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import overload
 
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind
 
@@ -92,6 +93,45 @@ class IndexArrays:
     xattr_offsets: array[int]  # len(xattr_entries) + 1 boundaries into xattr_data
     xattr_data: bytes
     file_order: array[int]
+
+
+class DirectoryListing(Sequence[tuple[bytes, int]]):
+    """A directory's children without a tuple per child kept alive (readdir pages through it)."""
+
+    __slots__ = ("_count", "_index", "_start")
+
+    def __init__(self, index: CompactLayerIndex, start: int, count: int) -> None:
+        self._index = index
+        self._start = start
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, position: int) -> tuple[bytes, int]: ...
+
+    @overload
+    def __getitem__(self, position: slice) -> list[tuple[bytes, int]]: ...
+
+    def __getitem__(self, position: int | slice) -> tuple[bytes, int] | list[tuple[bytes, int]]:
+        if isinstance(position, slice):
+            return [self[i] for i in range(*position.indices(self._count))]
+        if position < 0:
+            position += self._count
+        if not 0 <= position < self._count:
+            raise IndexError("directory listing index out of range")
+        return self._index.dirent(self._start + position)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DirectoryListing({list(self)!r})"
 
 
 class CompactLayerIndex:
@@ -170,14 +210,14 @@ class CompactLayerIndex:
         return None
 
     def children(self, directory: int) -> Sequence[tuple[bytes, int]]:
+        """A lazy, name-sorted view: (name, id) pairs are made only when indexed."""
         if self.kind(directory) != EntryKind.DIR:
             return ()
         a = self._a
-        start = a.dir_start[directory]
-        return [
-            (self._dirent_name(d), a.dirent_target[d])
-            for d in range(start, start + a.dir_count[directory])
-        ]
+        return DirectoryListing(self, a.dir_start[directory], a.dir_count[directory])
+
+    def dirent(self, dirent: int) -> tuple[bytes, int]:
+        return self._dirent_name(dirent), self._a.dirent_target[dirent]
 
     def parent(self, entry: int) -> int:
         return self._record(entry)[7]

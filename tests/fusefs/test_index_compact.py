@@ -168,3 +168,18 @@ def test_format_modtime_round_trips() -> None:
     for value in (0, 1_714_564_800_500_000_000, -1_000_000_000, 1_700_000_000_000_000_001):
         assert parse_modtime(format_modtime(value)) == value
     assert format_modtime(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
+
+
+def test_children_is_a_lazy_sequence() -> None:
+    index = load(
+        [reg("b", ONE, OFFSETS[0]), reg("a", TWO, OFFSETS[1]), reg("c", THREE, OFFSETS[2])]
+    )
+    listing = index.children(0)
+    assert len(listing) == 3
+    assert listing[0] == (b"a", 2) and listing[-1] == (b"c", 3)
+    assert listing[1:] == [(b"b", 1), (b"c", 3)]
+    assert list(listing) == [(b"a", 2), (b"b", 1), (b"c", 3)]
+    assert listing == [(b"a", 2), (b"b", 1), (b"c", 3)]
+    with pytest.raises(IndexError):
+        listing[3]
+    assert (b"b", 1) in listing
