@@ -5,8 +5,8 @@
 
 Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a user would run it):
 
-* cold sequential read of one big file from a local eStargz blob (fresh mount, empty cache) vs a
-  plain single-pass decompression of the same blob (the floor for any reader of that blob);
+* cold sequential read of one big file from a local eStargz blob (fresh mount, empty cache; best
+  of 3) vs a plain single-pass decompression of the same blob (best of 3);
 * warm sequential read of that file (kernel page cache) vs the same file in a plain directory;
 * cold and warm ``os.walk`` + ``lstat`` over a layer of many small files vs the plain directory;
 * TOC load (``load_layer_index``) time for that layer, i.e. what attach waits for;
@@ -184,17 +184,20 @@ def big_file(work: Path, mib: int, rows: list[tuple[str, str, str, str]]) -> Non
     make_estargz(tar_path.read_bytes(), blob)
     size = mib * MiB
 
-    decompress = timed(lambda: gunzip_blob(blob))
     assert gunzip_blob(blob) > size
+    decompress = best_of(3, lambda: gunzip_blob(blob))
     native: dict[int, float] = {}
     warm: dict[int, float] = {}
     read_all(plain / "big.bin")
     for block in (128 * 1024, MiB):
         native[block] = best_of(5, lambda b=block: read_all(plain / "big.bin", b))
-    with lazysnap_mount(
-        blob, work / "mnt-big", "--no-background-fetch", "--cache-dir", str(work / "cache-big")
-    ):
-        cold = timed(lambda: read_all(work / "mnt-big" / "big.bin"))
+    cold = float("inf")
+    for attempt in range(3):  # a fresh mount and an empty cache each time
+        cache = str(work / f"cache-big-{attempt}")
+        with lazysnap_mount(blob, work / "mnt-big", "--no-background-fetch", "--cache-dir", cache):
+            cold = min(cold, timed(lambda: read_all(work / "mnt-big" / "big.bin")))
+    with lazysnap_mount(blob, work / "mnt-big", "--cache-dir", str(work / "cache-big-0")):
+        read_all(work / "mnt-big" / "big.bin")  # from the disk cache into the page cache
         for block in (128 * 1024, MiB):
             warm[block] = best_of(5, lambda b=block: read_all(work / "mnt-big" / "big.bin", b))
     rows.append(
