@@ -41,7 +41,7 @@ class FetchConfig:
     file_completion_concurrency: int = 2
     background_range: int = 8 * MiB
     background_concurrency: int = 4
-    hot_bytes: int = 64 * MiB  # decoded chunks kept in memory (a read is often < a chunk)
+    hot_bytes: int = 32 * MiB  # decoded chunks kept in memory (a read is often < a chunk)
 
 
 class FetchError(Exception):
