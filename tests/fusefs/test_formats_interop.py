@@ -5,7 +5,6 @@ built here byte by byte from the format descriptions, with details our writers d
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from tests.fusefs.formats_support import (
     gnu_tar,
     index_view,
     legacy_estargz_footer,
+    oci_layout,
     read_file,
     sha,
     tar_view,
@@ -60,58 +60,11 @@ def load(blob: bytes, **kwargs: Any) -> tuple[CompactLayerIndex, MemoryBlob]:
 # --- skopeo (containers/image + containers/storage) --------------------------------------------
 
 
-def _oci_layout(root: Path, layer_tar: bytes) -> None:
-    def put(data: bytes) -> tuple[str, int]:
-        digest = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "blobs" / "sha256" / digest).write_bytes(data)
-        return "sha256:" + digest, len(data)
-
-    layer, layer_size = put(zlib.compress(layer_tar, wbits=31))
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha(layer_tar)]},
-        "config": {},
-    }
-    config_digest, config_size = put(json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_size,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer,
-                "size": layer_size,
-            }
-        ],
-    }
-    manifest_digest, manifest_size = put(json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest_size,
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-
-
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
 def test_skopeo_zstd_chunked_layer_reads_back(tmp_path: Path) -> None:
     tree = build_sample_tree(tmp_path / "tree")
     layer_tar = gnu_tar(tree)
-    _oci_layout(tmp_path / "src", layer_tar)
+    oci_layout(tmp_path / "src", layer_tar)
     subprocess.run(
         [
             "skopeo", "copy", "-q", "--dest-compress-format", "zstd:chunked",
