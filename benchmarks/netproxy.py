@@ -49,7 +49,7 @@ QUEUE_CHUNKS = 4096  # per direction of a connection; the serialiser bounds it i
 DEFAULT_LIFETIME = 3600.0
 
 _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|HEAD|POST|PUT|PATCH|DELETE) \S+ HTTP/1\.[01]\r\n")
-_RANGE_HEADER = re.compile(rb"\r\nrange: *bytes=", re.IGNORECASE)
+_RANGE_HEADER = re.compile(rb"\r\nrange: *bytes=(\d*)-(\d*)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Counters:
     bytes_down: int = 0  # upstream -> client
     http_requests: int = 0
     range_requests: int = 0
+    range_bytes: int = 0  # sum of the lengths the Range headers asked for (bytes=a-b only)
 
     def minus(self, earlier: Counters) -> Counters:
         return Counters(*(a - b for a, b in zip(
@@ -74,12 +75,13 @@ class _Counting:
         self.bytes_down = 0
         self.http_requests = 0
         self.range_requests = 0
+        self.range_bytes = 0
         self._lock = threading.Lock()
 
     def snapshot(self) -> Counters:
         with self._lock:
             return Counters(self.connections, self.bytes_up, self.bytes_down,
-                            self.http_requests, self.range_requests)
+                            self.http_requests, self.range_requests, self.range_bytes)
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -173,10 +175,12 @@ class _Link:
         self.read_size = LIMITED_READ if model.mbit > 0 else UNLIMITED_READ
 
     def count_up(self, data: bytes) -> None:
+        ranges = _RANGE_HEADER.findall(data)
         self.counting.add(
             bytes_up=len(data),
             http_requests=len(_REQUEST_LINE.findall(data)),
-            range_requests=len(_RANGE_HEADER.findall(data)),
+            range_requests=len(ranges),
+            range_bytes=sum(int(b) - int(a) + 1 for a, b in ranges if a and b),
         )
 
     def count_down(self, data: bytes) -> None:

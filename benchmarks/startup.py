@@ -197,6 +197,7 @@ class Result:
     fetched_first: int = 0  # proxy bytes downstream at first output
     requests_first: int = 0
     ranges_first: int = 0
+    range_bytes_first: int = 0  # what those Range headers asked for in total
     fetched_local: int = 0  # ... once the whole image was local
     requests_local: int = 0
     ranges_local: int = 0
@@ -278,6 +279,7 @@ def measure(
         result.fetched_first = at_first.bytes_down
         result.requests_first = at_first.http_requests
         result.ranges_first = at_first.range_requests
+        result.range_bytes_first = at_first.range_bytes
         if process.returncode != 0 or not first:
             result.error = (f"ctr run exited {process.returncode}: "
                             f"{errors.decode(errors='replace').strip()[-1000:]}")
@@ -341,6 +343,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def _per_range(r: Result) -> str:
+    if not r.ranges_first:
+        return "-"
+    return f"{r.range_bytes_first / r.ranges_first / (1 << 20):.2f}"
+
+
 def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base > 0 and not math.isnan(value) else "-"
 
@@ -352,7 +360,7 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
         f"{ARM_TITLES[a]} {_mb(i.compressed)} MB" for a, i in images.items())
         + f"; tar {_mb(next(iter(images.values())).tar_size)} MB")
     header = (f"{'workload':<16} {'arm':<22} {'first out':>9} {'ratio':>6} {'target':>7} "
-              f"{'fetched MB':>10} {'ratio':>6} {'req':>5} {'ranges':>6} "
+              f"{'fetched MB':>10} {'ratio':>6} {'req':>5} {'ranges':>6} {'MiB/rng':>7} "
               f"{'pull':>6} {'local':>7} {'ratio':>6} {'target':>7}")
     out += [header, "-" * len(header)]
     for workload in WORKLOADS:
@@ -381,13 +389,15 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
             out.append(
                 f"{workload:<16} {ARM_TITLES[r.arm]:<22} {r.first_output_s:>8.2f}s "
                 f"{first_ratio:>6} {target:>7} {_mb(r.fetched_first):>10} {fetched_ratio:>6} "
-                f"{r.requests_first:>5} {r.ranges_first:>6} {r.pull_s:>5.2f}s "
+                f"{r.requests_first:>5} {r.ranges_first:>6} {_per_range(r):>7} "
+                f"{r.pull_s:>5.2f}s "
                 f"{r.local_s:>6.2f}s {local_ratio:>6} {local_target:>7}"
             )
     out.append(
         "first out = pull command start -> first stdout line of the container; fetched = proxy "
         "bytes downstream by then (lazysnap: on-demand + background); req/ranges = HTTP "
-        "requests / Range headers by then; pull = the pull command alone; local = whole image "
+        "requests / Range headers by then; MiB/rng = mean length those Range headers asked "
+        "for; pull = the pull command alone; local = whole image "
         "local (full pull: end of ctr image pull; lazysnap: daemon logged every layer fully "
         "fetched and verified); ratios vs the overlayfs full pull of the same workload."
     )
@@ -491,7 +501,8 @@ def _brief(r: Result) -> str:
         return f"FAILED {r.error[:300]}"
     return (f"first output {r.first_output_s:.2f}s ({r.first_line!r}), pull {r.pull_s:.2f}s, "
             f"fetched {_mb(r.fetched_first)} MB in {r.requests_first} requests "
-            f"({r.ranges_first} ranges), whole image local {r.local_s:.2f}s "
+            f"({r.ranges_first} ranges, {_per_range(r)} MiB each), "
+            f"whole image local {r.local_s:.2f}s "
             f"({_mb(r.fetched_local)} MB); {r.pull_summary}")
 
 

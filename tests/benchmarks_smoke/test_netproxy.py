@@ -109,6 +109,7 @@ def test_counts_http_requests_and_ranges(echo_port: int) -> None:
         delta = proxy.counters().minus(before)
     assert delta.http_requests == 3
     assert delta.range_requests == 2
+    assert delta.range_bytes == 10  # bytes=0-9; an open-ended range has no length to add
 
 
 def test_limits_are_roughly_applied(echo_port: int) -> None:
