@@ -360,8 +360,11 @@ def _toc_json(entries: list[dict[str, Any]], extra: dict[str, Any] | None = None
     document: dict[str, Any] = {"version": 1, "entries": entries}
     if extra:
         document.update(extra)
+    # Names that are not UTF-8 arrive as lone surrogates (surrogateescape); "backslashreplace"
+    # writes them as JSON \udcXX escapes, which our reader maps back to the original bytes
+    # and Go readers to U+FFFD, instead of invalid UTF-8 that no JSON reader accepts.
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogateescape"
+        "utf-8", "backslashreplace"
     )
 
 

@@ -326,3 +326,19 @@ def test_prioritized_hardlink_brings_its_target(sample_tar: bytes) -> None:
     assert names[4] == ".prefetch.landmark"
     index, _ = load(blob, toc_digest=result.toc_digest)
     assert index_view(index, blob) == tar_view(sample_tar)
+
+
+@pytest.mark.parametrize("config", ["estargz-default", "zstd-default", "zstd-legacy-40k"])
+def test_names_that_are_not_utf8(tmp_path: Path, config: str) -> None:
+    root = os.fsencode(tmp_path / "tree")
+    os.mkdir(root)
+    with open(os.path.join(root, b"caf\xe9"), "wb") as latin1:
+        latin1.write(b"latin-1 name\n")
+    os.symlink(b"caf\xe9", os.path.join(root, b"link\xff"))
+    layer = gnu_tar(Path(os.fsdecode(root)))
+    blob, result = convert(layer, config)
+    index, _ = load(blob, toc_digest=result.toc_digest)
+    assert index.lookup(0, b"caf\xe9") is not None
+    link = index.lookup(0, b"link\xff")
+    assert link is not None and index.readlink(link) == b"caf\xe9"
+    assert index_view(index, blob) == tar_view(layer)
