@@ -19,6 +19,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,14 @@ def short_tmpdir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        unmount_everything_under(path)
-        shutil.rmtree(path, ignore_errors=True)
+        for _ in range(3):
+            unmount_everything_under(path)
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"cannot clean up {path}: still mounted: {mounts_under(path)}")
 
 
 @contextlib.contextmanager
@@ -261,14 +268,18 @@ def unmount(target: Path) -> None:
         _libc.umount2(str(target).encode(), MNT_DETACH)
 
 
-def unmount_everything_under(path: Path) -> None:
+def mounts_under(path: Path) -> list[str]:
     prefix = str(path.resolve())
     with open("/proc/self/mountinfo") as mountinfo:
-        points = [line.split()[4] for line in mountinfo]
-    for raw in sorted(points, key=len, reverse=True):
-        point = raw.encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
-        if point == prefix or point.startswith(prefix + "/"):
-            _libc.umount2(point.encode(), MNT_DETACH)
+        # mountinfo escapes spaces and the like as \040
+        points = [line.split()[4].encode().decode("unicode_escape") for line in mountinfo]
+    return sorted((p for p in points if p == prefix or p.startswith(prefix + "/")),
+                  key=len, reverse=True)
+
+
+def unmount_everything_under(path: Path) -> None:
+    for point in mounts_under(path):
+        _libc.umount2(point.encode(), MNT_DETACH)
 
 
 @contextlib.contextmanager
