@@ -183,3 +183,8 @@ def test_children_is_a_lazy_sequence() -> None:
     with pytest.raises(IndexError):
         listing[3]
     assert (b"b", 1) in listing
+
+
+def test_format_modtime_out_of_range() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        format_modtime(10**30)
