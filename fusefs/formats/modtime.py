@@ -50,7 +50,12 @@ def parse_modtime(value: object) -> int:
 def format_modtime(mtime_ns: int) -> str:
     """RFC 3339 in UTC, with a fraction only when the time has one (as Go's RFC3339Nano)."""
     seconds, nanos = divmod(mtime_ns, _NS)
-    stamp = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=seconds)
+    try:
+        stamp = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            seconds=seconds
+        )
+    except OverflowError as exc:  # outside years 1..9999: RFC 3339 cannot express it
+        raise ValueError(f"modification time {mtime_ns} ns is out of range") from exc
     text = (
         f"{stamp.year:04d}-{stamp.month:02d}-{stamp.day:02d}"
         f"T{stamp.hour:02d}:{stamp.minute:02d}:{stamp.second:02d}"
