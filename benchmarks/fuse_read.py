@@ -196,7 +196,8 @@ def big_file(work: Path, mib: int, rows: list[tuple[str, str, str, str]]) -> Non
         cache = str(work / f"cache-big-{attempt}")
         with lazysnap_mount(blob, work / "mnt-big", "--no-background-fetch", "--cache-dir", cache):
             cold = min(cold, timed(lambda: read_all(work / "mnt-big" / "big.bin")))
-    with lazysnap_mount(blob, work / "mnt-big", "--cache-dir", str(work / "cache-big-0")):
+    warm_args = ("--no-background-fetch", "--cache-dir", str(work / "cache-big-0"))
+    with lazysnap_mount(blob, work / "mnt-big", *warm_args):
         read_all(work / "mnt-big" / "big.bin")  # from the disk cache into the page cache
         for block in (128 * 1024, MiB):
             warm[block] = best_of(5, lambda b=block: read_all(work / "mnt-big" / "big.bin", b))

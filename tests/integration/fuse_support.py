@@ -373,6 +373,7 @@ def running_mount(
     """Start ``args`` (a FUSE server for ``mountpoint``), wait until mounted, always tear down:
     SIGTERM, then kill; ``fusermount3 -u -z`` if still mounted; the process is reaped."""
     mountpoint.mkdir(parents=True, exist_ok=True)
+    private_before = _private_mounts()
     log = mountpoint.with_name(mountpoint.name + ".log")
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=stderr)
@@ -398,6 +399,15 @@ def running_mount(
                 proc.wait(timeout=30)
         if is_mounted(mountpoint):
             force_unmount(mountpoint)
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+        # A killed ``lazysnap mount IMAGE`` leaves its private FUSE mount behind.
+        for leftover in _private_mounts() - private_before:
+            force_unmount(Path(leftover))
+
+
+def _private_mounts() -> set[str]:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return {line.split()[1] for line in f if "/lazysnap-mount-" in line.split()[1]}
 
 
 def lazysnap_mount_args(blob: Path, mountpoint: Path, *extra: str) -> list[str]:
