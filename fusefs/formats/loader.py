@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import trio
+
 from fusefs.blob import BlobReader
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.footer import parse_footer
@@ -17,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # One read of the blob's tail usually holds the footer and the whole (compressed) TOC.
 TAIL_READ_SIZE = 512 * 1024
+# Compressed TOCs below this (roughly 1k entries) are parsed on the calling task directly.
+INLINE_PARSE_LIMIT = 64 * 1024
 
 
 async def load_layer_index(
@@ -65,12 +69,19 @@ async def load_layer_index(
         location.toc_length,
         reads,
     )
-    index = index_from_toc(
-        location, compressed, toc_digest=toc_digest, annotations=annotations, limits=limits
-    )
-    del compressed
-    release_free_heap()
-    return index
+
+    def build() -> LayerIndex:
+        index = index_from_toc(
+            location, compressed, toc_digest=toc_digest, annotations=annotations, limits=limits
+        )
+        release_free_heap()
+        return index
+
+    if location.toc_length < INLINE_PARSE_LIMIT:
+        return build()
+    # A large TOC takes ~12 us per entry of pure-Python work: parse it in a worker thread so
+    # the event loop (FUSE requests of attached layers) keeps running between GIL switches.
+    return await trio.to_thread.run_sync(build)
 
 
 def _check_length(data: bytes, expected: int) -> None:

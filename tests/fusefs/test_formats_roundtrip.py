@@ -20,6 +20,7 @@ from fusefs.formats import (
     ZSTD_MANIFEST_CHECKSUM,
     ZSTD_MANIFEST_POSITION,
     LayerFormat,
+    LayerFormatError,
     WriteResult,
     load_layer_index,
     loader,
@@ -342,3 +343,14 @@ def test_names_that_are_not_utf8(tmp_path: Path, config: str) -> None:
     link = index.lookup(0, b"link\xff")
     assert link is not None and index.readlink(link) == b"caf\xe9"
     assert index_view(index, blob) == tar_view(layer)
+
+
+def test_large_tocs_are_parsed_off_the_event_loop(
+    sample_tar: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "INLINE_PARSE_LIMIT", 0)
+    blob, result = convert(sample_tar, "zstd-default")
+    index, _ = load(blob, toc_digest=result.toc_digest)
+    assert index_view(index, blob) == tar_view(sample_tar)
+    with pytest.raises(LayerFormatError, match="mismatch"):  # errors cross the thread intact
+        load(blob, toc_digest=sha(b"other"))
