@@ -9,6 +9,7 @@ to which the same changes were applied.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import ctypes.util
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -119,13 +121,13 @@ class Client:
         response = self.stub.Stat(
             snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=key), timeout=TIMEOUT
         )
-        return response.info
+        return cast(snapshots_pb2.Info, response.info)
 
     def update(self, info: snapshots_pb2.Info, *paths: str) -> snapshots_pb2.Info:
         request = snapshots_pb2.UpdateSnapshotRequest(snapshotter=self.name, info=info)
         if paths:
             request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(paths)))
-        return self.stub.Update(request, timeout=TIMEOUT).info
+        return cast(snapshots_pb2.Info, self.stub.Update(request, timeout=TIMEOUT).info)
 
     def list(self, *filters: str) -> list[snapshots_pb2.Info]:
         request = snapshots_pb2.ListSnapshotsRequest(snapshotter=self.name, filters=list(filters))
@@ -134,7 +136,7 @@ class Client:
             infos.extend(response.info)
         return infos
 
-    def list_blocks(self, *filters: str) -> list[int]:
+    def list_blocks(self, *filters: str) -> builtins.list[int]:
         request = snapshots_pb2.ListSnapshotsRequest(snapshotter=self.name, filters=list(filters))
         return [len(r.info) for r in self.stub.List(request, timeout=TIMEOUT)]
 
@@ -382,18 +384,18 @@ def tree(root: Path) -> dict[str, Entry]:
             by_inode.setdefault(st.st_ino, []).append(rel)
     entries: dict[str, Entry] = {}
     for rel, st in found.items():
-        path = root / rel
+        entry = root / rel
         content = ""
         links: tuple[str, ...] = ()
         if stat.S_ISREG(st.st_mode):
             kind = "file"
-            content = hashlib.sha256(path.read_bytes()).hexdigest()
+            content = hashlib.sha256(entry.read_bytes()).hexdigest()
             links = tuple(sorted(p for p in by_inode[st.st_ino] if p != rel))
         elif stat.S_ISDIR(st.st_mode):
             kind = "dir"
         elif stat.S_ISLNK(st.st_mode):
             kind = "symlink"
-            content = os.readlink(path)
+            content = os.readlink(entry)
         else:
             kind = f"special:{stat.S_IFMT(st.st_mode):o}:{st.st_rdev}"
         entries[rel] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content, links)

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,12 +107,13 @@ def _rows(root: Path) -> dict[int, tuple[str, int]]:
         connection.close()
 
 
-def _mount_paths(mounts: list[object]) -> list[str]:
+def _mount_paths(mounts: Sequence[Any]) -> list[str]:
+    """Directories named by mounts (protobuf or domain ones: both have type/source/options)."""
     paths: list[str] = []
     for m in mounts:
-        if m.type == "bind":  # type: ignore[attr-defined]
-            paths.append(m.source)  # type: ignore[attr-defined]
-        for option in m.options:  # type: ignore[attr-defined]
+        if m.type == "bind":
+            paths.append(m.source)
+        for option in m.options:
             key, _, value = option.partition("=")
             if key in ("upperdir", "workdir"):
                 paths.append(value)
@@ -221,6 +223,7 @@ def test_sigkill_mid_operation_loses_nothing_committed(workdir: Path) -> None:
 _CRASH_SCRIPT = """
 import inspect, os, sys
 from pathlib import Path
+from typing import Any
 from snapshotter import snapshots
 from snapshotter.metadata import Transaction
 

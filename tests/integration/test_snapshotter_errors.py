@@ -6,15 +6,17 @@ containerd turns the proxy's status codes into errdefs classes and relies on the
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from snapshotter._proto import snapshots_pb2
 from tests.integration.snapshot_suite_support import (
@@ -54,8 +56,8 @@ def c(daemon: Daemon) -> Iterator[Client]:
         yield Client(stub)
 
 
-def _ns(ts: object) -> int:
-    return ts.seconds * 1_000_000_000 + ts.nanos  # type: ignore[attr-defined]
+def _ns(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1_000_000_000 + ts.nanos
 
 
 def _committed(c: Client, name: str, parent: str = "", labels: dict[str, str] | None = None) -> str:
@@ -546,7 +548,7 @@ def test_usage_of_an_active_snapshot_under_churn(c: Client, workdir: Path) -> No
     assert not failures, failures[:3]
 
 
-def _race(calls: list[Callable[[], object]]) -> list[grpc.StatusCode]:
+def _race(calls: Sequence[Callable[[], object]]) -> list[grpc.StatusCode]:
     """Start all calls at once; return each one's status code (OK for success)."""
     barrier = threading.Barrier(len(calls))
     codes: list[grpc.StatusCode] = [grpc.StatusCode.UNKNOWN] * len(calls)
@@ -576,7 +578,7 @@ def test_concurrent_callers_get_one_winner_and_clean_errors(
     assert set(codes) == {grpc.StatusCode.OK, ALREADY_EXISTS}
 
     c.prepare("for-commit", "base")
-    codes = _race([lambda i=i: c.commit(f"name-{i}", "for-commit") for i in range(8)])
+    codes = _race([functools.partial(c.commit, f"name-{i}", "for-commit") for i in range(8)])
     assert codes.count(grpc.StatusCode.OK) == 1
     assert set(codes) <= {grpc.StatusCode.OK, NOT_FOUND, FAILED_PRECONDITION}
     assert len([n for n in names(c.list()) if n.startswith("name-")]) == 1
@@ -590,13 +592,14 @@ def test_concurrent_callers_get_one_winner_and_clean_errors(
                 for f in range(50):
                     (target / str(d) / str(f)).write_bytes(b"x")
         (workdir / "m").rmdir()
-        commit, remove = _race([lambda k=key: c.commit(f"{k}-c", k), lambda k=key: c.remove(k)])
+        commit, remove = _race([functools.partial(c.commit, f"{key}-c", key),
+                                functools.partial(c.remove, key)])
         assert grpc.StatusCode.INTERNAL not in (commit, remove)
         if commit == grpc.StatusCode.OK:
             assert remove == NOT_FOUND
             assert c.stat(f"{key}-c").kind == snapshots_pb2.COMMITTED
         else:
             assert (commit, remove) == (NOT_FOUND, grpc.StatusCode.OK)
-        assert status_of(lambda k=key: c.stat(k))[0] == NOT_FOUND
+        assert status_of(functools.partial(c.stat, key))[0] == NOT_FOUND
     c.cleanup()
     assert len(_snapshot_dirs(daemon)) == len(c.list())

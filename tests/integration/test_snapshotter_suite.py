@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from snapshotter._proto import snapshots_pb2
 from snapshotter.mounts import MOUNT_OPTIONS_BUDGET
@@ -66,14 +67,8 @@ def suite(daemon: Daemon, workdir: Path) -> Iterator[Suite]:
         yield Suite(Client(stub), work)
 
 
-def _ns(ts: object) -> int:
-    return ts.seconds * 1_000_000_000 + ts.nanos  # type: ignore[attr-defined]
-
-
-def _prepare_mounted(suite: Suite, key: str, parent: str = "") -> tuple[list[object], Path]:
-    mounts = suite.client.prepare(key, parent, OPT)
-    assert len(mounts) >= 1, "expected mounts to have entries"
-    return mounts, suite.work / key.replace("/", "_")
+def _ns(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1_000_000_000 + ts.nanos
 
 
 def test_basic(suite: Suite) -> None:
