@@ -13,8 +13,16 @@ from snapshotter.model import Usage
 
 
 def disk_usage(top: Path) -> Usage:
+    """Usage of ``top`` and everything under it; like containerd's fs.DiskUsage (and ``du -s``)
+    the top directory itself counts as one inode with its blocks."""
     seen: set[tuple[int, int]] = set()
     size = 0
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return Usage(size=0, inodes=0)
+    seen.add((st.st_dev, st.st_ino))
+    size += st.st_blocks * 512
     stack = [str(top)]
     while stack:
         path = stack.pop()
