@@ -157,8 +157,8 @@ def parse_filter(text: str) -> Filter:
     """Parse one filter string (selectors joined by commas); raise InvalidArgumentError."""
     scanner = _Scanner(text)
     selectors: list[Selector] = []
-    if scanner.at_end():
-        return ()
+    if not text:
+        return ()  # only the empty string matches everything; "  " is an error, as in containerd
     while True:
         path = [scanner.field()]
         while scanner.peek(".") and not scanner.peek(".."):

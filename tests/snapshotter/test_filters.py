@@ -89,7 +89,7 @@ def test_go_string_escapes(quoted: str, value: str) -> None:
     "name==", "name=", "==x", "name==x,", ",name==x", "name==x,,name==y", "labels.",
     'labels."open==x', 'name=="unterminated', "name~=(", "name~=a{99999999999}",
     r'name=="\q"', r'name=="\0"', r'name=="\400"', r'name=="\xZZ"', r'name=="\U00110000"',
-    "name==x y==z", "a..b", "name>=x", ".name==x", "name~=/unterminated", "name~=|a",
+    "name==x y==z", "a..b", "name>=x", ".name==x", "name~=/unterminated", "name~=|a", " ",
 ])
 def test_malformed_filters_are_invalid_argument(bad: str) -> None:
     with pytest.raises(InvalidArgumentError, match="filter"):
