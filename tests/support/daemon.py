@@ -67,7 +67,16 @@ class Daemon:
             self.process.kill()
             code = self.process.wait()
         self.process = None
+        self.unmount_leftovers()
         return code
+
+    def unmount_leftovers(self) -> None:
+        """A daemon that died uncleanly leaves its FUSE mount; no test may leave one behind."""
+        fuse = str(self.root / "fuse")
+        with open("/proc/self/mounts") as mounts:
+            mounted = any(line.split()[1] == fuse for line in mounts)
+        if mounted:
+            subprocess.run(["fusermount3", "-u", "-z", fuse], check=False, capture_output=True)
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -89,8 +98,9 @@ def running_daemon(workdir: Path, *, extra_args: list[str] | None = None) -> Ite
     workdir.mkdir(parents=True, exist_ok=True)
     daemon = Daemon(workdir / "root", workdir / "lazysnap.sock", workdir / "lazysnap.log",
                     extra_args=extra_args or [])
-    daemon.start()
     try:
+        daemon.start()
         yield daemon
     finally:
         daemon.stop()
+        daemon.unmount_leftovers()
