@@ -267,8 +267,10 @@ class Engine:
         sent: str | None,
     ) -> None:
         self._challenges[host.netloc] = challenge
-        if sent is not None:
-            self._credentials.pop(host.netloc, None)
+        # Look the credentials up again on the next request, also after an anonymous refusal:
+        # credentials may have appeared meanwhile (a rewritten config.json, or ones handed to
+        # the daemon over its socket), and a cached "none" must not hide them for minutes.
+        self._credentials.pop(host.netloc, None)
         key = self._token_key(host, challenge, scopes)
         cached = self._tokens.get(key)
         # Drop the cached token only if it is the one refused: a late 401 to a request sent

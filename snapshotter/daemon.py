@@ -24,6 +24,7 @@ from registry import DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.config import Config
 from snapshotter.grpc_service import add_services
 from snapshotter.metadata import MetadataError
+from snapshotter.pushed_credentials import PushedCredentials
 from snapshotter.remote_layers import RemoteLayers, RemoteSnapshots
 from snapshotter.sdnotify import notify
 from snapshotter.snapshots import Snapshotter
@@ -52,7 +53,9 @@ def _open_snapshotter(root: Path) -> Snapshotter:
         raise StartupError(str(exc)) from None
 
 
-def _start_server(snapshotter: Snapshotter, address: Path) -> grpc.Server:
+def _start_server(
+    snapshotter: Snapshotter, address: Path, credentials: PushedCredentials | None
+) -> grpc.Server:
     try:
         prepare_socket_path(address)
     except SocketError as exc:
@@ -64,7 +67,7 @@ def _start_server(snapshotter: Snapshotter, address: Path) -> grpc.Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    add_services(server, snapshotter)
+    add_services(server, snapshotter, credentials)
     old_umask = os.umask(0o117)  # the socket is born 0660, never briefly world-accessible
     try:
         bound = server.add_insecure_port(f"unix:{address}")
@@ -96,7 +99,8 @@ def _clear_stale_mount(mountpoint: Path) -> None:
 
 
 async def _start_lazy(
-    config: Config, snapshotter: Snapshotter, nursery: trio.Nursery
+    config: Config, snapshotter: Snapshotter, nursery: trio.Nursery,
+    credentials: PushedCredentials,
 ) -> tuple[LazyFilesystem, RegistryClient] | None:
     """Mount the FUSE filesystem and re-attach remote layers; None when FUSE is unavailable."""
     if not config.lazy.enabled:
@@ -113,7 +117,7 @@ async def _start_lazy(
     except Exception as exc:
         log.warning("lazy pulling unavailable: cannot mount %s: %s", layout.fuse, exc)
         return None
-    client = RegistryClient(HostsConfig(config.hosts_dir), DockerConfigCredentials())
+    client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
     layers = RemoteLayers(fs, client, layout.tails,
                           background_fetch=config.lazy.background_fetch)
 
@@ -138,8 +142,11 @@ async def _wait_for_stop_signal() -> int:
 
 async def _serve(config: Config, snapshotter: Snapshotter) -> int:
     async with trio.open_nursery() as nursery:
-        lazy = await _start_lazy(config, snapshotter, nursery)
-        server = await trio.to_thread.run_sync(_start_server, snapshotter, config.address)
+        credentials = PushedCredentials(DockerConfigCredentials())
+        lazy = await _start_lazy(config, snapshotter, nursery, credentials)
+        server = await trio.to_thread.run_sync(
+            _start_server, snapshotter, config.address, credentials if lazy else None
+        )
         log.info(
             "serving", extra={"version": VERSION, "root": str(config.root),
                               "address": str(config.address), "pid": os.getpid(),

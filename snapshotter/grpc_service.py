@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from registry import Credentials
 from snapshotter import errors
 from snapshotter._proto import (
     daemon_pb2,
@@ -24,6 +25,7 @@ from snapshotter._proto import (
     snapshots_pb2_grpc,
 )
 from snapshotter.model import Kind, Mount, SnapshotInfo
+from snapshotter.pushed_credentials import MAX_TTL_SECONDS, PushedCredentials
 from snapshotter.snapshots import Snapshotter
 from snapshotter.version import VERSION
 
@@ -155,10 +157,42 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
+    host = request.host.strip()
+    if not host or len(host) > 255 or any(c.isspace() or c == "/" for c in host):
+        raise errors.InvalidArgumentError("host must be a registry host[:port], e.g. example:5000")
+    if not request.secret:
+        raise errors.InvalidArgumentError("secret (password or identity token) is empty")
+    if not 0 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+        raise errors.InvalidArgumentError(f"ttl_seconds must be within 0..{MAX_TTL_SECONDS}")
+    if request.username:
+        credentials = Credentials(username=request.username, password=request.secret)
+    else:
+        credentials = Credentials(identity_token=request.secret)
+    return host, credentials, int(request.ttl_seconds)
+
+
 class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
-    def __init__(self, snapshotter: Snapshotter) -> None:
+    def __init__(
+        self, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+    ) -> None:
         self._sn = snapshotter
+        self._credentials = credentials
         self._started = time.monotonic()
+
+    def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def store() -> float:
+            if self._credentials is None:
+                raise errors.FailedPreconditionError("lazy pulling is disabled in this daemon")
+            host, credentials, ttl = _credentials_from_request(request)
+            expires = self._credentials.set(host, credentials, ttl)
+            # The host and user name only: the secret never reaches a log.
+            log.info("registry credentials set host=%s user=%r expires_in=%ds", host,
+                     credentials.username, expires)
+            return expires
+
+        expires = _call(context, "SetCredentials", store)
+        return daemon_pb2.SetCredentialsResponse(expires_in_seconds=int(expires))
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         counts = _call(context, "Status", self._sn.counts)
@@ -173,6 +207,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         )
 
 
-def add_services(server: grpc.Server, snapshotter: Snapshotter) -> None:
+def add_services(
+    server: grpc.Server, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
-    daemon_pb2_grpc.add_DaemonServicer_to_server(DaemonServicer(snapshotter), server)
+    daemon_pb2_grpc.add_DaemonServicer_to_server(
+        DaemonServicer(snapshotter, credentials), server
+    )

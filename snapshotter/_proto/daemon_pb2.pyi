@@ -5,6 +5,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetCredentialsRequest(_message.Message):
+    __slots__ = ("host", "username", "secret", "ttl_seconds")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    username: str
+    secret: str
+    ttl_seconds: int
+    def __init__(self, host: _Optional[str] = ..., username: _Optional[str] = ..., secret: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class SetCredentialsResponse(_message.Message):
+    __slots__ = ("expires_in_seconds",)
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    expires_in_seconds: int
+    def __init__(self, expires_in_seconds: _Optional[int] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -40,6 +40,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.StatusRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.SetCredentials = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/SetCredentials',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -52,6 +57,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCredentials(self, request, context):
+        """SetCredentials hands the daemon registry credentials for one host (e.g. from `lazysnap
+        pull --user`), kept in memory only until they expire; they are never logged or stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.StatusRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.StatusResponse.SerializeToString,
+            ),
+            'SetCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCredentials,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/Status',
             snapshotter_dot___proto_dot_daemon__pb2.StatusRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/SetCredentials',
+            snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,16 +8,22 @@ registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as conta
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import sys
 
 import grpc
 import trio
 
 from registry import (
+    CredentialProvider,
+    Credentials,
     DockerConfigCredentials,
     NotFoundError,
+    Reference,
     RegistryClient,
     RegistryError,
+    StaticCredentials,
     host_platform,
     parse_platform,
     parse_reference,
@@ -44,7 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_registry_arguments(parser)
     parser.add_argument(
         "--snapshotter-address", metavar="SOCK",
-        help="check first that the lazysnap daemon answers on this socket",
+        help="the lazysnap daemon's socket: checked first, and given the registry credentials "
+        "this pull uses so it can fetch the lazy layers (kept in its memory only)",
+    )
+    parser.add_argument(
+        "--user", metavar="USER[:PASSWORD]",
+        help="registry credentials (default: the docker config); without :PASSWORD it is read "
+        "from $LAZYSNAP_REGISTRY_PASSWORD or asked on the terminal",
     )
 
 
@@ -57,12 +69,54 @@ def _check_daemon(address: str) -> None:
         raise SnapshotterError(f"lazysnap daemon at {address} does not answer: {detail}") from exc
 
 
+def _user_credentials(user: str) -> Credentials:
+    name, sep, password = user.partition(":")
+    if not name:
+        raise ValueError("--user needs a user name")
+    if not sep:
+        password = os.environ.get("LAZYSNAP_REGISTRY_PASSWORD", "")
+        if not password and sys.stdin.isatty():
+            password = getpass.getpass(f"password for {name}: ")
+        if not password:
+            raise ValueError("--user without :PASSWORD needs $LAZYSNAP_REGISTRY_PASSWORD or a tty")
+    return Credentials(username=name, password=password)
+
+
+def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialProvider:
+    if args.user:
+        return StaticCredentials({reference.domain: _user_credentials(args.user)})
+    return DockerConfigCredentials()
+
+
+def _hand_credentials_to_daemon(address: str, host: str, credentials: Credentials) -> None:
+    """The daemon fetches the lazy layers itself, later, with its own registry client."""
+    secret = credentials.password or credentials.identity_token
+    request = daemon_pb2.SetCredentialsRequest(
+        host=host, username=credentials.username if credentials.password else "", secret=secret
+    )
+    try:
+        with grpc.insecure_channel(f"unix:{address}") as channel:
+            daemon_pb2_grpc.DaemonStub(channel).SetCredentials(request, timeout=5)
+    except grpc.RpcError as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        raise SnapshotterError(
+            f"lazysnap daemon at {address} did not take the credentials: {detail}"
+        ) from exc
+
+
 async def _pull(
     args: argparse.Namespace, client: ContainerdClient, progress: Progress
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     reference = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as registry:
+    provider = _credentials(args, reference)
+    if args.snapshotter_address:
+        found = await provider.credentials_for(reference.domain)
+        if found is not None:
+            await trio.to_thread.run_sync(
+                _hand_credentials_to_daemon, args.snapshotter_address, reference.domain, found
+            )
+    async with RegistryClient(hosts_config(args), provider) as registry:
         return await pull(client, registry, reference, args.snapshotter, platform, progress)
 
 

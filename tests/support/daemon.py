@@ -94,10 +94,12 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(workdir: Path, *, extra_args: list[str] | None = None) -> Iterator[Daemon]:
+def running_daemon(
+    workdir: Path, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
     workdir.mkdir(parents=True, exist_ok=True)
     daemon = Daemon(workdir / "root", workdir / "lazysnap.sock", workdir / "lazysnap.log",
-                    extra_args=extra_args or [])
+                    extra_args=extra_args or [], env=env)
     try:
         daemon.start()
         yield daemon
