@@ -16,6 +16,7 @@ COMMAND_MODULES: dict[str, str] = {
     "mount": "snapshotter.commands.mount",
     "pull": "snapshotter.commands.pull",
     "unpack": "snapshotter.commands.unpack",
+    "convert": "snapshotter.commands.convert",
 }
 
 COMMAND_HELP: dict[str, str] = {
@@ -25,6 +26,7 @@ COMMAND_HELP: dict[str, str] = {
     "mount": "mount a seekable layer blob or an image read-only over FUSE",
     "pull": "pull an image into containerd and unpack it into lazysnap with CRI's layer labels",
     "unpack": "unpack an image containerd already has into lazysnap with CRI's layer labels",
+    "convert": "rewrite an image's layers as eStargz or zstd:chunked and push it",
 }
 
 

@@ -1,0 +1,127 @@
+"""``lazysnap convert SRC DST``: rewrite an image's layers as eStargz or zstd:chunked and push
+the result (OCI media types, layer annotations kept) so that lazysnap can pull it lazily.
+
+One line per layer, then the new manifest digest. Errors are one line on stderr, exit code 1;
+the destination tag is written last, so a failed run leaves nothing under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import trio
+
+from registry import (
+    DockerConfigCredentials,
+    NotFoundError,
+    RegistryClient,
+    RegistryError,
+    host_platform,
+    parse_platform,
+    parse_reference,
+)
+from snapshotter.commands._containerd_args import add_registry_arguments, fail, hosts_config
+from snapshotter.convert import (
+    ConvertOptions,
+    ConvertResult,
+    LayerReport,
+    convert_image,
+    normalize_prioritized,
+)
+from snapshotter.convert_documents import TARGET_FORMATS, ConvertError, parse_target_format
+from snapshotter.logs import setup_logging
+
+NAME = "convert"
+MIN_CHUNK_SIZE = 4096
+
+
+def _chunk_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if value < MIN_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"chunk size must be at least {MIN_CHUNK_SIZE} bytes")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="image to read, e.g. host:5000/app:1")
+    parser.add_argument("destination", metavar="DST", help="tag to push the result to")
+    parser.add_argument(
+        "--format", default="estargz", choices=TARGET_FORMATS,
+        help="layer format to write (default: estargz)",
+    )
+    parser.add_argument(
+        "--prioritize", action="append", default=[], metavar="PATH",
+        help="put this file first in its layer, before the prefetch landmark (repeatable)",
+    )
+    parser.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]",
+        help="platform to convert from an index (default: this machine)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=_chunk_size, default=None, metavar="BYTES",
+        help="largest chunk of a file the writer compresses on its own (default: 4 MiB)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (default: warning)",
+    )
+    add_registry_arguments(parser)
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
+    options = ConvertOptions(
+        format=parse_target_format(args.format),
+        platform=parse_platform(args.platform) if args.platform else host_platform(),
+        prioritized=normalize_prioritized(args.prioritize),
+    )
+    if args.chunk_size is not None:
+        options = dataclasses.replace(options, chunk_size=args.chunk_size)
+    return options
+
+
+async def _convert(args: argparse.Namespace, options: ConvertOptions) -> ConvertResult:
+    source = parse_reference(args.source)
+    destination = parse_reference(args.destination)
+
+    def report(layer: LayerReport) -> None:
+        if not args.quiet:
+            print(layer.line(options.format), flush=True)
+
+    async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
+        return await convert_image(client, source, destination, options, report)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, "text")
+    try:
+        options = _options(args)
+        parse_reference(args.source)
+        parse_reference(args.destination)
+    except (ConvertError, ValueError) as exc:
+        return fail(NAME, exc)
+    try:
+        result = trio.run(_convert, args, options)
+    except NotFoundError as exc:
+        return fail(NAME, f"{args.source}: not found in the registry: {exc}")
+    except RegistryError as exc:
+        return fail(NAME, f"{type(exc).__name__}: {exc}")
+    except ConvertError as exc:
+        return fail(NAME, f"{args.source}: {exc}")
+    except KeyboardInterrupt:
+        fail(NAME, "interrupted (the destination tag was not written)")
+        return 130
+    if args.quiet:
+        print(result.manifest_digest)
+        return 0
+    converted = sum(1 for layer in result.layers if layer.converted)
+    print(
+        f"converted {args.source} to {options.format}: {len(result.layers)} layers "
+        f"({converted} converted, {len(result.layers) - converted} kept)"
+    )
+    print(f"pushed {result.destination} digest {result.manifest_digest}")
+    return 0

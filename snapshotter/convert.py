@@ -1,0 +1,245 @@
+"""``lazysnap convert``: read an image from a registry, rewrite its layers as eStargz or
+zstd:chunked, and push the result under a new reference.
+
+Order matters for failure safety: layer blobs first, then the new config, and the manifest
+last, so a failure at any point leaves nothing under the destination tag (only unreferenced
+blobs, which the registry's garbage collection removes).
+
+One platform is converted per run (``--platform``, default this machine); the result is a plain
+image manifest, not an index.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from fusefs.formats import DEFAULT_CHUNK_SIZE
+from registry import Descriptor, NotFoundError, Platform, Reference, RegistryClient, ResolvedImage
+from snapshotter.convert_documents import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    TARGET_MEDIA_TYPES,
+    ConvertError,
+    LayerOut,
+    TargetFormat,
+    build_manifest,
+    check_convertible,
+    converted_annotations,
+    rewrite_config,
+    source_diff_ids,
+)
+from snapshotter.convert_layer import convert_layer_file
+from snapshotter.lazy_formats import classify_layer
+
+log = logging.getLogger(__name__)
+
+MB = 1_000_000
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    format: TargetFormat = "estargz"
+    platform: Platform | None = None  # None: this machine's
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    prioritized: tuple[str, ...] = ()  # paths in the image, put first in every layer holding them
+    work_dir: Path | None = None  # where temporary blobs go (default: the system's temp dir)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerReport:
+    number: int  # 1-based
+    total: int
+    source: Descriptor
+    result: LayerOut
+    converted: bool  # False: already in the target format, kept byte for byte
+    uploaded: bool  # False: the destination repository already had the blob
+    seconds: float
+
+    def line(self, fmt: TargetFormat) -> str:
+        action = f"-> {fmt}" if self.converted else f"kept ({fmt} already)"
+        where = "pushed" if self.uploaded else "exists"
+        return (
+            f"layer {self.number}/{self.total} {self.source.digest} "
+            f"{self.source.size / MB:.1f} MB {action} {self.result.digest} "
+            f"{self.result.size / MB:.1f} MB {where} {self.seconds:.1f} s"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    source: ResolvedImage
+    destination: Reference
+    manifest_digest: str
+    manifest_size: int
+    layers: tuple[LayerReport, ...]
+
+
+LayerCallback = Callable[[LayerReport], None]
+
+
+async def convert_image(
+    client: RegistryClient,
+    source: Reference,
+    destination: Reference,
+    options: ConvertOptions,
+    on_layer: LayerCallback | None = None,
+) -> ConvertResult:
+    """Convert ``source`` (one platform) and push it as ``destination``; see the module doc."""
+    if destination.digest is not None:
+        raise ConvertError(f"{destination}: the destination must be a tag, not a digest")
+    image = await client.resolve_image(source, options.platform)
+    layers = image.manifest.layers
+    # Refuse unsupported layers before anything is downloaded or pushed.
+    for layer in layers:
+        check_convertible(layer.media_type, layer.digest)
+    config = await client.fetch_blob(
+        source, image.manifest.config.digest, max_size=MAX_CONFIG_BYTES
+    )
+    diff_ids = source_diff_ids(config)
+    if len(diff_ids) != len(layers):
+        raise ConvertError(
+            f"config lists {len(diff_ids)} diff IDs for a manifest of {len(layers)} layers"
+        )
+    work = Path(await trio.to_thread.run_sync(_make_work_dir, options.work_dir))
+    try:
+        converter = _LayerConverter(client, source, destination, options, work)
+        reports: list[LayerReport] = []
+        for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
+            report = await converter.convert(number, len(layers), layer, diff_id)
+            reports.append(report)
+            if on_layer is not None:
+                on_layer(report)
+    finally:
+        await trio.to_thread.run_sync(shutil.rmtree, work, True)
+    new_layers = [report.result for report in reports]
+    new_config = rewrite_config(config, [layer.diff_id for layer in new_layers])
+    config_descriptor = await client.push_blob(destination, new_config, media_type=OCI_CONFIG)
+    manifest = build_manifest(
+        config_descriptor.digest, config_descriptor.size, new_layers, image.manifest.annotations
+    )
+    digest = await client.push_manifest(destination, manifest, OCI_MANIFEST)
+    log.info("convert pushed destination=%s digest=%s", destination, digest)
+    return ConvertResult(image, destination, digest, len(manifest), tuple(reports))
+
+
+def _make_work_dir(parent: Path | None) -> str:
+    return tempfile.mkdtemp(prefix="lazysnap-convert-", dir=parent)
+
+
+class _LayerConverter:
+    """Download, convert (or keep) and push one layer at a time; temporary files are removed
+    as soon as the layer is pushed, so the disk holds at most one layer's worth of them."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        source: Reference,
+        destination: Reference,
+        options: ConvertOptions,
+        work: Path,
+    ) -> None:
+        self._client = client
+        self._source = source
+        self._destination = destination
+        self._options = options
+        self._work = work
+
+    async def convert(
+        self, number: int, total: int, layer: Descriptor, diff_id: str
+    ) -> LayerReport:
+        started = time.monotonic()
+        oci_type = check_convertible(layer.media_type, layer.digest)
+        verdict = classify_layer(layer.media_type, layer.annotations)
+        downloaded = self._work / f"layer-{number}.src"
+        written = self._work / f"layer-{number}.out"
+        try:
+            if verdict.format == self._options.format:
+                result = LayerOut(oci_type, layer.digest, layer.size, diff_id, layer.annotations)
+                uploaded = await self._ensure_copied(layer, downloaded)
+                converted = False
+            else:
+                await self._client.download_blob(self._source, layer.digest, downloaded)
+                result = await self._convert_file(downloaded, written, layer)
+                await trio.to_thread.run_sync(_unlink, downloaded)
+                uploaded = await self._push_file(written, result.media_type, result.digest)
+                converted = True
+        finally:
+            await trio.to_thread.run_sync(_unlink, downloaded)
+            await trio.to_thread.run_sync(_unlink, written)
+        return LayerReport(
+            number, total, layer, result, converted, uploaded, time.monotonic() - started
+        )
+
+    async def _convert_file(self, source: Path, dest: Path, layer: Descriptor) -> LayerOut:
+        fmt = self._options.format
+
+        def work() -> LayerOut:
+            try:
+                written = convert_layer_file(
+                    source,
+                    dest,
+                    fmt,
+                    chunk_size=self._options.chunk_size,
+                    prioritized=self._options.prioritized,
+                )
+            except (ValueError, OSError, EOFError) as exc:
+                # The writers raise ValueError for content they cannot express (sparse
+                # members, a corrupt tar); zlib/zstd errors are ValueError/OSError subclasses.
+                raise ConvertError(f"layer {layer.digest}: cannot convert: {exc}") from exc
+            annotations = converted_annotations(layer.annotations, written.annotations)
+            return LayerOut(
+                TARGET_MEDIA_TYPES[fmt], written.digest, written.size, written.diff_id, annotations
+            )
+
+        # Compression is CPU-bound and zlib/zstd release the GIL: a worker thread keeps the
+        # event loop (and the registry connections it owns) responsive.
+        return await trio.to_thread.run_sync(work)
+
+    async def _has_blob(self, digest: str) -> bool:
+        try:
+            await self._client.stat_blob(self._destination, digest)
+        except NotFoundError:
+            return False
+        return True
+
+    async def _push_file(self, path: Path, media_type: str, digest: str) -> bool:
+        if await self._has_blob(digest):
+            return False
+        await self._client.push_blob_file(self._destination, path, media_type=media_type)
+        return True
+
+    async def _ensure_copied(self, layer: Descriptor, downloaded: Path) -> bool:
+        """A kept layer must exist in the destination repository too. It is copied through
+        disk; the push asks the registry to mount it from the source repository first, which
+        saves the upload when both live on one registry."""
+        if await self._has_blob(layer.digest):
+            return False
+        await self._client.download_blob(self._source, layer.digest, downloaded)
+        await self._client.push_blob_file(
+            self._destination, downloaded, media_type=layer.media_type, mount_from=self._source
+        )
+        return True
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def normalize_prioritized(paths: Sequence[str]) -> tuple[str, ...]:
+    """Paths as the user writes them (``/etc/hello``) to tar member names (``etc/hello``)."""
+    cleaned = []
+    for path in paths:
+        name = path.strip().strip("/")
+        if not name:
+            raise ConvertError(f"--prioritize {path!r}: not a file path")
+        cleaned.append(name)
+    return tuple(dict.fromkeys(cleaned))

@@ -1,0 +1,156 @@
+"""The documents ``lazysnap convert`` writes: layer descriptors, the config and the manifest (pure).
+
+No I/O here: the converter hands in what it downloaded and converted, and gets back the exact
+bytes to push. Everything written uses OCI media types, whatever the source used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from snapshotter.lazy_formats import (
+    ESTARGZ_TOC_DIGEST,
+    LEGACY_ZSTD_CHUNKED_CHECKSUM,
+    LEGACY_ZSTD_CHUNKED_POSITION,
+    ZSTD_CHUNKED_CHECKSUM,
+    ZSTD_CHUNKED_POSITION,
+)
+
+TargetFormat = Literal["estargz", "zstd:chunked"]
+TARGET_FORMATS: tuple[TargetFormat, ...] = ("estargz", "zstd:chunked")
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+
+TARGET_MEDIA_TYPES: Mapping[TargetFormat, str] = {
+    "estargz": OCI_LAYER_GZIP,
+    "zstd:chunked": OCI_LAYER_ZSTD,
+}
+
+# Source layer media types the converter reads (the writers accept tar, tar+gzip, tar+zstd),
+# mapped to their OCI equivalent. Non-distributable / foreign layers are left out on purpose:
+# their blobs often live outside the registry and must not be re-pushed.
+CONVERTIBLE_MEDIA_TYPES: Mapping[str, str] = {
+    OCI_LAYER_GZIP: OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD: OCI_LAYER_ZSTD,
+    OCI_LAYER_TAR: OCI_LAYER_TAR,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": OCI_LAYER_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar": OCI_LAYER_TAR,
+}
+
+# Annotations that describe one blob's seekable layout. A converted blob has a new layout, so
+# stale ones from the source (say, zstd:chunked keys on a layer now written as eStargz) must go.
+FORMAT_ANNOTATIONS = frozenset(
+    {
+        ESTARGZ_TOC_DIGEST,
+        "io.containers.estargz.uncompressed-size",
+        ZSTD_CHUNKED_CHECKSUM,
+        ZSTD_CHUNKED_POSITION,
+        "io.github.containers.zstd-chunked.tarsplit-position",
+        LEGACY_ZSTD_CHUNKED_CHECKSUM,
+        LEGACY_ZSTD_CHUNKED_POSITION,
+    }
+)
+
+
+class ConvertError(Exception):
+    """The image cannot be converted (unsupported layer, malformed config, bad target)."""
+
+
+def parse_target_format(text: str) -> TargetFormat:
+    for fmt in TARGET_FORMATS:
+        if text == fmt:
+            return fmt
+    raise ConvertError(f"unknown format {text!r} (choose {' or '.join(TARGET_FORMATS)})")
+
+
+def base_media_type(media_type: str) -> str:
+    return media_type.split(";", 1)[0].strip().lower()
+
+
+def check_convertible(media_type: str, digest: str) -> str:
+    """The layer's OCI media type, or ``ConvertError`` for a layer the writers cannot read."""
+    oci = CONVERTIBLE_MEDIA_TYPES.get(base_media_type(media_type))
+    if oci is None:
+        raise ConvertError(f"layer {digest}: unsupported layer media type {media_type!r}")
+    return oci
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOut:
+    """One layer of the new image: its descriptor fields and its DiffID for the config."""
+
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def descriptor(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
+                               "size": self.size}
+        if self.annotations:
+            doc["annotations"] = dict(sorted(self.annotations.items()))
+        return doc
+
+
+def converted_annotations(
+    source: Mapping[str, str], written: Mapping[str, str]
+) -> dict[str, str]:
+    """The source layer's annotations minus stale format keys, plus the writer's."""
+    kept = {k: v for k, v in source.items() if k not in FORMAT_ANNOTATIONS}
+    kept.update(written)
+    return kept
+
+
+def source_diff_ids(config: bytes) -> list[str]:
+    """``rootfs.diff_ids`` of an image config, validated as a list of strings."""
+    doc = _config_object(config)
+    rootfs = doc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise ConvertError("image config has no rootfs.diff_ids list")
+    return list(diff_ids)
+
+
+def rewrite_config(config: bytes, diff_ids: Sequence[str]) -> bytes:
+    """The config with ``rootfs.diff_ids`` replaced; every other field is kept as it was."""
+    doc = _config_object(config)
+    old = source_diff_ids(config)
+    if len(old) != len(diff_ids):
+        raise ConvertError(f"config lists {len(old)} layers, the new image has {len(diff_ids)}")
+    doc["rootfs"] = {**doc["rootfs"], "diff_ids": list(diff_ids)}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def build_manifest(
+    config_digest: str,
+    config_size: int,
+    layers: Sequence[LayerOut],
+    annotations: Mapping[str, str],
+) -> bytes:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": [layer.descriptor() for layer in layers],
+    }
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _config_object(config: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(config)
+    except ValueError as exc:
+        raise ConvertError("image config is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise ConvertError("image config is not a JSON object")
+    return doc
