@@ -11,11 +11,21 @@ from fusefs.blob import BlobReader
 from fusefs.cache import CacheUsage, ChunkCache, ChunkIntegrityError
 from fusefs.fetcher import FetchConfig, FetchError
 from fusefs.filesystem import DEFAULT_CACHE_CAPACITY, LayerUsage, LazyFilesystem
+from fusefs.formats import (
+    DEFAULT_CHUNK_SIZE,
+    IndexLimits,
+    LayerFormatError,
+    WriteResult,
+    load_layer_index,
+    write_estargz,
+    write_zstd_chunked,
+)
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
+    "DEFAULT_CHUNK_SIZE",
     "BlobReader",
     "CacheUsage",
     "ChunkCache",
@@ -26,8 +36,14 @@ __all__ = [
     "EntryKind",
     "FetchConfig",
     "FetchError",
+    "IndexLimits",
+    "LayerFormatError",
     "LayerIndex",
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",
+    "WriteResult",
+    "load_layer_index",
+    "write_estargz",
+    "write_zstd_chunked",
 ]

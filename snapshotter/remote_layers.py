@@ -14,8 +14,7 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
-from fusefs import BlobReader, LazyFilesystem
-from fusefs.formats import LayerFormatError, load_layer_index
+from fusefs import BlobReader, LayerFormatError, LazyFilesystem, load_layer_index
 from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
 from snapshotter.blob_tail import (
     DeferredBlob,

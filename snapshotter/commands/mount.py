@@ -128,7 +128,7 @@ def _usage(message: str) -> int:
 
 async def _serve_blob(args: argparse.Namespace, cache_dir: Path) -> int:
     # Imported here so that argument errors are reported without loading the formats.
-    from fusefs.formats import LayerFormatError, load_layer_index  # noqa: PLC0415
+    from fusefs import LayerFormatError, load_layer_index  # noqa: PLC0415
 
     blob = await LocalFileBlob.open(args.blob.resolve())
     try:
@@ -189,11 +189,7 @@ async def stop_on_signal(
 
 
 async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
-    from fusefs.formats import (  # noqa: PLC0415
-        ESTARGZ_TOC_DIGEST,
-        LayerFormatError,
-        load_layer_index,
-    )
+    from fusefs import LayerFormatError, load_layer_index  # noqa: PLC0415
     from registry import (  # noqa: PLC0415
         DockerConfigCredentials,
         HostsConfig,
@@ -202,6 +198,7 @@ async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
         parse_platform,
         parse_reference,
     )
+    from snapshotter.labels import STARGZ_TOC_DIGEST as ESTARGZ_TOC_DIGEST  # noqa: PLC0415
 
     try:
         ref = parse_reference(args.source)
