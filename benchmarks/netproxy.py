@@ -49,7 +49,23 @@ QUEUE_CHUNKS = 4096  # per direction of a connection; the serialiser bounds it i
 DEFAULT_LIFETIME = 3600.0
 
 _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|HEAD|POST|PUT|PATCH|DELETE) \S+ HTTP/1\.[01]\r\n")
+_REQUEST = re.compile(
+    rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.DOTALL
+)
+REQUEST_LOG_LIMIT = 100_000
 _RANGE_HEADER = re.compile(rb"\r\nrange: *bytes=(\d*)-(\d*)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP request seen going upstream (``start``/``end`` from its Range header, or -1)."""
+
+    at: float  # time.monotonic() when the proxy read it
+    connection: int
+    method: str
+    path: str
+    start: int = -1
+    end: int = -1
 
 
 @dataclass(frozen=True)
@@ -76,12 +92,22 @@ class _Counting:
         self.http_requests = 0
         self.range_requests = 0
         self.range_bytes = 0
+        self.requests: list[Request] = []
         self._lock = threading.Lock()
 
     def snapshot(self) -> Counters:
         with self._lock:
             return Counters(self.connections, self.bytes_up, self.bytes_down,
                             self.http_requests, self.range_requests, self.range_bytes)
+
+    def record(self, request: Request) -> None:
+        with self._lock:
+            if len(self.requests) < REQUEST_LOG_LIMIT:
+                self.requests.append(request)
+
+    def requests_since(self, since: float) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.at >= since]
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -173,9 +199,16 @@ class _Link:
         self.up = _Serialiser(model.bytes_per_s)
         self.down = _Serialiser(model.bytes_per_s)
         self.read_size = LIMITED_READ if model.mbit > 0 else UNLIMITED_READ
+        self.connection_ids = 0
 
-    def count_up(self, data: bytes) -> None:
+    def count_up(self, data: bytes, connection: int) -> None:
         ranges = _RANGE_HEADER.findall(data)
+        now = time.monotonic()
+        for method, path, headers in _REQUEST.findall(data):
+            found = _RANGE_HEADER.search(b"\r\n" + headers)
+            start, end = (int(found[1] or -1), int(found[2] or -1)) if found else (-1, -1)
+            self.counting.record(Request(now, connection, method.decode(),
+                                         path.decode(errors="replace"), start, end))
         self.counting.add(
             bytes_up=len(data),
             http_requests=len(_REQUEST_LINE.findall(data)),
@@ -188,6 +221,8 @@ class _Link:
 
     async def handle(self, client: trio.SocketStream, upstream: tuple[str, int]) -> None:
         self.counting.add(connections=1)
+        self.connection_ids += 1
+        connection = self.connection_ids
         try:
             # The TCP handshake crosses the link too: one RTT before the first byte can go.
             await trio.sleep(self.model.rtt_ms / 1000.0)
@@ -198,7 +233,7 @@ class _Link:
         try:
             async with client, server, trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, client, server, self.up, self.model.one_way_s,
-                                   self.read_size, self.count_up)
+                                   self.read_size, lambda data: self.count_up(data, connection))
                 nursery.start_soon(_pump, server, client, self.down, self.model.one_way_s,
                                    self.read_size, self.count_down)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -261,6 +296,10 @@ class LinkProxy:
 
     def counters(self) -> Counters:
         return self._counting.snapshot()
+
+    def requests_since(self, since: float) -> list[Request]:
+        """HTTP requests seen since ``since`` (a ``time.monotonic()`` value), oldest first."""
+        return self._counting.requests_since(since)
 
     def start(self, timeout: float = 10.0) -> int:
         self._thread = threading.Thread(target=self._run, name="netproxy", daemon=True)

@@ -58,11 +58,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from netproxy import LinkProxy  # noqa: E402
+from netproxy import Counters, LinkProxy  # noqa: E402
 
 from tests.support import oci_image as oci  # noqa: E402
 from tests.support.containerd import RunningContainerd, run_containerd  # noqa: E402
-from tests.support.daemon import running_daemon  # noqa: E402
+from tests.support.daemon import Daemon, running_daemon  # noqa: E402
 from tests.support.docker_registry import run_registry  # noqa: E402
 
 CACHE = Path("/var/cache/lazysnap-bench")
@@ -254,62 +254,86 @@ def measure(
             run_containerd(workdir / "c", daemon.address) as containerd:
         before = proxy.counters()
         started = time.monotonic()
-        result.pull_summary = _pull(arm, reference, containerd, hosts_dir, daemon.address)
-        result.pull_s = time.monotonic() - started
-
-        command = ["ctr", "--address", str(containerd.address), "--namespace",
-                   containerd.namespace, "run", "--rm",
-                   *(["--snapshotter", "lazysnap"] if lazy else []),
-                   reference, f"bench{number}", *WORKLOADS[workload]]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        timer = _kill_after(process, RUN_TIMEOUT)
         try:
-            assert process.stdout is not None and process.stderr is not None
-            first = process.stdout.readline()
-            result.first_output_s = time.monotonic() - started
-            at_first = proxy.counters().minus(before)
-            _, errors = process.communicate()
-            result.exit_s = time.monotonic() - started
+            return _measure_from(result, started, before, arm, image, reference, proxy,
+                                 containerd, daemon, hosts_dir, number, lazy,
+                                 background_fetch)
         finally:
-            timer.cancel()
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        result.first_line = first.decode(errors="replace").strip()
-        result.fetched_first = at_first.bytes_down
-        result.requests_first = at_first.http_requests
-        result.ranges_first = at_first.range_requests
-        result.range_bytes_first = at_first.range_bytes
-        if process.returncode != 0 or not first:
-            result.error = (f"ctr run exited {process.returncode}: "
-                            f"{errors.decode(errors='replace').strip()[-1000:]}")
-            return result
+            _write_request_log(workdir / "proxy-requests.tsv", proxy, started)
 
-        if lazy and not background_fetch:
-            result.local_s = math.nan  # never, by construction
-        elif lazy:
-            layers = len(image.blob_sizes)
-            deadline = time.monotonic() + LOCAL_TIMEOUT
-            while _count_in_log(daemon.log_path, FULLY_FETCHED) < layers:
-                if _count_in_log(daemon.log_path, FETCH_STOPPED):
-                    result.error = "background fetch stopped (see the daemon log)"
-                    return result
-                if time.monotonic() > deadline:
-                    result.error = f"not fully fetched after {LOCAL_TIMEOUT:.0f} s"
-                    return result
-                time.sleep(0.05)
-            result.local_s = time.monotonic() - started
-        else:
-            result.local_s = result.pull_s
-        at_local = proxy.counters().minus(before)
-        result.fetched_local = at_local.bytes_down
-        result.requests_local = at_local.http_requests
-        result.ranges_local = at_local.range_requests
-        remote = re.search(r"\((\d+) remote", result.pull_summary)
-        if lazy and (remote is None or int(remote.group(1)) != len(image.blob_sizes)):
-            result.error = f"layers were not served lazily: {result.pull_summary}"
-            return result
-        result.ok = True
+
+def _write_request_log(path: Path, proxy: LinkProxy, started: float) -> None:
+    """What the proxy saw, for --keep-logs: seconds since the pull started, connection,
+    method, blob (last path element), range start, range length (MiB)."""
+    lines = ["seconds\tconn\tmethod\ttarget\tstart\tMiB"]
+    for r in proxy.requests_since(started):
+        length = (r.end - r.start + 1) / (1 << 20) if r.start >= 0 and r.end >= 0 else math.nan
+        lines.append(f"{r.at - started:.3f}\t{r.connection}\t{r.method}\t"
+                     f"{r.path.rsplit('/', 1)[-1][:19]}\t{r.start}\t{length:.2f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _measure_from(
+    result: Result, started: float, before: Counters, arm: str, image: ImageInfo,
+    reference: str, proxy: LinkProxy, containerd: RunningContainerd, daemon: Daemon,
+    hosts_dir: Path, number: int, lazy: bool, background_fetch: bool,
+) -> Result:
+    result.pull_summary = _pull(arm, reference, containerd, hosts_dir, daemon.address)
+    result.pull_s = time.monotonic() - started
+
+    command = ["ctr", "--address", str(containerd.address), "--namespace",
+               containerd.namespace, "run", "--rm",
+               *(["--snapshotter", "lazysnap"] if lazy else []),
+               reference, f"bench{number}", *WORKLOADS[result.workload]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timer = _kill_after(process, RUN_TIMEOUT)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()
+        result.first_output_s = time.monotonic() - started
+        at_first = proxy.counters().minus(before)
+        _, errors = process.communicate()
+        result.exit_s = time.monotonic() - started
+    finally:
+        timer.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    result.first_line = first.decode(errors="replace").strip()
+    result.fetched_first = at_first.bytes_down
+    result.requests_first = at_first.http_requests
+    result.ranges_first = at_first.range_requests
+    result.range_bytes_first = at_first.range_bytes
+    if process.returncode != 0 or not first:
+        result.error = (f"ctr run exited {process.returncode}: "
+                        f"{errors.decode(errors='replace').strip()[-1000:]}")
+        return result
+
+    if lazy and not background_fetch:
+        result.local_s = math.nan  # never, by construction
+    elif lazy:
+        layers = len(image.blob_sizes)
+        deadline = time.monotonic() + LOCAL_TIMEOUT
+        while _count_in_log(daemon.log_path, FULLY_FETCHED) < layers:
+            if _count_in_log(daemon.log_path, FETCH_STOPPED):
+                result.error = "background fetch stopped (see the daemon log)"
+                return result
+            if time.monotonic() > deadline:
+                result.error = f"not fully fetched after {LOCAL_TIMEOUT:.0f} s"
+                return result
+            time.sleep(0.05)
+        result.local_s = time.monotonic() - started
+    else:
+        result.local_s = result.pull_s
+    at_local = proxy.counters().minus(before)
+    result.fetched_local = at_local.bytes_down
+    result.requests_local = at_local.http_requests
+    result.ranges_local = at_local.range_requests
+    remote = re.search(r"\((\d+) remote", result.pull_summary)
+    if lazy and (remote is None or int(remote.group(1)) != len(image.blob_sizes)):
+        result.error = f"layers were not served lazily: {result.pull_summary}"
+        return result
+    result.ok = True
     return result
 
 
@@ -490,7 +514,8 @@ def _keep_logs(workdir: Path, dest: str, number: int, link: Link, workload: str,
                arm: str) -> None:
     target = Path(dest) / f"{number:02d}-{link.name}-{workload}-{TAGS[arm]}"
     target.mkdir(parents=True, exist_ok=True)
-    for source, name in ((workdir / "d" / "lazysnap.log", "lazysnap.log"),
+    for source, name in ((workdir / "proxy-requests.tsv", "proxy-requests.tsv"),
+                         (workdir / "d" / "lazysnap.log", "lazysnap.log"),
                          (workdir / "c" / "containerd.log", "containerd.log")):
         with contextlib.suppress(OSError):
             shutil.copy(source, target / name)

@@ -105,8 +105,15 @@ def test_counts_http_requests_and_ranges(echo_port: int) -> None:
     )
     with netproxy.LinkProxy(("127.0.0.1", echo_port), lifetime=30) as proxy:
         before = proxy.counters()
+        since = time.monotonic()
         assert _echo_through(proxy.port, requests) == requests
         delta = proxy.counters().minus(before)
+        logged = proxy.requests_since(since)
+    assert [(r.method, r.path, r.start, r.end) for r in logged] == [
+        ("GET", "/v2/a/blobs/sha256:1", 0, 9),
+        ("HEAD", "/v2/", -1, -1),
+        ("GET", "/v2/a/blobs/sha256:2", 5, -1),
+    ]
     assert delta.http_requests == 3
     assert delta.range_requests == 2
     assert delta.range_bytes == 10  # bytes=0-9; an open-ended range has no length to add
