@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+import zstandard
 
 from fusefs.formats import DEFAULT_CHUNK_SIZE
 from registry import Descriptor, NotFoundError, Platform, Reference, RegistryClient, ResolvedImage
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 
 MB = 1_000_000
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
+_BAD_LAYER_ERRORS = (
+    ValueError, EOFError, OSError, tarfile.TarError, zlib.error, zstandard.ZstdError
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +197,9 @@ class _LayerConverter:
                     chunk_size=self._options.chunk_size,
                     prioritized=self._options.prioritized,
                 )
-            except (ValueError, OSError, EOFError) as exc:
-                # The writers raise ValueError for content they cannot express (sparse
-                # members, a corrupt tar); zlib/zstd errors are ValueError/OSError subclasses.
+            except _BAD_LAYER_ERRORS as exc:
+                # The blob matched its digest, so this is the content itself: not a tar, a
+                # corrupt stream, or a member the writers cannot express (sparse files).
                 raise ConvertError(f"layer {layer.digest}: cannot convert: {exc}") from exc
             annotations = converted_annotations(layer.annotations, written.annotations)
             return LayerOut(
