@@ -1,0 +1,47 @@
+"""``lazysnap convert``'s command line: arguments, and input errors as one line with exit 1."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapshotter import cli
+
+
+def test_convert_is_a_registered_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["convert", "--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--format", "--prioritize", "--platform", "--chunk-size", "--hosts-dir",
+                   "--plain-http"):
+        assert option in usage
+
+
+@pytest.mark.parametrize(
+    "extra", [["--format", "gzip"], ["--chunk-size", "100"], ["--chunk-size", "big"]]
+)
+def test_bad_options_are_usage_errors(
+    extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["convert", "reg.test/a:1", "reg.test/a:2", *extra])
+    assert exited.value.code == 2
+    assert "lazysnap convert: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["Bad Reference", "reg.test/a:2"], "lazysnap convert: "),
+        (["reg.test/a:1", "reg.test/a:2", "--platform", "linux"], "invalid platform"),
+        (["reg.test/a:1", "reg.test/a:2", "--prioritize", "/"], "not a file path"),
+    ],
+)
+def test_bad_input_fails_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["convert", *args]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lazysnap convert: ") and message in lines[0]
+    assert captured.out == ""
