@@ -5,8 +5,10 @@ Order matters for failure safety: layer blobs first, then the new config, and th
 last, so a failure at any point leaves nothing under the destination tag (only unreferenced
 blobs, which the registry's garbage collection removes).
 
-One platform is converted per run (``--platform``, default this machine); the result is a plain
-image manifest, not an index.
+From an index, one platform is converted (``--platform``, default this machine) and pushed as a
+plain image manifest, or with ``all_platforms`` every platform's image, pushed by digest, then a
+new index under the tag. Index entries that are not platform images (buildx attestations with
+platform ``unknown/unknown``) are left out.
 """
 
 from __future__ import annotations
@@ -25,17 +27,29 @@ import trio
 import zstandard
 
 from fusefs.formats import DEFAULT_CHUNK_SIZE
-from registry import Descriptor, NotFoundError, Platform, Reference, RegistryClient, ResolvedImage
+from registry import (
+    Descriptor,
+    Index,
+    Manifest,
+    NotFoundError,
+    Platform,
+    Reference,
+    RegistryClient,
+    parse_manifest,
+)
 from snapshotter.convert_documents import (
     OCI_CONFIG,
+    OCI_INDEX,
     OCI_MANIFEST,
     TARGET_MEDIA_TYPES,
     ConvertError,
     LayerOut,
     TargetFormat,
+    build_index,
     build_manifest,
     check_convertible,
     converted_annotations,
+    is_platform_image,
     rewrite_config,
     source_diff_ids,
 )
@@ -57,6 +71,7 @@ class ConvertOptions:
     platform: Platform | None = None  # None: this machine's
     chunk_size: int = DEFAULT_CHUNK_SIZE
     prioritized: tuple[str, ...] = ()  # paths in the image, put first in every layer holding them
+    all_platforms: bool = False  # an index source: convert every platform, push a new index
     work_dir: Path | None = None  # where temporary blobs go (default: the system's temp dir)
 
 
@@ -81,15 +96,36 @@ class LayerReport:
 
 
 @dataclass(frozen=True, slots=True)
-class ConvertResult:
-    source: ResolvedImage
-    destination: Reference
+class PlatformResult:
+    """One converted image manifest (pushed by digest when part of an index)."""
+
+    platform: Platform | None  # from the source index; None for a single-manifest source
     manifest_digest: str
     manifest_size: int
     layers: tuple[LayerReport, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    source_digest: str  # what SRC resolved to
+    destination: Reference
+    digest: str  # what the destination tag now points at
+    media_type: str  # OCI image manifest, or OCI index with --all-platforms on an index
+    platforms: tuple[PlatformResult, ...]
+
+    @property
+    def layers(self) -> tuple[LayerReport, ...]:
+        return tuple(layer for result in self.platforms for layer in result.layers)
+
+
 LayerCallback = Callable[[LayerReport], None]
+PlatformCallback = Callable[[Platform | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _SourceManifest:
+    platform: Platform | None
+    manifest: Manifest
 
 
 async def convert_image(
@@ -98,17 +134,79 @@ async def convert_image(
     destination: Reference,
     options: ConvertOptions,
     on_layer: LayerCallback | None = None,
+    on_platform: PlatformCallback | None = None,
 ) -> ConvertResult:
-    """Convert ``source`` (one platform) and push it as ``destination``; see the module doc."""
+    """Convert ``source`` and push it as ``destination``; see the module doc."""
     if destination.digest is not None:
         raise ConvertError(f"{destination}: the destination must be a tag, not a digest")
-    image = await client.resolve_image(source, options.platform)
-    layers = image.manifest.layers
+    source_digest, index, manifests = await _source_manifests(client, source, options)
     # Refuse unsupported layers before anything is downloaded or pushed.
-    for layer in layers:
-        check_convertible(layer.media_type, layer.digest)
+    for entry in manifests:
+        for layer in entry.manifest.layers:
+            check_convertible(layer.media_type, layer.digest)
+    # Per-platform manifests of an index are pushed by digest; only the tag is written last.
+    untagged = Reference(destination.domain, destination.path)
+    results: list[PlatformResult] = []
+    for entry in manifests:
+        if on_platform is not None:
+            on_platform(entry.platform)
+        target = destination if index is None else untagged
+        results.append(
+            await _convert_manifest(client, source, target, entry, options, on_layer)
+        )
+    if index is None:
+        only = results[0]
+        log.info("convert pushed destination=%s digest=%s", destination, only.manifest_digest)
+        return ConvertResult(
+            source_digest, destination, only.manifest_digest, OCI_MANIFEST, tuple(results)
+        )
+    body = build_index(
+        [(r.platform, r.manifest_digest, r.manifest_size) for r in results], index.annotations
+    )
+    digest = await client.push_manifest(destination, body, OCI_INDEX)
+    log.info("convert pushed destination=%s index=%s", destination, digest)
+    return ConvertResult(source_digest, destination, digest, OCI_INDEX, tuple(results))
+
+
+async def _source_manifests(
+    client: RegistryClient, source: Reference, options: ConvertOptions
+) -> tuple[str, Index | None, list[_SourceManifest]]:
+    """(what SRC resolved to, its index when every platform is converted, the manifests)."""
+    if not options.all_platforms:
+        image = await client.resolve_image(source, options.platform)
+        return image.digest, None, [_SourceManifest(image.platform, image.manifest)]
+    top_digest = source.digest or (await client.resolve(source)).digest
+    top = await client.fetch_manifest(source, top_digest)
+    parsed = parse_manifest(top.content, top.media_type)
+    if isinstance(parsed, Manifest):
+        return top.digest, None, [_SourceManifest(None, parsed)]
+    manifests: list[_SourceManifest] = []
+    for entry in parsed.manifests:
+        if not is_platform_image(entry.media_type, entry.platform):
+            log.info("convert skip-index-entry digest=%s media_type=%s", entry.digest,
+                     entry.media_type)
+            continue
+        content = await client.fetch_manifest(source, entry.digest)
+        manifest = parse_manifest(content.content, content.media_type or entry.media_type)
+        if not isinstance(manifest, Manifest):
+            raise ConvertError(f"index entry {entry.digest} is not an image manifest")
+        manifests.append(_SourceManifest(entry.platform, manifest))
+    if not manifests:
+        raise ConvertError("the index lists no image manifest for any platform")
+    return top.digest, parsed, manifests
+
+
+async def _convert_manifest(
+    client: RegistryClient,
+    source: Reference,
+    destination: Reference,
+    entry: _SourceManifest,
+    options: ConvertOptions,
+    on_layer: LayerCallback | None,
+) -> PlatformResult:
+    layers = entry.manifest.layers
     config = await client.fetch_blob(
-        source, image.manifest.config.digest, max_size=MAX_CONFIG_BYTES
+        source, entry.manifest.config.digest, max_size=MAX_CONFIG_BYTES
     )
     diff_ids = source_diff_ids(config)
     if len(diff_ids) != len(layers):
@@ -130,11 +228,10 @@ async def convert_image(
     new_config = rewrite_config(config, [layer.diff_id for layer in new_layers])
     config_descriptor = await client.push_blob(destination, new_config, media_type=OCI_CONFIG)
     manifest = build_manifest(
-        config_descriptor.digest, config_descriptor.size, new_layers, image.manifest.annotations
+        config_descriptor.digest, config_descriptor.size, new_layers, entry.manifest.annotations
     )
     digest = await client.push_manifest(destination, manifest, OCI_MANIFEST)
-    log.info("convert pushed destination=%s digest=%s", destination, digest)
-    return ConvertResult(image, destination, digest, len(manifest), tuple(reports))
+    return PlatformResult(entry.platform, digest, len(manifest), tuple(reports))
 
 
 def _make_work_dir(parent: Path | None) -> str:

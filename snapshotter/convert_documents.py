@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from registry import Platform
 from snapshotter.lazy_formats import (
     ESTARGZ_TOC_DIGEST,
     LEGACY_ZSTD_CHUNKED_CHECKSUM,
@@ -23,6 +24,10 @@ TargetFormat = Literal["estargz", "zstd:chunked"]
 TARGET_FORMATS: tuple[TargetFormat, ...] = ("estargz", "zstd:chunked")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+IMAGE_MANIFEST_TYPES = frozenset(
+    {OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"}
+)
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -154,3 +159,38 @@ def _config_object(config: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConvertError("image config is not a JSON object")
     return doc
+
+
+def is_platform_image(media_type: str, platform: Platform | None) -> bool:
+    """An index entry worth converting: an image manifest for a real platform (buildx puts
+    attestation manifests in the index with platform ``unknown/unknown``)."""
+    return (
+        base_media_type(media_type) in IMAGE_MANIFEST_TYPES
+        and platform is not None
+        and platform.os != "unknown"
+    )
+
+
+def platform_object(platform: Platform) -> dict[str, str]:
+    doc = {"architecture": platform.architecture, "os": platform.os}
+    if platform.os_version:
+        doc["os.version"] = platform.os_version
+    if platform.variant:
+        doc["variant"] = platform.variant
+    return doc
+
+
+def build_index(
+    manifests: Sequence[tuple[Platform | None, str, int]], annotations: Mapping[str, str]
+) -> bytes:
+    """An OCI index of (platform, manifest digest, manifest size) entries."""
+    entries: list[dict[str, Any]] = []
+    for platform, digest, size in manifests:
+        entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": digest, "size": size}
+        if platform is not None:
+            entry["platform"] = platform_object(platform)
+        entries.append(entry)
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -15,6 +15,7 @@ import trio
 from registry import (
     DockerConfigCredentials,
     NotFoundError,
+    Platform,
     RegistryClient,
     RegistryError,
     host_platform,
@@ -29,7 +30,12 @@ from snapshotter.convert import (
     convert_image,
     normalize_prioritized,
 )
-from snapshotter.convert_documents import TARGET_FORMATS, ConvertError, parse_target_format
+from snapshotter.convert_documents import (
+    OCI_INDEX,
+    TARGET_FORMATS,
+    ConvertError,
+    parse_target_format,
+)
 from snapshotter.logs import setup_logging
 
 NAME = "convert"
@@ -57,9 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prioritize", action="append", default=[], metavar="PATH",
         help="put this file first in its layer, before the prefetch landmark (repeatable)",
     )
-    parser.add_argument(
+    platforms = parser.add_mutually_exclusive_group()
+    platforms.add_argument(
         "--platform", metavar="OS/ARCH[/VARIANT]",
         help="platform to convert from an index (default: this machine)",
+    )
+    platforms.add_argument(
+        "--all-platforms", action="store_true",
+        help="convert every platform of an index and push a new index",
     )
     parser.add_argument(
         "--chunk-size", type=_chunk_size, default=None, metavar="BYTES",
@@ -78,6 +89,7 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
         format=parse_target_format(args.format),
         platform=parse_platform(args.platform) if args.platform else host_platform(),
         prioritized=normalize_prioritized(args.prioritize),
+        all_platforms=args.all_platforms,
     )
     if args.chunk_size is not None:
         options = dataclasses.replace(options, chunk_size=args.chunk_size)
@@ -92,8 +104,12 @@ async def _convert(args: argparse.Namespace, options: ConvertOptions) -> Convert
         if not args.quiet:
             print(layer.line(options.format), flush=True)
 
+    def platform(chosen: Platform | None) -> None:
+        if options.all_platforms and chosen is not None and not args.quiet:
+            print(f"platform {chosen}", flush=True)
+
     async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
-        return await convert_image(client, source, destination, options, report)
+        return await convert_image(client, source, destination, options, report, platform)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,12 +132,13 @@ def run(args: argparse.Namespace) -> int:
         fail(NAME, "interrupted (the destination tag was not written)")
         return 130
     if args.quiet:
-        print(result.manifest_digest)
+        print(result.digest)
         return 0
     converted = sum(1 for layer in result.layers if layer.converted)
     print(
         f"converted {args.source} to {options.format}: {len(result.layers)} layers "
         f"({converted} converted, {len(result.layers) - converted} kept)"
     )
-    print(f"pushed {result.destination} digest {result.manifest_digest}")
+    index = f" (index of {len(result.platforms)} images)" if result.media_type == OCI_INDEX else ""
+    print(f"pushed {result.destination} digest {result.digest}{index}")
     return 0

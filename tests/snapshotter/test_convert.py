@@ -142,7 +142,7 @@ def test_every_layer_is_converted_and_the_image_pushed(fmt: TargetFormat, media_
     result, reports = run_convert(source.registry, ConvertOptions(fmt, AMD64))
 
     manifest = pushed_manifest(source.registry)
-    assert result.manifest_digest == digest_of(source.registry.manifests["lazy"][0])
+    assert result.digest == digest_of(source.registry.manifests["lazy"][0])
     assert manifest["mediaType"] == OCI_MANIFEST
     assert manifest["annotations"] == {
         "org.opencontainers.image.source": "https://example.test/app"
@@ -234,7 +234,7 @@ def test_an_index_converts_the_chosen_platform() -> None:
     registry.blobs.update(arm.registry.blobs)
     amd_body, amd_type = registry.manifests["1"]
     arm_body, _ = arm.registry.manifests["1"]
-    index = {
+    index: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
         "manifests": [
@@ -246,10 +246,35 @@ def test_an_index_converts_the_chosen_platform() -> None:
     }
     registry.add_manifest(json.dumps(index).encode(), OCI_INDEX, tag="1")
     result, reports = run_convert(registry, ConvertOptions("estargz", AMD64))
-    assert result.source.platform == AMD64
+    assert [p.platform for p in result.platforms] == [AMD64]
     assert len(reports) == 2 and len(pushed_manifest(registry)["layers"]) == 2
     with pytest.raises(PlatformNotFoundError, match="available: linux/arm64, linux/amd64"):
         run_convert(registry, ConvertOptions("estargz", Platform("linux", "s390x")))
+
+    # Every platform: one converted image per real platform, then a new index under the tag.
+    attestation = registry.add_manifest(arm_body, amd_type)
+    index["manifests"].append(
+        {"mediaType": amd_type, "digest": attestation, "size": len(arm_body),
+         "platform": {"os": "unknown", "architecture": "unknown"}}
+    )
+    registry.add_manifest(json.dumps(index).encode(), OCI_INDEX, tag="1")
+    registry.requests.clear()
+    result, reports = run_convert(registry, ConvertOptions("estargz", all_platforms=True))
+    pushed_index, media_type = registry.manifests["lazy"]
+    assert media_type == OCI_INDEX and result.digest == digest_of(pushed_index)
+    entries = json.loads(pushed_index)["manifests"]
+    assert [e["platform"] for e in entries] == [
+        {"os": "linux", "architecture": "arm64"}, {"os": "linux", "architecture": "amd64"}
+    ]
+    assert [len(json.loads(registry.manifests[e["digest"]][0])["layers"]) for e in entries] == [
+        1, 2
+    ]
+    assert [p.platform for p in result.platforms] == [
+        Platform("linux", "arm64"), Platform("linux", "amd64")
+    ]
+    manifest_puts = [w.url.path for w in uploads(registry) if "/manifests/" in w.url.path]
+    assert manifest_puts[-1] == "/v2/app/manifests/lazy", "the tag is written last"
+    assert all(path.endswith(e["digest"]) for path, e in zip(manifest_puts, entries, strict=False))
 
 
 def test_an_unsupported_layer_fails_before_anything_is_downloaded_or_pushed() -> None:
