@@ -13,6 +13,7 @@ platform ``unknown/unknown``) are left out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tarfile
@@ -49,11 +50,13 @@ from snapshotter.convert_documents import (
     build_manifest,
     check_convertible,
     converted_annotations,
+    image_runtime,
     is_platform_image,
     rewrite_config,
     source_diff_ids,
 )
 from snapshotter.convert_layer import convert_layer_file
+from snapshotter.convert_optimize import OptimizeRun, OptimizeSpec, check_requirements, record_reads
 from snapshotter.lazy_formats import classify_layer
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     prioritized: tuple[str, ...] = ()  # paths in the image, put first in every layer holding them
     all_platforms: bool = False  # an index source: convert every platform, push a new index
+    optimize: OptimizeSpec | None = None  # run a command once, put what it read first
     work_dir: Path | None = None  # where temporary blobs go (default: the system's temp dir)
 
 
@@ -112,6 +116,7 @@ class ConvertResult:
     digest: str  # what the destination tag now points at
     media_type: str  # OCI image manifest, or OCI index with --all-platforms on an index
     platforms: tuple[PlatformResult, ...]
+    optimized: OptimizeRun | None = None  # what --optimize's command read
 
     @property
     def layers(self) -> tuple[LayerReport, ...]:
@@ -120,6 +125,7 @@ class ConvertResult:
 
 LayerCallback = Callable[[LayerReport], None]
 PlatformCallback = Callable[[Platform | None], None]
+StageCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +141,15 @@ async def convert_image(
     options: ConvertOptions,
     on_layer: LayerCallback | None = None,
     on_platform: PlatformCallback | None = None,
+    on_stage: StageCallback | None = None,
 ) -> ConvertResult:
     """Convert ``source`` and push it as ``destination``; see the module doc."""
     if destination.digest is not None:
         raise ConvertError(f"{destination}: the destination must be a tag, not a digest")
+    if options.optimize is not None:
+        return await _convert_optimized(
+            client, source, destination, options, options.optimize, on_layer, on_stage
+        )
     source_digest, index, manifests = await _source_manifests(client, source, options)
     # Refuse unsupported layers before anything is downloaded or pushed.
     for entry in manifests:
@@ -166,6 +177,48 @@ async def convert_image(
     digest = await client.push_manifest(destination, body, OCI_INDEX)
     log.info("convert pushed destination=%s index=%s", destination, digest)
     return ConvertResult(source_digest, destination, digest, OCI_INDEX, tuple(results))
+
+
+async def _convert_optimized(
+    client: RegistryClient,
+    source: Reference,
+    destination: Reference,
+    options: ConvertOptions,
+    spec: OptimizeSpec,
+    on_layer: LayerCallback | None,
+    on_stage: StageCallback | None,
+) -> ConvertResult:
+    """Two passes: a first conversion pushed by digest only (no tag), mounted lazily to run the
+    command; then the final conversion with the files it read first, pushed under the tag."""
+    if options.all_platforms:
+        raise ConvertError("--optimize converts one platform: drop --all-platforms")
+    check_requirements()
+    stage = on_stage or (lambda _text: None)
+    source_digest, _index, manifests = await _source_manifests(client, source, options)
+    entry = manifests[0]
+    for layer in entry.manifest.layers:
+        check_convertible(layer.media_type, layer.digest)
+    untagged = Reference(destination.domain, destination.path)
+    stage("first pass: convert to run the command")
+    first = await _convert_manifest(client, source, untagged, entry, options, on_layer)
+    config = await client.fetch_blob(
+        source, entry.manifest.config.digest, max_size=MAX_CONFIG_BYTES
+    )
+    env, cwd = image_runtime(config)
+    mounted = str(untagged.with_digest(first.manifest_digest))
+    stage(f"running {' '.join(spec.command)!r} in {mounted} (lazily mounted)")
+    run = await trio.to_thread.run_sync(record_reads, mounted, spec, env, cwd)
+    outcome = "timed out" if run.exit_code is None else f"exited {run.exit_code}"
+    stage(f"the command {outcome} after {run.seconds:.1f} s and read {len(run.paths)} files")
+    prioritized = tuple(dict.fromkeys((*options.prioritized, *run.paths)))
+    final = dataclasses.replace(options, prioritized=prioritized, optimize=None)
+    stage("second pass: convert with those files first")
+    result = await _convert_manifest(client, source, destination, entry, final, on_layer)
+    log.info("convert pushed destination=%s digest=%s optimized_files=%d", destination,
+             result.manifest_digest, len(run.paths))
+    return ConvertResult(
+        source_digest, destination, result.manifest_digest, OCI_MANIFEST, (result,), run
+    )
 
 
 async def _source_manifests(

@@ -151,6 +151,21 @@ def build_manifest(
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def image_runtime(config: bytes) -> tuple[list[str], str]:
+    """The environment and working directory a container of this image starts with."""
+    runtime = _config_object(config).get("config")
+    runtime = runtime if isinstance(runtime, dict) else {}
+    env = runtime.get("Env")
+    env = [e for e in env if isinstance(e, str)] if isinstance(env, list) else []
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, DEFAULT_PATH)
+    cwd = runtime.get("WorkingDir")
+    return env, cwd if isinstance(cwd, str) and cwd.startswith("/") else "/"
+
+
 def _config_object(config: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(config)

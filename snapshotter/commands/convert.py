@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 
 import trio
 
@@ -36,6 +37,7 @@ from snapshotter.convert_documents import (
     ConvertError,
     parse_target_format,
 )
+from snapshotter.convert_optimize import DEFAULT_RUN_TIMEOUT, OptimizeSpec
 from snapshotter.logs import setup_logging
 
 NAME = "convert"
@@ -76,6 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size", type=_chunk_size, default=None, metavar="BYTES",
         help="largest chunk of a file the writer compresses on its own (default: 4 MiB)",
     )
+    parser.add_argument(
+        "--optimize", metavar="'CMD ...'",
+        help="run CMD once in the image, lazily mounted (root, FUSE and runc needed), and put "
+        "the files it read first, in that order",
+    )
+    parser.add_argument(
+        "--optimize-timeout", type=float, default=DEFAULT_RUN_TIMEOUT, metavar="SECONDS",
+        help="stop the --optimize command after this long (default: %(default)s)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -93,6 +104,17 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     )
     if args.chunk_size is not None:
         options = dataclasses.replace(options, chunk_size=args.chunk_size)
+    if args.optimize is not None:
+        try:
+            command = tuple(shlex.split(args.optimize))
+        except ValueError as exc:
+            raise ConvertError(f"--optimize: {exc}") from None
+        if not command:
+            raise ConvertError("--optimize needs a command")
+        if args.optimize_timeout <= 0:
+            raise ConvertError("--optimize-timeout must be positive")
+        spec = OptimizeSpec(command, args.optimize_timeout, args.hosts_dir)
+        options = dataclasses.replace(options, optimize=spec)
     return options
 
 
@@ -108,8 +130,14 @@ async def _convert(args: argparse.Namespace, options: ConvertOptions) -> Convert
         if options.all_platforms and chosen is not None and not args.quiet:
             print(f"platform {chosen}", flush=True)
 
+    def stage(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
     async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
-        return await convert_image(client, source, destination, options, report, platform)
+        return await convert_image(
+            client, source, destination, options, report, platform, stage
+        )
 
 
 def run(args: argparse.Namespace) -> int:

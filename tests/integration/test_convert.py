@@ -5,9 +5,13 @@ and bad input fails with one line and leaves no destination tag."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from typing import Any
@@ -136,3 +140,37 @@ def test_an_unsupported_layer_media_type_fails_and_pushes_no_tag(
     result = _lazysnap("convert", source, f"{docker_registry.host}/test/bzip2:lazy")
     _one_line_error(result, "unsupported layer media type", bzip2)
     assert not _has_manifest(docker_registry, "test/bzip2", "lazy")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_optimize_puts_the_files_a_command_read_first(
+    docker_registry: RunningRegistry, busybox_image: PushedImage
+) -> None:
+    if shutil.which("runc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("required in CI: runc")
+        pytest.skip("runc is not installed")
+    destination = f"{docker_registry.host}/test/busybox:optimized"
+    result = _lazysnap(
+        "convert", busybox_image.reference, destination, "--optimize", "cat /etc/hello"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the command exited 0" in result.stdout, result.stdout
+    digest = result.stdout.splitlines()[-1].split()[-1]
+    manifest = json.loads(_get(docker_registry, f"test/busybox/manifests/{digest}"))
+    names = [
+        tarfile.open(
+            fileobj=io.BytesIO(
+                decompressed(_get(docker_registry, f"test/busybox/blobs/{layer['digest']}"))
+            )
+        ).getnames()
+        for layer in manifest["layers"]
+    ]
+    # `cat` is busybox; runc looked up root in /etc/passwd; then the file itself.
+    landmark = ".prefetch.landmark"
+    assert "bin/busybox" in names[0][: names[0].index(landmark)]
+    assert names[1][: names[1].index(landmark)] == ["etc", "etc/hello"]
+    # The untagged first pass is gone from the tag's point of view; nothing is left mounted.
+    with open("/proc/mounts") as mounts:
+        assert "lazysnap-optimize-" not in mounts.read()

@@ -12,8 +12,8 @@ def test_convert_is_a_registered_command(capsys: pytest.CaptureFixture[str]) -> 
         cli.main(["convert", "--help"])
     assert exited.value.code == 0
     usage = capsys.readouterr().out
-    for option in ("--format", "--prioritize", "--platform", "--chunk-size", "--hosts-dir",
-                   "--plain-http"):
+    for option in ("--format", "--prioritize", "--platform", "--all-platforms", "--chunk-size",
+                   "--optimize", "--hosts-dir", "--plain-http"):
         assert option in usage
 
 
@@ -35,6 +35,10 @@ def test_bad_options_are_usage_errors(
         (["Bad Reference", "reg.test/a:2"], "lazysnap convert: "),
         (["reg.test/a:1", "reg.test/a:2", "--platform", "linux"], "invalid platform"),
         (["reg.test/a:1", "reg.test/a:2", "--prioritize", "/"], "not a file path"),
+        (["reg.test/a:1", "reg.test/a:2", "--optimize", " "], "--optimize needs a command"),
+        (["reg.test/a:1", "reg.test/a:2", "--optimize", "sh -c 'x"], "--optimize: No closing"),
+        (["reg.test/a:1", "reg.test/a:2", "--optimize", "true", "--optimize-timeout", "0"],
+         "must be positive"),
     ],
 )
 def test_bad_input_fails_with_one_line(
