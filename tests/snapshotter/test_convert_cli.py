@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
 from snapshotter import cli
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``run`` installs a stderr handler on the root logger; capsys closes that stream."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 def test_convert_is_a_registered_command(capsys: pytest.CaptureFixture[str]) -> None:
