@@ -9,6 +9,9 @@ From an index, one platform is converted (``--platform``, default this machine) 
 plain image manifest, or with ``all_platforms`` every platform's image, pushed by digest, then a
 new index under the tag. Index entries that are not platform images (buildx attestations with
 platform ``unknown/unknown``) are left out.
+
+With ``optimize`` (one platform), a first conversion is pushed by digest only and run once
+(``convert_optimize``); the final one puts the files that run read first.
 """
 
 from __future__ import annotations
