@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 import zstandard
 
-from fusefs.formats import DEFAULT_CHUNK_SIZE
+from fusefs import DEFAULT_CHUNK_SIZE
 from registry import (
     Descriptor,
     Index,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusefs.formats import DEFAULT_CHUNK_SIZE, WriteResult, write_estargz, write_zstd_chunked
+from fusefs import DEFAULT_CHUNK_SIZE, WriteResult, write_estargz, write_zstd_chunked
 from snapshotter.convert_documents import TargetFormat
 
 
