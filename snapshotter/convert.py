@@ -19,16 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tarfile
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-import zstandard
 
 from fusefs import DEFAULT_CHUNK_SIZE
 from registry import (
@@ -58,7 +55,7 @@ from snapshotter.convert_documents import (
     rewrite_config,
     source_diff_ids,
 )
-from snapshotter.convert_layer import convert_layer_file
+from snapshotter.convert_layer import UnreadableLayerError, convert_layer_file
 from snapshotter.convert_optimize import OptimizeRun, OptimizeSpec, check_requirements, record_reads
 from snapshotter.lazy_formats import classify_layer
 
@@ -66,9 +63,6 @@ log = logging.getLogger(__name__)
 
 MB = 1_000_000
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
-_BAD_LAYER_ERRORS = (
-    ValueError, EOFError, OSError, tarfile.TarError, zlib.error, zstandard.ZstdError
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +344,7 @@ class _LayerConverter:
                     chunk_size=self._options.chunk_size,
                     prioritized=self._options.prioritized,
                 )
-            except _BAD_LAYER_ERRORS as exc:
-                # The blob matched its digest, so this is the content itself: not a tar, a
-                # corrupt stream, or a member the writers cannot express (sparse files).
+            except UnreadableLayerError as exc:
                 raise ConvertError(f"layer {layer.digest}: cannot convert: {exc}") from exc
             annotations = converted_annotations(layer.annotations, written.annotations)
             return LayerOut(
