@@ -59,9 +59,17 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
     async with trio.open_nursery() as nursery:
         for number, planned in enumerate(ranges):
             await hashed.slots.acquire()
-            if number > 0:  # the prefetch range goes first, whatever readers are doing
-                await fetcher.wait_for_idle()
-            nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
+            if number == 0 and layer.index.prefetch_end:
+                # The prefetch range goes first and alone, whatever readers are doing: it holds
+                # what the container will read first, so it gets the whole link.
+                await _fetch_and_hash(fetcher, layer, planned, number, hashed)
+                continue
+            await fetcher.wait_for_idle()
+            if fetcher.recently_busy():
+                # Readers are active: one background range at a time leaves them the link.
+                await _fetch_and_hash(fetcher, layer, planned, number, hashed)
+            else:
+                nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
     layer.stats.background_done = True
     actual = "sha256:" + hasher.hexdigest()
     layer.stats.blob_verified = actual == layer.digest
@@ -124,19 +132,20 @@ class _OrderedHasher:
 
 
 async def _fetch(fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
-    raw = await layer.blob.read_at(planned.start, planned.length)
-    layer.stats.requests += 1
-    layer.stats.fetched_bytes += len(raw)
-    if len(raw) != planned.length:
-        raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
-    # Decode only what is still missing; the rest is already cached or being fetched.
-    todo = PlannedRange(
-        planned.start,
-        planned.end,
-        tuple(c for c in planned.chunks if not fetcher.is_cached(layer, c[1])),
-    )
-    if todo.chunks:
-        await fetcher.fetch_range(layer, todo, raw=raw)
+    # Claimed first: a reader needing one of these chunks now waits for this range.
+    flights = fetcher.claim_background(layer, planned)
+    try:
+        raw = await layer.blob.read_at(planned.start, planned.length)
+        layer.stats.requests += 1
+        layer.stats.fetched_bytes += len(raw)
+        if len(raw) != planned.length:
+            raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
+    except BaseException as exc:
+        fetcher.fail(flights, exc)
+        raise
+    if flights:
+        # Decode only the chunks claimed here; the rest is cached or fetched by someone else.
+        await fetcher.fetch_range(layer, planned, seed_flights=flights, claimed=True, raw=raw)
     return raw
 
 

@@ -4,8 +4,11 @@ Single flight: each missing chunk (by cache key, so across layers too) has at mo
 progress; concurrent readers wait for it. Fetches run in the fetcher's own nursery, so a reader
 that goes away does not abort a fetch others are waiting on.
 
-Priority: on-demand reads mark themselves as foreground; background work calls
-``wait_for_idle`` before each new request, so it yields to readers without a fixed quiet time.
+Priority: a reader waiting on a chunk that is not in memory marks itself foreground; background
+work calls ``wait_for_idle`` before each new request, so it yields to readers without a fixed
+quiet time. Background ranges claim their chunks before requesting them, so a reader that needs
+one of them waits for that range instead of fetching the same bytes again; the ranges are small
+enough (2 MiB) that such a wait is short and the link is never hogged for long.
 """
 
 from __future__ import annotations
@@ -35,12 +38,19 @@ MiB = 1 << 20
 class FetchConfig:
     """Tuning of the read path; the defaults suit a registry 1-50 ms away."""
 
-    ondemand_range: int = 4 * MiB  # largest coalesced request for a read miss
+    # A read miss waits for its whole range: 1 MiB is 4 round trips' worth at 100 Mbit/s and
+    # 20 ms, so the reader gets its bytes soon while neighbouring small files still ride along.
+    ondemand_range: int = 1 * MiB  # largest coalesced request for a read miss
     max_gap: int = 256 * 1024  # unrequested bytes a range may carry to join two chunks
     file_completion_window: int = 64 * MiB  # how much of a file its first read fetches ahead
+    file_completion_range: int = 4 * MiB  # nobody waits on these: larger ranges, fewer trips
     file_completion_concurrency: int = 2
-    background_range: int = 8 * MiB
+    background_range: int = 2 * MiB
     background_concurrency: int = 4
+    # After a reader last waited on the link, background fetch keeps at most one range in
+    # flight for this long: a program starting up reads file after file with short pauses,
+    # and each new miss should not queue behind several background ranges.
+    busy_window: float = 1.0
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory (a read is often < a chunk)
 
 
@@ -49,12 +59,13 @@ class FetchError(Exception):
 
 
 class _Flight:
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("background", "data", "done", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = False) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.background = background  # claimed by background fetch: a failure is retried
 
 
 class _HotChunks:
@@ -103,6 +114,7 @@ class ChunkFetcher:
         self._foreground = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._last_foreground = -float("inf")
         self._completion_slots = trio.Semaphore(self.config.file_completion_concurrency)
 
     @property
@@ -121,11 +133,18 @@ class ChunkFetcher:
         finally:
             self._foreground -= 1
             if self._foreground == 0:
+                self._last_foreground = trio.current_time()
                 self._idle.set()
 
     async def wait_for_idle(self) -> None:
         while self._foreground:
             await self._idle.wait()
+
+    def recently_busy(self) -> bool:
+        """A reader is waiting, or waited within ``busy_window`` seconds."""
+        if self._foreground:
+            return True
+        return trio.current_time() - self._last_foreground < self.config.busy_window
 
     # -- the read path -----------------------------------------------------------------------
 
@@ -140,19 +159,18 @@ class ChunkFetcher:
         first_number = number
         parts: list[memoryview] = []
         position = offset
-        with self.foreground():
-            while position < end:
-                if number >= len(chunks):
-                    raise FetchError(f"chunks of entry {entry} end before its size {file_size}")
-                ref = chunks[number]
-                data = await self.chunk(layer, entry, chunks, number)
-                if len(data) != ref.size:
-                    raise FetchError(f"chunk {number} of entry {entry} decoded to a wrong size")
-                lo = position - ref.file_offset
-                hi = min(ref.size, end - ref.file_offset)
-                parts.append(memoryview(data)[lo:hi])
-                position = ref.file_offset + hi
-                number += 1
+        while position < end:
+            if number >= len(chunks):
+                raise FetchError(f"chunks of entry {entry} end before its size {file_size}")
+            ref = chunks[number]
+            data = await self.chunk(layer, entry, chunks, number)
+            if len(data) != ref.size:
+                raise FetchError(f"chunk {number} of entry {entry} decoded to a wrong size")
+            lo = position - ref.file_offset
+            hi = min(ref.size, end - ref.file_offset)
+            parts.append(memoryview(data)[lo:hi])
+            position = ref.file_offset + hi
+            number += 1
         if layer.mark_read(entry) and number < len(chunks):
             # First read of a file: fetch the rest of it (most files are read whole) without
             # making this reader wait for it.
@@ -172,16 +190,28 @@ class ChunkFetcher:
         data = self._hot.get(key)
         if data is not None:
             return data
+        # Only a reader that really waits counts as foreground: hits in memory must not pause
+        # background fetch (a read-everything workload would starve it).
+        with self.foreground():
+            flight = await self._wait(layer, entry, number, ref, key)
+            if flight.error is not None and flight.background:
+                # A failed background range is not the reader's failure: try once on its own.
+                flight = await self._wait(layer, entry, number, ref, key)
+        if flight.error is not None:
+            raise FetchError(str(flight.error)) from flight.error
+        assert flight.data is not None
+        return flight.data
+
+    async def _wait(
+        self, layer: Layer, entry: int, number: int, ref: ChunkRef, key: str
+    ) -> _Flight:
         flight = self._inflight.get(key)
         if flight is None:
             flight = _Flight()
             self._inflight[key] = flight
             self._nursery.start_soon(self._load_or_fetch, layer, entry, number, ref, key, flight)
         await flight.done.wait()
-        if flight.error is not None:
-            raise FetchError(str(flight.error)) from flight.error
-        assert flight.data is not None
-        return flight.data
+        return flight
 
     async def _load_or_fetch(
         self, layer: Layer, entry: int, number: int, ref: ChunkRef, key: str, flight: _Flight
@@ -226,7 +256,7 @@ class ChunkFetcher:
                         [((entry, number), ref)],
                         layer.chunks_after(entry, number),
                         wanted=lambda candidate: self._is_missing(layer, candidate),
-                        max_range=self.config.ondemand_range,
+                        max_range=self.config.file_completion_range,
                         max_gap=self.config.max_gap,
                     )
                     await self._completion_slots.acquire()
@@ -253,16 +283,34 @@ class ChunkFetcher:
 
     # -- ranges ------------------------------------------------------------------------------
 
-    def _claim(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> dict[str, _Flight]:
+    def _claim(
+        self, layer: Layer, planned: PlannedRange[ChunkTag], *, background: bool = False
+    ) -> dict[str, _Flight]:
         flights: dict[str, _Flight] = {}
         for _, ref in planned.chunks:
             key = chunk_key(ref, layer.digest)
             if key in flights or key in self._inflight:
                 continue
-            flight = _Flight()
+            flight = _Flight(background=background)
             self._inflight[key] = flight
             flights[key] = flight
         return flights
+
+    def claim_background(
+        self, layer: Layer, planned: PlannedRange[ChunkTag]
+    ) -> dict[str, _Flight]:
+        """Claim a background range's missing chunks before requesting it, so that readers
+        wait for it rather than fetch the same bytes again."""
+        missing = PlannedRange(
+            planned.start,
+            planned.end,
+            tuple(c for c in planned.chunks if self._is_missing(layer, c[1]) and not c[1].zeros),
+        )
+        return self._claim(layer, missing, background=True)
+
+    def fail(self, flights: dict[str, _Flight], error: BaseException) -> None:
+        for key, flight in flights.items():
+            self._resolve(key, flight, None, error)
 
     async def fetch_range(
         self,

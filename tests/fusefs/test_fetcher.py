@@ -90,8 +90,11 @@ async def test_neighbouring_small_files_come_in_one_request(tmp_path: Path) -> N
 async def test_first_read_fetches_the_rest_of_the_file(tmp_path: Path) -> None:
     content = os.urandom(1024 * KiB)
     index = FakeIndex([FakeEntry("f", content=content)], chunk_size=64 * KiB)
-    async with fetcher_for(tmp_path, index, ondemand_range=128 * KiB) as (fetcher, layer, blob):
+    async with fetcher_for(
+        tmp_path, index, ondemand_range=64 * KiB, file_completion_range=128 * KiB
+    ) as (fetcher, layer, blob):
         await fetcher.read(layer, index.by_path["f"], 0, 4096)
+        assert blob.requests[0][1] <= 64 * KiB + 200  # the reader waits for one small range
         with trio.fail_after(10):
             while fetcher.cache.usage().bytes < len(content):
                 await trio.sleep(0.01)
@@ -174,12 +177,44 @@ async def test_background_fetch_reports_a_blob_digest_mismatch(tmp_path: Path) -
 
 @trio_test
 async def test_background_waits_for_on_demand_reads(tmp_path: Path) -> None:
-    index = FakeIndex(small_files(10, 20_000))
+    index = FakeIndex(small_files(10, 20_000))  # no prefetch landmark
     async with fetcher_for(tmp_path, index, background_range=30 * KiB) as (fetcher, layer, blob):
-        with fetcher.foreground():
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            with fetcher.foreground():
                 nursery.start_soon(fetch_everything, fetcher, layer)
                 await trio.sleep(0.2)
-                # Only the first range may start while a reader is active.
-                assert len(blob.requests) == 1
-                nursery.cancel_scope.cancel()
+                # No background range starts while a reader is waiting on the link.
+                assert blob.requests == []
+            with trio.fail_after(10):
+                while not layer.stats.background_done:
+                    await trio.sleep(0.01)
+        assert len(blob.requests) > 1 and layer.stats.blob_verified
+
+
+@trio_test
+async def test_reader_waits_for_a_background_range_instead_of_fetching_it_again(
+    tmp_path: Path,
+) -> None:
+    index = FakeIndex(small_files(10, 20_000))
+    blob = FakeBlob(index.blob_bytes)
+    blob.gate = trio.Event()
+    async with fetcher_for(tmp_path, index, blob, background_range=1024 * KiB) as (
+        fetcher, layer, _
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_everything, fetcher, layer)
+            with trio.fail_after(10):
+                while not blob.requests:
+                    await trio.sleep(0.01)
+            # The whole blob is one background range, in flight; a reader arrives.
+            got: list[bytes] = []
+
+            async def reader() -> None:
+                got.append(await fetcher.read(layer, index.by_path["d/f5"], 0, 100))
+
+            nursery.start_soon(reader)
+            await trio.sleep(0.1)
+            assert len(blob.requests) == 1, "the reader must not request claimed bytes again"
+            blob.gate.set()
+        assert got == [index._nodes[index.by_path["d/f5"]].content[:100]]
+        assert len(blob.requests) == 1 and layer.stats.blob_verified
