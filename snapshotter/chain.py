@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from snapshotter import labels as L
+from snapshotter.remote_labels import ANNOTATION_LABEL_PREFIX, MEDIA_TYPE_LABEL
 
 
 class ImageConfigError(ValueError):
@@ -59,6 +60,14 @@ def image_layers_value(digests: Sequence[str], key: str = L.CRI_IMAGE_LAYERS) ->
     return value
 
 
+# Layer annotations of the seekable formats that a lazy reader uses.
+FORWARDED_ANNOTATION_PREFIXES = (
+    "io.github.containers.zstd-chunked.",
+    "io.containers.zstd-chunked.",
+    "io.containers.estargz.",
+)
+
+
 def layer_labels(
     *,
     image_ref: str,
@@ -67,16 +76,25 @@ def layer_labels(
     index: int,
     chain_id: str,
     annotations: Mapping[str, str] | None = None,
+    media_type: str | None = None,
 ) -> dict[str, str]:
-    """The labels of layer ``index``'s extraction Prepare and Commit, as CRI sends them.
+    """The labels of layer ``index``'s extraction Prepare and Commit, as CRI sends them, plus
+    what a lazy reader needs that CRI drops.
 
-    Only labels containerd passes on to a snapshotter are kept from the layer's annotations
-    (``containerd.io/snapshot/*``, e.g. the eStargz TOC digest); the reference label names the
-    chain ID the snapshot will be committed as.
+    Annotations under ``containerd.io/snapshot/`` (e.g. the eStargz TOC digest) pass as they are,
+    as containerd passes them; the seekable-format annotations containerd would drop
+    (zstd:chunked positions and checksums) and the layer's media type are forwarded under
+    lazysnap's own ``containerd.io/snapshot/lazysnap.*`` names, so the daemon can decide and
+    read the TOC without fetching the manifest. The reference label names the chain ID.
     """
-    labels = {
-        k: v for k, v in (annotations or {}).items() if k.startswith(L.SNAPSHOT_LABEL_PREFIX)
-    }
+    labels: dict[str, str] = {}
+    for key, value in (annotations or {}).items():
+        if key.startswith(L.SNAPSHOT_LABEL_PREFIX):
+            labels[key] = value
+        elif key.startswith(FORWARDED_ANNOTATION_PREFIXES):
+            labels[ANNOTATION_LABEL_PREFIX + key] = value
+    if media_type:
+        labels[MEDIA_TYPE_LABEL] = media_type
     labels[L.CRI_IMAGE_REF] = image_ref
     labels[L.CRI_LAYER_DIGEST] = layer_digests[index]
     labels[L.CRI_MANIFEST_DIGEST] = manifest_digest

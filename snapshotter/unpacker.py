@@ -95,6 +95,7 @@ def plan_unpack(
                 index=i,
                 chain_id=chains[i],
                 annotations=layer.annotations,
+                media_type=layer.media_type,
             ),
         )
         for i, layer in enumerate(manifest.layers)

@@ -14,6 +14,7 @@ import pytest
 from snapshotter import labels as L
 from snapshotter._proto import snapshots_pb2
 from snapshotter.chain import chain_ids
+from snapshotter.remote_labels import MEDIA_TYPE_LABEL
 from tests.integration.conftest import PushedImage
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
@@ -130,7 +131,12 @@ def test_pull_unpacks_with_cri_labels_and_runs(
     for number, chain_id in enumerate(chains):
         (info,) = [i for i in infos if i.name.endswith("/" + chain_id)]
         assert info.kind == snapshots_pb2.COMMITTED
-        expected = {**_expected_cri_labels(busybox_image, number), L.SNAPSHOT_REF: chain_id}
+        expected = {
+            **_expected_cri_labels(busybox_image, number),
+            L.SNAPSHOT_REF: chain_id,
+            # lazysnap's unpacker also forwards the media type, which CRI does not.
+            MEDIA_TYPE_LABEL: busybox_image.layers[number].media_type,
+        }
         assert dict(info.labels) == expected
 
     # The layer blobs carry their diff ID, the config names the top snapshot for the GC.

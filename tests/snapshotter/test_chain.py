@@ -91,3 +91,34 @@ def test_gc_labels() -> None:
         "containerd.io/gc.ref.content.l.1": digest(2),
     }
     assert index_gc_labels([digest(3)]) == {"containerd.io/gc.ref.content.m.0": digest(3)}
+
+
+def test_layer_labels_forward_what_a_lazy_reader_needs_and_cri_would_drop() -> None:
+    from snapshotter.chain import layer_labels  # noqa: PLC0415
+    from snapshotter.remote_labels import (  # noqa: PLC0415
+        ANNOTATION_LABEL_PREFIX,
+        MEDIA_TYPE_LABEL,
+        decide,
+    )
+
+    digest = "sha256:" + "a" * 64
+    labels = layer_labels(
+        image_ref="reg.example/app:1",
+        manifest_digest="sha256:" + "b" * 64,
+        layer_digests=[digest],
+        index=0,
+        chain_id="sha256:" + "c" * 64,
+        annotations={
+            "io.github.containers.zstd-chunked.manifest-checksum": "sha256:" + "d" * 64,
+            "io.github.containers.zstd-chunked.manifest-position": "10:20:30:1",
+            "org.opencontainers.image.title": "not forwarded",
+        },
+        media_type="application/vnd.oci.image.layer.v1.tar+zstd",
+    )
+    assert labels[ANNOTATION_LABEL_PREFIX + "io.github.containers.zstd-chunked.manifest-position"] \
+        == "10:20:30:1"
+    assert labels[MEDIA_TYPE_LABEL] == "application/vnd.oci.image.layer.v1.tar+zstd"
+    assert not any("image.title" in key for key in labels)
+    decision = decide(labels)  # the daemon decides from these labels alone
+    assert decision is not None and decision.format == "zstd:chunked"
+    assert not decision.needs_manifest
