@@ -38,9 +38,10 @@ MiB = 1 << 20
 class FetchConfig:
     """Tuning of the read path; the defaults suit a registry 1-50 ms away."""
 
-    # A read miss waits for its whole range: 1 MiB is 4 round trips' worth at 100 Mbit/s and
-    # 20 ms, so the reader gets its bytes soon while neighbouring small files still ride along.
-    ondemand_range: int = 1 * MiB  # largest coalesced request for a read miss
+    # A read miss waits for its whole range: 512 KiB is 2 round trips' worth at 100 Mbit/s and
+    # 20 ms, so the reader gets its bytes soon while neighbouring small files still ride along
+    # (startup benchmark: imports 7.7 s with 1 MiB, 6.7 s with 512 KiB).
+    ondemand_range: int = 512 * 1024  # largest coalesced request for a read miss
     max_gap: int = 256 * 1024  # unrequested bytes a range may carry to join two chunks
     file_completion_window: int = 64 * MiB  # how much of a file its first read fetches ahead
     file_completion_range: int = 4 * MiB  # nobody waits on these: larger ranges, fewer trips
