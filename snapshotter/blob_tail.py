@@ -22,12 +22,11 @@ class TailFileError(Exception):
     """The saved tail file is missing, truncated or not ours."""
 
 
-class RecordingBlob:
-    """Passes reads through and remembers them, so the TOC ranges can be saved."""
+class _WrappedBlob:
+    """A blob with the identity of the one it wraps."""
 
     def __init__(self, inner: BlobReader) -> None:
         self._inner = inner
-        self.ranges: dict[int, bytes] = {}
 
     @property
     def size(self) -> int:
@@ -36,6 +35,14 @@ class RecordingBlob:
     @property
     def digest(self) -> str:
         return self._inner.digest
+
+
+class RecordingBlob(_WrappedBlob):
+    """Passes reads through and remembers them, so the TOC ranges can be saved."""
+
+    def __init__(self, inner: BlobReader) -> None:
+        super().__init__(inner)
+        self.ranges: dict[int, bytes] = {}
 
     async def read_at(self, offset: int, length: int) -> bytes:
         data = await self._inner.read_at(offset, length)
@@ -43,20 +50,12 @@ class RecordingBlob:
         return data
 
 
-class TailServedBlob:
+class TailServedBlob(_WrappedBlob):
     """Serves the saved ranges locally; anything else goes to the inner blob."""
 
     def __init__(self, inner: BlobReader, ranges: dict[int, bytes]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._ranges = sorted(ranges.items())
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    @property
-    def digest(self) -> str:
-        return self._inner.digest
 
     async def read_at(self, offset: int, length: int) -> bytes:
         for start, data in self._ranges:
