@@ -7,6 +7,7 @@ which makes exactly one ``trio.from_thread`` hop per call.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ATTACH_TIMEOUT_SECONDS = 30.0  # resolve + footer + TOC; containerd waits on this Prepare
+ATTACH_TIMEOUT_SECONDS = 30.0
+MANIFEST_CACHE_SIZE = 64  # resolve + footer + TOC; containerd waits on this Prepare
 
 
 class RemoteLayerError(Exception):
@@ -62,6 +64,8 @@ class RemoteLayers:
         self._client = client
         self._tails = tails_dir
         self._background_fetch = background_fetch
+        # CRI sends every layer of an image with the same cri.manifest-digest: fetch it once.
+        self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
 
     def _tail_path(self, layer_id: str) -> Path:
         return self._tails / f"{layer_id}.tail"
@@ -70,11 +74,8 @@ class RemoteLayers:
         """Fetch the manifest named by cri.manifest-digest to read the layer's annotations."""
         request = decision.request
         assert request is not None and request.manifest_digest
-        ref = parse_reference(request.image_ref)
-        with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
-            content = await self._client.fetch_manifest(ref, request.manifest_digest)
-        manifest = parse_manifest(content.content, content.media_type)
-        if not isinstance(manifest, Manifest):
+        manifest = await self._manifest(request.image_ref, request.manifest_digest)
+        if manifest is None:
             return RemoteDecision(request, None, "cri.manifest-digest names an index")
         layer = next((d for d in manifest.layers if d.digest == request.layer_digest), None)
         if layer is None:
@@ -86,6 +87,21 @@ class RemoteLayers:
             request.image_layers, annotations, layer.media_type,
         )
         return RemoteDecision(enriched, fmt, reason + " (from the manifest)")
+
+    async def _manifest(self, image_ref: str, digest: str) -> Manifest | None:
+        """The image manifest named by digest (immutable, so cached), or None for an index."""
+        key = f"{parse_reference(image_ref).name}@{digest}"
+        if key in self._manifests:
+            self._manifests.move_to_end(key)
+            return self._manifests[key]
+        with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
+            content = await self._client.fetch_manifest(parse_reference(image_ref), digest)
+        parsed = parse_manifest(content.content, content.media_type)
+        manifest = parsed if isinstance(parsed, Manifest) else None
+        self._manifests[key] = manifest
+        if len(self._manifests) > MANIFEST_CACHE_SIZE:
+            self._manifests.popitem(last=False)
+        return manifest
 
     async def attach(
         self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int

@@ -214,14 +214,26 @@ def test_restart_and_kill9_reattach_without_the_registry(
 
 
 def test_unservable_layers_fall_back_to_ordinary_snapshots(
-    short_tmp: Path, lazy_image: LazyImage
+    short_tmp: Path, lazy_image: LazyImage, docker_registry: RunningRegistry
 ) -> None:
+    def manifest_gets() -> int:
+        return sum(
+            1 for line in docker_registry.log().splitlines()
+            if "http.request.method=GET" in line
+            and f"/manifests/{lazy_image.manifest_digest}" in line
+        )
+
     with running_daemon(short_tmp / "d") as daemon:
         _prepare_all_lazily(daemon, lazy_image)
         # A plain gzip layer: the labels carry no TOC, the manifest says gzip: containerd applies.
+        before = manifest_gets()
         mounts = _prepare(daemon, "extract-plain", lazy_image.chain[1], _labels(lazy_image, 2))
         assert mounts and mounts[0].type == "overlay"  # type: ignore[attr-defined]
         assert "remote-snapshot-prepared=false" in daemon.log()
+        assert manifest_gets() == before + 1
+        # The manifest of an image is fetched once for all of its layers' Prepares.
+        _prepare(daemon, "extract-plain-again", lazy_image.chain[1], _labels(lazy_image, 2))
+        assert manifest_gets() == before + 1
         # Labels without the image reference (snapshot annotations disabled): no network tried.
         labels = {SNAPSHOT_REF: "sha256:" + "1" * 64}
         assert _prepare(daemon, "extract-nolabels", "", labels)
