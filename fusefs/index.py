@@ -80,6 +80,12 @@ class LayerIndex(Protocol):
         """Blob offset of the ``.prefetch.landmark`` (prefetch ``[0, end)``), or None."""
         ...
 
+    @property
+    def toc_trusted(self) -> bool:
+        """The TOC matched a digest given from outside the blob (manifest annotation or
+        label), so its chunk digests can stand in for the blob digest."""
+        ...
+
     def attr(self, entry: int) -> EntryAttr: ...
 
     def lookup(self, parent: int, name: bytes) -> int | None:

@@ -586,7 +586,7 @@ class _Builder:
                     f"compressed chunk ranges [{p_start}, {p_end}) and [{start}, {end}) overlap"
                 )
 
-    def build(self, toc_digest: str) -> CompactLayerIndex:
+    def build(self, toc_digest: str, *, toc_trusted: bool = False) -> CompactLayerIndex:
         if self.pending is not None:
             self._finish_file()
         self._resolve_blob_ends()
@@ -660,7 +660,11 @@ class _Builder:
             file_order=files,
         )
         return CompactLayerIndex(
-            arrays, codec=self.codec, toc_digest=toc_digest, prefetch_end=self.prefetch_end
+            arrays,
+            codec=self.codec,
+            toc_digest=toc_digest,
+            prefetch_end=self.prefetch_end,
+            toc_trusted=toc_trusted,
         )
 
     def _files_in_blob_order(self) -> array[int]:
@@ -679,6 +683,7 @@ def build_index(
     toc_digest: str,
     payload_end: int,
     limits: IndexLimits,
+    toc_trusted: bool = False,
 ) -> CompactLayerIndex:
     """Validate TOC ``entries`` (JSON objects in TOC order) and index them.
 
@@ -687,4 +692,4 @@ def build_index(
     builder = _Builder(codec, payload_end, limits)
     for entry in entries:
         builder.add(entry)
-    return builder.build(toc_digest)
+    return builder.build(toc_digest, toc_trusted=toc_trusted)

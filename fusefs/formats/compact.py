@@ -137,16 +137,23 @@ class DirectoryListing(Sequence[tuple[bytes, int]]):
 class CompactLayerIndex:
     """The LayerIndex of one validated TOC (see ``fusefs.index.LayerIndex``)."""
 
-    __slots__ = ("_a", "_codec", "_count", "_prefetch_end", "_toc_digest")
+    __slots__ = ("_a", "_codec", "_count", "_prefetch_end", "_toc_digest", "_toc_trusted")
 
     def __init__(
-        self, arrays: IndexArrays, *, codec: Codec, toc_digest: str, prefetch_end: int | None
+        self,
+        arrays: IndexArrays,
+        *,
+        codec: Codec,
+        toc_digest: str,
+        prefetch_end: int | None,
+        toc_trusted: bool = False,
     ) -> None:
         self._a = arrays
         self._count = len(arrays.kinds)
         self._codec = codec
         self._toc_digest = toc_digest
         self._prefetch_end = prefetch_end
+        self._toc_trusted = toc_trusted
 
     @property
     def codec(self) -> Codec:
@@ -163,6 +170,10 @@ class CompactLayerIndex:
     @property
     def prefetch_end(self) -> int | None:
         return self._prefetch_end
+
+    @property
+    def toc_trusted(self) -> bool:
+        return self._toc_trusted
 
     def _record(self, entry: int) -> tuple[int, ...]:
         if not 0 <= entry < self._count:

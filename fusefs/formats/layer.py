@@ -70,6 +70,7 @@ def index_from_toc(
     annotations = annotations or {}
     is_zstd = location.format is not LayerFormat.ESTARGZ
     compressed_digest = "sha256:" + hashlib.sha256(compressed_toc).hexdigest() if is_zstd else ""
+    trusted = False  # whether the TOC matched a digest from outside the blob (the manifest)
     if is_zstd:
         for key in (keys.ZSTD_MANIFEST_CHECKSUM, keys.LEGACY_ZSTD_MANIFEST_CHECKSUM):
             expected = annotations.get(key)
@@ -77,21 +78,25 @@ def index_from_toc(
                 raise LayerFormatError(
                     f"TOC digest mismatch: {key} is {expected}, TOC has {compressed_digest}"
                 )
+            trusted = trusted or expected is not None
     data = toc_json_bytes(location, compressed_toc, limits)
     json_digest = "sha256:" + hashlib.sha256(data).hexdigest()
     expected = annotations.get(keys.ESTARGZ_TOC_DIGEST)
     if expected is not None and _check_digest(expected, keys.ESTARGZ_TOC_DIGEST) != json_digest:
         raise LayerFormatError(f"TOC digest mismatch: label {expected}, TOC has {json_digest}")
+    trusted = trusted or expected is not None
     if toc_digest is not None:
         _check_digest(toc_digest, "expected TOC digest")
         if toc_digest not in (json_digest, compressed_digest):
             raise LayerFormatError(f"TOC digest mismatch: expected {toc_digest}, got {json_digest}")
+        trusted = True
     index = build_index(
         iter_toc_entries(data, limits),
         codec=Codec.ZSTD if is_zstd else Codec.GZIP,
         toc_digest=json_digest,
         payload_end=location.payload_end,
         limits=limits,
+        toc_trusted=trusted,
     )
     log.debug(
         "layer index built format=%s entries=%d toc_digest=%s",

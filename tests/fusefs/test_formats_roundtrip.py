@@ -94,6 +94,18 @@ def test_round_trip_matches_tar(sample_tar: bytes, config: str) -> None:
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_toc_is_trusted_only_when_a_digest_from_outside_the_blob_matched(
+    sample_tar: bytes, config: str
+) -> None:
+    blob, result = convert(sample_tar, config)
+    by_digest, _ = load(blob, toc_digest=result.toc_digest)
+    by_annotations, _ = load(blob, annotations=result.annotations)
+    from_blob_alone, _ = load(blob)
+    assert by_digest.toc_trusted and by_annotations.toc_trusted
+    assert not from_blob_alone.toc_trusted
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_blob_identity_and_decompressed_tar(sample_tar: bytes, config: str) -> None:
     blob, result = convert(sample_tar, config)
     assert result.digest == sha(blob)

@@ -83,7 +83,9 @@ class FakeIndex:
         with_digests: bool = True,
         prefetch_paths: Sequence[str] = (),
         corrupt_digest_of: str | None = None,
+        toc_trusted: bool = False,
     ) -> None:
+        self._toc_trusted = toc_trusted
         self._nodes: list[_Node] = [
             _Node("", EntryKind.DIR, 0o755, 0, 0, 0, 0, b"", b"", {}, 0, nlink=2)
         ]
@@ -167,6 +169,10 @@ class FakeIndex:
     @property
     def prefetch_end(self) -> int | None:
         return self._prefetch_end
+
+    @property
+    def toc_trusted(self) -> bool:
+        return self._toc_trusted
 
     def attr(self, entry: int) -> EntryAttr:
         n = self._nodes[entry]
