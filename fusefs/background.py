@@ -2,7 +2,9 @@
 
 On attach the landmark-prioritized range ``[0, prefetch_end)`` is fetched in one request. With
 background fetch on, the rest of the blob follows in large ranges, several at a time, each one
-started only when no on-demand read is waiting (``ChunkFetcher.wait_for_idle``). Every byte of
+started only while readers leave the link alone (``ChunkFetcher.wait_until_quiet``): a range in
+flight is time a reader's next miss waits, and a reader walking through the blob fetches ahead
+by itself (readahead in ``ChunkFetcher``). Every byte of
 the blob passes through a sha256 in blob order, so once the last range is in, the blob is checked
 against its digest: the one check that also covers the TOC and chunks without a chunk digest.
 """
@@ -64,12 +66,8 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
                 # what the container will read first, so it gets the whole link.
                 await _fetch_and_hash(fetcher, layer, planned, number, hashed)
                 continue
-            await fetcher.wait_for_idle()
-            if fetcher.recently_busy():
-                # Readers are active: one background range at a time leaves them the link.
-                await _fetch_and_hash(fetcher, layer, planned, number, hashed)
-            else:
-                nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
+            await fetcher.wait_until_quiet(started)
+            nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
     layer.stats.background_done = True
     actual = "sha256:" + hasher.hexdigest()
     layer.stats.blob_verified = actual == layer.digest
@@ -90,10 +88,84 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
         )
 
 
+def chunks_prove_blob(layer: Layer) -> bool:
+    """Whether the chunk digests alone check every byte a reader can get: the TOC matched a
+    digest from the manifest and every chunk with bytes in the blob has a digest."""
+    if not layer.index.toc_trusted:
+        return False
+    return all(ref.zeros or ref.digest is not None for _, ref in layer.all_chunks())
+
+
+async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
+    """Fetch every chunk that is not cached yet (prefetch range first), in large ranges that
+    skip what readers already fetched; for layers whose chunk digests prove the blob."""
+    config = fetcher.config
+    ranges = split_blob(
+        layer.all_chunks(),
+        blob_size=layer.blob.size,
+        range_size=config.background_range,
+        first_cut=layer.index.prefetch_end,
+    )
+    slots = trio.Semaphore(config.background_concurrency)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for number, planned in enumerate(ranges):
+            if number == 0 and layer.index.prefetch_end:
+                await _fetch(fetcher, layer, planned)  # the landmark range: first and alone
+                continue
+            if fetcher.missing_part(layer, planned) is None:
+                continue  # a reader (or its readahead) fetched all of it already
+            await slots.acquire()
+            await fetcher.wait_until_quiet(started)
+            missing = fetcher.missing_part(layer, planned)  # readers went on while we waited
+            if missing is None:
+                slots.release()
+                continue
+            nursery.start_soon(_fetch_then_release, fetcher, layer, missing, slots)
+    still_missing = await fetcher.fetch_rest(layer)
+    layer.stats.background_done = True
+    layer.stats.blob_verified = still_missing == 0
+    if still_missing == 0:
+        log.info(
+            "layer fully fetched and verified layer=%s digest=%s seconds=%.3f by=chunk-digests",
+            layer.layer_id,
+            layer.digest,
+            trio.current_time() - started,
+        )
+    else:
+        layer.stats.errors += 1
+        log.error(
+            "background fetch incomplete layer=%s digest=%s missing_chunks=%d",
+            layer.layer_id,
+            layer.digest,
+            still_missing,
+        )
+
+
+async def _fetch_then_release(
+    fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag], slots: trio.Semaphore
+) -> None:
+    try:
+        await _fetch(fetcher, layer, planned)
+    except Exception as exc:
+        # The sweep at the end fetches whatever this range did not deliver.
+        log.warning(
+            "background range failed layer=%s start=%d length=%d error=%r",
+            layer.layer_id,
+            planned.start,
+            planned.length,
+            exc,
+        )
+    finally:
+        slots.release()
+
+
 async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, background: bool) -> None:
     """The per-layer task started by attach; failures are logged, never raised."""
     try:
-        if background:
+        if background and chunks_prove_blob(layer):
+            await fetch_missing(fetcher, layer)
+        elif background:
             await fetch_everything(fetcher, layer)
         else:
             await prefetch(fetcher, layer)

@@ -264,7 +264,11 @@ class LazyOperations(pyfuse3.Operations):
         if cached is not None and cached[0] is layer:
             self._listings.move_to_end(inode)
             return cached[1]
-        children = layer.index.children(entry)
+        # Listed in blob order (entry ids follow the TOC), not by name: that is the order of the
+        # directory the layer was made from, and a walker that reads what it lists (find, cp -r,
+        # a scan) then misses forward through the blob, which readahead turns into few large
+        # ranges; in name order the same walk jumps around the blob one small range at a time.
+        children = sorted(layer.index.children(entry), key=_entry_id)
         self._listings[inode] = (layer, children)
         if len(self._listings) > _LISTINGS:
             self._listings.popitem(last=False)
@@ -406,3 +410,7 @@ def _safe_path(layer: Layer, entry: int) -> str:
         return layer.index.path(entry)
     except Exception:
         return f"<entry {entry}>"
+
+
+def _entry_id(child: tuple[bytes, int]) -> int:
+    return child[1]
