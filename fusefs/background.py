@@ -37,6 +37,7 @@ async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
     if first is None or first.end > end:
         return
     await _fetch(fetcher, layer, first)
+    await fetcher.writes_done()
     log.info(
         "prefetch done layer=%s digest=%s bytes=%d chunks=%d",
         layer.layer_id,
@@ -68,6 +69,7 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
                 continue
             await fetcher.wait_until_quiet(started)
             nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
+    await fetcher.writes_done()
     layer.stats.background_done = True
     actual = "sha256:" + hasher.hexdigest()
     layer.stats.blob_verified = actual == layer.digest

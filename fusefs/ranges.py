@@ -111,3 +111,26 @@ def split_blob(
     end = max(blob_size, covered)
     if start < end:
         yield PlannedRange(start, end, tuple(pending))
+
+
+def group_chunks(
+    chunks: Iterable[tuple[T, ChunkRef]], *, max_range: int, max_gap: int
+) -> Iterator[PlannedRange[T]]:
+    """Requests for ``chunks`` (in blob order, none ``zeros``): consecutive chunks share one
+    while it stays within ``max_range`` bytes and the gaps between them within ``max_gap``."""
+    group: list[tuple[T, ChunkRef]] = []
+    start = end = 0
+    for tag, ref in chunks:
+        if group and (
+            ref.blob_offset < start
+            or ref.blob_offset > end + max_gap
+            or max(end, ref.blob_end) - start > max_range
+        ):
+            yield PlannedRange(start, end, tuple(group))
+            group = []
+        if not group:
+            start = end = ref.blob_offset
+        group.append((tag, ref))
+        end = max(end, ref.blob_end)
+    if group:
+        yield PlannedRange(start, end, tuple(group))

@@ -20,7 +20,12 @@ KiB = 1024
 async def test_a_forward_walk_gets_growing_ranges_requested_ahead(tmp_path: Path) -> None:
     index = FakeIndex(small_files(300, 3000))  # ~900 KB of small files in blob order
     async with fetcher_for(
-        tmp_path, index, ondemand_range=8 * KiB, readahead_max_range=128 * KiB, max_gap=1024
+        tmp_path,
+        index,
+        ondemand_range=8 * KiB,
+        readahead_max_range=128 * KiB,
+        max_gap=1024,
+        directory_misses=10**6,  # one directory: readahead alone
     ) as (fetcher, layer, blob):
         for i in range(300):
             entry = index.by_path[f"d/f{i}"]
@@ -37,7 +42,12 @@ async def test_a_forward_walk_gets_growing_ranges_requested_ahead(tmp_path: Path
 async def test_a_miss_elsewhere_starts_again_from_the_small_range(tmp_path: Path) -> None:
     index = FakeIndex(small_files(300, 3000))
     async with fetcher_for(
-        tmp_path, index, ondemand_range=8 * KiB, readahead_max_range=128 * KiB, max_gap=1024
+        tmp_path,
+        index,
+        ondemand_range=8 * KiB,
+        readahead_max_range=128 * KiB,
+        max_gap=1024,
+        directory_misses=10**6,  # one directory: readahead alone
     ) as (fetcher, layer, blob):
         for i in range(40):
             await fetcher.read(layer, index.by_path[f"d/f{i}"], 0, 10)
@@ -147,3 +157,48 @@ async def test_untrusted_or_digestless_layers_keep_the_whole_blob_check(tmp_path
             _, layer, _
         ):
             assert not chunks_prove_blob(layer)
+
+
+def _two_directories() -> FakeIndex:
+    entries = [FakeEntry("a", kind=EntryKind.DIR, perm=0o755)]
+    entries += [FakeEntry(f"a/f{i}", content=os.urandom(5000)) for i in range(30)]
+    entries += [FakeEntry("b", kind=EntryKind.DIR, perm=0o755)]
+    entries += [FakeEntry(f"b/f{i}", content=os.urandom(5000)) for i in range(30)]
+    return FakeIndex(entries)
+
+
+@trio_test
+async def test_misses_in_one_directory_fetch_the_rest_of_it(tmp_path: Path) -> None:
+    index = _two_directories()
+    async with fetcher_for(
+        tmp_path, index, ondemand_range=4 * KiB, max_gap=0, directory_misses=3
+    ) as (fetcher, layer, blob):
+        for i in (0, 10, 20):  # scattered misses, no readahead
+            await fetcher.read(layer, index.by_path[f"a/f{i}"], 0, 10)
+        with trio.fail_after(10):
+            while fetcher._inflight or len(blob.requests) < 4:
+                await trio.sleep(0.01)
+        requests = len(blob.requests)
+        for i in range(30):
+            entry = index.by_path[f"a/f{i}"]
+            assert await fetcher.read(layer, entry, 0, 5000) == index._nodes[entry].content
+        assert len(blob.requests) == requests  # all of a/ came with the directory fetch
+        await fetcher.read(layer, index.by_path["b/f3"], 0, 10)
+        assert len(blob.requests) == requests + 1  # b/ had one miss: only that range
+
+
+@trio_test
+async def test_a_directory_too_big_to_fetch_stays_on_demand(tmp_path: Path) -> None:
+    index = _two_directories()
+    async with fetcher_for(
+        tmp_path,
+        index,
+        ondemand_range=4 * KiB,
+        max_gap=0,
+        directory_misses=3,
+        directory_fetch_max=20 * KiB,
+    ) as (fetcher, layer, blob):
+        for i in (0, 10, 20):
+            await fetcher.read(layer, index.by_path[f"a/f{i}"], 0, 10)
+        await trio.sleep(0.2)
+        assert len(blob.requests) == 3
