@@ -12,6 +12,12 @@ digest when stored and again when loaded: a mismatch is never returned (it raise
 The LRU order lives in memory (one small dict entry per cached chunk) and in file mtimes, which
 loads refresh, so the order survives a restart. Disk I/O runs on worker threads; the bookkeeping
 only ever runs on the trio thread.
+
+Owners (attached layers) register the keys of their chunks; the cache then keeps each owner's
+``cached_bytes`` current whenever an entry appears or goes (store, eviction, corruption, garbage
+collection), so reporting it is O(1). A key shared by several owners (content-addressed chunks
+of two layers, or a chunk repeated inside one layer) counts for every registration, as a walk
+over each layer's chunk list would.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import os
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -52,6 +60,25 @@ class CacheUsage:
     verify_failures: int
 
 
+class CacheOwner(Protocol):
+    """Something whose chunks the cache counts: ``cached_bytes`` is kept by the cache."""
+
+    cached_bytes: int
+
+
+# Keys as the owner map stores them: 32 raw bytes for a content digest (half the size of the key
+# string; the map holds one per distinct chunk of every tracked layer), the key itself otherwise.
+def _owner_id(key: str) -> bytes:
+    if key.startswith("sha256-"):
+        return bytes.fromhex(key[7:])
+    return key.encode()
+
+
+def blob_key_prefix(blob_digest: str) -> str:
+    """The prefix shared by every digest-less chunk key of one blob (see ``chunk_key``)."""
+    return "blob-" + hashlib.sha256(blob_digest.encode()).hexdigest() + "-"
+
+
 def digest_hex(digest: str) -> str:
     """The hex part of a ``sha256:<hex>`` digest; ValueError for anything else."""
     match = _DIGEST.match(digest)
@@ -65,8 +92,7 @@ def chunk_key(ref: ChunkRef, blob_digest: str) -> str:
     if ref.digest is not None:
         return "sha256-" + digest_hex(ref.digest)
     # Hash the blob digest rather than parse it, so any algorithm name gives a safe file name.
-    blob = hashlib.sha256(blob_digest.encode()).hexdigest()
-    return f"blob-{blob}-{ref.blob_offset}-{ref.inner_offset}-{ref.size}"
+    return f"{blob_key_prefix(blob_digest)}{ref.blob_offset}-{ref.inner_offset}-{ref.size}"
 
 
 def verify_chunk(data: bytes | memoryview, expected_digest: str | None) -> None:
@@ -95,6 +121,10 @@ class ChunkCache:
         self._stores = 0
         self._evictions = 0
         self._verify_failures = 0
+        # key id -> its owner, or a list with one item per registration when there are several.
+        self._owners: dict[bytes, CacheOwner | list[CacheOwner]] = {}
+        self._owner_refs: dict[CacheOwner, int] = {}  # registrations per owner
+        self._loading: dict[str, int] = {}  # keys being read right now: GC leaves them alone
 
     @classmethod
     async def open(cls, directory: Path, *, capacity_bytes: int) -> ChunkCache:
@@ -140,7 +170,14 @@ class ChunkCache:
         if key not in self._entries:
             self._misses += 1
             return None
-        data, corrupt = await trio.to_thread.run_sync(self._load_sync, key, expected_digest)
+        self._loading[key] = self._loading.get(key, 0) + 1
+        try:
+            data, corrupt = await trio.to_thread.run_sync(self._load_sync, key, expected_digest)
+        finally:
+            if self._loading[key] == 1:
+                del self._loading[key]
+            else:
+                self._loading[key] -= 1
         if data is None:
             self._forget(key)
             self._misses += 1
@@ -177,11 +214,122 @@ class ChunkCache:
         self._entries[key] = size
         self._bytes += size
         self._stores += 1
+        self._count(key, size)
         await self._evict_over_capacity()
 
     async def store(self, key: str, data: bytes, expected_digest: str | None) -> None:
         await trio.to_thread.run_sync(self.write_verified, key, data, expected_digest)
         await self.commit(key, len(data))
+
+    # -- owners (per-layer cached bytes) ------------------------------------------------------
+
+    def add_owner(self, key: str, owner: CacheOwner) -> None:
+        """Register one reference of ``owner`` to ``key``; counts the entry if it is cached."""
+        ident = _owner_id(key)
+        held = self._owners.get(ident)
+        if held is None:
+            self._owners[ident] = owner
+        elif isinstance(held, list):
+            held.append(owner)
+        else:
+            self._owners[ident] = [held, owner]
+        self._owner_refs[owner] = self._owner_refs.get(owner, 0) + 1
+        size = self._entries.get(key)
+        if size is not None:
+            owner.cached_bytes += size
+
+    def remove_owner(self, key: str, owner: CacheOwner) -> None:
+        """Undo one ``add_owner(key, owner)``; unknown registrations are ignored."""
+        ident = _owner_id(key)
+        held = self._owners.get(ident)
+        if isinstance(held, list):
+            if owner not in held:
+                return
+            held.remove(owner)
+            if len(held) == 1:
+                self._owners[ident] = held[0]
+        elif held is owner:
+            del self._owners[ident]
+        else:
+            return
+        refs = self._owner_refs[owner] - 1
+        if refs:
+            self._owner_refs[owner] = refs
+        else:
+            del self._owner_refs[owner]
+        size = self._entries.get(key)
+        if size is not None:
+            owner.cached_bytes -= size
+
+    def owners(self) -> list[CacheOwner]:
+        """Every owner holding at least one registration."""
+        return list(self._owner_refs)
+
+    def _count(self, key: str, delta: int) -> None:
+        """An entry appeared (``delta`` = its size) or went (``-size``): tell its owners."""
+        if not self._owners:
+            return
+        held = self._owners.get(_owner_id(key))
+        if held is None:
+            return
+        if isinstance(held, list):
+            for owner in held:
+                owner.cached_bytes += delta
+        else:
+            held.cached_bytes += delta
+
+    # -- garbage collection ------------------------------------------------------------------
+
+    async def collect_garbage(
+        self,
+        live_owners: Callable[[], Collection[CacheOwner]],
+        *,
+        keep_content_addressed: bool = False,
+        keep_blob_digests: Iterable[str] = (),
+        step: int = 4096,
+    ) -> tuple[int, int]:
+        """Remove every entry no live owner has registered; return (chunks, bytes) removed.
+
+        ``live_owners`` is called before each step of ``step`` entries, on the trio thread, and
+        must return the owners whose registrations protect entries, all of them complete: an
+        owner appearing while the collection runs is then seen before the next decision.
+        ``keep_content_addressed`` keeps every ``sha256-`` entry and ``keep_blob_digests`` every
+        digest-less entry of those blobs (layers whose chunk lists are unknown). Entries being
+        loaded are kept. Decisions and bookkeeping happen here; files are unlinked on a worker
+        thread, as eviction does.
+        """
+        keep_prefixes = tuple(blob_key_prefix(d) for d in keep_blob_digests)
+        candidates = list(self._entries)
+        removed = 0
+        removed_bytes = 0
+        for start in range(0, len(candidates), step):
+            live = set(live_owners())
+            victims: list[str] = []
+            for key in candidates[start : start + step]:
+                if key not in self._entries or key in self._loading:
+                    continue
+                if key.startswith("sha256-"):
+                    if keep_content_addressed:
+                        continue
+                elif key.startswith(keep_prefixes):
+                    continue
+                held = self._owners.get(_owner_id(key))
+                if held is not None:
+                    if isinstance(held, list):
+                        if any(owner in live for owner in held):
+                            continue
+                    elif held in live:
+                        continue
+                size = self._entries[key]
+                self._forget(key)
+                victims.append(key)
+                removed += 1
+                removed_bytes += size
+            if victims:
+                await trio.to_thread.run_sync(self._unlink_sync, victims)
+            else:
+                await trio.lowlevel.checkpoint()
+        return removed, removed_bytes
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -196,6 +344,7 @@ class ChunkCache:
         size = self._entries.pop(key, None)
         if size is not None:
             self._bytes -= size
+            self._count(key, -size)
 
     async def _evict_over_capacity(self) -> None:
         victims: list[str] = []
@@ -203,6 +352,7 @@ class ChunkCache:
             key, size = self._entries.popitem(last=False)
             self._bytes -= size
             self._evictions += 1
+            self._count(key, -size)
             victims.append(key)
         if victims:
             await trio.to_thread.run_sync(self._unlink_sync, victims)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fusefs import session
 from fusefs.accesslog import AccessLog
 from fusefs.background import run_layer_background
 from fusefs.blob import BlobReader
-from fusefs.cache import CacheUsage, ChunkCache, chunk_key
+from fusefs.cache import CacheOwner, CacheUsage, ChunkCache
 from fusefs.fetcher import ChunkFetcher, Decoder, FetchConfig
 from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
@@ -37,6 +38,9 @@ from fusefs.table import LayerTable, check_layer_id
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_CAPACITY = 10 << 30
+# Chunks (un)registered per trio step by release_detached_layers and collect_garbage: the
+# walk yields to readers in between.
+_ACCOUNTING_STEP = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +213,16 @@ class LazyFilesystem:
     # -- reporting ---------------------------------------------------------------------------
 
     def usage(self, layer_id: str) -> LayerUsage:
-        """Counters of one layer; ``cached_bytes`` walks its chunk list (O(chunks))."""
+        """Counters of one layer. ``cached_bytes`` is kept by the cache as chunks come and go:
+        the first call for a layer registers its chunks there (one O(chunks) walk, unless
+        ``collect_garbage`` did it already); later calls are O(1), as containerd polls Usage."""
         layer = self._table.by_id(layer_id)
         if layer is None:
             raise KeyError(layer_id)
         cached = 0
         if self._cache is not None:
-            for _, ref in layer.all_chunks():
-                if not ref.zeros and chunk_key(ref, layer.digest) in self._cache:
-                    cached += ref.size
+            layer.track_cached_bytes(self._cache)
+            cached = layer.cached_bytes
         stats = layer.stats
         return LayerUsage(
             layer_id=layer_id,
@@ -236,3 +241,59 @@ class LazyFilesystem:
 
     def cache_usage(self) -> CacheUsage | None:
         return None if self._cache is None else self._cache.usage()
+
+    # -- cache garbage collection --------------------------------------------------------------
+
+    async def release_detached_layers(self) -> None:
+        """Withdraw the cache registrations of layers detached since (see ``usage``), in steps
+        that leave the trio thread to readers; a detached layer's chunks are then garbage unless
+        another layer holds them, and its index is no longer kept alive by the cache."""
+        cache = self._cache
+        if cache is None:
+            return
+        attached = set(self._table.layers())
+        for owner in cache.owners():
+            if isinstance(owner, Layer) and owner not in attached:
+                while not owner.untrack_cached_bytes(_ACCOUNTING_STEP):
+                    await trio.lowlevel.checkpoint()
+
+    async def collect_garbage(
+        self, *, keep_blob_digests: Iterable[str] = (), keep_content_addressed: bool = False
+    ) -> tuple[int, int]:
+        """Remove the cached chunks no attached layer references; return (chunks, bytes).
+
+        For layers the caller knows of but that are not attached (their chunk lists are
+        unknown), pass ``keep_content_addressed`` (a content-addressed chunk could be theirs)
+        and their blob digests in ``keep_blob_digests`` (their digest-less chunks). Chunks being
+        read are kept. Nothing is removed unless the filesystem is running.
+        """
+        cache = self._cache
+        if cache is None or self._nursery is None:
+            return 0, 0
+        await self.release_detached_layers()
+        # Register the attached layers' chunks in steps first, so that the decisions below only
+        # need to finish what a layer attached in the meantime adds.
+        for layer in self._table.layers():
+            while self._table.by_id(layer.layer_id) is layer and not layer.track_cached_bytes(
+                cache, _ACCOUNTING_STEP
+            ):
+                await trio.lowlevel.checkpoint()
+
+        def live_owners() -> set[CacheOwner]:
+            layers = self._table.layers()
+            for attached in layers:
+                attached.track_cached_bytes(cache)  # no-op unless attached a moment ago
+            return set(layers)
+
+        chunks, size = await cache.collect_garbage(
+            live_owners,
+            keep_content_addressed=keep_content_addressed,
+            keep_blob_digests=keep_blob_digests,
+        )
+        log.info(
+            "cache garbage collected chunks=%d bytes=%d kept_content_addressed=%s",
+            chunks,
+            size,
+            keep_content_addressed,
+        )
+        return chunks, size

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fusefs.blob import BlobReader
+from fusefs.cache import ChunkCache, chunk_key
 from fusefs.index import ChunkRef, LayerIndex
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ class Layer:
         "_file_positions",
         "_file_sequence",
         "_read_marks",
+        "_tracked_cache",
+        "_tracked_files",
         "blob",
+        "cached_bytes",
         "index",
         "layer_id",
         "slot",
@@ -60,6 +64,11 @@ class Layer:
         self._access_marks: bytearray | None = None  # only with an access log
         self._file_positions: array[int] | None = None
         self._file_sequence: Sequence[int] | None = None
+        # Bytes of this layer's chunks in the cache, kept by the cache once the layer's chunks
+        # are registered there (``track_cached_bytes``); meaningful only when that is complete.
+        self.cached_bytes = 0
+        self._tracked_cache: ChunkCache | None = None
+        self._tracked_files = 0  # files of ``index.file_entries()`` registered so far
 
     @property
     def digest(self) -> str:
@@ -99,6 +108,53 @@ class Layer:
         for entry in sequence:
             for k, ref in enumerate(self.index.chunks(entry)):
                 yield (entry, k), ref
+
+    def track_cached_bytes(self, cache: ChunkCache, budget: int | None = None) -> bool:
+        """Register this layer's chunks with ``cache`` (which then keeps ``cached_bytes``
+        current); True once every chunk is registered.
+
+        Resumable: each call goes on from where the last one stopped, after registering about
+        ``budget`` chunks (None: all the rest), so a caller can spread the one O(chunks) walk
+        over several trio steps. Each file is registered whole within one call, so concurrent
+        callers on the trio thread never register a file twice.
+        """
+        if self._tracked_cache is not cache:
+            # A new cache (the filesystem ran again): start over; the old one is gone.
+            self._tracked_cache = cache
+            self._tracked_files = 0
+            self.cached_bytes = 0
+        files = self.index.file_entries()
+        done = 0
+        while self._tracked_files < len(files):
+            if budget is not None and done >= budget:
+                return False
+            for ref in self.index.chunks(files[self._tracked_files]):
+                if not ref.zeros:  # zeros are never fetched nor cached
+                    cache.add_owner(chunk_key(ref, self.digest), self)
+                done += 1
+            self._tracked_files += 1
+        return True
+
+    def untrack_cached_bytes(self, budget: int | None = None) -> bool:
+        """Withdraw what ``track_cached_bytes`` registered (the layer was detached, and its
+        registrations must neither keep chunks from garbage collection nor hold its index in
+        memory); True when nothing is left. Resumable like ``track_cached_bytes``."""
+        cache = self._tracked_cache
+        if cache is None:
+            return True
+        files = self.index.file_entries()
+        done = 0
+        while self._tracked_files > 0:
+            if budget is not None and done >= budget:
+                return False
+            self._tracked_files -= 1
+            for ref in self.index.chunks(files[self._tracked_files]):
+                if not ref.zeros:
+                    cache.remove_owner(chunk_key(ref, self.digest), self)
+                done += 1
+        self._tracked_cache = None
+        self.cached_bytes = 0
+        return True
 
     def should_log(self, operation: str, entry: int, error: BaseException) -> bool:
         """Each (operation, entry, error type) is logged once, so a failing file cannot flood."""

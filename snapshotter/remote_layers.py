@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -165,6 +165,8 @@ class RemoteLayers:
     async def detach(self, layer_id: str) -> None:
         if layer_id in self._fs.layer_ids():
             await self._fs.detach(layer_id)
+            # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
+            await self._fs.release_detached_layers()
         await trio.to_thread.run_sync(
             lambda: self._tail_path(layer_id).unlink(missing_ok=True)
         )
@@ -173,6 +175,26 @@ class RemoteLayers:
         if layer_id not in self._fs.layer_ids():
             return 0
         return self._fs.usage(layer_id).cached_bytes
+
+    async def collect_garbage(
+        self, recorded: Mapping[str, str], attaching: Collection[str]
+    ) -> tuple[int, int]:
+        """Remove cached chunks no remote layer references; return (chunks, bytes).
+
+        ``recorded`` maps the layer id of every ``remote_layers`` row to its blob digest,
+        ``attaching`` names layers between attach and their row. A layer among them that is not
+        attached (its restore failed, it was detached since, or its index is still being read)
+        has no known chunk list: every content-addressed chunk is kept, as it may be one of
+        that layer's, and so is every digest-less chunk of a recorded layer's blob (the blob of
+        a layer still attaching is not known here; its digest-less chunks, if any were cached
+        before, may go and would be fetched again).
+        """
+        attached = set(self._fs.layer_ids())
+        unknown = {digest for layer_id, digest in recorded.items() if layer_id not in attached}
+        pending = any(layer_id not in attached for layer_id in attaching)
+        return await self._fs.collect_garbage(
+            keep_blob_digests=sorted(unknown), keep_content_addressed=bool(unknown) or pending
+        )
 
 
 class RemoteSnapshots:
@@ -201,3 +223,8 @@ class RemoteSnapshots:
 
     def cached_bytes(self, layer_id: str) -> int:
         return self._hop(self._layers.cached_bytes, layer_id)
+
+    def collect_garbage(
+        self, recorded: Mapping[str, str], attaching: Collection[str]
+    ) -> tuple[int, int]:
+        return self._hop(self._layers.collect_garbage, recorded, attaching)

@@ -382,13 +382,16 @@ class Snapshotter:
 
     def cleanup(self) -> int:
         """Remove directories, links and saved TOC tails that no snapshot owns (left by a crash
-        between the filesystem step and the transaction); return how many were removed."""
+        between the filesystem step and the transaction), and cached chunks no remote layer
+        references; return how many paths were removed (chunks are logged, not counted)."""
         trashed: list[Path] = []
         with self.store.transaction() as tx:
             ids = tx.ids()
-            layer_ids = {record.layer_id for record in tx.remote_layers()}
+            recorded = {record.layer_id: record.layer_digest for record in tx.remote_layers()}
+            layer_ids = set(recorded)
             with self._slots_lock:
-                layer_ids |= self._attaching
+                attaching = set(self._attaching)
+            layer_ids |= attaching
             for entry in list(self.layout.snapshots.iterdir()):
                 if not (entry.name.isdigit() and int(entry.name) in ids):
                     trashed.append(self._trash_path(entry))
@@ -408,6 +411,14 @@ class Snapshotter:
             self._empty_trash(path)
         if trashed:
             log.info("cleanup removed=%d", len(trashed))
+        if self._remote is not None:
+            # Outside the transaction: the chunk walk must not hold the database. A layer
+            # recorded since is attached, so its own chunks protect it; one removed since is
+            # still in ``recorded`` and judged conservatively. The filesystem logs the result.
+            try:
+                self._remote.collect_garbage(recorded, attaching)
+            except Exception:  # the cache is only disk space: Cleanup itself succeeded
+                log.exception("cache garbage collection failed")
         return len(trashed)
 
     def _trash(self, snapshot_id: int) -> Path:

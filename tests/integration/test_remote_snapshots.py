@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,3 +277,52 @@ def test_cleanup_removes_orphans_but_keeps_live_layers(
         assert sorted(p.name for p in tails.iterdir()) == live
         assert not (daemon.root / "l" / "zzzz").is_symlink()
         assert _stat(daemon, lazy_image.chain[1]).labels[REMOTE] == REMOTE_VALUE
+
+
+def _usage(daemon: Daemon, key: str) -> int:
+    with daemon.snapshots() as stub:
+        return int(stub.Usage(snapshots_pb2.UsageRequest(key=key)).size)
+
+
+def _cache_files(daemon: Daemon) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_size for p in (daemon.root / "cache").rglob("*")
+        if p.is_file() and not p.name.startswith(".tmp-")
+    }
+
+
+def test_cleanup_collects_the_chunks_of_removed_layers(
+    short_tmp: Path, lazy_image: LazyImage
+) -> None:
+    passwd, hello = b"root:x:0:0:root:/root:/bin/sh\n", b"hello from zstd:chunked\n"
+    base_bytes = len(oci.BUSYBOX.read_bytes()) + len(passwd)
+    top_bytes = len(hello) + len(EXTRA)
+    passwd_key = "sha256-" + hashlib.sha256(passwd).hexdigest()
+    hello_key = "sha256-" + hashlib.sha256(hello).hexdigest()
+    with running_daemon(short_tmp / "d") as daemon:
+        _prepare_all_lazily(daemon, lazy_image)
+        base, top = lazy_image.chain[0], lazy_image.chain[1]
+        # Background fetch brings both layers into the cache; Usage reports it as it goes.
+        deadline = time.monotonic() + 60
+        while (_usage(daemon, base), _usage(daemon, top)) != (base_bytes, top_bytes):
+            assert time.monotonic() < deadline, daemon.log()[-4000:]
+            time.sleep(0.1)
+        before = _cache_files(daemon)
+        assert {passwd_key, hello_key} <= set(before)
+
+        with daemon.snapshots() as stub:
+            stub.Remove(snapshots_pb2.RemoveSnapshotRequest(key=top))
+            stub.Cleanup(snapshots_pb2.CleanupRequest())
+        after = _cache_files(daemon)
+        assert hello_key not in after and passwd_key in after
+        assert set(after) < set(before)
+        assert sum(before.values()) - sum(after.values()) == top_bytes
+        assert f"cache garbage collected chunks={len(before) - len(after)} " in daemon.log()
+        # The remaining layer keeps its chunks: same Usage, and it reads without the registry.
+        assert _usage(daemon, base) == base_bytes
+        (layer_dir,) = list((daemon.root / "fuse").iterdir())
+        assert (layer_dir / "bin/busybox").read_bytes() == oci.BUSYBOX.read_bytes()
+        assert _cache_files(daemon) == after
+        with daemon.snapshots() as stub:
+            stub.Cleanup(snapshots_pb2.CleanupRequest())
+        assert _cache_files(daemon) == after
