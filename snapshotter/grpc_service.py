@@ -194,6 +194,12 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         expires = _call(context, "SetCredentials", store)
         return daemon_pb2.SetCredentialsResponse(expires_in_seconds=int(expires))
 
+    def PrepareAhead(self, request: Any, context: grpc.ServicerContext) -> Any:
+        layers = [(dict(layer.labels), int(layer.size)) for layer in request.layers]
+        started = _call(context, "PrepareAhead", lambda: self._sn.read_ahead(layers))
+        log.info("prepare-ahead layers=%d started=%d", len(layers), started)
+        return daemon_pb2.PrepareAheadResponse(started=started)
+
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         counts = _call(context, "Status", self._sn.counts)
         return daemon_pb2.StatusResponse(

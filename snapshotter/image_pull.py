@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,18 @@ from snapshotter.chain import index_gc_labels, manifest_gc_labels
 from snapshotter.containerd_api import ContainerdAPI, ImageRecord
 from snapshotter.errors import NotFoundError
 from snapshotter.progress import LayerResult, Progress
-from snapshotter.unpacker import BlobSource, Unpacker, UnpackError, ingest_ref, plan_unpack
+from snapshotter.unpacker import (
+    BlobSource,
+    Unpacker,
+    UnpackError,
+    UnpackPlan,
+    ingest_ref,
+    plan_unpack,
+)
+
+# Told the unpack plan before anything is stored: ``lazysnap pull`` lets the daemon start
+# reading the lazy layers' TOCs while containerd stores the manifest and config.
+Announce = Callable[[UnpackPlan], None]
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +171,13 @@ def store_and_unpack(
     snapshotter: str,
     blobs: BlobSource,
     progress: Progress,
+    announce: Announce | None = None,
 ) -> list[LayerResult]:
     """Store the documents with containerd's GC labels, unpack, then name the image - all under
     one lease, so a failure leaves nothing that containerd would keep."""
     plan = plan_unpack(image.name, image.manifest_digest, image.manifest, image.config)
+    if announce is not None:
+        announce(plan)
     with api.lease():
         store_blob(api, image.config, image.manifest.config.digest)
         store_blob(
@@ -187,12 +201,13 @@ async def pull(
     snapshotter: str,
     platform: Platform | None,
     progress: Progress,
+    announce: Announce | None = None,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     image = await fetch_documents(registry, ref, platform)
     with tempfile.TemporaryDirectory(prefix="lazysnap-pull-") as scratch:
         blobs = RegistryBlobs(registry, ref, Path(scratch))
         results = await trio.to_thread.run_sync(
-            store_and_unpack, api, image, snapshotter, blobs, progress
+            store_and_unpack, api, image, snapshotter, blobs, progress, announce
         )
     return image, results
 

@@ -25,9 +25,11 @@ from snapshotter.blob_tail import (
     load_tail,
     save_tail,
 )
+from snapshotter.labels import STARGZ_TOC_DIGEST
 from snapshotter.lazy_formats import LazyFormat
 from snapshotter.metadata import RemoteLayerRecord
 from snapshotter.remote_labels import RemoteDecision, RemoteLayerRequest, classify
+from snapshotter.tails_ahead import AheadLayer, TailsAhead
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class RemoteLayers:
         self._background_fetch = background_fetch
         # CRI sends every layer of an image with the same cri.manifest-digest: fetch it once.
         self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
+        self._ahead = TailsAhead(client)
+        self._digests: dict[str, str] = {}  # attached layer id -> blob digest
 
     def _tail_path(self, layer_id: str) -> Path:
         return self._tails / f"{layer_id}.tail"
@@ -107,15 +111,26 @@ class RemoteLayers:
         self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int
     ) -> AttachedLayer:
         ref = parse_reference(request.image_ref)
+        toc_digest = request.annotations.get(STARGZ_TOC_DIGEST)
+        self._read_neighbours_ahead(request)
         try:
             with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
-                blob = await self._client.open_blob(ref, request.layer_digest)
-                recording = RecordingBlob(blob)
-                index = await load_layer_index(
-                    recording,
-                    toc_digest=request.annotations.get("containerd.io/snapshot/stargz/toc.digest"),
-                    annotations=request.annotations,
+                ahead = await self._ahead.take(
+                    request.layer_digest, toc_digest=toc_digest, annotations=request.annotations
                 )
+                if ahead is not None:
+                    blob: BlobReader = ahead.blob
+                    recording = RecordingBlob(TailServedBlob(blob, ahead.ranges))
+                    recording.ranges.update(ahead.ranges)
+                    index = ahead.index
+                else:
+                    blob = await self._client.open_blob(ref, request.layer_digest)
+                    recording = RecordingBlob(blob)
+                    index = None
+                if index is None:
+                    index = await load_layer_index(
+                        recording, toc_digest=toc_digest, annotations=request.annotations
+                    )
         except trio.TooSlowError:
             raise RemoteLayerError(
                 f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
@@ -128,10 +143,35 @@ class RemoteLayers:
         await self._fs.attach(
             layer_id, blob, index, background_fetch=self._background_fetch, slot=slot
         )
-        log.info("remote layer attached layer=%s digest=%s format=%s entries=%d",
-                 layer_id, blob.digest, fmt, index.entry_count)
+        self._digests[layer_id] = blob.digest
+        log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
+                 layer_id, blob.digest, fmt, index.entry_count,
+                 "read-ahead" if ahead is not None else "read")
         return AttachedLayer(layer_id, slot, blob.size, index.toc_digest,
                              dict(request.annotations))
+
+    def read_ahead(self, decision: RemoteDecision, size: int | None) -> bool:
+        """Start reading the TOC of a layer whose Prepare is announced; True if started."""
+        request = decision.request
+        if request is None or decision.format is None:
+            return False
+        return self._ahead.start(
+            AheadLayer(
+                request.image_ref,
+                request.layer_digest,
+                size,
+                request.annotations.get(STARGZ_TOC_DIGEST),
+                request.annotations,
+            )
+        )
+
+    def _read_neighbours_ahead(self, request: RemoteLayerRequest) -> None:
+        """containerd prepares an image's layers one after another: read the others' TOCs now.
+        Their labels are unknown here, so those indexes are rebuilt with the labels' digests."""
+        attached = set(self._digests.values())
+        for digest in request.image_layers:
+            if digest != request.layer_digest and digest not in attached:
+                self._ahead.start(AheadLayer(request.image_ref, digest, None, None, None))
 
     async def restore(self, record: RemoteLayerRecord) -> None:
         """Re-attach after a restart from the saved tail: no network until a file is read."""
@@ -160,9 +200,11 @@ class RemoteLayers:
             return
         await self._fs.attach(record.layer_id, deferred, index,
                               background_fetch=self._background_fetch, slot=record.slot)
+        self._digests[record.layer_id] = record.layer_digest
         log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
 
     async def detach(self, layer_id: str) -> None:
+        self._digests.pop(layer_id, None)
         if layer_id in self._fs.layer_ids():
             await self._fs.detach(layer_id)
             # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
@@ -220,6 +262,14 @@ class RemoteSnapshots:
 
     def detach(self, layer_id: str) -> None:
         self._hop(self._layers.detach, layer_id)
+
+    def read_ahead(self, announced: list[tuple[RemoteDecision, int | None]]) -> int:
+        """Start reading the TOCs of announced layers; how many were started."""
+
+        async def start() -> int:
+            return sum(self._layers.read_ahead(decision, size) for decision, size in announced)
+
+        return self._hop(start)
 
     def cached_bytes(self, layer_id: str) -> int:
         return self._hop(self._layers.cached_bytes, layer_id)

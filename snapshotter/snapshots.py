@@ -37,6 +37,8 @@ from snapshotter.mounts import LowerDir, build_mounts
 from snapshotter.remote_labels import RemoteDecision, decide
 from snapshotter.remote_layers import AttachedLayer, RemoteLayerError, RemoteSnapshots
 
+MAX_ANNOUNCED_LAYERS = 256  # containerd's own limit on an image's layers is 128
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
@@ -84,6 +86,27 @@ class Snapshotter:
         if self._remote is not None:
             self._try_remote(self._remote, key, parent, labels)  # raises AlreadyExists if served
         return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> int:
+        """Layer Prepares a client announces (their labels and blob sizes, bottom layer first):
+        read the TOCs of those the labels make lazy and that do not exist yet, so the Prepares
+        themselves need no registry round trip. Returns how many reads were started."""
+        if len(layers) > MAX_ANNOUNCED_LAYERS:
+            raise InvalidArgumentError(
+                f"{len(layers)} layers announced; at most {MAX_ANNOUNCED_LAYERS} at a time"
+            )
+        if self._remote is None:
+            return 0
+        announced: list[tuple[RemoteDecision, int | None]] = []
+        for labels, size in layers:
+            decision = decide(validate_labels(labels))
+            if decision is None or decision.request is None or decision.format is None:
+                continue
+            with self.store.transaction() as tx:
+                exists = tx.get(decision.request.chain_ref) is not None
+            if not exists:
+                announced.append((decision, size if size and size > 0 else None))
+        return self._remote.read_ahead(announced) if announced else 0
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)

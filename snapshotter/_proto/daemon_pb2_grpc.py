@@ -45,6 +45,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.FromString,
                 _registered_method=True)
+        self.PrepareAhead = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/PrepareAhead',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -65,6 +70,16 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareAhead(self, request, context):
+        """PrepareAhead announces layer Prepares a client is about to make (e.g. `lazysnap pull`, right
+        after it resolved the manifest): the daemon reads their TOCs now, so those Prepares need no
+        registry round trip. It returns at once; a layer that cannot be read ahead is read by its
+        Prepare as usual.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +92,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.SetCredentials,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.SerializeToString,
+            ),
+            'PrepareAhead': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareAhead,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +153,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/SetCredentials',
             snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.SetCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareAhead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/PrepareAhead',
+            snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -262,6 +262,10 @@ def test_pull_serves_seekable_layers_remotely(
     assert pulled.returncode == 0, pulled.stderr + daemon.log()[-3000:]
     outcomes = [line.split()[3] for line in pulled.stdout.splitlines() if line.startswith("layer ")]
     assert outcomes == ["remote", "remote", "applied"], pulled.stdout
+    # The first Prepare's cri.image-layers named the others: the second TOC was read meanwhile.
+    attached = [line for line in daemon.log().splitlines() if "remote layer attached" in line]
+    sources = [line.rsplit("toc=", 1)[1].split('"', 1)[0] for line in attached]
+    assert sources == ["read", "read-ahead"], attached
     chains = _chains(seekable_image)
     for number, chain_id in enumerate(chains):
         labels = _labels(_ctr_info(containerd, chain_id))
@@ -293,3 +297,25 @@ def test_pull_serves_seekable_layers_remotely(
     )
     assert result.stdout == "hello from a lazy layer\n"
     assert _leases(containerd) == []
+
+
+@pytest.mark.fuse
+def test_pull_announces_its_layers_so_the_daemon_reads_their_tocs_ahead(
+    stack: tuple[Daemon, RunningContainerd], seekable_image: PushedImage
+) -> None:
+    daemon, containerd = stack
+    pulled = _lazysnap(
+        "pull", containerd, seekable_image.reference, "--snapshotter-address", str(daemon.address)
+    )
+    assert pulled.returncode == 0, pulled.stderr + daemon.log()[-3000:]
+    log = daemon.log()
+    # Three layers announced; the plain gzip one is not lazy, so two TOCs were read ahead...
+    assert "prepare-ahead layers=3 started=2" in log, log[-3000:]
+    # ... and both lazy Prepares used them instead of asking the registry.
+    attached = [line for line in log.splitlines() if "remote layer attached" in line]
+    assert len(attached) == 2 and all("toc=read-ahead" in line for line in attached), attached
+    result = containerd.ctr(
+        "run", "--rm", "--snapshotter", "lazysnap", seekable_image.reference, "c5",
+        "/bin/cat", "/etc/hello", "/etc/plain",
+    )
+    assert result.stdout == "hello from a lazy layer\nplain\n"
