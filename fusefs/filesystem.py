@@ -10,6 +10,11 @@ Use it inside trio::
         fs.unmount()                         # or cancel the nursery; run() unmounts cleanly
 
 ``run`` also returns when the mount is removed from outside (``fusermount3 -u``).
+
+A restarted daemon that got the previous process's ``/dev/fuse`` fd (see
+``snapshotter.fuse_keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
+instead of mounting, but reads no request before ``resume()``, so the layers can be attached
+at their old slots first (a request for a slot not yet attached would fail with ESTALE).
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ class LazyFilesystem:
         single_layer: bool = False,
         allow_other: bool = True,
         decoder: Decoder | None = None,
+        adopt_fd: int | None = None,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root (``lazysnap mount --blob``)
-        instead of a directory ``<mountpoint>/<layer-id>``."""
+        instead of a directory ``<mountpoint>/<layer-id>``. ``adopt_fd``: an open ``/dev/fuse``
+        connection already mounted at ``mountpoint`` to serve (this object closes it)."""
         self.mountpoint = mountpoint
         self._cache_dir = cache_dir
         self._cache_capacity = cache_capacity
@@ -91,12 +98,15 @@ class LazyFilesystem:
         self._cache: ChunkCache | None = None
         self._run_scope: trio.CancelScope | None = None
         self._operations: LazyOperations | None = None
+        self._adopt_fd = adopt_fd
+        self._resume = trio.Event()
 
     # -- lifetime ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the cache, mount, and serve until unmounted (from outside, by ``unmount()``, or
-        by cancellation). Signals ``task_status`` once the mount is live."""
+        by cancellation). Signals ``task_status`` once the mount is live (with ``adopt_fd``:
+        once layers can be attached; requests are answered after ``resume()``)."""
         if self._run_scope is not None:
             raise RuntimeError("LazyFilesystem.run() is already running")
         self._cache = await ChunkCache.open(self._cache_dir, capacity_bytes=self._cache_capacity)
@@ -131,13 +141,24 @@ class LazyFilesystem:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await session.serve(
-            operations,
-            self.mountpoint,
-            fsname=self._fsname,
-            allow_other=self._allow_other,
-            task_status=task_status,
-        )
+        if self._adopt_fd is None:
+            await session.serve(
+                operations,
+                self.mountpoint,
+                fsname=self._fsname,
+                allow_other=self._allow_other,
+                task_status=task_status,
+            )
+        else:
+            fd, self._adopt_fd = self._adopt_fd, None
+            try:
+                task_status.started()
+                # Hold the kernel's queue until the caller re-attached its layers.
+                await self._resume.wait()
+            except BaseException:
+                os.close(fd)  # the mount stays: whoever else holds the connection keeps it
+                raise
+            await session.serve_adopted(operations, fd, self.mountpoint)
         # Unmounted from outside: stop background work so run() returns.
         if self._run_scope is not None:
             self._run_scope.cancel()
@@ -146,6 +167,15 @@ class LazyFilesystem:
         """Stop serving; ``run`` unmounts and returns."""
         if self._run_scope is not None:
             self._run_scope.cancel()
+
+    def resume(self) -> None:
+        """With ``adopt_fd``: start answering the kernel (no-op otherwise)."""
+        self._resume.set()
+
+    def dup_device_fd(self) -> int:
+        """A duplicate of the live ``/dev/fuse`` connection's fd, for a keeper process to hold
+        (the caller closes it). Raises RuntimeError when not serving."""
+        return session.dup_device_fd()
 
     # -- layers ------------------------------------------------------------------------------
 

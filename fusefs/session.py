@@ -1,21 +1,48 @@
-"""The one pyfuse3 session of the process: mount, serve in trio, unmount.
+"""The one FUSE session of the process: mount with pyfuse3 and serve, or serve an adopted
+connection with our own protocol server; unmount.
 
 pyfuse3 keeps its session in module globals, so a process has at most one mount; every layer is
 a directory of it. ``serve`` returns when the filesystem is unmounted from outside
 (``fusermount3 -u``) or when its caller is cancelled; either way the session is closed.
+
+``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised (kept alive
+across its crash by ``snapshotter.fuse_keeper``): libfuse cannot serve a connection past INIT,
+so ``fusefs.resumed_session`` speaks the protocol, and the adapter here turns the pyfuse3 types
+of ``LazyOperations`` into protocol structs (pyfuse3 stays in this module and operations.py).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import subprocess
+from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
+from fusefs.kernel_protocol import (
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FOPEN_NONSEEKABLE,
+    Attributes,
+    StatfsReply,
+)
+from fusefs.operations import LazyOperations
+from fusefs.resumed_session import ReplyError, ResumedSession
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _active = False
+_device_fd: int | None = None  # pyfuse3's /dev/fuse fd while its session is open
+_resumed: ResumedSession | None = None
+
+_FUSE_DEVICE = "/dev/fuse"
 
 
 def mount_options(fsname: str, *, allow_other: bool = True) -> set[str]:
@@ -32,6 +59,17 @@ def mount_options(fsname: str, *, allow_other: bool = True) -> set[str]:
     return options
 
 
+def _fuse_fds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == _FUSE_DEVICE:
+                found.add(int(name))
+        except OSError:  # closed meanwhile (the listing's own fd, a worker thread's file)
+            continue
+    return found
+
+
 async def serve(
     operations: pyfuse3.Operations,
     mountpoint: Path,
@@ -42,29 +80,182 @@ async def serve(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount at ``mountpoint`` and serve requests until unmounted or cancelled."""
-    global _active
-    if _active:
+    global _active, _device_fd
+    if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
+    before = _fuse_fds()
     pyfuse3.init(operations, str(mountpoint), mount_options(fsname, allow_other=allow_other))
     _active = True
+    # libfuse does not expose its fd through pyfuse3: the new /dev/fuse link is it.
+    new = _fuse_fds() - before
+    _device_fd = min(new) if len(new) == 1 else None
     unmounted_outside = False
-    log.info("fuse mounted mountpoint=%s fsname=%s", mountpoint, fsname)
+    log.info("fuse mounted mountpoint=%s fsname=%s device_fd=%s", mountpoint, fsname, _device_fd)
     try:
         task_status.started()
         await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         unmounted_outside = True  # main() only returns once the kernel closed the session
     finally:
         _active = False
+        _device_fd = None
         # After an external unmount there is nothing left to unmount; otherwise do it now.
         pyfuse3.close(unmount=not unmounted_outside)
         log.info("fuse unmounted mountpoint=%s", mountpoint)
 
 
+def dup_device_fd() -> int:
+    """A duplicate of the live session's ``/dev/fuse`` fd (the caller closes it): whoever holds
+    one keeps the connection, and so the mount, alive when this process dies."""
+    fd = _device_fd if _active else (_resumed.fd if _resumed is not None else None)
+    if fd is None:
+        raise RuntimeError("no FUSE session with a known /dev/fuse fd")
+    return os.dup(fd)
+
+
+async def serve_adopted(
+    operations: LazyOperations,
+    fd: int,
+    mountpoint: Path,
+    *,
+    max_tasks: int = 64,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
+    unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does)."""
+    global _resumed
+    if _active or _resumed is not None:
+        raise RuntimeError("this process already has a FUSE session")
+    resumed = ResumedSession(_Adapter(operations), fd, max_tasks=max_tasks)
+    _resumed = resumed
+    unmounted_outside = False
+    log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
+    try:
+        await resumed.serve(task_status=task_status)
+        unmounted_outside = True
+    finally:
+        _resumed = None
+        if not unmounted_outside:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(unmount_path, mountpoint)
+        os.close(fd)
+        log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+
+
+def unmount_path(mountpoint: Path) -> None:
+    """Unmount a FUSE mount we did not mount through libfuse (a busy one stays, logged)."""
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("unmount command failed command=%s error=%r", command[0], exc)
+            continue
+        if done.returncode == 0:
+            return
+        log.warning("unmount failed command=%s error=%s", command[0], done.stderr.strip())
+
+
 def forget_root_entry(name: bytes) -> None:
     """Tell the kernel that ``name`` left the mount root (a detached layer)."""
+    if _resumed is not None:
+        _resumed.invalidate_entry(pyfuse3.ROOT_INODE, name)
+        return
     if not _active:
         return
     try:
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
     except Exception as exc:  # only a cache hint: the lookup fails with ENOENT anyway
         log.warning("entry invalidation failed name=%r error=%r", name, exc)
+
+
+# -- LazyOperations behind the protocol server -------------------------------------------------
+
+# The handlers take a context but never read it (the kernel checks permissions:
+# default_permissions), so one blank context serves every request.
+_CONTEXT = pyfuse3.RequestContext()
+
+
+def _attributes(entry: Any) -> Attributes:
+    """pyfuse3.EntryAttributes -> the protocol's attributes (same fields libfuse copies)."""
+    return Attributes(
+        ino=entry.st_ino,
+        mode=entry.st_mode,
+        nlink=entry.st_nlink,
+        uid=entry.st_uid,
+        gid=entry.st_gid,
+        rdev=entry.st_rdev,
+        size=entry.st_size,
+        blocks=entry.st_blocks,
+        blksize=entry.st_blksize,
+        atime_ns=entry.st_atime_ns,
+        mtime_ns=entry.st_mtime_ns,
+        ctime_ns=entry.st_ctime_ns,
+        generation=entry.generation,
+        entry_timeout=entry.entry_timeout,
+        attr_timeout=entry.attr_timeout,
+    )
+
+
+async def _call(awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except pyfuse3.FUSEError as exc:
+        raise ReplyError(exc.errno) from None
+
+
+class _Adapter:
+    """``LazyOperations`` as ``resumed_session.RequestHandlers``."""
+
+    def __init__(self, operations: LazyOperations) -> None:
+        self._ops = operations
+
+    async def lookup(self, parent: int, name: bytes) -> Attributes:
+        return _attributes(await _call(self._ops.lookup(parent, name, _CONTEXT)))
+
+    async def getattr(self, inode: int) -> Attributes:
+        return _attributes(await _call(self._ops.getattr(inode, _CONTEXT)))
+
+    async def readlink(self, inode: int) -> bytes:
+        return await _call(self._ops.readlink(inode, _CONTEXT))
+
+    async def open(self, inode: int, flags: int) -> tuple[int, int]:
+        info = await _call(self._ops.open(inode, flags, _CONTEXT))
+        open_flags = (
+            (FOPEN_KEEP_CACHE if info.keep_cache else 0)
+            | (FOPEN_DIRECT_IO if info.direct_io else 0)
+            | (FOPEN_NONSEEKABLE if info.nonseekable else 0)
+        )
+        return int(info.fh), open_flags
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        return await _call(self._ops.read(fh, offset, size))
+
+    async def opendir(self, inode: int) -> int:
+        return await _call(self._ops.opendir(inode, _CONTEXT))
+
+    def directory_entries(
+        self, fh: int, offset: int
+    ) -> Iterator[tuple[bytes, Attributes, int]]:
+        try:
+            for name, entry, next_offset in self._ops.directory_entries(fh, offset):
+                yield name, _attributes(entry), next_offset
+        except pyfuse3.FUSEError as exc:
+            raise ReplyError(exc.errno) from None
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        return await _call(self._ops.getxattr(inode, name, _CONTEXT))
+
+    async def listxattr(self, inode: int) -> Sequence[bytes]:
+        return await _call(self._ops.listxattr(inode, _CONTEXT))
+
+    async def statfs(self) -> StatfsReply:
+        data = await _call(self._ops.statfs(_CONTEXT))
+        return StatfsReply(
+            blocks=data.f_blocks, bfree=data.f_bfree, bavail=data.f_bavail,
+            files=data.f_files, ffree=data.f_ffree, bsize=data.f_bsize,
+            namelen=data.f_namemax, frsize=data.f_frsize,
+        )
+
+    async def access(self, inode: int, mask: int) -> None:
+        if not await _call(self._ops.access(inode, mask, _CONTEXT)):
+            raise ReplyError(errno.EACCES)

@@ -21,6 +21,7 @@ import trio
 
 from fusefs import LazyFilesystem
 from registry import DockerConfigCredentials, HostsConfig, RegistryClient
+from snapshotter import fuse_keeper
 from snapshotter.config import Config
 from snapshotter.grpc_service import add_services
 from snapshotter.metadata import MetadataError
@@ -82,6 +83,13 @@ def _start_server(
     return server
 
 
+def _check_socket(address: Path) -> None:
+    try:
+        prepare_socket_path(address)
+    except SocketError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _clear_stale_mount(mountpoint: Path) -> None:
     """A killed daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
     try:
@@ -98,6 +106,21 @@ def _clear_stale_mount(mountpoint: Path) -> None:
                    timeout=30)
 
 
+def _start_keeper(fs: LazyFilesystem, socket_path: Path, mountpoint: Path) -> None:
+    """Hand a copy of the new connection to a keeper, so a crash does not end it."""
+    try:
+        fd = fs.dup_device_fd()
+    except RuntimeError as exc:
+        log.warning("no fuse keeper: running containers will not survive a crash: %s", exc)
+        return
+    try:
+        fuse_keeper.start_keeper(socket_path, fd, mountpoint)
+    except (OSError, RuntimeError) as exc:
+        log.warning("no fuse keeper: running containers will not survive a crash: %r", exc)
+    finally:
+        os.close(fd)
+
+
 async def _start_lazy(
     config: Config, snapshotter: Snapshotter, nursery: trio.Nursery,
     credentials: PushedCredentials,
@@ -110,13 +133,24 @@ async def _start_lazy(
     if not await trio.Path("/dev/fuse").exists():
         log.warning("lazy pulling unavailable: /dev/fuse is missing; serving ordinary snapshots")
         return None
-    await trio.to_thread.run_sync(_clear_stale_mount, layout.fuse)
-    fs = LazyFilesystem(layout.fuse, layout.cache, cache_capacity=config.lazy.cache_capacity)
+    keeper = fuse_keeper.keeper_socket(layout.root)
+    # A keeper still holding the connection of the mount at layout.fuse (the previous daemon
+    # crashed): serve that connection, so running containers' reads resume. Otherwise mount.
+    handover = await trio.to_thread.run_sync(fuse_keeper.take_over, keeper, layout.fuse)
+    if handover is None:
+        await trio.to_thread.run_sync(_clear_stale_mount, layout.fuse)
+    fs = LazyFilesystem(layout.fuse, layout.cache, cache_capacity=config.lazy.cache_capacity,
+                        adopt_fd=None if handover is None else handover.fd)
     try:
         await nursery.start(fs.run)
     except Exception as exc:
         log.warning("lazy pulling unavailable: cannot mount %s: %s", layout.fuse, exc)
         return None
+    if handover is None:
+        await trio.to_thread.run_sync(_start_keeper, fs, keeper, layout.fuse)
+    else:
+        log.info("fuse connection taken over from the keeper",
+                 extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
     client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
     layers = RemoteLayers(fs, client, layout.tails,
                           background_fetch=config.lazy.background_fetch)
@@ -129,6 +163,9 @@ async def _start_lazy(
     async with trio.open_nursery() as restoring:
         for record in await trio.to_thread.run_sync(records):
             restoring.start_soon(layers.restore, record)
+    # Adopted connection: the kernel's queued requests are answered only now that every layer
+    # is back at its slot (the same inode numbers the kernel already holds).
+    fs.resume()
     snapshotter.enable_remote(RemoteSnapshots(layers, trio.lowlevel.current_trio_token()))
     return fs, client
 
@@ -143,6 +180,8 @@ async def _wait_for_stop_signal() -> int:
 async def _serve(config: Config, snapshotter: Snapshotter) -> int:
     async with trio.open_nursery() as nursery:
         credentials = PushedCredentials(DockerConfigCredentials())
+        # Refuse to start next to a running daemon before touching its FUSE connection.
+        await trio.to_thread.run_sync(_check_socket, config.address)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         server = await trio.to_thread.run_sync(
             _start_server, snapshotter, config.address, credentials if lazy else None

@@ -1,0 +1,216 @@
+"""A FUSE server killed with SIGKILL while a fuse keeper holds its connection: the next server
+takes the connection over and the mount never goes away (fake layers, real FUSE).
+
+The server is ``tests.support.fuse_resume_server``: the daemon's FUSE start-up in small (take
+over from the keeper or mount and start one; attach layers at fixed slots; then answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from snapshotter import fuse_keeper
+from tests.integration.fuse_support import (
+    BIG,
+    REPO,
+    force_unmount,
+    is_mounted,
+    python_args,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # so ``python -m tests...`` resolves
+
+
+@dataclass
+class Servers:
+    """Starts servers for one mountpoint, one after the other; tears everything down."""
+
+    root: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def mnt(self) -> Path:
+        return self.root / "mnt"
+
+    @property
+    def keeper(self) -> Path:
+        return self.root / "keeper.sock"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.root / "mnt.ready"
+
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+        # (No mkdir here: touching an orphaned mount point would wait for a server.)
+        self.ready_file.unlink(missing_ok=True)
+        log = (self.root / f"server{len(self.processes)}.log").open("ab")
+        proc = subprocess.Popen(
+            python_args("-m", "tests.support.fuse_resume_server", str(self.mnt),
+                        str(self.root / "cache"), str(self.keeper), *extra),
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+        log.close()
+        self.processes.append(proc)
+        deadline = time.monotonic() + 30
+        while not self.ready_file.exists():
+            assert proc.poll() is None, f"server exited {proc.returncode}: {self.logs()}"
+            assert time.monotonic() < deadline, f"server not ready: {self.logs()}"
+            time.sleep(0.05)
+        return proc
+
+    def how(self) -> str:
+        return self.ready_file.read_text().split()[1]
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.root.glob("*.log")))
+
+    def teardown(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        fuse_keeper.retire(self.keeper)  # a keeper left after a test lets go of its mount
+        if is_mounted(self.mnt):
+            force_unmount(self.mnt)
+
+
+@pytest.fixture
+def servers(tmp_path: Path, in_repo: None) -> Iterator[Servers]:
+    s = Servers(tmp_path)
+    s.mnt.mkdir()
+    try:
+        yield s
+    finally:
+        s.teardown()
+
+
+def _keeper_alive(servers: Servers) -> bool:
+    return servers.keeper.exists()
+
+
+@contextlib.contextmanager
+def _reader(path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process reading ``path`` (a process, not a thread: it can be killed if it hangs)."""
+    proc = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_killed_server_s_mount_is_served_by_the_next_one(servers: Servers) -> None:
+    mnt = servers.mnt
+    first = servers.start()
+    assert servers.how() == "mounted"
+    wait_for(lambda: _keeper_alive(servers), 10, "the keeper's socket")
+    assert (mnt / "base/etc/keep").read_bytes() == b"base keep\n"
+    before = {name: os.lstat(mnt / name).st_ino for name in ("base", "top", "base/bin/tool")}
+    opened = os.open(mnt / "base/big", os.O_RDONLY)  # open across the crash, never read yet
+    try:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert is_mounted(mnt), "the keeper holds the connection: the mount stays"
+        assert _keeper_alive(servers)
+
+        with _reader(mnt / "base/etc/old") as blocked:  # never read: needs a server
+            time.sleep(1.0)
+            assert blocked.poll() is None, "the read waits in the kernel while no server runs"
+
+            servers.start()
+            assert servers.how() == "adopted"
+            out, err = blocked.communicate(timeout=30)
+            assert blocked.returncode == 0, err
+            assert out == b"base old\n"
+
+        # The fd opened before the crash reads through the new server (handles are inodes).
+        assert os.pread(opened, len(BIG) + 10, 0) == BIG
+    finally:
+        os.close(opened)
+
+    assert {name: os.lstat(mnt / name).st_ino for name in before} == before
+    assert sorted(os.listdir(mnt)) == ["base", "top"]
+    assert sorted(os.listdir(mnt / "base/etc")) == ["keep", "old"]
+    assert os.readlink(mnt / "base/link") == "bin/tool"
+    tool = os.stat(mnt / "base/bin/alias")
+    assert tool.st_mode == stat.S_IFREG | 0o4755 and (tool.st_uid, tool.st_gid) == (7, 8)
+    assert tool.st_nlink == 2
+    assert (mnt / "base/bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (mnt / "base/caf\u00e9").read_bytes() == b"unicode name\n"
+    assert os.getxattr(mnt / "base/big", "user.note") == b"hello"
+    assert os.listxattr(mnt / "base/big") == ["user.note"]
+    assert os.getxattr(mnt / "top/etc", "trusted.overlay.opaque") == b"y"
+    with pytest.raises(OSError) as info:
+        os.getxattr(mnt / "base/etc/keep", "user.none")
+    assert info.value.errno == errno.ENODATA
+    null = os.lstat(mnt / "base/null")
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    whiteout = os.lstat(mnt / "top/doomed")
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    assert os.statvfs(mnt).f_namemax == 255
+    with pytest.raises(OSError) as info:
+        (mnt / "base/bad").read_bytes()
+    assert info.value.errno == errno.EIO  # a chunk failing its digest, as before the crash
+    with pytest.raises(OSError) as info:
+        os.open(mnt / "base/etc/keep", os.O_WRONLY)
+    assert info.value.errno == errno.EROFS
+
+    # A second crash and takeover: the keeper still holds its own copy.
+    servers.processes[-1].send_signal(signal.SIGKILL)
+    servers.processes[-1].wait()
+    servers.start()
+    assert servers.how() == "adopted"
+    assert (mnt / "top/etc/new").read_bytes() == b"top new\n"
+
+    # A clean stop unmounts, and the keeper goes with the connection.
+    last = servers.processes[-1]
+    last.send_signal(signal.SIGTERM)
+    assert last.wait(timeout=20) == 0
+    assert not is_mounted(mnt)
+    wait_for(lambda: not _keeper_alive(servers), 10, "the keeper to exit")
+
+
+def test_without_a_keeper_a_killed_server_s_mount_is_dead(servers: Servers) -> None:
+    """What the keeper is for: the last /dev/fuse fd closing ends the connection."""
+    first = servers.start("--no-keeper")
+    assert (servers.mnt / "base/etc/keep").read_bytes() == b"base keep\n"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    with pytest.raises(OSError) as info:
+        (servers.mnt / "base/etc/old").read_bytes()
+    assert info.value.errno == errno.ENOTCONN
+
+
+def test_the_keeper_exits_when_the_orphaned_mount_is_unmounted(servers: Servers) -> None:
+    first = servers.start()
+    wait_for(lambda: _keeper_alive(servers), 10, "the keeper's socket")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    force_unmount(servers.mnt)
+    wait_for(lambda: not _keeper_alive(servers), 10, "the keeper to exit")
+    # Nothing to take over: the next server mounts anew (and starts its own keeper).
+    servers.start()
+    assert servers.how() == "mounted"
+    assert (servers.mnt / "base/etc/old").read_bytes() == b"base old\n"

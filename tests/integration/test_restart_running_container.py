@@ -1,0 +1,145 @@
+"""A running container outlives a kill -9 of the daemon: real containerd 1.6 + runc, the
+docker-registry on loopback and the lazysnap daemon.
+
+The fuse keeper holds the FUSE connection while no daemon runs; the restarted daemon takes it
+over, so files the container never read before still read right, and a read issued while the
+daemon is down waits and then completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter import fuse_keeper
+from tests.support import oci_image as oci
+from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
+from tests.support.daemon import Daemon, running_daemon
+from tests.support.docker_registry import RunningRegistry
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.fuse,
+    pytest.mark.containerd,
+    pytest.mark.registry,
+    pytest.mark.slow,
+]
+
+_RNG = random.Random(5)
+FILES = {name: _RNG.randbytes(300_000) for name in ("first", "second", "third", "fourth")}
+
+
+@pytest.fixture(scope="module")
+def image(docker_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """busybox, then /data/<name> files, both layers eStargz."""
+    data = oci.TarBuilder().dir("data")
+    for name, content in FILES.items():
+        data.file(f"data/{name}", content)
+    layers = (
+        oci.seekable_layer(oci.busybox_tar(), "estargz"),
+        oci.seekable_layer(data.tar(), "estargz"),
+    )
+    layout = tmp_path_factory.mktemp("restart-layout")
+    oci.write_layout(layout, layers)
+    reference = f"{docker_registry.host}/restart/app:esgz"
+    oci.push_layout(layout, "latest", reference)
+    return reference
+
+
+@pytest.fixture
+def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    config = short_tmp / "lazysnap.toml"
+    config.write_text("[lazy]\nbackground_fetch = false\n")  # files arrive only when read
+    try:
+        with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
+                run_containerd(short_tmp / "c", daemon.address) as containerd:
+            yield daemon, containerd
+    finally:
+        # No keeper may outlive the test, whatever state it ended in.
+        fuse_keeper.retire(fuse_keeper.keeper_socket(short_tmp / "d" / "root"))
+
+
+def _pull(containerd: RunningContainerd, reference: str) -> None:
+    hosts_dir = containerd.workdir / "certs.d"  # empty: loopback registries get plain HTTP
+    hosts_dir.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "pull", reference,
+         "--address", str(containerd.address), "--namespace", containerd.namespace,
+         "--hosts-dir", str(hosts_dir)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outcomes = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("layer ")]
+    assert outcomes == ["remote", "remote"], result.stdout
+
+
+def _sha(containerd: RunningContainerd, container: str, exec_id: str, path: str) -> str:
+    out = containerd.ctr("task", "exec", "--exec-id", exec_id, container, "/bin/sha256sum",
+                         path, timeout=60).stdout
+    return out.split()[0]
+
+
+def _expected(name: str) -> str:
+    return hashlib.sha256(FILES[name]).hexdigest()
+
+
+def _fuse_mounted(daemon: Daemon) -> bool:
+    fuse = str(daemon.root / "fuse")
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == fuse for line in mounts)
+
+
+def test_a_running_container_reads_new_files_after_the_daemon_is_killed_and_restarted(
+    stack: tuple[Daemon, RunningContainerd], image: str
+) -> None:
+    daemon, containerd = stack
+    _pull(containerd, image)
+    containerd.ctr("run", "-d", "--snapshotter", "lazysnap", image, "app",
+                   "/bin/sleep", "3600", timeout=120)
+    assert _sha(containerd, "app", "e1", "/data/first") == _expected("first")
+
+    daemon.kill9()
+    assert _fuse_mounted(daemon), "the keeper keeps the connection and so the mount"
+    # A read while no daemon runs waits in the kernel (exec itself needs no snapshotter).
+    waiting = subprocess.Popen(
+        ["ctr", "--address", str(containerd.address), "--namespace", containerd.namespace,
+         "task", "exec", "--exec-id", "e2", "app", "/bin/sha256sum", "/data/second"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(2)
+        assert waiting.poll() is None, waiting.communicate()
+        daemon.start()
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert waiting.returncode == 0, err
+    assert out.split()[0] == _expected("second")
+    assert "fuse connection taken over from the keeper" in daemon.log()
+
+    # Never read before, read after the restart.
+    assert _sha(containerd, "app", "e3", "/data/third") == _expected("third")
+    assert _sha(containerd, "app", "e4", "/data/first") == _expected("first")
+
+    # A second crash, and new containers still start on the taken-over mount.
+    daemon.kill9()
+    daemon.start()
+    assert _sha(containerd, "app", "e5", "/data/fourth") == _expected("fourth")
+    ok = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", image, "second",
+                        "/bin/cat", "/etc/passwd", timeout=120, check=False)
+    if ok.returncode != 0:  # containerd may still be redialling the restarted proxy
+        time.sleep(3)
+        ok = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", image, "second",
+                            "/bin/cat", "/etc/passwd", timeout=120)
+    assert ok.stdout == "root:x:0:0:root:/root:/bin/sh\n"

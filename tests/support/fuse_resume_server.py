@@ -1,0 +1,72 @@
+"""A FUSE server over the fake layers of ``tests.integration.fuse_support`` that survives its
+own SIGKILL the way the daemon does: it hands its connection to a fuse keeper, and a new
+instance takes it over from the keeper and serves it with the protocol server.
+
+    python -m tests.support.fuse_resume_server MOUNTPOINT CACHE_DIR KEEPER_SOCKET [--no-keeper]
+
+Layers "base" (slot 1) and "top" (slot 2) are attached at fixed slots, as the daemon does from
+its database. Once serving, ``<MOUNTPOINT>.ready`` holds ``<pid> mounted|adopted``. SIGTERM
+unmounts and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from fusefs import LazyFilesystem
+from snapshotter import fuse_keeper
+from tests.integration.fuse_support import (
+    BASE_ENTRIES,
+    TOP_ENTRIES,
+    FakeBlob,
+    FakeIndex,
+    fake_decoder,
+)
+
+
+async def _main(mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool) -> None:
+    handover = fuse_keeper.take_over(keeper_socket, mountpoint) if use_keeper else None
+    fs = LazyFilesystem(
+        mountpoint, cache_dir, decoder=fake_decoder,
+        adopt_fd=None if handover is None else handover.fd,
+    )
+    async with trio.open_nursery() as nursery:
+
+        async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+            await fs.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    fs.unmount()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await nursery.start(serve)
+        if handover is None and use_keeper:
+            fd = fs.dup_device_fd()
+            try:
+                fuse_keeper.start_keeper(keeper_socket, fd, mountpoint)
+            finally:
+                os.close(fd)
+        base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
+        await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False, slot=1)
+        top = FakeIndex(TOP_ENTRIES)
+        await fs.attach("top", FakeBlob(top.blob_bytes), top, background_fetch=False, slot=2)
+        fs.resume()
+        how = "mounted" if handover is None else "adopted"
+        ready = mountpoint.with_name(mountpoint.name + ".ready")
+        ready.write_text(f"{os.getpid()} {how}\n")
+
+
+if __name__ == "__main__":
+    trio.run(
+        _main, Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
+        "--no-keeper" not in sys.argv[4:],
+    )
