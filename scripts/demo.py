@@ -117,7 +117,8 @@ def main() -> int:
                     t = step(f"lazysnap pull {reference}")
                     pulled = subprocess.run(
                         [LAZYSNAP, "pull", "--address", str(containerd.address), "--namespace",
-                         containerd.namespace, "--snapshotter", "lazysnap", reference],
+                         containerd.namespace, "--snapshotter", "lazysnap",
+                         "--snapshotter-address", str(daemon.address), reference],
                         capture_output=True, text=True, timeout=300, check=True,
                     )
                     done(t)
