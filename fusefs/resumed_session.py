@@ -11,6 +11,9 @@ One reader loop; every request runs in its own task, at most ``max_tasks`` at a 
 pyfuse3's ``main(max_tasks=64)`` allows), and each reply is one ``write``. FORGET and
 BATCH_FORGET get no reply (inodes are arithmetic: nothing to forget), INTERRUPT neither (the
 interrupted request is simply answered when done, which the protocol allows).
+
+Requests the dead process had read but not answered are answered with EINTR before anything
+else (``_answer_lost``), so their callers do not wait forever.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ MAX_PAGES: Final = MAX_WRITE // 4096
 # mount); the connection we adopt was negotiated by libfuse with max_write = 1 MiB.
 BUFFER_SIZE: Final = MAX_WRITE + 4096
 DEFAULT_MAX_TASKS: Final = 64
+# How far below the first request we read to look for requests our predecessor read but never
+# answered (the kernel numbers requests in steps of 2; it never has more than a few hundred
+# requests waiting, so 32768 candidates is plenty, and costs about 0.1 s once).
+LOST_REQUEST_WINDOW: Final = 1 << 16
+# What a lost request is answered with: the syscall it belongs to fails with EINTR, which
+# robust programs retry (Python and Go do by themselves); a lost readahead is simply re-read.
+LOST_REQUEST_ERRNO: Final = errno.EINTR
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
     | kp.FUSE_MAX_PAGES
@@ -91,10 +101,15 @@ class ResumedSession:
     """Serves ``fd`` (an open ``/dev/fuse`` connection) until the filesystem is unmounted."""
 
     def __init__(
-        self, handlers: RequestHandlers, fd: int, *, max_tasks: int = DEFAULT_MAX_TASKS
+        self, handlers: RequestHandlers, fd: int, *, max_tasks: int = DEFAULT_MAX_TASKS,
+        answer_lost: bool = False,
     ) -> None:
+        """``answer_lost``: the connection was served by a process that died; release the
+        requests it had read and not answered (see ``_answer_lost``)."""
         self._handlers = handlers
         self._fd = fd
+        self._answer_lost_pending = answer_lost
+        self.lost_answered = 0
         self._slots = trio.Semaphore(max_tasks)
         self._nursery: trio.Nursery | None = None
         self.requests = 0
@@ -115,6 +130,9 @@ class ResumedSession:
                     request = await self._read(buffer)
                     if request is None:
                         break
+                    if self._answer_lost_pending:
+                        self._answer_lost_pending = False
+                        self._answer_lost(request)
                     await self._slots.acquire()  # also the loop's checkpoint
                     nursery.start_soon(self._answer, request)
             finally:
@@ -163,6 +181,34 @@ class ResumedSession:
             self._write(out)
         finally:
             self._slots.release()
+
+    def _answer_lost(self, first: bytes) -> None:
+        """Answer the requests a dead predecessor had read but not answered.
+
+        Their callers would otherwise wait until killed. The kernel keeps such a request on the
+        connection's processing list, which a reply matches by its unique number; we do not know
+        those numbers, but they lie just below that of the first request we read (requests are
+        numbered as they are queued, and read in queue order). So every number of the window
+        below it gets an error reply: the kernel refuses (ENOENT) each one that is not waiting,
+        and nothing else of ours is in flight yet. Runs once, before anything is dispatched.
+        """
+        try:
+            header = kp.parse_in_header(first)
+        except kp.ProtocolError:
+            return
+        top = header.unique & ~1  # an INTERRUPT carries its request's number with bit 0 set
+        handled = None if header.opcode in _NO_REPLY else header.unique
+        for unique in range(top, max(top - LOST_REQUEST_WINDOW, 0), -2):
+            if unique == handled:
+                continue
+            try:
+                os.write(self._fd, kp.error_reply(unique, LOST_REQUEST_ERRNO))
+            except OSError:
+                continue
+            self.lost_answered += 1
+        if self.lost_answered:
+            log.warning("fuse requests of the previous process answered count=%d errno=%s",
+                        self.lost_answered, errno.errorcode[LOST_REQUEST_ERRNO])
 
     def _write(self, data: bytes) -> None:
         try:

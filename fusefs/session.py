@@ -125,13 +125,16 @@ async def serve_adopted(
     global _resumed
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session")
-    resumed = ResumedSession(_Adapter(operations), fd, max_tasks=max_tasks)
+    resumed = ResumedSession(_Adapter(operations), fd, max_tasks=max_tasks, answer_lost=True)
     _resumed = resumed
     unmounted_outside = False
     log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
     try:
-        await resumed.serve(task_status=task_status)
-        unmounted_outside = True
+        async with trio.open_nursery() as nursery:
+            await nursery.start(resumed.serve)
+            task_status.started()
+            nursery.start_soon(_probe, mountpoint)
+        unmounted_outside = True  # serve() only returns once the kernel ended the connection
     finally:
         _resumed = None
         if not unmounted_outside:
@@ -139,6 +142,16 @@ async def serve_adopted(
                 await trio.to_thread.run_sync(unmount_path, mountpoint)
         os.close(fd)
         log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+
+
+async def _probe(mountpoint: Path) -> None:
+    """Make one request of our own (statfs always reaches the server): the first request read
+    is when the requests lost by the previous process are answered, and without it that would
+    wait for the next file access, while those callers wait."""
+    try:
+        await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+    except OSError as exc:
+        log.warning("fuse probe failed mountpoint=%s error=%r", mountpoint, exc)
 
 
 def unmount_path(mountpoint: Path) -> None:

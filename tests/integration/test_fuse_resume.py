@@ -214,3 +214,27 @@ def test_the_keeper_exits_when_the_orphaned_mount_is_unmounted(servers: Servers)
     servers.start()
     assert servers.how() == "mounted"
     assert (servers.mnt / "base/etc/old").read_bytes() == b"base old\n"
+
+
+def test_a_request_the_killed_server_never_answered_is_answered_by_the_next(
+    servers: Servers,
+) -> None:
+    """The dead server had read the request: only the next one can release its caller."""
+    first = servers.start("--stall-top")
+    with _reader(servers.mnt / "top/etc/new") as stuck:
+        time.sleep(1.0)
+        assert stuck.poll() is None, "the first server never answers reads of top"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        time.sleep(0.5)
+        assert stuck.poll() is None, "a request read by the dead server waits"
+        servers.start()
+        out, err = stuck.communicate(timeout=30)
+    # The lost READ was readahead (then the kernel reads again, synchronously, and the new
+    # server answers) or a synchronous read (then the read fails with EINTR); it never hangs.
+    if stuck.returncode == 0:
+        assert out == b"top new\n"
+    else:
+        assert b"Interrupted system call" in err, err
+    assert "fuse requests of the previous process answered" in servers.logs()
+    assert (servers.mnt / "top/etc/new").read_bytes() == b"top new\n"

@@ -3,6 +3,9 @@ own SIGKILL the way the daemon does: it hands its connection to a fuse keeper, a
 instance takes it over from the keeper and serves it with the protocol server.
 
     python -m tests.support.fuse_resume_server MOUNTPOINT CACHE_DIR KEEPER_SOCKET [--no-keeper]
+        [--stall-top]
+
+``--stall-top``: reads from layer "top" never complete (a request read and never answered).
 
 Layers "base" (slot 1) and "top" (slot 2) are attached at fixed slots, as the daemon does from
 its database. Once serving, ``<MOUNTPOINT>.ready`` holds ``<pid> mounted|adopted``. SIGTERM
@@ -29,7 +32,9 @@ from tests.integration.fuse_support import (
 )
 
 
-async def _main(mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool) -> None:
+async def _main(
+    mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool, stall_top: bool
+) -> None:
     handover = fuse_keeper.take_over(keeper_socket, mountpoint) if use_keeper else None
     fs = LazyFilesystem(
         mountpoint, cache_dir, decoder=fake_decoder,
@@ -58,7 +63,10 @@ async def _main(mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keep
         base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
         await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False, slot=1)
         top = FakeIndex(TOP_ENTRIES)
-        await fs.attach("top", FakeBlob(top.blob_bytes), top, background_fetch=False, slot=2)
+        top_blob = FakeBlob(top.blob_bytes)
+        if stall_top:
+            top_blob.gate = trio.Event()  # never set: reads of "top" hang, unanswered
+        await fs.attach("top", top_blob, top, background_fetch=False, slot=2)
         fs.resume()
         how = "mounted" if handover is None else "adopted"
         ready = mountpoint.with_name(mountpoint.name + ".ready")
@@ -68,5 +76,5 @@ async def _main(mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keep
 if __name__ == "__main__":
     trio.run(
         _main, Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
-        "--no-keeper" not in sys.argv[4:],
+        "--no-keeper" not in sys.argv[4:], "--stall-top" in sys.argv[4:],
     )
