@@ -13,6 +13,7 @@ of ``LazyOperations`` into protocol structs (pyfuse3 stays in this module and op
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -142,6 +143,31 @@ async def serve_adopted(
                 await trio.to_thread.run_sync(unmount_path, mountpoint)
         os.close(fd)
         log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+
+
+_MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
+
+
+def mount_raw(mountpoint: Path, *, fsname: str = "lazysnap", allow_other: bool = True) -> int:
+    """Mount a new FUSE connection at ``mountpoint`` without libfuse (root only) and return its
+    fd, for ``serve_adopted``: the protocol server then answers INIT itself. The same options
+    as ``mount_options`` (libfuse turns ``ro`` into MS_RDONLY and adds nosuid,nodev)."""
+    fd = os.open(_FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    options = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+    options += ",default_permissions" + (",allow_other" if allow_other else "")
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.mount(
+        fsname.encode(), os.fsencode(mountpoint), b"fuse.lazysnap",
+        ctypes.c_ulong(_MS_RDONLY | _MS_NOSUID | _MS_NODEV), options.encode(),
+    )
+    if result != 0:
+        error = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(error, f"mount {mountpoint}: {os.strerror(error)}")
+    log.info("fuse mounted without libfuse mountpoint=%s fd=%d", mountpoint, fd)
+    return fd
 
 
 async def _probe(mountpoint: Path) -> None:

@@ -121,6 +121,35 @@ def _reader(path: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.communicate()
 
 
+def _check_tree(mnt: Path) -> None:
+    """What the fake layers look like through the mount (either server)."""
+    assert sorted(os.listdir(mnt)) == ["base", "top"]
+    assert sorted(os.listdir(mnt / "base/etc")) == ["keep", "old"]
+    assert os.readlink(mnt / "base/link") == "bin/tool"
+    tool = os.stat(mnt / "base/bin/alias")
+    assert tool.st_mode == stat.S_IFREG | 0o4755 and (tool.st_uid, tool.st_gid) == (7, 8)
+    assert tool.st_nlink == 2
+    assert (mnt / "base/bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (mnt / "base/caf\u00e9").read_bytes() == b"unicode name\n"
+    assert os.getxattr(mnt / "base/big", "user.note") == b"hello"
+    assert os.listxattr(mnt / "base/big") == ["user.note"]
+    assert os.getxattr(mnt / "top/etc", "trusted.overlay.opaque") == b"y"
+    with pytest.raises(OSError) as info:
+        os.getxattr(mnt / "base/etc/keep", "user.none")
+    assert info.value.errno == errno.ENODATA
+    null = os.lstat(mnt / "base/null")
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    whiteout = os.lstat(mnt / "top/doomed")
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    assert os.statvfs(mnt).f_namemax == 255
+    with pytest.raises(OSError) as info:
+        (mnt / "base/bad").read_bytes()
+    assert info.value.errno == errno.EIO  # a chunk failing its digest, as before the crash
+    with pytest.raises(OSError) as info:
+        os.open(mnt / "base/etc/keep", os.O_WRONLY)
+    assert info.value.errno == errno.EROFS
+
+
 def test_a_killed_server_s_mount_is_served_by_the_next_one(servers: Servers) -> None:
     mnt = servers.mnt
     first = servers.start()
@@ -151,31 +180,7 @@ def test_a_killed_server_s_mount_is_served_by_the_next_one(servers: Servers) -> 
         os.close(opened)
 
     assert {name: os.lstat(mnt / name).st_ino for name in before} == before
-    assert sorted(os.listdir(mnt)) == ["base", "top"]
-    assert sorted(os.listdir(mnt / "base/etc")) == ["keep", "old"]
-    assert os.readlink(mnt / "base/link") == "bin/tool"
-    tool = os.stat(mnt / "base/bin/alias")
-    assert tool.st_mode == stat.S_IFREG | 0o4755 and (tool.st_uid, tool.st_gid) == (7, 8)
-    assert tool.st_nlink == 2
-    assert (mnt / "base/bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
-    assert (mnt / "base/caf\u00e9").read_bytes() == b"unicode name\n"
-    assert os.getxattr(mnt / "base/big", "user.note") == b"hello"
-    assert os.listxattr(mnt / "base/big") == ["user.note"]
-    assert os.getxattr(mnt / "top/etc", "trusted.overlay.opaque") == b"y"
-    with pytest.raises(OSError) as info:
-        os.getxattr(mnt / "base/etc/keep", "user.none")
-    assert info.value.errno == errno.ENODATA
-    null = os.lstat(mnt / "base/null")
-    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
-    whiteout = os.lstat(mnt / "top/doomed")
-    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
-    assert os.statvfs(mnt).f_namemax == 255
-    with pytest.raises(OSError) as info:
-        (mnt / "base/bad").read_bytes()
-    assert info.value.errno == errno.EIO  # a chunk failing its digest, as before the crash
-    with pytest.raises(OSError) as info:
-        os.open(mnt / "base/etc/keep", os.O_WRONLY)
-    assert info.value.errno == errno.EROFS
+    _check_tree(mnt)
 
     # A second crash and takeover: the keeper still holds its own copy.
     servers.processes[-1].send_signal(signal.SIGKILL)
@@ -238,3 +243,37 @@ def test_a_request_the_killed_server_never_answered_is_answered_by_the_next(
         assert b"Interrupted system call" in err, err
     assert "fuse requests of the previous process answered" in servers.logs()
     assert (servers.mnt / "top/etc/new").read_bytes() == b"top new\n"
+
+
+def test_the_protocol_server_serves_a_fresh_mount_from_init_on(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """No libfuse at all: the same tree, inode numbers and overlayfs behaviour."""
+    servers.start("--raw", "--no-keeper")
+    assert servers.how() == "raw"
+    mnt = servers.mnt
+    _check_tree(mnt)
+    assert os.stat(mnt).st_ino == 1
+    assert os.stat(mnt / "base").st_ino == (1 << 32) | 1
+    assert os.stat(mnt / "top").st_ino == (2 << 32) | 1
+    assert (mnt / "base/big").read_bytes() == BIG
+    merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
+    for d in (merged, upper, work):
+        d.mkdir()
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={mnt / 'top'}:{mnt / 'base'},upperdir={upper},workdir={work}", str(merged)],
+        check=True, capture_output=True,
+    )
+    try:
+        assert not (merged / "doomed").exists(), "the top layer's whiteout applies"
+        assert sorted(os.listdir(merged / "etc")) == ["new"], "top's etc is opaque"
+        assert (merged / "bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+        (merged / "written").write_text("upper")
+        assert (upper / "written").read_text() == "upper"
+    finally:
+        subprocess.run(["umount", str(merged)], check=False, capture_output=True)
+    last = servers.processes[-1]
+    last.send_signal(signal.SIGTERM)
+    assert last.wait(timeout=20) == 0
+    assert not is_mounted(mnt)

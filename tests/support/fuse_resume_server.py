@@ -3,9 +3,11 @@ own SIGKILL the way the daemon does: it hands its connection to a fuse keeper, a
 instance takes it over from the keeper and serves it with the protocol server.
 
     python -m tests.support.fuse_resume_server MOUNTPOINT CACHE_DIR KEEPER_SOCKET [--no-keeper]
-        [--stall-top]
+        [--stall-top] [--raw]
 
 ``--stall-top``: reads from layer "top" never complete (a request read and never answered).
+``--raw``: mount without libfuse and serve with the protocol server from INIT on (with
+``--no-keeper``: no takeover involved).
 
 Layers "base" (slot 1) and "top" (slot 2) are attached at fixed slots, as the daemon does from
 its database. Once serving, ``<MOUNTPOINT>.ready`` holds ``<pid> mounted|adopted``. SIGTERM
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from fusefs import LazyFilesystem
+from fusefs import LazyFilesystem, session
 from snapshotter import fuse_keeper
 from tests.integration.fuse_support import (
     BASE_ENTRIES,
@@ -33,13 +35,14 @@ from tests.integration.fuse_support import (
 
 
 async def _main(
-    mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool, stall_top: bool
+    mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool, stall_top: bool,
+    raw: bool,
 ) -> None:
     handover = fuse_keeper.take_over(keeper_socket, mountpoint) if use_keeper else None
-    fs = LazyFilesystem(
-        mountpoint, cache_dir, decoder=fake_decoder,
-        adopt_fd=None if handover is None else handover.fd,
-    )
+    adopt_fd = None if handover is None else handover.fd
+    if raw:
+        adopt_fd = session.mount_raw(mountpoint)  # the protocol server from INIT on
+    fs = LazyFilesystem(mountpoint, cache_dir, decoder=fake_decoder, adopt_fd=adopt_fd)
     async with trio.open_nursery() as nursery:
 
         async def serve(*, task_status: trio.TaskStatus[None]) -> None:
@@ -54,7 +57,7 @@ async def _main(
 
         nursery.start_soon(stop_on_signal)
         await nursery.start(serve)
-        if handover is None and use_keeper:
+        if adopt_fd is None and use_keeper:
             fd = fs.dup_device_fd()
             try:
                 fuse_keeper.start_keeper(keeper_socket, fd, mountpoint)
@@ -68,7 +71,7 @@ async def _main(
             top_blob.gate = trio.Event()  # never set: reads of "top" hang, unanswered
         await fs.attach("top", top_blob, top, background_fetch=False, slot=2)
         fs.resume()
-        how = "mounted" if handover is None else "adopted"
+        how = "raw" if raw else "mounted" if handover is None else "adopted"
         ready = mountpoint.with_name(mountpoint.name + ".ready")
         ready.write_text(f"{os.getpid()} {how}\n")
 
@@ -76,5 +79,5 @@ async def _main(
 if __name__ == "__main__":
     trio.run(
         _main, Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
-        "--no-keeper" not in sys.argv[4:], "--stall-top" in sys.argv[4:],
+        "--no-keeper" not in sys.argv[4:], "--stall-top" in sys.argv[4:], "--raw" in sys.argv[4:],
     )
