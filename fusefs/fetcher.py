@@ -427,18 +427,25 @@ class ChunkFetcher:
             number = start_number
             async with trio.open_nursery() as nursery:
                 while number < len(chunks) and chunks[number].blob_offset < window_end:
-                    ref = chunks[number]
-                    if ref.zeros or not self._is_missing(layer, ref):
+                    # A slot first, then the plan: what readers fetched meanwhile drops out.
+                    await self._completion_slots.acquire()
+                    while number < len(chunks) and (
+                        chunks[number].zeros or not self._is_missing(layer, chunks[number])
+                    ):
                         number += 1
-                        continue
+                    if number >= len(chunks) or chunks[number].blob_offset >= window_end:
+                        self._completion_slots.release()
+                        break
+                    # This file's chunks only: the neighbours are a guess, and a large guess in
+                    # flight is link time the reader's next miss (often in another directory)
+                    # waits for. Readahead and directory fetch cover the walks that want them.
                     planned = coalesce(
-                        [((entry, number), ref)],
-                        layer.chunks_after(entry, number),
+                        [((entry, number), chunks[number])],
+                        (((entry, k), chunks[k]) for k in range(number + 1, len(chunks))),
                         wanted=lambda candidate: self._is_missing(layer, candidate),
                         max_range=self.config.file_completion_range,
                         max_gap=self.config.max_gap,
                     )
-                    await self._completion_slots.acquire()
                     # Register the flights now so the next planning round skips these chunks.
                     flights = self._claim(layer, planned)
                     nursery.start_soon(self._fetch_released, layer, planned, flights)
