@@ -7,8 +7,9 @@ restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor (kept alive
 request handlers behind a small adapter (``fusefs.session``; this module never imports pyfuse3).
 If an INIT does arrive (a fresh mount, as the tests make), it is answered too.
 
-One reader loop; every request runs in its own task, at most ``max_tasks`` at a time (what
-pyfuse3's ``main(max_tasks=64)`` allows), and each reply is one ``write``. FORGET and
+One reader loop; every READ runs in its own task, at most ``max_tasks`` at a time (what
+pyfuse3's ``main(max_tasks=64)`` allows); metadata requests, answered from memory, are answered
+in the loop. Each reply is one ``write``. FORGET and
 BATCH_FORGET get no reply (inodes are arithmetic: nothing to forget), INTERRUPT neither (the
 interrupted request is simply answered when done, which the protocol allows).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from typing import Final, Protocol
 
@@ -56,6 +58,7 @@ _WRITES: Final = frozenset({
     Opcode.REMOVEXATTR, Opcode.FALLOCATE, Opcode.TMPFILE, Opcode.COPY_FILE_RANGE,
 })
 _NO_REPLY: Final = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
+_OPCODE: Final = struct.Struct("=I")  # fuse_in_header.opcode, at offset 4
 
 
 class ReplyError(Exception):
@@ -68,7 +71,10 @@ class ReplyError(Exception):
 
 class RequestHandlers(Protocol):
     """What the server calls; errors are ``ReplyError``. ``fusefs.session`` adapts
-    ``LazyOperations`` (pyfuse3 types) to this."""
+    ``LazyOperations`` (pyfuse3 types) to this.
+
+    Only ``read`` may wait (for a fetch): it runs in a task of its own. Every other handler
+    answers from memory and runs in the reader loop itself, which reads nothing meanwhile."""
 
     async def lookup(self, parent: int, name: bytes) -> Attributes: ...
 
@@ -134,7 +140,12 @@ class ResumedSession:
                         self._answer_lost_pending = False
                         self._answer_lost(request)
                     await self._slots.acquire()  # also the loop's checkpoint
-                    nursery.start_soon(self._answer, request)
+                    if _opcode(request) == Opcode.READ:
+                        nursery.start_soon(self._answer, request)
+                    else:
+                        # Metadata answers come from memory: answered in place, a task each
+                        # would double the cost of a round trip.
+                        await self._answer(request)
             finally:
                 self._nursery = None
                 # The connection is gone: answers still being computed have nowhere to go.
@@ -155,7 +166,7 @@ class ResumedSession:
                     return None
                 raise
             self.requests += 1
-            return bytes(buffer[:n])
+            return bytes(memoryview(buffer)[:n])  # one copy of the request, not two
 
     async def _answer(self, request: bytes) -> None:
         try:
@@ -294,6 +305,10 @@ class ResumedSession:
         except OSError as exc:  # only a cache hint: the lookup fails with ENOENT anyway
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("entry invalidation failed error=%r", exc)
+
+
+def _opcode(request: bytes) -> int:
+    return _OPCODE.unpack_from(request, 4)[0] if len(request) >= 8 else 0
 
 
 def _sized(value: bytes, size: int) -> bytes:
