@@ -209,7 +209,25 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
                 await client.aclose()
                 fs.unmount()
             nursery.cancel_scope.cancel()
+    if lazy is not None:
+        layout = snapshotter.layout
+        await trio.to_thread.run_sync(
+            _release_keeper, layout.fuse, fuse_keeper.keeper_socket(layout.root)
+        )
     return signum
+
+
+def _release_keeper(mountpoint: Path, keeper: Path) -> None:
+    """After a clean stop's unmount, let the keeper go: containers still running on lazy
+    layers hold the filesystem through their overlay mounts (overlayfs keeps its own private
+    reference), so the connection would otherwise live on, unserved, and their reads would
+    hang instead of failing with ENOTCONN as they did before keepers. A mount still in place
+    (busy) keeps its keeper: the next daemon takes it over."""
+    if fuse_keeper.mount_device(mountpoint) is not None:
+        log.warning("fuse mount still in place after stop; kept for the next daemon",
+                    extra={"mountpoint": str(mountpoint)})
+        return
+    fuse_keeper.retire(keeper)
 
 
 def _startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:

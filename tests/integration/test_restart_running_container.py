@@ -143,3 +143,14 @@ def test_a_running_container_reads_new_files_after_the_daemon_is_killed_and_rest
         ok = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", image, "second",
                             "/bin/cat", "/etc/passwd", timeout=120)
     assert ok.stdout == "root:x:0:0:root:/root:/bin/sh\n"
+
+    # A clean stop unmounts and lets the keeper go, even under a running container (whose
+    # overlay keeps the filesystem alive privately): nothing is left behind.
+    keeper = fuse_keeper.keeper_socket(daemon.root)
+    assert keeper.exists()
+    assert daemon.stop() == 0
+    assert not _fuse_mounted(daemon)
+    deadline = time.monotonic() + 10
+    while keeper.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not keeper.exists(), "the keeper exited"
