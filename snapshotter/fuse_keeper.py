@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -168,7 +169,7 @@ def start_keeper(socket_path: Path, fd: int, mountpoint: Path) -> int:
              "--socket", str(socket_path), "--mountpoint", str(mountpoint),
              "--device", device],
             pass_fds=(listener.fileno(), fd),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=_keeper_stderr(),
             start_new_session=True,  # outlives the daemon and its process group's signals
             cwd="/",  # holds no directory busy
         )
@@ -176,6 +177,17 @@ def start_keeper(socket_path: Path, fd: int, mountpoint: Path) -> int:
         listener.close()
     log.info("fuse keeper started pid=%d socket=%s device=%s", process.pid, socket_path, device)
     return process.pid
+
+
+def _keeper_stderr() -> int | None:
+    """The daemon's stderr (the journal, a log file), but never a pipe: whoever reads the
+    daemon's output through one would wait for the keeper to exit as well."""
+    try:
+        if stat.S_ISFIFO(os.fstat(2).st_mode):
+            return subprocess.DEVNULL
+    except OSError:
+        return subprocess.DEVNULL
+    return None
 
 
 # -- the keeper ----------------------------------------------------------------------------

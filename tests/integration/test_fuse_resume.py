@@ -277,3 +277,16 @@ def test_the_protocol_server_serves_a_fresh_mount_from_init_on(
     last.send_signal(signal.SIGTERM)
     assert last.wait(timeout=20) == 0
     assert not is_mounted(mnt)
+
+
+def test_the_keeper_hands_its_connection_over_only_for_its_own_mount(servers: Servers) -> None:
+    servers.start()
+    wait_for(lambda: _keeper_alive(servers), 10, "the keeper's socket")
+    assert stat.S_IMODE(os.stat(servers.keeper).st_mode) == 0o600
+    handover = fuse_keeper.take_over(servers.keeper, servers.mnt)
+    assert handover is not None  # (what a restarted server gets; this one just closes it)
+    os.close(handover.fd)
+    assert fuse_keeper.take_over(servers.keeper, servers.root / "elsewhere") is None
+    wait_for(lambda: not _keeper_alive(servers), 10, "the refused keeper to exit")
+    # The serving process is not affected.
+    assert (servers.mnt / "base/etc/keep").read_bytes() == b"base keep\n"
