@@ -18,9 +18,11 @@ arms), it measures:
 Arms: ``overlayfs`` = ``ctr image pull --plain-http`` of the ordinary gzip image + ``ctr run``;
 ``estargz`` / ``zstd:chunked`` = ``lazysnap pull --snapshotter lazysnap`` of the same root file
 system converted with lazysnap's writers (no prioritized files: unoptimized, as in the issue's
-stargz comparison) + ``ctr run --snapshotter lazysnap``. All images come from one docker-registry
-on loopback; every pull goes through the netproxy (unlimited on the loopback link) so that bytes
-are counted the same way for every arm.
+stargz comparison) + ``ctr run --snapshotter lazysnap``; ``stargz`` (optional) = the same
+eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpull`` + ``ctr run
+--snapshotter stargz``, its daemon with its default configuration). All images come from one
+docker-registry on loopback; every pull goes through the netproxy (unlimited on the loopback
+link) so that bytes are counted the same way for every arm.
 
 The image is a debootstrap bookworm minbase with python3 (one layer, ~66 MB gzip, ~175 MB tar),
 built once and cached with its OCI layouts under /var/cache/lazysnap-bench/.
@@ -30,7 +32,10 @@ built once and cached with its OCI layouts under /var/cache/lazysnap-bench/.
     .venv/bin/python benchmarks/startup.py --links limited --workloads hello,imports \\
         --mbit 100 --rtt-ms 20 --json /tmp/startup.json
 
-Needs root, /dev/fuse, containerd 1.6 + ctr + runc, docker-registry and skopeo.
+Needs root, /dev/fuse, containerd 1.6 + ctr + runc, docker-registry and skopeo; the stargz arm
+also ctr-remote (Debian's stargz-snapshotter) and containerd-stargz-grpc, which Debian does not
+ship: unless one is on PATH it is built once from Debian's stargz-snapshotter library (see
+ensure_stargz_grpc) and cached under /var/cache/lazysnap-bench/.
 """
 
 from __future__ import annotations
@@ -79,16 +84,18 @@ WORKLOADS: dict[str, list[str]] = {
         "sh", "-c", "find / -xdev -type f -exec cat {} + > /dev/null; echo done",
     ],
 }
-ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt")
+ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz")
 DEFAULT_ARMS = ARMS[:3]
 ARM_TITLES = {
     "overlayfs": "overlayfs full pull",
     "estargz": "lazysnap eStargz",
     "zstd:chunked": "lazysnap zstd:chunked",
     "estargz-opt": "lazysnap eStargz opt.",
+    "stargz": "stargz-snap. eStargz",
 }
+# stargz pulls the very image the estargz arm pulls (same tag, same blobs).
 TAGS = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstdchunked",
-        "estargz-opt": "estargz-opt"}
+        "estargz-opt": "estargz-opt", "stargz": "estargz"}
 # estargz-opt (not a default arm: the issue's targets are for unoptimized images) puts the files
 # the hello and imports workloads open first, with the prefetch landmark, as an "optimized"
 # eStargz does; the list comes from running them under strace in a chroot of the image.
@@ -98,6 +105,12 @@ TARGETS = {"hello": 0.11, "imports": 0.17, "read-everything": 1.1}
 WHOLE_LOCAL_TARGET = 1.2
 FULLY_FETCHED = "layer fully fetched and verified"
 FETCH_STOPPED = "background fetch stopped"
+
+# stargz-snapshotter logs a latency metric (at info, see STARGZ_GRPC_MAIN) when a layer's
+# background fetch returned: it then has the whole blob in its cache and every file decompressed
+# (fs/layer.backgroundFetch); a failure also logs this warning.
+STARGZ_BG_DONE = '"operation":"background_fetch_total"'
+STARGZ_BG_FAILED = "failed to fetch whole layer"
 
 RUN_TIMEOUT = 900.0  # one container run, read-everything on a slow link included
 LOCAL_TIMEOUT = 900.0  # waiting for the background fetch after the container exited
@@ -237,7 +250,7 @@ def ensure_layouts(
             if arm == "estargz-opt":
                 options["prioritized"] = profile_files(tar_path, tar_key)
             layer = oci.gzip_layer(tar) if arm == "overlayfs" else oci.seekable_layer(
-                tar, arm.removesuffix("-opt"), **options)
+                tar, "estargz" if arm == "stargz" else arm.removesuffix("-opt"), **options)
             scratch = Path(tempfile.mkdtemp(prefix="layout.", dir=CACHE))
             oci.write_layout(scratch, [layer], tag="latest", cmd=("python3",))
             layout.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +261,279 @@ def ensure_layouts(
         infos[arm] = ImageInfo(arm, layout, tuple(int(x["size"]) for x in manifest["layers"]),
                                tar_path.stat().st_size)
     return infos
+
+
+# -- stargz-snapshotter ------------------------------------------------------------------------
+
+# Debian's stargz-snapshotter 0.12 package ships ctr-remote only; its -dev package ships the
+# library without cmd/containerd-stargz-grpc, and the library's service package cannot be built
+# from Debian (its CRI keychain needs k8s.io/cri-api). This main does what 0.12's
+# service.NewStargzSnapshotterService does, with the same configuration format.
+STARGZ_GRPC_MAIN = r'''// containerd-stargz-grpc for the lazysnap benchmark (benchmarks/startup.py).
+//
+// What stargz-snapshotter 0.12's service.NewStargzSnapshotterService sets up (fs.NewFilesystem
+// + snapshot.NewSnapshotter behind a snapshots gRPC server on a unix socket), without its CRI
+// and kubeconfig keychains and credentials, with the same configuration file format: the fs
+// options at the top level, [[resolver.host."HOST".mirrors]] host / insecure /
+// request_timeout_sec. Per-layer latency metrics are logged at info.
+package main
+
+import (
+	"context"
+	"flag"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/contrib/snapshotservice"
+	"github.com/containerd/containerd/log"
+	"github.com/containerd/containerd/reference"
+	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/containerd/snapshots/overlay/overlayutils"
+	stargzfs "github.com/containerd/stargz-snapshotter/fs"
+	fsconfig "github.com/containerd/stargz-snapshotter/fs/config"
+	"github.com/containerd/stargz-snapshotter/fs/layer"
+	"github.com/containerd/stargz-snapshotter/fs/source"
+	snbase "github.com/containerd/stargz-snapshotter/snapshot"
+	rhttp "github.com/hashicorp/go-retryablehttp"
+	"github.com/pelletier/go-toml"
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc"
+)
+
+func main() {
+	address := flag.String("address", "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock",
+		"address for the snapshotter's GRPC server")
+	configPath := flag.String("config", "", "path to the configuration file")
+	logLevel := flag.String("log-level", "info",
+		"logging level [trace, debug, info, warn, error, fatal, panic]")
+	rootDir := flag.String("root", "/var/lib/containerd-stargz-grpc",
+		"path to the root directory for this snapshotter")
+	flag.Parse()
+	lvl, err := logrus.ParseLevel(*logLevel)
+	if err != nil {
+		log.L.WithError(err).Fatal("failed to prepare logger")
+	}
+	logrus.SetLevel(lvl)
+	logrus.SetFormatter(&logrus.JSONFormatter{TimestampFormat: log.RFC3339NanoFixed})
+	ctx := log.WithLogger(context.Background(), log.L)
+
+	var config Config
+	if *configPath != "" {
+		tree, err := toml.LoadFile(*configPath)
+		if err != nil {
+			log.G(ctx).WithError(err).Fatalf("failed to load config file %q", *configPath)
+		}
+		if err := tree.Unmarshal(&config); err != nil {
+			log.G(ctx).WithError(err).Fatalf("failed to unmarshal config file %q", *configPath)
+		}
+	}
+	snRoot := filepath.Join(*rootDir, "snapshotter")
+	if err := os.MkdirAll(snRoot, 0700); err != nil {
+		log.G(ctx).WithError(err).Fatalf("failed to create %q", snRoot)
+	}
+	if err := overlayutils.Supported(snRoot); err != nil {
+		log.G(ctx).WithError(err).Fatalf("snapshotter is not supported")
+	}
+	userxattr, err := overlayutils.NeedsUserXAttr(snRoot)
+	if err != nil {
+		log.G(ctx).WithError(err).Warnf(
+			"cannot detect whether \"userxattr\" option needs to be used, assuming %v", userxattr)
+	}
+	opq := layer.OverlayOpaqueTrusted
+	if userxattr {
+		opq = layer.OverlayOpaqueUser
+	}
+	fs, err := stargzfs.NewFilesystem(filepath.Join(*rootDir, "stargz"), config.Config,
+		stargzfs.WithGetSources(source.FromDefaultLabels(registryHosts(config.Resolver))),
+		stargzfs.WithOverlayOpaqueType(opq),
+		// Per-layer latency metrics (mount, prefetch, background fetch) as info log lines.
+		stargzfs.WithMetricsLogLevel(logrus.InfoLevel))
+	if err != nil {
+		log.G(ctx).WithError(err).Fatalf("failed to configure filesystem")
+	}
+	rs, err := snbase.NewSnapshotter(ctx, snRoot, fs, snbase.AsynchronousRemove)
+	if err != nil {
+		log.G(ctx).WithError(err).Fatalf("failed to configure snapshotter")
+	}
+	rpc := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(rpc, snapshotservice.FromSnapshotter(rs))
+	if err := os.MkdirAll(filepath.Dir(*address), 0700); err != nil {
+		log.G(ctx).WithError(err).Fatalf("failed to create directory %q", filepath.Dir(*address))
+	}
+	if err := os.RemoveAll(*address); err != nil {
+		log.G(ctx).WithError(err).Fatalf("failed to remove %q", *address)
+	}
+	l, err := net.Listen("unix", *address)
+	if err != nil {
+		log.G(ctx).WithError(err).Fatalf("error on listen socket %q", *address)
+	}
+	go func() {
+		if err := rpc.Serve(l); err != nil {
+			log.G(ctx).WithError(err).Fatalf("error on serving via socket %q", *address)
+		}
+	}()
+	log.G(ctx).Info("serving")
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	<-signals
+	rpc.Stop()
+	if err := rs.Close(); err != nil {
+		log.G(ctx).WithError(err).Warn("closing the snapshotter")
+	}
+	log.G(ctx).Info("exiting")
+}
+
+// Config is service.Config without the keychains.
+type Config struct {
+	fsconfig.Config
+	Resolver ResolverConfig `toml:"resolver"`
+}
+
+// ResolverConfig is service/resolver.Config.
+type ResolverConfig struct {
+	Host map[string]HostConfig `toml:"host"`
+}
+
+type HostConfig struct {
+	Mirrors []MirrorConfig `toml:"mirrors"`
+}
+
+type MirrorConfig struct {
+	Host              string `toml:"host"`
+	Insecure          bool   `toml:"insecure"`
+	RequestTimeoutSec int    `toml:"request_timeout_sec"`
+}
+
+// registryHosts is service/resolver.RegistryHostsFromConfig without credentials.
+func registryHosts(cfg ResolverConfig) source.RegistryHosts {
+	return func(ref reference.Spec) (hosts []docker.RegistryHost, _ error) {
+		host := ref.Hostname()
+		for _, h := range append(cfg.Host[host].Mirrors, MirrorConfig{Host: host}) {
+			client := rhttp.NewClient()
+			client.Logger = nil
+			tr := client.StandardClient()
+			if h.RequestTimeoutSec >= 0 {
+				if h.RequestTimeoutSec == 0 {
+					tr.Timeout = 30 * time.Second
+				} else {
+					tr.Timeout = time.Duration(h.RequestTimeoutSec) * time.Second
+				}
+			}
+			config := docker.RegistryHost{
+				Client:       tr,
+				Host:         h.Host,
+				Scheme:       "https",
+				Path:         "/v2",
+				Capabilities: docker.HostCapabilityPull | docker.HostCapabilityResolve,
+				Authorizer:   docker.NewDockerAuthorizer(docker.WithAuthClient(tr)),
+			}
+			if localhost, _ := docker.MatchLocalhost(config.Host); localhost || h.Insecure {
+				config.Scheme = "http"
+			}
+			if config.Host == "docker.io" {
+				config.Host = "registry-1.docker.io"
+			}
+			hosts = append(hosts, config)
+		}
+		return
+	}
+}
+'''
+STARGZ_GRPC_DEBS = ("golang-go", "golang-github-containerd-stargz-snapshotter-dev")
+STARGZ_LIBRARY = Path("/usr/share/gocode/src/github.com/containerd/stargz-snapshotter")
+
+
+def ensure_stargz_grpc() -> Path:
+    """containerd-stargz-grpc: from PATH, or built once (about a minute) and cached."""
+    found = shutil.which("containerd-stargz-grpc")
+    if found:
+        return Path(found)
+    key = hashlib.sha256(STARGZ_GRPC_MAIN.encode()).hexdigest()[:12]
+    binary = CACHE / f"stargz-grpc-{key}" / "containerd-stargz-grpc"
+    if binary.exists():
+        return binary
+    if shutil.which("go") is None or not STARGZ_LIBRARY.is_dir():
+        log(f"installing {' '.join(STARGZ_GRPC_DEBS)} (to build containerd-stargz-grpc)")
+        subprocess.run(["apt-get", "install", "-y", *STARGZ_GRPC_DEBS], check=True,
+                       stdout=subprocess.DEVNULL, timeout=1200)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix="stargz-grpc.", dir=CACHE))
+    try:
+        source = build / "src" / "lazysnapbench" / "containerd-stargz-grpc"
+        source.mkdir(parents=True)
+        (source / "main.go").write_text(STARGZ_GRPC_MAIN)
+        log("building containerd-stargz-grpc from Debian's stargz-snapshotter library (once)")
+        env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{build}:/usr/share/gocode",
+               "GOCACHE": str(build / "cache"), "GOFLAGS": ""}
+        done = subprocess.run(["go", "build", "-o", str(build / "out"), "."], cwd=source,
+                              env=env, capture_output=True, text=True, timeout=1800,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"building containerd-stargz-grpc failed: {done.stderr[-2000:]}")
+        binary.parent.mkdir(exist_ok=True)
+        (build / "out").rename(binary)  # atomic: a concurrent run sees all of it or nothing
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return binary
+
+
+def stargz_config(registry_host: str) -> str:
+    """Its defaults, plus plain HTTP for the proxy's address (the image reference's host)."""
+    return (
+        "# stargz-snapshotter 0.12 defaults otherwise (benchmarks/README.md lists them)\n"
+        f'[[resolver.host."{registry_host}".mirrors]]\n'
+        f'  host = "{registry_host}"\n'
+        "  insecure = true\n"
+    )
+
+
+@contextlib.contextmanager
+def running_stargz(workdir: Path, binary: Path, registry_host: str,
+                   timeout: float = 30.0) -> Iterator[Path]:
+    """containerd-stargz-grpc on a fresh root; yields its socket. Stopped (SIGTERM, then
+    SIGKILL) and its FUSE mounts unmounted on exit."""
+    workdir.mkdir(parents=True)
+    config = workdir / "config.toml"
+    config.write_text(stargz_config(registry_host))
+    address = workdir / "s.sock"
+    log_path = workdir / "stargz.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [str(binary), "--address", str(address), "--root", str(workdir / "root"),
+             "--config", str(config), "--log-level", "info"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not address.exists():
+            if process.poll() is not None:
+                raise RuntimeError("containerd-stargz-grpc exited early: "
+                                   + log_path.read_text(errors="replace")[-2000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containerd-stargz-grpc not ready in {timeout:.0f} s")
+            time.sleep(0.05)
+        yield address
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        unmount_under(workdir)
+
+
+def _fuse_mounts_under(root: Path) -> int:
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        return sum(1 for line in mounts
+                   if line.split()[2].startswith("fuse")
+                   and line.split()[1].encode().decode("unicode_escape").startswith(prefix))
 
 
 # -- one measurement --------------------------------------------------------------------------
@@ -282,10 +568,15 @@ def _kill_after(process: subprocess.Popen[bytes], seconds: float) -> threading.T
 
 
 def _pull(arm: str, reference: str, containerd: RunningContainerd, hosts_dir: Path,
-          daemon_address: Path) -> str:
+          daemon_address: Path | None) -> str:
     if arm == "overlayfs":
         command = ["ctr", "--address", str(containerd.address), "--namespace",
                    containerd.namespace, "image", "pull", "--plain-http", reference]
+    elif arm == "stargz":
+        # rpull adds the labels stargz-snapshotter needs (image reference, layer digests) and
+        # unpacks into its snapshotter ("stargz" by default).
+        command = ["ctr-remote", "--address", str(containerd.address), "--namespace",
+                   containerd.namespace, "images", "rpull", "--plain-http", reference]
     else:
         command = [str(LAZYSNAP), "pull", reference, "--snapshotter", "lazysnap",
                    "--address", str(containerd.address), "--namespace", containerd.namespace,
@@ -308,6 +599,7 @@ def _count_in_log(path: Path, needle: str) -> int:
 def measure(
     link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
     workdir: Path, number: int, *, background_fetch: bool = True,
+    stargz_grpc: Path | None = None,
 ) -> Result:
     result = Result(link, workload, arm)
     workdir.mkdir(parents=True)
@@ -320,16 +612,32 @@ def measure(
         config = workdir / "lazysnap.toml"
         config.write_text("[lazy]\nbackground_fetch = false\n")
         daemon_args += ["--config", str(config)]
-    with running_daemon(workdir / "d", extra_args=daemon_args) as daemon, \
-            run_containerd(workdir / "c", daemon.address) as containerd:
+    with contextlib.ExitStack() as stack:
+        daemon: Daemon | None = None
+        stargz: Path | None = None
+        if arm == "stargz":
+            # Only stargz-snapshotter runs (no idle lazysnap daemon); containerd's lazysnap
+            # plugin then points at a socket nobody listens on, which it tolerates.
+            assert stargz_grpc is not None
+            stargz = stack.enter_context(
+                running_stargz(workdir / "s", stargz_grpc, reference.split("/", 1)[0]))
+            lazysnap_address = workdir / "no-lazysnap.sock"
+        else:
+            daemon = stack.enter_context(running_daemon(workdir / "d", extra_args=daemon_args))
+            lazysnap_address = daemon.address
+        # Stopped before the snapshotters (the stack unwinds in reverse).
+        containerd = stack.enter_context(run_containerd(
+            workdir / "c", lazysnap_address,
+            extra_proxy_plugins={"stargz": stargz} if stargz else None))
         before = proxy.counters()
         started = time.monotonic()
         try:
             return _measure_from(result, started, before, arm, image, reference, proxy,
                                  containerd, daemon, hosts_dir, number, lazy,
-                                 background_fetch)
+                                 background_fetch, workdir)
         finally:
             _write_request_log(workdir / "proxy-requests.tsv", proxy, started)
+    raise AssertionError("unreachable")
 
 
 def _write_request_log(path: Path, proxy: LinkProxy, started: float) -> None:
@@ -345,15 +653,26 @@ def _write_request_log(path: Path, proxy: LinkProxy, started: float) -> None:
 
 def _measure_from(
     result: Result, started: float, before: Counters, arm: str, image: ImageInfo,
-    reference: str, proxy: LinkProxy, containerd: RunningContainerd, daemon: Daemon,
-    hosts_dir: Path, number: int, lazy: bool, background_fetch: bool,
+    reference: str, proxy: LinkProxy, containerd: RunningContainerd, daemon: Daemon | None,
+    hosts_dir: Path, number: int, lazy: bool, background_fetch: bool, workdir: Path,
 ) -> Result:
-    result.pull_summary = _pull(arm, reference, containerd, hosts_dir, daemon.address)
+    result.pull_summary = _pull(arm, reference, containerd, hosts_dir,
+                                daemon.address if daemon else None)
     result.pull_s = time.monotonic() - started
+    stargz_log = workdir / "s" / "stargz.log"
+    if arm == "stargz":
+        # A layer served lazily is a FUSE mount under its root; one that fell back to a
+        # download-and-unpack is not.
+        mounted = _fuse_mounts_under(workdir / "s" / "root")
+        result.pull_summary = f"{result.pull_summary} ({mounted} remote layers mounted)"
+        if mounted != len(image.blob_sizes):
+            result.error = f"layers were not served lazily: {mounted} FUSE mounts"
+            return result
+    snapshotter = {"overlayfs": [], "stargz": ["--snapshotter", "stargz"]}.get(
+        arm, ["--snapshotter", "lazysnap"])
 
     command = ["ctr", "--address", str(containerd.address), "--namespace",
-               containerd.namespace, "run", "--rm",
-               *(["--snapshotter", "lazysnap"] if lazy else []),
+               containerd.namespace, "run", "--rm", *snapshotter,
                reference, f"bench{number}", *WORKLOADS[result.workload]]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timer = _kill_after(process, RUN_TIMEOUT)
@@ -379,11 +698,24 @@ def _measure_from(
                         f"{errors.decode(errors='replace').strip()[-1000:]}")
         return result
 
-    if lazy and not background_fetch:
+    if arm == "stargz":
+        layers = len(image.blob_sizes)
+        deadline = time.monotonic() + LOCAL_TIMEOUT
+        while _count_in_log(stargz_log, STARGZ_BG_DONE) < layers:
+            if _count_in_log(stargz_log, STARGZ_BG_FAILED):
+                result.error = "stargz background fetch failed (see stargz.log)"
+                return result
+            if time.monotonic() > deadline:
+                result.error = f"stargz: not fully fetched after {LOCAL_TIMEOUT:.0f} s"
+                return result
+            time.sleep(0.05)
+        result.local_s = time.monotonic() - started
+    elif lazy and not background_fetch:
         result.local_s = math.nan  # never, by construction
     elif lazy:
         layers = len(image.blob_sizes)
         deadline = time.monotonic() + LOCAL_TIMEOUT
+        assert daemon is not None
         while _count_in_log(daemon.log_path, FULLY_FETCHED) < layers:
             if _count_in_log(daemon.log_path, FETCH_STOPPED):
                 result.error = "background fetch stopped (see the daemon log)"
@@ -400,7 +732,8 @@ def _measure_from(
     result.requests_local = at_local.http_requests
     result.ranges_local = at_local.range_requests
     remote = re.search(r"\((\d+) remote", result.pull_summary)
-    if lazy and (remote is None or int(remote.group(1)) != len(image.blob_sizes)):
+    if lazy and arm != "stargz" and (
+            remote is None or int(remote.group(1)) != len(image.blob_sizes)):
         result.error = f"layers were not served lazily: {result.pull_summary}"
         return result
     result.ok = True
@@ -493,7 +826,8 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
         "requests / Range headers by then; MiB/rng = mean length those Range headers asked "
         "for; pull = the pull command alone; local = whole image "
         "local (full pull: end of ctr image pull; lazysnap: daemon logged every layer fully "
-        "fetched and verified); ratios vs the overlayfs full pull of the same workload."
+        "fetched and verified; stargz-snapshotter: it logged every layer's background fetch "
+        "done); ratios vs the overlayfs full pull of the same workload."
     )
     return "\n".join(out)
 
@@ -518,6 +852,9 @@ def run(args: argparse.Namespace) -> int:
 
     images = ensure_layouts(ensure_rootfs(), args.chunk_size, [a for a in ARMS if a in arms])
     log("image: " + ", ".join(f"{a} {_mb(i.compressed)} MB" for a, i in images.items()))
+    stargz_grpc = ensure_stargz_grpc() if "stargz" in images else None
+    if stargz_grpc is not None and shutil.which("ctr-remote") is None:
+        raise SystemExit("the stargz arm needs ctr-remote (apt-get install stargz-snapshotter)")
 
     top = Path(tempfile.mkdtemp(prefix="lzb", dir="/tmp"))  # short: unix socket paths
     all_results: list[Result] = []
@@ -525,7 +862,11 @@ def run(args: argparse.Namespace) -> int:
     proxy: LinkProxy | None = None
     try:
         with run_registry(top / "registry") as registry:
+            pushed: set[str] = set()
             for arm, image in images.items():
+                if TAGS[arm] in pushed:  # stargz: the estargz arm's image
+                    continue
+                pushed.add(TAGS[arm])
                 log(f"pushing {arm} image ({_mb(image.compressed)} MB) with skopeo")
                 oci.push_layout(image.layout, "latest", f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
             host, port = registry.host.rsplit(":", 1)
@@ -546,7 +887,8 @@ def run(args: argparse.Namespace) -> int:
                                 result = measure(
                                     link.name, workload, arm, images[arm], reference, proxy,
                                     workdir, number,
-                                    background_fetch=not args.no_background_fetch)
+                                    background_fetch=not args.no_background_fetch,
+                                    stargz_grpc=stargz_grpc)
                             except Exception as exc:  # one broken arm must not end the run
                                 result = Result(link.name, workload, arm, error=repr(exc)[:2000])
                             finally:
@@ -581,10 +923,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _keep_logs(workdir: Path, dest: str, number: int, link: Link, workload: str,
                arm: str) -> None:
-    target = Path(dest) / f"{number:02d}-{link.name}-{workload}-{TAGS[arm]}"
+    target = Path(dest) / f"{number:02d}-{link.name}-{workload}-{arm.replace(':', '')}"
     target.mkdir(parents=True, exist_ok=True)
     for source, name in ((workdir / "proxy-requests.tsv", "proxy-requests.tsv"),
                          (workdir / "d" / "lazysnap.log", "lazysnap.log"),
+                         (workdir / "s" / "stargz.log", "stargz.log"),
                          (workdir / "c" / "containerd.log", "containerd.log")):
         with contextlib.suppress(OSError):
             shutil.copy(source, target / name)

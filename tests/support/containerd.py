@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,22 @@ class RunningContainerd:
         return self.log_path.read_text(errors="replace")
 
 
-def config_toml(workdir: Path, proxy_address: Path, *, plugin: str = "lazysnap") -> str:
+def config_toml(
+    workdir: Path,
+    proxy_address: Path,
+    *,
+    plugin: str = "lazysnap",
+    extra_proxy_plugins: Mapping[str, Path] | None = None,
+) -> str:
+    """``extra_proxy_plugins``: more snapshotters, by name -> socket (e.g. stargz-snapshotter)."""
+    extra = "".join(
+        f"""
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{address}"
+"""
+        for name, address in (extra_proxy_plugins or {}).items()
+    )
     return f"""version = 2
 root = "{workdir}/root"
 state = "{workdir}/state"
@@ -55,17 +70,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.{plugin}]
   type = "snapshot"
   address = "{proxy_address}"
-"""
+{extra}"""
 
 
 @contextlib.contextmanager
 def run_containerd(
-    workdir: Path, proxy_address: Path, *, timeout: float = 30.0, extra_args: Sequence[str] = ()
+    workdir: Path,
+    proxy_address: Path,
+    *,
+    timeout: float = 30.0,
+    extra_args: Sequence[str] = (),
+    extra_proxy_plugins: Mapping[str, Path] | None = None,
 ) -> Iterator[RunningContainerd]:
-    """``workdir`` must be short: unix socket paths are limited to 108 bytes."""
+    """``workdir`` must be short: unix socket paths are limited to 108 bytes.
+    ``extra_proxy_plugins`` registers more snapshotters besides lazysnap (name -> socket)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.toml"
-    config.write_text(config_toml(workdir, proxy_address))
+    config.write_text(config_toml(workdir, proxy_address, extra_proxy_plugins=extra_proxy_plugins))
     log_path = workdir / "containerd.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
