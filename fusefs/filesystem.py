@@ -96,6 +96,7 @@ class LazyFilesystem:
         self._nursery: trio.Nursery | None = None
         self._fetcher: ChunkFetcher | None = None
         self._cache: ChunkCache | None = None
+        self._leave_mounted = False
         self._run_scope: trio.CancelScope | None = None
         self._operations: LazyOperations | None = None
         self._adopt_fd = adopt_fd
@@ -147,6 +148,7 @@ class LazyFilesystem:
                 self.mountpoint,
                 fsname=self._fsname,
                 allow_other=self._allow_other,
+                unmount_when_cancelled=self._unmount_when_stopped,
                 task_status=task_status,
             )
         else:
@@ -158,15 +160,29 @@ class LazyFilesystem:
             except BaseException:
                 os.close(fd)  # the mount stays: whoever else holds the connection keeps it
                 raise
-            await session.serve_adopted(operations, fd, self.mountpoint)
+            await session.serve_adopted(
+                operations, fd, self.mountpoint, unmount_when_cancelled=self._unmount_when_stopped
+            )
         # Unmounted from outside: stop background work so run() returns.
         if self._run_scope is not None:
             self._run_scope.cancel()
 
     def unmount(self) -> None:
         """Stop serving; ``run`` unmounts and returns."""
+        self._leave_mounted = False
         if self._run_scope is not None:
             self._run_scope.cancel()
+
+    def leave_mounted(self) -> None:
+        """Stop serving without unmounting; ``run`` returns. Only useful while another process
+        holds the connection (the fuse keeper): the mount then stays, requests queue in the
+        kernel, and the next process that takes the connection over answers them."""
+        self._leave_mounted = True
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def _unmount_when_stopped(self) -> bool:
+        return not self._leave_mounted
 
     def resume(self) -> None:
         """With ``adopt_fd``: start answering the kernel (no-op otherwise)."""

@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import subprocess
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,9 +78,12 @@ async def serve(
     fsname: str = "lazysnap",
     allow_other: bool = True,
     max_tasks: int = 64,
+    unmount_when_cancelled: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Mount at ``mountpoint`` and serve requests until unmounted or cancelled."""
+    """Mount at ``mountpoint`` and serve requests until unmounted or cancelled. When cancelled,
+    unmount unless ``unmount_when_cancelled()`` says no: then only this process's fd is closed
+    and whoever else holds the connection (the fuse keeper) keeps the mount alive."""
     global _active, _device_fd
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
@@ -100,8 +103,12 @@ async def serve(
         _active = False
         _device_fd = None
         # After an external unmount there is nothing left to unmount; otherwise do it now.
-        pyfuse3.close(unmount=not unmounted_outside)
-        log.info("fuse unmounted mountpoint=%s", mountpoint)
+        unmount = not unmounted_outside and unmount_when_cancelled()
+        pyfuse3.close(unmount=unmount)
+        if unmount or unmounted_outside:
+            log.info("fuse unmounted mountpoint=%s", mountpoint)
+        else:
+            log.info("fuse connection left mounted for the next daemon mountpoint=%s", mountpoint)
 
 
 def dup_device_fd() -> int:
@@ -119,10 +126,12 @@ async def serve_adopted(
     mountpoint: Path,
     *,
     max_tasks: int = 64,
+    unmount_when_cancelled: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
-    unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does)."""
+    unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does, unless
+    ``unmount_when_cancelled()`` says no)."""
     global _resumed
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session")
@@ -138,11 +147,16 @@ async def serve_adopted(
         unmounted_outside = True  # serve() only returns once the kernel ended the connection
     finally:
         _resumed = None
-        if not unmounted_outside:
+        unmount = not unmounted_outside and unmount_when_cancelled()
+        if unmount:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(unmount_path, mountpoint)
         os.close(fd)
-        log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+        if unmount or unmounted_outside:
+            log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+        else:
+            log.info("fuse connection left mounted for the next daemon mountpoint=%s "
+                     "requests=%d", mountpoint, resumed.requests)
 
 
 _MS_RDONLY = 1

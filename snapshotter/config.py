@@ -36,6 +36,9 @@ class LazyConfig:
     enabled: bool = True  # serve layers lazily over FUSE when containerd's labels allow it
     background_fetch: bool = True  # fetch the rest of each lazy layer after it is attached
     cache_capacity: int = DEFAULT_CACHE_CAPACITY  # bytes of chunk cache before LRU eviction
+    # On SIGTERM, leave the FUSE connection to the fuse keeper instead of unmounting, so that
+    # running containers' reads resume once the next daemon takes it over (a restart).
+    keep_mounted_on_stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,13 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
 
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
-    extra = sorted(set(table) - {"enabled", "background_fetch", "cache_capacity"})
+    extra = sorted(
+        set(table) - {"enabled", "background_fetch", "cache_capacity", "keep_mounted_on_stop"}
+    )
     if extra:
         raise ConfigError(f"unknown configuration keys: {', '.join('lazy.' + k for k in extra)}")
     lazy = LazyConfig()
-    for key in ("enabled", "background_fetch"):
+    for key in ("enabled", "background_fetch", "keep_mounted_on_stop"):
         if key in table:
             lazy = replace(lazy, **{key: _expect(table, key, bool, "lazy.")})
     if "cache_capacity" in table:
@@ -147,8 +152,13 @@ def with_overrides(
     address: str | None = None,
     hosts_dir: str | None = None,
     log_level: str | None = None,
+    keep_mounted_on_stop: bool | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
+    if keep_mounted_on_stop is not None:
+        config = replace(
+            config, lazy=replace(config.lazy, keep_mounted_on_stop=keep_mounted_on_stop)
+        )
     if root is not None:
         config = replace(config, root=_path(root, "--root"))
     if address is not None:

@@ -204,17 +204,40 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
             snapshotter.enable_remote(None)
             with contextlib.suppress(FileNotFoundError):
                 config.address.unlink()
+            kept = False
             if lazy is not None:
                 fs, client = lazy
                 await client.aclose()
-                fs.unmount()
+                layout = snapshotter.layout
+                if config.lazy.keep_mounted_on_stop:
+                    kept = await trio.to_thread.run_sync(
+                        _keeper_holds, layout.fuse, fuse_keeper.keeper_socket(layout.root)
+                    )
+                if kept:
+                    fs.leave_mounted()
+                else:
+                    fs.unmount()
             nursery.cancel_scope.cancel()
-    if lazy is not None:
+    if lazy is not None and not kept:
         layout = snapshotter.layout
         await trio.to_thread.run_sync(
             _release_keeper, layout.fuse, fuse_keeper.keeper_socket(layout.root)
         )
     return signum
+
+
+def _keeper_holds(mountpoint: Path, keeper: Path) -> bool:
+    """Whether a keeper holds the live connection of the mount at ``mountpoint`` (then the
+    daemon may stop without unmounting: the next one takes the connection over)."""
+    handover = fuse_keeper.take_over(keeper, mountpoint)
+    if handover is None:
+        log.warning("no fuse keeper holds the connection; unmounting on stop",
+                    extra={"mountpoint": str(mountpoint)})
+        return False
+    os.close(handover.fd)  # the keeper keeps its own copy
+    log.info("fuse connection left to the keeper for the next daemon",
+             extra={"mountpoint": str(mountpoint), "keeper_pid": handover.keeper_pid})
+    return True
 
 
 def _release_keeper(mountpoint: Path, keeper: Path) -> None:

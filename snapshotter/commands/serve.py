@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="gRPC socket (default /run/lazysnap/lazysnap.sock)")
     parser.add_argument("--hosts-dir", help="registry hosts.toml directory")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    parser.add_argument(
+        "--keep-mounted-on-stop", action="store_true", default=None,
+        help="on SIGTERM leave the lazy layers' FUSE connection to the fuse keeper, so running "
+        "containers' reads resume when the next daemon starts (lazy.keep_mounted_on_stop)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         config = with_overrides(
             load_config(args.config), root=args.root, address=args.address,
             hosts_dir=args.hosts_dir, log_level=args.log_level,
+            keep_mounted_on_stop=args.keep_mounted_on_stop,
         )
     except ConfigError as exc:
         print(f"lazysnap: configuration error: {exc}", file=sys.stderr)

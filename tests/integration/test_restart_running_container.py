@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,16 @@ def image(docker_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFac
     return reference
 
 
-@pytest.fixture
-def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+@contextmanager
+def _stack(short_tmp: Path, *, keep_mounted: bool) -> Iterator[tuple[Daemon, RunningContainerd]]:
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     config = short_tmp / "lazysnap.toml"
-    config.write_text("[lazy]\nbackground_fetch = false\n")  # files arrive only when read
+    # Files arrive only when read.
+    config.write_text(
+        "[lazy]\nbackground_fetch = false\n"
+        f"keep_mounted_on_stop = {'true' if keep_mounted else 'false'}\n"
+    )
     try:
         with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
                 run_containerd(short_tmp / "c", daemon.address) as containerd:
@@ -66,6 +71,18 @@ def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
     finally:
         # No keeper may outlive the test, whatever state it ended in.
         fuse_keeper.retire(fuse_keeper.keeper_socket(short_tmp / "d" / "root"))
+
+
+@pytest.fixture
+def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    with _stack(short_tmp, keep_mounted=False) as parts:
+        yield parts
+
+
+@pytest.fixture
+def kept_stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    with _stack(short_tmp, keep_mounted=True) as parts:
+        yield parts
 
 
 def _pull(containerd: RunningContainerd, reference: str) -> None:
@@ -154,3 +171,21 @@ def test_a_running_container_reads_new_files_after_the_daemon_is_killed_and_rest
     while keeper.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not keeper.exists(), "the keeper exited"
+
+
+def test_a_running_container_reads_new_files_across_a_clean_restart_when_kept_mounted(
+    kept_stack: tuple[Daemon, RunningContainerd], image: str
+) -> None:
+    daemon, containerd = kept_stack
+    _pull(containerd, image)
+    containerd.ctr("run", "-d", "--snapshotter", "lazysnap", image, "app",
+                   "/bin/sleep", "3600", timeout=120)
+    assert _sha(containerd, "app", "e1", "/data/first") == _expected("first")
+
+    assert daemon.stop(leave_mount=True) == 0  # SIGTERM, as systemctl restart does
+    assert "fuse connection left to the keeper for the next daemon" in daemon.log()
+    assert _fuse_mounted(daemon), "the keeper keeps the connection and so the mount"
+    daemon.start()
+    assert "fuse connection taken over from the keeper" in daemon.log()
+    assert _sha(containerd, "app", "e2", "/data/second") == _expected("second")
+    assert _sha(containerd, "app", "e3", "/data/first") == _expected("first")

@@ -46,6 +46,18 @@ def test_file_values_and_flag_overrides(tmp_path: Path) -> None:
     assert overridden.log.level == "error" and overridden.log.format == "text"
 
 
+def test_keep_mounted_on_stop_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    assert Config().lazy.keep_mounted_on_stop is False
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nkeep_mounted_on_stop = true\n")
+    assert load_config(path).lazy.keep_mounted_on_stop is True
+    assert with_overrides(Config(), keep_mounted_on_stop=True).lazy.keep_mounted_on_stop is True
+    assert with_overrides(load_config(path)).lazy.keep_mounted_on_stop is True  # no flag given
+    path.write_text('[lazy]\nkeep_mounted_on_stop = "yes"\n')
+    with pytest.raises(ConfigError, match=r"lazy\.keep_mounted_on_stop"):
+        load_config(path)
+
+
 def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -56,7 +56,9 @@ class Daemon:
             return False
         return True
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 20.0, *, leave_mount: bool = False) -> int:
+        """SIGTERM and wait; then unmount what the daemon left, unless ``leave_mount`` (a
+        daemon configured to leave its FUSE connection to the keeper for the next one)."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
@@ -67,7 +69,8 @@ class Daemon:
             self.process.kill()
             code = self.process.wait()
         self.process = None
-        self.unmount_leftovers()
+        if not leave_mount:
+            self.unmount_leftovers()
         return code
 
     def unmount_leftovers(self) -> None:
