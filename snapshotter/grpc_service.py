@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from registry import Credentials
+from registry import Credentials, parse_reference
 from snapshotter import errors
 from snapshotter._proto import (
     daemon_pb2,
@@ -24,8 +24,16 @@ from snapshotter._proto import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
+from snapshotter.daemon_resolve import resolve_and_read_ahead
 from snapshotter.model import Kind, Mount, SnapshotInfo
 from snapshotter.pushed_credentials import MAX_TTL_SECONDS, PushedCredentials
+from snapshotter.resolved_image import (
+    RegistryAuthError,
+    RegistryDeniedError,
+    ResolvedImage,
+    ResolveError,
+    ResolveTimeoutError,
+)
 from snapshotter.snapshots import Snapshotter
 from snapshotter.version import VERSION
 
@@ -38,6 +46,12 @@ STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ..
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotImplementedByBackendError, grpc.StatusCode.UNIMPLEMENTED),
+    # Daemon/Resolve's registry failures (ImageNotFoundError is a NotFoundError, above); the
+    # CLI maps these codes back to the messages of a local resolution.
+    (RegistryAuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (RegistryDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (ResolveTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ResolveError, grpc.StatusCode.UNAVAILABLE),
 )
 
 # containerd sends List results in blocks; 100 per message as its own snapshot service does.
@@ -159,6 +173,11 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
 
 def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
     host = request.host.strip()
+    if not host and request.image:
+        try:
+            host = parse_reference(request.image).domain
+        except ValueError as exc:
+            raise errors.InvalidArgumentError(str(exc)) from exc
     if not host or len(host) > 255 or any(c.isspace() or c == "/" for c in host):
         raise errors.InvalidArgumentError("host must be a registry host[:port], e.g. example:5000")
     if not request.secret:
@@ -170,6 +189,21 @@ def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
     else:
         credentials = Credentials(identity_token=request.secret)
     return host, credentials, int(request.ttl_seconds)
+
+
+def resolved_to_proto(image: ResolvedImage) -> Any:
+    """The manifest travels once: without an index it is the target itself."""
+    return daemon_pb2.ResolveResponse(
+        name=image.name,
+        target_media_type=image.target_media_type,
+        target_digest=image.target_digest,
+        target_content=image.target_content,
+        manifest_media_type=image.manifest_media_type,
+        manifest_digest=image.manifest_digest,
+        manifest=image.manifest_content if image.has_index else b"",
+        config=image.config,
+        read_ahead=list(image.read_ahead),
+    )
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
@@ -199,6 +233,13 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         started = _call(context, "PrepareAhead", lambda: self._sn.read_ahead(layers))
         log.info("prepare-ahead layers=%d started=%d", len(layers), started)
         return daemon_pb2.PrepareAheadResponse(started=started)
+
+    def Resolve(self, request: Any, context: grpc.ServicerContext) -> Any:
+        image = _call(
+            context, "Resolve",
+            lambda: resolve_and_read_ahead(self._sn, request.image, request.platform),
+        )
+        return resolved_to_proto(image)
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         counts = _call(context, "Status", self._sn.counts)

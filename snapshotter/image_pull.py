@@ -4,6 +4,10 @@ The registry side is async (trio, through ``registry``); containerd's client is 
 gRPC. ``pull`` fetches the small documents in trio, then runs the containerd work in a worker
 thread; layer blobs the unpacker needs are downloaded by hopping back into trio
 (``trio.from_thread``), so the trio thread never blocks on gRPC.
+
+trio is imported where it is used: ``lazysnap pull --snapshotter-address`` stores and unpacks
+what the daemon resolved (``documents_from_resolved``) and needs no trio unless a layer's blob
+must be fetched.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from registry import (
     Descriptor,
@@ -34,6 +37,7 @@ from snapshotter.chain import index_gc_labels, manifest_gc_labels
 from snapshotter.containerd_api import ContainerdAPI, ImageRecord
 from snapshotter.errors import NotFoundError
 from snapshotter.progress import LayerResult, Progress
+from snapshotter.resolved_image import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, ResolvedImage
 from snapshotter.unpacker import (
     BlobSource,
     Unpacker,
@@ -43,14 +47,17 @@ from snapshotter.unpacker import (
     plan_unpack,
 )
 
+if TYPE_CHECKING:
+    from trio.lowlevel import TrioToken
+
 # Told the unpack plan before anything is stored: ``lazysnap pull`` lets the daemon start
 # reading the lazy layers' TOCs while containerd stores the manifest and config.
 Announce = Callable[[UnpackPlan], None]
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT = 4 * 1024 * 1024  # manifests and indexes (the distribution spec's limit)
-MAX_CONFIG = 64 * 1024 * 1024
+MAX_DOCUMENT = MAX_MANIFEST_BYTES  # manifests and indexes (the distribution spec's limit)
+MAX_CONFIG = MAX_CONFIG_BYTES
 READ_CHUNK = 1024 * 1024
 FETCH_RANGE = 8 * 1024 * 1024  # one ranged GET; large enough that round trips do not matter
 
@@ -104,43 +111,77 @@ async def fetch_documents(
     )
 
 
+def documents_from_resolved(resolved: ResolvedImage) -> ImageDocuments:
+    """What ``Daemon/Resolve`` answered, parsed as a local resolution would have. containerd
+    checks every digest again when the documents are stored."""
+    target = Descriptor(
+        resolved.target_media_type, resolved.target_digest, len(resolved.target_content)
+    )
+    index: Index | None = None
+    if resolved.has_index:
+        parsed = parse_manifest(resolved.target_content, resolved.target_media_type)
+        if not isinstance(parsed, Index):
+            raise UnpackError(f"{resolved.target_digest} is not an image index")
+        index = parsed
+    manifest = parse_manifest(resolved.manifest_content, resolved.manifest_media_type)
+    if not isinstance(manifest, Manifest):
+        raise UnpackError(f"{resolved.manifest_digest} is not an image manifest")
+    return ImageDocuments(
+        resolved.name, target, resolved.target_content, index, resolved.manifest_digest,
+        resolved.manifest_content, manifest, resolved.config,
+    )
+
+
 class RegistryBlobs:
     """Layer blobs streamed from the registry in large ranges, so that progress shows the fetch
     and nothing lands on local disk; containerd verifies the digest as it commits the blob.
 
     A registry that cannot serve ranges gets one whole (verified) download into ``scratch``.
-    ``open`` runs in a worker thread started by ``trio.to_thread``; every registry call hops
-    back into trio.
+    ``open`` runs in a worker thread started by ``trio.to_thread`` (or in any thread, given the
+    token of the trio loop that owns ``registry``); every registry call hops back into trio.
     """
 
-    def __init__(self, registry: RegistryClient, ref: Reference, scratch: Path) -> None:
+    def __init__(
+        self,
+        registry: RegistryClient,
+        ref: Reference,
+        scratch: Path,
+        trio_token: TrioToken | None = None,
+    ) -> None:
         self._registry = registry
         self._ref = ref
         self._scratch = scratch
+        self._token = trio_token
 
     @contextlib.contextmanager
     def open(self, layer: Descriptor) -> Iterator[Iterable[bytes]]:
-        blob = trio.from_thread.run(self._registry.open_blob, self._ref, layer.digest, layer.size)
+        import trio  # noqa: PLC0415 (see the module docstring)
+
+        hop = trio.from_thread.run
+        token = self._token
+        blob = hop(self._registry.open_blob, self._ref, layer.digest, layer.size, trio_token=token)
         try:
-            first = trio.from_thread.run(blob.read_at, 0, min(FETCH_RANGE, layer.size))
+            first = hop(blob.read_at, 0, min(FETCH_RANGE, layer.size), trio_token=token)
         except RangeNotSupportedError:
             log.info("pull range-unsupported digest=%s fallback=download", layer.digest)
             path = self._scratch / layer.digest.replace(":", "-")
-            trio.from_thread.run(self._registry.download_blob, self._ref, layer.digest, path)
+            hop(self._registry.download_blob, self._ref, layer.digest, path, trio_token=token)
             try:
                 yield _file_chunks(path)
             finally:
                 path.unlink(missing_ok=True)
             return
-        yield _ranges(blob, first)
+        yield _ranges(blob, first, token)
 
 
-def _ranges(blob: RemoteBlob, first: bytes) -> Iterator[bytes]:
+def _ranges(blob: RemoteBlob, first: bytes, token: TrioToken | None) -> Iterator[bytes]:
+    import trio  # noqa: PLC0415 (see the module docstring)
+
     yield first
     offset = len(first)
     while offset < blob.size:
         length = min(FETCH_RANGE, blob.size - offset)
-        yield trio.from_thread.run(blob.read_at, offset, length)
+        yield trio.from_thread.run(blob.read_at, offset, length, trio_token=token)
         offset += length
 
 
@@ -203,6 +244,8 @@ async def pull(
     progress: Progress,
     announce: Announce | None = None,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
+    import trio  # noqa: PLC0415 (see the module docstring)
+
     image = await fetch_documents(registry, ref, platform)
     with tempfile.TemporaryDirectory(prefix="lazysnap-pull-") as scratch:
         blobs = RegistryBlobs(registry, ref, Path(scratch))
@@ -275,6 +318,8 @@ async def unpack_fetching(
     progress: Progress,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     """``unpack_existing`` that fetches missing layer blobs from the image's registry."""
+    import trio  # noqa: PLC0415 (see the module docstring)
+
     record = await trio.to_thread.run_sync(find_image, api, name)
     ref = parse_reference(record.name)
     with tempfile.TemporaryDirectory(prefix="lazysnap-unpack-") as scratch:

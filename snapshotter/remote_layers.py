@@ -25,6 +25,8 @@ from snapshotter.blob_tail import (
     load_tail,
     save_tail,
 )
+from snapshotter.daemon_resolve import fetch_image_documents
+from snapshotter.image_pull import ImageDocuments
 from snapshotter.labels import STARGZ_TOC_DIGEST
 from snapshotter.lazy_formats import LazyFormat
 from snapshotter.metadata import RemoteLayerRecord
@@ -70,6 +72,11 @@ class RemoteLayers:
         self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
         self._ahead = TailsAhead(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
+
+    async def resolve(self, image: str, platform: str) -> ImageDocuments:
+        """An image's documents through this daemon's registry client (``Daemon/Resolve``): its
+        connections, tokens and credentials are already warm from earlier layers."""
+        return await fetch_image_documents(self._client, image, platform)
 
     def _tail_path(self, layer_id: str) -> Path:
         return self._tails / f"{layer_id}.tail"
@@ -262,6 +269,9 @@ class RemoteSnapshots:
 
     def detach(self, layer_id: str) -> None:
         self._hop(self._layers.detach, layer_id)
+
+    def resolve(self, image: str, platform: str) -> ImageDocuments:
+        return self._hop(self._layers.resolve, image, platform)
 
     def read_ahead(self, announced: list[tuple[RemoteDecision, int | None]]) -> int:
         """Start reading the TOCs of announced layers; how many were started."""

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapshotter.diskusage import disk_usage
 from snapshotter.errors import (
@@ -22,6 +23,7 @@ from snapshotter.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    NotImplementedByBackendError,
 )
 from snapshotter.filters import matcher, parse_filters
 from snapshotter.labels import REMOTE, REMOTE_VALUE, validate_labels
@@ -36,6 +38,9 @@ from snapshotter.model import Counts, Kind, Mount, SnapshotInfo, Usage
 from snapshotter.mounts import LowerDir, build_mounts
 from snapshotter.remote_labels import RemoteDecision, decide
 from snapshotter.remote_layers import AttachedLayer, RemoteLayerError, RemoteSnapshots
+
+if TYPE_CHECKING:
+    from snapshotter.image_pull import ImageDocuments
 
 MAX_ANNOUNCED_LAYERS = 256  # containerd's own limit on an image's layers is 128
 
@@ -107,6 +112,13 @@ class Snapshotter:
             if not exists:
                 announced.append((decision, size if size and size > 0 else None))
         return self._remote.read_ahead(announced) if announced else 0
+
+    def resolve_image(self, image: str, platform: str) -> ImageDocuments:
+        """An image's documents from its registry, with the lazy layers' registry client
+        (``Daemon/Resolve``); only a daemon that serves layers lazily has one."""
+        if self._remote is None:
+            raise NotImplementedByBackendError("lazy pulling is disabled in this daemon")
+        return self._remote.resolve(image, platform)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsnapshotter/_proto/daemon.proto\x12\x12lazysnap.daemon.v1\"\x8d\x01\n\x0e\x41nnouncedLayer\x12>\n\x06labels\x18\x01 \x03(\x0b\x32..lazysnap.daemon.v1.AnnouncedLayer.LabelsEntry\x12\x0c\n\x04size\x18\x02 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x13PrepareAheadRequest\x12\x32\n\x06layers\x18\x01 \x03(\x0b\x32\".lazysnap.daemon.v1.AnnouncedLayer\"\'\n\x14PrepareAheadResponse\x12\x0f\n\x07started\x18\x01 \x01(\x05\"\\\n\x15SetCredentialsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"4\n\x16SetCredentialsResponse\x12\x1a\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\xa3\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x18\n\x10snapshots_active\x18\x05 \x01(\x03\x12\x1b\n\x13snapshots_committed\x18\x06 \x01(\x03\x12\x16\n\x0esnapshots_view\x18\x07 \x01(\x03\x32\xa5\x02\n\x06\x44\x61\x65mon\x12O\n\x06Status\x12!.lazysnap.daemon.v1.StatusRequest\x1a\".lazysnap.daemon.v1.StatusResponse\x12g\n\x0eSetCredentials\x12).lazysnap.daemon.v1.SetCredentialsRequest\x1a*.lazysnap.daemon.v1.SetCredentialsResponse\x12\x61\n\x0cPrepareAhead\x12\'.lazysnap.daemon.v1.PrepareAheadRequest\x1a(.lazysnap.daemon.v1.PrepareAheadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsnapshotter/_proto/daemon.proto\x12\x12lazysnap.daemon.v1\"1\n\x0eResolveRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\"\xd5\x01\n\x0fResolveResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11target_media_type\x18\x02 \x01(\t\x12\x15\n\rtarget_digest\x18\x03 \x01(\t\x12\x16\n\x0etarget_content\x18\x04 \x01(\x0c\x12\x1b\n\x13manifest_media_type\x18\x05 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t\x12\x10\n\x08manifest\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x08 \x01(\x0c\x12\x12\n\nread_ahead\x18\t \x03(\t\"\x8d\x01\n\x0e\x41nnouncedLayer\x12>\n\x06labels\x18\x01 \x03(\x0b\x32..lazysnap.daemon.v1.AnnouncedLayer.LabelsEntry\x12\x0c\n\x04size\x18\x02 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x13PrepareAheadRequest\x12\x32\n\x06layers\x18\x01 \x03(\x0b\x32\".lazysnap.daemon.v1.AnnouncedLayer\"\'\n\x14PrepareAheadResponse\x12\x0f\n\x07started\x18\x01 \x01(\x05\"k\n\x15SetCredentialsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\x12\r\n\x05image\x18\x05 \x01(\t\"4\n\x16SetCredentialsResponse\x12\x1a\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\xa3\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x18\n\x10snapshots_active\x18\x05 \x01(\x03\x12\x1b\n\x13snapshots_committed\x18\x06 \x01(\x03\x12\x16\n\x0esnapshots_view\x18\x07 \x01(\x03\x32\xf9\x02\n\x06\x44\x61\x65mon\x12O\n\x06Status\x12!.lazysnap.daemon.v1.StatusRequest\x1a\".lazysnap.daemon.v1.StatusResponse\x12g\n\x0eSetCredentials\x12).lazysnap.daemon.v1.SetCredentialsRequest\x1a*.lazysnap.daemon.v1.SetCredentialsResponse\x12\x61\n\x0cPrepareAhead\x12\'.lazysnap.daemon.v1.PrepareAheadRequest\x1a(.lazysnap.daemon.v1.PrepareAheadResponse\x12R\n\x07Resolve\x12\".lazysnap.daemon.v1.ResolveRequest\x1a#.lazysnap.daemon.v1.ResolveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANNOUNCEDLAYER_LABELSENTRY']._loaded_options = None
   _globals['_ANNOUNCEDLAYER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ANNOUNCEDLAYER']._serialized_start=56
-  _globals['_ANNOUNCEDLAYER']._serialized_end=197
-  _globals['_ANNOUNCEDLAYER_LABELSENTRY']._serialized_start=152
-  _globals['_ANNOUNCEDLAYER_LABELSENTRY']._serialized_end=197
-  _globals['_PREPAREAHEADREQUEST']._serialized_start=199
-  _globals['_PREPAREAHEADREQUEST']._serialized_end=272
-  _globals['_PREPAREAHEADRESPONSE']._serialized_start=274
-  _globals['_PREPAREAHEADRESPONSE']._serialized_end=313
-  _globals['_SETCREDENTIALSREQUEST']._serialized_start=315
-  _globals['_SETCREDENTIALSREQUEST']._serialized_end=407
-  _globals['_SETCREDENTIALSRESPONSE']._serialized_start=409
-  _globals['_SETCREDENTIALSRESPONSE']._serialized_end=461
-  _globals['_STATUSREQUEST']._serialized_start=463
-  _globals['_STATUSREQUEST']._serialized_end=478
-  _globals['_STATUSRESPONSE']._serialized_start=481
-  _globals['_STATUSRESPONSE']._serialized_end=644
-  _globals['_DAEMON']._serialized_start=647
-  _globals['_DAEMON']._serialized_end=940
+  _globals['_RESOLVEREQUEST']._serialized_start=55
+  _globals['_RESOLVEREQUEST']._serialized_end=104
+  _globals['_RESOLVERESPONSE']._serialized_start=107
+  _globals['_RESOLVERESPONSE']._serialized_end=320
+  _globals['_ANNOUNCEDLAYER']._serialized_start=323
+  _globals['_ANNOUNCEDLAYER']._serialized_end=464
+  _globals['_ANNOUNCEDLAYER_LABELSENTRY']._serialized_start=419
+  _globals['_ANNOUNCEDLAYER_LABELSENTRY']._serialized_end=464
+  _globals['_PREPAREAHEADREQUEST']._serialized_start=466
+  _globals['_PREPAREAHEADREQUEST']._serialized_end=539
+  _globals['_PREPAREAHEADRESPONSE']._serialized_start=541
+  _globals['_PREPAREAHEADRESPONSE']._serialized_end=580
+  _globals['_SETCREDENTIALSREQUEST']._serialized_start=582
+  _globals['_SETCREDENTIALSREQUEST']._serialized_end=689
+  _globals['_SETCREDENTIALSRESPONSE']._serialized_start=691
+  _globals['_SETCREDENTIALSRESPONSE']._serialized_end=743
+  _globals['_STATUSREQUEST']._serialized_start=745
+  _globals['_STATUSREQUEST']._serialized_end=760
+  _globals['_STATUSRESPONSE']._serialized_start=763
+  _globals['_STATUSRESPONSE']._serialized_end=926
+  _globals['_DAEMON']._serialized_start=929
+  _globals['_DAEMON']._serialized_end=1306
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ResolveRequest(_message.Message):
+    __slots__ = ("image", "platform")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    platform: str
+    def __init__(self, image: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
+
+class ResolveResponse(_message.Message):
+    __slots__ = ("name", "target_media_type", "target_digest", "target_content", "manifest_media_type", "manifest_digest", "manifest", "config", "read_ahead")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    READ_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target_media_type: str
+    target_digest: str
+    target_content: bytes
+    manifest_media_type: str
+    manifest_digest: str
+    manifest: bytes
+    config: bytes
+    read_ahead: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., target_media_type: _Optional[str] = ..., target_digest: _Optional[str] = ..., target_content: _Optional[bytes] = ..., manifest_media_type: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., manifest: _Optional[bytes] = ..., config: _Optional[bytes] = ..., read_ahead: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AnnouncedLayer(_message.Message):
     __slots__ = ("labels", "size")
     class LabelsEntry(_message.Message):
@@ -35,16 +65,18 @@ class PrepareAheadResponse(_message.Message):
     def __init__(self, started: _Optional[int] = ...) -> None: ...
 
 class SetCredentialsRequest(_message.Message):
-    __slots__ = ("host", "username", "secret", "ttl_seconds")
+    __slots__ = ("host", "username", "secret", "ttl_seconds", "image")
     HOST_FIELD_NUMBER: _ClassVar[int]
     USERNAME_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     host: str
     username: str
     secret: str
     ttl_seconds: int
-    def __init__(self, host: _Optional[str] = ..., username: _Optional[str] = ..., secret: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    image: str
+    def __init__(self, host: _Optional[str] = ..., username: _Optional[str] = ..., secret: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., image: _Optional[str] = ...) -> None: ...
 
 class SetCredentialsResponse(_message.Message):
     __slots__ = ("expires_in_seconds",)

@@ -50,6 +50,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.FromString,
                 _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/Resolve',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -80,6 +85,18 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """Resolve fetches an image's documents with the daemon's own (already connected) registry
+        client and, before answering, starts reading the TOCs of its lazy layers (as PrepareAhead
+        would), so `lazysnap pull --snapshotter-address` needs no registry client of its own for
+        them. Errors: NOT_FOUND (no such image or tag), UNAUTHENTICATED / PERMISSION_DENIED,
+        DEADLINE_EXCEEDED, UNAVAILABLE (other registry failures), INVALID_ARGUMENT (a bad
+        reference or platform), FAILED_PRECONDITION (lazy pulling disabled, or a broken image).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +114,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.PrepareAhead,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +202,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/PrepareAhead',
             snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.PrepareAheadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/Resolve',
+            snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
             options,
             channel_credentials,
             insecure,

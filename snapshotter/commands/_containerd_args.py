@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from registry import HostsConfig, RegistryHost
-from snapshotter.containerd_client import DEFAULT_CONTAINERD_ADDRESS
 from snapshotter.progress import LayerResult
 
+if TYPE_CHECKING:
+    from registry import HostsConfig
+
+# Neither ``registry`` nor the containerd client is imported here: ``lazysnap pull
+# --snapshotter-address`` reaches its first RPC without them (their imports dominate its start-up).
 DEFAULT_SNAPSHOTTER = "lazysnap"
+DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")  # containerd_client's default
 
 
 def add_containerd_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,17 +57,19 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class PlainHTTPHosts(HostsConfig):
-    """``--plain-http``: the configured hosts, with https replaced by http (as ``ctr``)."""
+def __getattr__(name: str) -> Any:
+    # ``PlainHTTPHosts`` used to live here; its module imports ``registry``, so on demand only.
+    if name == "PlainHTTPHosts":
+        from snapshotter.commands._plain_http import PlainHTTPHosts  # noqa: PLC0415
 
-    def hosts_for(self, registry: str) -> list[RegistryHost]:
-        return [
-            dataclasses.replace(host, api_url=host.api_url.replace("https://", "http://", 1))
-            for host in super().hosts_for(registry)
-        ]
+        return PlainHTTPHosts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def hosts_config(args: argparse.Namespace) -> HostsConfig:
+    from registry import HostsConfig  # noqa: PLC0415 (see DEFAULT_SNAPSHOTTER)
+    from snapshotter.commands._plain_http import PlainHTTPHosts  # noqa: PLC0415
+
     if args.plain_http:
         return PlainHTTPHosts(args.hosts_dir)
     return HostsConfig(args.hosts_dir)

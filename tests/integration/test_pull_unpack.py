@@ -300,22 +300,85 @@ def test_pull_serves_seekable_layers_remotely(
 
 
 @pytest.mark.fuse
-def test_pull_announces_its_layers_so_the_daemon_reads_their_tocs_ahead(
+def test_pull_through_the_daemon_resolves_there_and_reads_the_tocs_ahead(
     stack: tuple[Daemon, RunningContainerd], seekable_image: PushedImage
 ) -> None:
     daemon, containerd = stack
     pulled = _lazysnap(
-        "pull", containerd, seekable_image.reference, "--snapshotter-address", str(daemon.address)
+        "pull", containerd, seekable_image.reference, "--snapshotter-address", str(daemon.address),
+        "--log-level", "info",
     )
     assert pulled.returncode == 0, pulled.stderr + daemon.log()[-3000:]
+    outcomes = [line.split()[3] for line in pulled.stdout.splitlines() if line.startswith("layer ")]
+    assert outcomes == ["remote", "remote", "applied"], pulled.stdout
     log = daemon.log()
-    # Three layers announced; the plain gzip one is not lazy, so two TOCs were read ahead...
-    assert "prepare-ahead layers=3 started=2" in log, log[-3000:]
-    # ... and both lazy Prepares used them instead of asking the registry.
+    # The daemon resolved the image (Daemon/Resolve) and, in the same call, started reading the
+    # two lazy layers' TOCs; the plain gzip one is not lazy. No separate PrepareAhead came.
+    assert f"resolved image={seekable_image.reference} manifest={seekable_image.manifest_digest}" \
+        " layers=3 read_ahead=2" in log, log[-3000:]
+    assert "prepare-ahead" not in log
+    assert "resolved by the daemon" in pulled.stderr and "read_ahead=2" in pulled.stderr
+    # Both lazy Prepares used the TOCs read ahead instead of asking the registry.
     attached = [line for line in log.splitlines() if "remote layer attached" in line]
     assert len(attached) == 2 and all("toc=read-ahead" in line for line in attached), attached
+    # The gzip layer's blob was fetched by the CLI into containerd's content store.
+    content = containerd.ctr("content", "ls", "-q").stdout.split()
+    assert seekable_image.layers[2].digest in content
+    assert seekable_image.layers[0].digest not in content
+    chains = _chains(seekable_image)
+    for number, chain_id in enumerate(chains):
+        labels = _labels(_ctr_info(containerd, chain_id))
+        assert {k: labels.get(k) for k in CRI_LABELS} == _expected_cri_labels(seekable_image, number)
     result = containerd.ctr(
         "run", "--rm", "--snapshotter", "lazysnap", seekable_image.reference, "c5",
         "/bin/cat", "/etc/hello", "/etc/plain",
     )
     assert result.stdout == "hello from a lazy layer\nplain\n"
+    assert _leases(containerd) == []
+
+
+@pytest.mark.fuse
+def test_pull_through_the_daemon_imports_no_registry_client_before_resolving(
+    stack: tuple[Daemon, RunningContainerd], seekable_image: PushedImage
+) -> None:
+    """The point of Daemon/Resolve: the CLI reaches it without trio, httpx or ``registry``."""
+    daemon, containerd = stack
+    hosts_dir = containerd.workdir / "certs.d"
+    hosts_dir.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "snapshotter.cli", "pull",
+         seekable_image.reference, "--address", str(containerd.address),
+         "--namespace", containerd.namespace, "--hosts-dir", str(hosts_dir),
+         "--snapshotter-address", str(daemon.address), "--log-level", "debug", "--quiet"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    sent = next(i for i, line in enumerate(lines) if "resolve through the daemon" in line)
+    before = [line for line in lines[:sent] if line.startswith("import time:")]
+    assert before, "no import lines: was -X importtime honoured?"
+    heavy = [line for line in before
+             if any(f" {name}" in line.split("|")[-1] for name in ("trio", "httpx", "registry"))]
+    assert heavy == [], heavy
+
+
+def test_pull_through_the_daemon_reports_a_missing_image_like_a_local_pull(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    daemon, containerd = stack
+    registry_host = busybox_image.reference.split("/")[0]
+    for missing in (
+        f"{registry_host}/test/no-such-image:latest",
+        busybox_image.reference.rsplit(":", 1)[0] + ":no-such-tag",
+    ):
+        local = _lazysnap("pull", containerd, missing)
+        through = _lazysnap("pull", containerd, missing, "--snapshotter-address", str(daemon.address))
+        assert through.returncode == local.returncode == 1, (through.stdout, through.stderr)
+        (error,) = through.stderr.strip().splitlines()
+        assert error == local.stderr.strip(), (error, local.stderr)
+        assert error.startswith(f"lazysnap pull: {missing}: not found in the registry"), error
+    bad = _lazysnap("pull", containerd, "Bad//Name", "--snapshotter-address", str(daemon.address))
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == _lazysnap("pull", containerd, "Bad//Name").stderr.strip()
+    assert containerd.ctr("images", "ls", "-q").stdout.split() == []
+    assert _leases(containerd) == []

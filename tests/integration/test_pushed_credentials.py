@@ -4,6 +4,9 @@ Daemon/SetCredentials RPC) has handed the daemon the credentials its docker conf
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -16,7 +19,7 @@ from snapshotter._proto import daemon_pb2, daemon_pb2_grpc, snapshots_pb2
 from snapshotter.labels import CRI_IMAGE_REF, CRI_LAYER_DIGEST, SNAPSHOT_REF, STARGZ_TOC_DIGEST
 from tests.integration.registry_support.htpasswd import write_htpasswd
 from tests.support import oci_image as oci
-from tests.support.containerd import containerd_available, run_containerd
+from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
 
@@ -130,3 +133,73 @@ def test_pull_with_user_hands_credentials_to_the_daemon(
                              "/bin/echo", "private and lazy").stdout
         assert out == "private and lazy\n"
         assert PASSWORD not in daemon.log() and PASSWORD not in pulled.stderr
+        # The daemon resolved the image with the handed-over credentials (Daemon/Resolve).
+        assert f"resolved image={reference}" in daemon.log()
+        assert "registry credentials set host=" in daemon.log()
+
+
+def _pull(containerd: RunningContainerd, reference: str, *extra: str,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAZYSNAP, "pull", "--address", str(containerd.address), "--namespace",
+         containerd.namespace, *extra, reference],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.containerd
+def test_pull_through_the_daemon_hands_over_the_callers_docker_config(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    """The daemon's docker config lacks the registry: the CLI hands over its own entry."""
+    if not containerd_available():
+        pytest.skip("containerd is not installed")
+    registry, reference, _ = private_image
+    config = short_tmp / "caller-docker"
+    config.mkdir()
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (config / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    with _daemon_without_credentials(short_tmp) as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        pulled = _pull(containerd, reference, "--snapshotter-address", str(daemon.address),
+                       env={"DOCKER_CONFIG": str(config)})
+        assert pulled.returncode == 0, pulled.stderr + daemon.log()[-2000:]
+        assert " remote " in pulled.stdout, pulled.stdout
+        assert f"resolved image={reference}" in daemon.log()
+        assert PASSWORD not in daemon.log() and PASSWORD not in pulled.stderr
+
+
+@pytest.mark.containerd
+def test_wrong_password_through_the_daemon_fails_like_a_local_pull(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    if not containerd_available():
+        pytest.skip("containerd is not installed")
+    _, reference, _ = private_image
+    wrong = "not-the-Pa55word"
+    with _daemon_without_credentials(short_tmp) as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        local = _pull(containerd, reference, "--user", f"{USER}:{wrong}")
+        through = _pull(containerd, reference, "--user", f"{USER}:{wrong}",
+                        "--snapshotter-address", str(daemon.address))
+        assert through.returncode == local.returncode == 1, through.stdout
+        (error,) = through.stderr.strip().splitlines()
+        assert error == local.stderr.strip(), (error, local.stderr)
+        assert error.startswith(f"lazysnap pull: {reference}: "), error
+        assert wrong not in error and wrong not in daemon.log()
+
+
+def test_set_credentials_for_an_image_names_its_registry(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    registry, reference, layer = private_image
+    with _daemon_without_credentials(short_tmp) as daemon:
+        _set_credentials(daemon, image=reference, username=USER, secret=PASSWORD)
+        assert f"registry credentials set host={registry.host} " in daemon.log()
+        assert _lazy_prepare(daemon, "k", reference, layer) == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as raised:
+            _set_credentials(daemon, image="Bad//Name", username=USER, secret=PASSWORD)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
