@@ -258,6 +258,12 @@ class LazyFilesystem:
 
     # -- reporting ---------------------------------------------------------------------------
 
+    async def writes_done(self) -> None:
+        """Wait until every chunk fetched so far is in the disk cache: readers get chunks before
+        they are written, so ``usage().cached_bytes`` may trail a read by a few milliseconds."""
+        if self._fetcher is not None:
+            await self._fetcher.writes_done()
+
     def usage(self, layer_id: str) -> LayerUsage:
         """Counters of one layer. ``cached_bytes`` is kept by the cache as chunks come and go:
         the first call for a layer registers its chunks there (one O(chunks) walk, unless

@@ -482,6 +482,7 @@ def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool) -> None:
                 with trio.open_signal_receiver(*wanted) as signals:
                     async for signum in signals:
                         if signum == signal.SIGUSR1:
+                            await fs.writes_done()  # cached bytes count once on disk
                             usage = {i: dataclasses.asdict(fs.usage(i)) for i in fs.layer_ids()}
                             report = mountpoint.with_name(mountpoint.name + ".usage.json")
                             report.write_text(json.dumps(usage))
