@@ -382,3 +382,26 @@ def test_pull_through_the_daemon_reports_a_missing_image_like_a_local_pull(
     assert bad.stderr.strip() == _lazysnap("pull", containerd, "Bad//Name").stderr.strip()
     assert containerd.ctr("images", "ls", "-q").stdout.split() == []
     assert _leases(containerd) == []
+
+
+def test_pull_through_a_daemon_that_cannot_resolve_resolves_locally(
+    short_tmp: Path, busybox_image: PushedImage
+) -> None:
+    """Lazy pulling off: the daemon answers Resolve with UNIMPLEMENTED; the pull goes on as
+    before Daemon/Resolve existed (and the layers are simply applied)."""
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    config = short_tmp / "lazysnap.toml"
+    config.write_text("[lazy]\nenabled = false\n")
+    with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
+            run_containerd(short_tmp / "c", daemon.address) as containerd:
+        pulled = _lazysnap(
+            "pull", containerd, busybox_image.reference,
+            "--snapshotter-address", str(daemon.address), "--log-level", "info",
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        assert "cannot resolve; resolving here" in pulled.stderr
+        outcomes = [line.split()[3] for line in pulled.stdout.splitlines()
+                    if line.startswith("layer ")]
+        assert outcomes == ["applied"] * len(busybox_image.layers), pulled.stdout
+        assert _run_cat(containerd, busybox_image, "c6") == "hello from layer two\n"
