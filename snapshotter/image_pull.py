@@ -94,9 +94,12 @@ def _parse_documents(
 async def fetch_documents(
     registry: RegistryClient, ref: Reference, platform: Platform | None
 ) -> ImageDocuments:
-    resolved = await registry.resolve(ref)
-    top = await registry.fetch_manifest(ref, resolved.digest)
-    target = Descriptor(top.media_type or resolved.media_type, top.digest, len(top.content))
+    # One GET by tag (or digest) rather than HEAD then GET by digest: the body is needed anyway,
+    # so the HEAD only cost a round trip. fetch_manifest checks the body against the registry's
+    # Docker-Content-Digest, and a registry's 404 reads the same either way.
+    top = await registry.fetch_manifest(ref)
+    media_type = top.media_type or parse_manifest(top.content).media_type
+    target = Descriptor(media_type, top.digest, len(top.content))
     index, chosen = _parse_documents(target, top.content, platform)
     if index is None:
         manifest_content = top.content

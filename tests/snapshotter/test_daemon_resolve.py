@@ -110,6 +110,11 @@ class FailingRegistry:
     async def resolve(self, ref: registry.Reference) -> registry.Descriptor:
         raise self.exc
 
+    async def fetch_manifest(
+        self, ref: registry.Reference, digest_or_tag: str | None = None
+    ) -> registry.ManifestContent:
+        raise self.exc
+
 
 @pytest.mark.parametrize(
     ("raised", "code", "message"),
