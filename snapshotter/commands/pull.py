@@ -94,8 +94,13 @@ def _check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:
         ) from exc
 
 
-def _user_password(user: str) -> tuple[str, str]:
-    name, sep, password = user.partition(":")
+def user_password(args: argparse.Namespace) -> tuple[str, str]:
+    """``--user`` as (name, password). Asked on the terminal at most once per run: the daemon
+    path needs it for SetCredentials and again if a blob must be fetched here."""
+    known: tuple[str, str] | None = getattr(args, "user_password", None)
+    if known is not None:
+        return known
+    name, sep, password = args.user.partition(":")
     if not name:
         raise ValueError("--user needs a user name")
     if not sep:
@@ -104,6 +109,7 @@ def _user_password(user: str) -> tuple[str, str]:
             password = getpass.getpass(f"password for {name}: ")
         if not password:
             raise ValueError("--user without :PASSWORD needs $LAZYSNAP_REGISTRY_PASSWORD or a tty")
+    args.user_password = (name, password)
     return name, password
 
 
@@ -111,7 +117,7 @@ def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialPr
     from registry import Credentials, DockerConfigCredentials, StaticCredentials  # noqa: PLC0415
 
     if args.user:
-        name, password = _user_password(args.user)
+        name, password = user_password(args)
         return StaticCredentials(
             {reference.domain: Credentials(username=name, password=password)}
         )
@@ -331,7 +337,7 @@ def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
             stub = daemon_pb2_grpc.DaemonStub(channel)
             _check_daemon(stub, address)
             if args.user:
-                name, password = _user_password(args.user)
+                name, password = user_password(args)
                 request = daemon_pb2.SetCredentialsRequest(
                     image=args.image, username=name, secret=password
                 )

@@ -203,3 +203,38 @@ def test_set_credentials_for_an_image_names_its_registry(
         with pytest.raises(grpc.RpcError) as raised:
             _set_credentials(daemon, image="Bad//Name", username=USER, secret=PASSWORD)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.containerd
+def test_pull_through_the_daemon_fetches_a_private_plain_layer_itself(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    """A plain gzip layer is not lazy: the CLI starts its own registry client for its blob,
+    with the same --user credentials (the password from the environment, read once)."""
+    if not containerd_available():
+        pytest.skip("containerd is not installed")
+    registry, _, lazy = private_image
+    plain = oci.gzip_layer(oci.TarBuilder().dir("etc").file("etc/plain", b"plain\n").tar())
+    oci.write_layout(short_tmp / "layout", [lazy, plain])
+    reference = f"{registry.host}/private/mixed:latest"
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+         "--dest-creds", f"{USER}:{PASSWORD}", f"oci:{short_tmp / 'layout'}:latest",
+         f"docker://{reference}"],
+        check=True, capture_output=True, timeout=120,
+    )
+    with _daemon_without_credentials(short_tmp) as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        pulled = _pull(containerd, reference, "--user", USER,
+                       "--snapshotter-address", str(daemon.address),
+                       env={"LAZYSNAP_REGISTRY_PASSWORD": PASSWORD})
+        assert pulled.returncode == 0, pulled.stderr + daemon.log()[-2000:]
+        outcomes = [line.split()[3] for line in pulled.stdout.splitlines()
+                    if line.startswith("layer ")]
+        assert outcomes == ["remote", "applied"], pulled.stdout
+        assert f"resolved image={reference}" in daemon.log()
+        out = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", reference, "p2",
+                             "/bin/cat", "/etc/plain").stdout
+        assert out == "plain\n"
+        assert PASSWORD not in daemon.log() and PASSWORD not in pulled.stderr

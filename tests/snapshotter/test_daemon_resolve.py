@@ -3,6 +3,7 @@ daemon's error classification, and the CLI's way back to a local pull's messages
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -181,3 +182,14 @@ def test_limits_are_the_registrys_own() -> None:
     assert image_pull.MAX_DOCUMENT == MAX_MANIFEST_BYTES
     assert MAX_RESOLVE_RESPONSE_BYTES >= 2 * MAX_MANIFEST_BYTES + MAX_CONFIG_BYTES
     assert Path(DEFAULT_CONTAINERD_ADDRESS) == CLIENT_DEFAULT_ADDRESS
+
+
+def test_the_user_password_is_asked_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = argparse.Namespace(user="alice")
+    monkeypatch.setenv("LAZYSNAP_REGISTRY_PASSWORD", "first")
+    assert pull.user_password(args) == ("alice", "first")
+    monkeypatch.setenv("LAZYSNAP_REGISTRY_PASSWORD", "second")
+    assert pull.user_password(args) == ("alice", "first")
+    assert pull.user_password(argparse.Namespace(user="bob:pw")) == ("bob", "pw")
+    with pytest.raises(ValueError, match="user name"):
+        pull.user_password(argparse.Namespace(user=":pw"))
