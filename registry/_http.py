@@ -167,6 +167,7 @@ class Engine:
         self._credential_provider = credentials
         self._transport_factory = transport_factory
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
+        self._system_tls: ssl.SSLContext | None = None  # system CAs only, built once
         self._challenges: dict[str, Challenge] = {}
         self._credentials: dict[str, tuple[Credentials | None, float]] = {}
         self._tokens = TokenCache()
@@ -183,8 +184,18 @@ class Engine:
 
     # -- clients --------------------------------------------------------------------------
 
+    async def warm_up(self) -> None:
+        """Load the system CA bundle now, off the event loop: it costs tens of milliseconds that
+        would otherwise fall on the first request (a daemon's first pull)."""
+        if self._system_tls is None:
+            self._system_tls = await anyio.to_thread.run_sync(ssl.create_default_context)
+
     def _ssl_context(self, host: RegistryHost) -> ssl.SSLContext:
         # The system CAs plus what hosts.toml names; verification is only off when it says so.
+        if not (host.ca_files or host.client_certs or host.skip_verify):
+            if self._system_tls is None:
+                self._system_tls = ssl.create_default_context()
+            return self._system_tls  # read-only once built: clients may share it
         context = ssl.create_default_context()
         try:
             for ca in host.ca_files:

@@ -137,6 +137,10 @@ class RegistryClient:
     async def aclose(self) -> None:
         await self._engine.aclose()
 
+    async def warm_up(self) -> None:
+        """Do now what the first request would otherwise wait for (loading the CA bundle)."""
+        await self._engine.warm_up()
+
     # -- hosts ----------------------------------------------------------------------------
 
     async def hosts_for(self, registry: str, capability: str) -> list[RegistryHost]:

@@ -152,6 +152,7 @@ async def _start_lazy(
         log.info("fuse connection taken over from the keeper",
                  extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
     client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
+    nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
     layers = RemoteLayers(fs, client, layout.tails,
                           background_fetch=config.lazy.background_fetch)
 

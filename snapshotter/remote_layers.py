@@ -39,6 +39,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ATTACH_TIMEOUT_SECONDS = 30.0
+USAGE_WRITE_WAIT_SECONDS = 0.5
 MANIFEST_CACHE_SIZE = 64  # resolve + footer + TOC; containerd waits on this Prepare
 
 
@@ -158,9 +159,13 @@ class RemoteLayers:
                              dict(request.annotations))
 
     def read_ahead(self, decision: RemoteDecision, size: int | None) -> bool:
-        """Start reading the TOC of a layer whose Prepare is announced; True if started."""
+        """Start reading the TOC of a layer whose Prepare is announced; True if started. A layer
+        the labels show is not lazy is only remembered as such."""
         request = decision.request
-        if request is None or decision.format is None:
+        if request is None:
+            return False
+        if decision.format is None:
+            self._ahead.not_lazy(request.layer_digest)
             return False
         return self._ahead.start(
             AheadLayer(
@@ -223,6 +228,10 @@ class RemoteLayers:
     async def cached_bytes(self, layer_id: str) -> int:
         if layer_id not in self._fs.layer_ids():
             return 0
+        # Readers get chunks before they are written to the cache: count what was read before
+        # this call, but never hold a Usage RPC long behind a busy background fetch.
+        with trio.move_on_after(USAGE_WRITE_WAIT_SECONDS):
+            await self._fs.writes_done()
         return self._fs.usage(layer_id).cached_bytes
 
     async def collect_garbage(

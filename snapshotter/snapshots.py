@@ -95,7 +95,8 @@ class Snapshotter:
     def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> int:
         """Layer Prepares a client announces (their labels and blob sizes, bottom layer first):
         read the TOCs of those the labels make lazy and that do not exist yet, so the Prepares
-        themselves need no registry round trip. Returns how many reads were started."""
+        themselves need no registry round trip (the layers the labels show are not lazy are
+        remembered, so no neighbour read-ahead tries them). Returns how many reads started."""
         if len(layers) > MAX_ANNOUNCED_LAYERS:
             raise InvalidArgumentError(
                 f"{len(layers)} layers announced; at most {MAX_ANNOUNCED_LAYERS} at a time"
@@ -105,8 +106,10 @@ class Snapshotter:
         announced: list[tuple[RemoteDecision, int | None]] = []
         for labels, size in layers:
             decision = decide(validate_labels(labels))
-            if decision is None or decision.request is None or decision.format is None:
+            if decision is None or decision.request is None:
                 continue
+            if decision.format is None and decision.needs_manifest:
+                continue  # unknown until its Prepare looks at the manifest
             with self.store.transaction() as tx:
                 exists = tx.get(decision.request.chain_ref) is not None
             if not exists:

@@ -93,6 +93,15 @@ class TailsAhead:
         trio.lowlevel.spawn_system_task(self._read, entry)
         return True
 
+    def not_lazy(self, digest: str) -> None:
+        """Remember for a while that ``digest`` has no TOC to read (its labels said so), so a
+        neighbour read-ahead does not request its tail for nothing."""
+        if digest in self._entries or len(self._entries) >= self._capacity:
+            return
+        entry = _Entry(AheadLayer("", digest, None, None, None), trio.current_time())
+        entry.done.set()  # nothing to read: take() finds no blob and returns None
+        self._entries[digest] = entry
+
     async def take(
         self, digest: str, *, toc_digest: str | None, annotations: Mapping[str, str]
     ) -> TailAhead | None:

@@ -321,6 +321,8 @@ def test_pull_through_the_daemon_resolves_there_and_reads_the_tocs_ahead(
     # Both lazy Prepares used the TOCs read ahead instead of asking the registry.
     attached = [line for line in log.splitlines() if "remote layer attached" in line]
     assert len(attached) == 2 and all("toc=read-ahead" in line for line in attached), attached
+    # The plain gzip layer was known not to be lazy: no neighbour read-ahead tried its tail.
+    assert "layer TOC not read ahead" not in log, log[-3000:]
     # The gzip layer's blob was fetched by the CLI into containerd's content store.
     content = containerd.ctr("content", "ls", "-q").stdout.split()
     assert seekable_image.layers[2].digest in content

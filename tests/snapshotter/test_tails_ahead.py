@@ -120,7 +120,7 @@ class RecordingRemote:
 
     def read_ahead(self, announced: list[tuple[Any, int | None]]) -> int:
         self.announced.extend(announced)
-        return len(announced)
+        return sum(1 for decision, _ in announced if decision.format is not None)
 
 
 def _labels(chain: str, digest: str, annotations: dict[str, str]) -> dict[str, str]:
@@ -144,9 +144,23 @@ def test_snapshotter_announces_only_lazy_layers_that_do_not_exist(tmp_path: Path
         plain = _labels("sha256:" + "2" * 64, "sha256:" + "b" * 64, {})
         already = _labels(existing, "sha256:" + "c" * 64, annotations)
         assert sn.read_ahead([(lazy, 1234), (plain, 10), (already, 10)]) == 1
-        (decision, size), = remote.announced
+        # The plain layer is passed on too, to be remembered as not lazy.
+        (decision, size), (plain_decision, _) = remote.announced
         assert decision.request.layer_digest == "sha256:" + "a" * 64 and size == 1234
+        assert plain_decision.format is None
+        assert plain_decision.request.layer_digest == "sha256:" + "b" * 64
         with pytest.raises(InvalidArgumentError):
             sn.read_ahead([(lazy, 1)] * (MAX_ANNOUNCED_LAYERS + 1))
     finally:
         sn.close()
+
+
+@trio_test
+async def test_a_layer_known_not_to_be_lazy_is_not_read_ahead() -> None:
+    blob, _ = _layer()
+    client = FakeClient({blob.digest: blob})
+    ahead = _ahead(client)
+    ahead.not_lazy(blob.digest)
+    assert not ahead.start(AheadLayer(IMAGE, blob.digest, None, None, None))
+    assert await ahead.take(blob.digest, toc_digest=None, annotations={}) is None
+    assert client.opened == []
