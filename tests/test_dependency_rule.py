@@ -20,8 +20,8 @@ PACKAGES = ("snapshotter", "fusefs", "registry")
 EDGES = {
     "pyfuse3": {"fusefs/operations.py", "fusefs/session.py"},
     "httpx": {str(p.relative_to(REPO)) for p in (REPO / "registry").rglob("*.py")},
-    "grpc": {"snapshotter/grpc_service.py", "snapshotter/daemon.py",
-             "snapshotter/containerd_client.py", "snapshotter/commands/status.py",
+    "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
+             "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",
              "snapshotter/commands/pull.py"},
 }
 

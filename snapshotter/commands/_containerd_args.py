@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapshotter.progress import LayerResult
+from snapshotter.client.progress import LayerResult
 
 if TYPE_CHECKING:
     from registry import HostsConfig

@@ -24,20 +24,20 @@ from registry import (
     parse_reference,
 )
 from snapshotter.commands._containerd_args import add_registry_arguments, fail, hosts_config
-from snapshotter.convert import (
+from snapshotter.convert.documents import (
+    OCI_INDEX,
+    TARGET_FORMATS,
+    ConvertError,
+    parse_target_format,
+)
+from snapshotter.convert.image import (
     ConvertOptions,
     ConvertResult,
     LayerReport,
     convert_image,
     normalize_prioritized,
 )
-from snapshotter.convert_documents import (
-    OCI_INDEX,
-    TARGET_FORMATS,
-    ConvertError,
-    parse_target_format,
-)
-from snapshotter.convert_optimize import DEFAULT_RUN_TIMEOUT, OptimizeSpec
+from snapshotter.convert.optimize import DEFAULT_RUN_TIMEOUT, OptimizeSpec
 from snapshotter.logs import setup_logging
 
 NAME = "convert"

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
+from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,
@@ -37,23 +38,22 @@ from snapshotter.commands._containerd_args import (
     hosts_config,
     summary,
 )
-from snapshotter.errors import SnapshotterError
-from snapshotter.logs import setup_logging
-from snapshotter.progress import LayerResult, NoProgress, Progress, TextProgress
-from snapshotter.resolved_image import (
+from snapshotter.daemon_api import (
     MAX_RESOLVE_REQUEST_BYTES,
     MAX_RESOLVE_RESPONSE_BYTES,
     RESOLVE_RPC_TIMEOUT_SECONDS,
     ResolvedImage,
 )
+from snapshotter.errors import SnapshotterError
+from snapshotter.logs import setup_logging
 
 if TYPE_CHECKING:
     import trio
 
     from registry import CredentialProvider, Credentials, Descriptor, Reference
-    from snapshotter.containerd_client import ContainerdClient
-    from snapshotter.image_pull import ImageDocuments, RegistryBlobs
-    from snapshotter.unpacker import UnpackPlan
+    from snapshotter.client.containerd_client import ContainerdClient
+    from snapshotter.client.pull import ImageDocuments, RegistryBlobs
+    from snapshotter.client.unpacker import UnpackPlan
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class OnDemandRegistryBlobs:
         import trio  # noqa: PLC0415 (see the class docstring)
 
         from registry import RegistryClient, parse_reference  # noqa: PLC0415
-        from snapshotter.image_pull import RegistryBlobs  # noqa: PLC0415
+        from snapshotter.client.pull import RegistryBlobs  # noqa: PLC0415
 
         ref = parse_reference(self._image_name)
         provider = _credentials(self._args, ref)
@@ -368,8 +368,8 @@ def _unpack_resolved(
 ) -> int:
     # Meanwhile the daemon talks to the registry: import what the unpack needs, reach containerd.
     from registry import NotFoundError, RegistryError  # noqa: PLC0415 (module docstring)
-    from snapshotter.containerd_client import ContainerdClient  # noqa: PLC0415
-    from snapshotter.image_pull import documents_from_resolved, store_and_unpack  # noqa: PLC0415
+    from snapshotter.client.containerd_client import ContainerdClient  # noqa: PLC0415
+    from snapshotter.client.pull import documents_from_resolved, store_and_unpack  # noqa: PLC0415
 
     try:
         with ContainerdClient(args.address, args.namespace) as client:
@@ -424,7 +424,7 @@ async def _pull(
         parse_platform,
         parse_reference,
     )
-    from snapshotter.image_pull import pull  # noqa: PLC0415
+    from snapshotter.client.pull import pull  # noqa: PLC0415
 
     reference = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else host_platform()
@@ -459,7 +459,7 @@ def _pull_locally(args: argparse.Namespace, progress: Progress) -> int:
         parse_platform,
         parse_reference,
     )
-    from snapshotter.containerd_client import ContainerdClient  # noqa: PLC0415
+    from snapshotter.client.containerd_client import ContainerdClient  # noqa: PLC0415
 
     try:
         parse_reference(args.image)

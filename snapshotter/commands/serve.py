@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from snapshotter.config import LOG_LEVELS, ConfigError, load_config, with_overrides
-from snapshotter.daemon import StartupError, serve
+from snapshotter.daemon.config import LOG_LEVELS, ConfigError, load_config, with_overrides
+from snapshotter.daemon.main import StartupError, serve
 from snapshotter.logs import setup_logging
 
 

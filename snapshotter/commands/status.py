@@ -9,7 +9,7 @@ import sys
 import grpc
 
 from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
-from snapshotter.config import DEFAULT_ADDRESS
+from snapshotter.daemon.config import DEFAULT_ADDRESS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,9 @@ from registry import (
     host_platform,
     parse_platform,
 )
+from snapshotter.client.containerd_client import ContainerdClient
+from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
+from snapshotter.client.pull import ImageDocuments, unpack_existing, unpack_fetching
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,
@@ -25,11 +28,8 @@ from snapshotter.commands._containerd_args import (
     hosts_config,
     summary,
 )
-from snapshotter.containerd_client import ContainerdClient
 from snapshotter.errors import SnapshotterError
-from snapshotter.image_pull import ImageDocuments, unpack_existing, unpack_fetching
 from snapshotter.logs import setup_logging
-from snapshotter.progress import LayerResult, NoProgress, Progress, TextProgress
 
 NAME = "unpack"
 

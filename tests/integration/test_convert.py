@@ -21,7 +21,7 @@ import trio
 
 from registry import RegistryClient, parse_reference
 from tests.integration.conftest import PushedImage
-from tests.snapshotter.test_convert import decompressed, files_of
+from tests.snapshotter.convert.test_image import decompressed, files_of
 from tests.support.docker_registry import RunningRegistry
 from tests.support.ports import free_port
 

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from snapshotter._proto import snapshots_pb2, snapshots_pb2_grpc
-from snapshotter.snapshots import Snapshotter
+from snapshotter.store.snapshots import Snapshotter
 from tests.integration.snapshot_suite_support import Client, daemon_in, short_tmpdir, status_of
 from tests.support.daemon import Daemon
 
@@ -226,8 +226,8 @@ _CRASH_SCRIPT = """
 import inspect, os, sys
 from pathlib import Path
 from typing import Any
-from snapshotter import snapshots
-from snapshotter.metadata import Transaction
+from snapshotter.store import snapshots
+from snapshotter.store.metadata import Transaction
 
 root, point, op = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 sn = snapshots.Snapshotter(root)

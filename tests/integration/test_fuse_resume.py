@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import fuse_keeper
+from snapshotter.daemon import keeper as fuse_keeper
 from tests.integration.fuse_support import (
     BIG,
     REPO,

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from snapshotter.chain import chain_ids
+from snapshotter.client.chain import chain_ids
 from snapshotter.labels import REMOTE, REMOTE_VALUE
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd

@@ -25,7 +25,7 @@ from snapshotter.labels import (
     REMOTE_VALUE,
     SNAPSHOT_REF,
 )
-from snapshotter.remote_labels import ANNOTATION_LABEL_PREFIX
+from snapshotter.remote.decision import ANNOTATION_LABEL_PREFIX
 from tests.support import oci_image as oci
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import fuse_keeper
+from snapshotter.daemon import keeper as fuse_keeper
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon

@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from snapshotter._proto import snapshots_pb2
-from snapshotter.mounts import MOUNT_OPTIONS_BUDGET
+from snapshotter.store.mounts import MOUNT_OPTIONS_BUDGET
 from tests.integration.snapshot_suite_support import (
     GC_ROOT,
     OPT,

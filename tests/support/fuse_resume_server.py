@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from fusefs import LazyFilesystem, session
-from snapshotter import fuse_keeper
+from snapshotter.daemon import keeper as fuse_keeper
 from tests.integration.fuse_support import (
     BASE_ENTRIES,
     TOP_ENTRIES,

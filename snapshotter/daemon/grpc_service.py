@@ -1,0 +1,263 @@
+"""The gRPC edge: containerd's Snapshots service and lazysnap's Daemon service.
+
+Protobuf messages stop here: requests become domain calls, domain errors become status codes
+through one table, and nothing but a status with a message ever reaches containerd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from registry import Credentials, parse_reference
+from snapshotter import errors
+from snapshotter._proto import (
+    daemon_pb2,
+    daemon_pb2_grpc,
+    mount_pb2,
+    snapshots_pb2,
+    snapshots_pb2_grpc,
+)
+from snapshotter.daemon.pushed_credentials import MAX_TTL_SECONDS, PushedCredentials
+from snapshotter.daemon_api import (
+    RegistryAuthError,
+    RegistryDeniedError,
+    ResolvedImage,
+    ResolveError,
+    ResolveTimeoutError,
+)
+from snapshotter.model import Kind, Mount, SnapshotInfo
+from snapshotter.remote.resolve import resolve_and_read_ahead
+from snapshotter.store.snapshots import Snapshotter
+from snapshotter.version import VERSION
+
+log = logging.getLogger(__name__)
+
+# containerd relies on these exact codes (ARCHITECTURE.md §4).
+STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ...] = (
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotImplementedByBackendError, grpc.StatusCode.UNIMPLEMENTED),
+    # Daemon/Resolve's registry failures (ImageNotFoundError is a NotFoundError, above); the
+    # CLI maps these codes back to the messages of a local resolution.
+    (RegistryAuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (RegistryDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (ResolveTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ResolveError, grpc.StatusCode.UNAVAILABLE),
+)
+
+# containerd sends List results in blocks; 100 per message as its own snapshot service does.
+LIST_BLOCK = 100
+
+T = TypeVar("T")
+
+
+def status_for(exc: errors.SnapshotterError) -> grpc.StatusCode:
+    for cls, code in STATUS_OF_ERROR:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("context.abort returns only by raising")
+
+
+def _call(context: grpc.ServicerContext, rpc: str, action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except errors.SnapshotterError as exc:
+        code = status_for(exc)
+        log.info("rpc=%s code=%s error=%r", rpc, code.name, str(exc))
+        _abort(context, code, str(exc))
+    except Exception as exc:
+        # A bug or an OS error: containerd gets INTERNAL with a message, the daemon lives on.
+        log.exception("rpc=%s failed unexpectedly", rpc)
+        _abort(context, grpc.StatusCode.INTERNAL, f"{rpc}: {type(exc).__name__}: {exc}")
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def info_to_proto(info: SnapshotInfo) -> snapshots_pb2.Info:
+    return snapshots_pb2.Info(
+        name=info.name,
+        parent=info.parent,
+        kind=int(info.kind),  # type: ignore[arg-type]
+        created_at=_timestamp(info.created_ns),
+        updated_at=_timestamp(info.updated_ns),
+        labels=info.labels,
+    )
+
+
+def info_from_proto(info: snapshots_pb2.Info) -> SnapshotInfo:
+    kind = Kind(info.kind) if info.kind in (1, 2, 3) else Kind.COMMITTED
+    return SnapshotInfo(
+        name=info.name,
+        parent=info.parent,
+        kind=kind,
+        created_ns=info.created_at.seconds * 1_000_000_000 + info.created_at.nanos,
+        updated_ns=info.updated_at.seconds * 1_000_000_000 + info.updated_at.nanos,
+        labels=dict(info.labels),
+    )
+
+
+def mounts_to_proto(mounts: list[Mount]) -> list[mount_pb2.Mount]:
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in mounts
+    ]
+
+
+class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self._sn = snapshotter
+
+    def Prepare(self, request: Any, context: grpc.ServicerContext) -> Any:
+        mounts = _call(context, "Prepare", lambda: self._sn.prepare(
+            request.key, request.parent, dict(request.labels)))
+        return snapshots_pb2.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
+
+    def View(self, request: Any, context: grpc.ServicerContext) -> Any:
+        mounts = _call(context, "View", lambda: self._sn.view(
+            request.key, request.parent, dict(request.labels)))
+        return snapshots_pb2.ViewSnapshotResponse(mounts=mounts_to_proto(mounts))
+
+    def Mounts(self, request: Any, context: grpc.ServicerContext) -> Any:
+        mounts = _call(context, "Mounts", lambda: self._sn.mounts(request.key))
+        return snapshots_pb2.MountsResponse(mounts=mounts_to_proto(mounts))
+
+    def Commit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _call(context, "Commit", lambda: self._sn.commit(
+            request.name, request.key, dict(request.labels), request.parent))
+        return empty_pb2.Empty()
+
+    def Remove(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _call(context, "Remove", lambda: self._sn.remove(request.key))
+        return empty_pb2.Empty()
+
+    def Stat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        info = _call(context, "Stat", lambda: self._sn.stat(request.key))
+        return snapshots_pb2.StatSnapshotResponse(info=info_to_proto(info))
+
+    def Update(self, request: Any, context: grpc.ServicerContext) -> Any:
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        info = _call(context, "Update", lambda: self._sn.update(
+            info_from_proto(request.info), paths))
+        return snapshots_pb2.UpdateSnapshotResponse(info=info_to_proto(info))
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        infos = _call(context, "List", lambda: self._sn.list(list(request.filters)))
+        for start in range(0, len(infos), LIST_BLOCK):
+            block = infos[start : start + LIST_BLOCK]
+            yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_proto(i) for i in block])
+
+    def Usage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        usage = _call(context, "Usage", lambda: self._sn.usage(request.key))
+        return snapshots_pb2.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    def Cleanup(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _call(context, "Cleanup", self._sn.cleanup)
+        return empty_pb2.Empty()
+
+
+def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
+    host = request.host.strip()
+    if not host and request.image:
+        try:
+            host = parse_reference(request.image).domain
+        except ValueError as exc:
+            raise errors.InvalidArgumentError(str(exc)) from exc
+    if not host or len(host) > 255 or any(c.isspace() or c == "/" for c in host):
+        raise errors.InvalidArgumentError("host must be a registry host[:port], e.g. example:5000")
+    if not request.secret:
+        raise errors.InvalidArgumentError("secret (password or identity token) is empty")
+    if not 0 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+        raise errors.InvalidArgumentError(f"ttl_seconds must be within 0..{MAX_TTL_SECONDS}")
+    if request.username:
+        credentials = Credentials(username=request.username, password=request.secret)
+    else:
+        credentials = Credentials(identity_token=request.secret)
+    return host, credentials, int(request.ttl_seconds)
+
+
+def resolved_to_proto(image: ResolvedImage) -> Any:
+    """The manifest travels once: without an index it is the target itself."""
+    return daemon_pb2.ResolveResponse(
+        name=image.name,
+        target_media_type=image.target_media_type,
+        target_digest=image.target_digest,
+        target_content=image.target_content,
+        manifest_media_type=image.manifest_media_type,
+        manifest_digest=image.manifest_digest,
+        manifest=image.manifest_content if image.has_index else b"",
+        config=image.config,
+        read_ahead=list(image.read_ahead),
+    )
+
+
+class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
+    def __init__(
+        self, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+    ) -> None:
+        self._sn = snapshotter
+        self._credentials = credentials
+        self._started = time.monotonic()
+
+    def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def store() -> float:
+            if self._credentials is None:
+                raise errors.FailedPreconditionError("lazy pulling is disabled in this daemon")
+            host, credentials, ttl = _credentials_from_request(request)
+            expires = self._credentials.set(host, credentials, ttl)
+            # The host and user name only: the secret never reaches a log.
+            log.info("registry credentials set host=%s user=%r expires_in=%ds", host,
+                     credentials.username, expires)
+            return expires
+
+        expires = _call(context, "SetCredentials", store)
+        return daemon_pb2.SetCredentialsResponse(expires_in_seconds=int(expires))
+
+    def PrepareAhead(self, request: Any, context: grpc.ServicerContext) -> Any:
+        layers = [(dict(layer.labels), int(layer.size)) for layer in request.layers]
+        started = _call(context, "PrepareAhead", lambda: self._sn.read_ahead(layers))
+        log.info("prepare-ahead layers=%d started=%d", len(layers), started)
+        return daemon_pb2.PrepareAheadResponse(started=started)
+
+    def Resolve(self, request: Any, context: grpc.ServicerContext) -> Any:
+        image = _call(
+            context, "Resolve",
+            lambda: resolve_and_read_ahead(self._sn, request.image, request.platform),
+        )
+        return resolved_to_proto(image)
+
+    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        counts = _call(context, "Status", self._sn.counts)
+        return daemon_pb2.StatusResponse(
+            version=VERSION,
+            root=str(self._sn.layout.root),
+            pid=os.getpid(),
+            uptime_seconds=time.monotonic() - self._started,
+            snapshots_active=counts.active,
+            snapshots_committed=counts.committed,
+            snapshots_view=counts.view,
+        )
+
+
+def add_services(
+    server: grpc.Server, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+) -> None:
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
+    daemon_pb2_grpc.add_DaemonServicer_to_server(
+        DaemonServicer(snapshotter, credentials), server
+    )

@@ -1,0 +1,276 @@
+"""Keep the FUSE connection alive across a daemon crash: a tiny process holding a dup of the
+``/dev/fuse`` fd.
+
+The kernel ends a FUSE connection (and every container reading through it gets ENOTCONN) when
+the last fd of ``/dev/fuse`` closes. The daemon therefore hands a duplicate of its fd to this
+keeper, started detached (its own session, KillMode=process in the unit), which
+
+* never reads from it (requests wait in the kernel while no daemon runs);
+* gives a copy to whoever asks on its unix socket ``<root>/fuse-keeper.sock`` (0600; root
+  only), with SCM_RIGHTS, so a restarted daemon can serve the same connection;
+* exits by itself once the connection ends: the daemon unmounted on a clean stop, or an
+  operator did. The fd then polls POLLERR; the keeper checks on every mount table change and
+  every second, and not on every request, which would wake it for each FUSE read.
+
+Run as ``python -m snapshotter.daemon.keeper`` by ``start_keeper``; the daemon talks to it with
+``take_over`` and ``retire``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from snapshotter.logs import setup_logging
+
+log = logging.getLogger("snapshotter.daemon.keeper")  # also when run as __main__
+
+SOCKET_NAME: Final = "fuse-keeper.sock"
+_CHECK_SECONDS: Final = 1.0
+_CLIENT_TIMEOUT: Final = 5.0
+_TAKE: Final = b"take"
+_EXIT: Final = b"exit"
+
+
+def keeper_socket(root: Path) -> Path:
+    return root / SOCKET_NAME
+
+
+def mount_device(mountpoint: Path) -> str | None:
+    """``major:minor`` of the FUSE mount at ``mountpoint`` (the top one), from mountinfo.
+
+    Read from /proc, never with stat(): a stat of the mount root would wait for an answer from
+    the very daemon that is not running yet.
+    """
+    # Resolve the parent only: resolving the mount root itself would stat it.
+    target = os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if _unescape(fields[4]) == target and fields[separator + 1].startswith("fuse"):
+                found = fields[2]
+    return found
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\"
+    )
+
+
+def connection_alive(fd: int) -> bool:
+    """False once the kernel ended the connection (events=0: only POLLERR/HUP/NVAL report)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return not poller.poll(0)
+
+
+# -- the daemon's side ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Handover:
+    fd: int
+    device: str
+    keeper_pid: int
+
+
+def _ask(socket_path: Path, command: bytes) -> tuple[dict[str, object], list[int]] | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(_CLIENT_TIMEOUT)
+        try:
+            conn.connect(str(socket_path))
+            conn.sendall(command)
+            conn.shutdown(socket.SHUT_WR)
+            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None  # no keeper (none started, or it exited with its connection)
+        except OSError as exc:
+            log.warning("fuse keeper did not answer socket=%s error=%r", socket_path, exc)
+            return None
+    try:
+        return json.loads(data or b"{}"), fds
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        return None
+
+
+def take_over(socket_path: Path, mountpoint: Path) -> Handover | None:
+    """The live connection for the FUSE mount at ``mountpoint``, or None.
+
+    None when no keeper answers, or its connection ended, or it is not the one mounted at
+    ``mountpoint`` (then the keeper is told to exit). The keeper keeps its own copy.
+    """
+    answer = _ask(socket_path, _TAKE)
+    if answer is None:
+        return None
+    info, fds = answer
+    if len(fds) != 1:
+        log.warning("fuse keeper sent no fd socket=%s answer=%s", socket_path, info)
+        return None
+    fd = fds[0]
+    device = str(info.get("device"))
+    pid = int(str(info.get("pid", 0)))
+    reason = None
+    if info.get("mountpoint") != str(mountpoint):
+        reason = f"it keeps the mount at {info.get('mountpoint')}"
+    elif not connection_alive(fd):
+        reason = "its connection has ended"
+    elif mount_device(mountpoint) != device:
+        reason = f"{mountpoint} is not its mount (device {device})"
+    if reason is not None:
+        log.warning("fuse keeper connection not adopted keeper_pid=%d reason=%s", pid, reason)
+        os.close(fd)
+        retire(socket_path)
+        return None
+    return Handover(fd, device, pid)
+
+
+def retire(socket_path: Path) -> None:
+    """Ask a keeper to let go of its connection and exit (no-op without one)."""
+    _ask(socket_path, _EXIT)
+
+
+def start_keeper(socket_path: Path, fd: int, mountpoint: Path) -> int:
+    """Start a keeper holding a copy of ``fd`` (the connection mounted at ``mountpoint``);
+    returns its pid. The listening socket is bound here, before returning, so a daemon that
+    dies right after still leaves a keeper that answers."""
+    device = mount_device(mountpoint)
+    if device is None:
+        raise RuntimeError(f"no FUSE mount at {mountpoint}")
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()  # a stale socket, or one whose keeper is on its way out
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)  # born 0600: the fd gives full control of the mount
+        try:
+            listener.bind(str(socket_path))
+        finally:
+            os.umask(old_umask)
+        listener.listen(8)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snapshotter.daemon.keeper",
+             "--listen-fd", str(listener.fileno()), "--fuse-fd", str(fd),
+             "--socket", str(socket_path), "--mountpoint", str(mountpoint),
+             "--device", device],
+            pass_fds=(listener.fileno(), fd),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=_keeper_stderr(),
+            start_new_session=True,  # outlives the daemon and its process group's signals
+            cwd="/",  # holds no directory busy
+        )
+    finally:
+        listener.close()
+    log.info("fuse keeper started pid=%d socket=%s device=%s", process.pid, socket_path, device)
+    return process.pid
+
+
+def _keeper_stderr() -> int | None:
+    """The daemon's stderr (the journal, a log file), but never a pipe: whoever reads the
+    daemon's output through one would wait for the keeper to exit as well."""
+    try:
+        if stat.S_ISFIFO(os.fstat(2).st_mode):
+            return subprocess.DEVNULL
+    except OSError:
+        return subprocess.DEVNULL
+    return None
+
+
+# -- the keeper ----------------------------------------------------------------------------
+
+
+class _Keeper:
+    def __init__(
+        self, listener: socket.socket, fuse_fd: int, socket_path: Path, mountpoint: str,
+        device: str,
+    ) -> None:
+        self._listener = listener
+        self._fuse_fd = fuse_fd
+        self._socket_path = socket_path
+        self._socket_ino = os.stat(socket_path).st_ino
+        self._mountpoint = mountpoint
+        self._device = device
+
+    def run(self) -> str:
+        """Serve until the connection ends or someone asks us to exit; returns why."""
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        # A changed mount table (an unmount, among others) makes this poll POLLPRI|POLLERR:
+        # the moment to look at the connection again.
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            poller.register(mountinfo.fileno(), select.POLLPRI)
+            while True:
+                ready = poller.poll(int(_CHECK_SECONDS * 1000))
+                if not connection_alive(self._fuse_fd):
+                    return "connection ended"
+                if any(fd == self._listener.fileno() for fd, _ in ready) and self._client():
+                    return "asked to exit"
+
+    def _client(self) -> bool:
+        """Answer one client; True when it asked us to exit."""
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return False
+        with conn:
+            conn.settimeout(_CLIENT_TIMEOUT)
+            try:
+                command = conn.recv(64).strip()
+                if command == _EXIT:
+                    conn.sendall(b"{}")
+                    return True
+                if command == _TAKE:
+                    info = {"mountpoint": self._mountpoint, "device": self._device,
+                            "pid": os.getpid()}
+                    socket.send_fds(conn, [json.dumps(info).encode()], [self._fuse_fd])
+                    log.info("fuse keeper handed the connection over device=%s", self._device)
+            except OSError as exc:
+                log.warning("fuse keeper client failed error=%r", exc)
+        return False
+
+    def close(self) -> None:
+        self._listener.close()
+        os.close(self._fuse_fd)
+        # Only our own socket: a newer keeper may have bound the path since.
+        with contextlib.suppress(OSError):
+            if os.stat(self._socket_path).st_ino == self._socket_ino:
+                self._socket_path.unlink()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snapshotter.daemon.keeper")
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--fuse-fd", type=int, required=True)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--device", required=True)
+    args = parser.parse_args(argv)
+    setup_logging("info", "json")
+    listener = socket.socket(fileno=args.listen_fd)
+    keeper = _Keeper(listener, args.fuse_fd, args.socket, args.mountpoint, args.device)
+    log.info("fuse keeper running pid=%d mountpoint=%s device=%s",
+             os.getpid(), args.mountpoint, args.device)
+    try:
+        why = keeper.run()
+    finally:
+        keeper.close()
+    log.info("fuse keeper exiting pid=%d reason=%s", os.getpid(), why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The composition root: build the snapshotter, the lazy filesystem and the registry client,
+serve gRPC, and run trio on the main thread.
+
+grpcio's async API is asyncio-only, so the gRPC server is the synchronous one on a thread pool;
+the main thread runs ``trio.run``: the FUSE session, registry fetches and background fetch live
+there, and it waits for SIGTERM/SIGINT. RPCs reach trio through ``RemoteSnapshots`` (one hop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import trio
+
+from fusefs import LazyFilesystem
+from registry import DockerConfigCredentials, HostsConfig, RegistryClient
+from snapshotter.daemon import keeper as fuse_keeper
+from snapshotter.daemon.config import Config
+from snapshotter.daemon.grpc_service import add_services
+from snapshotter.daemon.pushed_credentials import PushedCredentials
+from snapshotter.daemon.sdnotify import notify
+from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
+from snapshotter.remote.layers import RemoteLayers, RemoteSnapshots
+from snapshotter.store.metadata import MetadataError
+from snapshotter.store.snapshots import Snapshotter
+from snapshotter.version import VERSION
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # containerd's own limit
+GRPC_WORKERS = 16
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is meant for the operator."""
+
+
+def _open_snapshotter(root: Path) -> Snapshotter:
+    try:
+        return Snapshotter(root)
+    except PermissionError as exc:
+        raise StartupError(f"state root {root} is not writable: {exc.strerror}") from None
+    except OSError as exc:
+        raise StartupError(f"cannot use state root {root}: {exc.strerror or exc}") from None
+    except MetadataError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _start_server(
+    snapshotter: Snapshotter, address: Path, credentials: PushedCredentials | None
+) -> grpc.Server:
+    try:
+        prepare_socket_path(address)
+    except SocketError as exc:
+        raise StartupError(str(exc)) from None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    add_services(server, snapshotter, credentials)
+    old_umask = os.umask(0o117)  # the socket is born 0660, never briefly world-accessible
+    try:
+        bound = server.add_insecure_port(f"unix:{address}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    finally:
+        os.umask(old_umask)
+    if not bound:
+        raise StartupError(f"cannot listen on {address}")
+    os.chmod(address, 0o660)
+    server.start()
+    return server
+
+
+def _check_socket(address: Path) -> None:
+    try:
+        prepare_socket_path(address)
+    except SocketError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _clear_stale_mount(mountpoint: Path) -> None:
+    """A killed daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except FileNotFoundError:
+        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    except OSError:
+        pass
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                   capture_output=True, timeout=30)
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True,
+                   timeout=30)
+
+
+def _start_keeper(fs: LazyFilesystem, socket_path: Path, mountpoint: Path) -> None:
+    """Hand a copy of the new connection to a keeper, so a crash does not end it."""
+    try:
+        fd = fs.dup_device_fd()
+    except RuntimeError as exc:
+        log.warning("no fuse keeper: running containers will not survive a crash: %s", exc)
+        return
+    try:
+        fuse_keeper.start_keeper(socket_path, fd, mountpoint)
+    except (OSError, RuntimeError) as exc:
+        log.warning("no fuse keeper: running containers will not survive a crash: %r", exc)
+    finally:
+        os.close(fd)
+
+
+async def _start_lazy(
+    config: Config, snapshotter: Snapshotter, nursery: trio.Nursery,
+    credentials: PushedCredentials,
+) -> tuple[LazyFilesystem, RegistryClient] | None:
+    """Mount the FUSE filesystem and re-attach remote layers; None when FUSE is unavailable."""
+    if not config.lazy.enabled:
+        log.info("lazy pulling disabled by configuration")
+        return None
+    layout = snapshotter.layout
+    if not await trio.Path("/dev/fuse").exists():
+        log.warning("lazy pulling unavailable: /dev/fuse is missing; serving ordinary snapshots")
+        return None
+    keeper = fuse_keeper.keeper_socket(layout.root)
+    # A keeper still holding the connection of the mount at layout.fuse (the previous daemon
+    # crashed): serve that connection, so running containers' reads resume. Otherwise mount.
+    handover = await trio.to_thread.run_sync(fuse_keeper.take_over, keeper, layout.fuse)
+    if handover is None:
+        await trio.to_thread.run_sync(_clear_stale_mount, layout.fuse)
+    fs = LazyFilesystem(layout.fuse, layout.cache, cache_capacity=config.lazy.cache_capacity,
+                        adopt_fd=None if handover is None else handover.fd)
+    try:
+        await nursery.start(fs.run)
+    except Exception as exc:
+        log.warning("lazy pulling unavailable: cannot mount %s: %s", layout.fuse, exc)
+        return None
+    if handover is None:
+        await trio.to_thread.run_sync(_start_keeper, fs, keeper, layout.fuse)
+    else:
+        log.info("fuse connection taken over from the keeper",
+                 extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
+    client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
+    nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
+    layers = RemoteLayers(fs, client, layout.tails,
+                          background_fetch=config.lazy.background_fetch)
+
+    def records() -> list:  # type: ignore[type-arg]
+        with snapshotter.store.transaction() as tx:
+            return tx.remote_layers()
+
+    # Restoring reads only local files (saved TOC ranges): startup never waits on a registry.
+    async with trio.open_nursery() as restoring:
+        for record in await trio.to_thread.run_sync(records):
+            restoring.start_soon(layers.restore, record)
+    # Adopted connection: the kernel's queued requests are answered only now that every layer
+    # is back at its slot (the same inode numbers the kernel already holds).
+    fs.resume()
+    snapshotter.enable_remote(RemoteSnapshots(layers, trio.lowlevel.current_trio_token()))
+    return fs, client
+
+
+async def _wait_for_stop_signal() -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            return int(signum)
+    return 0
+
+
+async def _serve(config: Config, snapshotter: Snapshotter) -> int:
+    async with trio.open_nursery() as nursery:
+        credentials = PushedCredentials(DockerConfigCredentials())
+        # Refuse to start next to a running daemon before touching its FUSE connection.
+        await trio.to_thread.run_sync(_check_socket, config.address)
+        lazy = await _start_lazy(config, snapshotter, nursery, credentials)
+        server = await trio.to_thread.run_sync(
+            _start_server, snapshotter, config.address, credentials if lazy else None
+        )
+        log.info(
+            "serving", extra={"version": VERSION, "root": str(config.root),
+                              "address": str(config.address), "pid": os.getpid(),
+                              "lazy": lazy is not None},
+        )
+        notify(f"READY=1\nSTATUS=serving on {config.address}\nMAINPID={os.getpid()}")
+        try:
+            signum = await _wait_for_stop_signal()
+            log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        finally:
+            notify("STOPPING=1")
+            # In-flight RPCs finish (they may still hop into trio, so wait off the trio thread).
+            await trio.to_thread.run_sync(
+                lambda: server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+            )
+            snapshotter.enable_remote(None)
+            with contextlib.suppress(FileNotFoundError):
+                config.address.unlink()
+            kept = False
+            if lazy is not None:
+                fs, client = lazy
+                await client.aclose()
+                layout = snapshotter.layout
+                if config.lazy.keep_mounted_on_stop:
+                    kept = await trio.to_thread.run_sync(
+                        _keeper_holds, layout.fuse, fuse_keeper.keeper_socket(layout.root)
+                    )
+                if kept:
+                    fs.leave_mounted()
+                else:
+                    fs.unmount()
+            nursery.cancel_scope.cancel()
+    if lazy is not None and not kept:
+        layout = snapshotter.layout
+        await trio.to_thread.run_sync(
+            _release_keeper, layout.fuse, fuse_keeper.keeper_socket(layout.root)
+        )
+    return signum
+
+
+def _keeper_holds(mountpoint: Path, keeper: Path) -> bool:
+    """Whether a keeper holds the live connection of the mount at ``mountpoint`` (then the
+    daemon may stop without unmounting: the next one takes the connection over)."""
+    handover = fuse_keeper.take_over(keeper, mountpoint)
+    if handover is None:
+        log.warning("no fuse keeper holds the connection; unmounting on stop",
+                    extra={"mountpoint": str(mountpoint)})
+        return False
+    os.close(handover.fd)  # the keeper keeps its own copy
+    log.info("fuse connection left to the keeper for the next daemon",
+             extra={"mountpoint": str(mountpoint), "keeper_pid": handover.keeper_pid})
+    return True
+
+
+def _release_keeper(mountpoint: Path, keeper: Path) -> None:
+    """After a clean stop's unmount, let the keeper go: containers still running on lazy
+    layers hold the filesystem through their overlay mounts (overlayfs keeps its own private
+    reference), so the connection would otherwise live on, unserved, and their reads would
+    hang instead of failing with ENOTCONN as they did before keepers. A mount still in place
+    (busy) keeps its keeper: the next daemon takes it over."""
+    if fuse_keeper.mount_device(mountpoint) is not None:
+        log.warning("fuse mount still in place after stop; kept for the next daemon",
+                    extra={"mountpoint": str(mountpoint)})
+        return
+    fuse_keeper.retire(keeper)
+
+
+def _startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
+    """trio wraps errors raised in a nursery in groups; an operator wants the message."""
+    found = group.subgroup(StartupError)
+    while found is not None:
+        first = found.exceptions[0]
+        if isinstance(first, StartupError):
+            return first
+        found = first.subgroup(StartupError) if isinstance(first, BaseExceptionGroup) else None
+    return None
+
+
+def serve(config: Config) -> int:
+    snapshotter = _open_snapshotter(config.root)
+    try:
+        trio.run(_serve, config, snapshotter)
+    except BaseExceptionGroup as group:
+        startup = _startup_error(group)
+        if startup is not None:
+            raise startup from None
+        raise
+    finally:
+        snapshotter.close()
+    log.info("stopped")
+    return 0

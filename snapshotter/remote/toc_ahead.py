@@ -1,0 +1,141 @@
+"""Layer TOCs read before their Prepare arrives, so the Prepare needs no registry round trip.
+
+A Prepare that mounts a layer lazily waits for the blob's size, its footer and TOC ranges and the
+TOC's parsing. Two things tell the daemon early which layers come next:
+
+* ``lazysnap pull`` announces every layer it is about to unpack (``Daemon/PrepareAhead``), with
+  the labels its Prepares will carry and the layer sizes from the manifest;
+* a Prepare with ``cri.image-layers`` names the image's other layers (containerd unpacks them one
+  after another).
+
+For each, a task opens the blob, reads and indexes its TOC and keeps the result for a while. The
+Prepare takes it: the recorded ranges always (no network), the index too when it was built with
+the same expected digests the Prepare has (otherwise it is built again from the ranges, with the
+Prepare's digests, so nothing is trusted that the Prepare's labels would not vouch for).
+Everything here runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from fusefs import BlobReader, LayerIndex, load_layer_index
+from registry import RegistryClient, parse_reference
+from snapshotter.remote.saved_toc import RecordingBlob
+
+log = logging.getLogger(__name__)
+
+AHEAD_TIMEOUT_SECONDS = 30.0
+AHEAD_CAPACITY = 32  # layers read ahead and not yet taken; each holds about one tail read
+AHEAD_LIFETIME_SECONDS = 120.0  # an announced layer whose Prepare never comes is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class AheadLayer:
+    image_ref: str
+    digest: str
+    size: int | None  # from the manifest; None: the registry is asked (HEAD)
+    toc_digest: str | None  # the expected digests the index is built with
+    annotations: Mapping[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TailAhead:
+    """What a Prepare takes: the open blob, the ranges its TOC reader read, and the index when
+    it was built with the Prepare's own expected digests."""
+
+    blob: BlobReader
+    ranges: dict[int, bytes]
+    index: LayerIndex | None
+
+
+@dataclass(slots=True)
+class _Entry:
+    layer: AheadLayer
+    created: float
+    done: trio.Event = field(default_factory=trio.Event)
+    blob: BlobReader | None = None
+    ranges: dict[int, bytes] = field(default_factory=dict)
+    index: LayerIndex | None = None
+
+
+class TailsAhead:
+    def __init__(
+        self,
+        client: RegistryClient,
+        *,
+        capacity: int = AHEAD_CAPACITY,
+        lifetime: float = AHEAD_LIFETIME_SECONDS,
+    ) -> None:
+        self._client = client
+        self._capacity = capacity
+        self._lifetime = lifetime
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def start(self, layer: AheadLayer) -> bool:
+        """Begin reading ``layer``'s TOC unless it is already being read; True if started."""
+        now = trio.current_time()
+        while self._entries:  # the oldest first: drop those nobody took in time
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.created < self._lifetime:
+                break
+            self._entries.popitem(last=False)
+        if layer.digest in self._entries or len(self._entries) >= self._capacity:
+            return False
+        entry = _Entry(layer, now)
+        self._entries[layer.digest] = entry
+        # A system task: it outlives the RPC that started it and is cancelled at shutdown.
+        trio.lowlevel.spawn_system_task(self._read, entry)
+        return True
+
+    def not_lazy(self, digest: str) -> None:
+        """Remember for a while that ``digest`` has no TOC to read (its labels said so), so a
+        neighbour read-ahead does not request its tail for nothing."""
+        if digest in self._entries or len(self._entries) >= self._capacity:
+            return
+        entry = _Entry(AheadLayer("", digest, None, None, None), trio.current_time())
+        entry.done.set()  # nothing to read: take() finds no blob and returns None
+        self._entries[digest] = entry
+
+    async def take(
+        self, digest: str, *, toc_digest: str | None, annotations: Mapping[str, str]
+    ) -> TailAhead | None:
+        """The TOC read ahead for ``digest`` (waiting for it if still in flight), or None."""
+        entry = self._entries.pop(digest, None)
+        if entry is None:
+            return None
+        await entry.done.wait()  # bounded: the read gives up after AHEAD_TIMEOUT_SECONDS
+        if entry.blob is None:
+            return None
+        same_digests = entry.layer.toc_digest == toc_digest and dict(
+            entry.layer.annotations or {}
+        ) == dict(annotations)
+        return TailAhead(entry.blob, entry.ranges, entry.index if same_digests else None)
+
+    def pending(self) -> int:
+        return len(self._entries)
+
+    async def _read(self, entry: _Entry) -> None:
+        layer = entry.layer
+        try:
+            with trio.fail_after(AHEAD_TIMEOUT_SECONDS):
+                blob = await self._client.open_blob(
+                    parse_reference(layer.image_ref), layer.digest, layer.size
+                )
+                recording = RecordingBlob(blob)
+                index = await load_layer_index(
+                    recording, toc_digest=layer.toc_digest, annotations=layer.annotations
+                )
+            entry.blob, entry.ranges, entry.index = blob, recording.ranges, index
+            log.debug("layer TOC read ahead digest=%s entries=%d", layer.digest,
+                      index.entry_count)
+        except Exception as exc:  # the Prepare then reads it itself, and reports any failure
+            log.info("layer TOC not read ahead digest=%s reason=%s", layer.digest,
+                     f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            entry.done.set()

@@ -1,0 +1,94 @@
+"""The daemon configuration: documented defaults, TOML file, flags over the file, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.daemon.config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_HOSTS_DIR,
+    DEFAULT_ROOT,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    with_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    config = Config()
+    assert config.root == DEFAULT_ROOT == Path("/var/lib/lazysnap")
+    assert config.address == DEFAULT_ADDRESS == Path("/run/lazysnap/lazysnap.sock")
+    assert config.hosts_dir == DEFAULT_HOSTS_DIR == Path("/etc/containerd/certs.d")
+    assert (config.log.level, config.log.format) == ("info", "json")
+
+
+def test_documented_example_file_parses_to_the_defaults() -> None:
+    # docs/config.toml is the example shown in docs/config.md: it must stay loadable.
+    assert load_config(REPO / "docs" / "config.toml") == Config()
+
+
+def test_file_values_and_flag_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'root = "/srv/lazysnap"\naddress = "/run/x.sock"\n[log]\nlevel = "DEBUG"\nformat = "text"\n'
+    )
+    config = load_config(path)
+    assert config.root == Path("/srv/lazysnap") and config.address == Path("/run/x.sock")
+    assert (config.log.level, config.log.format) == ("debug", "text")
+    overridden = with_overrides(config, root="/other", log_level="error")
+    assert overridden.root == Path("/other") and overridden.address == Path("/run/x.sock")
+    assert overridden.log.level == "error" and overridden.log.format == "text"
+
+
+def test_keep_mounted_on_stop_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    assert Config().lazy.keep_mounted_on_stop is False
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nkeep_mounted_on_stop = true\n")
+    assert load_config(path).lazy.keep_mounted_on_stop is True
+    assert with_overrides(Config(), keep_mounted_on_stop=True).lazy.keep_mounted_on_stop is True
+    assert with_overrides(load_config(path)).lazy.keep_mounted_on_stop is True  # no flag given
+    path.write_text('[lazy]\nkeep_mounted_on_stop = "yes"\n')
+    with pytest.raises(ConfigError, match=r"lazy\.keep_mounted_on_stop"):
+        load_config(path)
+
+
+def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('roots = "/x"', "unknown configuration keys: roots"),
+        ("root = 5", "root: expected a str"),
+        ('root = "relative/dir"', "must be an absolute path"),
+        ('[log]\nlevel = "loud"', "log.level: 'loud' is not one of"),
+        ('[log]\ncolour = true', "log.colour"),
+        ("root = ", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key_and_the_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_bad_flag_values_are_errors() -> None:
+    with pytest.raises(ConfigError, match="--root"):
+        with_overrides(Config(), root="")
+    with pytest.raises(ConfigError, match="--address"):
+        with_overrides(Config(), address="relative.sock")
+
+
+def test_parse_config_rejects_non_table_log() -> None:
+    with pytest.raises(ConfigError, match="log: expected a dict"):
+        parse_config({"log": "debug"})

@@ -1,0 +1,198 @@
+"""Daemon/Resolve without a daemon: the documents' round trip through the protobuf messages, the
+daemon's error classification, and the CLI's way back to a local pull's messages."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+import registry
+from registry.client import DEFAULT_MAX_FETCH
+from registry.manifest import MAX_MANIFEST_BYTES
+from snapshotter import errors
+from snapshotter._proto import daemon_pb2
+from snapshotter.client import pull as image_pull
+from snapshotter.client.containerd_client import (
+    DEFAULT_CONTAINERD_ADDRESS as CLIENT_DEFAULT_ADDRESS,
+)
+from snapshotter.commands import pull
+from snapshotter.commands._containerd_args import DEFAULT_CONTAINERD_ADDRESS
+from snapshotter.daemon.grpc_service import resolved_to_proto, status_for
+from snapshotter.daemon_api import (
+    MAX_CONFIG_BYTES,
+    MAX_RESOLVE_RESPONSE_BYTES,
+    ResolvedImage,
+)
+from snapshotter.remote.resolve import fetch_image_documents, resolved_from_documents
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+CONFIG = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_digest(b"tar")]}}).encode()
+LAYER = {"mediaType": GZIP_LAYER, "digest": _digest(b"gz"), "size": 2,
+         "annotations": {"containerd.io/snapshot/stargz/toc.digest": _digest(b"toc")}}
+MANIFEST = json.dumps({
+    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+    "config": {"mediaType": OCI_CONFIG, "digest": _digest(CONFIG), "size": len(CONFIG)},
+    "layers": [LAYER],
+}).encode()
+INDEX = json.dumps({
+    "schemaVersion": 2, "mediaType": OCI_INDEX,
+    "manifests": [{"mediaType": OCI_MANIFEST, "digest": _digest(MANIFEST), "size": len(MANIFEST),
+                   "platform": {"os": "linux", "architecture": "amd64"}}],
+}).encode()
+
+
+def _documents(with_index: bool) -> image_pull.ImageDocuments:
+    manifest = registry.parse_manifest(MANIFEST, OCI_MANIFEST)
+    assert isinstance(manifest, registry.Manifest)
+    top, media_type = (INDEX, OCI_INDEX) if with_index else (MANIFEST, OCI_MANIFEST)
+    index = registry.parse_manifest(INDEX, OCI_INDEX) if with_index else None
+    assert index is None or isinstance(index, registry.Index)
+    return image_pull.ImageDocuments(
+        "reg.example:5000/app:1", registry.Descriptor(media_type, _digest(top), len(top)), top,
+        index, _digest(MANIFEST), MANIFEST, manifest, CONFIG,
+    )
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_documents_survive_the_round_trip_through_resolve(with_index: bool) -> None:
+    original = _documents(with_index)
+    resolved = resolved_from_documents(original, (LAYER["digest"],))  # type: ignore[arg-type]
+    wire = daemon_pb2.ResolveResponse.FromString(resolved_to_proto(resolved).SerializeToString())
+    # Without an index the manifest is the target: it travels once.
+    assert wire.manifest == (MANIFEST if with_index else b"")
+    back = pull.resolved_from_proto(wire)
+    assert back == resolved
+    documents = image_pull.documents_from_resolved(back)
+    assert documents == original
+    assert list(wire.read_ahead) == [LAYER["digest"]]
+
+
+def test_a_target_that_claims_an_index_but_is_a_manifest_is_refused() -> None:
+    resolved = resolved_from_documents(_documents(with_index=False), ())
+    broken = ResolvedImage(
+        resolved.name, OCI_MANIFEST, _digest(b"other"), MANIFEST, OCI_MANIFEST,
+        resolved.manifest_digest, MANIFEST, CONFIG,
+    )
+    with pytest.raises(image_pull.UnpackError, match="not an image index"):
+        image_pull.documents_from_resolved(broken)
+
+
+def test_resolve_request_carries_the_reference_as_typed() -> None:
+    request = pull.resolve_request("busybox", None)
+    assert (request.image, request.platform) == ("busybox", "")
+    assert pull.resolve_request("busybox", "linux/arm64/v8").platform == "linux/arm64/v8"
+
+
+def test_credentials_request_names_a_host_or_leaves_it_to_the_daemon() -> None:
+    by_host = pull.credentials_request(registry.Credentials("u", "pw"), host="reg:5000")
+    assert (by_host.host, by_host.image, by_host.username, by_host.secret) == (
+        "reg:5000", "", "u", "pw"
+    )
+    token = pull.credentials_request(registry.Credentials(identity_token="tok"), image="reg/a")
+    assert (token.host, token.image, token.username, token.secret) == ("", "reg/a", "", "tok")
+
+
+class FailingRegistry:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def resolve(self, ref: registry.Reference) -> registry.Descriptor:
+        raise self.exc
+
+    async def fetch_manifest(
+        self, ref: registry.Reference, digest_or_tag: str | None = None
+    ) -> registry.ManifestContent:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [
+        (registry.NotFoundError("manifest app:1 (HTTP 404)"), grpc.StatusCode.NOT_FOUND,
+         "manifest app:1 (HTTP 404)"),
+        (registry.AuthenticationError("401 from reg"), grpc.StatusCode.UNAUTHENTICATED,
+         "AuthenticationError: 401 from reg"),
+        (registry.AuthorizationError("403"), grpc.StatusCode.PERMISSION_DENIED,
+         "AuthorizationError: 403"),
+        (registry.RegistryTimeoutError("read timed out"), grpc.StatusCode.DEADLINE_EXCEEDED,
+         "RegistryTimeoutError: read timed out"),
+        (registry.TransportError("connection refused"), grpc.StatusCode.UNAVAILABLE,
+         "TransportError: connection refused"),
+    ],
+)
+def test_registry_failures_become_status_codes(
+    raised: Exception, code: grpc.StatusCode, message: str
+) -> None:
+    client = FailingRegistry(raised)
+    with pytest.raises(errors.SnapshotterError) as caught:
+        trio.run(fetch_image_documents, client, "reg:5000/app:1", "")
+    assert status_for(caught.value) == code
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("image", "platform"), [("Bad//Name", ""), ("app:1", "no-such-os")])
+def test_bad_references_and_platforms_are_invalid_arguments(image: str, platform: str) -> None:
+    client = FailingRegistry(AssertionError("the registry must not be asked"))
+    with pytest.raises(errors.InvalidArgumentError) as caught:
+        trio.run(fetch_image_documents, client, image, platform)
+    assert status_for(caught.value) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("code", "detail", "expected"),
+    [
+        (grpc.StatusCode.NOT_FOUND, "manifest x (HTTP 404)",
+         "img: not found in the registry: manifest x (HTTP 404)"),
+        (grpc.StatusCode.UNAUTHENTICATED, "AuthenticationError: 401", "img: AuthenticationError: 401"),
+        (grpc.StatusCode.UNAVAILABLE, "TransportError: refused", "img: TransportError: refused"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "RegistryTimeoutError: registry did not answer",
+         "img: RegistryTimeoutError: registry did not answer"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "invalid reference 'Bad//Name'",
+         "invalid reference 'Bad//Name'"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "sha256:x is not an image manifest",
+         "sha256:x is not an image manifest"),
+        # Not the daemon's answer but the call's own failure: say so.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded",
+         "lazysnap daemon at /s.sock could not resolve img: DEADLINE_EXCEEDED: Deadline Exceeded"),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed",
+         "lazysnap daemon at /s.sock could not resolve img: UNAVAILABLE: Socket closed"),
+        (grpc.StatusCode.UNIMPLEMENTED, "Method not found!", None),
+    ],
+)
+def test_the_cli_maps_codes_back_to_a_local_pulls_messages(
+    code: grpc.StatusCode, detail: str, expected: str | None
+) -> None:
+    assert pull.resolve_failure("img", "/s.sock", code, detail) == expected
+
+
+def test_limits_are_the_registrys_own() -> None:
+    assert MAX_CONFIG_BYTES == DEFAULT_MAX_FETCH == image_pull.MAX_CONFIG
+    assert image_pull.MAX_DOCUMENT == MAX_MANIFEST_BYTES
+    assert MAX_RESOLVE_RESPONSE_BYTES >= 2 * MAX_MANIFEST_BYTES + MAX_CONFIG_BYTES
+    assert Path(DEFAULT_CONTAINERD_ADDRESS) == CLIENT_DEFAULT_ADDRESS
+
+
+def test_the_user_password_is_asked_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = argparse.Namespace(user="alice")
+    monkeypatch.setenv("LAZYSNAP_REGISTRY_PASSWORD", "first")
+    assert pull.user_password(args) == ("alice", "first")
+    monkeypatch.setenv("LAZYSNAP_REGISTRY_PASSWORD", "second")
+    assert pull.user_password(args) == ("alice", "first")
+    assert pull.user_password(argparse.Namespace(user="bob:pw")) == ("bob", "pw")
+    with pytest.raises(ValueError, match="user name"):
+        pull.user_password(argparse.Namespace(user=":pw"))

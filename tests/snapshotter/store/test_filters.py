@@ -1,0 +1,175 @@
+"""containerd's filter language for List (pure): grammar, matching semantics, hostile input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapshotter.errors import InvalidArgumentError
+from snapshotter.model import Kind, SnapshotInfo
+from snapshotter.store.filters import Selector, matcher, parse_filter, parse_filters
+
+REF = "containerd.io/snapshot.ref"
+
+
+def info(name: str, parent: str = "", kind: Kind = Kind.COMMITTED,
+         labels: dict[str, str] | None = None, **more: str) -> SnapshotInfo:
+    return SnapshotInfo(name=name, parent=parent, kind=kind, created_ns=1, updated_ns=1,
+                        labels={**(labels or {}), **more})
+
+
+def go_quote(text: str) -> str:
+    """Go's %q (strconv.Quote) for the characters these tests use."""
+    out = ['"']
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def matches(filters: list[str], candidate: SnapshotInfo) -> bool:
+    return matcher(parse_filters(filters))(candidate)
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def test_parse_selectors() -> None:
+    assert parse_filter('labels."containerd.io/snapshot.ref"==sha256:abc,parent=="a b"') == (
+        Selector(("labels", "containerd.io/snapshot.ref"), "==", "sha256:abc"),
+        Selector(("parent",), "==", "a b"),
+    )
+    assert parse_filter("labels.l") == (Selector(("labels", "l"), None),)
+    assert parse_filter(" name != x ") == (Selector(("name",), "!=", "x"),)
+    (regexp,) = parse_filter("name~=^a.*b$")
+    assert regexp.operator == "~=" and regexp.pattern is not None
+    assert parse_filter("") == ()
+    # containerd's scanner accepts digits and "-" anywhere in a field name.
+    assert parse_filter("1-a==x") == (Selector(("1-a",), "==", "x"),)
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    (r"name~=/^a\d+\/x$/", r"^a\d+/x$"),  # only \/ is unescaped; \d reaches the regexp
+    ("name~=|a,b|", "a,b"),  # commas inside the quotes belong to the regexp
+    ('name~="^a"', "^a"),
+    ("name~=^a", "^a"),
+])
+def test_regexp_values_may_be_quoted_with_slashes_or_bars(text: str, pattern: str) -> None:
+    (selector,) = parse_filter(text)
+    assert selector.value == pattern
+    assert selector.pattern is not None and selector.pattern.pattern == pattern
+
+
+@pytest.mark.parametrize(("quoted", "value"), [
+    (r'"a\"b"', 'a"b'),
+    (r'"back\\slash"', "back\\slash"),
+    (r'"\n\t\r\a\b\f\v"', "\n\t\r\a\b\f\v"),
+    (r'"\x41\u00e9\U0001F642"', "Aé🙂"),
+    (r'"\101\000"', "A\0"),
+    ('"ünï 鍵"', "ünï 鍵"),
+    ("'single'", "single"),
+])
+def test_go_string_escapes(quoted: str, value: str) -> None:
+    assert parse_filter(f"name=={quoted}")[0].value == value
+
+
+@pytest.mark.parametrize("bad", [
+    "name==", "name=", "==x", "name==x,", ",name==x", "name==x,,name==y", "labels.",
+    'labels."open==x', 'name=="unterminated', "name~=(", "name~=a{99999999999}",
+    r'name=="\q"', r'name=="\0"', r'name=="\400"', r'name=="\xZZ"', r'name=="\U00110000"',
+    "name==x y==z", "a..b", "name>=x", ".name==x", "name~=/unterminated", "name~=|a", " ",
+])
+def test_malformed_filters_are_invalid_argument(bad: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="filter"):
+        parse_filter(bad)
+
+
+# -- matching (containerd's snapshot adaptor) ---------------------------------------------
+
+A = info("a", kind=Kind.ACTIVE, l="2")
+P = info("p")
+C = info("c", parent="p", labels={"l": "1", REF: "sha256:x"})
+V = info("v", parent="p", kind=Kind.VIEW)
+ALL = [A, P, C, V]
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ([], {"a", "p", "c", "v"}),
+    ([""], {"a", "p", "c", "v"}),
+    (["name==p", ""], {"a", "p", "c", "v"}),  # an empty filter matches everything
+    (["name==p"], {"p"}),
+    (["parent==p"], {"c", "v"}),
+    (['parent==""'], {"a", "p"}),
+    (['parent!=""'], {"c", "v"}),  # an empty parent is the value "", not absent
+    (["parent"], {"a", "p", "c", "v"}),  # name, parent and kind are always present
+    (["kind==active"], {"a"}),
+    (["kind==view"], {"v"}),
+    (["kind==committed"], {"p", "c"}),
+    (["labels.l"], {"a", "c"}),
+    (["labels.l!=1"], {"a", "p", "v"}),  # != is true where the label is absent
+    (['labels.l!=""'], {"a", "c"}),
+    (["labels.l~=."], {"a", "c"}),
+    (["labels.l~=^$"], {"p", "v"}),  # ~= sees an absent label as ""
+    (["name~=^[av]$"], {"a", "v"}),
+    (["name~=/^[av]$/"], {"a", "v"}),
+    (["name~=|c|,kind==committed"], {"c"}),
+    (["kind==committed,labels.l"], {"c"}),
+    (["name==a", "name==v"], {"a", "v"}),
+    ([f'labels."{REF}"==sha256:x,parent=="p"'], {"c"}),
+    ([f'labels."{REF}"==sha256:x,parent=="q"'], set()),
+    (["labels"], set()),
+    (["unknown"], set()),
+    (["unknown!=x"], {"a", "p", "c", "v"}),
+    (["name.sub==a"], {"a"}),  # containerd's adaptor looks only at the first path element
+])
+def test_matching(filters: list[str], expected: set[str]) -> None:
+    assert {i.name for i in ALL if matches(filters, i)} == expected
+
+
+# -- properties --------------------------------------------------------------------------
+
+FILTER_ALPHABET = st.sampled_from(list('labelsnamekindparent."\'\\=!~, \t\n/:|()[]{}*+?^$xuU0123456789aé🙂'))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.text(FILTER_ALPHABET, max_size=60)))
+def test_parser_raises_nothing_but_invalid_argument(text: str) -> None:
+    try:
+        filters = parse_filters([text])
+    except InvalidArgumentError:
+        return
+    matcher(filters)(C)  # and whatever parses can be evaluated
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.text(min_size=1, max_size=40), value=st.text(max_size=40), other=st.text(max_size=5))
+def test_quoted_label_filters_find_exactly_their_label(key: str, value: str, other: str) -> None:
+    # containerd builds lookups with Go's %q: any key and value round-trip.
+    wanted = info("wanted", labels={key: value})
+    unrelated = info("unrelated", labels={key: value + other + "x"})
+    selector = f"labels.{go_quote(key)}=={go_quote(value)}"
+    assert matches([selector], wanted)
+    assert not matches([selector], unrelated)
+    assert matches([f"labels.{go_quote(key)}"], unrelated)
+    assert not matches([f"labels.{go_quote(key)}"], info("bare"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(min_size=1, max_size=60), parent=st.text(max_size=60))
+def test_remote_lookup_filter_matches_any_key(name: str, parent: str) -> None:
+    target = info(name, parent=parent, labels={REF: name})
+    lookup = f'labels."{REF}"=={go_quote(name)},parent=={go_quote(parent)}'
+    assert matches([lookup], target)
+    assert not matches([lookup], info(name, parent=parent + "-other", labels={REF: name}))
