@@ -22,6 +22,7 @@ from fusefs.formats import (
 )
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
+from fusefs.slot_mark import SlotMarkError
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
@@ -42,6 +43,7 @@ __all__ = [
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",
+    "SlotMarkError",
     "WriteResult",
     "load_layer_index",
     "write_estargz",

@@ -38,6 +38,7 @@ from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
 from fusefs.layer import Layer
 from fusefs.operations import LazyOperations
+from fusefs.slot_mark import SlotMark
 from fusefs.table import LayerTable, check_layer_id
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,13 @@ class LazyFilesystem:
         allow_other: bool = True,
         decoder: Decoder | None = None,
         adopt_fd: int | None = None,
+        slot_mark: Path | None = None,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root (``lazysnap mount --blob``)
         instead of a directory ``<mountpoint>/<layer-id>``. ``adopt_fd``: an open ``/dev/fuse``
-        connection already mounted at ``mountpoint`` to serve (this object closes it)."""
+        connection already mounted at ``mountpoint`` to serve (this object closes it).
+        ``slot_mark``: a file recording the layer slots handed out, so that a daemon serving a
+        connection taken over never reuses the slot of a layer removed before it started."""
         self.mountpoint = mountpoint
         self._cache_dir = cache_dir
         self._cache_capacity = cache_capacity
@@ -91,7 +95,9 @@ class LazyFilesystem:
         self._allow_other = allow_other
         self._decoder = decoder
         self._inodes = InodeMap(single_layer=single_layer)
-        self._table = LayerTable()
+        mark = None if slot_mark is None else SlotMark(slot_mark,
+                                                      fresh_connection=adopt_fd is None)
+        self._table = LayerTable(mark)
         self._background: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._fetcher: ChunkFetcher | None = None
@@ -206,7 +212,7 @@ class LazyFilesystem:
     ) -> Path:
         """Make ``index`` readable at ``<mountpoint>/<layer_id>`` and start prefetch (and, if
         asked, background fetch). ``slot`` pins the inode range (the daemon stores it so a
-        restart reuses it); by default the lowest free slot is taken."""
+        restart reuses it); by default a slot never handed out on this connection is taken."""
         check_layer_id(layer_id)
         if self._nursery is None or self._fetcher is None:
             raise RuntimeError("attach() needs a running filesystem (start run() first)")
@@ -252,6 +258,13 @@ class LazyFilesystem:
         if self._inodes.single_layer:
             return self.mountpoint
         return self.mountpoint / layer_id
+
+    def slot_of(self, layer_id: str) -> int:
+        """The slot (inode range) of an attached layer; KeyError if it is not attached."""
+        layer = self._table.by_id(layer_id)
+        if layer is None:
+            raise KeyError(layer_id)
+        return layer.slot
 
     def layer_ids(self) -> list[str]:
         return [layer.layer_id for layer in self._table.layers()]

@@ -6,6 +6,7 @@ import os
 
 from fusefs.inodes import MAX_SLOT
 from fusefs.layer import Layer
+from fusefs.slot_mark import SlotMark
 
 _MAX_NAME = 255
 
@@ -21,10 +22,14 @@ def check_layer_id(layer_id: str) -> bytes:
 
 
 class LayerTable:
-    def __init__(self) -> None:
+    def __init__(self, mark: SlotMark | None = None) -> None:
+        """``mark``: where slots handed out are recorded, for a table that may serve a FUSE
+        connection taken over from another process."""
         self._by_slot: dict[int, Layer] = {}
         self._by_name: dict[bytes, int] = {}
-        self._next = 1  # one past the highest slot used so far
+        self._mark = mark
+        # One past the highest slot used so far, by this process or one before it.
+        self._next = mark.first_unreserved if mark is not None else 1
 
     def __len__(self) -> int:
         return len(self._by_slot)
@@ -44,11 +49,12 @@ class LayerTable:
         return [self._by_slot[slot] for slot in sorted(self._by_slot)]
 
     def free_slot(self) -> int:
-        """A slot never handed out before in this process (while there are any).
+        """A slot never handed out before on this connection (while there are any), recorded
+        in the mark before it is returned.
 
         The kernel may keep inodes of a detached layer cached for a long time; a new layer at
-        the same slot would reuse their numbers for different files. The daemon pins slots it
-        stored, and reuses a slot only for the same layer (the same inode numbers and files).
+        the same slot would reuse their numbers for different files. Only the same layer may
+        come back to its slot: the daemon pins the slots it stored when it restores layers.
         """
         slot = self._next
         if slot > MAX_SLOT:  # a few billion attaches later: fall back to the lowest free one
@@ -57,6 +63,8 @@ class LayerTable:
                 slot += 1
             if slot > MAX_SLOT:
                 raise RuntimeError("no free layer slot")
+        if self._mark is not None:
+            self._mark.reserve(slot)
         return slot
 
     def add(self, layer: Layer) -> None:

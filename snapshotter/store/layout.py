@@ -55,6 +55,20 @@ class Layout:
         """Saved footer/TOC ranges of remote layers, for restarts without the network."""
         return self.root / "tails"
 
+    @property
+    def slot_mark(self) -> Path:
+        """The highest layer slot the FUSE mount may have handed out: a daemon that takes a live
+        connection over must not give a removed layer's inode numbers to another layer."""
+        return self.root / "fuse-slots"
+
+    def tail(self, layer_id: str) -> Path:
+        """A remote layer's saved footer/TOC ranges."""
+        return self.tails / f"{layer_id}.tail"
+
+    def tail_owner(self, path: Path) -> str:
+        """The layer id a saved-ranges file belongs to."""
+        return path.name.removesuffix(".tail")
+
     def remote_dir(self, layer_id: str) -> Path:
         return self.fuse / layer_id
 

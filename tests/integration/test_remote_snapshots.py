@@ -326,3 +326,42 @@ def test_cleanup_collects_the_chunks_of_removed_layers(
         with daemon.snapshots() as stub:
             stub.Cleanup(snapshots_pb2.CleanupRequest())
         assert _cache_files(daemon) == after
+
+
+def test_a_removed_layers_slot_is_never_given_to_another_layer(
+    short_tmp: Path, lazy_image: LazyImage
+) -> None:
+    """The kernel may still hold inode numbers of a removed layer: a different layer must never
+    get them, in the same daemon or in one that took the FUSE connection over after a crash."""
+    with running_daemon(short_tmp / "d") as daemon:
+        fuse_root = daemon.root / "fuse"
+        slots_seen: set[int] = set()
+
+        def check_layer(path: str, expected: bytes) -> None:
+            (layer,) = fuse_root.iterdir()
+            target = layer / path
+            before = target.stat()
+            assert target.read_bytes() == expected
+            assert before.st_size == len(expected)
+            slot = before.st_ino >> 32
+            assert slot not in slots_seen, f"slot {slot} handed out again"
+            slots_seen.add(slot)
+
+        def remove(index: int) -> None:
+            with daemon.snapshots() as stub:
+                stub.Remove(snapshots_pb2.RemoveSnapshotRequest(key=lazy_image.chain[index]))
+            assert list(fuse_root.iterdir()) == []
+
+        _expect_remote(daemon, lazy_image, 0, "")
+        check_layer("bin/busybox", oci.BUSYBOX.read_bytes())
+        remove(0)
+        _expect_remote(daemon, lazy_image, 1, "")
+        check_layer("etc/hello", b"hello from zstd:chunked\n")
+        remove(1)
+        daemon.kill9()  # the fuse keeper holds the connection; the next daemon takes it over
+        daemon.start()
+        assert "fuse connection taken over" in daemon.log()
+        _expect_remote(daemon, lazy_image, 0, "")
+        check_layer("bin/busybox", oci.BUSYBOX.read_bytes())
+        _expect_remote(daemon, lazy_image, 1, lazy_image.chain[0])
+        assert len(list(fuse_root.iterdir())) == 2
