@@ -189,7 +189,7 @@ async def stop_on_signal(
 
 
 async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
-    from fusefs import LayerFormatError, load_layer_index  # noqa: PLC0415
+    from fusefs import LayerFormatError  # noqa: PLC0415
     from registry import (  # noqa: PLC0415
         DockerConfigCredentials,
         HostsConfig,
@@ -198,7 +198,7 @@ async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
         parse_platform,
         parse_reference,
     )
-    from snapshotter.labels import STARGZ_TOC_DIGEST as ESTARGZ_TOC_DIGEST  # noqa: PLC0415
+    from snapshotter.remote.open_layer import open_layer  # noqa: PLC0415
 
     try:
         ref = parse_reference(args.source)
@@ -213,13 +213,10 @@ async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
                 image = await client.resolve_image(ref, platform)
                 layers = []
                 for number, descriptor in enumerate(image.manifest.layers):
-                    blob = await client.open_blob(ref, descriptor.digest, descriptor.size)
                     try:
-                        index = await load_layer_index(
-                            blob,
-                            toc_digest=descriptor.annotations.get(ESTARGZ_TOC_DIGEST),
-                            annotations=dict(descriptor.annotations),
-                        )
+                        opened = await open_layer(client, ref, descriptor.digest,
+                                                  dict(descriptor.annotations),
+                                                  size=descriptor.size)
                     except LayerFormatError as exc:
                         print(
                             f"lazysnap mount: error: layer {number} ({descriptor.digest}, "
@@ -228,7 +225,7 @@ async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
                         )
                         return EXIT_FAILED
                     layer_id = f"{number:03d}-{descriptor.digest.partition(':')[2][:12]}"
-                    layers.append((layer_id, blob, index))
+                    layers.append((layer_id, opened.blob, opened.index))
             except RegistryError as exc:
                 print(f"lazysnap mount: error: {args.source}: {exc}", file=sys.stderr)
                 return EXIT_FAILED

@@ -33,7 +33,8 @@ from snapshotter.daemon_api import (
     ResolveTimeoutError,
 )
 from snapshotter.model import Kind, Mount, SnapshotInfo
-from snapshotter.remote.resolve import resolve_and_read_ahead
+from snapshotter.remote.bridge import TrioBridge
+from snapshotter.remote.prepare_ahead import read_ahead_announced, resolve_and_read_ahead
 from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
 
@@ -208,10 +209,14 @@ def resolved_to_proto(image: ResolvedImage) -> Any:
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
     def __init__(
-        self, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+        self,
+        snapshotter: Snapshotter,
+        credentials: PushedCredentials | None = None,
+        remote: TrioBridge | None = None,
     ) -> None:
         self._sn = snapshotter
         self._credentials = credentials
+        self._remote = remote
         self._started = time.monotonic()
 
     def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -229,16 +234,26 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         return daemon_pb2.SetCredentialsResponse(expires_in_seconds=int(expires))
 
     def PrepareAhead(self, request: Any, context: grpc.ServicerContext) -> Any:
-        layers = [(dict(layer.labels), int(layer.size)) for layer in request.layers]
-        started = _call(context, "PrepareAhead", lambda: self._sn.read_ahead(layers))
+        layers = [(dict(layer.labels), int(layer.size) or None) for layer in request.layers]
+
+        def start() -> int:
+            if self._remote is None:
+                return 0
+            return sum(read_ahead_announced(self._remote, self._sn.existing, layers))
+
+        started = _call(context, "PrepareAhead", start)
         log.info("prepare-ahead layers=%d started=%d", len(layers), started)
         return daemon_pb2.PrepareAheadResponse(started=started)
 
     def Resolve(self, request: Any, context: grpc.ServicerContext) -> Any:
-        image = _call(
-            context, "Resolve",
-            lambda: resolve_and_read_ahead(self._sn, request.image, request.platform),
-        )
+        def resolve() -> ResolvedImage:
+            if self._remote is None:
+                raise errors.NotImplementedByBackendError("lazy pulling is disabled in this daemon")
+            return resolve_and_read_ahead(
+                self._remote, self._sn.existing, request.image, request.platform
+            )
+
+        image = _call(context, "Resolve", resolve)
         return resolved_to_proto(image)
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -255,9 +270,12 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
 
 
 def add_services(
-    server: grpc.Server, snapshotter: Snapshotter, credentials: PushedCredentials | None = None
+    server: grpc.Server,
+    snapshotter: Snapshotter,
+    credentials: PushedCredentials | None = None,
+    remote: TrioBridge | None = None,
 ) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     daemon_pb2_grpc.add_DaemonServicer_to_server(
-        DaemonServicer(snapshotter, credentials), server
+        DaemonServicer(snapshotter, credentials, remote), server
     )

@@ -3,7 +3,7 @@ serve gRPC, and run trio on the main thread.
 
 grpcio's async API is asyncio-only, so the gRPC server is the synchronous one on a thread pool;
 the main thread runs ``trio.run``: the FUSE session, registry fetches and background fetch live
-there, and it waits for SIGTERM/SIGINT. RPCs reach trio through ``RemoteSnapshots`` (one hop).
+there, and it waits for SIGTERM/SIGINT. RPCs reach trio through ``TrioBridge`` (one hop per call).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import os
 import signal
 import subprocess
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import trio
 
-from fusefs import LazyFilesystem
+from fusefs import LazyFilesystem, SlotMarkError
 from registry import DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config
@@ -27,7 +28,8 @@ from snapshotter.daemon.grpc_service import add_services
 from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon.sdnotify import notify
 from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
-from snapshotter.remote.layers import RemoteLayers, RemoteSnapshots
+from snapshotter.remote.bridge import TrioBridge
+from snapshotter.remote.layers import LazyLayers
 from snapshotter.store.metadata import MetadataError
 from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
@@ -55,7 +57,7 @@ def _open_snapshotter(root: Path) -> Snapshotter:
 
 
 def _start_server(
-    snapshotter: Snapshotter, address: Path, credentials: PushedCredentials | None
+    snapshotter: Snapshotter, address: Path, lazy: LazySide | None
 ) -> grpc.Server:
     try:
         prepare_socket_path(address)
@@ -68,7 +70,10 @@ def _start_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    add_services(server, snapshotter, credentials)
+    if lazy is None:
+        add_services(server, snapshotter)
+    else:
+        add_services(server, snapshotter, lazy.credentials, lazy.bridge)
     old_umask = os.umask(0o117)  # the socket is born 0660, never briefly world-accessible
     try:
         bound = server.add_insecure_port(f"unix:{address}")
@@ -121,10 +126,20 @@ def _start_keeper(fs: LazyFilesystem, socket_path: Path, mountpoint: Path) -> No
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class LazySide:
+    """What serves layers lazily, once the FUSE mount is up."""
+
+    fs: LazyFilesystem
+    client: RegistryClient
+    bridge: TrioBridge
+    credentials: PushedCredentials
+
+
 async def _start_lazy(
     config: Config, snapshotter: Snapshotter, nursery: trio.Nursery,
     credentials: PushedCredentials,
-) -> tuple[LazyFilesystem, RegistryClient] | None:
+) -> LazySide | None:
     """Mount the FUSE filesystem and re-attach remote layers; None when FUSE is unavailable."""
     if not config.lazy.enabled:
         log.info("lazy pulling disabled by configuration")
@@ -139,11 +154,19 @@ async def _start_lazy(
     handover = await trio.to_thread.run_sync(fuse_keeper.take_over, keeper, layout.fuse)
     if handover is None:
         await trio.to_thread.run_sync(_clear_stale_mount, layout.fuse)
-    fs = LazyFilesystem(layout.fuse, layout.cache, cache_capacity=config.lazy.cache_capacity,
-                        adopt_fd=None if handover is None else handover.fd)
+    try:
+        fs = LazyFilesystem(layout.fuse, layout.cache,
+                            cache_capacity=config.lazy.cache_capacity,
+                            adopt_fd=None if handover is None else handover.fd,
+                            slot_mark=layout.slot_mark)
+    except SlotMarkError as exc:
+        # Serving the running containers' connection without it could give a removed layer's
+        # inode numbers to another layer; stop here for the operator instead.
+        raise StartupError(f"{exc}; to start over, stop the containers using {layout.fuse}, "
+                           "unmount it and remove the file") from None
     try:
         await nursery.start(fs.run)
-    except Exception as exc:
+    except (OSError, RuntimeError) as exc:
         log.warning("lazy pulling unavailable: cannot mount %s: %s", layout.fuse, exc)
         return None
     if handover is None:
@@ -153,22 +176,17 @@ async def _start_lazy(
                  extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
     client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
     nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
-    layers = RemoteLayers(fs, client, layout.tails,
-                          background_fetch=config.lazy.background_fetch)
-
-    def records() -> list:  # type: ignore[type-arg]
-        with snapshotter.store.transaction() as tx:
-            return tx.remote_layers()
-
+    layers = LazyLayers(fs, client, layout.tail, background_fetch=config.lazy.background_fetch)
     # Restoring reads only local files (saved TOC ranges): startup never waits on a registry.
     async with trio.open_nursery() as restoring:
-        for record in await trio.to_thread.run_sync(records):
+        for record in await trio.to_thread.run_sync(snapshotter.remote_layer_records):
             restoring.start_soon(layers.restore, record)
     # Adopted connection: the kernel's queued requests are answered only now that every layer
     # is back at its slot (the same inode numbers the kernel already holds).
     fs.resume()
-    snapshotter.enable_remote(RemoteSnapshots(layers, trio.lowlevel.current_trio_token()))
-    return fs, client
+    bridge = TrioBridge(layers, trio.lowlevel.current_trio_token())
+    snapshotter.enable_remote(bridge)
+    return LazySide(fs, client, bridge, credentials)
 
 
 async def _wait_for_stop_signal() -> int:
@@ -185,7 +203,7 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         await trio.to_thread.run_sync(_check_socket, config.address)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         server = await trio.to_thread.run_sync(
-            _start_server, snapshotter, config.address, credentials if lazy else None
+            _start_server, snapshotter, config.address, lazy
         )
         log.info(
             "serving", extra={"version": VERSION, "root": str(config.root),
@@ -207,8 +225,8 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
                 config.address.unlink()
             kept = False
             if lazy is not None:
-                fs, client = lazy
-                await client.aclose()
+                fs = lazy.fs
+                await lazy.client.aclose()
                 layout = snapshotter.layout
                 if config.lazy.keep_mounted_on_stop:
                     kept = await trio.to_thread.run_sync(

@@ -1,75 +1,60 @@
-"""Remote (lazily served) layers: resolve the blob, read its TOC, attach it under the FUSE mount.
+"""Lazily served layers: decide from a Prepare's labels, open the blob, read its TOC, attach it
+under the FUSE mount.
 
-Everything here runs on the trio thread. The gRPC threads reach it through ``RemoteSnapshots``,
-which makes exactly one ``trio.from_thread`` hop per call.
+Everything here runs on the trio thread. The gRPC threads reach it through
+``snapshotter.remote.bridge.TrioBridge``, one ``trio.from_thread`` hop per call.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import trio
 
-from fusefs import BlobReader, LayerFormatError, LazyFilesystem, load_layer_index
+from fusefs import BlobReader, LayerFormatError, LazyFilesystem
 from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
 from snapshotter.client.pull import ImageDocuments
-from snapshotter.labels import STARGZ_TOC_DIGEST
 from snapshotter.lazy_formats import LazyFormat
-from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify
-from snapshotter.remote.resolve import fetch_image_documents
-from snapshotter.remote.saved_toc import (
-    DeferredBlob,
-    RecordingBlob,
-    TailFileError,
-    TailServedBlob,
-    load_tail,
-    save_tail,
+from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
+from snapshotter.remote.open_layer import (
+    OpenedLayer,
+    expected_toc_digest,
+    index_layer,
+    open_layer,
 )
+from snapshotter.remote.resolve import fetch_image_documents
+from snapshotter.remote.saved_toc import DeferredBlob, TailFileError, load_tail, save_tail
 from snapshotter.remote.toc_ahead import AheadLayer, TailsAhead
 from snapshotter.store.metadata import RemoteLayerRecord
+from snapshotter.store.remote import AttachedLayer, RemoteLayerError
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
+# containerd waits on the Prepare for the manifest, the blob's size, its footer and TOC.
 ATTACH_TIMEOUT_SECONDS = 30.0
 USAGE_WRITE_WAIT_SECONDS = 0.5
-MANIFEST_CACHE_SIZE = 64  # resolve + footer + TOC; containerd waits on this Prepare
+# CRI sends every layer of an image with the same cri.manifest-digest: a few images' worth.
+MANIFEST_CACHE_SIZE = 64
 
 
-class RemoteLayerError(Exception):
-    """The layer cannot be served lazily; the message is the logged fallback reason."""
+class LazyLayers:
+    """The lazily served layers of one FUSE mount and one registry client."""
 
-
-@dataclass(frozen=True, slots=True)
-class AttachedLayer:
-    layer_id: str
-    slot: int
-    blob_size: int
-    toc_digest: str
-    annotations: dict[str, str]
-
-
-class RemoteLayers:
     def __init__(
         self,
         fs: LazyFilesystem,
         client: RegistryClient,
-        tails_dir: Path,
+        tail_path: Callable[[str], Path],
         *,
         background_fetch: bool = True,
     ) -> None:
         self._fs = fs
         self._client = client
-        self._tails = tails_dir
+        self._tail_path = tail_path  # where a layer's footer/TOC ranges are saved
         self._background_fetch = background_fetch
-        # CRI sends every layer of an image with the same cri.manifest-digest: fetch it once.
         self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
         self._ahead = TailsAhead(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
@@ -79,10 +64,29 @@ class RemoteLayers:
         connections, tokens and credentials are already warm from earlier layers."""
         return await fetch_image_documents(self._client, image, platform)
 
-    def _tail_path(self, layer_id: str) -> Path:
-        return self._tails / f"{layer_id}.tail"
+    async def mount(self, labels: Mapping[str, str], layer_id: str) -> AttachedLayer:
+        """Serve the layer a Prepare's labels describe at ``<mountpoint>/<layer_id>``; raise
+        RemoteLayerError with the reason when it cannot be served lazily."""
+        decision = decide(labels)
+        if decision is None:
+            raise RemoteLayerError("not a layer extraction: no containerd.io/snapshot.ref label")
+        if decision.needs_manifest:
+            decision = await self._decide_with_manifest(decision)
+        if decision.request is None or decision.format is None:
+            raise RemoteLayerError(decision.reason)
+        return await self._attach(decision.request, decision.format, layer_id)
 
-    async def decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
+    async def _decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
+        try:
+            return await self._classify_from_manifest(decision)
+        except trio.TooSlowError:
+            raise RemoteLayerError(
+                f"manifest lookup failed: no answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+        except (RegistryError, ValueError) as exc:
+            raise RemoteLayerError(f"manifest lookup failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _classify_from_manifest(self, decision: RemoteDecision) -> RemoteDecision:
         """Fetch the manifest named by cri.manifest-digest to read the layer's annotations."""
         request = decision.request
         assert request is not None and request.manifest_digest
@@ -115,55 +119,64 @@ class RemoteLayers:
             self._manifests.popitem(last=False)
         return manifest
 
-    async def attach(
-        self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int
+    async def _attach(
+        self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str
     ) -> AttachedLayer:
         ref = parse_reference(request.image_ref)
-        toc_digest = request.annotations.get(STARGZ_TOC_DIGEST)
         self._read_neighbours_ahead(request)
         try:
             with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
                 ahead = await self._ahead.take(
-                    request.layer_digest, toc_digest=toc_digest, annotations=request.annotations
+                    request.layer_digest,
+                    toc_digest=expected_toc_digest(request.annotations),
+                    annotations=request.annotations,
                 )
-                if ahead is not None:
-                    blob: BlobReader = ahead.blob
-                    recording = RecordingBlob(TailServedBlob(blob, ahead.ranges))
-                    recording.ranges.update(ahead.ranges)
-                    index = ahead.index
+                if ahead is None:
+                    opened = await open_layer(self._client, ref, request.layer_digest,
+                                              request.annotations)
+                elif ahead.index is None:
+                    opened = await index_layer(ahead.blob, request.annotations, saved=ahead.ranges)
                 else:
-                    blob = await self._client.open_blob(ref, request.layer_digest)
-                    recording = RecordingBlob(blob)
-                    index = None
-                if index is None:
-                    index = await load_layer_index(
-                        recording, toc_digest=toc_digest, annotations=request.annotations
-                    )
+                    opened = OpenedLayer(ahead.blob, ahead.ranges, ahead.index)
         except trio.TooSlowError:
             raise RemoteLayerError(
                 f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
             ) from None
         except (RegistryError, LayerFormatError) as exc:
             raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+        blob, index = opened.blob, opened.index
         await trio.to_thread.run_sync(
-            save_tail, self._tail_path(layer_id), blob.digest, recording.ranges
+            save_tail, self._tail_path(layer_id), blob.digest, opened.ranges
         )
-        await self._fs.attach(
-            layer_id, blob, index, background_fetch=self._background_fetch, slot=slot
-        )
+        # The filesystem picks the slot: it alone knows which inode numbers the kernel may
+        # still hold, and never hands a slot out twice while the connection lives.
+        await self._fs.attach(layer_id, blob, index, background_fetch=self._background_fetch)
         self._digests[layer_id] = blob.digest
         log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
                  layer_id, blob.digest, fmt, index.entry_count,
                  "read-ahead" if ahead is not None else "read")
-        return AttachedLayer(layer_id, slot, blob.size, index.toc_digest,
-                             dict(request.annotations))
+        return AttachedLayer(
+            layer_id=layer_id,
+            slot=self._fs.slot_of(layer_id),
+            image_ref=request.image_ref,
+            layer_digest=request.layer_digest,
+            blob_size=blob.size,
+            toc_digest=index.toc_digest,
+            annotations=dict(request.annotations),
+            format=fmt,
+        )
 
-    def read_ahead(self, decision: RemoteDecision, size: int | None) -> bool:
-        """Start reading the TOC of a layer whose Prepare is announced; True if started. A layer
-        the labels show is not lazy is only remembered as such."""
-        request = decision.request
-        if request is None:
+    def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> list[bool]:
+        """Start reading the TOCs of layers whose Prepares are announced (their labels and blob
+        sizes); for each, whether a read started. A layer the labels show is not lazy is only
+        remembered as such; one only its manifest can tell about is left to its Prepare."""
+        return [self._read_one_ahead(labels, size) for labels, size in layers]
+
+    def _read_one_ahead(self, labels: Mapping[str, str], size: int | None) -> bool:
+        decision = decide(labels)
+        if decision is None or decision.request is None or decision.needs_manifest:
             return False
+        request = decision.request
         if decision.format is None:
             self._ahead.not_lazy(request.layer_digest)
             return False
@@ -171,8 +184,8 @@ class RemoteLayers:
             AheadLayer(
                 request.image_ref,
                 request.layer_digest,
-                size,
-                request.annotations.get(STARGZ_TOC_DIGEST),
+                size if size and size > 0 else None,
+                expected_toc_digest(request.annotations),
                 request.annotations,
             )
         )
@@ -193,29 +206,29 @@ class RemoteLayers:
             return await self._client.open_blob(ref, record.layer_digest, record.blob_size)
 
         deferred = DeferredBlob(record.layer_digest, record.blob_size, open_remote)
+        saved: dict[int, bytes] | None
         try:
-            ranges = await trio.to_thread.run_sync(
+            saved = await trio.to_thread.run_sync(
                 load_tail, self._tail_path(record.layer_id), record.layer_digest
             )
-            source: BlobReader = TailServedBlob(deferred, ranges)
         except TailFileError as exc:
             log.warning("layer=%s tail unusable (%s); reading the TOC from the registry",
                         record.layer_id, exc)
-            source = deferred
+            saved = None
         try:
-            index = await load_layer_index(
-                source, toc_digest=record.toc_digest, annotations=record.annotations
-            )
+            opened = await index_layer(deferred, record.annotations, saved=saved,
+                                       toc_digest=record.toc_digest)
         except (RegistryError, LayerFormatError, OSError) as exc:
             log.error("remote layer not restored layer=%s digest=%s error=%r",
                       record.layer_id, record.layer_digest, str(exc))
             return
+        index = opened.index
         await self._fs.attach(record.layer_id, deferred, index,
                               background_fetch=self._background_fetch, slot=record.slot)
         self._digests[record.layer_id] = record.layer_digest
         log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
 
-    async def detach(self, layer_id: str) -> None:
+    async def unmount(self, layer_id: str) -> None:
         self._digests.pop(layer_id, None)
         if layer_id in self._fs.layer_ids():
             await self._fs.detach(layer_id)
@@ -253,47 +266,3 @@ class RemoteLayers:
         return await self._fs.collect_garbage(
             keep_blob_digests=sorted(unknown), keep_content_addressed=bool(unknown) or pending
         )
-
-
-class RemoteSnapshots:
-    """The synchronous face of RemoteLayers for the gRPC threads: one trio hop per call."""
-
-    def __init__(self, layers: RemoteLayers, token: trio.lowlevel.TrioToken) -> None:
-        self._layers = layers
-        self._token = token
-
-    def _hop(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        async def call() -> T:
-            return await fn(*args, **kwargs)
-
-        return trio.from_thread.run(call, trio_token=self._token)
-
-    def decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
-        return self._hop(self._layers.decide_with_manifest, decision)
-
-    def attach(
-        self, request: RemoteLayerRequest, fmt: LazyFormat, layer_id: str, slot: int
-    ) -> AttachedLayer:
-        return self._hop(self._layers.attach, request, fmt, layer_id, slot)
-
-    def detach(self, layer_id: str) -> None:
-        self._hop(self._layers.detach, layer_id)
-
-    def resolve(self, image: str, platform: str) -> ImageDocuments:
-        return self._hop(self._layers.resolve, image, platform)
-
-    def read_ahead(self, announced: list[tuple[RemoteDecision, int | None]]) -> int:
-        """Start reading the TOCs of announced layers; how many were started."""
-
-        async def start() -> int:
-            return sum(self._layers.read_ahead(decision, size) for decision, size in announced)
-
-        return self._hop(start)
-
-    def cached_bytes(self, layer_id: str) -> int:
-        return self._hop(self._layers.cached_bytes, layer_id)
-
-    def collect_garbage(
-        self, recorded: Mapping[str, str], attaching: Collection[str]
-    ) -> tuple[int, int]:
-        return self._hop(self._layers.collect_garbage, recorded, attaching)

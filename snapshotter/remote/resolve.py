@@ -9,7 +9,6 @@ replaces the separate ``Daemon/PrepareAhead`` round trip.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,7 +16,6 @@ from registry import (
     AuthenticationError,
     AuthorizationError,
     CredentialsError,
-    Manifest,
     NotFoundError,
     RegistryClient,
     RegistryError,
@@ -27,7 +25,7 @@ from registry import (
     parse_reference,
 )
 from snapshotter.client.pull import ImageDocuments, fetch_documents
-from snapshotter.client.unpacker import UnpackError, plan_unpack
+from snapshotter.client.unpacker import UnpackError
 from snapshotter.daemon_api import (
     MAX_REFERENCE_LENGTH,
     RESOLVE_TIMEOUT_SECONDS,
@@ -39,9 +37,6 @@ from snapshotter.daemon_api import (
     ResolveTimeoutError,
 )
 from snapshotter.errors import FailedPreconditionError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from snapshotter.store.snapshots import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +91,3 @@ def resolved_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) 
         config=image.config,
         read_ahead=read_ahead,
     )
-
-
-def resolve_and_read_ahead(snapshotter: Snapshotter, image: str, platform: str) -> ResolvedImage:
-    """Runs on a gRPC thread: resolve (one hop into trio), plan the unpack exactly as the CLI
-    will (same name, manifest digest and config, hence the same Prepare labels), and start the
-    TOC reads of the lazy layers that do not exist yet."""
-    documents = snapshotter.resolve_image(image, platform)
-    manifest: Manifest = documents.manifest
-    try:
-        plan = plan_unpack(documents.name, documents.manifest_digest, manifest, documents.config)
-    except (UnpackError, ValueError) as exc:
-        raise FailedPreconditionError(str(exc)) from exc
-    started = tuple(
-        layer.descriptor.digest
-        for layer in plan.layers
-        if snapshotter.read_ahead([(layer.labels, layer.descriptor.size)])
-    )
-    log.info("resolved image=%s manifest=%s layers=%d read_ahead=%d", documents.name,
-             documents.manifest_digest, len(plan.layers), len(started))
-    return resolved_from_documents(documents, started)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fusefs import BlobReader, LayerIndex, load_layer_index
+from fusefs import BlobReader, LayerIndex
 from registry import RegistryClient, parse_reference
-from snapshotter.remote.saved_toc import RecordingBlob
+from snapshotter.remote.open_layer import open_layer
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,11 @@ class TailsAhead:
         layer = entry.layer
         try:
             with trio.fail_after(AHEAD_TIMEOUT_SECONDS):
-                blob = await self._client.open_blob(
-                    parse_reference(layer.image_ref), layer.digest, layer.size
-                )
-                recording = RecordingBlob(blob)
-                index = await load_layer_index(
-                    recording, toc_digest=layer.toc_digest, annotations=layer.annotations
-                )
-            entry.blob, entry.ranges, entry.index = blob, recording.ranges, index
+                opened = await open_layer(self._client, parse_reference(layer.image_ref),
+                                          layer.digest, layer.annotations, size=layer.size)
+            entry.blob, entry.ranges, entry.index = opened.blob, opened.ranges, opened.index
             log.debug("layer TOC read ahead digest=%s entries=%d", layer.digest,
-                      index.entry_count)
+                      opened.index.entry_count)
         except Exception as exc:  # the Prepare then reads it itself, and reports any failure
             log.info("layer TOC not read ahead digest=%s reason=%s", layer.digest,
                      f"{type(exc).__name__}: {exc}"[:300])

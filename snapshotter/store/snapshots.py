@@ -13,21 +13,18 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from snapshotter.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    NotImplementedByBackendError,
-)
-from snapshotter.labels import REMOTE, REMOTE_VALUE, validate_labels
+    )
+from snapshotter.labels import REMOTE, REMOTE_VALUE, SNAPSHOT_REF, validate_labels
 from snapshotter.model import Counts, Kind, Mount, SnapshotInfo, Usage
-from snapshotter.remote.decision import RemoteDecision, decide
-from snapshotter.remote.layers import AttachedLayer, RemoteLayerError, RemoteSnapshots
 from snapshotter.store.diskusage import disk_usage
 from snapshotter.store.filters import matcher, parse_filters
 from snapshotter.store.layout import Layout
@@ -38,11 +35,7 @@ from snapshotter.store.metadata import (
     Transaction,
 )
 from snapshotter.store.mounts import LowerDir, build_mounts
-
-if TYPE_CHECKING:
-    from snapshotter.client.pull import ImageDocuments
-
-MAX_ANNOUNCED_LAYERS = 256  # containerd's own limit on an image's layers is 128
+from snapshotter.store.remote import AttachedLayer, RemoteLayerError, RemoteLayers
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +59,21 @@ def _require_key(key: str, what: str = "key") -> None:
 
 
 class Snapshotter:
-    """Ordinary (local overlay) snapshots with containerd's semantics."""
+    """containerd's snapshots: ordinary ones in overlay directories, and committed layers served
+    lazily through a ``RemoteLayers`` once the daemon enables it."""
 
     def __init__(self, root: Path, *, clock: Clock = time.time_ns) -> None:
         self.layout = Layout(root)
         self.layout.create()
         self.store = MetadataStore(self.layout.database)
         self._clock = clock
-        self._remote: RemoteSnapshots | None = None
-        self._slots_lock = threading.Lock()
-        self._reserved_slots: set[int] = set()
-        self._attaching: set[str] = set()  # layer ids between attach and their row (Cleanup)
+        self._remote: RemoteLayers | None = None
+        self._lock = threading.Lock()
+        self._attaching: set[str] = set()  # layer ids between mount and their row (Cleanup)
+        # A lock per target being prepared lazily, with how many Prepares use it.
+        self._target_locks: dict[str, tuple[threading.Lock, int]] = {}
 
-    def enable_remote(self, remote: RemoteSnapshots | None) -> None:
+    def enable_remote(self, remote: RemoteLayers | None) -> None:
         """Serve layers lazily from now on (None: ordinary snapshots only)."""
         self._remote = remote
 
@@ -88,40 +83,19 @@ class Snapshotter:
     # -- creating ----------------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        if self._remote is not None:
+        if self._remote is not None and labels.get(SNAPSHOT_REF):
             self._try_remote(self._remote, key, parent, labels)  # raises AlreadyExists if served
         return self._create(Kind.ACTIVE, key, parent, labels)
 
-    def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> int:
-        """Layer Prepares a client announces (their labels and blob sizes, bottom layer first):
-        read the TOCs of those the labels make lazy and that do not exist yet, so the Prepares
-        themselves need no registry round trip (the layers the labels show are not lazy are
-        remembered, so no neighbour read-ahead tries them). Returns how many reads started."""
-        if len(layers) > MAX_ANNOUNCED_LAYERS:
-            raise InvalidArgumentError(
-                f"{len(layers)} layers announced; at most {MAX_ANNOUNCED_LAYERS} at a time"
-            )
-        if self._remote is None:
-            return 0
-        announced: list[tuple[RemoteDecision, int | None]] = []
-        for labels, size in layers:
-            decision = decide(validate_labels(labels))
-            if decision is None or decision.request is None:
-                continue
-            if decision.format is None and decision.needs_manifest:
-                continue  # unknown until its Prepare looks at the manifest
-            with self.store.transaction() as tx:
-                exists = tx.get(decision.request.chain_ref) is not None
-            if not exists:
-                announced.append((decision, size if size and size > 0 else None))
-        return self._remote.read_ahead(announced) if announced else 0
+    def remote_layer_records(self) -> list[RemoteLayerRecord]:
+        """Every lazily served layer, to attach again after a restart."""
+        with self.store.transaction() as tx:
+            return tx.remote_layers()
 
-    def resolve_image(self, image: str, platform: str) -> ImageDocuments:
-        """An image's documents from its registry, with the lazy layers' registry client
-        (``Daemon/Resolve``); only a daemon that serves layers lazily has one."""
-        if self._remote is None:
-            raise NotImplementedByBackendError("lazy pulling is disabled in this daemon")
-        return self._remote.resolve(image, platform)
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` name a snapshot, in one transaction."""
+        with self.store.transaction() as tx:
+            return {key for key in keys if tx.get(key) is not None}
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)
@@ -192,76 +166,70 @@ class Snapshotter:
     # -- remote (lazily served) layers -------------------------------------------------------
 
     def _try_remote(
-        self, remote: RemoteSnapshots, key: str, parent: str, labels: Mapping[str, str]
+        self, remote: RemoteLayers, key: str, parent: str, labels: Mapping[str, str]
     ) -> None:
-        """Serve the layer lazily and raise AlreadyExistsError, or return for the normal path."""
-        decision = decide(labels)
-        if decision is None:
-            return  # not a layer extraction (a container's own snapshot)
-        if decision.needs_manifest:
-            try:
-                decision = remote.decide_with_manifest(decision)
-            except Exception as exc:  # the normal path still works without the registry
-                self._fallback(key, f"manifest lookup failed: {type(exc).__name__}: {exc}")
-                return
-        request = decision.request
-        if request is None or decision.format is None:
-            self._fallback(key, decision.reason)
-            return
-        checked = validate_labels(labels)
-        with self.store.transaction() as tx:
-            parent_record = tx.get(parent) if parent else None
-            if parent and (parent_record is None or parent_record.kind is not Kind.COMMITTED):
-                return  # let the normal path report the bad parent
-            existing = tx.get(request.chain_ref)
-            if existing is not None and existing.parent_key == parent:
-                raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
-            slot = self._reserve_slot(tx.used_slots())
-        layer_id = "r" + secrets.token_hex(6)
-        with self._slots_lock:
-            self._attaching.add(layer_id)
-        try:
-            try:
-                attached = remote.attach(request, decision.format, layer_id, slot)
-            except RemoteLayerError as exc:
-                self._fallback(key, str(exc))
-                return
-            except Exception as exc:
-                log.exception("remote attach failed key=%r", key)
-                self._fallback(key, f"{type(exc).__name__}: {exc}")
-                return
-            name = self._record_remote(request.chain_ref, parent, checked, attached, decision)
-        finally:
-            with self._slots_lock:
-                self._reserved_slots.discard(slot)
-                self._attaching.discard(layer_id)
-        log.info("remote-snapshot-prepared=true key=%r name=%r layer=%s format=%s reason=%r",
-                 key, name, layer_id, decision.format, decision.reason)
-        raise AlreadyExistsError(f"target snapshot {request.chain_ref!r} already exists")
+        """Serve the layer lazily and raise AlreadyExistsError, or return for the normal path.
 
-    def _reserve_slot(self, used: set[int]) -> int:
-        with self._slots_lock:
-            slot = 1
-            while slot in used or slot in self._reserved_slots:
-                slot += 1
-            self._reserved_slots.add(slot)
-            return slot
+        Prepares of one target are serialised: containerd may unpack the same layer for two
+        images at once, and only the first may attach it."""
+        target = labels[SNAPSHOT_REF]
+        checked = validate_labels(labels)
+        with self._target_lock(target):
+            with self.store.transaction() as tx:
+                parent_record = tx.get(parent) if parent else None
+                if parent and (parent_record is None
+                               or parent_record.kind is not Kind.COMMITTED):
+                    return  # let the normal path report the bad parent
+                existing = tx.get(target)
+                if existing is not None and existing.parent_key == parent:
+                    raise AlreadyExistsError(f"target snapshot {target!r} already exists")
+            layer_id = "r" + secrets.token_hex(6)
+            with self._lock:
+                self._attaching.add(layer_id)
+            try:
+                try:
+                    attached = remote.mount(checked, layer_id)
+                except RemoteLayerError as exc:
+                    self._fallback(key, str(exc))
+                    return
+                name = self._record_remote(remote, target, parent, checked, attached)
+            finally:
+                with self._lock:
+                    self._attaching.discard(layer_id)
+        log.info("remote-snapshot-prepared=true key=%r name=%r layer=%s format=%s", key, name,
+                 layer_id, attached.format)
+        raise AlreadyExistsError(f"target snapshot {target!r} already exists")
+
+    @contextmanager
+    def _target_lock(self, target: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._target_locks.get(target, (threading.Lock(), 0))
+            self._target_locks[target] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._target_locks[target]
+                if users == 1:
+                    del self._target_locks[target]
+                else:
+                    self._target_locks[target] = (lock, users - 1)
 
     def _record_remote(
         self,
-        chain_ref: str,
+        remote: RemoteLayers,
+        target: str,
         parent: str,
         labels: dict[str, str],
         attached: AttachedLayer,
-        decision: RemoteDecision,
     ) -> str:
-        assert decision.request is not None
         try:
             with self.store.transaction() as tx:
                 parent_record = tx.get(parent) if parent else None
                 # Another namespace may hold this chain ID over a different parent key.
-                taken = tx.get(chain_ref) is not None
-                name = f"{chain_ref}@{attached.layer_id}" if taken else chain_ref
+                taken = tx.get(target) is not None
+                name = f"{target}@{attached.layer_id}" if taken else target
                 snapshot_id = tx.insert(
                     name, parent_record.id if parent_record else None, Kind.COMMITTED,
                     self._clock(), {**labels, REMOTE: REMOTE_VALUE},
@@ -269,13 +237,12 @@ class Snapshotter:
                 self._make_dirs(snapshot_id, Kind.COMMITTED,
                                 self.layout.remote_dir(attached.layer_id))
                 tx.insert_remote(RemoteLayerRecord(
-                    snapshot_id, attached.layer_id, attached.slot, decision.request.image_ref,
-                    decision.request.layer_digest, attached.blob_size, attached.toc_digest,
+                    snapshot_id, attached.layer_id, attached.slot, attached.image_ref,
+                    attached.layer_digest, attached.blob_size, attached.toc_digest,
                     attached.annotations,
                 ))
         except BaseException:
-            assert self._remote is not None
-            self._remote.detach(attached.layer_id)
+            remote.unmount(attached.layer_id)
             raise
         return name
 
@@ -387,10 +354,7 @@ class Snapshotter:
         # snapshot can meet this directory; if we die now, Cleanup removes the orphan.
         self._empty_trash(self._trash(record.id))
         if record.remote_layer is not None and self._remote is not None:
-            try:
-                self._remote.detach(record.remote_layer)
-            except Exception:  # the row is gone; a layer left attached is only memory
-                log.exception("detach failed layer=%s", record.remote_layer)
+            self._remote.unmount(record.remote_layer)
         log.info("snapshot removed key=%r id=%d", key, record.id)
 
     def update(self, info: SnapshotInfo, fieldpaths: Sequence[str]) -> SnapshotInfo:
@@ -427,7 +391,7 @@ class Snapshotter:
             ids = tx.ids()
             recorded = {record.layer_id: record.layer_digest for record in tx.remote_layers()}
             layer_ids = set(recorded)
-            with self._slots_lock:
+            with self._lock:
                 attaching = set(self._attaching)
             layer_ids |= attaching
             for entry in list(self.layout.snapshots.iterdir()):
@@ -442,7 +406,7 @@ class Snapshotter:
                     # Prepare may reuse a crashed transaction's id and make this very link anew.
                     trashed.append(self._trash_path(link))
             for tail in list(self.layout.tails.iterdir()):
-                if tail.name.removesuffix(".tail") not in layer_ids:
+                if self.layout.tail_owner(tail) not in layer_ids:
                     trashed.append(tail)
         trashed += list(self.layout.trash.iterdir())
         for path in trashed:
@@ -452,11 +416,8 @@ class Snapshotter:
         if self._remote is not None:
             # Outside the transaction: the chunk walk must not hold the database. A layer
             # recorded since is attached, so its own chunks protect it; one removed since is
-            # still in ``recorded`` and judged conservatively. The filesystem logs the result.
-            try:
-                self._remote.collect_garbage(recorded, attaching)
-            except Exception:  # the cache is only disk space: Cleanup itself succeeded
-                log.exception("cache garbage collection failed")
+            # still in ``recorded`` and judged conservatively.
+            self._remote.collect_garbage(recorded, attaching)
         return len(trashed)
 
     def _trash(self, snapshot_id: int) -> Path:

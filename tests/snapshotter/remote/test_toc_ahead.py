@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
-from snapshotter.client.chain import layer_labels
-from snapshotter.errors import InvalidArgumentError
 from snapshotter.labels import STARGZ_TOC_DIGEST
 from snapshotter.remote.toc_ahead import AheadLayer, TailsAhead
-from snapshotter.store.snapshots import MAX_ANNOUNCED_LAYERS, Snapshotter
 from tests.fusefs.formats_support import MemoryBlob
 from tests.integration.fuse_support import trio_test
 from tests.support.oci_image import TarBuilder, seekable_layer
@@ -112,47 +107,6 @@ async def test_capacity_and_lifetime_bound_what_is_kept() -> None:
     await trio.sleep(0.3)  # nobody took them: dropped, room again
     assert ahead.start(AheadLayer(IMAGE, digests[2], None, None, None))
     assert ahead.pending() == 1
-
-
-class RecordingRemote:
-    def __init__(self) -> None:
-        self.announced: list[tuple[Any, int | None]] = []
-
-    def read_ahead(self, announced: list[tuple[Any, int | None]]) -> int:
-        self.announced.extend(announced)
-        return sum(1 for decision, _ in announced if decision.format is not None)
-
-
-def _labels(chain: str, digest: str, annotations: dict[str, str]) -> dict[str, str]:
-    return layer_labels(
-        image_ref=IMAGE, manifest_digest="sha256:" + "m" * 64, layer_digests=[digest],
-        index=0, chain_id=chain, annotations=annotations,
-        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-    )  # fmt: skip
-
-
-def test_snapshotter_announces_only_lazy_layers_that_do_not_exist(tmp_path: Path) -> None:
-    _, annotations = _layer()
-    sn = Snapshotter(tmp_path / "root")
-    try:
-        remote = RecordingRemote()
-        sn.enable_remote(remote)  # type: ignore[arg-type]
-        existing = "sha256:" + "e" * 64
-        sn.prepare("extract", "", {})
-        sn.commit(existing, "extract", {})
-        lazy = _labels("sha256:" + "1" * 64, "sha256:" + "a" * 64, annotations)
-        plain = _labels("sha256:" + "2" * 64, "sha256:" + "b" * 64, {})
-        already = _labels(existing, "sha256:" + "c" * 64, annotations)
-        assert sn.read_ahead([(lazy, 1234), (plain, 10), (already, 10)]) == 1
-        # The plain layer is passed on too, to be remembered as not lazy.
-        (decision, size), (plain_decision, _) = remote.announced
-        assert decision.request.layer_digest == "sha256:" + "a" * 64 and size == 1234
-        assert plain_decision.format is None
-        assert plain_decision.request.layer_digest == "sha256:" + "b" * 64
-        with pytest.raises(InvalidArgumentError):
-            sn.read_ahead([(lazy, 1)] * (MAX_ANNOUNCED_LAYERS + 1))
-    finally:
-        sn.close()
 
 
 @trio_test

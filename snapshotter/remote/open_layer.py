@@ -1,0 +1,63 @@
+"""Open a lazy layer: its blob and its index, read with the digests its annotations vouch for.
+
+The one place where a layer's footer and TOC are read. Attach, restore after a restart, TOC
+read-ahead and ``lazysnap mount`` all come here, so they check the same digests the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fusefs import BlobReader, LayerIndex, load_layer_index
+from registry import Reference, RegistryClient
+from snapshotter.labels import STARGZ_TOC_DIGEST
+from snapshotter.remote.saved_toc import RecordingBlob, TailServedBlob
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedLayer:
+    blob: BlobReader
+    ranges: dict[int, bytes]  # the footer and TOC ranges read, to be saved for restarts
+    index: LayerIndex
+
+
+def expected_toc_digest(annotations: Mapping[str, str] | None) -> str | None:
+    """The eStargz TOC digest a layer's annotations vouch for (zstd:chunked carries its
+    checksums in other annotations, which the index loader reads itself)."""
+    return None if annotations is None else annotations.get(STARGZ_TOC_DIGEST)
+
+
+async def open_layer(
+    client: RegistryClient,
+    ref: Reference,
+    digest: str,
+    annotations: Mapping[str, str] | None,
+    *,
+    size: int | None = None,
+) -> OpenedLayer:
+    """Open the blob in the registry (``size`` unknown: the registry is asked) and index it."""
+    blob = await client.open_blob(ref, digest, size)
+    return await index_layer(blob, annotations)
+
+
+async def index_layer(
+    blob: BlobReader,
+    annotations: Mapping[str, str] | None,
+    *,
+    saved: dict[int, bytes] | None = None,
+    toc_digest: str | None = None,
+) -> OpenedLayer:
+    """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
+    without the network. ``toc_digest``: the digest recorded at first attach, instead of the
+    annotations' (a restart trusts what it verified then)."""
+    source = blob if saved is None else TailServedBlob(blob, saved)
+    recording = RecordingBlob(source)
+    if saved is not None:
+        recording.ranges.update(saved)
+    index = await load_layer_index(
+        recording,
+        toc_digest=toc_digest if toc_digest is not None else expected_toc_digest(annotations),
+        annotations=None if annotations is None else dict(annotations),
+    )
+    return OpenedLayer(blob, recording.ranges, index)
