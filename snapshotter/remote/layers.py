@@ -26,8 +26,13 @@ from snapshotter.remote.open_layer import (
     open_layer,
 )
 from snapshotter.remote.resolve import fetch_image_documents
-from snapshotter.remote.saved_toc import DeferredBlob, TailFileError, load_tail, save_tail
-from snapshotter.remote.toc_ahead import AheadLayer, TailsAhead
+from snapshotter.remote.saved_toc import (
+    DeferredBlob,
+    SavedTocError,
+    load_saved_toc,
+    save_toc_ranges,
+)
+from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
 from snapshotter.store.metadata import RemoteLayerRecord
 from snapshotter.store.remote import AttachedLayer, RemoteLayerError
 
@@ -53,10 +58,10 @@ class LazyLayers:
     ) -> None:
         self._fs = fs
         self._client = client
-        self._tail_path = tail_path  # where a layer's footer/TOC ranges are saved
+        self._saved_toc_path = tail_path  # where a layer's footer/TOC ranges are saved
         self._background_fetch = background_fetch
         self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
-        self._ahead = TailsAhead(client)
+        self._ahead = TocReadAhead(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
 
     async def resolve(self, image: str, platform: str) -> ImageDocuments:
@@ -146,7 +151,7 @@ class LazyLayers:
             raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
         blob, index = opened.blob, opened.index
         await trio.to_thread.run_sync(
-            save_tail, self._tail_path(layer_id), blob.digest, opened.ranges
+            save_toc_ranges, self._saved_toc_path(layer_id), blob.digest, opened.ranges
         )
         # The filesystem picks the slot: it alone knows which inode numbers the kernel may
         # still hold, and never hands a slot out twice while the connection lives.
@@ -209,9 +214,9 @@ class LazyLayers:
         saved: dict[int, bytes] | None
         try:
             saved = await trio.to_thread.run_sync(
-                load_tail, self._tail_path(record.layer_id), record.layer_digest
+                load_saved_toc, self._saved_toc_path(record.layer_id), record.layer_digest
             )
-        except TailFileError as exc:
+        except SavedTocError as exc:
             log.warning("layer=%s tail unusable (%s); reading the TOC from the registry",
                         record.layer_id, exc)
             saved = None
@@ -235,7 +240,7 @@ class LazyLayers:
             # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
             await self._fs.release_detached_layers()
         await trio.to_thread.run_sync(
-            lambda: self._tail_path(layer_id).unlink(missing_ok=True)
+            lambda: self._saved_toc_path(layer_id).unlink(missing_ok=True)
         )
 
     async def cached_bytes(self, layer_id: str) -> int:

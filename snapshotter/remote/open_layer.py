@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fusefs import BlobReader, LayerIndex, load_layer_index
 from registry import Reference, RegistryClient
 from snapshotter.labels import STARGZ_TOC_DIGEST
-from snapshotter.remote.saved_toc import RecordingBlob, TailServedBlob
+from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,7 @@ async def index_layer(
     """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
     without the network. ``toc_digest``: the digest recorded at first attach, instead of the
     annotations' (a restart trusts what it verified then)."""
-    source = blob if saved is None else TailServedBlob(blob, saved)
+    source = blob if saved is None else SavedTocBlob(blob, saved)
     recording = RecordingBlob(source)
     if saved is not None:
         recording.ranges.update(saved)

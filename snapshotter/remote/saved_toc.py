@@ -1,8 +1,8 @@
-"""Blob wrappers that let a restarted daemon re-attach remote layers without the network.
+"""Saved TOC ranges: a restarted daemon re-attaches remote layers without the network.
 
-On first attach the ranges the TOC reader asks for (footer and TOC, the layer's "tail") are
-recorded and saved next to the database; on restart they are served from that file, and the
-registry is contacted only when a file's content is first read.
+On first attach the byte ranges the TOC reader asks for, the footer and the TOC, are recorded
+and saved in a ``<layer id>.tail`` file under the state root. On restart they are served from
+that file, and the registry is contacted only when a file's content is first read.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ _MAGIC = b"LZTAIL1\n"
 _MAX_TAIL_BYTES = 256 << 20  # a TOC larger than this is refused by the reader's limits anyway
 
 
-class TailFileError(Exception):
-    """The saved tail file is missing, truncated or not ours."""
+class SavedTocError(Exception):
+    """The saved ranges file is missing, truncated or not ours."""
 
 
 class _WrappedBlob:
@@ -50,7 +50,7 @@ class RecordingBlob(_WrappedBlob):
         return data
 
 
-class TailServedBlob(_WrappedBlob):
+class SavedTocBlob(_WrappedBlob):
     """Serves the saved ranges locally; anything else goes to the inner blob."""
 
     def __init__(self, inner: BlobReader, ranges: dict[int, bytes]) -> None:
@@ -87,7 +87,7 @@ class DeferredBlob:
         return await self._opened.read_at(offset, length)
 
 
-def save_tail(path: Path, digest: str, ranges: dict[int, bytes]) -> None:
+def save_toc_ranges(path: Path, digest: str, ranges: dict[int, bytes]) -> None:
     spans = [[offset, len(data)] for offset, data in sorted(ranges.items())]
     header = json.dumps({"digest": digest, "ranges": spans}).encode()
     tmp = path.with_suffix(".tmp")
@@ -98,13 +98,13 @@ def save_tail(path: Path, digest: str, ranges: dict[int, bytes]) -> None:
     tmp.replace(path)  # atomic: a crash leaves the old file or none, never half of one
 
 
-def load_tail(path: Path, digest: str) -> dict[int, bytes]:
+def load_saved_toc(path: Path, digest: str) -> dict[int, bytes]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise TailFileError(f"{path}: {exc.strerror}") from None
+        raise SavedTocError(f"{path}: {exc.strerror}") from None
     if len(raw) > _MAX_TAIL_BYTES or not raw.startswith(_MAGIC) or len(raw) < len(_MAGIC) + 4:
-        raise TailFileError(f"{path}: not a lazysnap tail file")
+        raise SavedTocError(f"{path}: not a lazysnap tail file")
     (header_len,) = struct.unpack(">I", raw[len(_MAGIC) : len(_MAGIC) + 4])
     start = len(_MAGIC) + 4
     try:
@@ -112,14 +112,14 @@ def load_tail(path: Path, digest: str) -> dict[int, bytes]:
         ranges = [(int(o), int(n)) for o, n in header["ranges"]]
         saved_digest = str(header["digest"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise TailFileError(f"{path}: bad header: {exc}") from None
+        raise SavedTocError(f"{path}: bad header: {exc}") from None
     if saved_digest != digest:
-        raise TailFileError(f"{path}: saved for {saved_digest}, wanted {digest}")
+        raise SavedTocError(f"{path}: saved for {saved_digest}, wanted {digest}")
     out: dict[int, bytes] = {}
     position = start + header_len
     for offset, length in ranges:
         if position + length > len(raw):
-            raise TailFileError(f"{path}: truncated")
+            raise SavedTocError(f"{path}: truncated")
         out[offset] = raw[position : position + length]
         position += length
     return out

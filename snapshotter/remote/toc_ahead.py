@@ -45,7 +45,7 @@ class AheadLayer:
 
 
 @dataclass(frozen=True, slots=True)
-class TailAhead:
+class TocRead:
     """What a Prepare takes: the open blob, the ranges its TOC reader read, and the index when
     it was built with the Prepare's own expected digests."""
 
@@ -64,7 +64,7 @@ class _Entry:
     index: LayerIndex | None = None
 
 
-class TailsAhead:
+class TocReadAhead:
     def __init__(
         self,
         client: RegistryClient,
@@ -104,7 +104,7 @@ class TailsAhead:
 
     async def take(
         self, digest: str, *, toc_digest: str | None, annotations: Mapping[str, str]
-    ) -> TailAhead | None:
+    ) -> TocRead | None:
         """The TOC read ahead for ``digest`` (waiting for it if still in flight), or None."""
         entry = self._entries.pop(digest, None)
         if entry is None:
@@ -115,7 +115,7 @@ class TailsAhead:
         same_digests = entry.layer.toc_digest == toc_digest and dict(
             entry.layer.annotations or {}
         ) == dict(annotations)
-        return TailAhead(entry.blob, entry.ranges, entry.index if same_digests else None)
+        return TocRead(entry.blob, entry.ranges, entry.index if same_digests else None)
 
     def pending(self) -> int:
         return len(self._entries)

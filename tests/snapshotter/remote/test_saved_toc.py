@@ -10,10 +10,10 @@ import trio
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
     RecordingBlob,
-    TailFileError,
-    TailServedBlob,
-    load_tail,
-    save_tail,
+    SavedTocBlob,
+    SavedTocError,
+    load_saved_toc,
+    save_toc_ranges,
 )
 
 DATA = bytes(range(256)) * 64
@@ -44,10 +44,10 @@ def test_recorded_ranges_round_trip_and_serve_locally(tmp_path: Path) -> None:
         recording = RecordingBlob(source)
         assert await recording.read_at(len(DATA) - 100, 100) == DATA[-100:]
         assert await recording.read_at(10, 20) == DATA[10:30]
-        save_tail(tmp_path / "x.tail", DIGEST, recording.ranges)
+        save_toc_ranges(tmp_path / "x.tail", DIGEST, recording.ranges)
 
         later = BytesBlob(DATA)
-        served = TailServedBlob(later, load_tail(tmp_path / "x.tail", DIGEST))
+        served = SavedTocBlob(later, load_saved_toc(tmp_path / "x.tail", DIGEST))
         assert await served.read_at(len(DATA) - 50, 50) == DATA[-50:]
         assert await served.read_at(12, 5) == DATA[12:17]
         assert later.reads == [], "saved ranges need no network"
@@ -84,15 +84,15 @@ def test_deferred_blob_opens_on_first_read_only() -> None:
 )
 def test_damaged_tail_files_are_refused(tmp_path: Path, damage: object, message: str) -> None:
     path = tmp_path / "x.tail"
-    save_tail(path, DIGEST, {0: DATA[:100], 500: DATA[500:700]})
+    save_toc_ranges(path, DIGEST, {0: DATA[:100], 500: DATA[500:700]})
     path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
-    with pytest.raises(TailFileError, match=message):
-        load_tail(path, DIGEST)
+    with pytest.raises(SavedTocError, match=message):
+        load_saved_toc(path, DIGEST)
 
 
 def test_tail_of_another_blob_is_refused(tmp_path: Path) -> None:
-    save_tail(tmp_path / "x.tail", DIGEST, {0: b"abc"})
-    with pytest.raises(TailFileError, match="saved for"):
-        load_tail(tmp_path / "x.tail", "sha256:" + "1" * 64)
-    with pytest.raises(TailFileError):
-        load_tail(tmp_path / "missing.tail", DIGEST)
+    save_toc_ranges(tmp_path / "x.tail", DIGEST, {0: b"abc"})
+    with pytest.raises(SavedTocError, match="saved for"):
+        load_saved_toc(tmp_path / "x.tail", "sha256:" + "1" * 64)
+    with pytest.raises(SavedTocError):
+        load_saved_toc(tmp_path / "missing.tail", DIGEST)

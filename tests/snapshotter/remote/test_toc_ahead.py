@@ -7,7 +7,7 @@ from typing import Any
 import trio
 
 from snapshotter.labels import STARGZ_TOC_DIGEST
-from snapshotter.remote.toc_ahead import AheadLayer, TailsAhead
+from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
 from tests.fusefs.formats_support import MemoryBlob
 from tests.integration.fuse_support import trio_test
 from tests.support.oci_image import TarBuilder, seekable_layer
@@ -36,8 +36,8 @@ class FakeClient:
         return self.blobs[digest]
 
 
-def _ahead(client: FakeClient, **kwargs: Any) -> TailsAhead:
-    return TailsAhead(client, **kwargs)  # type: ignore[arg-type]
+def _ahead(client: FakeClient, **kwargs: Any) -> TocReadAhead:
+    return TocReadAhead(client, **kwargs)  # type: ignore[arg-type]
 
 
 @trio_test
