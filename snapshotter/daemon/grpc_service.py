@@ -40,7 +40,8 @@ from snapshotter.version import VERSION
 
 log = logging.getLogger(__name__)
 
-# containerd relies on these exact codes (ARCHITECTURE.md §4).
+# containerd relies on these exact codes: its unpacker reads ALREADY_EXISTS from a Prepare as
+# "this layer is there already" and checks with a Stat, where NOT_FOUND means it is not.
 STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ...] = (
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),

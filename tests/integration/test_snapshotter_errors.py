@@ -1,7 +1,7 @@
 """Error codes, label rules, filters, Usage and Cleanup over the gRPC socket of a real daemon.
 
 containerd turns the proxy's status codes into errdefs classes and relies on the exact class
-(containerd-protocol.md §1.1, ARCHITECTURE.md §4); the messages are kept.
+(containerd-protocol.md §1.1); the messages are kept.
 """
 
 from __future__ import annotations
