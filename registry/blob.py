@@ -179,7 +179,8 @@ class RemoteBlob:
                     host.netloc,
                     type(exc).__name__,
                 )
-                self._redirect = None
+                if self._redirect is not None and self._redirect[0] == cached:
+                    self._redirect = None  # a concurrent read may have cached a fresh one
                 used_redirect[0] = None
         try:
             data = await self._engine.call(
