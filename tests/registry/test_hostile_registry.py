@@ -305,3 +305,29 @@ def test_an_oversized_token_answer_is_abandoned() -> None:
 def test_options_refuse_a_non_positive_no_range_ttl() -> None:
     with pytest.raises(ValueError, match="no_range_ttl"):
         ClientOptions(no_range_ttl=0)
+
+
+# -- item 6: no URL query in our own messages ----------------------------------------------
+
+
+def test_a_library_error_naming_a_presigned_url_is_redacted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, digest_a, _ = two_blobs()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(
+            f"cannot reach {request.url}?X-Amz-Signature=c2VjcmV0", request=request
+        )
+
+    async def main() -> None:
+        async with make_client(fake, handler=handler) as client:
+            blob = await client.open_blob(REF, digest_a, size=len(DATA_A))
+            await blob.read_at(0, 10)
+
+    caplog.set_level("DEBUG")
+    with pytest.raises(RegistryError) as info:
+        run(main)
+    assert "cannot reach https://reg.test/v2/team/app/blobs/" in str(info.value)
+    assert "X-Amz-Signature" not in str(info.value)
+    assert "X-Amz-Signature" not in caplog.text
