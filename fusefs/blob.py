@@ -2,6 +2,10 @@
 
 The registry's blob reader satisfies this structurally (fusefs never imports registry); a local
 file satisfies it through ``LocalFileBlob`` for ``lazysnap mount --blob`` and for tests.
+
+A reader may also offer ``forget_redirect()``: the registry's reader reuses the object storage
+URL a registry redirected it to, and bytes from there that fail verification mean the next read
+should ask the registry again. ``forget_redirect(blob)`` calls it when the reader has it.
 """
 
 from __future__ import annotations
@@ -30,3 +34,18 @@ class BlobReader(Protocol):
         filesystem maps any exception to EIO for the reader.
         """
         ...
+
+
+@runtime_checkable
+class RedirectingBlobReader(BlobReader, Protocol):
+    """A blob reader that reuses a redirect target and can be told to stop."""
+
+    def forget_redirect(self) -> None:
+        """Ask the origin again on the next read instead of reusing where it sent us."""
+        ...
+
+
+def forget_redirect(blob: BlobReader) -> None:
+    """After bytes from ``blob`` failed verification: drop its redirect target, if it has one."""
+    if isinstance(blob, RedirectingBlobReader):
+        blob.forget_redirect()

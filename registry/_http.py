@@ -21,6 +21,7 @@ from typing import TypeVar
 import anyio
 import httpx
 
+from registry._body import MAX_SMALL_BODY, read_capped
 from registry.auth import (
     Challenge,
     Token,
@@ -47,6 +48,7 @@ from registry.errors import (
 )
 from registry.hosts import RegistryHost
 from registry.options import ClientOptions
+from registry.redact import redact_urls, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,6 @@ class RetryableError(Exception):
         super().__init__(str(error))
         self.error = error
         self.immediate = immediate
-
-
-def safe_url(url: str | httpx.URL) -> str:
-    """The URL without query or fragment: presigned redirect URLs carry secrets there."""
-    parts = urllib.parse.urlsplit(str(url))
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -113,8 +109,8 @@ _STATUS_ERRORS: dict[int, type[RegistryError]] = {
 }
 
 
-async def error_from_response(response: httpx.Response, what: str) -> RegistryError:
-    """The registry error for a non-success answer, with the OCI error body's codes."""
+async def _error_body(response: httpx.Response) -> bytes:
+    """The start of an error answer's body: enough for its OCI error codes."""
     body = b""
     try:
         async for chunk in response.aiter_bytes():
@@ -123,6 +119,12 @@ async def error_from_response(response: httpx.Response, what: str) -> RegistryEr
                 break
     except httpx.HTTPError:
         pass  # the status alone is enough to classify
+    return body[:MAX_ERROR_BODY]
+
+
+async def error_from_response(response: httpx.Response, what: str) -> RegistryError:
+    """The registry error for a non-success answer, with the OCI error body's codes."""
+    body = await _error_body(response)
     status = response.status_code
     cls = _STATUS_ERRORS.get(status)
     if cls is None:
@@ -142,7 +144,8 @@ def _describe(exc: BaseException) -> str:
         if seen is None or str(seen):
             break
         seen = seen.__cause__ or seen.__context__
-    detail = str(seen) if seen is not None else ""
+    # httpx puts the request URL in some messages; its query may hold a signature.
+    detail = redact_urls(str(seen)) if seen is not None else ""
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
@@ -172,7 +175,7 @@ class Engine:
         self._credentials: dict[str, tuple[Credentials | None, float]] = {}
         self._tokens = TokenCache()
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
-        self.no_range_hosts: set[str] = set()
+        self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
 
     def __repr__(self) -> str:
         return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
@@ -181,6 +184,25 @@ class Engine:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+    # -- what is learnt about hosts --------------------------------------------------------
+
+    def ranges_doubted(self, netloc: str) -> bool:
+        """Whether ``netloc`` recently ignored Range headers (until ``no_range_ttl`` passes)."""
+        until = self._no_ranges_until.get(netloc)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            # A proxy restarted, a CDN node replaced: ask again rather than believe it forever.
+            del self._no_ranges_until[netloc]
+            return False
+        return True
+
+    def doubt_ranges(self, netloc: str) -> None:
+        self._no_ranges_until[netloc] = time.monotonic() + self.options.no_range_ttl
+
+    def trust_ranges(self, netloc: str) -> None:
+        self._no_ranges_until.pop(netloc, None)
 
     # -- clients --------------------------------------------------------------------------
 
@@ -303,39 +325,49 @@ class Engine:
         client = self.client_for(host)
         headers = {"User-Agent": self.options.user_agent}
         what = f"token for {host.netloc} from {safe_url(realm)}"
+        if credentials and credentials.identity_token:
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": credentials.identity_token,
+                "client_id": "lazysnap",
+                "scope": " ".join(all_scopes),
+            }
+            if challenge.service:
+                form["service"] = challenge.service
+            request = client.build_request("POST", realm, data=form, headers=headers)
+        else:
+            params = httpx.QueryParams([("scope", s) for s in all_scopes])
+            if challenge.service:
+                params = params.add("service", challenge.service)
+            if credentials and credentials.password:
+                params = params.add("account", credentials.username)
+                headers["Authorization"] = basic_authorization(credentials)
+            request = client.build_request("GET", realm, params=params, headers=headers)
         try:
             with anyio.fail_after(self.options.request_timeout):
-                if credentials and credentials.identity_token:
-                    form = {
-                        "grant_type": "refresh_token",
-                        "refresh_token": credentials.identity_token,
-                        "client_id": "lazysnap",
-                        "scope": " ".join(all_scopes),
-                    }
-                    if challenge.service:
-                        form["service"] = challenge.service
-                    response = await client.post(realm, data=form, headers=headers)
-                else:
-                    params = httpx.QueryParams([("scope", s) for s in all_scopes])
-                    if challenge.service:
-                        params = params.add("service", challenge.service)
-                    if credentials and credentials.password:
-                        params = params.add("account", credentials.username)
-                        headers["Authorization"] = basic_authorization(credentials)
-                    response = await client.get(realm, params=params, headers=headers)
+                # Streamed and capped: a token server must not make us read more than a token.
+                response = await client.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    if status in (401, 403):
+                        body = await _error_body(response)
+                    elif status == 200:
+                        body = await read_capped(response, MAX_SMALL_BODY, what)
+                    else:
+                        raise await error_from_response(response, what)
+                finally:
+                    await response.aclose()
         except (TimeoutError, httpx.HTTPError) as exc:
             raise _error_from_exception(exc, what, safe_url(realm)) from exc
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             raise AuthenticationError(
                 f"{what}: the token server refused "
                 + ("the configured credentials" if credentials else "anonymous access"),
-                status=response.status_code,
+                status=status,
                 url=safe_url(realm),
-                details=_oci_details(response.content),
+                details=_oci_details(body),
             )
-        if response.status_code != 200:
-            raise await error_from_response(response, what)
-        token = parse_token_response(response.content, self._tokens.now())
+        token = parse_token_response(body, self._tokens.now())
         log.debug("auth token-fetched host=%s scopes=%s", host.netloc, ",".join(all_scopes))
         return token
 

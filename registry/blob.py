@@ -1,7 +1,8 @@
 """Random access to a remote blob: ``read_at`` with one single-range GET per call.
 
 Satisfies ``fusefs.blob.BlobReader`` structurally. A registry that redirects blob GETs to object
-storage is asked once; the redirect target is reused until it expires or answers 401/403/410.
+storage is asked once; the redirect target is reused until it expires, fails in any way, or
+the reader says its bytes failed verification (``forget_redirect``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 
 import httpx
 
-from registry._http import Engine, RetryableError, error_from_response, safe_url
+from registry._body import OversizedBodyError, announced_length, read_capped
+from registry._http import Engine, RetryableError, error_from_response
 from registry.errors import (
     RangeNotSatisfiableError,
     RangeNotSupportedError,
@@ -20,6 +22,7 @@ from registry.errors import (
     TransportError,
 )
 from registry.hosts import RegistryHost
+from registry.redact import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +108,16 @@ class RemoteBlob:
         assert last is not None
         raise last
 
+    def forget_redirect(self) -> None:
+        """Stop reusing the redirect target: bytes it served failed verification upstream.
+
+        The next read asks the registry again, which may send us somewhere healthy.
+        """
+        if self._redirect is not None:
+            log.info("blob redirect-forgotten digest=%s", self._digest)
+        self._redirect = None
+
     async def _read_from(self, host: RegistryHost, offset: int, length: int) -> bytes:
-        if host.netloc in self._engine.no_range_hosts:
-            raise RangeNotSupportedError(
-                f"{host.netloc} answered a ranged GET with the whole blob before"
-            )
         blob_url = self._blob_url(host)
         end = offset + length - 1
         what = f"range {offset}-{end} of blob {self._digest}"
@@ -118,27 +126,22 @@ class RemoteBlob:
         async def handle(response: httpx.Response) -> bytes:
             status = response.status_code
             if status == 206:
-                data = await response.aread()
-                if len(data) != length:
-                    raise RetryableError(
-                        TransportError(
-                            f"{what}: got {len(data)} of {length} bytes (truncated body)",
-                            url=safe_url(response.url),
-                        )
-                    )
+                data = await _read_range_body(response, length, what)
                 _check_content_range(response, offset, end, what)
                 final = str(response.url)
                 if final != blob_url and used_redirect[0] is None:
                     self._redirect = (final, time.monotonic() + self._engine.options.redirect_ttl)
                 return data
             if status == 200:
-                # The whole blob is on its way: abort instead of downloading it silently.
-                self._engine.no_range_hosts.add(host.netloc)
-                log.warning("blob no-range-support host=%s digest=%s", host.netloc, self._digest)
-                raise RangeNotSupportedError(
-                    f"{what}: the server ignored the Range header (answered 200)",
-                    status=200,
-                    url=safe_url(response.url),
+                # The whole blob is on its way: abort it unread. One such answer may come from
+                # a proxy's bad moment, so it is retried like any other failed attempt.
+                log.warning("blob no-range-answer host=%s digest=%s", host.netloc, self._digest)
+                raise RetryableError(
+                    RangeNotSupportedError(
+                        f"{what}: the server ignored the Range header (answered 200)",
+                        status=200,
+                        url=safe_url(response.url),
+                    )
                 )
             if used_redirect[0] is not None and status in _STALE_REDIRECT_STATUSES:
                 # The presigned target expired or was revoked: ask the registry again.
@@ -146,23 +149,76 @@ class RemoteBlob:
             raise await error_from_response(response, what)
 
         headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
+        # A host that ignored ranges on every attempt lately gets one attempt per read, not
+        # none: reads never fail without asking, and the first good answer clears the doubt.
+        doubted = self._engine.ranges_doubted(host.netloc)
         cached = self._cached_redirect()
         if cached is not None:
             used_redirect[0] = cached
             try:
-                return await self._engine.call(
-                    host, "GET", cached, handle, scopes=self._scopes, what=what, headers=headers
+                # One attempt only: whatever goes wrong at the target, the registry can hand
+                # out a fresh one, maybe elsewhere.
+                data = await self._engine.call(
+                    host,
+                    "GET",
+                    cached,
+                    handle,
+                    scopes=self._scopes,
+                    what=what,
+                    headers=headers,
+                    retry=False,
                 )
-            except _StaleRedirect:
-                log.info("blob redirect-stale digest=%s host=%s", self._digest, host.netloc)
-                self._redirect = None
+                self._engine.trust_ranges(host.netloc)
+                return data
+            except RangeNotSatisfiableError:
+                raise
+            except (_StaleRedirect, RegistryError) as exc:
+                log.info(
+                    "blob redirect-dropped digest=%s host=%s error=%s",
+                    self._digest,
+                    host.netloc,
+                    type(exc).__name__,
+                )
+                if self._redirect is not None and self._redirect[0] == cached:
+                    self._redirect = None  # a concurrent read may have cached a fresh one
                 used_redirect[0] = None
         try:
-            return await self._engine.call(
-                host, "GET", blob_url, handle, scopes=self._scopes, what=what, headers=headers
+            data = await self._engine.call(
+                host,
+                "GET",
+                blob_url,
+                handle,
+                scopes=self._scopes,
+                what=what,
+                headers=headers,
+                retry=not doubted,
             )
         except _StaleRedirect as exc:  # cannot happen without a cached target; be explicit
             raise TransportError(f"{what}: redirect target refused us") from exc
+        except RangeNotSupportedError:
+            self._engine.doubt_ranges(host.netloc)
+            raise
+        self._engine.trust_ranges(host.netloc)
+        return data
+
+
+async def _read_range_body(response: httpx.Response, length: int, what: str) -> bytes:
+    """Exactly ``length`` bytes, read with a cap: a longer body is abandoned after one chunk."""
+    url = safe_url(response.url)
+    announced = announced_length(response)
+    if announced is not None and announced != length:
+        raise RetryableError(
+            TransportError(f"{what}: server announced {announced} of {length} bytes", url=url)
+        )
+    try:
+        data = await read_capped(response, length, what)
+    except OversizedBodyError as exc:
+        raise RetryableError(TransportError(f"{what}: body longer than asked", url=url)) from exc
+    if len(data) != length:
+        raise RetryableError(
+            TransportError(f"{what}: got {len(data)} of {length} bytes (truncated body)", url=url)
+        )
+    return data
 
 
 class _StaleRedirect(Exception):

@@ -20,7 +20,8 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from registry._http import Engine, RetryableError, TransportFactory, error_from_response, safe_url
+from registry._body import MAX_MANIFEST_SIZE, MAX_SMALL_BODY, OversizedBodyError, read_capped
+from registry._http import Engine, RetryableError, TransportFactory, error_from_response
 from registry.auth import repository_scope
 from registry.blob import RemoteBlob
 from registry.credentials import CredentialProvider, DockerConfigCredentials
@@ -47,6 +48,7 @@ from registry.manifest import (
     verify_digest,
 )
 from registry.options import ClientOptions
+from registry.redact import safe_url
 from registry.reference import Reference, validate_digest
 
 log = logging.getLogger(__name__)
@@ -65,12 +67,14 @@ class _Answer:
 
 
 def _expect(
-    ok: Collection[int], what: str, *, body: bool = True
+    ok: Collection[int], what: str, *, body: bool = True, limit: int = MAX_SMALL_BODY
 ) -> Callable[[httpx.Response], Awaitable[_Answer]]:
+    """A handler for answers with a status in ``ok`` and a body of at most ``limit`` bytes."""
+
     async def handle(response: httpx.Response) -> _Answer:
         if response.status_code not in ok:
             raise await error_from_response(response, what)
-        content = await response.aread() if body else b""
+        content = await read_capped(response, limit, what) if body else b""
         expected = response.headers.get("content-length")
         if body and expected is not None and expected.isdigit() and len(content) != int(expected):
             raise RetryableError(
@@ -229,7 +233,7 @@ class RegistryClient:
             host,
             "GET",
             self._manifest_url(host, ref, obj),
-            _expect({200}, what),
+            _expect({200}, what, limit=MAX_MANIFEST_SIZE),
             scopes=self._pull_scopes(ref),
             what=what,
             headers={"Accept": ", ".join(ACCEPT_MANIFESTS)},
@@ -313,10 +317,19 @@ class RegistryClient:
         return RemoteBlob(self._engine, hosts, ref.path, digest, size, self._pull_scopes(ref))
 
     async def fetch_blob(
-        self, ref: Reference, digest: str, *, max_size: int = DEFAULT_MAX_FETCH
+        self,
+        ref: Reference,
+        digest: str,
+        *,
+        max_size: int = DEFAULT_MAX_FETCH,
+        size: int | None = None,
     ) -> bytes:
-        """A small blob (a config, a TOC) in memory, verified against its digest."""
+        """A small blob (a config, a TOC) in memory, verified against its digest.
+
+        ``size`` (from a descriptor) tightens the cap to exactly that many bytes.
+        """
         validate_digest(digest)
+        limit = max_size if size is None else min(size, max_size)
 
         async def on_host(host: RegistryHost) -> bytes:
             what = f"blob {digest}"
@@ -324,13 +337,12 @@ class RegistryClient:
             async def handle(response: httpx.Response) -> bytes:
                 if response.status_code != 200:
                     raise await error_from_response(response, what)
-                chunks, total = [], 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > max_size:
-                        raise ProtocolError(f"{what}: larger than {max_size} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                try:
+                    return await read_capped(response, limit, what)
+                except OversizedBodyError as exc:
+                    raise ProtocolError(
+                        f"{what}: larger than {limit} bytes", url=safe_url(response.url)
+                    ) from exc
 
             data = await self._engine.call(
                 host,

@@ -17,6 +17,7 @@ class ClientOptions:
     min_download_rate: float = 64 * 1024  # bytes/s: bounds a whole-blob download in total
     credentials_ttl: float = 300.0  # how long looked-up credentials are reused
     redirect_ttl: float = 300.0  # how long a blob's redirect target is reused
+    no_range_ttl: float = 60.0  # how long a host that ignored a Range header is believed to
     max_connections: int = 64  # per TLS identity
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
     upload_chunk_size: int = 8 * 1024 * 1024
@@ -30,6 +31,7 @@ class ClientOptions:
             "read_timeout",
             "request_timeout",
             "redirect_ttl",
+            "no_range_ttl",
             "min_download_rate",
         ):
             if getattr(self, name) <= 0:

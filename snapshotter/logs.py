@@ -1,7 +1,9 @@
 """Structured logging: one JSON object per line (or plain text for a terminal).
 
 Fields passed with ``extra=`` land in the JSON object. Secrets are never logged in the first
-place; this module only formats.
+place; this module formats, and keeps chatty libraries quiet: httpx logs every request URL at
+INFO (presigned redirect URLs carry a signature, token requests an account name), httpcore and
+hpack log headers at DEBUG. Our own code logs URLs only through ``registry``'s redaction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import sys
 import time
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+# Libraries whose INFO and DEBUG records may carry URLs with secrets or request headers.
+QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h2", "h11")
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,3 +45,6 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        # Warnings and errors still come through; they carry no request URL.
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -3,8 +3,14 @@
 Faults are queued and consumed in order by the requests they match (method and path); every
 other request passes through unchanged. Kinds: connection reset, an error status (500, 503,
 429 with ``Retry-After``...), a stall (no answer until the client gives up or the stall
-limit passes), a truncated body, and a body sent slowly in small pieces. Everything is bounded
-in time: stalls end when the proxy stops.
+limit passes), a truncated body, a body sent slowly in small pieces, the whole blob with
+``200`` instead of the asked range, a range followed by a flood of extra bytes, and (at the
+storage) bytes of the right length that are wrong. Everything is bounded in time: stalls end
+when the proxy stops.
+
+With ``redirect_blobs`` set, blob GETs are answered like a registry on object storage does: a
+``307`` to a presigned-looking URL on another host name (``localhost``) with a signature in the
+query, served by the proxy itself from a copy of the blob.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import socket
 import struct
 import threading
@@ -42,14 +49,25 @@ def everything(method: str, path: str) -> bool:
     return True
 
 
+def storage_gets(method: str, path: str) -> bool:
+    return method == "GET" and path.startswith(STORAGE_PREFIX)
+
+
+STORAGE_PREFIX = "/_storage/"
+FLOOD_CHUNK = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "reset" | "status" | "stall" | "truncate" | "slow"
+    kind: (
+        str  # "reset" | "status" | "stall" | "truncate" | "slow" | "full" | "oversize" | "garbage"
+    )
     status: int = 503
     retry_after: str | None = None
     stall_seconds: float = 30.0
     slow_chunk: int = 4096
     slow_delay: float = 0.005
+    extra_bytes: int = 0
     match: Match = blob_gets
 
 
@@ -73,6 +91,21 @@ def slow(chunk: int = 4096, delay: float = 0.005, match: Match = blob_gets) -> F
     return Fault("slow", slow_chunk=chunk, slow_delay=delay, match=match)
 
 
+def full(match: Match = blob_gets) -> Fault:
+    """The whole blob with ``200``: the Range header ignored, as a misbehaving proxy does."""
+    return Fault("full", match=match)
+
+
+def oversize(extra_bytes: int, match: Match = blob_gets) -> Fault:
+    """The asked range, then ``extra_bytes`` more, without a Content-Length."""
+    return Fault("oversize", extra_bytes=extra_bytes, match=match)
+
+
+def garbage(match: Match = storage_gets) -> Fault:
+    """Bytes of the right length that are not the blob's (a bad storage node)."""
+    return Fault("garbage", match=match)
+
+
 @dataclass
 class FaultProxy:
     upstream: str  # "127.0.0.1:PORT"
@@ -80,6 +113,12 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     requests: int = 0
+    redirect_blobs: bool = False
+    signature: str = "c2lnbmF0dXJlLXNlY3JldA"  # what the presigned URLs carry; change to expire
+    stored: dict[str, bytes] = field(default_factory=dict)  # storage object -> blob
+    bad_objects: set[str] = field(default_factory=set)  # storage objects that serve garbage
+    authorizations: list[str] = field(default_factory=list)  # Authorization headers seen
+    flood_sent: int = 0  # extra bytes an "oversize" fault managed to send
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -147,6 +186,14 @@ class FaultProxy:
     ) -> bool:
         """Answer one request; False when the connection must close."""
         fault = self._take(method, path)
+        for key, value in headers:
+            if key.strip().lower() == "authorization":
+                with self.lock:
+                    self.authorizations.append(value.strip())
+        if path.startswith(STORAGE_PREFIX):
+            return self._storage(conn, path, headers, fault)
+        if self.redirect_blobs and fault is None and blob_gets(method, path):
+            return self._redirect(conn, path, headers)
         if fault is not None and fault.kind == "reset":
             # SO_LINGER 0: close sends RST instead of FIN.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -166,7 +213,11 @@ class FaultProxy:
         if fault is not None and fault.kind == "stall":
             self.stopping.wait(fault.stall_seconds)
             return False
+        if fault is not None and fault.kind == "full":
+            headers = [h for h in headers if h[0].strip().lower() != "range"]
         status_code, reason_headers, data = self._forward(method, path, headers, body)
+        if fault is not None and fault.kind == "oversize":
+            return self._flood(conn, status_code, reason_headers, data, fault.extra_bytes)
         content_length = len(data)
         if method == "HEAD":
             content_length = int(dict(reason_headers).get("__length__", "0"))
@@ -187,15 +238,83 @@ class FaultProxy:
         conn.sendall(data)
         return True
 
+    def _flood(
+        self,
+        conn: socket.socket,
+        status_code: int,
+        headers: list[tuple[str, str]],
+        data: bytes,
+        extra: int,
+    ) -> bool:
+        # No Content-Length: the body ends when the connection closes, so only the client's
+        # own limit stops it.
+        conn.sendall(self._head(status_code, headers, None, {"Connection": "close"}))
+        conn.sendall(data)
+        filler = b"\xee" * FLOOD_CHUNK
+        sent = 0
+        try:
+            while sent < extra and not self.stopping.is_set():
+                conn.sendall(filler)
+                sent += len(filler)
+        except OSError:
+            pass  # the client gave up on the body: what we wanted
+        with self.lock:
+            self.flood_sent += sent
+        return False
+
+    def _redirect(self, conn: socket.socket, path: str, headers: list[tuple[str, ...]]) -> bool:
+        whole = [h for h in headers if h[0].strip().lower() != "range"]
+        status_code, reason_headers, data = self._forward("GET", path, whole, b"")
+        if status_code != 200:
+            conn.sendall(self._head(status_code, reason_headers, len(data), {}))
+            conn.sendall(data)
+            return True
+        with self.lock:
+            name = f"obj{len(self.stored)}"
+            self.stored[name] = data
+        port = self.host.rsplit(":", 1)[1]
+        location = (
+            f"http://localhost:{port}{STORAGE_PREFIX}{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature={self.signature}"
+        )
+        conn.sendall(self._head(307, [("Location", location)], 0, {}))
+        return True
+
+    def _storage(
+        self, conn: socket.socket, path: str, headers: list[tuple[str, ...]], fault: Fault | None
+    ) -> bool:
+        name, _, query = path.removeprefix(STORAGE_PREFIX).partition("?")
+        data = self.stored.get(name)
+        if data is None or f"X-Amz-Signature={self.signature}" not in query:
+            payload = b"<Error><Code>AccessDenied</Code></Error>"
+            conn.sendall(self._head(403, [], len(payload), {}))
+            conn.sendall(payload)
+            return True
+        wanted = next((v for k, v in headers if k.strip().lower() == "range"), "")
+        match = re.fullmatch(r"\s*bytes=(\d+)-(\d+)\s*", wanted)
+        if match is None:
+            conn.sendall(self._head(200, [], len(data), {}))
+            conn.sendall(data)
+            return True
+        start, end = int(match.group(1)), min(int(match.group(2)), len(data) - 1)
+        part = data[start : end + 1]
+        if (fault is not None and fault.kind == "garbage") or name in self.bad_objects:
+            part = bytes(b ^ 0x5A for b in part)
+        content_range = [("Content-Range", f"bytes {start}-{end}/{len(data)}")]
+        conn.sendall(self._head(206, content_range, len(part), {}))
+        conn.sendall(part)
+        return True
+
     @staticmethod
     def _head(
-        status_code: int, headers: list[tuple[str, str]], length: int, extra: dict[str, str]
+        status_code: int, headers: list[tuple[str, str]], length: int | None, extra: dict[str, str]
     ) -> bytes:
         reason = http.client.responses.get(status_code, "Status")
         lines = [f"HTTP/1.1 {status_code} {reason}"]
         lines += [f"{k}: {v}" for k, v in headers]
         lines += [f"{k}: {v}" for k, v in extra.items()]
-        lines.append(f"Content-Length: {length}")
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _forward(
