@@ -7,7 +7,7 @@ The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level dire
 ``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``.
 """
 
-from fusefs.blob import BlobReader
+from fusefs.blob import BlobReader, forget_redirect
 from fusefs.cache import CacheUsage, ChunkCache, ChunkIntegrityError
 from fusefs.fetcher import FetchConfig, FetchError
 from fusefs.filesystem import DEFAULT_CACHE_CAPACITY, LayerUsage, LazyFilesystem
@@ -45,6 +45,7 @@ __all__ = [
     "LocalFileBlob",
     "SlotMarkError",
     "WriteResult",
+    "forget_redirect",
     "load_layer_index",
     "write_estargz",
     "write_zstd_chunked",

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fusefs import BlobReader
+from fusefs import BlobReader, forget_redirect
 
 _MAGIC = b"LZTAIL1\n"
 _MAX_TAIL_BYTES = 256 << 20  # a TOC larger than this is refused by the reader's limits anyway
@@ -35,6 +35,9 @@ class _WrappedBlob:
     @property
     def digest(self) -> str:
         return self._inner.digest
+
+    def forget_redirect(self) -> None:
+        forget_redirect(self._inner)
 
 
 class RecordingBlob(_WrappedBlob):
@@ -85,6 +88,10 @@ class DeferredBlob:
         if self._opened is None:
             self._opened = await self._opener()
         return await self._opened.read_at(offset, length)
+
+    def forget_redirect(self) -> None:
+        if self._opened is not None:
+            forget_redirect(self._opened)
 
 
 def save_toc_ranges(path: Path, digest: str, ranges: dict[int, bytes]) -> None:

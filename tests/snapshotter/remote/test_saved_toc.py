@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fusefs import forget_redirect
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
     RecordingBlob,
@@ -96,3 +97,33 @@ def test_tail_of_another_blob_is_refused(tmp_path: Path) -> None:
         load_saved_toc(tmp_path / "x.tail", "sha256:" + "1" * 64)
     with pytest.raises(SavedTocError):
         load_saved_toc(tmp_path / "missing.tail", DIGEST)
+
+
+class RedirectingBlob:
+    size = 10
+    digest = "sha256:" + "0" * 64
+
+    def __init__(self) -> None:
+        self.forgotten = 0
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        return b"x" * length
+
+    def forget_redirect(self) -> None:
+        self.forgotten += 1
+
+
+def test_wrappers_pass_forget_redirect_to_the_registry_blob() -> None:
+    inner = RedirectingBlob()
+    forget_redirect(RecordingBlob(SavedTocBlob(inner, {})))
+    assert inner.forgotten == 1
+
+    async def opener() -> RedirectingBlob:
+        return inner
+
+    deferred = DeferredBlob(inner.digest, inner.size, opener)
+    forget_redirect(deferred)  # nothing opened yet: nothing to forget
+    assert inner.forgotten == 1
+    trio.run(deferred.read_at, 0, 1)
+    forget_redirect(deferred)
+    assert inner.forgotten == 2
