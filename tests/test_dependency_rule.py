@@ -3,7 +3,7 @@
 - fusefs and registry never import each other, nor snapshotter;
 - snapshotter imports fusefs and registry through their package roots only;
 - third-party libraries stay at their edges: pyfuse3 in the FUSE session/operations modules,
-  httpx in registry, grpc and the generated stubs in the gRPC edges.
+  httpx in registry, grpc and the generated stubs in the gRPC edges, re2 in the filter regexps.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ PACKAGES = ("snapshotter", "fusefs", "registry")
 EDGES = {
     "pyfuse3": {"fusefs/operations.py", "fusefs/session.py"},
     "httpx": {str(p.relative_to(REPO)) for p in (REPO / "registry").rglob("*.py")},
+    "re2": {"snapshotter/store/filter_regexp.py"},
     "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
              "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",
              "snapshotter/commands/pull.py"},

@@ -415,6 +415,15 @@ def test_malformed_filter_is_invalid_argument(c: Client) -> None:
         assert "filter" in message, bad
 
 
+def test_a_backtracking_filter_does_not_freeze_the_daemon(c: Client, daemon: Daemon) -> None:
+    # With Python's re this filter takes about 2**60 steps holding the interpreter lock.
+    c.prepare("a" * 60)
+    started = time.monotonic()
+    assert c.list(r"name~=/(\w|\w)*!/") == []
+    assert time.monotonic() - started < 5
+    assert daemon.healthy()
+
+
 def test_list_streams_more_than_100_results(c: Client) -> None:
     _committed(c, "base")
     expected = {"base", "base-active"} - {"base-active"}
