@@ -22,6 +22,7 @@ over each layer's chunk list would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -202,9 +203,15 @@ class ChunkCache:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            # A full disk fails every write: leave no partial file behind for each one.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     async def commit(self, key: str, size: int) -> None:
         """Record a chunk written by ``write_verified`` and evict least recently used ones."""

@@ -43,6 +43,6 @@ if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
   exit 1
 fi
 rm -f "$pip_log"
-.venv/bin/python -c "import pyfuse3, trio, httpx, zstandard, grpc; import snapshotter.cli" \
+.venv/bin/python -c "import pyfuse3, trio, httpx, zstandard, grpc, re2; import snapshotter.cli" \
   || { echo "setup: the venv is incomplete" >&2; exit 1; }
 echo "setup: ready ($(.venv/bin/lazysnap --help >/dev/null && echo lazysnap installed))"

@@ -6,7 +6,7 @@
   client and convert know neither the store nor the lazy side nor the daemon, the lazy side
   (remote) does not know the daemon, and only the CLI reaches the commands;
 - third-party libraries stay at their edges: pyfuse3 in the FUSE session modules, httpx in
-  registry, grpc and the generated stubs in the gRPC edges;
+  registry, grpc and the generated stubs in the gRPC edges, re2 in the filter regexps;
 - there is no import cycle anywhere, and importing the store loads no FUSE, trio or httpx.
 """
 
@@ -29,6 +29,7 @@ EDGES = {
     "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
              "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",
              "snapshotter/commands/pull.py"},
+    "re2": {"snapshotter/store/filter_regexp.py"},
 }
 
 # snapshotter's layers: a module in the key's subpackage may not import these subpackages.

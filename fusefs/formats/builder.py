@@ -60,6 +60,13 @@ _WHITEOUT_PREFIX = b".wh."
 _OPAQUE_MARKER = b".wh..wh..opq"
 _AUFS_META_PREFIX = b".wh..wh."
 OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
+# As containerd's unpacker, ignore trusted.* xattrs from an image: overlayfs reads its own
+# trusted.overlay.* attributes (opaque, redirect, metacopy) from the lower layers. The only one
+# we serve is the opaque marker derived from a .wh..wh..opq whiteout.
+IMAGE_XATTR_DROPPED_PREFIX = b"trusted."
+# The kernel reads a FUSE symlink target into one page with a terminating NUL: 4095 bytes at most,
+# and a longer one would answer readlink with EIO.
+MAX_SYMLINK_TARGET_BYTES = 4095
 
 _DIR = EntryKind.DIR.value
 _REG = EntryKind.REG.value
@@ -262,6 +269,9 @@ class _Builder:
                 raise LayerFormatError(f"xattr name {key!r} is invalid")
             if len(data) > self.limits.max_xattr_value_bytes:
                 raise LayerFormatError(f"xattr {key!r} value of {len(data)} bytes is too large")
+            if name.startswith(IMAGE_XATTR_DROPPED_PREFIX):
+                log.debug("dropping image xattr name=%r", name)
+                continue
             pairs.append((name, data))
         return tuple(pairs)
 
@@ -361,8 +371,13 @@ class _Builder:
             raw = target.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError as exc:
             raise LayerFormatError(f"symlink {name!r} target is not encodable") from exc
-        if b"\x00" in raw or len(raw) > self.limits.max_path_bytes:
+        if b"\x00" in raw:
             raise LayerFormatError(f"symlink {name!r} has an invalid target")
+        if len(raw) > min(self.limits.max_path_bytes, MAX_SYMLINK_TARGET_BYTES):
+            raise LayerFormatError(
+                f"symlink {name!r} target of {len(raw)} bytes is over the kernel's "
+                f"{MAX_SYMLINK_TARGET_BYTES}"
+            )
         return raw
 
     def _special(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -56,8 +56,13 @@ STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ..
     (ResolveError, grpc.StatusCode.UNAVAILABLE),
 )
 
-# containerd sends List results in blocks; 100 per message as its own snapshot service does.
+# List results go out in blocks of at most 100 snapshots, as containerd's own service sends them,
+# and at most LIST_BLOCK_BYTES: with large labels 100 snapshots can outgrow containerd's 16 MiB
+# message limit, and a client left at gRPC's default accepts only 4 MiB.
 LIST_BLOCK = 100
+LIST_BLOCK_BYTES = 4 * 1024 * 1024
+# A repeated field adds a tag byte and a length varint to each element.
+_ELEMENT_OVERHEAD = 6
 
 T = TypeVar("T")
 
@@ -114,6 +119,26 @@ def info_from_proto(info: snapshots_pb2.Info) -> SnapshotInfo:
     )
 
 
+def list_blocks(
+    infos: Iterable[snapshots_pb2.Info],
+    max_count: int = LIST_BLOCK,
+    max_bytes: int = LIST_BLOCK_BYTES,
+) -> Iterator[list[snapshots_pb2.Info]]:
+    """Group infos into blocks of at most ``max_count`` and, unless one alone is larger,
+    ``max_bytes`` encoded."""
+    block: list[snapshots_pb2.Info] = []
+    size = 0
+    for info in infos:
+        info_size = info.ByteSize() + _ELEMENT_OVERHEAD
+        if block and (len(block) == max_count or size + info_size > max_bytes):
+            yield block
+            block, size = [], 0
+        block.append(info)
+        size += info_size
+    if block:
+        yield block
+
+
 def mounts_to_proto(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     return [
         mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
@@ -160,9 +185,8 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
 
     def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         infos = _call(context, "List", lambda: self._sn.list(list(request.filters)))
-        for start in range(0, len(infos), LIST_BLOCK):
-            block = infos[start : start + LIST_BLOCK]
-            yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_proto(i) for i in block])
+        for block in list_blocks(info_to_proto(i) for i in infos):
+            yield snapshots_pb2.ListSnapshotsResponse(info=block)
 
     def Usage(self, request: Any, context: grpc.ServicerContext) -> Any:
         usage = _call(context, "Usage", lambda: self._sn.usage(request.key))

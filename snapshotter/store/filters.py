@@ -4,7 +4,7 @@
     selector := fieldpath [ operator value ]         no operator: the field is present
     fieldpath:= field ( "." field )*
     field    := identifier | quoted
-    operator := "==" | "!=" | "~="                  ~= is a regular expression search
+    operator := "==" | "!=" | "~="                  ~= is a regular expression search (RE2)
     value    := quoted | characters up to the next "," or white space
     quoted   := Go string in "..." (also '...'), or /.../ or |...| after ~=
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from snapshotter.errors import InvalidArgumentError
 from snapshotter.model import SnapshotInfo
+from snapshotter.store.filter_regexp import FilterRegexp, compile_filter_regexp
 
 # containerd's scanner takes any run of letters, digits, "_" and "-" as a field name.
 _IDENT = re.compile(r"[A-Za-z0-9_\-]+")
@@ -38,7 +39,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: str | None  # None: presence test
     value: str = ""
-    pattern: re.Pattern[str] | None = None
+    pattern: FilterRegexp | None = None
 
 
 Filter = tuple[Selector, ...]
@@ -173,8 +174,8 @@ def parse_filter(text: str) -> Filter:
             pattern = None
             if operator == "~=":
                 try:
-                    pattern = re.compile(value)
-                except (re.error, OverflowError, RecursionError) as exc:
+                    pattern = compile_filter_regexp(value)
+                except InvalidArgumentError as exc:
                     raise scanner.error(f"bad regular expression: {exc}") from None
             selectors.append(Selector(tuple(path), operator, value, pattern))
         if scanner.at_end():
@@ -219,7 +220,7 @@ def _selector_matches(selector: Selector, info: SnapshotInfo) -> bool:
     if selector.operator == "!=":
         return (value or "") != selector.value
     assert selector.pattern is not None
-    return selector.pattern.search(value or "") is not None
+    return selector.pattern.search(value or "")
 
 
 def matcher(filters: Sequence[Filter]) -> Callable[[SnapshotInfo], bool]:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fusefs import cache as cache_module
 from fusefs.cache import ChunkCache, ChunkIntegrityError, chunk_key
 from fusefs.index import ChunkRef
 from tests.integration.fuse_support import trio_test
@@ -92,6 +96,27 @@ async def test_cache_survives_restart_with_lru_order(tmp_path: Path) -> None:
     assert await reopened.load(key_of(chunks[0]), digest(chunks[0])) == chunks[0]
     assert await reopened.load(key_of(chunks[2]), digest(chunks[2])) == chunks[2]
     assert not (tmp_path / "ab" / ".tmp-deadbeef").exists()
+
+
+@trio_test
+async def test_a_write_that_fails_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = await ChunkCache.open(tmp_path, capacity_bytes=1 << 20)
+
+    class FullDisk(io.FileIO):
+        def write(self, data: Any) -> int:
+            super().write(bytes(data)[:10])  # part of the chunk lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module, "open", FullDisk, raising=False)
+    chunks = [bytes([i]) * 1000 for i in range(20)]
+    for data in chunks:
+        with pytest.raises(OSError) as failed:
+            await cache.store(key_of(data), data, digest(data))
+        assert failed.value.errno == errno.ENOSPC
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert cache.usage().chunks == 0
 
 
 @trio_test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -164,6 +165,11 @@ HOSTILE: dict[str, tuple[list[Any], str]] = {
     "file-after-whiteout": ([reg(".wh.x", size=0), reg("x")], "duplicate"),
     "whiteout-dir": ([{"name": ".wh.d", "type": "dir"}], "directory"),
     "symlink-no-target": ([{"name": "s", "type": "symlink"}], "no target"),
+    # The kernel's readlink on FUSE takes at most 4095 bytes and answers EIO past that.
+    "symlink-target-4096": (
+        [{"name": "s", "type": "symlink", "linkName": "t" * 4096}],
+        "4096 bytes is over the kernel's 4095",
+    ),
     "device-number-too-big": (
         [{"name": "c", "type": "char", "devMajor": 1 << 40}],
         "out of range",
@@ -177,6 +183,43 @@ def test_hostile_entries_are_rejected(case: str) -> None:
     entries, message = HOSTILE[case]
     with pytest.raises(LayerFormatError, match=message):
         load_entries(entries)
+
+
+def test_the_longest_symlink_target_the_kernel_reads_is_kept() -> None:
+    target = "d/" * 2047 + "t"  # 4095 bytes
+    index = load_entries([{"name": "s", "type": "symlink", "linkName": target}])
+    link = index.lookup(0, b"s")
+    assert link is not None and index.readlink(link) == target.encode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_trusted_xattrs_from_the_image_never_reach_overlayfs() -> None:
+    # As containerd's unpacker: trusted.* from an image is dropped, other namespaces are kept.
+    hostile = {
+        "trusted.overlay.opaque": b64(b"y"),
+        "trusted.overlay.redirect": b64(b"/etc"),
+        "trusted.overlay.metacopy": b64(b""),
+        "trusted.other": b64(b"x"),
+        "user.kept": b64(b"1"),
+        "security.capability": b64(b"\x01"),
+    }
+    index = load_entries([
+        {"name": "./", "type": "dir", "xattrs": hostile},
+        {"name": "d/", "type": "dir", "xattrs": hostile},
+        {"name": "o/", "type": "dir", "xattrs": hostile},
+        reg("o/.wh..wh..opq", size=0),
+        reg("f", xattrs=hostile),
+    ])
+    plain = {b"user.kept": b"1", b"security.capability": b"\x01"}
+    d, o, f = (index.lookup(0, name) for name in (b"d", b"o", b"f"))
+    assert d is not None and o is not None and f is not None
+    for entry in (0, d, f):
+        assert index.xattrs(entry) == plain
+    # The opaque marker the layer's own whiteout asks for is still served.
+    assert index.xattrs(o) == {**plain, b"trusted.overlay.opaque": b"y"}
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import TypeVar
 import pytest
 
 from snapshotter._proto import snapshots_pb2
+from snapshotter.labels import MAX_LABEL_BYTES
 from tests.integration.conftest import PushedImage
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
@@ -147,3 +148,27 @@ def test_kill9_between_pull_and_run(
     daemon.start()
     _wait_until_containerd_reconnects(containerd)
     assert _run(containerd, busybox_image, "c4", "/bin/sh", "-c", "echo $((6*7))") == "42\n"
+
+
+def test_garbage_collection_walks_snapshots_with_large_labels(
+    stack: tuple[Daemon, RunningContainerd],
+) -> None:
+    # containerd's GC lists the proxy's snapshots with a 16 MiB message limit and removes those
+    # it does not know. 120 of them with 42 near-limit labels each: 100 encode to over 17 MB.
+    daemon, containerd = stack
+    value = "v" * (MAX_LABEL_BYTES - 8)
+    labels = {f"big-{n:03d}": value for n in range(42)}
+    with daemon.snapshots() as stub:
+        for i in range(120):
+            stub.Prepare(snapshots_pb2.PrepareSnapshotRequest(key=f"orphan-{i:03d}", labels=labels))
+    # A removal makes containerd collect this snapshotter; removing a lease with --sync runs
+    # the collection at once.
+    _ctr_snapshots(containerd, "prepare", "marks-lazysnap-dirty")
+    _ctr_snapshots(containerd, "rm", "marks-lazysnap-dirty")
+    lease = containerd.ctr("leases", "create").stdout.split()[0]
+    collected = containerd.ctr("leases", "rm", "--sync", lease, check=False)
+    assert collected.returncode == 0, collected.stderr
+    # Before List was cut by size: "snapshot garbage collection failed ... larger than max".
+    assert "snapshot garbage collection failed" not in containerd.log()
+    left = _wait_for(lambda: set(_daemon_names(daemon)), lambda names: not names)
+    assert len(left) == 0

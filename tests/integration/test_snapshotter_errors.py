@@ -18,7 +18,8 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from snapshotter._proto import snapshots_pb2
+from snapshotter._proto import snapshots_pb2, snapshots_pb2_grpc
+from snapshotter.labels import MAX_LABEL_BYTES
 from tests.integration.snapshot_suite_support import (
     SNAPSHOT_REF,
     Client,
@@ -414,6 +415,15 @@ def test_malformed_filter_is_invalid_argument(c: Client) -> None:
         assert "filter" in message, bad
 
 
+def test_a_backtracking_filter_does_not_freeze_the_daemon(c: Client, daemon: Daemon) -> None:
+    # With Python's re this filter takes about 2**60 steps holding the interpreter lock.
+    c.prepare("a" * 60)
+    started = time.monotonic()
+    assert c.list(r"name~=/(\w|\w)*!/") == []
+    assert time.monotonic() - started < 5
+    assert daemon.healthy()
+
+
 def test_list_streams_more_than_100_results(c: Client) -> None:
     _committed(c, "base")
     expected = {"base", "base-active"} - {"base-active"}
@@ -430,6 +440,29 @@ def test_list_streams_more_than_100_results(c: Client) -> None:
                for i in infos if i.name != "base")
     assert c.list_blocks("kind==view") == [100, 100, 49]
     assert c.list_blocks("name==nothing") == []
+
+
+def test_list_of_snapshots_with_large_labels_fits_containerds_message_limit(
+    daemon: Daemon,
+) -> None:
+    # 120 snapshots of 42 near-limit labels each: 100 of them alone encode to over 17 MB.
+    value = "v" * (MAX_LABEL_BYTES - 8)
+    labels = {f"big-{n:03d}": value for n in range(42)}
+    with daemon.snapshots() as stub:
+        _committed(Client(stub), "base")
+        for i in range(120):
+            Client(stub).view(f"large-{i:03d}", "base", labels)
+    # containerd reads a proxy's List stream with a 16 MiB limit; a gRPC default client with 4.
+    for limit in (16 * 1024 * 1024, 4 * 1024 * 1024):
+        options = [("grpc.max_receive_message_length", limit)]
+        with grpc.insecure_channel(f"unix:{daemon.address}", options=options) as channel:
+            stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+            request = snapshots_pb2.ListSnapshotsRequest(snapshotter="lazysnap")
+            responses = list(stub.List(request, timeout=60))
+        assert all(r.ByteSize() <= limit for r in responses)
+        names = [i.name for r in responses for i in r.info]
+        assert sorted(names) == ["base", *(f"large-{i:03d}" for i in range(120))]
+        assert all(dict(i.labels) == labels for r in responses for i in r.info if i.name != "base")
 
 
 # -- usage -------------------------------------------------------------------------------

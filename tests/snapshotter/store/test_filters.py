@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,6 +140,59 @@ ALL = [A, P, C, V]
 ])
 def test_matching(filters: list[str], expected: set[str]) -> None:
     assert {i.name for i in ALL if matches(filters, i)} == expected
+
+
+# -- regular expressions: RE2, as containerd's Go regexp ---------------------------------
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ([r"name~=\d"], {"plain_1", "a{,5}"}),  # \d is ASCII only, as in Go: "٣" is no match
+    ([r"name~=^\w+$"], {"plain_1"}),  # \w too: "é" is not a word character
+    (["name~=^.$"], {"é", "٣"}),  # "." is one code point, not one byte
+    (["name~=(?i)^PLAIN"], {"plain_1"}),
+    (["name~=/a{,5}/"], {"a{,5}"}),  # not a repeat in Go's grammar: literal text
+    (["name~=[{99999999}]"], {"a{,5}"}),  # braces in a class are members
+])
+def test_regexps_have_go_semantics(filters: list[str], expected: set[str]) -> None:
+    names = ["plain_1", "é", "٣", "a{,5}"]
+    assert {n for n in names if matches(filters, info(n))} == expected
+
+
+@pytest.mark.parametrize("bad", [
+    r"name~=a\Z",  # Go and RE2 spell the end of text \z
+    r"name~=/(a)\1/",  # no backreferences
+    "name~=(?=a)",  # no lookaround
+    "name~=a{1001}",  # Go's largest repeat count is 1000
+    "name~=/a{1,99999999}/",
+    "name~=((a{100}){100}){100}",  # over RE2's memory budget
+])
+def test_regexps_go_refuses_are_invalid_argument(bad: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="bad regular expression"):
+        parse_filter(bad)
+
+
+@pytest.mark.parametrize("allowed", [r"name~=\x{0000000041}", r"name~=\p{Greek}{2}"])
+def test_braces_of_escapes_are_not_repeat_counts(allowed: str) -> None:
+    assert parse_filter(allowed)[0].pattern is not None
+
+
+def test_a_backtracking_bomb_matches_in_linear_time() -> None:
+    # Python's re needs about 2**n steps for (\w|\w)*! on n word characters, with the
+    # interpreter lock held; run it apart so a regression fails instead of hanging the suite.
+    script = textwrap.dedent("""
+        import time
+        from snapshotter.model import Kind, SnapshotInfo
+        from snapshotter.store.filters import matcher, parse_filters
+        match = matcher(parse_filters([r"name~=/(\\w|\\w)*!/", r"labels.l~=(\\w|\\w)*!"]))
+        long = SnapshotInfo("a" * 4000, "", Kind.COMMITTED, 1, 1, {"l": "b" * 4000})
+        started = time.monotonic()
+        for _ in range(100):
+            assert not match(long)
+        print(time.monotonic() - started)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert float(done.stdout) < 5.0
 
 
 # -- properties --------------------------------------------------------------------------
