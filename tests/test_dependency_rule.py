@@ -59,3 +59,19 @@ def test_module_follows_the_dependency_rule(path: Path) -> None:
                 assert rel in allowed, f"{rel} imports {library} outside its edge"
         if top == "snapshotter" and "_proto" in name:
             assert rel in EDGES["grpc"], f"{rel} imports generated stubs outside a gRPC edge"
+
+
+# What each snapshotter subpackage may not import (docs/architecture.md).
+FORBIDDEN_SUBPACKAGES = {
+    "snapshotter/client/": ("snapshotter.store", "snapshotter.remote", "snapshotter.daemon"),
+}
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_subpackage_imports_stay_on_their_side(path: Path) -> None:
+    rel = str(path.relative_to(REPO))
+    for prefix, forbidden in FORBIDDEN_SUBPACKAGES.items():
+        if rel.startswith(prefix):
+            for name in _imports(path):
+                inside = [f for f in forbidden if name == f or name.startswith(f + ".")]
+                assert not inside, f"{rel} imports {name}"

@@ -198,7 +198,7 @@ async def _serve_image(args: argparse.Namespace, cache_dir: Path) -> int:
         parse_platform,
         parse_reference,
     )
-    from snapshotter.labels import STARGZ_TOC_DIGEST as ESTARGZ_TOC_DIGEST  # noqa: PLC0415
+    from snapshotter.labels import ESTARGZ_TOC_DIGEST  # noqa: PLC0415
 
     try:
         ref = parse_reference(args.source)
