@@ -17,7 +17,7 @@ import trio
 
 from fusefs import BlobReader, LayerFormatError, LazyFilesystem, load_layer_index
 from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
-from snapshotter.client.pull import ImageDocuments
+from snapshotter.client.documents import ImageDocuments
 from snapshotter.labels import ESTARGZ_TOC_DIGEST as STARGZ_TOC_DIGEST
 from snapshotter.lazy_formats import LazyFormat
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify

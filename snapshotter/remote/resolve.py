@@ -8,7 +8,9 @@ replaces the separate ``Daemon/PrepareAhead`` round trip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,7 +28,7 @@ from registry import (
     parse_platform,
     parse_reference,
 )
-from snapshotter.client.pull import ImageDocuments, fetch_documents
+from snapshotter.client.documents import ImageDocuments, fetch_documents
 from snapshotter.client.unpacker import UnpackError, plan_unpack
 from snapshotter.daemon_api import (
     MAX_REFERENCE_LENGTH,
@@ -34,16 +36,57 @@ from snapshotter.daemon_api import (
     ImageNotFoundError,
     RegistryAuthError,
     RegistryDeniedError,
-    ResolvedImage,
+    ResolveAnswer,
     ResolveError,
     ResolveTimeoutError,
 )
-from snapshotter.errors import FailedPreconditionError, InvalidArgumentError
+from snapshotter.errors import FailedPreconditionError, InvalidArgumentError, SnapshotterError
 
 if TYPE_CHECKING:
     from snapshotter.store.snapshots import Snapshotter
 
 log = logging.getLogger(__name__)
+
+# The one registry -> domain error table of Daemon/Resolve; the gRPC edge then maps the domain
+# errors to status codes. The most specific class wins, whatever the order here.
+DOMAIN_ERROR_OF: dict[type[Exception], type[SnapshotterError]] = {
+    RegistryError: ResolveError,
+    NotFoundError: ImageNotFoundError,
+    AuthenticationError: RegistryAuthError,
+    CredentialsError: RegistryAuthError,
+    AuthorizationError: RegistryDeniedError,
+    RegistryTimeoutError: ResolveTimeoutError,
+    UnpackError: FailedPreconditionError,  # e.g. the platform's entry is not an image manifest
+}
+
+
+def _domain_class(exc: Exception) -> type[SnapshotterError] | None:
+    found: type[Exception] | None = None
+    for source in DOMAIN_ERROR_OF:
+        if isinstance(exc, source) and (found is None or issubclass(source, found)):
+            found = source
+    return None if found is None else DOMAIN_ERROR_OF[found]
+
+
+def _message(exc: Exception, domain: type[SnapshotterError]) -> str:
+    if issubclass(domain, ResolveError) and not issubclass(domain, ImageNotFoundError):
+        # The registry's error texts name hosts, repositories and status codes, never
+        # credentials; the type name is what a local pull prints before them.
+        return f"{type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+@contextlib.contextmanager
+def map_registry_errors() -> Iterator[None]:
+    """Turn registry (and unpack-plan) errors into the domain errors of ``DOMAIN_ERROR_OF``,
+    chained with ``from``; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        domain = _domain_class(exc)
+        if domain is None:
+            raise
+        raise domain(_message(exc, domain)) from exc
 
 
 async def fetch_image_documents(
@@ -58,34 +101,18 @@ async def fetch_image_documents(
         chosen = parse_platform(platform) if platform else host_platform()
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from exc
-    try:
-        with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
-            return await fetch_documents(client, ref, chosen)
-    except trio.TooSlowError:
-        raise ResolveTimeoutError(
-            f"RegistryTimeoutError: registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"
-        ) from None
-    except NotFoundError as exc:
-        raise ImageNotFoundError(str(exc)) from exc
-    except (AuthenticationError, CredentialsError) as exc:
-        raise RegistryAuthError(_described(exc)) from exc
-    except AuthorizationError as exc:
-        raise RegistryDeniedError(_described(exc)) from exc
-    except RegistryTimeoutError as exc:
-        raise ResolveTimeoutError(_described(exc)) from exc
-    except RegistryError as exc:
-        raise ResolveError(_described(exc)) from exc
-    except UnpackError as exc:  # e.g. the platform's entry is not an image manifest
-        raise FailedPreconditionError(str(exc)) from exc
+    with map_registry_errors():
+        try:
+            with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
+                return await fetch_documents(client, ref, chosen)
+        except trio.TooSlowError:
+            raise RegistryTimeoutError(
+                f"registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"
+            ) from None
 
 
-def _described(exc: RegistryError) -> str:
-    # The registry's error texts name hosts, repositories and status codes, never credentials.
-    return f"{type(exc).__name__}: {exc}"
-
-
-def resolved_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) -> ResolvedImage:
-    return ResolvedImage(
+def answer_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) -> ResolveAnswer:
+    return ResolveAnswer(
         name=image.name,
         target_media_type=image.target.media_type,
         target_digest=image.target.digest,
@@ -98,7 +125,7 @@ def resolved_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) 
     )
 
 
-def resolve_and_read_ahead(snapshotter: Snapshotter, image: str, platform: str) -> ResolvedImage:
+def resolve_and_read_ahead(snapshotter: Snapshotter, image: str, platform: str) -> ResolveAnswer:
     """Runs on a gRPC thread: resolve (one hop into trio), plan the unpack exactly as the CLI
     will (same name, manifest digest and config, hence the same Prepare labels), and start the
     TOC reads of the lazy layers that do not exist yet."""
@@ -115,4 +142,4 @@ def resolve_and_read_ahead(snapshotter: Snapshotter, image: str, platform: str) 
     )
     log.info("resolved image=%s manifest=%s layers=%d read_ahead=%d", documents.name,
              documents.manifest_digest, len(plan.layers), len(started))
-    return resolved_from_documents(documents, started)
+    return answer_from_documents(documents, started)

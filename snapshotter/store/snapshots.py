@@ -40,7 +40,7 @@ from snapshotter.store.metadata import (
 from snapshotter.store.mounts import LowerDir, build_mounts
 
 if TYPE_CHECKING:
-    from snapshotter.client.pull import ImageDocuments
+    from snapshotter.client.documents import ImageDocuments
 
 MAX_ANNOUNCED_LAYERS = 256  # containerd's own limit on an image's layers is 128
 
