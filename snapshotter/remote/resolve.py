@@ -40,7 +40,7 @@ from snapshotter.daemon_api import (
     ResolveError,
     ResolveTimeoutError,
 )
-from snapshotter.errors import FailedPreconditionError, InvalidArgumentError, SnapshotterError
+from snapshotter.errors import FailedPreconditionError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from snapshotter.store.snapshots import Snapshotter
@@ -49,43 +49,40 @@ log = logging.getLogger(__name__)
 
 # The one registry -> domain error table of Daemon/Resolve; the gRPC edge then maps the domain
 # errors to status codes. The most specific class wins, whatever the order here.
-DOMAIN_ERROR_OF: dict[type[Exception], type[SnapshotterError]] = {
+DOMAIN_ERROR_OF: dict[type[RegistryError], type[ResolveError]] = {
     RegistryError: ResolveError,
     NotFoundError: ImageNotFoundError,
     AuthenticationError: RegistryAuthError,
     CredentialsError: RegistryAuthError,
     AuthorizationError: RegistryDeniedError,
     RegistryTimeoutError: ResolveTimeoutError,
-    UnpackError: FailedPreconditionError,  # e.g. the platform's entry is not an image manifest
 }
 
 
-def _domain_class(exc: Exception) -> type[SnapshotterError] | None:
-    found: type[Exception] | None = None
+def _domain_class(exc: RegistryError) -> type[ResolveError]:
+    found: type[RegistryError] = RegistryError
     for source in DOMAIN_ERROR_OF:
-        if isinstance(exc, source) and (found is None or issubclass(source, found)):
+        if isinstance(exc, source) and issubclass(source, found):
             found = source
-    return None if found is None else DOMAIN_ERROR_OF[found]
+    return DOMAIN_ERROR_OF[found]
 
 
-def _message(exc: Exception, domain: type[SnapshotterError]) -> str:
-    if issubclass(domain, ResolveError) and not issubclass(domain, ImageNotFoundError):
-        # The registry's error texts name hosts, repositories and status codes, never
-        # credentials; the type name is what a local pull prints before them.
-        return f"{type(exc).__name__}: {exc}"
-    return str(exc)
+def _message(exc: RegistryError, domain: type[ResolveError]) -> str:
+    if issubclass(domain, ImageNotFoundError):
+        return str(exc)
+    # The registry's error texts name hosts, repositories and status codes, never credentials;
+    # the type name is what a local pull prints before them.
+    return f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager
 def map_registry_errors() -> Iterator[None]:
-    """Turn registry (and unpack-plan) errors into the domain errors of ``DOMAIN_ERROR_OF``,
+    """Turn registry errors into the domain errors of ``DOMAIN_ERROR_OF``,
     chained with ``from``; anything else passes unchanged."""
     try:
         yield
-    except Exception as exc:
+    except RegistryError as exc:
         domain = _domain_class(exc)
-        if domain is None:
-            raise
         raise domain(_message(exc, domain)) from exc
 
 
