@@ -35,7 +35,7 @@ from snapshotter.client.daemon_client import (
     user_credentials_request,
 )
 from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
-from snapshotter.client.registry_blobs import OnDemandRegistryBlobs
+from snapshotter.client.registry_blobs import ClientSetup, OnDemandRegistryBlobs
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,
@@ -48,7 +48,7 @@ from snapshotter.errors import SnapshotterError
 from snapshotter.logs import setup_logging
 
 if TYPE_CHECKING:
-    from registry import CredentialProvider, HostsConfig, Reference
+    from registry import CredentialProvider, Reference
     from snapshotter.client.containerd_client import ContainerdClient
     from snapshotter.client.documents import ImageDocuments
     from snapshotter.daemon_api import ResolveAnswer
@@ -104,8 +104,7 @@ def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialPr
     return DockerConfigCredentials()
 
 
-def _client_setup(args: argparse.Namespace) -> Callable[[Reference], tuple[HostsConfig,
-                                                                          CredentialProvider]]:
+def _client_setup(args: argparse.Namespace) -> ClientSetup:
     return lambda reference: (hosts_config(args), _credentials(args, reference))
 
 
@@ -119,16 +118,16 @@ def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
             log.debug("resolve through the daemon image=%s", args.image)
             resolve = resolve_request(args.image, args.platform)
             pending = stub.Resolve.future(resolve, timeout=RESOLVE_RPC_TIMEOUT_SECONDS)
+
+            def hand_credentials() -> bool:
+                # --user was handed over already; otherwise the caller's docker config may help.
+                return not args.user and hand_docker_config_credentials(stub, address, args.image)
+
+            def answer() -> ResolveAnswer:
+                return receive_answer(stub, address, resolve, pending.result, hand_credentials)
+
             try:
-                return _unpack_resolved(
-                    args, progress,
-                    lambda: receive_answer(
-                        stub, address, resolve, pending.result,
-                        lambda: not args.user and hand_docker_config_credentials(
-                            stub, address, args.image
-                        ),
-                    ),
-                )
+                return _unpack_resolved(args, progress, answer)
             finally:
                 pending.cancel()
     except DaemonCannotResolve:
