@@ -36,11 +36,11 @@ from typing import Protocol
 
 import trio
 
+from fusefs.digest import sha256_hex
 from fusefs.index import ChunkRef
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _KEY = re.compile(r"(sha256-[0-9a-f]{64}|blob-[0-9a-f]{64}-\d+-\d+-\d+)\Z")
 _TMP_PREFIX = ".tmp-"
 
@@ -82,10 +82,10 @@ def blob_key_prefix(blob_digest: str) -> str:
 
 def digest_hex(digest: str) -> str:
     """The hex part of a ``sha256:<hex>`` digest; ValueError for anything else."""
-    match = _DIGEST.match(digest)
-    if match is None:
+    hexpart = sha256_hex(digest)
+    if hexpart is None:
         raise ValueError(f"unsupported or malformed digest: {digest!r}")
-    return match.group(1)
+    return hexpart
 
 
 def chunk_key(ref: ChunkRef, blob_digest: str) -> str:

@@ -96,13 +96,25 @@ class ManifestContent:
 
 @dataclass(frozen=True, slots=True)
 class ResolvedImage:
+    """What a reference names, byte for byte as the registry sent it: the target (an index or a
+    manifest) and the platform's manifest (the target itself when there is no index)."""
+
     reference: Reference
-    digest: str  # what the reference resolved to (an index or a manifest)
-    media_type: str
+    target: Descriptor
+    target_content: bytes
     index: Index | None
     manifest_digest: str
+    manifest_content: bytes
     manifest: Manifest
     platform: Platform | None  # the index entry's platform, when there was an index
+
+    @property
+    def digest(self) -> str:
+        return self.target.digest
+
+    @property
+    def media_type(self) -> str:
+        return self.target.media_type
 
 
 class RegistryClient:
@@ -261,18 +273,27 @@ class RegistryClient:
     async def resolve_image(
         self, ref: Reference, platform: Platform | None = None
     ) -> ResolvedImage:
-        """Resolve a reference to the image manifest for ``platform`` (default: this machine)."""
-        top = await self.fetch_manifest(ref, ref.digest or (await self.resolve(ref)).digest)
+        """Resolve a reference to the image manifest for ``platform`` (default: this machine).
+
+        One GET by tag (or digest), not HEAD then GET by digest: the body is needed anyway, so a
+        HEAD only costs a round trip. The body is checked against the registry's
+        Docker-Content-Digest, and a 404 reads the same either way.
+        """
+        top = await self.fetch_manifest(ref)
         parsed = parse_manifest(top.content, top.media_type)
+        target = Descriptor(top.media_type or parsed.media_type, top.digest, len(top.content))
         if isinstance(parsed, Manifest):
-            return ResolvedImage(ref, top.digest, parsed.media_type, None, top.digest, parsed, None)
+            return ResolvedImage(
+                ref, target, top.content, None, top.digest, top.content, parsed, None
+            )
         chosen = select_manifest(parsed, platform)
         content = await self.fetch_manifest(ref, chosen.digest)
-        manifest = parse_manifest(content.content, content.media_type or chosen.media_type)
+        manifest = parse_manifest(content.content, chosen.media_type)
         if not isinstance(manifest, Manifest):
             raise ManifestError(f"index entry {chosen.digest} is not an image manifest")
         return ResolvedImage(
-            ref, top.digest, parsed.media_type, parsed, content.digest, manifest, chosen.platform
+            ref, target, top.content, parsed, chosen.digest, content.content, manifest,
+            chosen.platform,
         )
 
     # -- blobs ----------------------------------------------------------------------------

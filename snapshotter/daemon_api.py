@@ -8,6 +8,7 @@ must not pull in trio, httpx or ``registry`` (their imports are most of the CLI'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from snapshotter.errors import NotFoundError, SnapshotterError
 
@@ -21,15 +22,22 @@ MAX_RESOLVE_RESPONSE_BYTES = 2 * MAX_MANIFEST_BYTES + MAX_CONFIG_BYTES + 64 * 10
 MAX_RESOLVE_REQUEST_BYTES = 64 * 1024  # a reference and a platform
 MAX_REFERENCE_LENGTH = 4096
 
-# The daemon's bound on one resolution (HEAD + manifest(s) + config, auth included); the CLI
+# The daemon's bound on one resolution (manifest(s) + config, auth included); the CLI
 # waits a little longer so that the daemon's own timeout error is the one it reports.
 RESOLVE_TIMEOUT_SECONDS = 30.0
 RESOLVE_RPC_TIMEOUT_SECONDS = RESOLVE_TIMEOUT_SECONDS + 15.0
 
 
+# The trailing metadata key of a failed Resolve that the registry caused: its value is the
+# ``kind`` of the ResolveError below. The CLI reads it instead of parsing the message, so a
+# message's wording is free to change; a daemon that sends no such key is not a registry failure.
+RESOLVE_FAILURE_KEY = "lazysnap-resolve-failure"
+
+
 @dataclass(frozen=True, slots=True)
-class ResolvedImage:
-    """An image's documents byte for byte, and the layers whose TOC the daemon reads ahead."""
+class ResolveAnswer:
+    """What ``Daemon/Resolve`` answers: an image's documents byte for byte, and the layers whose
+    TOC the daemon reads ahead."""
 
     name: str  # containerd's image name: the normalised reference
     target_media_type: str  # what the name points at: the index, or the manifest
@@ -48,20 +56,31 @@ class ResolvedImage:
 
 class ResolveError(SnapshotterError):
     """The registry failed the resolution. The message is ``<registry error type>: <text>``,
-    what ``lazysnap pull`` prints after the image name when it resolves locally."""
+    what ``lazysnap pull`` prints after the image name when it resolves locally (older CLIs
+    recognise a registry failure by that shape, so it stays)."""
+
+    kind: ClassVar[str] = "registry"
 
 
 class ImageNotFoundError(ResolveError, NotFoundError):
     """No such repository, tag or digest; the message is the registry's text only."""
 
+    kind: ClassVar[str] = "not-found"
+
 
 class RegistryAuthError(ResolveError):
     """The registry wants credentials the daemon does not have (or refused them)."""
+
+    kind: ClassVar[str] = "auth"
 
 
 class RegistryDeniedError(ResolveError):
     """The credentials are valid but may not pull this repository."""
 
+    kind: ClassVar[str] = "denied"
+
 
 class ResolveTimeoutError(ResolveError):
     """The registry did not answer in time."""
+
+    kind: ClassVar[str] = "timeout"

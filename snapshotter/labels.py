@@ -1,4 +1,9 @@
-"""Label rules shared with containerd (pure)."""
+"""Every label and annotation key the snapshotter side reads or writes, and containerd's label
+rules (pure).
+
+Each key says who sets it. fusefs cannot import this package, so the seekable-format keys it
+reads are defined again in ``fusefs/formats/annotations.py``; a unit test keeps the two equal.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,55 @@ from snapshotter.errors import InvalidArgumentError
 # containerd's pkg/labels: key and value together may not exceed 4096 bytes.
 MAX_LABEL_BYTES = 4096
 
+# -- labels on a Prepare, as containerd's unpacker sends them -------------------------------
+
+# Set by containerd's unpacker on a layer extraction: the chain ID the committed snapshot stands
+# for. Only keys under SNAPSHOT_LABEL_PREFIX (and this one) reach a snapshotter.
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
-REMOTE = "containerd.io/snapshot/remote"
-REMOTE_VALUE = "remote snapshot"
+SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
+# Set by CRI (snapshot annotations on) and by lazysnap pull: which image and layer this is.
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-STARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # comma-joined, cut to fit
+# Set by this snapshotter on a snapshot it mounts lazily, as stargz does.
+REMOTE = "containerd.io/snapshot/remote"
+REMOTE_VALUE = "remote snapshot"
+# Set by lazysnap pull: the layer annotations containerd would drop, each under this prefix,
+# and the layer's media type. The daemon reads them to decide without fetching the manifest.
+ANNOTATION_LABEL_PREFIX = "containerd.io/snapshot/lazysnap.annotation/"
+MEDIA_TYPE_LABEL = "containerd.io/snapshot/lazysnap.media-type"
+
+# -- layer descriptor annotations of the seekable formats ----------------------------------
+
+# Set by eStargz producers (stargz-snapshotter's ctr-remote, nerdctl, lazysnap convert) and by
+# the stargz variant of zstd:chunked: the sha256 of the uncompressed TOC JSON. It lies under
+# containerd.io/snapshot/, so containerd passes it to the snapshotter as it is.
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"  # eStargz producers
+# Set by zstd:chunked producers (containers/storage, podman, lazysnap convert): the sha256 of
+# the compressed TOC, and "<offset>:<compressed length>:<uncompressed length>:1".
+ZSTD_CHUNKED_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
+ZSTD_CHUNKED_POSITION = "io.github.containers.zstd-chunked.manifest-position"
+ZSTD_CHUNKED_TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-position"
+# The same facts under the names stargz-snapshotter's zstd:chunked converter writes.
+LEGACY_ZSTD_CHUNKED_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
+LEGACY_ZSTD_CHUNKED_POSITION = "io.containers.zstd-chunked.manifest-position"
+# The annotations lazysnap pull forwards under ANNOTATION_LABEL_PREFIX: those a lazy reader uses.
+FORWARDED_ANNOTATION_PREFIXES = (
+    "io.github.containers.zstd-chunked.",
+    "io.containers.zstd-chunked.",
+    "io.containers.estargz.",
+)
+
+# -- labels lazysnap pull / unpack puts on containerd's own objects ------------------------
+
+UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its diff ID
+GC_REF_SNAPSHOT_PREFIX = "containerd.io/gc.ref.snapshot."  # + snapshotter, on the config blob
+GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"  # on a manifest
+GC_REF_CONTENT_LAYER_PREFIX = "containerd.io/gc.ref.content.l."  # + index, on a manifest
+GC_REF_CONTENT_MANIFEST_PREFIX = "containerd.io/gc.ref.content.m."  # + index, on an index
+GC_EXPIRE = "containerd.io/gc.expire"  # on a lease: RFC 3339 time after which GC drops it
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -34,12 +80,3 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
             )
         checked[key] = value
     return checked
-
-# Client-side unpacker (lazysnap pull / unpack): labels containerd itself reads.
-SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"  # only these (and SNAPSHOT_REF) reach a backend
-UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its diff ID
-GC_REF_SNAPSHOT_PREFIX = "containerd.io/gc.ref.snapshot."  # + snapshotter, on the config blob
-GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"  # on a manifest
-GC_REF_CONTENT_LAYER_PREFIX = "containerd.io/gc.ref.content.l."  # + index, on a manifest
-GC_REF_CONTENT_MANIFEST_PREFIX = "containerd.io/gc.ref.content.m."  # + index, on an index
-GC_EXPIRE = "containerd.io/gc.expire"  # on a lease: RFC 3339 time after which GC drops it

@@ -6,17 +6,20 @@ snapshotter's Prepare path can both make it without a network round trip.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-LazyFormat = Literal["estargz", "zstd:chunked"]
+from snapshotter.labels import (
+    ESTARGZ_TOC_DIGEST,
+    LEGACY_ZSTD_CHUNKED_CHECKSUM,
+    LEGACY_ZSTD_CHUNKED_POSITION,
+    ZSTD_CHUNKED_CHECKSUM,
+    ZSTD_CHUNKED_POSITION,
+)
 
-ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ZSTD_CHUNKED_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-ZSTD_CHUNKED_POSITION = "io.github.containers.zstd-chunked.manifest-position"
-LEGACY_ZSTD_CHUNKED_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-LEGACY_ZSTD_CHUNKED_POSITION = "io.containers.zstd-chunked.manifest-position"
+LazyFormat = Literal["estargz", "zstd:chunked"]
 
 _GZIP_TYPES = frozenset(
     {
@@ -69,17 +72,21 @@ def _zstd_chunked_keys(annotations: Mapping[str, str]) -> tuple[str, str] | None
     return None
 
 
-def _valid_position(value: str) -> bool:
-    # "<offset>:<compressedLen>:<uncompressedLen>:<type>", all decimal.
-    parts = value.split(":")
-    return len(parts) == 4 and all(p.isdigit() for p in parts) and int(parts[1]) > 0
+# The rule of fusefs.formats.annotations.parse_manifest_position, restated because the CLI must
+# not import fusefs; tests/test_format_facts.py runs one table of vectors against both.
+_POSITION = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):([0-9]{1,19}):1")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def _valid_sha256(value: str) -> bool:
-    prefix, _, hexpart = value.partition(":")
-    return (
-        prefix == "sha256" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
-    )
+def valid_manifest_position(value: str) -> bool:
+    """``<offset>:<compressed length>:<uncompressed length>:1``, as containers/storage reads it:
+    four ASCII decimal fields, manifest type 1, and a TOC that is not empty."""
+    match = _POSITION.fullmatch(value)
+    return match is not None and int(match.group(2)) > 0
+
+
+def valid_sha256_digest(value: str) -> bool:
+    return _SHA256.fullmatch(value) is not None
 
 
 def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClassification:
@@ -90,9 +97,9 @@ def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClas
         if keys is None:
             return LayerClassification(None, "zstd layer without zstd:chunked TOC annotations")
         checksum_key, position_key = keys
-        if not _valid_sha256(annotations[checksum_key]):
+        if not valid_sha256_digest(annotations[checksum_key]):
             return LayerClassification(None, f"malformed {checksum_key} annotation")
-        if not _valid_position(annotations[position_key]):
+        if not valid_manifest_position(annotations[position_key]):
             return LayerClassification(None, f"malformed {position_key} annotation")
         legacy = (
             " (legacy annotation names)" if checksum_key == LEGACY_ZSTD_CHUNKED_CHECKSUM else ""
@@ -102,7 +109,7 @@ def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClas
         toc_digest = annotations.get(ESTARGZ_TOC_DIGEST)
         if not toc_digest:
             return LayerClassification(None, "gzip layer without eStargz TOC digest annotation")
-        if not _valid_sha256(toc_digest):
+        if not valid_sha256_digest(toc_digest):
             return LayerClassification(None, f"malformed {ESTARGZ_TOC_DIGEST} annotation")
         return LayerClassification("estargz", "eStargz TOC digest annotation")
     if base in _UNCOMPRESSED_TYPES:

@@ -22,12 +22,12 @@ import bisect
 import itertools
 import logging
 import os
-import re
 import stat
 from array import array
 from collections.abc import Iterable
 from typing import Any
 
+from fusefs.digest import is_sha256_digest
 from fusefs.formats.compact import (
     CHUNK,
     CHUNK_BLOB_END,
@@ -90,7 +90,6 @@ _TYPE_BITS = {
 }
 _U32 = 1 << 32
 _I63 = 1 << 63
-_SHA256 = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 # A file's pending chunk: (chunkOffset, chunkSize field, offset, innerOffset, digest, zeros)
 _Chunk = tuple[int, int, int, int, bytes | None, bool]
@@ -117,7 +116,7 @@ def _digest(entry: dict[str, Any], key: str) -> bytes | None:
     value = entry.get(key)
     if not value:
         return None
-    if type(value) is not str or not _SHA256.match(value):
+    if not is_sha256_digest(value):
         raise LayerFormatError(f"TOC field {key!r} = {value!r} is not a sha256 digest")
     return bytes.fromhex(value[7:])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Mapping
 
+from fusefs.digest import is_sha256_digest
 from fusefs.formats import annotations as keys
 from fusefs.formats.builder import build_index
 from fusefs.formats.compact import CompactLayerIndex
@@ -18,12 +18,8 @@ from fusefs.index import Codec
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_POSITION = re.compile(r"(\d{1,19}):(\d{1,19}):(\d{1,19})(?::(\d{1,19}))?\Z")
-
-
 def _check_digest(value: str, what: str) -> str:
-    if not _DIGEST.match(value):
+    if not is_sha256_digest(value):
         raise LayerFormatError(f"{what} {value!r} is not a sha256 digest")
     return value
 
@@ -41,13 +37,12 @@ def location_from_annotations(
         value = annotations.get(key)
         if value is None:
             continue
-        match = _POSITION.match(value)
-        if match is None:
+        position = keys.parse_manifest_position(value)
+        if position is None:
             raise LayerFormatError(f"annotation {key} = {value!r} is malformed")
-        offset, length, raw = (int(g) for g in match.group(1, 2, 3))
-        if match.group(4) is not None and int(match.group(4)) != 1:
-            raise LayerFormatError(f"annotation {key} names an unknown manifest type")
-        return zstd_location(fmt, offset, length, raw, blob_size)
+        return zstd_location(
+            fmt, position.offset, position.length, position.uncompressed_length, blob_size
+        )
     return None
 
 

@@ -92,6 +92,8 @@ class DaemonServicer:
         them. Errors: NOT_FOUND (no such image or tag), UNAUTHENTICATED / PERMISSION_DENIED,
         DEADLINE_EXCEEDED, UNAVAILABLE (other registry failures), INVALID_ARGUMENT (a bad
         reference or platform), FAILED_PRECONDITION (lazy pulling disabled, or a broken image).
+        A failure the registry caused also carries the trailing metadata key
+        "lazysnap-resolve-failure" naming its kind: not-found, auth, denied, timeout or registry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,1 +1,20 @@
-"""client."""
+"""The containerd client side: ``lazysnap pull`` and ``lazysnap unpack``.
+
+Stores an image's documents in containerd, then unpacks its layers with labelled Prepares that
+the snapshotter (this project's daemon, or any other) can serve lazily.
+
+- ``documents``: an image's documents, from the registry or from the daemon's Resolve answer;
+- ``pull``: store and unpack (``pull``, ``unpack_existing``), layer blobs from the registry;
+- ``unpacker``, ``chain``: the unpack plan, chain IDs and CRI's per-layer labels;
+- ``containerd_api``, ``containerd_client``: containerd's content, images, leases, snapshots;
+- ``daemon_client``, ``registry_blobs``: the lazysnap daemon's gRPC client, and the registry
+  client started only for blobs that are not lazy;
+- ``progress``: what the CLI prints per layer.
+
+May import: the standard library, grpc and the generated stubs, the shared top-level modules
+(``snapshotter.errors``, ``model``, ``labels``, ``lazy_formats``, ``daemon_api``), and
+``registry`` (through its root; lazily, inside functions, in the modules the CLI imports before
+its first RPC: ``daemon_client``, ``registry_blobs``, ``progress``). Never ``store``, ``remote``
+or ``daemon``: the client runs in the CLI process, which must not load the snapshotter itself
+(``tests/test_dependency_rule.py`` checks this).
+"""

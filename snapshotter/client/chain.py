@@ -11,7 +11,6 @@ import json
 from collections.abc import Mapping, Sequence
 
 from snapshotter import labels as L
-from snapshotter.remote.decision import ANNOTATION_LABEL_PREFIX, MEDIA_TYPE_LABEL
 
 
 class ImageConfigError(ValueError):
@@ -60,14 +59,6 @@ def image_layers_value(digests: Sequence[str], key: str = L.CRI_IMAGE_LAYERS) ->
     return value
 
 
-# Layer annotations of the seekable formats that a lazy reader uses.
-FORWARDED_ANNOTATION_PREFIXES = (
-    "io.github.containers.zstd-chunked.",
-    "io.containers.zstd-chunked.",
-    "io.containers.estargz.",
-)
-
-
 def layer_labels(
     *,
     image_ref: str,
@@ -91,10 +82,10 @@ def layer_labels(
     for key, value in (annotations or {}).items():
         if key.startswith(L.SNAPSHOT_LABEL_PREFIX):
             labels[key] = value
-        elif key.startswith(FORWARDED_ANNOTATION_PREFIXES):
-            labels[ANNOTATION_LABEL_PREFIX + key] = value
+        elif key.startswith(L.FORWARDED_ANNOTATION_PREFIXES):
+            labels[L.ANNOTATION_LABEL_PREFIX + key] = value
     if media_type:
-        labels[MEDIA_TYPE_LABEL] = media_type
+        labels[L.MEDIA_TYPE_LABEL] = media_type
     labels[L.CRI_IMAGE_REF] = image_ref
     labels[L.CRI_LAYER_DIGEST] = layer_digests[index]
     labels[L.CRI_MANIFEST_DIGEST] = manifest_digest

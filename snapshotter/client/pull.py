@@ -6,8 +6,8 @@ thread; layer blobs the unpacker needs are downloaded by hopping back into trio
 (``trio.from_thread``), so the trio thread never blocks on gRPC.
 
 trio is imported where it is used: ``lazysnap pull --snapshotter-address`` stores and unpacks
-what the daemon resolved (``documents_from_resolved``) and needs no trio unless a layer's blob
-must be fetched.
+what the daemon resolved (``client.documents.documents_from_answer``) and needs no trio unless a
+layer's blob must be fetched.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +34,7 @@ from registry import (
 )
 from snapshotter.client.chain import index_gc_labels, manifest_gc_labels
 from snapshotter.client.containerd_api import ContainerdAPI, ImageRecord
+from snapshotter.client.documents import ImageDocuments, fetch_documents
 from snapshotter.client.progress import LayerResult, Progress
 from snapshotter.client.unpacker import (
     BlobSource,
@@ -44,7 +44,7 @@ from snapshotter.client.unpacker import (
     ingest_ref,
     plan_unpack,
 )
-from snapshotter.daemon_api import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, ResolvedImage
+from snapshotter.daemon_api import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES
 from snapshotter.errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -62,20 +62,6 @@ READ_CHUNK = 1024 * 1024
 FETCH_RANGE = 8 * 1024 * 1024  # one ranged GET; large enough that round trips do not matter
 
 
-@dataclass(frozen=True, slots=True)
-class ImageDocuments:
-    """An image's index (if any), platform manifest and config, byte for byte."""
-
-    name: str  # containerd's image name: the normalised reference
-    target: Descriptor  # what the name points at: the index, or the manifest
-    target_content: bytes
-    index: Index | None
-    manifest_digest: str
-    manifest_content: bytes
-    manifest: Manifest
-    config: bytes
-
-
 def _parse_documents(
     target: Descriptor,
     target_content: bytes,
@@ -86,53 +72,6 @@ def _parse_documents(
     if isinstance(parsed, Manifest):
         return None, target
     return parsed, select_manifest(parsed, platform)
-
-
-# -- pull -----------------------------------------------------------------------------------
-
-
-async def fetch_documents(
-    registry: RegistryClient, ref: Reference, platform: Platform | None
-) -> ImageDocuments:
-    # One GET by tag (or digest) rather than HEAD then GET by digest: the body is needed anyway,
-    # so the HEAD only cost a round trip. fetch_manifest checks the body against the registry's
-    # Docker-Content-Digest, and a registry's 404 reads the same either way.
-    top = await registry.fetch_manifest(ref)
-    media_type = top.media_type or parse_manifest(top.content).media_type
-    target = Descriptor(media_type, top.digest, len(top.content))
-    index, chosen = _parse_documents(target, top.content, platform)
-    if index is None:
-        manifest_content = top.content
-    else:
-        manifest_content = (await registry.fetch_manifest(ref, chosen.digest)).content
-    manifest = parse_manifest(manifest_content, chosen.media_type)
-    if not isinstance(manifest, Manifest):
-        raise UnpackError(f"{chosen.digest} is not an image manifest")
-    config = await registry.fetch_blob(ref, manifest.config.digest, max_size=MAX_CONFIG)
-    return ImageDocuments(
-        str(ref), target, top.content, index, chosen.digest, manifest_content, manifest, config
-    )
-
-
-def documents_from_resolved(resolved: ResolvedImage) -> ImageDocuments:
-    """What ``Daemon/Resolve`` answered, parsed as a local resolution would have. containerd
-    checks every digest again when the documents are stored."""
-    target = Descriptor(
-        resolved.target_media_type, resolved.target_digest, len(resolved.target_content)
-    )
-    index: Index | None = None
-    if resolved.has_index:
-        parsed = parse_manifest(resolved.target_content, resolved.target_media_type)
-        if not isinstance(parsed, Index):
-            raise UnpackError(f"{resolved.target_digest} is not an image index")
-        index = parsed
-    manifest = parse_manifest(resolved.manifest_content, resolved.manifest_media_type)
-    if not isinstance(manifest, Manifest):
-        raise UnpackError(f"{resolved.manifest_digest} is not an image manifest")
-    return ImageDocuments(
-        resolved.name, target, resolved.target_content, index, resolved.manifest_digest,
-        resolved.manifest_content, manifest, resolved.config,
-    )
 
 
 class RegistryBlobs:

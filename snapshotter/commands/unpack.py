@@ -19,8 +19,9 @@ from registry import (
     parse_platform,
 )
 from snapshotter.client.containerd_client import ContainerdClient
+from snapshotter.client.documents import ImageDocuments
 from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
-from snapshotter.client.pull import ImageDocuments, unpack_existing, unpack_fetching
+from snapshotter.client.pull import unpack_existing, unpack_fetching
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from registry import Platform
-from snapshotter.lazy_formats import (
+from snapshotter.labels import (
     ESTARGZ_TOC_DIGEST,
+    ESTARGZ_UNCOMPRESSED_SIZE,
     LEGACY_ZSTD_CHUNKED_CHECKSUM,
     LEGACY_ZSTD_CHUNKED_POSITION,
     ZSTD_CHUNKED_CHECKSUM,
     ZSTD_CHUNKED_POSITION,
+    ZSTD_CHUNKED_TARSPLIT_POSITION,
 )
 
 TargetFormat = Literal["estargz", "zstd:chunked"]
@@ -54,10 +56,10 @@ CONVERTIBLE_MEDIA_TYPES: Mapping[str, str] = {
 FORMAT_ANNOTATIONS = frozenset(
     {
         ESTARGZ_TOC_DIGEST,
-        "io.containers.estargz.uncompressed-size",
+        ESTARGZ_UNCOMPRESSED_SIZE,
         ZSTD_CHUNKED_CHECKSUM,
         ZSTD_CHUNKED_POSITION,
-        "io.github.containers.zstd-chunked.tarsplit-position",
+        ZSTD_CHUNKED_TARSPLIT_POSITION,
         LEGACY_ZSTD_CHUNKED_CHECKSUM,
         LEGACY_ZSTD_CHUNKED_POSITION,
     }

@@ -26,9 +26,10 @@ from snapshotter._proto import (
 )
 from snapshotter.daemon.pushed_credentials import MAX_TTL_SECONDS, PushedCredentials
 from snapshotter.daemon_api import (
+    RESOLVE_FAILURE_KEY,
     RegistryAuthError,
     RegistryDeniedError,
-    ResolvedImage,
+    ResolveAnswer,
     ResolveError,
     ResolveTimeoutError,
 )
@@ -48,8 +49,8 @@ STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ..
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotImplementedByBackendError, grpc.StatusCode.UNIMPLEMENTED),
-    # Daemon/Resolve's registry failures (ImageNotFoundError is a NotFoundError, above); the
-    # CLI maps these codes back to the messages of a local resolution.
+    # Daemon/Resolve's registry failures (ImageNotFoundError is a NotFoundError, above). They
+    # also carry their kind as trailing metadata (see _call), which the CLI reads.
     (RegistryAuthError, grpc.StatusCode.UNAUTHENTICATED),
     (RegistryDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ResolveTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -85,6 +86,8 @@ def _call(context: grpc.ServicerContext, rpc: str, action: Callable[[], T]) -> T
     except errors.SnapshotterError as exc:
         code = status_for(exc)
         log.info("rpc=%s code=%s error=%r", rpc, code.name, str(exc))
+        if isinstance(exc, ResolveError):
+            context.set_trailing_metadata(((RESOLVE_FAILURE_KEY, exc.kind),))
         _abort(context, code, str(exc))
     except Exception as exc:
         # A bug or an OS error: containerd gets INTERNAL with a message, the daemon lives on.
@@ -217,7 +220,7 @@ def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
     return host, credentials, int(request.ttl_seconds)
 
 
-def resolved_to_proto(image: ResolvedImage) -> Any:
+def resolved_to_proto(image: ResolveAnswer) -> Any:
     """The manifest travels once: without an index it is the target itself."""
     return daemon_pb2.ResolveResponse(
         name=image.name,
@@ -271,7 +274,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         return daemon_pb2.PrepareAheadResponse(started=started)
 
     def Resolve(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def resolve() -> ResolvedImage:
+        def resolve() -> ResolveAnswer:
             if self._remote is None:
                 raise errors.NotImplementedByBackendError("lazy pulling is disabled in this daemon")
             return resolve_and_read_ahead(

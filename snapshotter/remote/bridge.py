@@ -13,7 +13,7 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
-from snapshotter.client.pull import ImageDocuments
+from snapshotter.client.documents import ImageDocuments
 from snapshotter.errors import NotImplementedByBackendError
 from snapshotter.remote.layers import LazyLayers
 from snapshotter.store.remote import AttachedLayer, RemoteLayerError

@@ -13,17 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from snapshotter.labels import (
+    ANNOTATION_LABEL_PREFIX,
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
+    ESTARGZ_TOC_DIGEST,
+    MEDIA_TYPE_LABEL,
     SNAPSHOT_REF,
-    STARGZ_TOC_DIGEST,
 )
 from snapshotter.lazy_formats import LazyFormat, classify_layer
 
-ANNOTATION_LABEL_PREFIX = "containerd.io/snapshot/lazysnap.annotation/"
-MEDIA_TYPE_LABEL = "containerd.io/snapshot/lazysnap.media-type"
 # Assumed when no media type is passed: the TOC annotations decide between the formats.
 _DEFAULT_MEDIA_TYPES: dict[LazyFormat, str] = {
     "estargz": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -60,8 +60,8 @@ def layer_annotations(labels: Mapping[str, str]) -> dict[str, str]:
         for key, value in labels.items()
         if key.startswith(ANNOTATION_LABEL_PREFIX) and len(key) > len(ANNOTATION_LABEL_PREFIX)
     }
-    if STARGZ_TOC_DIGEST in labels:
-        annotations[STARGZ_TOC_DIGEST] = labels[STARGZ_TOC_DIGEST]
+    if ESTARGZ_TOC_DIGEST in labels:
+        annotations[ESTARGZ_TOC_DIGEST] = labels[ESTARGZ_TOC_DIGEST]
     return annotations
 
 

@@ -16,7 +16,7 @@ import trio
 
 from fusefs import BlobReader, LayerFormatError, LazyFilesystem
 from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
-from snapshotter.client.pull import ImageDocuments
+from snapshotter.client.documents import ImageDocuments
 from snapshotter.lazy_formats import LazyFormat
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
 from snapshotter.remote.open_layer import (

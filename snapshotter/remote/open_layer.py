@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fusefs import BlobReader, LayerIndex, load_layer_index
 from registry import Reference, RegistryClient
-from snapshotter.labels import STARGZ_TOC_DIGEST
+from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
 
 
@@ -25,7 +25,7 @@ class OpenedLayer:
 def expected_toc_digest(annotations: Mapping[str, str] | None) -> str | None:
     """The eStargz TOC digest a layer's annotations vouch for (zstd:chunked carries its
     checksums in other annotations, which the index loader reads itself)."""
-    return None if annotations is None else annotations.get(STARGZ_TOC_DIGEST)
+    return None if annotations is None else annotations.get(ESTARGZ_TOC_DIGEST)
 
 
 async def open_layer(

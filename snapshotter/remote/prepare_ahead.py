@@ -10,12 +10,12 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from snapshotter.client.pull import ImageDocuments
+from snapshotter.client.documents import ImageDocuments
 from snapshotter.client.unpacker import UnpackError, plan_unpack
-from snapshotter.daemon_api import ResolvedImage
+from snapshotter.daemon_api import ResolveAnswer
 from snapshotter.errors import FailedPreconditionError, InvalidArgumentError
 from snapshotter.labels import SNAPSHOT_REF, validate_labels
-from snapshotter.remote.resolve import resolved_from_documents
+from snapshotter.remote.resolve import answer_from_documents
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def read_ahead_announced(
 
 def resolve_and_read_ahead(
     bridge: AheadBridge, existing: Existing, image: str, platform: str
-) -> ResolvedImage:
+) -> ResolveAnswer:
     """Resolve with the daemon's registry client, plan the unpack exactly as the CLI will (same
     name, manifest digest and config, hence the same Prepare labels), and start the TOC reads of
     the lazy layers that do not exist yet."""
@@ -70,4 +70,4 @@ def resolve_and_read_ahead(
                     for layer, flag in zip(plan.layers, flags, strict=True) if flag)
     log.info("resolved image=%s manifest=%s layers=%d read_ahead=%d", documents.name,
              documents.manifest_digest, len(plan.layers), len(started))
-    return resolved_from_documents(documents, started)
+    return answer_from_documents(documents, started)

@@ -8,7 +8,9 @@ replaces the separate ``Daemon/PrepareAhead`` round trip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import trio
 
@@ -24,21 +26,58 @@ from registry import (
     parse_platform,
     parse_reference,
 )
-from snapshotter.client.pull import ImageDocuments, fetch_documents
-from snapshotter.client.unpacker import UnpackError
+from snapshotter.client.documents import ImageDocuments, fetch_documents
 from snapshotter.daemon_api import (
     MAX_REFERENCE_LENGTH,
     RESOLVE_TIMEOUT_SECONDS,
     ImageNotFoundError,
     RegistryAuthError,
     RegistryDeniedError,
-    ResolvedImage,
+    ResolveAnswer,
     ResolveError,
     ResolveTimeoutError,
 )
-from snapshotter.errors import FailedPreconditionError, InvalidArgumentError
+from snapshotter.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
+
+# The one registry -> domain error table of Daemon/Resolve; the gRPC edge then maps the domain
+# errors to status codes. The most specific class wins, whatever the order here.
+DOMAIN_ERROR_OF: dict[type[RegistryError], type[ResolveError]] = {
+    RegistryError: ResolveError,
+    NotFoundError: ImageNotFoundError,
+    AuthenticationError: RegistryAuthError,
+    CredentialsError: RegistryAuthError,
+    AuthorizationError: RegistryDeniedError,
+    RegistryTimeoutError: ResolveTimeoutError,
+}
+
+
+def _domain_class(exc: RegistryError) -> type[ResolveError]:
+    found: type[RegistryError] = RegistryError
+    for source in DOMAIN_ERROR_OF:
+        if isinstance(exc, source) and issubclass(source, found):
+            found = source
+    return DOMAIN_ERROR_OF[found]
+
+
+def _message(exc: RegistryError, domain: type[ResolveError]) -> str:
+    if issubclass(domain, ImageNotFoundError):
+        return str(exc)
+    # The registry's error texts name hosts, repositories and status codes, never credentials;
+    # the type name is what a local pull prints before them.
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def map_registry_errors() -> Iterator[None]:
+    """Turn registry errors into the domain errors of ``DOMAIN_ERROR_OF``,
+    chained with ``from``; anything else passes unchanged."""
+    try:
+        yield
+    except RegistryError as exc:
+        domain = _domain_class(exc)
+        raise domain(_message(exc, domain)) from exc
 
 
 async def fetch_image_documents(
@@ -53,34 +92,18 @@ async def fetch_image_documents(
         chosen = parse_platform(platform) if platform else host_platform()
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from exc
-    try:
-        with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
-            return await fetch_documents(client, ref, chosen)
-    except trio.TooSlowError:
-        raise ResolveTimeoutError(
-            f"RegistryTimeoutError: registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"
-        ) from None
-    except NotFoundError as exc:
-        raise ImageNotFoundError(str(exc)) from exc
-    except (AuthenticationError, CredentialsError) as exc:
-        raise RegistryAuthError(_described(exc)) from exc
-    except AuthorizationError as exc:
-        raise RegistryDeniedError(_described(exc)) from exc
-    except RegistryTimeoutError as exc:
-        raise ResolveTimeoutError(_described(exc)) from exc
-    except RegistryError as exc:
-        raise ResolveError(_described(exc)) from exc
-    except UnpackError as exc:  # e.g. the platform's entry is not an image manifest
-        raise FailedPreconditionError(str(exc)) from exc
+    with map_registry_errors():
+        try:
+            with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
+                return await fetch_documents(client, ref, chosen)
+        except trio.TooSlowError:
+            raise RegistryTimeoutError(
+                f"registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"
+            ) from None
 
 
-def _described(exc: RegistryError) -> str:
-    # The registry's error texts name hosts, repositories and status codes, never credentials.
-    return f"{type(exc).__name__}: {exc}"
-
-
-def resolved_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) -> ResolvedImage:
-    return ResolvedImage(
+def answer_from_documents(image: ImageDocuments, read_ahead: tuple[str, ...]) -> ResolveAnswer:
+    return ResolveAnswer(
         name=image.name,
         target_media_type=image.target.media_type,
         target_digest=image.target.digest,

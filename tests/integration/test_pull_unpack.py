@@ -14,7 +14,7 @@ import pytest
 from snapshotter import labels as L
 from snapshotter._proto import snapshots_pb2
 from snapshotter.client.chain import chain_ids
-from snapshotter.remote.decision import MEDIA_TYPE_LABEL
+from snapshotter.labels import MEDIA_TYPE_LABEL
 from tests.integration.conftest import PushedImage
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from snapshotter._proto import daemon_pb2, daemon_pb2_grpc, snapshots_pb2
-from snapshotter.labels import CRI_IMAGE_REF, CRI_LAYER_DIGEST, SNAPSHOT_REF, STARGZ_TOC_DIGEST
+from snapshotter.labels import CRI_IMAGE_REF, CRI_LAYER_DIGEST, ESTARGZ_TOC_DIGEST, SNAPSHOT_REF
 from tests.integration.registry_support.htpasswd import write_htpasswd
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
@@ -61,7 +61,7 @@ def _lazy_prepare(daemon: Daemon, key: str, reference: str, layer: oci.Layer) ->
         SNAPSHOT_REF: layer.diff_id,
         CRI_IMAGE_REF: reference,
         CRI_LAYER_DIGEST: layer.digest,
-        STARGZ_TOC_DIGEST: dict(layer.annotations)[STARGZ_TOC_DIGEST],
+        ESTARGZ_TOC_DIGEST: dict(layer.annotations)[ESTARGZ_TOC_DIGEST],
     }
     with daemon.snapshots() as stub:
         try:

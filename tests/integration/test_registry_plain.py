@@ -16,7 +16,7 @@ from registry import (
     parse_reference,
 )
 from registry.manifest import sha256_digest
-from snapshotter.lazy_formats import (
+from snapshotter.labels import (
     ESTARGZ_TOC_DIGEST,
     ZSTD_CHUNKED_CHECKSUM,
     ZSTD_CHUNKED_POSITION,

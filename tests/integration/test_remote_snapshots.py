@@ -17,6 +17,7 @@ import pytest
 
 from snapshotter._proto import snapshots_pb2
 from snapshotter.labels import (
+    ANNOTATION_LABEL_PREFIX,
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
@@ -25,7 +26,6 @@ from snapshotter.labels import (
     REMOTE_VALUE,
     SNAPSHOT_REF,
 )
-from snapshotter.remote.decision import ANNOTATION_LABEL_PREFIX
 from tests.support import oci_image as oci
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry

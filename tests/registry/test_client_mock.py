@@ -461,8 +461,27 @@ def test_index_platform_selection() -> None:
             image = await client.resolve_image(ref, parse_platform("linux/arm64"))
             assert (image.digest, image.manifest_digest) == (index_digest, arm_digest)
             assert image.index is not None and str(image.platform) == "linux/arm64"
+            assert (image.target_content, image.manifest_content) == (index, arm)
+            assert image.media_type == OCI_INDEX
 
     run(main)
+    # One GET by tag, one by the chosen digest: no HEAD first (the body is needed anyway).
+    asked = [(r.method, r.url.path.rsplit("/", 1)[-1]) for r in fake.requests
+             if "/manifests/" in r.url.path]
+    assert asked == [("GET", "multi"), ("GET", arm_digest)]
+
+
+def test_resolving_a_manifest_is_one_get_by_tag() -> None:
+    fake, _digest = seeded()
+
+    async def main() -> None:
+        async with make_client(fake) as client:
+            image = await client.resolve_image(REF)
+            assert image.index is None and image.manifest_content == image.target_content
+            assert image.digest == image.manifest_digest == digest_of(fake.manifests["v1"][0])
+
+    run(main)
+    assert [r.method for r in fake.requests if "/manifests/" in r.url.path] == ["GET"]
 
 
 def test_mirror_fails_then_upstream_answers() -> None:

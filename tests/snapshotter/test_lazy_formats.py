@@ -4,14 +4,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapshotter.lazy_formats import (
+from snapshotter.labels import (
     ESTARGZ_TOC_DIGEST,
     LEGACY_ZSTD_CHUNKED_CHECKSUM,
     LEGACY_ZSTD_CHUNKED_POSITION,
     ZSTD_CHUNKED_CHECKSUM,
     ZSTD_CHUNKED_POSITION,
-    classify_layer,
 )
+from snapshotter.lazy_formats import classify_layer
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_GZ = "application/vnd.docker.image.rootfs.diff.tar.gzip"

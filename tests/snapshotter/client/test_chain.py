@@ -72,7 +72,7 @@ def test_layer_labels_are_crIs_plus_the_ref_and_inherited_annotations() -> None:
         layer_digests=digests,
         index=1,
         chain_id=digest(7),
-        annotations={L.STARGZ_TOC_DIGEST: digest(8), "org.opencontainers.x": "dropped"},
+        annotations={L.ESTARGZ_TOC_DIGEST: digest(8), "org.opencontainers.x": "dropped"},
     )
     assert labels == {
         L.CRI_IMAGE_REF: "example.com/app:1",
@@ -80,7 +80,7 @@ def test_layer_labels_are_crIs_plus_the_ref_and_inherited_annotations() -> None:
         L.CRI_MANIFEST_DIGEST: digest(9),
         L.CRI_IMAGE_LAYERS: f"{digests[1]},{digests[2]}",
         L.SNAPSHOT_REF: digest(7),
-        L.STARGZ_TOC_DIGEST: digest(8),
+        L.ESTARGZ_TOC_DIGEST: digest(8),
     }
 
 
@@ -95,11 +95,8 @@ def test_gc_labels() -> None:
 
 def test_layer_labels_forward_what_a_lazy_reader_needs_and_cri_would_drop() -> None:
     from snapshotter.client.chain import layer_labels  # noqa: PLC0415
-    from snapshotter.remote.decision import (  # noqa: PLC0415
-        ANNOTATION_LABEL_PREFIX,
-        MEDIA_TYPE_LABEL,
-        decide,
-    )
+    from snapshotter.labels import ANNOTATION_LABEL_PREFIX, MEDIA_TYPE_LABEL  # noqa: PLC0415
+    from snapshotter.remote.decision import decide  # noqa: PLC0415
 
     digest = "sha256:" + "a" * 64
     labels = layer_labels(

@@ -26,7 +26,8 @@ from snapshotter.convert.documents import (
     TargetFormat,
 )
 from snapshotter.convert.image import ConvertOptions, ConvertResult, LayerReport, convert_image
-from snapshotter.lazy_formats import ESTARGZ_TOC_DIGEST, classify_layer
+from snapshotter.labels import ESTARGZ_TOC_DIGEST
+from snapshotter.lazy_formats import classify_layer
 from tests.registry.fake_registry import FakeRegistry, digest_of, make_client, oci_error
 from tests.support import oci_image as oci
 

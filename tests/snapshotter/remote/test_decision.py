@@ -6,14 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapshotter.labels import (
+    ANNOTATION_LABEL_PREFIX,
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
+    ESTARGZ_TOC_DIGEST,
+    MEDIA_TYPE_LABEL,
     SNAPSHOT_REF,
-    STARGZ_TOC_DIGEST,
 )
-from snapshotter.remote.decision import ANNOTATION_LABEL_PREFIX, MEDIA_TYPE_LABEL, decide
+from snapshotter.remote.decision import decide
 
 DIGEST = "sha256:" + "a" * 64
 BASE = {
@@ -34,11 +36,11 @@ def test_missing_cri_labels_fall_back_without_network() -> None:
 
 
 def test_estargz_toc_label_decides_estargz() -> None:
-    decision = decide({**BASE, STARGZ_TOC_DIGEST: "sha256:" + "b" * 64,
+    decision = decide({**BASE, ESTARGZ_TOC_DIGEST: "sha256:" + "b" * 64,
                        CRI_IMAGE_LAYERS: f"{DIGEST},sha256:{'d' * 64}"})
     assert decision is not None and decision.format == "estargz"
     assert decision.request is not None
-    assert decision.request.annotations == {STARGZ_TOC_DIGEST: "sha256:" + "b" * 64}
+    assert decision.request.annotations == {ESTARGZ_TOC_DIGEST: "sha256:" + "b" * 64}
     assert decision.request.image_layers == (DIGEST, "sha256:" + "d" * 64)
 
 
@@ -78,7 +80,7 @@ def test_non_sha256_layer_digest_is_refused() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(
     st.sampled_from([SNAPSHOT_REF, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST,
-                     CRI_IMAGE_LAYERS, STARGZ_TOC_DIGEST, MEDIA_TYPE_LABEL,
+                     CRI_IMAGE_LAYERS, ESTARGZ_TOC_DIGEST, MEDIA_TYPE_LABEL,
                      ANNOTATION_LABEL_PREFIX + "io.github.containers.zstd-chunked.manifest-position",
                      ANNOTATION_LABEL_PREFIX, "other"]),
     st.text(max_size=40),

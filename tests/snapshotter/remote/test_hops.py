@@ -14,7 +14,7 @@ import trio
 
 from snapshotter.client.chain import layer_labels
 from snapshotter.errors import AlreadyExistsError, InvalidArgumentError
-from snapshotter.labels import REMOTE, STARGZ_TOC_DIGEST
+from snapshotter.labels import ESTARGZ_TOC_DIGEST, REMOTE
 from snapshotter.remote.bridge import TrioBridge
 from snapshotter.remote.prepare_ahead import (
     MAX_ANNOUNCED_LAYERS,
@@ -27,7 +27,7 @@ from snapshotter.store.snapshots import Snapshotter
 from tests.snapshotter.remote.test_resolve import _digest, _documents
 
 IMAGE = "reg.example:5000/app:1"
-TOC = {STARGZ_TOC_DIGEST: "sha256:" + "7" * 64}
+TOC = {ESTARGZ_TOC_DIGEST: "sha256:" + "7" * 64}
 
 
 def _labels(chain: str, digest: str, annotations: Mapping[str, str]) -> dict[str, str]:
@@ -54,7 +54,7 @@ class FakeLazyLayers:
             raise self.fail_with
         self.mounted.append(layer_id)
         return AttachedLayer(layer_id, 7, IMAGE, labels["containerd.io/snapshot/cri.layer-digest"],
-                             1234, TOC[STARGZ_TOC_DIGEST], dict(TOC), "estargz")
+                             1234, TOC[ESTARGZ_TOC_DIGEST], dict(TOC), "estargz")
 
     async def unmount(self, layer_id: str) -> None:
         self.unmounted.append(layer_id)
@@ -64,7 +64,7 @@ class FakeLazyLayers:
 
     def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> list[bool]:
         self.announced.extend(layers)
-        return [STARGZ_TOC_DIGEST in labels for labels, _ in layers]
+        return [ESTARGZ_TOC_DIGEST in labels for labels, _ in layers]
 
 
 @contextmanager

@@ -16,20 +16,30 @@ import registry
 from registry.client import DEFAULT_MAX_FETCH
 from registry.manifest import MAX_MANIFEST_BYTES
 from snapshotter import errors
-from snapshotter._proto import daemon_pb2
+from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
+from snapshotter.client import daemon_client
+from snapshotter.client import documents as client_documents
 from snapshotter.client import pull as image_pull
 from snapshotter.client.containerd_client import (
     DEFAULT_CONTAINERD_ADDRESS as CLIENT_DEFAULT_ADDRESS,
 )
 from snapshotter.commands import pull
 from snapshotter.commands._containerd_args import DEFAULT_CONTAINERD_ADDRESS
-from snapshotter.daemon.grpc_service import resolved_to_proto, status_for
+from snapshotter.daemon.grpc_service import DaemonServicer, resolved_to_proto, status_for
 from snapshotter.daemon_api import (
     MAX_CONFIG_BYTES,
     MAX_RESOLVE_RESPONSE_BYTES,
-    ResolvedImage,
+    ImageNotFoundError,
+    RegistryAuthError,
+    ResolveAnswer,
+    ResolveError,
+    ResolveTimeoutError,
 )
-from snapshotter.remote.resolve import fetch_image_documents, resolved_from_documents
+from snapshotter.remote.resolve import (
+    answer_from_documents,
+    fetch_image_documents,
+    map_registry_errors,
+)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -56,13 +66,13 @@ INDEX = json.dumps({
 }).encode()
 
 
-def _documents(with_index: bool) -> image_pull.ImageDocuments:
+def _documents(with_index: bool) -> client_documents.ImageDocuments:
     manifest = registry.parse_manifest(MANIFEST, OCI_MANIFEST)
     assert isinstance(manifest, registry.Manifest)
     top, media_type = (INDEX, OCI_INDEX) if with_index else (MANIFEST, OCI_MANIFEST)
     index = registry.parse_manifest(INDEX, OCI_INDEX) if with_index else None
     assert index is None or isinstance(index, registry.Index)
-    return image_pull.ImageDocuments(
+    return client_documents.ImageDocuments(
         "reg.example:5000/app:1", registry.Descriptor(media_type, _digest(top), len(top)), top,
         index, _digest(MANIFEST), MANIFEST, manifest, CONFIG,
     )
@@ -71,39 +81,39 @@ def _documents(with_index: bool) -> image_pull.ImageDocuments:
 @pytest.mark.parametrize("with_index", [False, True])
 def test_documents_survive_the_round_trip_through_resolve(with_index: bool) -> None:
     original = _documents(with_index)
-    resolved = resolved_from_documents(original, (LAYER["digest"],))  # type: ignore[arg-type]
+    resolved = answer_from_documents(original, (LAYER["digest"],))  # type: ignore[arg-type]
     wire = daemon_pb2.ResolveResponse.FromString(resolved_to_proto(resolved).SerializeToString())
     # Without an index the manifest is the target: it travels once.
     assert wire.manifest == (MANIFEST if with_index else b"")
-    back = pull.resolved_from_proto(wire)
+    back = daemon_client.resolved_from_proto(wire)
     assert back == resolved
-    documents = image_pull.documents_from_resolved(back)
+    documents = client_documents.documents_from_answer(back)
     assert documents == original
     assert list(wire.read_ahead) == [LAYER["digest"]]
 
 
 def test_a_target_that_claims_an_index_but_is_a_manifest_is_refused() -> None:
-    resolved = resolved_from_documents(_documents(with_index=False), ())
-    broken = ResolvedImage(
+    resolved = answer_from_documents(_documents(with_index=False), ())
+    broken = ResolveAnswer(
         resolved.name, OCI_MANIFEST, _digest(b"other"), MANIFEST, OCI_MANIFEST,
         resolved.manifest_digest, MANIFEST, CONFIG,
     )
     with pytest.raises(image_pull.UnpackError, match="not an image index"):
-        image_pull.documents_from_resolved(broken)
+        client_documents.documents_from_answer(broken)
 
 
 def test_resolve_request_carries_the_reference_as_typed() -> None:
-    request = pull.resolve_request("busybox", None)
+    request = daemon_client.resolve_request("busybox", None)
     assert (request.image, request.platform) == ("busybox", "")
-    assert pull.resolve_request("busybox", "linux/arm64/v8").platform == "linux/arm64/v8"
+    assert daemon_client.resolve_request("busybox", "linux/arm64/v8").platform == "linux/arm64/v8"
 
 
 def test_credentials_request_names_a_host_or_leaves_it_to_the_daemon() -> None:
-    by_host = pull.credentials_request(registry.Credentials("u", "pw"), host="reg:5000")
+    by_host = daemon_client.credentials_request(registry.Credentials("u", "pw"), host="reg:5000")
     assert (by_host.host, by_host.image, by_host.username, by_host.secret) == (
         "reg:5000", "", "u", "pw"
     )
-    token = pull.credentials_request(registry.Credentials(identity_token="tok"), image="reg/a")
+    token = daemon_client.credentials_request(registry.Credentials(identity_token="tok"), image="reg/a")
     assert (token.host, token.image, token.username, token.secret) == ("", "reg/a", "", "tok")
 
 
@@ -111,7 +121,9 @@ class FailingRegistry:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    async def resolve(self, ref: registry.Reference) -> registry.Descriptor:
+    async def resolve_image(
+        self, ref: registry.Reference, platform: registry.Platform | None = None
+    ) -> registry.ResolvedImage:
         raise self.exc
 
     async def fetch_manifest(
@@ -145,6 +157,18 @@ def test_registry_failures_become_status_codes(
     assert str(caught.value) == message
 
 
+def test_the_most_specific_registry_error_wins_and_stays_chained() -> None:
+    original = registry.RegistryTimeoutError("read timed out")  # also a TransportError
+    with pytest.raises(ResolveTimeoutError) as caught, map_registry_errors():
+        raise original
+    assert caught.value.__cause__ is original
+    with pytest.raises(RegistryAuthError, match=r"^CredentialsError: helper failed$"), \
+            map_registry_errors():
+        raise registry.CredentialsError("helper failed")
+    with pytest.raises(KeyError), map_registry_errors():
+        raise KeyError("not a registry error: passes unchanged")
+
+
 @pytest.mark.parametrize(("image", "platform"), [("Bad//Name", ""), ("app:1", "no-such-os")])
 def test_bad_references_and_platforms_are_invalid_arguments(image: str, platform: str) -> None:
     client = FailingRegistry(AssertionError("the registry must not be asked"))
@@ -154,30 +178,90 @@ def test_bad_references_and_platforms_are_invalid_arguments(image: str, platform
 
 
 @pytest.mark.parametrize(
-    ("code", "detail", "expected"),
+    ("code", "detail", "kind", "expected"),
     [
-        (grpc.StatusCode.NOT_FOUND, "manifest x (HTTP 404)",
+        (grpc.StatusCode.NOT_FOUND, "manifest x (HTTP 404)", "not-found",
          "img: not found in the registry: manifest x (HTTP 404)"),
-        (grpc.StatusCode.UNAUTHENTICATED, "AuthenticationError: 401", "img: AuthenticationError: 401"),
-        (grpc.StatusCode.UNAVAILABLE, "TransportError: refused", "img: TransportError: refused"),
+        (grpc.StatusCode.UNAUTHENTICATED, "AuthenticationError: 401", "auth",
+         "img: AuthenticationError: 401"),
+        (grpc.StatusCode.UNAVAILABLE, "TransportError: refused", "registry",
+         "img: TransportError: refused"),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "RegistryTimeoutError: registry did not answer",
-         "img: RegistryTimeoutError: registry did not answer"),
-        (grpc.StatusCode.INVALID_ARGUMENT, "invalid reference 'Bad//Name'",
+         "timeout", "img: RegistryTimeoutError: registry did not answer"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "invalid reference 'Bad//Name'", None,
          "invalid reference 'Bad//Name'"),
-        (grpc.StatusCode.FAILED_PRECONDITION, "sha256:x is not an image manifest",
+        (grpc.StatusCode.FAILED_PRECONDITION, "sha256:x is not an image manifest", None,
          "sha256:x is not an image manifest"),
         # Not the daemon's answer but the call's own failure: say so.
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded",
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None,
          "lazysnap daemon at /s.sock could not resolve img: DEADLINE_EXCEEDED: Deadline Exceeded"),
-        (grpc.StatusCode.UNAVAILABLE, "Socket closed",
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", None,
          "lazysnap daemon at /s.sock could not resolve img: UNAVAILABLE: Socket closed"),
-        (grpc.StatusCode.UNIMPLEMENTED, "Method not found!", None),
+        # Without the daemon's kind, a text shaped like a registry error is still the call's.
+        (grpc.StatusCode.UNAVAILABLE, "ConnectionError: Socket closed", None,
+         "lazysnap daemon at /s.sock could not resolve img: UNAVAILABLE: "
+         "ConnectionError: Socket closed"),
+        (grpc.StatusCode.UNIMPLEMENTED, "Method not found!", None, None),
     ],
 )
 def test_the_cli_maps_codes_back_to_a_local_pulls_messages(
-    code: grpc.StatusCode, detail: str, expected: str | None
+    code: grpc.StatusCode, detail: str, kind: str | None, expected: str | None
 ) -> None:
-    assert pull.resolve_failure("img", "/s.sock", code, detail) == expected
+    assert daemon_client.resolve_failure("img", "/s.sock", code, detail, kind) == expected
+
+
+class _ResolveFails:
+    """The part of the trio bridge that Daemon/Resolve uses, failing as the registry did."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def resolve(self, image: str, platform: str) -> client_documents.ImageDocuments:
+        raise self.exc
+
+
+class _NoSnapshots:
+    def existing(self, keys: object) -> set[str]:
+        return set()
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (RegistryAuthError("AuthenticationError: 401 from reg"),
+         "reg:5000/app:1: AuthenticationError: 401 from reg"),
+        (ImageNotFoundError("manifest app:1 (HTTP 404)"),
+         "reg:5000/app:1: not found in the registry: manifest app:1 (HTTP 404)"),
+        (ResolveTimeoutError("RegistryTimeoutError: registry did not answer within 30s"),
+         "reg:5000/app:1: RegistryTimeoutError: registry did not answer within 30s"),
+        (ResolveError("ProtocolError: bad answer"), "reg:5000/app:1: ProtocolError: bad answer"),
+    ],
+)
+def test_the_failure_kind_crosses_the_rpc_as_metadata(
+    tmp_path: Path, raised: Exception, expected: str
+) -> None:
+    from concurrent import futures  # noqa: PLC0415
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    daemon_pb2_grpc.add_DaemonServicer_to_server(
+        DaemonServicer(_NoSnapshots(), None, _ResolveFails(raised)),  # type: ignore[arg-type]
+        server,
+    )
+    address = str(tmp_path / "d.sock")
+    server.add_insecure_port(f"unix:{address}")
+    server.start()
+    try:
+        with daemon_client.daemon_channel(address) as channel:
+            stub = daemon_pb2_grpc.DaemonStub(channel)
+            request = daemon_client.resolve_request("reg:5000/app:1", None)
+            with pytest.raises(errors.SnapshotterError) as caught:
+                daemon_client.receive_answer(
+                    stub, address, request, lambda: stub.Resolve(request, timeout=10),
+                    lambda: False,
+                )
+    finally:
+        server.stop(None)
+    assert str(caught.value) == expected
 
 
 def test_limits_are_the_registrys_own() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 
-from snapshotter.labels import STARGZ_TOC_DIGEST
+from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
 from tests.fusefs.formats_support import MemoryBlob
 from tests.integration.fuse_support import trio_test
@@ -45,7 +45,7 @@ async def test_the_prepare_takes_ranges_and_index_read_with_its_own_digests() ->
     blob, annotations = _layer()
     client = FakeClient({blob.digest: blob})
     ahead = _ahead(client)
-    toc = annotations[STARGZ_TOC_DIGEST]
+    toc = annotations[ESTARGZ_TOC_DIGEST]
     assert ahead.start(AheadLayer(IMAGE, blob.digest, blob.size, toc, annotations))
     assert not ahead.start(AheadLayer(IMAGE, blob.digest, blob.size, toc, annotations))
     taken = await ahead.take(blob.digest, toc_digest=toc, annotations=annotations)
@@ -63,7 +63,7 @@ async def test_an_index_read_without_the_prepares_digests_is_not_handed_over() -
     ahead = _ahead(FakeClient({blob.digest: blob}))
     ahead.start(AheadLayer(IMAGE, blob.digest, None, None, None))  # a cri.image-layers neighbour
     taken = await ahead.take(
-        blob.digest, toc_digest=annotations[STARGZ_TOC_DIGEST], annotations=annotations
+        blob.digest, toc_digest=annotations[ESTARGZ_TOC_DIGEST], annotations=annotations
     )
     assert taken is not None and taken.index is None and taken.ranges
 

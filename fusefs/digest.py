@@ -1,0 +1,22 @@
+"""The one sha256 digest check of fusefs (pure).
+
+TOC fields, layer annotations and chunk cache keys all name content by ``sha256:<64 lowercase
+hex>``; anything else is refused rather than normalised, because a digest that is read two ways
+could name two contents.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+def sha256_hex(value: str) -> str | None:
+    """The hex part of a ``sha256:<hex>`` digest, or None when ``value`` is not one."""
+    match = _SHA256.fullmatch(value)
+    return match.group(1) if match is not None else None
+
+
+def is_sha256_digest(value: object) -> bool:
+    return isinstance(value, str) and sha256_hex(value) is not None

@@ -1,0 +1,93 @@
+"""Blobs of the layers that are not lazy, for ``lazysnap pull --snapshotter-address``: fetched
+by a registry client that starts only when the first such blob is needed."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapshotter.errors import SnapshotterError
+
+if TYPE_CHECKING:
+    import trio
+
+    from registry import CredentialProvider, Descriptor, HostsConfig, Reference
+    from snapshotter.client.pull import RegistryBlobs
+
+# How to reach the image's registry: its hosts and the credentials to use there. Called once,
+# at the first blob, so that building them (and importing ``registry``) costs nothing before.
+ClientSetup = Callable[["Reference"], tuple["HostsConfig", "CredentialProvider"]]
+
+
+class OnDemandRegistryBlobs:
+    """A ``BlobSource`` whose registry client (trio loop in its own thread, TLS context, auth) is
+    started at the first blob that must be fetched: an image whose layers are all lazy never
+    pays for it. The unpack runs in the main thread and hops into that loop by its token."""
+
+    def __init__(self, image_name: str, setup: ClientSetup) -> None:
+        self._image_name = image_name
+        self._setup = setup
+        self._blobs: RegistryBlobs | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._failure: BaseException | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+
+    @contextlib.contextmanager
+    def open(self, layer: Descriptor) -> Iterator[Iterable[bytes]]:
+        if self._blobs is None:
+            self._blobs = self._start()
+        with self._blobs.open(layer) as chunks:
+            yield chunks
+
+    def _start(self) -> RegistryBlobs:
+        import trio  # noqa: PLC0415 (see the class docstring)
+
+        from registry import RegistryClient, parse_reference  # noqa: PLC0415
+        from snapshotter.client.pull import RegistryBlobs  # noqa: PLC0415
+
+        ref = parse_reference(self._image_name)
+        hosts, provider = self._setup(ref)
+        self._scratch = tempfile.TemporaryDirectory(prefix="lazysnap-pull-")
+        scratch = Path(self._scratch.name)
+        started: list[RegistryBlobs] = []
+        ready = threading.Event()
+
+        async def serve() -> None:
+            async with RegistryClient(hosts, provider) as client:
+                self._stop = trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                started.append(RegistryBlobs(client, ref, scratch, trio_token=self._token))
+                ready.set()
+                await self._stop.wait()
+
+        def main() -> None:
+            try:
+                trio.run(serve)
+            except BaseException as exc:  # reported to the unpack, in the main thread
+                self._failure = exc
+            finally:
+                ready.set()
+
+        self._thread = threading.Thread(target=main, name="lazysnap-pull-registry", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if not started:
+            raise self._failure or SnapshotterError("the registry client did not start")
+        return started[0]
+
+    def close(self) -> None:
+        if self._thread is not None:
+            if self._token is not None and self._stop is not None:
+                import trio  # noqa: PLC0415 (already imported by _start)
+
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._thread.join()
+        if self._scratch is not None:
+            self._scratch.cleanup()
