@@ -5,39 +5,29 @@ pyfuse3 keeps its session in module globals, so a process has at most one mount;
 a directory of it. ``serve`` returns when the filesystem is unmounted from outside
 (``fusermount3 -u``) or when its caller is cancelled; either way the session is closed.
 
-``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised (kept alive
-across its crash by ``snapshotter.fuse_keeper``): libfuse cannot serve a connection past INIT,
-so ``fusefs.resumed_session`` speaks the protocol, and the adapter here turns the pyfuse3 types
-of ``LazyOperations`` into protocol structs (pyfuse3 stays in this module and operations.py).
+``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised and the fuse
+keeper held across its crash. libfuse cannot serve a connection past INIT, so
+``fusefs.resumed_session`` speaks the protocol there. Both paths call the same
+``fusefs.handlers``; pyfuse3 stays in this module and ``fusefs.pyfuse3_operations``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from fusefs.kernel_protocol import (
-    FOPEN_DIRECT_IO,
-    FOPEN_KEEP_CACHE,
-    FOPEN_NONSEEKABLE,
-    Attributes,
-    StatfsReply,
-)
-from fusefs.operations import LazyOperations
-from fusefs.resumed_session import ReplyError, ResumedSession
+from fusefs.handlers import LazyHandlers
+from fusefs.pyfuse3_operations import Pyfuse3Operations
+from fusefs.resumed_session import ResumedSession
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _active = False
 _device_fd: int | None = None  # pyfuse3's /dev/fuse fd while its session is open
@@ -72,7 +62,7 @@ def _fuse_fds() -> set[int]:
 
 
 async def serve(
-    operations: pyfuse3.Operations,
+    handlers: LazyHandlers,
     mountpoint: Path,
     *,
     fsname: str = "lazysnap",
@@ -88,6 +78,7 @@ async def serve(
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
     before = _fuse_fds()
+    operations = Pyfuse3Operations(handlers)
     pyfuse3.init(operations, str(mountpoint), mount_options(fsname, allow_other=allow_other))
     _active = True
     # libfuse does not expose its fd through pyfuse3: the new /dev/fuse link is it.
@@ -121,7 +112,7 @@ def dup_device_fd() -> int:
 
 
 async def serve_adopted(
-    operations: LazyOperations,
+    handlers: LazyHandlers,
     fd: int,
     mountpoint: Path,
     *,
@@ -135,7 +126,7 @@ async def serve_adopted(
     global _resumed
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session")
-    resumed = ResumedSession(_Adapter(operations), fd, max_tasks=max_tasks, answer_lost=True)
+    resumed = ResumedSession(handlers, fd, max_tasks=max_tasks, answer_lost=True)
     _resumed = resumed
     unmounted_outside = False
     log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
@@ -219,96 +210,3 @@ def forget_root_entry(name: bytes) -> None:
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
     except Exception as exc:  # only a cache hint: the lookup fails with ENOENT anyway
         log.warning("entry invalidation failed name=%r error=%r", name, exc)
-
-
-# -- LazyOperations behind the protocol server -------------------------------------------------
-
-# The handlers take a context but never read it (the kernel checks permissions:
-# default_permissions), so one blank context serves every request.
-_CONTEXT = pyfuse3.RequestContext()
-
-
-def _attributes(entry: Any) -> Attributes:
-    """pyfuse3.EntryAttributes -> the protocol's attributes (same fields libfuse copies)."""
-    return Attributes(
-        ino=entry.st_ino,
-        mode=entry.st_mode,
-        nlink=entry.st_nlink,
-        uid=entry.st_uid,
-        gid=entry.st_gid,
-        rdev=entry.st_rdev,
-        size=entry.st_size,
-        blocks=entry.st_blocks,
-        blksize=entry.st_blksize,
-        atime_ns=entry.st_atime_ns,
-        mtime_ns=entry.st_mtime_ns,
-        ctime_ns=entry.st_ctime_ns,
-        generation=entry.generation,
-        entry_timeout=entry.entry_timeout,
-        attr_timeout=entry.attr_timeout,
-    )
-
-
-async def _call(awaitable: Awaitable[T]) -> T:
-    try:
-        return await awaitable
-    except pyfuse3.FUSEError as exc:
-        raise ReplyError(exc.errno) from None
-
-
-class _Adapter:
-    """``LazyOperations`` as ``resumed_session.RequestHandlers``."""
-
-    def __init__(self, operations: LazyOperations) -> None:
-        self._ops = operations
-
-    async def lookup(self, parent: int, name: bytes) -> Attributes:
-        return _attributes(await _call(self._ops.lookup(parent, name, _CONTEXT)))
-
-    async def getattr(self, inode: int) -> Attributes:
-        return _attributes(await _call(self._ops.getattr(inode, _CONTEXT)))
-
-    async def readlink(self, inode: int) -> bytes:
-        return await _call(self._ops.readlink(inode, _CONTEXT))
-
-    async def open(self, inode: int, flags: int) -> tuple[int, int]:
-        info = await _call(self._ops.open(inode, flags, _CONTEXT))
-        open_flags = (
-            (FOPEN_KEEP_CACHE if info.keep_cache else 0)
-            | (FOPEN_DIRECT_IO if info.direct_io else 0)
-            | (FOPEN_NONSEEKABLE if info.nonseekable else 0)
-        )
-        return int(info.fh), open_flags
-
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
-        return await _call(self._ops.read(fh, offset, size))
-
-    async def opendir(self, inode: int) -> int:
-        return await _call(self._ops.opendir(inode, _CONTEXT))
-
-    def directory_entries(
-        self, fh: int, offset: int
-    ) -> Iterator[tuple[bytes, Attributes, int]]:
-        try:
-            for name, entry, next_offset in self._ops.directory_entries(fh, offset):
-                yield name, _attributes(entry), next_offset
-        except pyfuse3.FUSEError as exc:
-            raise ReplyError(exc.errno) from None
-
-    async def getxattr(self, inode: int, name: bytes) -> bytes:
-        return await _call(self._ops.getxattr(inode, name, _CONTEXT))
-
-    async def listxattr(self, inode: int) -> Sequence[bytes]:
-        return await _call(self._ops.listxattr(inode, _CONTEXT))
-
-    async def statfs(self) -> StatfsReply:
-        data = await _call(self._ops.statfs(_CONTEXT))
-        return StatfsReply(
-            blocks=data.f_blocks, bfree=data.f_bfree, bavail=data.f_bavail,
-            files=data.f_files, ffree=data.f_ffree, bsize=data.f_bsize,
-            namelen=data.f_namemax, frsize=data.f_frsize,
-        )
-
-    async def access(self, inode: int, mask: int) -> None:
-        if not await _call(self._ops.access(inode, mask, _CONTEXT)):
-            raise ReplyError(errno.EACCES)
