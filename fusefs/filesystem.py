@@ -12,7 +12,7 @@ Use it inside trio::
 ``run`` also returns when the mount is removed from outside (``fusermount3 -u``).
 
 A restarted daemon that got the previous process's ``/dev/fuse`` fd (see
-``snapshotter.fuse_keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
+``snapshotter.daemon.keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
 instead of mounting, but reads no request before ``resume()``, so the layers can be attached
 at their old slots first (a request for a slot not yet attached would fail with ESTALE).
 """

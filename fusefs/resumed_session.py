@@ -3,7 +3,7 @@
 libfuse, and so pyfuse3, can only serve a connection it initialised: until it has seen
 FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per connection. A
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
-``snapshotter.fuse_keeper``, therefore reads and answers requests here, on trio. It calls
+``snapshotter.daemon.keeper``, therefore reads and answers requests here, on trio. It calls
 ``fusefs.handlers`` directly and never imports pyfuse3. An INIT, as the tests send on a fresh
 mount, is answered too.
 

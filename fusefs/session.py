@@ -72,8 +72,8 @@ async def serve(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount at ``mountpoint`` and serve requests until unmounted or cancelled. When cancelled,
-    unmount unless ``unmount_when_cancelled()`` says no: then only this process's fd is closed
-    and whoever else holds the connection (the fuse keeper) keeps the mount alive."""
+    unmount unless ``unmount_when_cancelled()`` says no. Then only this process's fd is closed,
+    and whoever else holds the connection, the fuse keeper, keeps the mount alive."""
     global _active, _device_fd
     if _active or _resumed is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
@@ -103,8 +103,8 @@ async def serve(
 
 
 def dup_device_fd() -> int:
-    """A duplicate of the live session's ``/dev/fuse`` fd (the caller closes it): whoever holds
-    one keeps the connection, and so the mount, alive when this process dies."""
+    """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
+    holds one keeps the connection, and so the mount, alive when this process dies."""
     fd = _device_fd if _active else (_resumed.fd if _resumed is not None else None)
     if fd is None:
         raise RuntimeError("no FUSE session with a known /dev/fuse fd")
@@ -176,9 +176,9 @@ def mount_raw(mountpoint: Path, *, fsname: str = "lazysnap", allow_other: bool =
 
 
 async def _probe(mountpoint: Path) -> None:
-    """Make one request of our own (statfs always reaches the server): the first request read
-    is when the requests lost by the previous process are answered, and without it that would
-    wait for the next file access, while those callers wait."""
+    """Make one request of our own; statfs always reaches the server. The requests lost by the
+    previous process are answered when the first request is read, and without this one that
+    would wait for the next file access while those callers wait."""
     try:
         await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
     except OSError as exc:
