@@ -1,7 +1,7 @@
 """The request handlers: a read-only view of every attached layer, in lazysnap's own types.
 
 Two thin front ends call them: ``fusefs.pyfuse3_operations`` for a mount made with pyfuse3, and
-``fusefs.resumed_session``, our own protocol server, for an adopted connection. Neither adds
+``fusefs.fuse.server``, our own protocol server, for an adopted connection. Neither adds
 logic of its own.
 
 Only ``read`` may wait. Every other handler is a plain function that answers from memory: the
@@ -29,9 +29,9 @@ from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from fusefs.accesslog import AccessLog
 from fusefs.fetcher import ChunkFetcher
+from fusefs.fuse.abi import Attributes, StatfsReply
 from fusefs.index import EntryAttr, EntryKind
 from fusefs.inodes import MOUNT_ROOT_INODE, InodeMap
-from fusefs.kernel_protocol import Attributes, StatfsReply
 from fusefs.layer import Layer
 from fusefs.table import LayerTable
 

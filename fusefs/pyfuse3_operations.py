@@ -11,8 +11,8 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 
+from fusefs.fuse.abi import Attributes
 from fusefs.handlers import READ_ONLY_ERRNO, WRITE_OPERATIONS, FuseReplyError, LazyHandlers
-from fusefs.kernel_protocol import Attributes
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -7,7 +7,7 @@ a directory of it. ``serve`` returns when the filesystem is unmounted from outsi
 
 ``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised and the fuse
 keeper held across its crash. libfuse cannot serve a connection past INIT, so
-``fusefs.resumed_session`` speaks the protocol there. Both paths call the same
+``fusefs.fuse.server`` speaks the protocol there. Both paths call the same
 ``fusefs.handlers``; pyfuse3 stays in this module and ``fusefs.pyfuse3_operations``.
 """
 
@@ -23,15 +23,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from fusefs.fuse.server import ProtocolServer
 from fusefs.handlers import LazyHandlers
 from fusefs.pyfuse3_operations import Pyfuse3Operations
-from fusefs.resumed_session import ResumedSession
 
 log = logging.getLogger(__name__)
 
 _active = False
 _device_fd: int | None = None  # pyfuse3's /dev/fuse fd while its session is open
-_resumed: ResumedSession | None = None
+_adopted: ProtocolServer | None = None
 
 _FUSE_DEVICE = "/dev/fuse"
 
@@ -75,7 +75,7 @@ async def serve(
     unmount unless ``unmount_when_cancelled()`` says no. Then only this process's fd is closed,
     and whoever else holds the connection, the fuse keeper, keeps the mount alive."""
     global _active, _device_fd
-    if _active or _resumed is not None:
+    if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
     before = _fuse_fds()
     operations = Pyfuse3Operations(handlers)
@@ -105,7 +105,7 @@ async def serve(
 def dup_device_fd() -> int:
     """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
     holds one keeps the connection, and so the mount, alive when this process dies."""
-    fd = _device_fd if _active else (_resumed.fd if _resumed is not None else None)
+    fd = _device_fd if _active else (_adopted.fd if _adopted is not None else None)
     if fd is None:
         raise RuntimeError("no FUSE session with a known /dev/fuse fd")
     return os.dup(fd)
@@ -123,31 +123,31 @@ async def serve_adopted(
     """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
     unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does, unless
     ``unmount_when_cancelled()`` says no)."""
-    global _resumed
-    if _active or _resumed is not None:
+    global _adopted
+    if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session")
-    resumed = ResumedSession(handlers, fd, max_tasks=max_tasks, answer_lost=True)
-    _resumed = resumed
+    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=True)
+    _adopted = server
     unmounted_outside = False
     log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(resumed.serve)
+            await nursery.start(server.serve)
             task_status.started()
             nursery.start_soon(_probe, mountpoint)
         unmounted_outside = True  # serve() only returns once the kernel ended the connection
     finally:
-        _resumed = None
+        _adopted = None
         unmount = not unmounted_outside and unmount_when_cancelled()
         if unmount:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(unmount_path, mountpoint)
         os.close(fd)
         if unmount or unmounted_outside:
-            log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+            log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, server.requests)
         else:
             log.info("fuse connection left mounted for the next daemon mountpoint=%s "
-                     "requests=%d", mountpoint, resumed.requests)
+                     "requests=%d", mountpoint, server.requests)
 
 
 _MS_RDONLY = 1
@@ -201,8 +201,8 @@ def unmount_path(mountpoint: Path) -> None:
 
 def forget_root_entry(name: bytes) -> None:
     """Tell the kernel that ``name`` left the mount root (a detached layer)."""
-    if _resumed is not None:
-        _resumed.invalidate_entry(pyfuse3.ROOT_INODE, name)
+    if _adopted is not None:
+        _adopted.invalidate_entry(pyfuse3.ROOT_INODE, name)
         return
     if not _active:
         return

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusefs import kernel_protocol as kp
 from fusefs.cache import ChunkCache
 from fusefs.fetcher import ChunkFetcher
+from fusefs.fuse import abi as kp
+from fusefs.fuse.abi import Attributes, Opcode
+from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer, RequestHandlers
 from fusefs.handlers import CACHE_TIMEOUT, FuseReplyError, LazyHandlers
 from fusefs.index import EntryKind
 from fusefs.inodes import MOUNT_ROOT_INODE, InodeMap
-from fusefs.kernel_protocol import Attributes, Opcode
 from fusefs.layer import Layer
-from fusefs.resumed_session import BUFFER_SIZE, RequestHandlers, ResumedSession
 from fusefs.table import LayerTable
 from tests.integration.fuse_support import FakeBlob, FakeEntry, FakeIndex, fake_decoder, trio_test
 
@@ -226,7 +226,7 @@ async def test_protocol_server_answers_metadata_while_a_read_waits(tmp_path: Pat
             assert layer is not None and isinstance(layer.blob, FakeBlob)
             layer.blob.gate = trio.Event()
             tool = inodes.inode(1, index.by_path["bin/tool"])
-            session = ResumedSession(ops, server.fileno(), max_tasks=4)
+            session = ProtocolServer(ops, server.fileno(), max_tasks=4)
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.serve)
                 read_in = struct.pack("=QQIIQII", tool, 0, 100, 0, 0, 0, 0)

@@ -15,10 +15,10 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusefs import kernel_protocol as kp
+from fusefs.fuse import abi as kp
+from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
+from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer
 from fusefs.handlers import DirectoryEntrySink, FuseReplyError, Opened
-from fusefs.kernel_protocol import Attributes, Opcode, StatfsReply
-from fusefs.resumed_session import BUFFER_SIZE, ResumedSession
 
 ATTRS = Attributes(
     ino=(3 << 32) | 7, mode=stat.S_IFREG | 0o644, nlink=2, uid=1000, gid=100,
@@ -228,7 +228,7 @@ def _exchange(requests: list[bytes], expect: int) -> dict[int, tuple[int, bytes]
     replies: dict[int, tuple[int, bytes]] = {}
 
     async def main() -> None:
-        session = ResumedSession(Handlers(), server.fileno(), max_tasks=4)
+        session = ProtocolServer(Handlers(), server.fileno(), max_tasks=4)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
             for request in requests:

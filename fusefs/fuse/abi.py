@@ -2,7 +2,7 @@
 
 Layouts follow the Linux uapi header ``<linux/fuse.h>`` (protocol 7.31 and later: the full
 modern struct sizes, which is what a kernel that negotiated >= 7.31 expects). Pure: no I/O, no
-trio, no pyfuse3; ``fusefs.resumed_session`` drives it over a ``/dev/fuse`` fd.
+trio, no pyfuse3; ``fusefs.fuse.server`` drives it over a ``/dev/fuse`` fd.
 
 All integers are native-endian (the kernel and the server share a machine), so ``=`` formats.
 """

@@ -28,9 +28,9 @@ from typing import Final, Protocol
 
 import trio
 
-from fusefs import kernel_protocol as kp
+from fusefs.fuse import abi as kp
+from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
 from fusefs.handlers import WRITE_OPERATIONS, DirectoryEntrySink, FuseReplyError, Opened
-from fusefs.kernel_protocol import Attributes, Opcode, StatfsReply
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class RequestHandlers(Protocol):
     def access(self, inode: int, mask: int) -> None: ...
 
 
-class ResumedSession:
+class ProtocolServer:
     """Serves ``fd`` (an open ``/dev/fuse`` connection) until the filesystem is unmounted."""
 
     def __init__(
