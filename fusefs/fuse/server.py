@@ -36,16 +36,16 @@ log = logging.getLogger(__name__)
 
 MAX_WRITE: Final = 1 << 20  # what we offer in INIT; libfuse 3.14 negotiated the same
 MAX_PAGES: Final = MAX_WRITE // 4096
-# The kernel refuses a read shorter than max_write + the WRITE headers (even on a read-only
-# mount); the connection we adopt was negotiated by libfuse with max_write = 1 MiB.
+# The kernel refuses a read shorter than max_write + the WRITE headers, even on a read-only
+# mount. The connection we adopt was negotiated by libfuse with max_write = 1 MiB.
 BUFFER_SIZE: Final = MAX_WRITE + 4096
 DEFAULT_MAX_TASKS: Final = 64
 # How far below the first request we read to look for requests our predecessor read but never
-# answered (the kernel numbers requests in steps of 2; it never has more than a few hundred
-# requests waiting, so 32768 candidates is plenty, and costs about 0.1 s once).
+# answered. The kernel numbers requests in steps of 2 and never has more than a few hundred
+# waiting, so 32768 candidates are plenty; they cost about 0.1 s, once.
 LOST_REQUEST_WINDOW: Final = 1 << 16
-# What a lost request is answered with: the syscall it belongs to fails with EINTR, which
-# robust programs retry (Python and Go do by themselves); a lost readahead is simply re-read.
+# What a lost request is answered with: its syscall fails with EINTR, which robust programs
+# retry, as Python and Go do by themselves. A lost readahead is simply read again.
 LOST_REQUEST_ERRNO: Final = errno.EINTR
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
