@@ -1,11 +1,11 @@
 """``LazyHandlers`` as ``pyfuse3.Operations``: only type translation, no logic of its own.
 
-pyfuse3 awaits every handler, but only ``read`` awaits anything; the others are plain calls.
+pyfuse3 awaits every handler, but only ``read`` waits for anything: the others are plain
+functions, made coroutines by ``_answered``.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
@@ -18,19 +18,17 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _translated(
-    method: Callable[_P, Coroutine[Any, Any, _R]],
-) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """``FuseReplyError`` becomes the ``pyfuse3.FUSEError`` pyfuse3 answers with."""
+def _answered(method: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A metadata handler, a plain function, as the coroutine pyfuse3 awaits.
+    ``FuseReplyError`` becomes the ``pyfuse3.FUSEError`` pyfuse3 answers with."""
 
-    @functools.wraps(method)
-    async def translated(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+    async def answered(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            return await method(*args, **kwargs)
+            return method(*args, **kwargs)
         except FuseReplyError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
 
-    return translated
+    return answered
 
 
 def _entry(a: Attributes) -> pyfuse3.EntryAttributes:
@@ -62,48 +60,50 @@ class Pyfuse3Operations(pyfuse3.Operations):
         super().__init__()
         self._h = handlers
 
-    @_translated
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+    @_answered
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         return _entry(self._h.lookup(parent_inode, name))
 
-    @_translated
-    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    @_answered
+    def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         return _entry(self._h.getattr(inode))
 
-    @_translated
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    @_answered
+    def readlink(self, inode: int, ctx: Any) -> bytes:
         return self._h.readlink(inode)
 
-    @_translated
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    @_answered
+    def opendir(self, inode: int, ctx: Any) -> int:
         return self._h.opendir(inode)
 
-    @_translated
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    @_answered
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         def reply(name: bytes, attributes: Attributes, next_id: int) -> bool:
             return bool(pyfuse3.readdir_reply(token, name, _entry(attributes), next_id))
 
         self._h.readdir(fh, start_id, reply)
 
-    @_translated
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    @_answered
+    def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         opened = self._h.open(inode, flags)
         return pyfuse3.FileInfo(fh=opened.fh, keep_cache=opened.keep_cache)
 
-    @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._h.read(fh, off, size)
+        try:
+            return await self._h.read(fh, off, size)
+        except FuseReplyError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
 
-    @_translated
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    @_answered
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         return self._h.getxattr(inode, name)
 
-    @_translated
-    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+    @_answered
+    def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
         return self._h.listxattr(inode)
 
-    @_translated
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    @_answered
+    def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = self._h.statfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize, out.f_frsize, out.f_namemax = s.bsize, s.frsize, s.namelen
@@ -111,8 +111,8 @@ class Pyfuse3Operations(pyfuse3.Operations):
         out.f_files, out.f_ffree, out.f_favail = s.files, s.ffree, s.ffree
         return out
 
-    @_translated
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+    @_answered
+    def access(self, inode: int, mode: int, ctx: Any) -> bool:
         self._h.access(inode, mode)
         return True
 

@@ -187,9 +187,11 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return whole, min(int((seconds - whole) * 1e9), 999_999_999)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per lookup and per directory entry, and a frozen dataclass takes
+# about four times as long to build.
+@dataclass(slots=True)
 class Attributes:
-    """One entry's attributes and cache timeouts (what pyfuse3's EntryAttributes carries)."""
+    """One entry's attributes and cache timeouts, the fields of pyfuse3's EntryAttributes."""
 
     ino: int
     mode: int
