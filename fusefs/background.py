@@ -1,12 +1,16 @@
-"""Prefetch and background fetch of one layer, and the whole-blob digest check at the end.
+"""Prefetch and background fetch of one layer, and the check that the layer is verified.
 
 On attach the landmark-prioritized range ``[0, prefetch_end)`` is fetched in one request. With
 background fetch on, the rest of the blob follows in large ranges, several at a time, each one
-started only while readers leave the link alone (``ChunkFetcher.wait_until_quiet``): a range in
+started only while readers leave the link alone (``ChunkFetcher.wait_until_quiet``). A range in
 flight is time a reader's next miss waits, and a reader walking through the blob fetches ahead
-by itself (readahead in ``ChunkFetcher``). Every byte of
-the blob passes through a sha256 in blob order, so once the last range is in, the blob is checked
-against its digest: the one check that also covers the TOC and chunks without a chunk digest.
+by itself (``fusefs.read_policy``).
+
+Every chunk is checked against its digest when it is decoded. How the whole layer is verified
+depends on the layer. When the chunk digests prove the blob (``chunks_prove_blob``), only the
+missing chunks are fetched and nothing is hashed. Otherwise the whole blob is fetched and passes
+through a sha256 in blob order, checked against the blob digest once the last range is in: the
+one check that also covers the TOC and chunks without a digest.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 
 import trio
 
-from fusefs.fetcher import ChunkFetcher, FetchError
+from fusefs.fetcher import ChunkFetcher
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, split_blob
 
@@ -26,7 +30,8 @@ _HASH_OFF_THREAD = 1 << 20  # hash bigger buffers on a worker thread (hashlib dr
 
 
 async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
-    """Fetch ``[0, prefetch_end)`` in one request (landmark files only, no verification)."""
+    """Fetch ``[0, prefetch_end)``, the landmark files, in one request. Its chunks are verified;
+    the blob is not, as the rest of it is never fetched."""
     end = layer.index.prefetch_end
     if not end:
         return
@@ -36,7 +41,7 @@ async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
     first = next(ranges, None)
     if first is None or first.end > end:
         return
-    await _fetch(fetcher, layer, first)
+    await fetcher.flights.fetch_background(layer, first)
     await fetcher.writes_done()
     log.info(
         "prefetch done layer=%s digest=%s bytes=%d chunks=%d",
@@ -118,18 +123,19 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
     async with trio.open_nursery() as nursery:
         for number, planned in enumerate(ranges):
             if number == 0 and layer.index.prefetch_end:
-                await _fetch(fetcher, layer, planned)  # the landmark range: first and alone
+                # The landmark range: first and alone.
+                await fetcher.flights.fetch_background(layer, planned)
                 continue
-            if fetcher.missing_part(layer, planned) is None:
+            if fetcher.flights.missing_part(layer, planned) is None:
                 continue  # a reader (or its readahead) fetched all of it already
             await slots.acquire()
             await fetcher.wait_until_quiet(started)
-            missing = fetcher.missing_part(layer, planned)  # readers went on while we waited
+            missing = fetcher.flights.missing_part(layer, planned)  # readers went on meanwhile
             if missing is None:
                 slots.release()
                 continue
             nursery.start_soon(_fetch_then_release, fetcher, layer, missing, slots)
-    still_missing = await fetcher.fetch_rest(layer)
+    still_missing = await fetcher.flights.fetch_rest(layer)
     _record_outcome(
         layer, started, by="chunk-digests", failure=None if still_missing == 0 else
         f"background fetch incomplete layer={layer.layer_id} digest={layer.digest} "
@@ -141,7 +147,7 @@ async def _fetch_then_release(
     fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag], slots: trio.Semaphore
 ) -> None:
     try:
-        await _fetch(fetcher, layer, planned)
+        await fetcher.flights.fetch_background(layer, planned)
     except Exception as exc:
         # The sweep at the end fetches whatever this range did not deliver.
         log.warning(
@@ -198,24 +204,6 @@ class _OrderedHasher:
                 self.slots.release()
 
 
-async def _fetch(fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
-    # Claimed first: a reader needing one of these chunks now waits for this range.
-    flights = fetcher.claim_background(layer, planned)
-    try:
-        raw = await layer.blob.read_at(planned.start, planned.length)
-        layer.stats.requests += 1
-        layer.stats.fetched_bytes += len(raw)
-        if len(raw) != planned.length:
-            raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
-    except BaseException as exc:
-        fetcher.fail(flights, exc)
-        raise
-    if flights:
-        # Decode only the chunks claimed here; the rest is cached or fetched by someone else.
-        await fetcher.fetch_range(layer, planned, seed_flights=flights, claimed=True, raw=raw)
-    return raw
-
-
 async def _fetch_and_hash(
     fetcher: ChunkFetcher,
     layer: Layer,
@@ -223,5 +211,5 @@ async def _fetch_and_hash(
     number: int,
     hashed: _OrderedHasher,
 ) -> None:
-    raw = await _fetch(fetcher, layer, planned)
+    raw = await fetcher.flights.fetch_background(layer, planned)
     await hashed.feed(number, raw)

@@ -163,9 +163,6 @@ class ChunkCache:
             verify_failures=self._verify_failures,
         )
 
-    def size_of(self, key: str) -> int | None:
-        return self._entries.get(key)
-
     async def load(self, key: str, expected_digest: str | None) -> bytes | None:
         """The chunk's bytes, or None when absent or found corrupt (then it is deleted)."""
         if key not in self._entries:

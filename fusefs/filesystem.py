@@ -12,7 +12,7 @@ Use it inside trio::
 ``run`` also returns when the mount is removed from outside (``fusermount3 -u``).
 
 A restarted daemon that got the previous process's ``/dev/fuse`` fd (see
-``snapshotter.fuse_keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
+``snapshotter.daemon.keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
 instead of mounting, but reads no request before ``resume()``, so the layers can be attached
 at their old slots first (a request for a slot not yet attached would fail with ESTALE).
 """
@@ -34,10 +34,10 @@ from fusefs.background import run_layer_background
 from fusefs.blob import BlobReader
 from fusefs.cache import CacheOwner, CacheUsage, ChunkCache
 from fusefs.fetcher import ChunkFetcher, Decoder, FetchConfig
+from fusefs.handlers import LazyHandlers
 from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
 from fusefs.layer import Layer
-from fusefs.operations import LazyOperations
 from fusefs.slot_mark import SlotMark
 from fusefs.table import LayerTable, check_layer_id
 
@@ -104,7 +104,7 @@ class LazyFilesystem:
         self._cache: ChunkCache | None = None
         self._leave_mounted = False
         self._run_scope: trio.CancelScope | None = None
-        self._operations: LazyOperations | None = None
+        self._handlers: LazyHandlers | None = None
         self._adopt_fd = adopt_fd
         self._resume = trio.Event()
 
@@ -127,14 +127,14 @@ class LazyFilesystem:
                     if self._access_log_path is not None:
                         access_log = AccessLog(self._access_log_path)
                         nursery.start_soon(access_log.run)
-                    self._operations = LazyOperations(
+                    self._handlers = LazyHandlers(
                         self._table,
                         self._fetcher,
                         self._inodes,
                         mount_time_ns=time.time_ns(),
                         access_log=access_log,
                     )
-                    await nursery.start(self._serve, self._operations)
+                    await nursery.start(self._serve, self._handlers)
                     task_status.started()
             finally:
                 self._nursery = None
@@ -144,13 +144,13 @@ class LazyFilesystem:
 
     async def _serve(
         self,
-        operations: LazyOperations,
+        handlers: LazyHandlers,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         if self._adopt_fd is None:
             await session.serve(
-                operations,
+                handlers,
                 self.mountpoint,
                 fsname=self._fsname,
                 allow_other=self._allow_other,
@@ -167,7 +167,7 @@ class LazyFilesystem:
                 os.close(fd)  # the mount stays: whoever else holds the connection keeps it
                 raise
             await session.serve_adopted(
-                operations, fd, self.mountpoint, unmount_when_cancelled=self._unmount_when_stopped
+                handlers, fd, self.mountpoint, unmount_when_cancelled=self._unmount_when_stopped
             )
         # Unmounted from outside: stop background work so run() returns.
         if self._run_scope is not None:

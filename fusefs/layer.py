@@ -84,10 +84,6 @@ class Layer:
             self._access_marks = bytearray(len(self._read_marks))
         return _set_bit(self._access_marks, entry)
 
-    def chunk_at(self, chunks: Sequence[ChunkRef], file_offset: int) -> int:
-        """The number of the chunk holding byte ``file_offset`` (chunks cover the file)."""
-        return max(0, bisect.bisect_right(chunks, file_offset, key=_file_offset) - 1)
-
     def chunks_after(self, entry: int, number: int) -> Iterator[tuple[ChunkTag, ChunkRef]]:
         """Chunks in blob order after chunk ``number`` of ``entry``: the rest of the file, then
         the following files. Lazy: the range planner stops pulling when its range is full."""
@@ -186,3 +182,8 @@ def _set_bit(bits: bytearray, number: int) -> bool:
 
 def _file_offset(ref: ChunkRef) -> int:
     return ref.file_offset
+
+
+def chunk_at(chunks: Sequence[ChunkRef], file_offset: int) -> int:
+    """The number of the chunk holding byte ``file_offset``; a file's chunks cover it."""
+    return max(0, bisect.bisect_right(chunks, file_offset, key=_file_offset) - 1)

@@ -5,43 +5,33 @@ pyfuse3 keeps its session in module globals, so a process has at most one mount;
 a directory of it. ``serve`` returns when the filesystem is unmounted from outside
 (``fusermount3 -u``) or when its caller is cancelled; either way the session is closed.
 
-``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised (kept alive
-across its crash by ``snapshotter.fuse_keeper``): libfuse cannot serve a connection past INIT,
-so ``fusefs.resumed_session`` speaks the protocol, and the adapter here turns the pyfuse3 types
-of ``LazyOperations`` into protocol structs (pyfuse3 stays in this module and operations.py).
+``serve_adopted`` serves a ``/dev/fuse`` fd that an earlier process initialised and the fuse
+keeper held across its crash. libfuse cannot serve a connection past INIT, so
+``fusefs.fuse.server`` speaks the protocol there. Both paths call the same
+``fusefs.handlers``; pyfuse3 stays in this module and ``fusefs.pyfuse3_operations``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from fusefs.kernel_protocol import (
-    FOPEN_DIRECT_IO,
-    FOPEN_KEEP_CACHE,
-    FOPEN_NONSEEKABLE,
-    Attributes,
-    StatfsReply,
-)
-from fusefs.operations import LazyOperations
-from fusefs.resumed_session import ReplyError, ResumedSession
+from fusefs.fuse.server import ProtocolServer
+from fusefs.handlers import LazyHandlers
+from fusefs.pyfuse3_operations import Pyfuse3Operations
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 _active = False
 _device_fd: int | None = None  # pyfuse3's /dev/fuse fd while its session is open
-_resumed: ResumedSession | None = None
+_adopted: ProtocolServer | None = None
 
 _FUSE_DEVICE = "/dev/fuse"
 
@@ -72,7 +62,7 @@ def _fuse_fds() -> set[int]:
 
 
 async def serve(
-    operations: pyfuse3.Operations,
+    handlers: LazyHandlers,
     mountpoint: Path,
     *,
     fsname: str = "lazysnap",
@@ -82,12 +72,13 @@ async def serve(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount at ``mountpoint`` and serve requests until unmounted or cancelled. When cancelled,
-    unmount unless ``unmount_when_cancelled()`` says no: then only this process's fd is closed
-    and whoever else holds the connection (the fuse keeper) keeps the mount alive."""
+    unmount unless ``unmount_when_cancelled()`` says no. Then only this process's fd is closed,
+    and whoever else holds the connection, the fuse keeper, keeps the mount alive."""
     global _active, _device_fd
-    if _active or _resumed is not None:
+    if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
     before = _fuse_fds()
+    operations = Pyfuse3Operations(handlers)
     pyfuse3.init(operations, str(mountpoint), mount_options(fsname, allow_other=allow_other))
     _active = True
     # libfuse does not expose its fd through pyfuse3: the new /dev/fuse link is it.
@@ -112,16 +103,16 @@ async def serve(
 
 
 def dup_device_fd() -> int:
-    """A duplicate of the live session's ``/dev/fuse`` fd (the caller closes it): whoever holds
-    one keeps the connection, and so the mount, alive when this process dies."""
-    fd = _device_fd if _active else (_resumed.fd if _resumed is not None else None)
+    """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
+    holds one keeps the connection, and so the mount, alive when this process dies."""
+    fd = _device_fd if _active else (_adopted.fd if _adopted is not None else None)
     if fd is None:
         raise RuntimeError("no FUSE session with a known /dev/fuse fd")
     return os.dup(fd)
 
 
 async def serve_adopted(
-    operations: LazyOperations,
+    handlers: LazyHandlers,
     fd: int,
     mountpoint: Path,
     *,
@@ -132,31 +123,31 @@ async def serve_adopted(
     """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
     unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does, unless
     ``unmount_when_cancelled()`` says no)."""
-    global _resumed
-    if _active or _resumed is not None:
+    global _adopted
+    if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session")
-    resumed = ResumedSession(_Adapter(operations), fd, max_tasks=max_tasks, answer_lost=True)
-    _resumed = resumed
+    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=True)
+    _adopted = server
     unmounted_outside = False
     log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(resumed.serve)
+            await nursery.start(server.serve)
             task_status.started()
             nursery.start_soon(_probe, mountpoint)
         unmounted_outside = True  # serve() only returns once the kernel ended the connection
     finally:
-        _resumed = None
+        _adopted = None
         unmount = not unmounted_outside and unmount_when_cancelled()
         if unmount:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(unmount_path, mountpoint)
         os.close(fd)
         if unmount or unmounted_outside:
-            log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, resumed.requests)
+            log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, server.requests)
         else:
             log.info("fuse connection left mounted for the next daemon mountpoint=%s "
-                     "requests=%d", mountpoint, resumed.requests)
+                     "requests=%d", mountpoint, server.requests)
 
 
 _MS_RDONLY = 1
@@ -185,9 +176,9 @@ def mount_raw(mountpoint: Path, *, fsname: str = "lazysnap", allow_other: bool =
 
 
 async def _probe(mountpoint: Path) -> None:
-    """Make one request of our own (statfs always reaches the server): the first request read
-    is when the requests lost by the previous process are answered, and without it that would
-    wait for the next file access, while those callers wait."""
+    """Make one request of our own; statfs always reaches the server. The requests lost by the
+    previous process are answered when the first request is read, and without this one that
+    would wait for the next file access while those callers wait."""
     try:
         await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
     except OSError as exc:
@@ -210,8 +201,8 @@ def unmount_path(mountpoint: Path) -> None:
 
 def forget_root_entry(name: bytes) -> None:
     """Tell the kernel that ``name`` left the mount root (a detached layer)."""
-    if _resumed is not None:
-        _resumed.invalidate_entry(pyfuse3.ROOT_INODE, name)
+    if _adopted is not None:
+        _adopted.invalidate_entry(pyfuse3.ROOT_INODE, name)
         return
     if not _active:
         return
@@ -219,96 +210,3 @@ def forget_root_entry(name: bytes) -> None:
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
     except Exception as exc:  # only a cache hint: the lookup fails with ENOENT anyway
         log.warning("entry invalidation failed name=%r error=%r", name, exc)
-
-
-# -- LazyOperations behind the protocol server -------------------------------------------------
-
-# The handlers take a context but never read it (the kernel checks permissions:
-# default_permissions), so one blank context serves every request.
-_CONTEXT = pyfuse3.RequestContext()
-
-
-def _attributes(entry: Any) -> Attributes:
-    """pyfuse3.EntryAttributes -> the protocol's attributes (same fields libfuse copies)."""
-    return Attributes(
-        ino=entry.st_ino,
-        mode=entry.st_mode,
-        nlink=entry.st_nlink,
-        uid=entry.st_uid,
-        gid=entry.st_gid,
-        rdev=entry.st_rdev,
-        size=entry.st_size,
-        blocks=entry.st_blocks,
-        blksize=entry.st_blksize,
-        atime_ns=entry.st_atime_ns,
-        mtime_ns=entry.st_mtime_ns,
-        ctime_ns=entry.st_ctime_ns,
-        generation=entry.generation,
-        entry_timeout=entry.entry_timeout,
-        attr_timeout=entry.attr_timeout,
-    )
-
-
-async def _call(awaitable: Awaitable[T]) -> T:
-    try:
-        return await awaitable
-    except pyfuse3.FUSEError as exc:
-        raise ReplyError(exc.errno) from None
-
-
-class _Adapter:
-    """``LazyOperations`` as ``resumed_session.RequestHandlers``."""
-
-    def __init__(self, operations: LazyOperations) -> None:
-        self._ops = operations
-
-    async def lookup(self, parent: int, name: bytes) -> Attributes:
-        return _attributes(await _call(self._ops.lookup(parent, name, _CONTEXT)))
-
-    async def getattr(self, inode: int) -> Attributes:
-        return _attributes(await _call(self._ops.getattr(inode, _CONTEXT)))
-
-    async def readlink(self, inode: int) -> bytes:
-        return await _call(self._ops.readlink(inode, _CONTEXT))
-
-    async def open(self, inode: int, flags: int) -> tuple[int, int]:
-        info = await _call(self._ops.open(inode, flags, _CONTEXT))
-        open_flags = (
-            (FOPEN_KEEP_CACHE if info.keep_cache else 0)
-            | (FOPEN_DIRECT_IO if info.direct_io else 0)
-            | (FOPEN_NONSEEKABLE if info.nonseekable else 0)
-        )
-        return int(info.fh), open_flags
-
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
-        return await _call(self._ops.read(fh, offset, size))
-
-    async def opendir(self, inode: int) -> int:
-        return await _call(self._ops.opendir(inode, _CONTEXT))
-
-    def directory_entries(
-        self, fh: int, offset: int
-    ) -> Iterator[tuple[bytes, Attributes, int]]:
-        try:
-            for name, entry, next_offset in self._ops.directory_entries(fh, offset):
-                yield name, _attributes(entry), next_offset
-        except pyfuse3.FUSEError as exc:
-            raise ReplyError(exc.errno) from None
-
-    async def getxattr(self, inode: int, name: bytes) -> bytes:
-        return await _call(self._ops.getxattr(inode, name, _CONTEXT))
-
-    async def listxattr(self, inode: int) -> Sequence[bytes]:
-        return await _call(self._ops.listxattr(inode, _CONTEXT))
-
-    async def statfs(self) -> StatfsReply:
-        data = await _call(self._ops.statfs(_CONTEXT))
-        return StatfsReply(
-            blocks=data.f_blocks, bfree=data.f_bfree, bavail=data.f_bavail,
-            files=data.f_files, ffree=data.f_ffree, bsize=data.f_bsize,
-            namelen=data.f_namemax, frsize=data.f_frsize,
-        )
-
-    async def access(self, inode: int, mask: int) -> None:
-        if not await _call(self._ops.access(inode, mask, _CONTEXT)):
-            raise ReplyError(errno.EACCES)

@@ -24,7 +24,7 @@ PACKAGES = ("snapshotter", "fusefs", "registry")
 
 # Where a third-party library may be imported (module paths relative to the repository).
 EDGES = {
-    "pyfuse3": {"fusefs/operations.py", "fusefs/session.py"},
+    "pyfuse3": {"fusefs/pyfuse3_operations.py", "fusefs/session.py"},
     "httpx": {str(p.relative_to(REPO)) for p in (REPO / "registry").rglob("*.py")},
     "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
              "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",

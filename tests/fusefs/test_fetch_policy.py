@@ -52,7 +52,7 @@ async def test_a_miss_elsewhere_starts_again_from_the_small_range(tmp_path: Path
         for i in range(40):
             await fetcher.read(layer, index.by_path[f"d/f{i}"], 0, 10)
         with trio.fail_after(10):  # let the range requested ahead land
-            while fetcher._inflight:
+            while fetcher.flights.in_flight:
                 await trio.sleep(0.01)
         before = len(blob.requests)
         await fetcher.read(layer, index.by_path["d/f250"], 0, 10)
@@ -177,7 +177,7 @@ async def test_misses_in_one_directory_fetch_the_rest_of_it(tmp_path: Path) -> N
             await fetcher.read(layer, index.by_path[f"a/f{i}"], 0, 10)
         chunks = [ref for i in range(30) for ref in index.chunks(index.by_path[f"a/f{i}"])]
         with trio.fail_after(10):  # the directory fetch runs in the background
-            while not all(fetcher.is_cached(layer, ref) for ref in chunks):
+            while not all(fetcher.flights.is_cached(layer, ref) for ref in chunks):
                 await trio.sleep(0.01)
         requests = len(blob.requests)
         for i in range(30):

@@ -123,6 +123,25 @@ async def test_digest_mismatch_fails_and_caches_nothing(tmp_path: Path) -> None:
             await fetcher.read(layer, index.by_path["bad"], 0, 100)
 
 
+class RedirectedBlob(FakeBlob):
+    """A blob whose reader reuses a redirect target, like the registry's."""
+
+    forgotten = 0
+
+    def forget_redirect(self) -> None:
+        self.forgotten += 1
+
+
+@trio_test
+async def test_a_chunk_failing_verification_drops_the_blobs_redirect(tmp_path: Path) -> None:
+    index = FakeIndex([FakeEntry("bad", content=b"x" * 5000)], corrupt_digest_of="bad")
+    blob = RedirectedBlob(index.blob_bytes)
+    async with fetcher_for(tmp_path, index, blob) as (fetcher, layer, _):
+        with pytest.raises(FetchError, match="digest mismatch"):
+            await fetcher.read(layer, index.by_path["bad"], 0, 100)
+        assert blob.forgotten == 1
+
+
 @trio_test
 async def test_blob_failure_reaches_every_waiter_and_is_retried_later(tmp_path: Path) -> None:
     index = FakeIndex([FakeEntry("f", content=b"q" * 10000)])

@@ -8,16 +8,17 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusefs import kernel_protocol as kp
-from fusefs.kernel_protocol import Attributes, Opcode, StatfsReply
-from fusefs.resumed_session import BUFFER_SIZE, ReplyError, ResumedSession
+from fusefs.fuse import abi as kp
+from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
+from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer
+from fusefs.handlers import DirectoryEntrySink, FuseReplyError, Opened
 
 ATTRS = Attributes(
     ino=(3 << 32) | 7, mode=stat.S_IFREG | 0o644, nlink=2, uid=1000, gid=100,
@@ -165,45 +166,46 @@ class Handlers:
         self.files = {2: (b"f", Attributes(**{**_fields(ATTRS), "ino": 2, "size": 5}))}
         self.link = Attributes(**{**_fields(ATTRS), "ino": 3, "mode": stat.S_IFLNK | 0o777})
 
-    async def lookup(self, parent: int, name: bytes) -> Attributes:
+    def lookup(self, parent: int, name: bytes) -> Attributes:
         if parent == 1 and name == b"f":
             return self.files[2][1]
-        raise ReplyError(errno.ENOENT)
+        raise FuseReplyError(errno.ENOENT)
 
-    async def getattr(self, inode: int) -> Attributes:
+    def getattr(self, inode: int) -> Attributes:
         if inode == 2:
             return self.files[2][1]
-        raise ReplyError(errno.ESTALE)
+        raise FuseReplyError(errno.ESTALE)
 
-    async def readlink(self, inode: int) -> bytes:
+    def readlink(self, inode: int) -> bytes:
         return b"target"
 
-    async def open(self, inode: int, flags: int) -> tuple[int, int]:
-        return inode, kp.FOPEN_KEEP_CACHE
+    def open(self, inode: int, flags: int) -> Opened:
+        return Opened(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return b"hello"[offset : offset + size]
 
-    async def opendir(self, inode: int) -> int:
+    def opendir(self, inode: int) -> int:
         return inode
 
-    def directory_entries(self, fh: int, offset: int) -> Iterator[tuple[bytes, Attributes, int]]:
+    def readdir(self, fh: int, offset: int, sink: DirectoryEntrySink) -> None:
         entries = [(b"f", self.files[2][1]), (b"l", self.link)]
         for position in range(offset, len(entries)):
-            yield entries[position][0], entries[position][1], position + 1
+            if not sink(entries[position][0], entries[position][1], position + 1):
+                return
 
-    async def getxattr(self, inode: int, name: bytes) -> bytes:
+    def getxattr(self, inode: int, name: bytes) -> bytes:
         if name == b"user.a":
             return b"value"
-        raise ReplyError(errno.ENODATA)
+        raise FuseReplyError(errno.ENODATA)
 
-    async def listxattr(self, inode: int) -> Sequence[bytes]:
+    def listxattr(self, inode: int) -> Sequence[bytes]:
         return [b"user.a"]
 
-    async def statfs(self) -> StatfsReply:
+    def statfs(self) -> StatfsReply:
         return StatfsReply(1, 0, 0, 3, 0, 4096, 255, 4096)
 
-    async def access(self, inode: int, mask: int) -> None:
+    def access(self, inode: int, mask: int) -> None:
         raise RuntimeError("a handler bug")  # must become EIO, never kill the server
 
 
@@ -226,7 +228,7 @@ def _exchange(requests: list[bytes], expect: int) -> dict[int, tuple[int, bytes]
     replies: dict[int, tuple[int, bytes]] = {}
 
     async def main() -> None:
-        session = ResumedSession(Handlers(), server.fileno(), max_tasks=4)
+        session = ProtocolServer(Handlers(), server.fileno(), max_tasks=4)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
             for request in requests:

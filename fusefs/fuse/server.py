@@ -1,17 +1,17 @@
 """A FUSE server that speaks the kernel protocol itself, for a connection someone else opened.
 
-libfuse (and so pyfuse3) can only serve a connection it initialised: until it has seen
+libfuse, and so pyfuse3, can only serve a connection it initialised: until it has seen
 FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per connection. A
-restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor (kept alive by
-``snapshotter.fuse_keeper``) therefore reads and answers requests here, on trio, with the same
-request handlers behind a small adapter (``fusefs.session``; this module never imports pyfuse3).
-If an INIT does arrive (a fresh mount, as the tests make), it is answered too.
+restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
+``snapshotter.daemon.keeper``, therefore reads and answers requests here, on trio. It calls
+``fusefs.handlers`` directly and never imports pyfuse3. An INIT, as the tests send on a fresh
+mount, is answered too.
 
-One reader loop; every READ runs in its own task, at most ``max_tasks`` at a time (what
-pyfuse3's ``main(max_tasks=64)`` allows); metadata requests, answered from memory, are answered
-in the loop. Each reply is one ``write``. FORGET and
-BATCH_FORGET get no reply (inodes are arithmetic: nothing to forget), INTERRUPT neither (the
-interrupted request is simply answered when done, which the protocol allows).
+One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` at a
+time, as pyfuse3's ``main(max_tasks=64)`` allows. The handlers of every other request are plain
+functions that answer from memory, called in the loop itself. Each reply is one ``write``.
+FORGET and BATCH_FORGET get no reply because inodes are arithmetic. INTERRUPT gets none either:
+the interrupted request is answered when done, which the protocol allows.
 
 Requests the dead process had read but not answered are answered with EINTR before anything
 else (``_answer_lost``), so their callers do not wait forever.
@@ -23,87 +23,69 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Final, Protocol
 
 import trio
 
-from fusefs import kernel_protocol as kp
-from fusefs.kernel_protocol import Attributes, Opcode, StatfsReply
+from fusefs.fuse import abi as kp
+from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
+from fusefs.handlers import WRITE_OPERATIONS, DirectoryEntrySink, FuseReplyError, Opened
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE: Final = 1 << 20  # what we offer in INIT; libfuse 3.14 negotiated the same
 MAX_PAGES: Final = MAX_WRITE // 4096
-# The kernel refuses a read shorter than max_write + the WRITE headers (even on a read-only
-# mount); the connection we adopt was negotiated by libfuse with max_write = 1 MiB.
+# The kernel refuses a read shorter than max_write + the WRITE headers, even on a read-only
+# mount. The connection we adopt was negotiated by libfuse with max_write = 1 MiB.
 BUFFER_SIZE: Final = MAX_WRITE + 4096
 DEFAULT_MAX_TASKS: Final = 64
 # How far below the first request we read to look for requests our predecessor read but never
-# answered (the kernel numbers requests in steps of 2; it never has more than a few hundred
-# requests waiting, so 32768 candidates is plenty, and costs about 0.1 s once).
+# answered. The kernel numbers requests in steps of 2 and never has more than a few hundred
+# waiting, so 32768 candidates are plenty; they cost about 0.1 s, once.
 LOST_REQUEST_WINDOW: Final = 1 << 16
-# What a lost request is answered with: the syscall it belongs to fails with EINTR, which
-# robust programs retry (Python and Go do by themselves); a lost readahead is simply re-read.
+# What a lost request is answered with: its syscall fails with EINTR, which robust programs
+# retry, as Python and Go do by themselves. A lost readahead is simply read again.
 LOST_REQUEST_ERRNO: Final = errno.EINTR
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
     | kp.FUSE_MAX_PAGES
 )
 
-# Operations that would change something: the mount is read-only (pyfuse3 answers EROFS too).
-_WRITES: Final = frozenset({
-    Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR,
-    Opcode.RENAME, Opcode.RENAME2, Opcode.LINK, Opcode.WRITE, Opcode.CREATE, Opcode.SETXATTR,
-    Opcode.REMOVEXATTR, Opcode.FALLOCATE, Opcode.TMPFILE, Opcode.COPY_FILE_RANGE,
-})
+# The read-only rule of ``fusefs.handlers``, as opcodes.
+_WRITES: Final = frozenset(Opcode[name.upper()] for name in WRITE_OPERATIONS)
 _NO_REPLY: Final = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
 _OPCODE: Final = struct.Struct("=I")  # fuse_in_header.opcode, at offset 4
 
 
-class ReplyError(Exception):
-    """Raised by a handler: the request is answered with ``errno``."""
-
-    def __init__(self, errno_value: int) -> None:
-        super().__init__(errno_value)
-        self.errno = errno_value
-
-
 class RequestHandlers(Protocol):
-    """What the server calls; errors are ``ReplyError``. ``fusefs.session`` adapts
-    ``LazyOperations`` (pyfuse3 types) to this.
+    """What the server calls, ``fusefs.handlers.LazyHandlers`` in production. Errors are
+    ``FuseReplyError``. Only ``read`` may wait; the others are answered in the reader loop."""
 
-    Only ``read`` may wait (for a fetch): it runs in a task of its own. Every other handler
-    answers from memory and runs in the reader loop itself, which reads nothing meanwhile."""
+    def lookup(self, parent_inode: int, name: bytes) -> Attributes: ...
 
-    async def lookup(self, parent: int, name: bytes) -> Attributes: ...
+    def getattr(self, inode: int) -> Attributes: ...
 
-    async def getattr(self, inode: int) -> Attributes: ...
+    def readlink(self, inode: int) -> bytes: ...
 
-    async def readlink(self, inode: int) -> bytes: ...
+    def open(self, inode: int, flags: int) -> Opened: ...
 
-    async def open(self, inode: int, flags: int) -> tuple[int, int]:
-        """(file handle, FOPEN_* flags)."""
-        ...
+    def read(self, fh: int, offset: int, size: int) -> Awaitable[bytes]: ...
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes: ...
+    def opendir(self, inode: int) -> int: ...
 
-    async def opendir(self, inode: int) -> int: ...
+    def readdir(self, fh: int, start_id: int, sink: DirectoryEntrySink) -> None: ...
 
-    def directory_entries(self, fh: int, offset: int) -> Iterator[tuple[bytes, Attributes, int]]:
-        """(name, attributes, offset of the next entry) from ``offset`` on."""
-        ...
+    def getxattr(self, inode: int, name: bytes) -> bytes: ...
 
-    async def getxattr(self, inode: int, name: bytes) -> bytes: ...
+    def listxattr(self, inode: int) -> Sequence[bytes]: ...
 
-    async def listxattr(self, inode: int) -> Sequence[bytes]: ...
+    def statfs(self) -> StatfsReply: ...
 
-    async def statfs(self) -> StatfsReply: ...
-
-    async def access(self, inode: int, mask: int) -> None: ...
+    def access(self, inode: int, mask: int) -> None: ...
 
 
-class ResumedSession:
+class ProtocolServer:
     """Serves ``fd`` (an open ``/dev/fuse`` connection) until the filesystem is unmounted."""
 
     def __init__(
@@ -139,13 +121,14 @@ class ResumedSession:
                     if self._answer_lost_pending:
                         self._answer_lost_pending = False
                         self._answer_lost(request)
-                    await self._slots.acquire()  # also the loop's checkpoint
                     if _opcode(request) == Opcode.READ:
-                        nursery.start_soon(self._answer, request)
+                        await self._slots.acquire()
+                        nursery.start_soon(self._answer_read, request)
                     else:
-                        # Metadata answers come from memory: answered in place, a task each
-                        # would double the cost of a round trip.
-                        await self._answer(request)
+                        # Answered in place from memory: a task each would double the cost
+                        # of a round trip.
+                        self._answer_now(request)
+                        await trio.lowlevel.checkpoint()  # let the READ tasks run
             finally:
                 self._nursery = None
                 # The connection is gone: answers still being computed have nowhere to go.
@@ -168,27 +151,29 @@ class ResumedSession:
             self.requests += 1
             return bytes(memoryview(buffer)[:n])  # one copy of the request, not two
 
-    async def _answer(self, request: bytes) -> None:
+    def _answer_now(self, request: bytes) -> None:
+        parsed = _parse(request)
+        if parsed is None:
+            return
+        header, body = parsed
         try:
-            try:
-                header = kp.parse_in_header(request)
-            except kp.ProtocolError as exc:
-                log.error("fuse request unreadable error=%s", exc)
+            out = self._dispatch(header, body)
+        except Exception as exc:
+            out = _error_reply(header, exc)
+        self._write(out)
+
+    async def _answer_read(self, request: bytes) -> None:
+        try:
+            parsed = _parse(request)
+            if parsed is None:
                 return
-            body = memoryview(request)[kp.IN_HEADER_SIZE :]
-            if header.opcode in _NO_REPLY:
-                return
+            header, body = parsed
             try:
-                out = await self._dispatch(header, body)
-            except ReplyError as exc:
-                out = kp.error_reply(header.unique, exc.errno)
-            except kp.ProtocolError as exc:
-                log.error("fuse request malformed opcode=%d error=%s", header.opcode, exc)
-                out = kp.error_reply(header.unique, errno.EIO)
-            except Exception as exc:  # the error boundary: never lose the server to a handler
-                log.error("fuse request failed opcode=%d nodeid=%d error=%r",
-                          header.opcode, header.nodeid, exc)
-                out = kp.error_reply(header.unique, errno.EIO)
+                read = kp.parse_read_in(body)
+                data = await self._handlers.read(read.fh, read.offset, read.size)
+                out = kp.reply(header.unique, data)
+            except Exception as exc:
+                out = _error_reply(header, exc)
             self._write(out)
         finally:
             self._slots.release()
@@ -230,64 +215,67 @@ class ResumedSession:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("fuse reply not written error=%r", exc)
 
-    async def _dispatch(self, h: kp.InHeader, body: memoryview) -> bytes:
+    def _dispatch(self, h: kp.InHeader, body: memoryview) -> bytes:
+        """The reply to any request but READ."""
         handlers = self._handlers
         unique = h.unique
         match h.opcode:
             case Opcode.LOOKUP:
-                attrs = await handlers.lookup(h.nodeid, kp.parse_name(body))
+                attrs = handlers.lookup(h.nodeid, kp.parse_name(body))
                 return kp.reply(unique, kp.encode_entry_out(attrs))
             case Opcode.GETATTR:
-                return kp.reply(unique, kp.encode_attr_out(await handlers.getattr(h.nodeid)))
+                return kp.reply(unique, kp.encode_attr_out(handlers.getattr(h.nodeid)))
             case Opcode.READLINK:
-                return kp.reply(unique, await handlers.readlink(h.nodeid))
+                return kp.reply(unique, handlers.readlink(h.nodeid))
             case Opcode.OPEN:
-                fh, flags = await handlers.open(h.nodeid, kp.parse_open_in(body))
-                return kp.reply(unique, kp.encode_open_out(fh, flags))
-            case Opcode.READ:
-                read = kp.parse_read_in(body)
-                return kp.reply(unique, await handlers.read(read.fh, read.offset, read.size))
+                opened = handlers.open(h.nodeid, kp.parse_open_in(body))
+                flags = kp.FOPEN_KEEP_CACHE if opened.keep_cache else 0
+                return kp.reply(unique, kp.encode_open_out(opened.fh, flags))
             case Opcode.OPENDIR:
                 kp.parse_open_in(body)
-                fh = await handlers.opendir(h.nodeid)
-                return kp.reply(unique, kp.encode_open_out(fh, 0))
+                return kp.reply(unique, kp.encode_open_out(handlers.opendir(h.nodeid), 0))
             case Opcode.READDIR | Opcode.READDIRPLUS:
                 read = kp.parse_read_in(body)
                 listing = self._listing(read, plus=h.opcode == Opcode.READDIRPLUS)
                 return kp.reply(unique, listing)
             case Opcode.GETXATTR:
                 size, name = kp.parse_getxattr_in(body)
-                return kp.reply(unique, _sized(await handlers.getxattr(h.nodeid, name), size))
+                return kp.reply(unique, _sized(handlers.getxattr(h.nodeid, name), size))
             case Opcode.LISTXATTR:
                 size, _ = kp.parse_getxattr_in(body)
-                names = kp.xattr_names(await handlers.listxattr(h.nodeid))
+                names = kp.xattr_names(handlers.listxattr(h.nodeid))
                 return kp.reply(unique, _sized(names, size))
             case Opcode.STATFS:
-                return kp.reply(unique, kp.encode_statfs_out(await handlers.statfs()))
+                return kp.reply(unique, kp.encode_statfs_out(handlers.statfs()))
             case Opcode.ACCESS:
-                await handlers.access(h.nodeid, kp.parse_access_in(body))
+                handlers.access(h.nodeid, kp.parse_access_in(body))
                 return kp.reply(unique)
             case Opcode.RELEASE | Opcode.RELEASEDIR | Opcode.FLUSH | Opcode.DESTROY:
                 return kp.reply(unique)  # handles are inode numbers: nothing to free
             case Opcode.INIT:
                 return kp.reply(unique, _init_reply(kp.parse_init_in(body)))
             case opcode if opcode in _WRITES:
-                raise ReplyError(errno.EROFS)
+                raise FuseReplyError(errno.EROFS)
             case _:
-                raise ReplyError(errno.ENOSYS)
+                raise FuseReplyError(errno.ENOSYS)
 
     def _listing(self, read: kp.ReadIn, *, plus: bool) -> bytes:
         pieces: list[bytes] = []
         used = 0
-        for name, attrs, next_offset in self._handlers.directory_entries(read.fh, read.offset):
+
+        def take(name: bytes, attrs: Attributes, next_offset: int) -> bool:
+            nonlocal used
             if plus:
                 piece = kp.encode_direntplus(attrs, next_offset, name)
             else:
                 piece = kp.encode_dirent(attrs.ino, next_offset, attrs.mode, name)
             if used + len(piece) > read.size:
-                break
+                return False
             pieces.append(piece)
             used += len(piece)
+            return True
+
+        self._handlers.readdir(read.fh, read.offset, take)
         return b"".join(pieces)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
@@ -307,6 +295,30 @@ class ResumedSession:
                 log.warning("entry invalidation failed error=%r", exc)
 
 
+def _parse(request: bytes) -> tuple[kp.InHeader, memoryview] | None:
+    """The header and body of a request that gets a reply; None for the others."""
+    try:
+        header = kp.parse_in_header(request)
+    except kp.ProtocolError as exc:
+        log.error("fuse request unreadable error=%s", exc)
+        return None
+    if header.opcode in _NO_REPLY:
+        return None
+    return header, memoryview(request)[kp.IN_HEADER_SIZE :]
+
+
+def _error_reply(header: kp.InHeader, exc: Exception) -> bytes:
+    """The protocol's error boundary: never lose the server to one request."""
+    if isinstance(exc, FuseReplyError):
+        return kp.error_reply(header.unique, exc.errno)
+    if isinstance(exc, kp.ProtocolError):
+        log.error("fuse request malformed opcode=%d error=%s", header.opcode, exc)
+    else:
+        log.error("fuse request failed opcode=%d nodeid=%d error=%r",
+                  header.opcode, header.nodeid, exc)
+    return kp.error_reply(header.unique, errno.EIO)
+
+
 def _opcode(request: bytes) -> int:
     return _OPCODE.unpack_from(request, 4)[0] if len(request) >= 8 else 0
 
@@ -316,14 +328,14 @@ def _sized(value: bytes, size: int) -> bytes:
     if size == 0:
         return kp.encode_xattr_size(len(value))
     if len(value) > size:
-        raise ReplyError(errno.ERANGE)
+        raise FuseReplyError(errno.ERANGE)
     return value
 
 
 def _init_reply(init: kp.InitIn) -> bytes:
     if init.major != kp.KERNEL_VERSION or init.minor < kp.KERNEL_MINOR_VERSION:
         # The struct sizes we write need 7.31 or later; an older kernel is refused.
-        raise ReplyError(errno.EPROTO)
+        raise FuseReplyError(errno.EPROTO)
     log.info("fuse init major=%d minor=%d", init.major, init.minor)
     return kp.encode_init_out(
         minor=kp.KERNEL_MINOR_VERSION,

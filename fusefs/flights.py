@@ -1,0 +1,395 @@
+"""Single flight for chunks: one fetch per missing chunk, shared by every reader of it.
+
+Each missing chunk, by cache key and so across layers too, has at most one fetch in progress,
+and concurrent readers wait for it. Fetches run in the fetcher's own nursery, so a reader that
+goes away does not abort a fetch others are waiting on. A range claims its chunks before it is
+requested, so a reader that needs one of them waits for that range instead of fetching the same
+bytes again.
+
+Verified chunks are kept in memory twice over: a small LRU of hot chunks, so consecutive reads
+inside one chunk decode it once, and the chunks on their way to the disk cache. The disk write
+comes after the waiters are released (write-behind).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from fusefs.blob import forget_redirect
+from fusefs.cache import ChunkCache, chunk_key, verify_chunk
+from fusefs.fetch_config import Decoder, FetchConfig, FetchError
+from fusefs.index import ChunkRef
+from fusefs.layer import ChunkTag, Layer
+from fusefs.ranges import PlannedRange, group_chunks
+
+log = logging.getLogger(__name__)
+
+
+class _Flight:
+    __slots__ = ("background", "data", "done", "error")
+
+    def __init__(self, *, background: bool = False) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.background = background  # claimed by background work: a failure is retried
+
+
+class Claim:
+    """The chunks one range has claimed: readers of them wait for that range."""
+
+    __slots__ = ("_flights",)
+
+    def __init__(self, flights: dict[str, _Flight]) -> None:
+        self._flights = flights
+
+    def __bool__(self) -> bool:
+        return bool(self._flights)
+
+
+class _HotChunks:
+    """A small LRU of decoded chunks."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._bytes = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._budget or key in self._items:
+            return
+        self._items[key] = data
+        self._bytes += len(data)
+        while self._bytes > self._budget:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+
+class ChunkFlights:
+    """The chunks in flight, in memory and on their way to the disk cache."""
+
+    def __init__(
+        self, cache: ChunkCache, nursery: trio.Nursery, config: FetchConfig, decoder: Decoder
+    ) -> None:
+        self._cache = cache
+        self._nursery = nursery
+        self._config = config
+        self._decode = decoder
+        self._inflight: dict[str, _Flight] = {}
+        self._hot = _HotChunks(config.hot_bytes)
+        self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
+        self._writes_pending = 0
+        self._writes_idle = trio.Event()
+        self._writes_idle.set()
+
+    @property
+    def cache(self) -> ChunkCache:
+        return self._cache
+
+    @property
+    def in_flight(self) -> int:
+        """How many chunks are being fetched."""
+        return len(self._inflight)
+
+    def in_memory(self, key: str) -> bytes | None:
+        data = self._hot.get(key)
+        return data if data is not None else self._unwritten.get(key)
+
+    def is_missing(self, layer: Layer, ref: ChunkRef) -> bool:
+        """Neither cached, in memory nor in flight."""
+        key = chunk_key(ref, layer.digest)
+        return (
+            key not in self._inflight
+            and key not in self._cache
+            and key not in self._hot
+            and key not in self._unwritten
+        )
+
+    def is_cached(self, layer: Layer, ref: ChunkRef) -> bool:
+        return ref.zeros or chunk_key(ref, layer.digest) in self._cache
+
+    # -- one reader's chunk --------------------------------------------------------------------
+
+    async def wait(
+        self, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
+    ) -> bytes:
+        """The chunk's verified bytes from the flight in progress or from a new one, which
+        loads the disk cache and on a miss calls ``fetch_miss`` with the chunk claimed."""
+        flight = await self._join(key, ref, fetch_miss)
+        if flight.error is not None and flight.background:
+            # A failed background range is not the reader's failure: try once on its own.
+            flight = await self._join(key, ref, fetch_miss)
+        if flight.error is not None:
+            raise FetchError(str(flight.error)) from flight.error
+        assert flight.data is not None
+        return flight.data
+
+    async def _join(
+        self, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
+    ) -> _Flight:
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._inflight[key] = flight
+            self._nursery.start_soon(self._load_or_fetch, key, ref, flight, fetch_miss)
+        await flight.done.wait()
+        return flight
+
+    async def _load_or_fetch(
+        self,
+        key: str,
+        ref: ChunkRef,
+        flight: _Flight,
+        fetch_miss: Callable[[Claim], Awaitable[None]],
+    ) -> None:
+        # Runs in the fetcher's nursery: any exception must end up in the flight, not escape.
+        try:
+            data = await self._cache.load(key, ref.digest)
+            if data is not None:
+                self._resolve(key, flight, data, None)
+                return
+            await fetch_miss(Claim({key: flight}))
+        except Exception as exc:
+            self._resolve(key, flight, None, exc)
+        finally:
+            if not flight.done.is_set():  # cancelled at shutdown: release the waiters
+                self._resolve(key, flight, None, FetchError("filesystem shutting down"))
+
+    # -- ranges --------------------------------------------------------------------------------
+
+    def claim(
+        self, layer: Layer, planned: PlannedRange[ChunkTag], *, background: bool = False
+    ) -> Claim:
+        """Claim the chunks of ``planned`` nobody has claimed yet."""
+        flights: dict[str, _Flight] = {}
+        for _, ref in planned.chunks:
+            key = chunk_key(ref, layer.digest)
+            if key in flights or key in self._inflight:
+                continue
+            flight = _Flight(background=background)
+            self._inflight[key] = flight
+            flights[key] = flight
+        return Claim(flights)
+
+    def missing_part(
+        self, layer: Layer, planned: PlannedRange[ChunkTag]
+    ) -> PlannedRange[ChunkTag] | None:
+        """The part of ``planned`` from its first to its last chunk that is neither cached nor
+        in flight (those chunks only), or None when there is none."""
+        chunks = tuple(
+            (tag, ref)
+            for tag, ref in planned.chunks
+            if not ref.zeros and self.is_missing(layer, ref)
+        )
+        if not chunks:
+            return None
+        start = min(ref.blob_offset for _, ref in chunks)
+        end = max(ref.blob_end for _, ref in chunks)
+        return PlannedRange(start, end, chunks)
+
+    async def request(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
+        """The raw bytes of ``planned`` from the blob, counted on the layer."""
+        raw = await layer.blob.read_at(planned.start, planned.length)
+        layer.stats.requests += 1
+        layer.stats.fetched_bytes += len(raw)
+        if len(raw) != planned.length:
+            raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
+        return raw
+
+    async def fetch_background(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
+        """Request all of ``planned`` and fill the cache with the chunks still missing; returns
+        the raw bytes, which the whole-blob check hashes. The missing chunks are claimed before
+        the request, so a reader needing one of them waits for this range."""
+        missing = PlannedRange(
+            planned.start,
+            planned.end,
+            tuple(c for c in planned.chunks if not c[1].zeros and self.is_missing(layer, c[1])),
+        )
+        claim = self.claim(layer, missing, background=True)
+        try:
+            raw = await self.request(layer, planned)
+        except BaseException as exc:
+            self._fail(claim, exc)
+            raise
+        if claim:
+            await self.fetch_range(layer, planned, seed=claim, claimed=True, raw=raw)
+        return raw
+
+    async def fetch_claimed(
+        self, layer: Layer, planned: PlannedRange[ChunkTag], claim: Claim
+    ) -> None:
+        """Fetch the chunks ``claim`` holds. On failure a reader waiting on a chunk of a
+        background claim fetches it itself, so the failure is only logged at debug."""
+        await self.fetch_range(layer, planned, seed=claim, claimed=True)
+
+    async def fetch_rest(self, layer: Layer) -> int:
+        """Make every chunk of ``layer`` cached: wait for those in flight, fetch the others in
+        coalesced ranges. Returns how many are still not cached, which failed."""
+        pending: list[tuple[ChunkTag, ChunkRef]] = []
+        for tag, ref in layer.all_chunks():
+            if ref.zeros:
+                continue
+            key = chunk_key(ref, layer.digest)
+            flight = self._inflight.get(key)
+            if flight is not None:
+                await flight.done.wait()
+            if key not in self._cache:
+                pending.append((tag, ref))
+        await self.writes_done()
+        still_missing = (chunk for chunk in pending if self.is_missing(layer, chunk[1]))
+        for planned in group_chunks(
+            still_missing, max_range=self._config.background_range, max_gap=self._config.max_gap
+        ):
+            await self.fetch_range(layer, planned)  # claims only what is still missing
+        await self.writes_done()
+        return sum(
+            1
+            for _, ref in layer.all_chunks()
+            if not ref.zeros and chunk_key(ref, layer.digest) not in self._cache
+        )
+
+    async def fetch_range(
+        self,
+        layer: Layer,
+        planned: PlannedRange[ChunkTag],
+        *,
+        seed: Claim | None = None,
+        claimed: bool = False,
+        raw: bytes | None = None,
+    ) -> None:
+        """Fetch ``planned``, or use ``raw``, its bytes, and fill the cache with its chunks.
+
+        Only the chunks of ``seed`` are decoded, and with ``claimed`` false also those of the
+        range nobody else has claimed. A failure is delivered to every reader waiting on one of
+        those chunks.
+        """
+        flights = dict(seed._flights) if seed is not None else {}
+        if not claimed:
+            for key, flight in self.claim(layer, planned)._flights.items():
+                flights.setdefault(key, flight)
+        todo = [
+            (key, ref)
+            for key, ref in {chunk_key(r, layer.digest): r for _, r in planned.chunks}.items()
+            if key in flights
+        ]
+        try:
+            if raw is None:
+                raw = await self.request(layer, planned)
+            outcomes = await trio.to_thread.run_sync(
+                self._decode_verify, layer, raw, planned.start, todo
+            )
+        except BaseException as exc:
+            for key, flight in flights.items():
+                self._resolve(key, flight, None, exc)
+            if isinstance(exc, Exception):
+                log.debug("range fetch failed layer=%s error=%r", layer.layer_id, exc)
+                return
+            raise
+        verified: list[tuple[str, bytes]] = []
+        for (key, ref), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, bytes):
+                # Held in memory until it is on disk, so nobody fetches it again meanwhile.
+                self._unwritten[key] = outcome
+                self._resolve(key, flights[key], outcome, None)
+                verified.append((key, outcome))
+            else:
+                layer.stats.verify_failures += 1
+                # Bytes from a redirect target that fail verification: ask the registry anew.
+                forget_redirect(layer.blob)
+                if layer.should_log("chunk", ref.blob_offset, outcome):
+                    log.error(
+                        "chunk rejected layer=%s digest=%s blob_offset=%d error=%s",
+                        layer.layer_id,
+                        layer.digest,
+                        ref.blob_offset,
+                        outcome,
+                    )
+                self._resolve(key, flights[key], None, outcome)
+        if verified:
+            # Waiters are released first. The disk write, the LRU bookkeeping and eviction come
+            # after, so a slow disk never delays a read: a file create can wait on another
+            # program's fsync.
+            self._writes_pending += 1
+            self._writes_idle = trio.Event()
+            self._nursery.start_soon(self._write_behind, verified)
+
+    def _decode_verify(
+        self, layer: Layer, raw: bytes, start: int, todo: list[tuple[str, ChunkRef]]
+    ) -> list[bytes | Exception]:
+        """Worker thread: decode each chunk and check its digest."""
+        codec = layer.index.codec
+        outcomes: list[bytes | Exception] = []
+        for _, ref in todo:
+            try:
+                compressed = raw[ref.blob_offset - start : ref.blob_end - start]
+                data = self._decode(codec, compressed, ref)
+                if len(data) != ref.size:
+                    raise FetchError(f"chunk decoded to {len(data)} bytes, expected {ref.size}")
+                verify_chunk(data, ref.digest)
+                outcomes.append(data)
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _fail(self, claim: Claim, error: BaseException) -> None:
+        for key, flight in claim._flights.items():
+            self._resolve(key, flight, None, error)
+
+    def _resolve(
+        self, key: str, flight: _Flight, data: bytes | None, error: BaseException | None
+    ) -> None:
+        if flight.done.is_set():
+            return
+        flight.data = data
+        flight.error = error
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        if data is not None:
+            self._hot.put(key, data)
+        flight.done.set()
+
+    # -- write-behind --------------------------------------------------------------------------
+
+    async def _write_behind(self, chunks: list[tuple[str, bytes]]) -> None:
+        """Write verified chunks to the disk cache, then record them (LRU, eviction)."""
+        try:
+            written = await trio.to_thread.run_sync(self._write_sync, chunks)
+            for key, size in written:
+                try:
+                    await self._cache.commit(key, size)
+                except Exception as exc:  # eviction trouble must not fail anything
+                    log.warning("cache commit failed key=%s error=%r", key, exc)
+        finally:
+            for key, _ in chunks:
+                self._unwritten.pop(key, None)
+            self._writes_pending -= 1
+            if not self._writes_pending:
+                self._writes_idle.set()
+
+    def _write_sync(self, chunks: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
+        written: list[tuple[str, int]] = []
+        for key, data in chunks:
+            try:
+                self._cache.write_verified(key, data, None)  # verified when decoded
+                written.append((key, len(data)))
+            except Exception as exc:  # a full disk: the chunk stays fetchable, just not cached
+                log.warning("cache write failed key=%s error=%r", key, exc)
+        return written
+
+    async def writes_done(self) -> None:
+        """Wait until every chunk fetched so far is in the disk cache or failed to get there."""
+        while self._writes_pending:
+            await self._writes_idle.wait()

@@ -1,0 +1,2 @@
+"""The FUSE kernel protocol spoken by lazysnap itself: the wire structs (``abi``) and the
+protocol server that serves an adopted connection (``server``)."""
