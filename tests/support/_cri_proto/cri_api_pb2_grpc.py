@@ -95,6 +95,11 @@ class RuntimeServiceStub:
                 request_serializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusRequest.SerializeToString,
                 response_deserializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusResponse.FromString,
                 _registered_method=True)
+        self.ExecSync = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ExecSync',
+                request_serializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncRequest.SerializeToString,
+                response_deserializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Status',
                 request_serializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.StatusRequest.SerializeToString,
@@ -177,6 +182,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecSync(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -245,6 +256,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ContainerStatus,
                     request_deserializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusRequest.FromString,
                     response_serializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusResponse.SerializeToString,
+            ),
+            'ExecSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecSync,
+                    request_deserializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncRequest.FromString,
+                    response_serializer=tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -576,6 +592,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ContainerStatus',
             tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusRequest.SerializeToString,
             tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ContainerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ExecSync',
+            tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncRequest.SerializeToString,
+            tests_dot_support_dot___cri__proto_dot_cri__api__pb2.ExecSyncResponse.FromString,
             options,
             channel_credentials,
             insecure,
