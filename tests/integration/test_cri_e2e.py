@@ -8,6 +8,7 @@ the next one starts from a clean CRI state. Pods are host-network, so no CNI plu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from snapshotter._proto import snapshots_pb2
@@ -136,24 +138,32 @@ class CriStack:
             return [info.name for reply in replies for info in reply.info]
 
 
-@pytest.fixture(scope="module")
-def stack(images: dict[str, CriImage]) -> Iterator[CriStack]:
+@contextlib.contextmanager
+def _cri_stack(pause: CriImage, *, disable_snapshot_annotations: bool) -> Iterator[CriStack]:
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     work = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
     config = work / "lazysnap.toml"
     # Files arrive only when read, so reads after a restart really go to the registry.
     config.write_text("[lazy]\nbackground_fetch = false\n")
+    cri_settings = CriSettings(
+        sandbox_image=pause.reference, disable_snapshot_annotations=disable_snapshot_annotations
+    )
     try:
         with running_daemon(work / "d", extra_args=["--config", str(config)]) as daemon, \
-                run_containerd(
-                    work / "c", daemon.address,
-                    cri=CriSettings(sandbox_image=images["pause"].reference),
-                ) as containerd, cri_client(containerd.address) as client:
+                run_containerd(work / "c", daemon.address, cri=cri_settings) as containerd, \
+                cri_client(containerd.address) as client:
             yield CriStack(daemon, containerd, client, work / "pods")
     finally:
         fuse_keeper.retire(fuse_keeper.keeper_socket(work / "d" / "root"))
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(images: dict[str, CriImage]) -> Iterator[CriStack]:
+    """containerd configured for lazy pulling through CRI, shared by the module's tests."""
+    with _cri_stack(images["pause"], disable_snapshot_annotations=False) as shared:
+        yield shared
 
 
 def _remote_layers(stack: CriStack, image: CriImage) -> list[bool]:
@@ -272,3 +282,34 @@ def test_a_cri_container_reads_new_files_across_a_daemon_restart(
         pod.stop_and_remove_container(container)
     _wait_until_containerd_reconnects(stack)
     _remove_and_check_gone(stack, image)
+
+
+def test_with_the_daemon_down_cri_pulls_fail_unavailable_and_work_once_it_is_back(
+    stack: CriStack, images: dict[str, CriImage]
+) -> None:
+    image = images["estargz"]
+    stack.daemon.stop()
+    with pytest.raises(grpc.RpcError) as failed:
+        stack.client.pull(image.reference)
+    # What kubelet reports as ErrImagePull: the snapshotter call containerd could not make.
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "failed to prepare extraction snapshot" in str(failed.value.details())
+    assert stack.client.image_status(image.reference) is None
+
+    stack.daemon.start()
+    _wait_until_containerd_reconnects(stack)
+    stack.client.pull(image.reference)
+    assert _remote_layers(stack, image) == [True, True]
+    _run_reading_data(stack, image, "daemon-back")
+    _remove_and_check_gone(stack, image)
+
+
+def test_with_snapshot_annotations_disabled_images_run_but_nothing_is_lazy(
+    images: dict[str, CriImage],
+) -> None:
+    image = images["estargz"]
+    with _cri_stack(images["pause"], disable_snapshot_annotations=True) as off:
+        off.client.pull(image.reference)
+        assert _remote_layers(off, image) == [False, False]
+        assert "reason='no cri.image-ref / cri.layer-digest labels" in off.daemon.log()
+        _run_reading_data(off, image, "annotations-off")
