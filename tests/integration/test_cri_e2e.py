@@ -182,7 +182,18 @@ def _run_reading_data(stack: CriStack, image: CriImage, pod_name: str) -> None:
         pod.stop_and_remove_container(container)
 
 
+def _in_backend(names: list[str], chain: list[str]) -> list[str]:
+    # A lazy layer is committed under its chain ID itself (the snapshot.ref label); containerd
+    # names the others "<namespace>/<n>/<chain ID>".
+    return [
+        name for name in names for chain_id in chain
+        if name == chain_id or name.endswith("/" + chain_id)
+    ]
+
+
 def _remove_and_check_gone(stack: CriStack, image: CriImage) -> None:
+    before = _in_backend(stack.backend_snapshot_names(), image.chain)
+    assert len(before) == len(image.chain), (before, stack.backend_snapshot_names())
     stack.client.remove_image(image.reference)
     assert stack.client.image_status(image.reference) is None
     assert image.reference not in {
@@ -190,11 +201,11 @@ def _remove_and_check_gone(stack: CriStack, image: CriImage) -> None:
     }
     # containerd's garbage collector then removes the layers from lazysnap itself.
     deadline = time.monotonic() + 20
-    names = stack.backend_snapshot_names()
-    while any(n.endswith(c) for n in names for c in image.chain) and time.monotonic() < deadline:
+    left = _in_backend(stack.backend_snapshot_names(), image.chain)
+    while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        names = stack.backend_snapshot_names()
-    assert not [n for n in names for c in image.chain if n.endswith(c)], names
+        left = _in_backend(stack.backend_snapshot_names(), image.chain)
+    assert not left, left
 
 
 def _wait_until_containerd_reconnects(stack: CriStack) -> None:
