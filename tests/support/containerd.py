@@ -1,4 +1,6 @@
-"""Run Debian's containerd 1.6 with a private root/state/socket and lazysnap as a proxy plugin."""
+"""Run Debian's containerd 1.6 with a private root/state/socket and lazysnap as a proxy plugin.
+
+The CRI plugin is off unless a test asks for it with ``CriSettings``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -37,14 +39,58 @@ class RunningContainerd:
         return self.log_path.read_text(errors="replace")
 
 
+@dataclass(frozen=True)
+class CriSettings:
+    """containerd 1.6's CRI plugin as Kubernetes nodes run it with lazysnap."""
+
+    sandbox_image: str  # the pause image, pulled by RunPodSandbox
+    snapshotter: str = "lazysnap"
+    # False is what lazy pulling needs: CRI then labels each layer's Prepare with cri.*.
+    disable_snapshot_annotations: bool = False
+
+
+CRI_NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin keeps its objects in
+
+
+def _cri_toml(workdir: Path, cri: CriSettings) -> str:
+    # The stream server (exec/attach/port-forward URLs) listens on a free port: a fixed one
+    # would clash with other containerds on the machine. CNI paths are private to the test:
+    # host-network pods never call CNI, but the plugin watches conf_dir (and creates it).
+    # config_path is a hosts.toml tree, as for lazysnap, so the loopback registry is plain HTTP.
+    # restrict_oom_score_adj: CRI gives sandboxes oom_score_adj -998, which needs a privilege
+    # that test machines (VMs, containers) may deny even to root; runc then fails with "can't
+    # get final child's PID from pipe". Clamped to containerd's own score, as kind nodes do.
+    annotations_off = "true" if cri.disable_snapshot_annotations else "false"
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{cri.sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{cri.snapshotter}"
+    disable_snapshot_annotations = {annotations_off}
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{workdir}/cni/bin"
+    conf_dir = "{workdir}/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{workdir}/certs.d"
+"""
+
+
 def config_toml(
     workdir: Path,
     proxy_address: Path,
     *,
     plugin: str = "lazysnap",
     extra_proxy_plugins: Mapping[str, Path] | None = None,
+    cri: CriSettings | None = None,
 ) -> str:
-    """``extra_proxy_plugins``: more snapshotters, by name -> socket (e.g. stargz-snapshotter)."""
+    """``extra_proxy_plugins``: more snapshotters, by name -> socket (e.g. stargz-snapshotter).
+    ``cri``: enable and configure the CRI plugin (off otherwise)."""
     extra = "".join(
         f"""
 [proxy_plugins.{name}]
@@ -53,10 +99,11 @@ def config_toml(
 """
         for name, address in (extra_proxy_plugins or {}).items()
     )
+    disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
     return f"""version = 2
 root = "{workdir}/root"
 state = "{workdir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = {disabled}
 
 [grpc]
   address = "{workdir}/c.sock"
@@ -70,7 +117,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.{plugin}]
   type = "snapshot"
   address = "{proxy_address}"
-{extra}"""
+{extra}{_cri_toml(workdir, cri) if cri else ""}"""
 
 
 @contextlib.contextmanager
@@ -81,12 +128,17 @@ def run_containerd(
     timeout: float = 30.0,
     extra_args: Sequence[str] = (),
     extra_proxy_plugins: Mapping[str, Path] | None = None,
+    cri: CriSettings | None = None,
 ) -> Iterator[RunningContainerd]:
     """``workdir`` must be short: unix socket paths are limited to 108 bytes.
-    ``extra_proxy_plugins`` registers more snapshotters besides lazysnap (name -> socket)."""
+    ``extra_proxy_plugins`` registers more snapshotters besides lazysnap (name -> socket).
+    ``cri`` turns the CRI plugin on; its hosts.toml tree is ``workdir/certs.d``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "certs.d").mkdir(exist_ok=True)
     config = workdir / "config.toml"
-    config.write_text(config_toml(workdir, proxy_address, extra_proxy_plugins=extra_proxy_plugins))
+    config.write_text(
+        config_toml(workdir, proxy_address, extra_proxy_plugins=extra_proxy_plugins, cri=cri)
+    )
     log_path = workdir / "containerd.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -131,7 +183,11 @@ def _wait_ready(running: RunningContainerd, timeout: float) -> None:
 def _stop_tasks(running: RunningContainerd) -> None:
     if running.process.poll() is not None:
         return
-    tasks = running.ctr("tasks", "ls", "-q", check=False, timeout=20).stdout.split()
-    for task in tasks:
-        running.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False, timeout=20)
-        running.ctr("tasks", "rm", "-f", task, check=False, timeout=20)
+    # Every namespace: the CRI plugin's pods live in k8s.io, not in the tests' namespace.
+    namespaces = running.ctr("namespaces", "ls", "-q", check=False, timeout=20).stdout.split()
+    for namespace in namespaces or [running.namespace]:
+        in_namespace = replace(running, namespace=namespace)
+        tasks = in_namespace.ctr("tasks", "ls", "-q", check=False, timeout=20).stdout.split()
+        for task in tasks:
+            in_namespace.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False, timeout=20)
+            in_namespace.ctr("tasks", "rm", "-f", task, check=False, timeout=20)
