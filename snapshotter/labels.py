@@ -43,3 +43,9 @@ GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"  # on a manifest
 GC_REF_CONTENT_LAYER_PREFIX = "containerd.io/gc.ref.content.l."  # + index, on a manifest
 GC_REF_CONTENT_MANIFEST_PREFIX = "containerd.io/gc.ref.content.m."  # + index, on an index
 GC_EXPIRE = "containerd.io/gc.expire"  # on a lease: RFC 3339 time after which GC drops it
+
+# Kata guest image pulling (docs/kata.md). Set by lazysnap itself, in guest-pull mode, on a layer
+# it serves lazily: the chain above it may be handed to Kata's guest with that layer's
+# cri.image-ref (set by containerd's CRI) as the image to pull.
+KATA_GUEST_PULL = "containerd.io/snapshot/lazysnap.kata-guest-pull"
+KATA_GUEST_PULL_VALUE = "true"
