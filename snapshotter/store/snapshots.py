@@ -88,6 +88,11 @@ class Snapshotter:
         # A lock per target being prepared lazily, with how many Prepares use it.
         self._target_locks: dict[str, tuple[threading.Lock, int]] = {}
 
+    @property
+    def guest_pull(self) -> GuestPull | None:
+        """Kata guest-pull mode, for the daemon's status."""
+        return self._guest_pull
+
     def enable_remote(self, remote: RemoteLayers | None) -> None:
         """Serve layers lazily from now on (None: ordinary snapshots only)."""
         self._remote = remote

@@ -197,6 +197,7 @@ def test_container_snapshot_is_one_kata_mount_naming_the_image(store: Snapshotte
     assert volume["image_pull"]["metadata"] == {CRI_IMAGE_REF: IMAGE, CRI_MANIFEST_DIGEST: MANIFEST}
     assert store.mounts("ns/1/container") == [mount]
     assert store.stat(top).labels[KATA_GUEST_PULL] == "true"
+    assert store.guest_pull == GuestPull("fuse." + HELPER)
 
 
 def test_views_are_kata_mounts_too_and_one_parent_gets_an_empty_second_lower(
