@@ -80,3 +80,9 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
             )
         checked[key] = value
     return checked
+
+# Kata guest image pulling (docs/kata.md). Set by lazysnap itself, in guest-pull mode, on a layer
+# it serves lazily: the chain above it may be handed to Kata's guest with that layer's
+# cri.image-ref (set by containerd's CRI) as the image to pull.
+KATA_GUEST_PULL = "containerd.io/snapshot/lazysnap.kata-guest-pull"
+KATA_GUEST_PULL_VALUE = "true"

@@ -34,15 +34,17 @@ EDGES = {
 
 # snapshotter's layers: a module in the key's subpackage may not import these subpackages.
 # The shared top-level modules (errors, model, labels, ...) are "" and import none of them.
-SUBPACKAGES = ("store", "remote", "daemon", "client", "convert", "commands")
+SUBPACKAGES = ("store", "remote", "daemon", "client", "convert", "commands", "kata")
 FORBIDDEN_SUBPACKAGES = {
     "": set(SUBPACKAGES),
-    "store": {"remote", "daemon", "client", "convert", "commands"},
-    "client": {"store", "remote", "daemon", "convert", "commands"},
-    "convert": {"store", "remote", "daemon", "commands"},
-    "remote": {"daemon", "convert", "commands"},
-    "daemon": {"convert", "commands"},
+    "store": {"remote", "daemon", "client", "convert", "commands", "kata"},
+    "client": {"store", "remote", "daemon", "convert", "commands", "kata"},
+    "convert": {"store", "remote", "daemon", "commands", "kata"},
+    "remote": {"daemon", "convert", "commands", "kata"},
+    "daemon": {"convert", "commands", "kata"},
     "commands": set(),
+    # The host mount helper of Kata guest-pull mode: the store's volume rules, nothing else.
+    "kata": {"remote", "daemon", "client", "convert", "commands"},
 }
 # Top-level modules that are not shared building blocks but the CLI's entry point.
 ENTRY_POINTS = {"snapshotter/cli.py"}

@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM leave the lazy layers' FUSE connection to the fuse keeper, so running "
         "containers' reads resume when the next daemon starts (lazy.keep_mounted_on_stop)",
     )
+    parser.add_argument(
+        "--kata-guest-pull", action="store_true", default=None,
+        help="Kata guest image pulling: container rootfs mounts tell Kata to pull the image in "
+        "the guest, and the host mounts them lazily through nydus-overlayfs-lazysnap "
+        "(kata.guest_pull; docs/kata.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             load_config(args.config), root=args.root, address=args.address,
             hosts_dir=args.hosts_dir, log_level=args.log_level,
             keep_mounted_on_stop=args.keep_mounted_on_stop,
+            kata_guest_pull=args.kata_guest_pull,
         )
     except ConfigError as exc:
         print(f"lazysnap: configuration error: {exc}", file=sys.stderr)

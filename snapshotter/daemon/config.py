@@ -6,6 +6,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import sysconfig
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,25 @@ class LazyConfig:
     keep_mounted_on_stop: bool = False
 
 
+# The console script installed with lazysnap (pyproject.toml). Kata's shim recognises the mount
+# only by this prefix of the helper's name.
+KATA_HELPER_SCRIPT = "nydus-overlayfs-lazysnap"
+
+
+def default_kata_helper() -> Path:
+    """The helper installed beside the running lazysnap (the same environment's scripts)."""
+    return Path(sysconfig.get_path("scripts")) / KATA_HELPER_SCRIPT
+
+
+@dataclass(frozen=True)
+class KataConfig:
+    # Kata guest image pulling: container rootfs mounts carry an image_guest_pull volume.
+    guest_pull: bool = False
+    # The helper containerd runs to mount such a rootfs on the host, named in the mount type by
+    # absolute path (None: the one installed with lazysnap).
+    mount_helper: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
@@ -48,6 +68,7 @@ class Config:
     hosts_dir: Path = DEFAULT_HOSTS_DIR
     log: LogConfig = field(default_factory=LogConfig)
     lazy: LazyConfig = field(default_factory=LazyConfig)
+    kata: KataConfig = field(default_factory=KataConfig)
 
 
 def _expect(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -74,7 +95,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -102,7 +123,25 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, log=log)
     if "lazy" in data:
         config = replace(config, lazy=_parse_lazy(_expect(data, "lazy", dict, "")))
+    if "kata" in data:
+        config = replace(config, kata=_parse_kata(_expect(data, "kata", dict, "")))
     return config
+
+
+def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
+    extra = sorted(set(table) - {"guest_pull", "mount_helper"})
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('kata.' + k for k in extra)}")
+    kata = KataConfig()
+    if "guest_pull" in table:
+        kata = replace(kata, guest_pull=_expect(table, "guest_pull", bool, "kata."))
+    if "mount_helper" in table:
+        helper = _path(_expect(table, "mount_helper", str, "kata."), "kata.mount_helper")
+        if not helper.name.startswith("nydus-overlayfs"):
+            raise ConfigError(f"kata.mount_helper: {str(helper)!r}: Kata recognises only "
+                              "helpers whose file name starts with 'nydus-overlayfs'")
+        kata = replace(kata, mount_helper=helper)
+    return kata
 
 
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
@@ -153,8 +192,11 @@ def with_overrides(
     hosts_dir: str | None = None,
     log_level: str | None = None,
     keep_mounted_on_stop: bool | None = None,
+    kata_guest_pull: bool | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
+    if kata_guest_pull is not None:
+        config = replace(config, kata=replace(config.kata, guest_pull=kata_guest_pull))
     if keep_mounted_on_stop is not None:
         config = replace(
             config, lazy=replace(config.lazy, keep_mounted_on_stop=keep_mounted_on_stop)

@@ -23,13 +23,14 @@ import trio
 from fusefs import LazyFilesystem, SlotMarkError
 from registry import DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.daemon import keeper as fuse_keeper
-from snapshotter.daemon.config import Config
+from snapshotter.daemon.config import Config, default_kata_helper
 from snapshotter.daemon.grpc_service import add_services
 from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon.sdnotify import notify
 from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
 from snapshotter.remote.bridge import TrioBridge
 from snapshotter.remote.layers import LazyLayers
+from snapshotter.store.guest_pull import GuestPull, mount_type
 from snapshotter.store.metadata import MetadataError
 from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
@@ -45,9 +46,24 @@ class StartupError(Exception):
     """The daemon cannot start; the message is meant for the operator."""
 
 
-def _open_snapshotter(root: Path) -> Snapshotter:
+def _guest_pull(config: Config) -> GuestPull | None:
+    """Kata guest-pull mode, with the helper checked now rather than at a container's start."""
+    if not config.kata.guest_pull:
+        return None
+    helper = config.kata.mount_helper or default_kata_helper()
+    if not os.access(helper, os.X_OK):
+        raise StartupError(f"kata guest pull: the mount helper {helper} is not an executable "
+                           "file (install lazysnap's nydus-overlayfs-lazysnap or set "
+                           "kata.mount_helper)")
     try:
-        return Snapshotter(root)
+        return GuestPull(mount_type(str(helper)))
+    except ValueError as exc:
+        raise StartupError(f"kata guest pull: {exc}") from None
+
+
+def _open_snapshotter(root: Path, guest_pull: GuestPull | None) -> Snapshotter:
+    try:
+        return Snapshotter(root, guest_pull=guest_pull)
     except PermissionError as exc:
         raise StartupError(f"state root {root} is not writable: {exc.strerror}") from None
     except OSError as exc:
@@ -208,7 +224,8 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         log.info(
             "serving", extra={"version": VERSION, "root": str(config.root),
                               "address": str(config.address), "pid": os.getpid(),
-                              "lazy": lazy is not None},
+                              "lazy": lazy is not None,
+                              "kata_guest_pull": config.kata.guest_pull},
         )
         notify(f"READY=1\nSTATUS=serving on {config.address}\nMAINPID={os.getpid()}")
         try:
@@ -284,7 +301,7 @@ def _startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | N
 
 
 def serve(config: Config) -> int:
-    snapshotter = _open_snapshotter(config.root)
+    snapshotter = _open_snapshotter(config.root, _guest_pull(config))
     try:
         trio.run(_serve, config, snapshotter)
     except BaseExceptionGroup as group:

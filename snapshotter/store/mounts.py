@@ -3,7 +3,9 @@
 - no parent: a bind mount of the snapshot's own directory (``ro`` for a view);
 - a view of one parent: a read-only bind mount of that parent;
 - a view of several parents: an overlay with only lower directories (read-only by nature);
-- an active snapshot with parents: an overlay with ``upperdir``/``workdir`` on local disk.
+- an active snapshot with parents: an overlay with ``upperdir``/``workdir`` on local disk;
+- in Kata guest-pull mode, a container's snapshot or view with parents: that overlay under a
+  ``fuse.nydus-overlayfs…`` type with the Kata volume as one more option (``guest_pull_mount``).
 
 mount(2) copies its options into one page, so ``lowerdir`` lists of many layers can overflow it.
 When the absolute paths do not fit, lower directories are named by their short links
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.model import Kind, Mount
+from snapshotter.store.guest_pull import VOLUME_OPTION
 
 # The kernel's limit is one page (4096 bytes) for the whole option string including the
 # terminating NUL; containerd also adds options of its own on some paths, so keep a margin.
@@ -34,14 +37,19 @@ def _options_length(options: Sequence[str]) -> int:
     return sum(len(o) for o in options) + max(len(options) - 1, 0)
 
 
-def _overlay(lowers: Sequence[LowerDir], extra: Sequence[str]) -> Mount:
+def overlay_options(lowers: Sequence[LowerDir], extra: Sequence[str]) -> list[str]:
     full = [*extra, "lowerdir=" + ":".join(str(d.path) for d in lowers)]
     if _options_length(full) > MOUNT_OPTIONS_BUDGET:
         # Even when the short links overflow too (a long root), they are handed out: containerd's
         # mount.All compacts a lowerdir list over a page to paths relative to its longest common
         # directory (here ``<root>/l/``) and mounts from there, so each layer costs a few bytes.
+        # The guest-pull helper does the same for its mounts (snapshotter.kata.helper).
         full = [*extra, "lowerdir=" + ":".join(str(d.short) for d in lowers)]
-    return Mount(type="overlay", source="overlay", options=tuple(full))
+    return full
+
+
+def _overlay(lowers: Sequence[LowerDir], extra: Sequence[str]) -> Mount:
+    return Mount(type="overlay", source="overlay", options=tuple(overlay_options(lowers, extra)))
 
 
 def build_mounts(
@@ -58,3 +66,29 @@ def build_mounts(
             return [Mount(type="bind", source=str(parents[0].path), options=("ro", "rbind"))]
         return [_overlay(parents, ["index=off"])]
     return [_overlay(parents, ["index=off", f"workdir={own_work}", f"upperdir={own_fs}"])]
+
+
+def guest_pull_mount(
+    kind: Kind, own: LowerDir, own_work: Path, parents: Sequence[LowerDir], mount_type: str,
+    volume: str,
+) -> Mount:
+    """The single Kata guest-pull mount of a snapshot with parents (nearest first).
+
+    The host mounts it as the overlay ``build_mounts`` would give, with one difference: a view
+    of one parent is not a bind mount but an overlay over that parent and the view's own empty
+    directory, since the helper mounts only overlays (and overlay needs two lowers without an
+    upper directory)."""
+    if kind is Kind.COMMITTED:
+        raise ValueError("committed snapshots have no mounts")
+    if not parents:
+        raise ValueError("a guest-pull mount needs at least one parent layer")
+    if kind is Kind.VIEW:
+        lowers = list(parents)
+        if len(lowers) == 1:
+            lowers.append(own)
+        options = overlay_options(lowers, ["index=off"])
+    else:
+        options = overlay_options(
+            parents, ["index=off", f"workdir={own_work}", f"upperdir={own.path}"]
+        )
+    return Mount(type=mount_type, source="overlay", options=(*options, VOLUME_OPTION + volume))

@@ -22,11 +22,19 @@ from snapshotter.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    )
-from snapshotter.labels import REMOTE, REMOTE_VALUE, SNAPSHOT_REF, validate_labels
+)
+from snapshotter.labels import (
+    KATA_GUEST_PULL,
+    KATA_GUEST_PULL_VALUE,
+    REMOTE,
+    REMOTE_VALUE,
+    SNAPSHOT_REF,
+    validate_labels,
+)
 from snapshotter.model import Counts, Kind, Mount, SnapshotInfo, Usage
 from snapshotter.store.diskusage import disk_usage
 from snapshotter.store.filters import matcher, parse_filters
+from snapshotter.store.guest_pull import GuestPull, chain_volume
 from snapshotter.store.layout import Layout
 from snapshotter.store.metadata import (
     MetadataStore,
@@ -34,7 +42,7 @@ from snapshotter.store.metadata import (
     SnapshotRecord,
     Transaction,
 )
-from snapshotter.store.mounts import LowerDir, build_mounts
+from snapshotter.store.mounts import LowerDir, build_mounts, guest_pull_mount
 from snapshotter.store.remote import AttachedLayer, RemoteLayerError, RemoteLayers
 
 log = logging.getLogger(__name__)
@@ -60,18 +68,30 @@ def _require_key(key: str, what: str = "key") -> None:
 
 class Snapshotter:
     """containerd's snapshots: ordinary ones in overlay directories, and committed layers served
-    lazily through a ``RemoteLayers`` once the daemon enables it."""
+    lazily through a ``RemoteLayers`` once the daemon enables it.
 
-    def __init__(self, root: Path, *, clock: Clock = time.time_ns) -> None:
+    ``guest_pull``: Kata guest image pulling (docs/kata.md). Lazily served layers are marked as
+    guest-pullable, and a container's snapshot or view over parents gets one Kata mount.
+    """
+
+    def __init__(
+        self, root: Path, *, clock: Clock = time.time_ns, guest_pull: GuestPull | None = None
+    ) -> None:
         self.layout = Layout(root)
         self.layout.create()
         self.store = MetadataStore(self.layout.database)
         self._clock = clock
         self._remote: RemoteLayers | None = None
+        self._guest_pull = guest_pull
         self._lock = threading.Lock()
         self._attaching: set[str] = set()  # layer ids between mount and their row (Cleanup)
         # A lock per target being prepared lazily, with how many Prepares use it.
         self._target_locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @property
+    def guest_pull(self) -> GuestPull | None:
+        """Kata guest-pull mode, for the daemon's status."""
+        return self._guest_pull
 
     def enable_remote(self, remote: RemoteLayers | None) -> None:
         """Serve layers lazily from now on (None: ordinary snapshots only)."""
@@ -115,7 +135,7 @@ class Snapshotter:
             # The directories are made before the transaction commits: a crash now leaves an
             # orphaned directory for Cleanup, never a row without its directory.
             self._make_dirs(snapshot_id, kind)
-            mounts = self._mounts(tx, snapshot_id, kind, parent_record)
+            mounts = self._mounts(tx, snapshot_id, kind, parent_record, checked)
         log.info("snapshot created kind=%s key=%r parent=%r id=%d", kind.label, key, parent,
                  snapshot_id)
         return mounts
@@ -150,10 +170,18 @@ class Snapshotter:
         link.symlink_to(os.path.relpath(tree or fs, link.parent))
 
     def _mounts(
-        self, tx: Transaction, snapshot_id: int, kind: Kind, parent: SnapshotRecord | None
+        self, tx: Transaction, snapshot_id: int, kind: Kind, parent: SnapshotRecord | None,
+        labels: dict[str, str],
     ) -> list[Mount]:
         chain = tx.ancestors(parent.id) if parent else []
         lowers = [LowerDir(self._tree(r), self.layout.link(r.id)) for r in chain]
+        # A snapshot that names a target is a layer being unpacked, not a container's rootfs:
+        # containerd applies the diff to its upper directory, so it keeps the plain overlay.
+        if self._guest_pull is not None and chain and SNAPSHOT_REF not in labels:
+            own = LowerDir(self.layout.fs_dir(snapshot_id), self.layout.link(snapshot_id))
+            volume = chain_volume([r.labels for r in chain])
+            return [guest_pull_mount(kind, own, self.layout.work_dir(snapshot_id), lowers,
+                                     self._guest_pull.mount_type, volume)]
         return build_mounts(
             kind, self.layout.fs_dir(snapshot_id), self.layout.work_dir(snapshot_id), lowers
         )
@@ -232,7 +260,7 @@ class Snapshotter:
                 name = f"{target}@{attached.layer_id}" if taken else target
                 snapshot_id = tx.insert(
                     name, parent_record.id if parent_record else None, Kind.COMMITTED,
-                    self._clock(), {**labels, REMOTE: REMOTE_VALUE},
+                    self._clock(), {**labels, REMOTE: REMOTE_VALUE, **self._guest_pull_mark()},
                 )
                 self._make_dirs(snapshot_id, Kind.COMMITTED,
                                 self.layout.remote_dir(attached.layer_id))
@@ -245,6 +273,9 @@ class Snapshotter:
             remote.unmount(attached.layer_id)
             raise
         return name
+
+    def _guest_pull_mark(self) -> dict[str, str]:
+        return {KATA_GUEST_PULL: KATA_GUEST_PULL_VALUE} if self._guest_pull is not None else {}
 
     @staticmethod
     def _fallback(key: str, reason: str) -> None:
@@ -261,7 +292,7 @@ class Snapshotter:
                     f"snapshot {key!r} is committed: only active and view snapshots have mounts"
                 )
             parent = tx.get_by_id(record.parent_id) if record.parent_id else None
-            return self._mounts(tx, record.id, record.kind, parent)
+            return self._mounts(tx, record.id, record.kind, parent, dict(record.labels))
 
     def stat(self, key: str) -> SnapshotInfo:
         _require_key(key)

@@ -93,8 +93,10 @@ def busybox_tar() -> bytes:
 
 def write_layout(
     dest: Path, layers: Sequence[Layer], *, tag: str = "latest", cmd: Sequence[str] = ("/bin/sh",),
+    volumes: Sequence[str] = (), user: str = "",
 ) -> str:
-    """Write an OCI image layout at ``dest``; return the manifest digest."""
+    """Write an OCI image layout at ``dest``; return the manifest digest. ``volumes``: the
+    image's VOLUME paths; ``user``: its USER."""
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -106,7 +108,9 @@ def write_layout(
     config = {
         "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, "amd64"),
         "os": "linux",
-        "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"]},
+        "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"],
+                   **({"Volumes": {v: {} for v in volumes}} if volumes else {}),
+                   **({"User": user} if user else {})},
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
     }
     config_bytes = json.dumps(config).encode()

@@ -92,3 +92,27 @@ def test_bad_flag_values_are_errors() -> None:
 def test_parse_config_rejects_non_table_log() -> None:
     with pytest.raises(ConfigError, match="log: expected a dict"):
         parse_config({"log": "debug"})
+
+
+def test_kata_guest_pull_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    assert Config().kata.guest_pull is False and Config().kata.mount_helper is None
+    path = tmp_path / "config.toml"
+    path.write_text('[kata]\nguest_pull = true\nmount_helper = "/opt/bin/nydus-overlayfs-x"\n')
+    config = load_config(path)
+    assert config.kata.guest_pull is True
+    assert config.kata.mount_helper == Path("/opt/bin/nydus-overlayfs-x")
+    assert with_overrides(Config(), kata_guest_pull=True).kata.guest_pull is True
+    assert with_overrides(config).kata.guest_pull is True  # no flag given
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[kata]\nguest_pull = "yes"\n', r"kata\.guest_pull"),
+    ('[kata]\nmount_helper = "/usr/bin/lazysnap-mount"\n', "nydus-overlayfs"),
+    ('[kata]\nmount_helper = "nydus-overlayfs-lazysnap"\n', "absolute"),
+    ("[kata]\nguest_pul = true\n", r"kata\.guest_pul"),
+])
+def test_bad_kata_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
