@@ -89,7 +89,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "root", "pid", "uptime_seconds", "snapshots_active", "snapshots_committed", "snapshots_view")
+    __slots__ = ("version", "root", "pid", "uptime_seconds", "snapshots_active", "snapshots_committed", "snapshots_view", "kata_guest_pull_mount_type")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class StatusResponse(_message.Message):
     SNAPSHOTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_VIEW_FIELD_NUMBER: _ClassVar[int]
+    KATA_GUEST_PULL_MOUNT_TYPE_FIELD_NUMBER: _ClassVar[int]
     version: str
     root: str
     pid: int
@@ -104,4 +105,5 @@ class StatusResponse(_message.Message):
     snapshots_active: int
     snapshots_committed: int
     snapshots_view: int
-    def __init__(self, version: _Optional[str] = ..., root: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., snapshots_active: _Optional[int] = ..., snapshots_committed: _Optional[int] = ..., snapshots_view: _Optional[int] = ...) -> None: ...
+    kata_guest_pull_mount_type: str
+    def __init__(self, version: _Optional[str] = ..., root: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., snapshots_active: _Optional[int] = ..., snapshots_committed: _Optional[int] = ..., snapshots_view: _Optional[int] = ..., kata_guest_pull_mount_type: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
             "committed": reply.snapshots_committed,
             "view": reply.snapshots_view,
         },
+        "kata_guest_pull": {
+            "enabled": bool(reply.kata_guest_pull_mount_type),
+            "mount_type": reply.kata_guest_pull_mount_type,
+        },
     }
     if args.json:
         print(json.dumps(status))
@@ -46,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"healthy: lazysnap {reply.version} pid {reply.pid} root {reply.root}, "
               f"up {status['uptime_seconds']}s, snapshots: {reply.snapshots_committed} committed, "
               f"{reply.snapshots_active} active, {reply.snapshots_view} views")
+        if reply.kata_guest_pull_mount_type:
+            print(f"kata guest pull: on ({reply.kata_guest_pull_mount_type})")
     return 0

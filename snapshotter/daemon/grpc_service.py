@@ -294,6 +294,9 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
             snapshots_active=counts.active,
             snapshots_committed=counts.committed,
             snapshots_view=counts.view,
+            kata_guest_pull_mount_type=(
+                self._sn.guest_pull.mount_type if self._sn.guest_pull else ""
+            ),
         )
 
 

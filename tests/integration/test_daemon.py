@@ -38,6 +38,7 @@ def test_socket_and_directory_modes_and_status(short_tmp: Path) -> None:
         result = _status(daemon.address)
         assert result.returncode == 0, result.stderr
         assert '"healthy": true' in result.stdout and str(daemon.root) in result.stdout
+        assert '"kata_guest_pull": {"enabled": false, "mount_type": ""}' in result.stdout
     assert not daemon.address.exists(), "a clean shutdown removes the socket"
     down = _status(daemon.address)
     assert down.returncode == 1 and "not healthy" in down.stderr

@@ -12,6 +12,7 @@ fetched. One daemon, containerd and image serve the whole module (CI time).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shlex
@@ -271,3 +272,20 @@ def test_daemon_refuses_guest_pull_without_its_helper(short_tmp: Path) -> None:
     assert result.returncode == 1
     assert "nydus-overlayfs-x is not an executable file" in result.stderr
 
+
+
+def test_status_says_guest_pull_mode_is_on(stack: Stack) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "status", "--address",
+         str(stack.daemon.address), "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    status = json.loads(result.stdout)["kata_guest_pull"]
+    assert status["enabled"] is True
+    assert is_nydus_rootfs_type(status["mount_type"])
+    text = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "status", "--address",
+         str(stack.daemon.address)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert "kata guest pull: on (fuse." in text
