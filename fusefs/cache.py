@@ -9,6 +9,12 @@ whole chunk or nothing (leftover temporaries are removed at open). Content is ch
 digest when stored and again when loaded: a mismatch is never returned (it raises
 ``ChunkIntegrityError`` on store; a corrupt file on disk is deleted and counted as a miss).
 
+A chunk larger than one block (``fusefs.chunk_blocks``) can also be read in part
+(``load_range``): the digests of its blocks are taken, in memory only, from bytes that have just
+matched the chunk's digest (when it is stored, or on its first whole load after a restart), and
+a part read later is checked block by block against them. A read of 128 KiB of a 64 MiB chunk
+then reads and hashes 1 MiB, not 64 MiB, and still never returns bytes that changed on disk.
+
 The LRU order lives in memory (one small dict entry per cached chunk) and in file mtimes, which
 loads refresh, so the order survives a restart. Disk I/O runs on worker threads; the bookkeeping
 only ever runs on the trio thread.
@@ -29,13 +35,14 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
+from fusefs.chunk_blocks import block_digests, blocks_match, covering_blocks, has_blocks
 from fusefs.digest import sha256_hex
 from fusefs.index import ChunkRef
 
@@ -126,6 +133,10 @@ class ChunkCache:
         self._owners: dict[bytes, CacheOwner | list[CacheOwner]] = {}
         self._owner_refs: dict[CacheOwner, int] = {}  # registrations per owner
         self._loading: dict[str, int] = {}  # keys being read right now: GC leaves them alone
+        # Block digests of big chunks (see ``load_range``), taken from verified bytes only. A
+        # worker thread may add one (``write_verified``): a key's content never changes, so any
+        # digests recorded for it describe what the file must hold.
+        self._blocks: dict[str, bytes] = {}
 
     @classmethod
     async def open(cls, directory: Path, *, capacity_bytes: int) -> ChunkCache:
@@ -168,24 +179,56 @@ class ChunkCache:
         if key not in self._entries:
             self._misses += 1
             return None
-        self._loading[key] = self._loading.get(key, 0) + 1
-        try:
+        with self._being_loaded(key):
             data, corrupt = await trio.to_thread.run_sync(self._load_sync, key, expected_digest)
-        finally:
-            if self._loading[key] == 1:
-                del self._loading[key]
-            else:
-                self._loading[key] -= 1
         if data is None:
             self._forget(key)
             self._misses += 1
             if corrupt:
                 self._verify_failures += 1
             return None
+        if has_blocks(len(data)) and key in self._entries and key not in self._blocks:
+            # Hashing again here costs one pass, once; every later part read saves a whole one.
+            self._blocks[key] = await trio.to_thread.run_sync(block_digests, data)
         self._hits += 1
         if key in self._entries:
             self._entries.move_to_end(key)
         return data
+
+    async def load_range(self, key: str, size: int, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the cached chunk ``key`` of ``size`` bytes, each block read
+        checked against its recorded digest. None when the chunk is not cached, its block
+        digests are not known yet (load it whole once), or a block does not match (the file is
+        then deleted); the caller then goes the usual way."""
+        digests = self._blocks.get(key)
+        if digests is None or self._entries.get(key) != size:
+            return None
+        first, last = covering_blocks(start, end)
+        last = min(last, size)
+        with self._being_loaded(key):
+            data, corrupt = await trio.to_thread.run_sync(
+                self._load_blocks_sync, key, first, last, digests
+            )
+        if data is None:
+            self._forget(key)
+            if corrupt:
+                self._verify_failures += 1
+            return None
+        self._hits += 1
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return data[start - first : end - first]
+
+    @contextlib.contextmanager
+    def _being_loaded(self, key: str) -> Iterator[None]:
+        self._loading[key] = self._loading.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            if self._loading[key] == 1:
+                del self._loading[key]
+            else:
+                self._loading[key] -= 1
 
     def write_verified(self, key: str, data: bytes, expected_digest: str | None) -> None:
         """Verify and write one chunk; safe to call from a worker thread. Call ``commit`` after.
@@ -197,6 +240,8 @@ class ChunkCache:
         except ChunkIntegrityError:
             self._verify_failures += 1  # a plain int add: the GIL makes this safe enough
             raise
+        # ``data`` matched its digest above or when it was decoded: the source of block digests.
+        blocks = block_digests(data) if has_blocks(len(data)) else None
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
@@ -209,6 +254,8 @@ class ChunkCache:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        if blocks is not None:
+            self._blocks[key] = blocks
 
     async def commit(self, key: str, size: int) -> None:
         """Record a chunk written by ``write_verified`` and evict least recently used ones."""
@@ -346,6 +393,7 @@ class ChunkCache:
 
     def _forget(self, key: str) -> None:
         size = self._entries.pop(key, None)
+        self._blocks.pop(key, None)
         if size is not None:
             self._bytes -= size
             self._count(key, -size)
@@ -354,6 +402,7 @@ class ChunkCache:
         victims: list[str] = []
         while self._bytes > self._capacity and self._entries:
             key, size = self._entries.popitem(last=False)
+            self._blocks.pop(key, None)
             self._bytes -= size
             self._evictions += 1
             self._count(key, -size)
@@ -376,6 +425,23 @@ class ChunkCache:
             verify_chunk(data, expected_digest)
         except ChunkIntegrityError as exc:
             log.error("corrupt cached chunk removed key=%s error=%s", key, exc)
+            path.unlink(missing_ok=True)
+            return None, True
+        # The mtime is the LRU order after a restart.
+        os.utime(path)
+        return data, False
+
+    def _load_blocks_sync(
+        self, key: str, first: int, last: int, digests: bytes
+    ) -> tuple[bytes | None, bool]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), last - first, first)
+        except FileNotFoundError:
+            return None, False
+        if not blocks_match(data, first, last, digests):
+            log.error("corrupt cached chunk removed key=%s error=block digest mismatch", key)
             path.unlink(missing_ok=True)
             return None, True
         # The mtime is the LRU order after a restart.

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import trio
 
 from fusefs.cache import ChunkCache, chunk_key
+from fusefs.chunk_blocks import has_blocks
 from fusefs.fetch_config import Decoder, FetchConfig, FetchError
 from fusefs.flights import ChunkFlights, Claim
 from fusefs.formats import decode_chunk
@@ -122,12 +123,9 @@ class ChunkFetcher:
             if number >= len(chunks):
                 raise FetchError(f"chunks of entry {entry} end before its size {file_size}")
             ref = chunks[number]
-            data = await self.chunk(layer, entry, chunks, number)
-            if len(data) != ref.size:
-                raise FetchError(f"chunk {number} of entry {entry} decoded to a wrong size")
             lo = position - ref.file_offset
             hi = min(ref.size, end - ref.file_offset)
-            parts.append(memoryview(data)[lo:hi])
+            parts.append(await self._chunk_part(layer, entry, chunks, number, lo, hi))
             position = ref.file_offset + hi
             number += 1
         if layer.mark_read(entry):
@@ -135,6 +133,25 @@ class ChunkFetcher:
         if len(parts) == 1:
             return bytes(parts[0])
         return b"".join(parts)
+
+    async def _chunk_part(
+        self, layer: Layer, entry: int, chunks: Sequence[ChunkRef], number: int, lo: int, hi: int
+    ) -> memoryview:
+        """Bytes ``[lo, hi)`` of one chunk. A hole is made for the range alone, since it may be
+        larger than memory; a big chunk in the disk cache is read in checked blocks."""
+        ref = chunks[number]
+        if ref.zeros:
+            return memoryview(bytes(hi - lo))
+        if has_blocks(ref.size):
+            key = chunk_key(ref, layer.digest)
+            if self.flights.in_memory(key) is None:
+                part = await self.cache.load_range(key, ref.size, lo, hi)
+                if part is not None:
+                    return memoryview(part)
+        data = await self.chunk(layer, entry, chunks, number)
+        if len(data) != ref.size:
+            raise FetchError(f"chunk {number} of entry {entry} decoded to a wrong size")
+        return memoryview(data)[lo:hi]
 
     async def chunk(
         self, layer: Layer, entry: int, chunks: Sequence[ChunkRef], number: int

@@ -543,6 +543,12 @@ class _Builder:
             if zeros:
                 blob_end = blob_offset
             else:
+                if inner + size > self.limits.max_chunk_size:
+                    raise LayerFormatError(
+                        f"chunk of {name!r} at file offset {chunk_offset} decodes to "
+                        f"{inner + size} bytes (innerOffset {inner} + size {size}), over the "
+                        f"limit of {self.limits.max_chunk_size}"
+                    )
                 if blob_offset >= self.payload_end:
                     raise LayerFormatError(
                         f"chunk of {name!r} at {blob_offset} is outside the payload area "

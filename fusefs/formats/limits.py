@@ -13,6 +13,12 @@ class IndexLimits:
 
     The defaults follow containers/storage (a TOC of at most 150 MiB) and leave room for the
     largest real layers (a million entries).
+
+    ``max_chunk_size`` bounds what one data chunk decodes to (its ``innerOffset`` plus its
+    size), since a read holds a whole chunk in memory and hashes it. stargz-snapshotter cuts
+    files into 4 MiB chunks by default and containers/storage into content-defined chunks of
+    64 KiB on average, so 64 MiB leaves a wide margin. A ``zeros`` chunk (a hole) decodes
+    nothing and is bounded only by the file size.
     """
 
     max_toc_compressed: int = 150 * MiB
@@ -25,6 +31,7 @@ class IndexLimits:
     max_xattr_value_bytes: int = 64 * 1024
     max_file_size: int = 1 << 42  # 4 TiB
     max_chunks_per_file: int = 1 << 20
+    max_chunk_size: int = 64 * MiB
 
     def __post_init__(self) -> None:
         for field in fields(self):

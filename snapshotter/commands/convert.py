@@ -13,6 +13,7 @@ import shlex
 
 import trio
 
+from fusefs import IndexLimits
 from registry import (
     DockerConfigCredentials,
     NotFoundError,
@@ -42,6 +43,8 @@ from snapshotter.logs import setup_logging
 
 NAME = "convert"
 MIN_CHUNK_SIZE = 4096
+# lazysnap refuses to serve a layer with larger chunks (a read holds a whole chunk in memory).
+MAX_CHUNK_SIZE = IndexLimits().max_chunk_size
 
 
 def _chunk_size(text: str) -> int:
@@ -51,6 +54,8 @@ def _chunk_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
     if value < MIN_CHUNK_SIZE:
         raise argparse.ArgumentTypeError(f"chunk size must be at least {MIN_CHUNK_SIZE} bytes")
+    if value > MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"chunk size must be at most {MAX_CHUNK_SIZE} bytes")
     return value
 
 

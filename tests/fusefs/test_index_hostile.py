@@ -450,3 +450,52 @@ def test_a_file_with_many_chunks_loads_in_linear_time() -> None:
     chunks = index.chunks(f)
     assert len(chunks) == count
     assert (chunks[-1].blob_offset, chunks[-1].blob_end) == (10 + 2 * (count - 1), 10 + 2 * count)
+
+
+# --- chunk size ---------------------------------------------------------------------------------
+
+
+def test_a_chunk_over_the_limit_is_refused_by_default() -> None:
+    # A 1 GiB chunk that compresses to a few KiB would cost a GiB of memory on every first read.
+    big = 1 << 30
+    entry = {"name": "big", "type": "reg", "size": big, "offset": 10, "endOffset": 20,
+             "digest": sha(b"")}  # fmt: skip
+    with pytest.raises(LayerFormatError, match="over the limit"):
+        build_index(
+            [entry], codec=Codec.ZSTD, toc_digest=sha(b""), payload_end=100, limits=IndexLimits()
+        )
+
+
+def test_chunk_size_and_inner_offset_are_bounded() -> None:
+    limits = IndexLimits(max_chunk_size=64)
+    ok = load_entries([reg("a", size=64, chunkDigest=sha(b"x"))], limits=limits)
+    assert ok.lookup(0, b"a") is not None
+    with pytest.raises(LayerFormatError, match="over the limit"):
+        load_entries([reg("a", size=65, chunkDigest=sha(b"x"))], limits=limits)
+    # innerOffset bytes are decoded too before the chunk starts.
+    with pytest.raises(LayerFormatError, match="over the limit"):
+        load_entries([reg("a", size=60, innerOffset=5, chunkDigest=sha(b"x"))], limits=limits)
+    # Every chunk counts, not only the first.
+    chunked = [
+        reg("a", size=100, chunkSize=50, chunkDigest=sha(b"x")),
+        {"name": "a", "type": "chunk", "offset": OFFSET, "chunkOffset": 50, "chunkSize": 50,
+         "chunkDigest": sha(b"x")},
+    ]  # fmt: skip
+    assert load_entries(chunked, limits=IndexLimits(max_chunk_size=50)).lookup(0, b"a")
+    with pytest.raises(LayerFormatError, match="over the limit"):
+        load_entries(chunked, limits=IndexLimits(max_chunk_size=49))
+
+
+def test_a_hole_larger_than_the_chunk_limit_is_accepted() -> None:
+    # zstd:chunked marks a run of zeros as a "zeros" chunk: nothing is decoded, so a hole of a
+    # sparse file may be as large as the file.
+    size = IndexLimits().max_file_size
+    entry = {"name": "sparse", "type": "reg", "size": size, "offset": 0, "endOffset": 0,
+             "chunkType": "zeros", "chunkSize": size}  # fmt: skip
+    index = build_index(
+        [entry], codec=Codec.ZSTD, toc_digest=sha(b""), payload_end=100, limits=IndexLimits()
+    )
+    sparse = index.lookup(0, b"sparse")
+    assert sparse is not None
+    (chunk,) = index.chunks(sparse)
+    assert chunk.zeros and chunk.size == size

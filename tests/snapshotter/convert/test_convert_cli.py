@@ -30,7 +30,13 @@ def test_convert_is_a_registered_command(capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize(
-    "extra", [["--format", "gzip"], ["--chunk-size", "100"], ["--chunk-size", "big"]]
+    "extra",
+    [
+        ["--format", "gzip"],
+        ["--chunk-size", "100"],
+        ["--chunk-size", "big"],
+        ["--chunk-size", str(64 * 1024 * 1024 + 1)],  # lazysnap would refuse to serve it
+    ],
 )
 def test_bad_options_are_usage_errors(
     extra: list[str], capsys: pytest.CaptureFixture[str]
