@@ -238,3 +238,20 @@ def test_pull_through_the_daemon_fetches_a_private_plain_layer_itself(
                              "/bin/cat", "/etc/plain").stdout
         assert out == "plain\n"
         assert PASSWORD not in daemon.log() and PASSWORD not in pulled.stderr
+
+
+def test_a_wrong_password_after_a_right_one_is_refused_and_the_right_one_stays(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    """Issue 15 item 7: the daemon checks a new set against the registry before it replaces
+    the stored one, so a later client's wrong password cannot take over the repository."""
+    _, reference, layer = private_image
+    wrong = "not-the-Pa55word"
+    with _daemon_without_credentials(short_tmp) as daemon:
+        _set_credentials(daemon, image=reference, username=USER, secret=PASSWORD)
+        with pytest.raises(grpc.RpcError) as raised:
+            _set_credentials(daemon, image=reference, username=USER, secret=wrong)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert wrong not in (raised.value.details() or "")
+        assert _lazy_prepare(daemon, "k", reference, layer) == grpc.StatusCode.ALREADY_EXISTS
+        assert wrong not in daemon.log() and PASSWORD not in daemon.log()
