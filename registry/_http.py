@@ -31,6 +31,7 @@ from registry.auth import (
     parse_token_response,
     parse_www_authenticate,
     pick_challenge,
+    scope_repository,
 )
 from registry.credentials import CredentialProvider, Credentials
 from registry.errors import (
@@ -168,11 +169,12 @@ class Engine:
     ) -> None:
         self.options = options
         self._credential_provider = credentials
-        self._transport_factory = transport_factory
+        self.transport_factory = transport_factory
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
         self._system_tls: ssl.SSLContext | None = None  # system CAs only, built once
         self._challenges: dict[str, Challenge] = {}
-        self._credentials: dict[str, tuple[Credentials | None, float]] = {}
+        # (netloc, repository) -> credentials and when to look them up again
+        self._credentials: dict[tuple[str, str], tuple[Credentials | None, float]] = {}
         self._tokens = TokenCache()
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
         self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
@@ -250,23 +252,28 @@ class Engine:
                     max_keepalive_connections=opts.max_connections,
                 ),
                 follow_redirects=False,
-                transport=self._transport_factory(host) if self._transport_factory else None,
+                transport=self.transport_factory(host) if self.transport_factory else None,
             )
             self._clients[key] = client
         return client
 
     # -- auth -----------------------------------------------------------------------------
 
-    async def _credentials_for(self, host: RegistryHost) -> Credentials | None:
+    async def _credentials_for(
+        self, host: RegistryHost, scopes: Sequence[str]
+    ) -> Credentials | None:
         # Looked up again after a while, and after a refusal, so that rotated credentials
         # (config.json rewritten, a helper's fresh ECR password) reach a long-lived daemon.
-        cached = self._credentials.get(host.netloc)
+        # Per repository too: a provider may hold different credentials for two repositories
+        # of one host, and one must not be used for the other.
+        key = (host.netloc, scope_repository(scopes))
+        cached = self._credentials.get(key)
         now = time.monotonic()
         if cached is None or cached[1] <= now:
             provider = self._credential_provider
-            found = await provider.credentials_for(host.netloc) if provider else None
+            found = await provider.credentials_for(*key) if provider else None
             cached = (found, now + self.options.credentials_ttl)
-            self._credentials[host.netloc] = cached
+            self._credentials[key] = cached
         return cached[0]
 
     def _token_key(
@@ -278,7 +285,7 @@ class Engine:
         challenge = self._challenges.get(host.netloc)
         if challenge is None:
             return None  # anonymous until the registry asks
-        credentials = await self._credentials_for(host)
+        credentials = await self._credentials_for(host, scopes)
         if challenge.scheme == "basic":
             return basic_authorization(credentials) if credentials else None
         key = self._token_key(host, challenge, scopes)
@@ -303,7 +310,7 @@ class Engine:
         # Look the credentials up again on the next request, also after an anonymous refusal:
         # credentials may have appeared meanwhile (a rewritten config.json, or ones handed to
         # the daemon over its socket), and a cached "none" must not hide them for minutes.
-        self._credentials.pop(host.netloc, None)
+        self._credentials.pop((host.netloc, scope_repository(scopes)), None)
         key = self._token_key(host, challenge, scopes)
         cached = self._tokens.get(key)
         # Drop the cached token only if it is the one refused: a late 401 to a request sent

@@ -108,6 +108,16 @@ def repository_scope(repository: str, actions: Iterable[str]) -> str:
     return f"repository:{repository}:{','.join(actions)}"
 
 
+def scope_repository(scopes: Iterable[str]) -> str:
+    """The repository of the first repository scope (the one a request is for), else ``""``."""
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        repository, sep, _actions = rest.rpartition(":")
+        if kind == "repository" and sep and repository:
+            return repository
+    return ""
+
+
 def basic_authorization(credentials: Credentials) -> str:
     raw = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + base64.b64encode(raw).decode()

@@ -157,6 +157,33 @@ class RegistryClient:
         """Do now what the first request would otherwise wait for (loading the CA bundle)."""
         await self._engine.warm_up()
 
+    def with_credentials(self, credentials: CredentialProvider) -> RegistryClient:
+        """A client of the same hosts and options with other credentials and nothing learnt
+        yet: no challenge, token or credentials of this one can make its requests succeed."""
+        return RegistryClient(
+            self._hosts_config,
+            credentials,
+            self.options,
+            _transport_factory=self._engine.transport_factory,
+        )
+
+    async def check_access(self, registry: str, ref: Reference | None = None) -> None:
+        """Raise the registry's error unless it lets this client's credentials read ``ref``'s
+        manifest (the request a pull starts with, so its errors read the same), or without
+        ``ref`` log in to ``registry`` (``GET /v2/``)."""
+        if ref is not None:
+            await self.fetch_manifest(ref)
+            return
+
+        async def on_host(host: RegistryHost) -> None:
+            what = f"log in to {host.netloc}"
+            await self._engine.call(
+                host, "GET", f"{host.api_url}/", _expect({200}, what, body=False),
+                scopes=(), what=what,
+            )
+
+        await self._failover(registry, "pull", on_host)
+
     # -- hosts ----------------------------------------------------------------------------
 
     async def hosts_for(self, registry: str, capability: str) -> list[RegistryHost]:
@@ -170,9 +197,10 @@ class RegistryClient:
         return usable
 
     async def _failover(
-        self, ref: Reference, capability: str, op: Callable[[RegistryHost], Awaitable[T]]
+        self, ref: Reference | str, capability: str, op: Callable[[RegistryHost], Awaitable[T]]
     ) -> T:
-        hosts = await self.hosts_for(ref.domain, capability)
+        domain = ref if isinstance(ref, str) else ref.domain
+        hosts = await self.hosts_for(domain, capability)
         for index, host in enumerate(hosts):
             try:
                 return await op(host)
@@ -181,7 +209,7 @@ class RegistryClient:
                     raise
                 log.warning(
                     "registry host-failover registry=%s host=%s error=%s message=%r",
-                    ref.domain,
+                    domain,
                     host.netloc,
                     type(exc).__name__,
                     exc.message,

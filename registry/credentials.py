@@ -46,8 +46,9 @@ class Credentials:
 
 
 class CredentialProvider(Protocol):
-    async def credentials_for(self, host: str) -> Credentials | None:
-        """Credentials for a registry host (``host[:port]``), or None for anonymous access."""
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
+        """Credentials for a registry host (``host[:port]``) and, when known, the repository
+        (``library/busybox``) the request is for; None for anonymous access."""
         ...
 
 
@@ -60,7 +61,7 @@ class StaticCredentials:
     def __repr__(self) -> str:
         return f"StaticCredentials(hosts={sorted(self._by_host)})"
 
-    async def credentials_for(self, host: str) -> Credentials | None:
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
         return self._by_host.get(host)
 
 
@@ -117,7 +118,8 @@ class DockerConfigCredentials:
             raise CredentialsError(f"docker config {self.config_path} is not a JSON object")
         return data
 
-    async def credentials_for(self, host: str) -> Credentials | None:
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
+        # docker's config has credentials per host only: every repository shares them.
         config = await anyio.to_thread.run_sync(self._load)
         keys = _auth_keys(host)
         helpers = config.get("credHelpers") or {}

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DAEMON_RPC_TIMEOUT = 5.0  # Status, SetCredentials, PrepareAhead: answered from memory
+DAEMON_RPC_TIMEOUT = 5.0  # Status, PrepareAhead: answered from memory
 
 
 class DaemonCannotResolve(Exception):
@@ -75,14 +75,11 @@ def check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:
 # -- credentials ------------------------------------------------------------------------------
 
 
-def credentials_request(
-    credentials: Credentials, *, host: str = "", image: str = ""
-) -> daemon_pb2.SetCredentialsRequest:
-    """For ``host``, or for the registry of ``image`` (the daemon parses the reference)."""
+def credentials_request(credentials: Credentials, image: str) -> daemon_pb2.SetCredentialsRequest:
+    """For the repository of ``image`` on its registry (the daemon parses the reference)."""
     secret = credentials.password or credentials.identity_token
     return daemon_pb2.SetCredentialsRequest(
-        host=host, image=image,
-        username=credentials.username if credentials.password else "", secret=secret,
+        image=image, username=credentials.username if credentials.password else "", secret=secret
     )
 
 
@@ -102,15 +99,17 @@ def send_credentials(address: str, request: daemon_pb2.SetCredentialsRequest) ->
 def set_credentials(
     stub: daemon_pb2_grpc.DaemonStub, address: str, request: daemon_pb2.SetCredentialsRequest
 ) -> None:
-    """The daemon fetches the lazy layers itself, later, with its own registry client."""
+    """The daemon fetches the lazy layers itself, later, with its own registry client. It
+    first checks the credentials against the registry, hence the resolution's deadline."""
     try:
-        stub.SetCredentials(request, timeout=DAEMON_RPC_TIMEOUT)
+        stub.SetCredentials(request, timeout=RESOLVE_RPC_TIMEOUT_SECONDS)
     except grpc.RpcError as exc:
-        if request.image and isinstance(exc, grpc.Call) and (
-            exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        ):
-            # The daemon could not parse the image reference: the message a local pull prints.
-            raise SnapshotterError(rpc_detail(exc)) from exc
+        kind = failure_kind(exc)
+        if request.image and (kind is not None or _code(exc) == grpc.StatusCode.INVALID_ARGUMENT):
+            # The registry refused them, or the daemon could not parse the image reference:
+            # the message a local pull prints.
+            message = resolve_failure(request.image, address, _code(exc), rpc_detail(exc), kind)
+            raise SnapshotterError(message or rpc_detail(exc)) from exc
         # The details are the daemon's validation message; it never repeats the secret.
         raise SnapshotterError(
             f"lazysnap daemon at {address} did not take the credentials: {rpc_detail(exc)}"
@@ -131,7 +130,7 @@ def hand_docker_config_credentials(
     if found is None:
         return False
     log.info("registry credentials from the docker config handed over host=%s", domain)
-    set_credentials(stub, address, credentials_request(found, host=domain))
+    set_credentials(stub, address, credentials_request(found, image))
     return True
 
 

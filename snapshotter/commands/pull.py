@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from snapshotter.client.daemon_client import (
     DaemonCannotResolve,
@@ -70,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--user", metavar="USER[:PASSWORD]",
         help="registry credentials (default: the docker config); without :PASSWORD it is read "
-        "from $LAZYSNAP_REGISTRY_PASSWORD or asked on the terminal",
+        "from --password-stdin, $LAZYSNAP_REGISTRY_PASSWORD or asked on the terminal. A "
+        ":PASSWORD here is visible to every user of the machine (ps, /proc): prefer those",
+    )
+    parser.add_argument(
+        "--password-stdin", action="store_true",
+        help="read --user's password from standard input (its first line), as docker login does",
     )
 
 
@@ -83,7 +88,13 @@ def user_password(args: argparse.Namespace) -> tuple[str, str]:
     name, sep, password = args.user.partition(":")
     if not name:
         raise ValueError("--user needs a user name")
-    if not sep:
+    if getattr(args, "password_stdin", False):
+        if sep:
+            raise ValueError("--password-stdin and a :PASSWORD in --user exclude each other")
+        password = _first_line(sys.stdin)
+        if not password:
+            raise ValueError("--password-stdin read an empty password")
+    elif not sep:
         password = os.environ.get("LAZYSNAP_REGISTRY_PASSWORD", "")
         if not password and sys.stdin.isatty():
             password = getpass.getpass(f"password for {name}: ")
@@ -91,6 +102,11 @@ def user_password(args: argparse.Namespace) -> tuple[str, str]:
             raise ValueError("--user without :PASSWORD needs $LAZYSNAP_REGISTRY_PASSWORD or a tty")
     args.user_password = (name, password)
     return name, password
+
+
+def _first_line(stream: TextIO) -> str:
+    # As docker login: the password is the input without its line ending.
+    return stream.readline().rstrip("\r\n")
 
 
 def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialProvider:
@@ -188,7 +204,7 @@ async def _pull(
         # A daemon that cannot resolve (see DaemonCannotResolve) still takes credentials.
         found = await provider.credentials_for(reference.domain)
         if found is not None:
-            request = credentials_request(found, host=reference.domain)
+            request = credentials_request(found, args.image)
             await trio.to_thread.run_sync(send_credentials, args.snapshotter_address, request)
     async with RegistryClient(hosts_config(args), provider) as registry:
         announce = announcer(args.snapshotter_address) if args.snapshotter_address else None
@@ -240,6 +256,8 @@ def _done(args: argparse.Namespace, name: str, results: list[LayerResult]) -> in
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
+    if args.password_stdin and not args.user:
+        return fail(NAME, "--password-stdin needs --user USER")
     progress: Progress = NoProgress() if args.quiet else TextProgress(sys.stdout)
     if args.snapshotter_address:
         return _pull_through_daemon(args, progress)

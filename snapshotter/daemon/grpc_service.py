@@ -10,12 +10,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from registry import Credentials, parse_reference
+from registry import Credentials, Reference, parse_reference
 from snapshotter import errors
 from snapshotter._proto import (
     daemon_pb2,
@@ -24,7 +25,7 @@ from snapshotter._proto import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
-from snapshotter.daemon.pushed_credentials import MAX_TTL_SECONDS, PushedCredentials
+from snapshotter.daemon.pushed_credentials import HOST_WIDE, MAX_TTL_SECONDS, PushedCredentials
 from snapshotter.daemon_api import (
     RESOLVE_FAILURE_KEY,
     RegistryAuthError,
@@ -200,13 +201,30 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
+@dataclass(frozen=True)
+class CredentialsRequest:
+    """A valid SetCredentials request: for ``reference``'s repository, or with none for the
+    whole ``host``."""
+
+    host: str
+    reference: Reference | None
+    credentials: Credentials = field(repr=False)
+    ttl_seconds: int
+
+    @property
+    def repository(self) -> str:
+        return self.reference.path if self.reference is not None else HOST_WIDE
+
+
+def _credentials_from_request(request: Any) -> CredentialsRequest:
     host = request.host.strip()
-    if not host and request.image:
+    reference = None
+    if request.image:
         try:
-            host = parse_reference(request.image).domain
+            reference = parse_reference(request.image)
         except ValueError as exc:
             raise errors.InvalidArgumentError(str(exc)) from exc
+        host = host or reference.domain
     if not host or len(host) > 255 or any(c.isspace() or c == "/" for c in host):
         raise errors.InvalidArgumentError("host must be a registry host[:port], e.g. example:5000")
     if not request.secret:
@@ -217,7 +235,7 @@ def _credentials_from_request(request: Any) -> tuple[str, Credentials, int]:
         credentials = Credentials(username=request.username, password=request.secret)
     else:
         credentials = Credentials(identity_token=request.secret)
-    return host, credentials, int(request.ttl_seconds)
+    return CredentialsRequest(host, reference, credentials, int(request.ttl_seconds))
 
 
 def resolved_to_proto(image: ResolveAnswer) -> Any:
@@ -249,13 +267,20 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
 
     def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
         def store() -> float:
-            if self._credentials is None:
+            if self._credentials is None or self._remote is None:
                 raise errors.FailedPreconditionError("lazy pulling is disabled in this daemon")
-            host, credentials, ttl = _credentials_from_request(request)
-            expires = self._credentials.set(host, credentials, ttl)
-            # The host and user name only: the secret never reaches a log.
-            log.info("registry credentials set host=%s user=%r expires_in=%ds", host,
-                     credentials.username, expires)
+            wanted = _credentials_from_request(request)
+            # The registry must accept the new set before it replaces the stored one: a wrong
+            # password fails here, and the set that works stays in use.
+            candidate = PushedCredentials(None)
+            candidate.set(wanted.host, wanted.repository, wanted.credentials, wanted.ttl_seconds)
+            self._remote.check_access(candidate, wanted.host, wanted.reference)
+            expires = self._credentials.set(
+                wanted.host, wanted.repository, wanted.credentials, wanted.ttl_seconds
+            )
+            # The host, repository and user name only: the secret never reaches a log.
+            log.info("registry credentials set host=%s repository=%s user=%r expires_in=%ds",
+                     wanted.host, wanted.repository or "*", wanted.credentials.username, expires)
             return expires
 
         expires = _call(context, "SetCredentials", store)

@@ -2,7 +2,13 @@
 
 `lazysnap pull` may run with credentials the daemon's own docker config lacks (another user's
 config, ``--user``); it passes them here so the daemon can fetch the lazy layers it serves.
-They are looked up before the node's docker config, never written to disk, never logged.
+They are kept per host and repository, so one client's credentials for its repository never
+become those of another repository on the same host. A set given for a host without a
+repository applies to the host's repositories that have none of their own. They are looked up
+before the node's docker config, never written to disk, never logged.
+
+The daemon stores a set only once the registry accepted it (see ``grpc_service``): a wrong
+password cannot replace a working one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ DEFAULT_TTL_SECONDS = 12 * 3600
 MAX_TTL_SECONDS = 7 * 24 * 3600
 # docker.io references are served by these hosts; credentials given for one apply to all.
 _DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+HOST_WIDE = ""  # the repository key of a set given for a whole host
+
+Key = tuple[str, str]  # (host, repository)
 
 
 def _host_key(host: str) -> str:
@@ -33,31 +42,41 @@ class PushedCredentials:
         self._fallback = fallback
         self._clock = clock
         self._lock = threading.Lock()  # set() runs on gRPC threads, lookups on the trio thread
-        self._by_host: dict[str, tuple[Credentials, float]] = {}
+        self._stored: dict[Key, tuple[Credentials, float]] = {}
 
     def __repr__(self) -> str:
         with self._lock:
-            return f"PushedCredentials(hosts={sorted(self._by_host)})"
+            return f"PushedCredentials(entries={sorted(self._stored)})"
 
-    def set(self, host: str, credentials: Credentials, ttl_seconds: float) -> float:
-        """Store credentials for ``host``; return the seconds until they expire."""
+    def set(
+        self, host: str, repository: str, credentials: Credentials, ttl_seconds: float
+    ) -> float:
+        """Store credentials for ``repository`` on ``host`` (``HOST_WIDE`` for all of the host's
+        repositories without their own); return the seconds until they expire."""
         ttl = min(ttl_seconds or DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS)
         with self._lock:
-            self._by_host[_host_key(host)] = (credentials, self._clock() + ttl)
+            self._stored[(_host_key(host), repository)] = (credentials, self._clock() + ttl)
         return ttl
 
-    def hosts(self) -> list[str]:
+    def entries(self) -> list[Key]:
+        """The (host, repository) pairs with credentials that have not expired."""
         now = self._clock()
         with self._lock:
-            return sorted(h for h, (_, expiry) in self._by_host.items() if expiry > now)
+            return sorted(k for k, (_, expiry) in self._stored.items() if expiry > now)
 
-    async def credentials_for(self, host: str) -> Credentials | None:
+    def _live(self, key: Key) -> Credentials | None:
+        found = self._stored.get(key)
+        if found is not None and found[1] <= self._clock():
+            del self._stored[key]
+            return None
+        return found[0] if found is not None else None
+
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
         key = _host_key(host)
         with self._lock:
-            found = self._by_host.get(key)
-            if found is not None and found[1] <= self._clock():
-                del self._by_host[key]
-                found = None
+            found = self._live((key, repository)) if repository else None
+            if found is None:
+                found = self._live((key, HOST_WIDE))
         if found is not None:
-            return found[0]
-        return await self._fallback.credentials_for(host) if self._fallback else None
+            return found
+        return await self._fallback.credentials_for(host, repository) if self._fallback else None

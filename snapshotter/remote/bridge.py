@@ -13,6 +13,7 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
+from registry import CredentialProvider, Reference
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.errors import NotImplementedByBackendError
 from snapshotter.remote.layers import LazyLayers
@@ -74,6 +75,12 @@ class TrioBridge:
 
     def resolve(self, image: str, platform: str) -> ImageDocuments:
         return self._hop(self._layers.resolve, image, platform)
+
+    def check_access(
+        self, credentials: CredentialProvider, registry: str, ref: Reference | None
+    ) -> None:
+        """Raise a domain error unless the registry accepts ``credentials`` for ``ref``."""
+        self._hop(self._layers.check_access, credentials, registry, ref)
 
     def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> list[bool]:
         """Start the TOC reads of announced layers, all in one hop; which ones started."""

@@ -15,7 +15,15 @@ from pathlib import Path
 import trio
 
 from fusefs import BlobReader, LayerFormatError, LazyFilesystem
-from registry import Manifest, RegistryClient, RegistryError, parse_manifest, parse_reference
+from registry import (
+    CredentialProvider,
+    Manifest,
+    Reference,
+    RegistryClient,
+    RegistryError,
+    parse_manifest,
+    parse_reference,
+)
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.lazy_formats import LazyFormat
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
@@ -25,7 +33,7 @@ from snapshotter.remote.open_layer import (
     index_layer,
     open_layer,
 )
-from snapshotter.remote.resolve import fetch_image_documents
+from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
     SavedTocError,
@@ -68,6 +76,12 @@ class LazyLayers:
         """An image's documents through this daemon's registry client (``Daemon/Resolve``): its
         connections, tokens and credentials are already warm from earlier layers."""
         return await fetch_image_documents(self._client, image, platform)
+
+    async def check_access(
+        self, credentials: CredentialProvider, registry: str, ref: Reference | None
+    ) -> None:
+        """Whether the registry accepts ``credentials`` (``Daemon/SetCredentials``)."""
+        await check_access(self._client, credentials, registry, ref)
 
     async def mount(self, labels: Mapping[str, str], layer_id: str) -> AttachedLayer:
         """Serve the layer a Prepare's labels describe at ``<mountpoint>/<layer_id>``; raise

@@ -17,8 +17,10 @@ import trio
 from registry import (
     AuthenticationError,
     AuthorizationError,
+    CredentialProvider,
     CredentialsError,
     NotFoundError,
+    Reference,
     RegistryClient,
     RegistryError,
     RegistryTimeoutError,
@@ -96,6 +98,26 @@ async def fetch_image_documents(
         try:
             with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
                 return await fetch_documents(client, ref, chosen)
+        except trio.TooSlowError:
+            raise RegistryTimeoutError(
+                f"registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+
+
+async def check_access(
+    client: RegistryClient,
+    credentials: CredentialProvider,
+    registry: str,
+    ref: Reference | None,
+) -> None:
+    """Raise a domain error unless ``registry`` lets ``credentials`` read ``ref`` (or, without
+    one, log in). A client of its own asks: the daemon's client may hold tokens that would
+    let a request succeed whatever the new credentials are."""
+    with map_registry_errors():
+        try:
+            with trio.fail_after(RESOLVE_TIMEOUT_SECONDS):
+                async with client.with_credentials(credentials) as probe:
+                    await probe.check_access(registry, ref)
         except trio.TooSlowError:
             raise RegistryTimeoutError(
                 f"registry did not answer within {RESOLVE_TIMEOUT_SECONDS:.0f}s"

@@ -26,6 +26,7 @@ from tests.support.docker_registry import RunningRegistry, registry_available, r
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.registry, pytest.mark.slow]
 
 USER, PASSWORD = "bob", "s3cret-Pa55word"
+OTHER_USER, OTHER_PASSWORD = "carol", "an0ther-Pa55word"
 LAZYSNAP = [".venv/bin/lazysnap"]
 
 
@@ -35,18 +36,19 @@ def private_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ru
     if not registry_available():
         pytest.skip("Debian's docker-registry is not installed")
     workdir = tmp_path_factory.mktemp("private-registry")
-    htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD})
+    htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD, OTHER_USER: OTHER_PASSWORD})
     auth = {"htpasswd": {"realm": "lazysnap-test", "path": str(htpasswd)}}
     with run_registry(workdir, extra_config={"auth": auth}) as registry:
         layer = oci.seekable_layer(oci.busybox_tar(), "estargz")
         oci.write_layout(workdir / "layout", [layer])
         reference = f"{registry.host}/private/busybox:latest"
-        subprocess.run(
-            ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-             "--dest-creds", f"{USER}:{PASSWORD}", f"oci:{workdir / 'layout'}:latest",
-             f"docker://{reference}"],
-            check=True, capture_output=True, timeout=120,
-        )
+        for name in (reference, f"{registry.host}/team/second:latest"):
+            subprocess.run(
+                ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+                 "--dest-creds", f"{USER}:{PASSWORD}", f"oci:{workdir / 'layout'}:latest",
+                 f"docker://{name}"],
+                check=True, capture_output=True, timeout=120,
+            )
         yield registry, reference, layer
 
 
@@ -238,3 +240,82 @@ def test_pull_through_the_daemon_fetches_a_private_plain_layer_itself(
                              "/bin/cat", "/etc/plain").stdout
         assert out == "plain\n"
         assert PASSWORD not in daemon.log() and PASSWORD not in pulled.stderr
+
+
+def test_a_wrong_password_after_a_right_one_is_refused_and_the_right_one_stays(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    """Issue 15 item 7: the daemon checks a new set against the registry before it replaces
+    the stored one, so a later client's wrong password cannot take over the repository."""
+    _, reference, layer = private_image
+    wrong = "not-the-Pa55word"
+    with _daemon_without_credentials(short_tmp) as daemon:
+        _set_credentials(daemon, image=reference, username=USER, secret=PASSWORD)
+        with pytest.raises(grpc.RpcError) as raised:
+            _set_credentials(daemon, image=reference, username=USER, secret=wrong)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert wrong not in (raised.value.details() or "")
+        assert _lazy_prepare(daemon, "k", reference, layer) == grpc.StatusCode.ALREADY_EXISTS
+        assert wrong not in daemon.log() and PASSWORD not in daemon.log()
+
+
+def test_two_repositories_on_one_host_keep_their_own_credentials(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    registry, first, layer = private_image
+    second = f"{registry.host}/team/second:latest"
+    with _daemon_without_credentials(short_tmp) as daemon:
+        _set_credentials(daemon, image=first, username=USER, secret=PASSWORD)
+        _set_credentials(daemon, image=second, username=OTHER_USER, secret=OTHER_PASSWORD)
+        with pytest.raises(grpc.RpcError) as raised:  # a wrong set for one of them
+            _set_credentials(daemon, image=second, username=OTHER_USER, secret="wrong-pw")
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        log = daemon.log()
+        assert "repository=private/busybox user='bob'" in log
+        assert "repository=team/second user='carol'" in log
+        assert _lazy_prepare(daemon, "a", first, layer) == grpc.StatusCode.ALREADY_EXISTS
+        assert _lazy_prepare(daemon, "b", second, layer) == grpc.StatusCode.ALREADY_EXISTS
+        for secret in (PASSWORD, OTHER_PASSWORD, "wrong-pw"):
+            assert secret not in daemon.log()
+
+
+def _grep_tree(root: Path, needle: bytes) -> list[Path]:
+    """Files of the daemon's state under ``root`` holding ``needle``; the lazy layers' FUSE
+    mount is not state (and reading it would fetch every layer)."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(directory, d))]
+        for name in files:
+            path = Path(directory, name)
+            try:
+                if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                    found.append(path)
+            except OSError:
+                continue  # a socket, a file removed meanwhile
+    return found
+
+
+@pytest.mark.containerd
+def test_password_stdin_keeps_the_password_out_of_argv_logs_and_state(
+    short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
+) -> None:
+    if not containerd_available():
+        pytest.skip("containerd is not installed")
+    _, reference, _ = private_image
+    with _daemon_without_credentials(short_tmp) as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        pulling = subprocess.Popen(
+            [*LAZYSNAP, "pull", "--address", str(containerd.address), "--namespace",
+             containerd.namespace, "--snapshotter-address", str(daemon.address),
+             "--user", USER, "--password-stdin", reference],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        # What ps shows is /proc/<pid>/cmdline: read it while the pull waits for its password.
+        cmdline = Path(f"/proc/{pulling.pid}/cmdline").read_bytes()
+        out, err = pulling.communicate(PASSWORD + "\n", timeout=120)
+        assert pulling.returncode == 0, err + daemon.log()[-2000:]
+        assert " remote " in out, out
+        assert PASSWORD.encode() not in cmdline and b"--password-stdin" in cmdline
+        assert PASSWORD not in daemon.log() and PASSWORD not in err
+        assert _grep_tree(daemon.root, PASSWORD.encode()) == []

@@ -104,3 +104,12 @@ def test_challenge_parser_is_total(text: str) -> None:
 def test_challenge_round_trip(realm: str, service: str) -> None:
     (challenge,) = parse_www_authenticate(f'Bearer realm="{realm}", service={service}')
     assert challenge.realm == realm and challenge.service == service
+
+
+def test_scope_repository_is_the_first_repository_scope() -> None:
+    from registry.auth import scope_repository  # noqa: PLC0415
+
+    assert scope_repository(["repository:team/app:pull"]) == "team/app"
+    assert scope_repository(["registry:catalog:*", "repository:a/b:pull,push"]) == "a/b"
+    assert scope_repository(["repository:reg:5000/x:pull"]) == "reg:5000/x"
+    assert scope_repository([]) == ""

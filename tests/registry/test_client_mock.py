@@ -25,6 +25,7 @@ from registry import (
     RegistryClient,
     RegistryTimeoutError,
     ServerError,
+    StaticCredentials,
     TransportError,
     parse_platform,
     parse_reference,
@@ -684,7 +685,7 @@ class _CountingCredentials:
         self.passwords = passwords
         self.lookups = 0
 
-    async def credentials_for(self, host: str) -> Credentials | None:
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
         self.lookups += 1
         return Credentials("alice", self.passwords[min(self.lookups, len(self.passwords)) - 1])
 
@@ -705,3 +706,65 @@ def test_rotated_credentials_are_picked_up_after_a_refusal() -> None:
 
     run(main)
     assert provider.lookups == 2
+
+
+class _PerRepository:
+    """Credentials that differ by repository on one host, as a daemon given two pulls' holds."""
+
+    def __init__(self, by_repository: dict[str, Credentials]) -> None:
+        self.by_repository = by_repository
+        self.asked: list[tuple[str, str]] = []
+
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
+        self.asked.append((host, repository))
+        return self.by_repository.get(repository)
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_credentials_are_looked_up_per_repository(auth: str) -> None:
+    """Issue 15 item 7: the provider is asked for the request's repository, so two
+    repositories of one host each get their own set (and a wrong one stays with its own)."""
+    fake, digest = seeded(auth=auth)
+    other = parse_reference("reg.test/other/app:v1")
+    provider = _PerRepository({
+        "team/app": Credentials("alice", "s3cret"),
+        "other/app": Credentials("alice", "wrong"),
+    })
+    config = FixedHosts({fake.host: [RegistryHost(f"https://{fake.host}/v2")]})
+    transport = httpx.MockTransport(fake.handle)
+
+    async def main() -> None:
+        client = RegistryClient(config, provider, FAST, _transport_factory=lambda _h: transport)
+        async with client:
+            assert (await client.resolve(REF)).digest
+            with pytest.raises(AuthenticationError):
+                await client.resolve(other)
+            assert await read(client, digest, 0, 3) == DATA[:3]  # team/app still works
+
+    run(main)
+    assert ("reg.test", "team/app") in provider.asked
+    assert ("reg.test", "other/app") in provider.asked
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_check_access_uses_only_the_new_credentials(auth: str) -> None:
+    """A client's cached token or credentials never make a wrong set look accepted."""
+    fake, _digest = seeded(auth=auth)
+
+    async def main() -> None:
+        async with make_client(fake, credentials=Credentials("alice", "s3cret")) as client:
+            assert (await client.resolve(REF)).digest  # warm: challenge, token, credentials
+            wrong = client.with_credentials(StaticCredentials({fake.host: Credentials("alice", "x")}))
+            async with wrong:
+                with pytest.raises(AuthenticationError):
+                    await wrong.check_access(fake.host, REF)
+                with pytest.raises(AuthenticationError):
+                    await wrong.check_access(fake.host)
+            right = client.with_credentials(
+                StaticCredentials({fake.host: Credentials("alice", "s3cret")})
+            )
+            async with right:
+                await right.check_access(fake.host, REF)
+                await right.check_access(fake.host)
+
+    run(main)

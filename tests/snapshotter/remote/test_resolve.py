@@ -26,6 +26,7 @@ from snapshotter.client.containerd_client import (
 from snapshotter.commands import pull
 from snapshotter.commands._containerd_args import DEFAULT_CONTAINERD_ADDRESS
 from snapshotter.daemon.grpc_service import DaemonServicer, resolved_to_proto, status_for
+from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon_api import (
     MAX_CONFIG_BYTES,
     MAX_RESOLVE_RESPONSE_BYTES,
@@ -108,12 +109,10 @@ def test_resolve_request_carries_the_reference_as_typed() -> None:
     assert daemon_client.resolve_request("busybox", "linux/arm64/v8").platform == "linux/arm64/v8"
 
 
-def test_credentials_request_names_a_host_or_leaves_it_to_the_daemon() -> None:
-    by_host = daemon_client.credentials_request(registry.Credentials("u", "pw"), host="reg:5000")
-    assert (by_host.host, by_host.image, by_host.username, by_host.secret) == (
-        "reg:5000", "", "u", "pw"
-    )
-    token = daemon_client.credentials_request(registry.Credentials(identity_token="tok"), image="reg/a")
+def test_credentials_request_names_the_image_and_leaves_the_host_to_the_daemon() -> None:
+    user = daemon_client.credentials_request(registry.Credentials("u", "pw"), "reg:5000/a")
+    assert (user.host, user.image, user.username, user.secret) == ("", "reg:5000/a", "u", "pw")
+    token = daemon_client.credentials_request(registry.Credentials(identity_token="tok"), "reg/a")
     assert (token.host, token.image, token.username, token.secret) == ("", "reg/a", "", "tok")
 
 
@@ -262,6 +261,75 @@ def test_the_failure_kind_crosses_the_rpc_as_metadata(
     finally:
         server.stop(None)
     assert str(caught.value) == expected
+
+
+class _RegistryChecks:
+    """The part of the trio bridge that Daemon/SetCredentials uses: a registry that accepts
+    only alice's password."""
+
+    def __init__(self) -> None:
+        self.checked: list[tuple[str, str]] = []
+
+    def check_access(
+        self, credentials: registry.CredentialProvider, host: str, ref: registry.Reference | None
+    ) -> None:
+        repository = ref.path if ref is not None else ""
+        found = trio.run(credentials.credentials_for, host, repository)
+        assert found is not None
+        self.checked.append((host, repository))
+        if found.password != "right-pw":
+            raise RegistryAuthError(f"AuthenticationError: manifest {repository}:1 (HTTP 401)")
+
+
+def test_set_credentials_replaces_a_working_set_only_with_one_the_registry_accepts(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 item 7: a wrong password after a right one fails that pull with a local pull's
+    message and leaves the right one in use."""
+    from concurrent import futures  # noqa: PLC0415
+
+    stored = PushedCredentials(None)
+    checks = _RegistryChecks()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    daemon_pb2_grpc.add_DaemonServicer_to_server(
+        DaemonServicer(_NoSnapshots(), stored, checks),  # type: ignore[arg-type]
+        server,
+    )
+    address = str(tmp_path / "d.sock")
+    server.add_insecure_port(f"unix:{address}")
+    server.start()
+    image = "reg:5000/team/app:1"
+    try:
+        with daemon_client.daemon_channel(address) as channel:
+            stub = daemon_pb2_grpc.DaemonStub(channel)
+            right = daemon_client.user_credentials_request(image, "alice", "right-pw")
+            daemon_client.set_credentials(stub, address, right)
+            wrong = daemon_client.user_credentials_request(image, "alice", "wrong-pw")
+            with pytest.raises(errors.SnapshotterError) as caught:
+                daemon_client.set_credentials(stub, address, wrong)
+    finally:
+        server.stop(None)
+    assert str(caught.value) == f"{image}: AuthenticationError: manifest team/app:1 (HTTP 401)"
+    assert checks.checked == [("reg:5000", "team/app")] * 2
+    kept = trio.run(stored.credentials_for, "reg:5000", "team/app")
+    assert kept == registry.Credentials("alice", "right-pw")
+    assert trio.run(stored.credentials_for, "reg:5000", "team/other") is None
+
+
+def test_password_stdin_reads_one_line_and_excludes_a_password_in_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io  # noqa: PLC0415
+
+    monkeypatch.setenv("LAZYSNAP_REGISTRY_PASSWORD", "from-env")
+    monkeypatch.setattr("sys.stdin", io.StringIO("pa ss:word\r\nsecond line\n"))
+    args = argparse.Namespace(user="alice", password_stdin=True)
+    assert pull.user_password(args) == ("alice", "pa ss:word")
+    with pytest.raises(ValueError, match="exclude each other"):
+        pull.user_password(argparse.Namespace(user="alice:pw", password_stdin=True))
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    with pytest.raises(ValueError, match="empty password"):
+        pull.user_password(argparse.Namespace(user="alice", password_stdin=True))
 
 
 def test_limits_are_the_registrys_own() -> None:
