@@ -3,8 +3,8 @@
 Never imports ``registry`` or ``snapshotter``: what it needs from a blob is the ``BlobReader``
 protocol, which the registry's blob reader satisfies structurally.
 
-The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level directories),
-``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``.
+The daemon uses ``LazyFilesystem``, one mount with the layers attached as top-level directories.
+It uses ``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``.
 """
 
 from fusefs.blob import BlobReader, forget_redirect

@@ -1,7 +1,7 @@
 """What the filesystem needs from a layer blob: its size, its digest, and ranged reads.
 
-The registry's blob reader satisfies this structurally (fusefs never imports registry); a local
-file satisfies it through ``LocalFileBlob`` for ``lazysnap mount --blob`` and for tests.
+The registry's blob reader satisfies this structurally, since fusefs never imports registry. A
+local file satisfies it through ``LocalFileBlob`` for ``lazysnap mount --blob`` and for tests.
 
 A reader may also offer ``forget_redirect()``: the registry's reader reuses the object storage
 URL a registry redirected it to, and bytes from there that fail verification mean the next read
@@ -30,7 +30,7 @@ class BlobReader(Protocol):
     async def read_at(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes starting at ``offset``.
 
-        Raises an exception (never returns short data) when the range cannot be read; the
+        Raises an exception when the range cannot be read, and never returns short data. The
         filesystem maps any exception to EIO for the reader.
         """
         ...

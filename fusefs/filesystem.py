@@ -9,12 +9,12 @@ Use it inside trio::
         ...
         fs.unmount()                         # or cancel the nursery; run() unmounts cleanly
 
-``run`` also returns when the mount is removed from outside (``fusermount3 -u``).
+``run`` also returns when the mount is removed from outside, as by ``fusermount3 -u``.
 
-A restarted daemon that got the previous process's ``/dev/fuse`` fd (see
-``snapshotter.daemon.keeper``) passes it as ``adopt_fd``: ``run`` then serves that connection
-instead of mounting, but reads no request before ``resume()``, so the layers can be attached
-at their old slots first (a request for a slot not yet attached would fail with ESTALE).
+A restarted daemon that got the previous process's ``/dev/fuse`` fd from
+``snapshotter.daemon.keeper`` passes it as ``adopt_fd``. ``run`` then serves that connection
+instead of mounting, but reads no request before ``resume()``. The layers are attached at their
+old slots first, because a request for a slot not yet attached would fail with ESTALE.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ class LazyFilesystem:
         adopt_fd: int | None = None,
         slot_mark: Path | None = None,
     ) -> None:
-        """``single_layer``: the one attached layer is the mount root (``lazysnap mount --blob``)
-        instead of a directory ``<mountpoint>/<layer-id>``. ``adopt_fd``: an open ``/dev/fuse``
-        connection already mounted at ``mountpoint`` to serve (this object closes it).
+        """``single_layer``: the one attached layer is the mount root instead of a directory
+        ``<mountpoint>/<layer-id>``, as ``lazysnap mount --blob`` wants. ``adopt_fd``: an open
+        ``/dev/fuse`` connection already mounted at ``mountpoint`` to serve; this object closes it.
         ``slot_mark``: a file recording the layer slots handed out, so that a daemon serving a
         connection taken over never reuses the slot of a layer removed before it started."""
         self.mountpoint = mountpoint
@@ -111,9 +111,9 @@ class LazyFilesystem:
     # -- lifetime ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the cache, mount, and serve until unmounted (from outside, by ``unmount()``, or
-        by cancellation). Signals ``task_status`` once the mount is live (with ``adopt_fd``:
-        once layers can be attached; requests are answered after ``resume()``)."""
+        """Open the cache, mount, and serve until unmounted from outside, by ``unmount()`` or
+        by cancellation. Signals ``task_status`` once the mount is live. With ``adopt_fd`` that
+        is once layers can be attached, and requests are answered after ``resume()``."""
         if self._run_scope is not None:
             raise RuntimeError("LazyFilesystem.run() is already running")
         self._cache = await ChunkCache.open(self._cache_dir, capacity_bytes=self._cache_capacity)
@@ -181,7 +181,7 @@ class LazyFilesystem:
 
     def leave_mounted(self) -> None:
         """Stop serving without unmounting; ``run`` returns. Only useful while another process
-        holds the connection (the fuse keeper): the mount then stays, requests queue in the
+        holds the connection, such as the fuse keeper: the mount then stays, requests queue in the
         kernel, and the next process that takes the connection over answers them."""
         self._leave_mounted = True
         if self._run_scope is not None:
@@ -191,12 +191,12 @@ class LazyFilesystem:
         return not self._leave_mounted
 
     def resume(self) -> None:
-        """With ``adopt_fd``: start answering the kernel (no-op otherwise)."""
+        """With ``adopt_fd``, start answering the kernel; otherwise do nothing."""
         self._resume.set()
 
     def dup_device_fd(self) -> int:
         """A duplicate of the live ``/dev/fuse`` connection's fd, for a keeper process to hold
-        (the caller closes it). Raises RuntimeError when not serving."""
+        and for the caller to close. Raises RuntimeError when not serving."""
         return session.dup_device_fd()
 
     # -- layers ------------------------------------------------------------------------------
@@ -210,9 +210,9 @@ class LazyFilesystem:
         background_fetch: bool = True,
         slot: int | None = None,
     ) -> Path:
-        """Make ``index`` readable at ``<mountpoint>/<layer_id>`` and start prefetch (and, if
-        asked, background fetch). ``slot`` pins the inode range (the daemon stores it so a
-        restart reuses it); by default a slot never handed out on this connection is taken."""
+        """Make ``index`` readable at ``<mountpoint>/<layer_id>`` and start prefetch, and
+        background fetch if asked. ``slot`` pins the inode range: the daemon stores it so that a
+        restart reuses it. By default a slot never handed out on this connection is taken."""
         check_layer_id(layer_id)
         if self._nursery is None or self._fetcher is None:
             raise RuntimeError("attach() needs a running filesystem (start run() first)")
@@ -260,7 +260,7 @@ class LazyFilesystem:
         return self.mountpoint / layer_id
 
     def slot_of(self, layer_id: str) -> int:
-        """The slot (inode range) of an attached layer; KeyError if it is not attached."""
+        """The slot, that is the inode range, of an attached layer; KeyError if not attached."""
         layer = self._table.by_id(layer_id)
         if layer is None:
             raise KeyError(layer_id)
@@ -279,8 +279,8 @@ class LazyFilesystem:
 
     def usage(self, layer_id: str) -> LayerUsage:
         """Counters of one layer. ``cached_bytes`` is kept by the cache as chunks come and go:
-        the first call for a layer registers its chunks there (one O(chunks) walk, unless
-        ``collect_garbage`` did it already); later calls are O(1), as containerd polls Usage."""
+        the first call for a layer registers its chunks there in one O(chunks) walk, unless
+        ``collect_garbage`` did it already. Later calls are O(1), as containerd polls Usage."""
         layer = self._table.by_id(layer_id)
         if layer is None:
             raise KeyError(layer_id)
@@ -310,7 +310,7 @@ class LazyFilesystem:
     # -- cache garbage collection --------------------------------------------------------------
 
     async def release_detached_layers(self) -> None:
-        """Withdraw the cache registrations of layers detached since (see ``usage``), in steps
+        """Withdraw the cache registrations of layers detached since ``usage`` made them, in steps
         that leave the trio thread to readers; a detached layer's chunks are then garbage unless
         another layer holds them, and its index is no longer kept alive by the cache."""
         cache = self._cache
@@ -327,10 +327,10 @@ class LazyFilesystem:
     ) -> tuple[int, int]:
         """Remove the cached chunks no attached layer references; return (chunks, bytes).
 
-        For layers the caller knows of but that are not attached (their chunk lists are
-        unknown), pass ``keep_content_addressed`` (a content-addressed chunk could be theirs)
-        and their blob digests in ``keep_blob_digests`` (their digest-less chunks). Chunks being
-        read are kept. Nothing is removed unless the filesystem is running.
+        The caller may know of layers that are not attached, whose chunk lists are unknown. For
+        them, pass ``keep_content_addressed``, since any content-addressed chunk could be theirs,
+        and their blob digests in ``keep_blob_digests`` to keep their digest-less chunks. Chunks
+        being read are kept. Nothing is removed unless the filesystem is running.
         """
         cache = self._cache
         if cache is None or self._nursery is None:

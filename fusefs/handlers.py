@@ -280,7 +280,7 @@ class LazyHandlers:
 
     @_boundary("readdir")
     def readdir(self, fh: int, start_id: int, sink: DirectoryEntrySink) -> None:
-        """Hand ``sink`` (name, attributes, offset of the next entry) from ``start_id`` on,
+        """Hand ``sink`` each entry's name, attributes and next offset from ``start_id`` on,
         until it returns False or the directory ends.
 
         Offsets are stable. At the mount root an entry's offset is its layer's slot, so attaching
@@ -310,8 +310,8 @@ class LazyHandlers:
             self._listings.move_to_end(inode)
             return cached[1]
         # Listed in blob order, which follows the TOC, not by name. That is the order of the
-        # directory the layer was made from. A walker that reads what it lists (find, cp -r, a
-        # scan) then misses forward through the blob, and readahead turns that into a few large
+        # directory the layer was made from. A walker that reads what it lists, like find, cp -r
+        # or a scan, then misses forward through the blob, and readahead turns that into a few large
         # ranges. In name order the same walk jumps around the blob one small range at a time.
         children = sorted(layer.index.children(entry), key=_entry_id)
         self._listings[inode] = (layer, children)

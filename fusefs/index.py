@@ -3,13 +3,13 @@
 A format parser (``fusefs.formats``) turns a TOC into an object satisfying ``LayerIndex``; the
 FUSE operations only ever talk to that protocol. Entry ids are dense integers ``0..count-1`` in
 TOC order, entry 0 is the root directory, and they are stable for a given TOC: the filesystem
-derives inode numbers from them (``(layer slot << 32) | entry id``), so a restarted daemon
-computes the same numbers.
+derives inode numbers from them and the layer slot, so a restarted daemon computes the same
+numbers. ``fusefs.inodes`` has the rule.
 
-Hardlinks are resolved by the index: a hardlink name maps to the id of its target entry (the
-same inode), whose ``nlink`` counts every name. Overlay whiteouts are already translated: a TOC
-name ``.wh.<name>`` appears as entry ``<name>`` of kind CHAR with rdev 0, and ``.wh..wh..opq``
-is not an entry but the opaque xattr on its directory.
+Hardlinks are resolved by the index: a hardlink name maps to the id of its target entry, which
+is the same inode, and its ``nlink`` counts every name. Overlay whiteouts are already
+translated: a TOC name ``.wh.<name>`` appears as entry ``<name>`` of kind CHAR with rdev 0, and
+``.wh..wh..opq`` is not an entry but the opaque xattr on its directory.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Codec(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class EntryAttr:
-    """POSIX attributes of one entry, built on demand (not stored per entry)."""
+    """POSIX attributes of one entry, built on demand rather than stored per entry."""
 
     kind: EntryKind
     mode: int  # full st_mode: file type bits | permission bits incl. setuid/setgid/sticky
@@ -77,13 +77,13 @@ class LayerIndex(Protocol):
 
     @property
     def prefetch_end(self) -> int | None:
-        """Blob offset of the ``.prefetch.landmark`` (prefetch ``[0, end)``), or None."""
+        """Blob offset of the ``.prefetch.landmark``, or None. Prefetch covers ``[0, end)``."""
         ...
 
     @property
     def toc_trusted(self) -> bool:
-        """The TOC matched a digest given from outside the blob (manifest annotation or
-        label), so its chunk digests can stand in for the blob digest."""
+        """The TOC matched a digest given from outside the blob by a manifest annotation or a
+        label, so its chunk digests can stand in for the blob digest."""
         ...
 
     def attr(self, entry: int) -> EntryAttr: ...
@@ -93,15 +93,15 @@ class LayerIndex(Protocol):
         ...
 
     def children(self, directory: int) -> Sequence[tuple[bytes, int]]:
-        """(name, entry id) pairs of a directory in a stable order (no "." or "..")."""
+        """Name and entry id pairs of a directory in a stable order, without "." and ".."."""
         ...
 
     def parent(self, entry: int) -> int:
-        """The directory holding ``entry`` (the root is its own parent)."""
+        """The directory holding ``entry``; the root is its own parent."""
         ...
 
     def path(self, entry: int) -> str:
-        """The entry's path relative to the layer root, e.g. ``usr/bin/env`` ("" for the root)."""
+        """The entry's path relative to the layer root, e.g. ``usr/bin/env``; "" for the root."""
         ...
 
     def readlink(self, entry: int) -> bytes: ...
@@ -113,5 +113,5 @@ class LayerIndex(Protocol):
         ...
 
     def file_entries(self) -> Sequence[int]:
-        """Ids of regular files with content, in blob order (for background fetch)."""
+        """Ids of regular files with content, in blob order, for background fetch."""
         ...

@@ -1,14 +1,16 @@
 """Deterministic inode numbers for the one FUSE mount that serves every attached layer.
 
-The mapping is pure arithmetic, so a restarted daemon that re-attaches its layers with the same
-slots (the slot is stored in the snapshotter's metadata database) computes the same numbers, and
-no per-inode Python object is ever created:
+The mapping is pure arithmetic, so no per-inode Python object is ever created. The snapshotter's
+metadata database stores each layer's slot, so a restarted daemon that re-attaches its layers
+with the same slots computes the same numbers:
 
-* inode 1 (``pyfuse3.ROOT_INODE``) is the mount root, whose children are the attached layers;
-* a layer attached at slot ``s`` (``1 <= s < 2**31``) owns inodes ``(s << 32) | (entry + 1)``,
-  so its root directory (entry 0) is ``(s << 32) | 1`` and entry ids up to ``2**32 - 2`` fit;
-* in single-layer mode (``lazysnap mount --blob``) the layer's root *is* the mount root: entry 0
-  of the layer at ``SINGLE_LAYER_SLOT`` maps to inode 1 and back; other entries keep the rule above.
+* inode 1, ``pyfuse3.ROOT_INODE``, is the mount root, whose children are the attached layers;
+* a layer attached at slot ``s``, where ``1 <= s < 2**31``, owns the inodes whose high 32 bits
+  are ``s`` and whose low 32 bits are ``entry + 1``. Its root directory, entry 0, is
+  ``s << 32 | 1``, and entry ids up to ``2**32 - 2`` fit;
+* in single-layer mode, used by ``lazysnap mount --blob``, the layer's root *is* the mount root:
+  entry 0 of the layer at ``SINGLE_LAYER_SLOT`` maps to inode 1 and back; other entries keep the
+  rule above.
 
 File and directory handles are the inode number itself, so they carry no per-open state either.
 """
@@ -26,7 +28,7 @@ SINGLE_LAYER_SLOT: Final = 1
 
 
 class InodeMap:
-    """Converts between FUSE inode numbers and ``(slot, entry id)`` pairs."""
+    """Converts between FUSE inode numbers and pairs of layer slot and entry id."""
 
     __slots__ = ("_single_layer",)
 

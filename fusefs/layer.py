@@ -18,7 +18,7 @@ from fusefs.index import ChunkRef, LayerIndex
 
 log = logging.getLogger(__name__)
 
-ChunkTag = tuple[int, int]  # (entry id, chunk number within the file)
+ChunkTag = tuple[int, int]  # entry id, then chunk number within the file
 
 _MAX_LOGGED_ERRORS = 1000
 
@@ -37,7 +37,7 @@ class LayerStats:
 
 
 class Layer:
-    """The filesystem's view of one attached layer (immutable apart from its counters)."""
+    """The filesystem's view of one attached layer; only its counters change."""
 
     __slots__ = (
         "_access_marks",
@@ -99,23 +99,23 @@ class Layer:
                 yield (following, k), ref
 
     def all_chunks(self) -> Iterator[tuple[ChunkTag, ChunkRef]]:
-        """Every chunk of the layer in blob order (for prefetch and background fetch)."""
+        """Every chunk of the layer in blob order, for prefetch and background fetch."""
         sequence, _ = self._blob_order()
         for entry in sequence:
             for k, ref in enumerate(self.index.chunks(entry)):
                 yield (entry, k), ref
 
     def track_cached_bytes(self, cache: ChunkCache, budget: int | None = None) -> bool:
-        """Register this layer's chunks with ``cache`` (which then keeps ``cached_bytes``
-        current); True once every chunk is registered.
+        """Register this layer's chunks with ``cache``, which then keeps ``cached_bytes``
+        current; True once every chunk is registered.
 
         Resumable: each call goes on from where the last one stopped, after registering about
-        ``budget`` chunks (None: all the rest), so a caller can spread the one O(chunks) walk
+        ``budget`` chunks, or all the rest for None. So a caller can spread the one O(chunks) walk
         over several trio steps. Each file is registered whole within one call, so concurrent
         callers on the trio thread never register a file twice.
         """
         if self._tracked_cache is not cache:
-            # A new cache (the filesystem ran again): start over; the old one is gone.
+            # A new cache means the filesystem ran again: start over; the old one is gone.
             self._tracked_cache = cache
             self._tracked_files = 0
             self.cached_bytes = 0
@@ -132,9 +132,10 @@ class Layer:
         return True
 
     def untrack_cached_bytes(self, budget: int | None = None) -> bool:
-        """Withdraw what ``track_cached_bytes`` registered (the layer was detached, and its
-        registrations must neither keep chunks from garbage collection nor hold its index in
-        memory); True when nothing is left. Resumable like ``track_cached_bytes``."""
+        """Withdraw what ``track_cached_bytes`` registered; True when nothing is left.
+
+        The layer was detached, and its registrations must neither keep chunks from garbage
+        collection nor hold its index in memory. Resumable like ``track_cached_bytes``."""
         cache = self._tracked_cache
         if cache is None:
             return True
@@ -153,7 +154,7 @@ class Layer:
         return True
 
     def should_log(self, operation: str, entry: int, error: BaseException) -> bool:
-        """Each (operation, entry, error type) is logged once, so a failing file cannot flood."""
+        """Each operation, entry and error type is logged once, so a failing file cannot flood."""
         key = (operation, entry, type(error).__name__)
         if key in self.stats.logged or len(self.stats.logged) >= _MAX_LOGGED_ERRORS:
             return False

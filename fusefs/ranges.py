@@ -1,9 +1,9 @@
 """Pure range planning: which compressed bytes to ask the blob for, in how many requests.
 
 Round trips dominate a lazy start, so a miss never fetches just its own chunk: the planner grows
-the request over the following chunks of the file and then over the next files in blob order
-(TOC order is tar order, so a directory's small files sit together), up to a size cap and across
-only small gaps of bytes nobody asked for.
+the request over the following chunks of the file and then over the next files in blob order,
+up to a size cap and across only small gaps of bytes nobody asked for. TOC order is tar order,
+so a directory's small files sit together.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class PlannedRange(Generic[T]):
-    """One blob request ``[start, end)`` and the chunks (with their caller's tags) it decodes."""
+    """One blob request ``[start, end)`` and the chunks it decodes, with their caller's tags."""
 
     start: int
     end: int
@@ -38,13 +38,14 @@ def coalesce(
     max_range: int,
     max_gap: int,
 ) -> PlannedRange[T]:
-    """Extend the range covering ``seed`` over ``following`` chunks (in blob order).
+    """Extend the range covering ``seed`` over the ``following`` chunks, in blob order.
 
     ``seed`` chunks are always included, whatever their size. A following chunk joins while the
-    range stays within ``max_range`` bytes and the bytes skipped before it (chunks that are not
-    ``wanted``, e.g. already cached, plus anything between chunks) stay within ``max_gap``.
-    Planning stops at the first chunk that does not fit or that lies before the range (a TOC
-    whose blob order is not monotonic), so the cost is bounded by what the range can hold.
+    range stays within ``max_range`` bytes and the bytes skipped before it stay within
+    ``max_gap``. Skipped bytes are chunks that are not ``wanted``, e.g. already cached, plus
+    anything between chunks. Planning stops at the first chunk that does not fit or that lies
+    before the range, as in a TOC whose blob order is not monotonic. So the cost is bounded by
+    what the range can hold.
     """
     if not seed:
         raise ValueError("coalesce needs at least one seed chunk")
@@ -75,11 +76,11 @@ def split_blob(
 ) -> Iterator[PlannedRange[T]]:
     """Cover the whole blob ``[0, blob_size)`` with consecutive ranges of about ``range_size``.
 
-    Cuts fall only at chunk boundaries (never inside bytes a chunk needs, including gzip members
-    shared through innerOffset), so every chunk lies entirely inside one range. ``first_cut``
-    (the prefetch landmark's offset) makes ``[0, first_cut)`` a range of its own, whatever its
-    size. The last range runs to the end of the blob (TOC and footer included), so the ranges'
-    bytes hashed in order give the blob digest. Chunks are consumed lazily.
+    Cuts fall only at chunk boundaries, never inside bytes a chunk needs, and gzip members shared
+    through innerOffset count as needed. So every chunk lies entirely inside one range.
+    ``first_cut`` is the prefetch landmark's offset: it makes ``[0, first_cut)`` a range of its
+    own, whatever its size. The last range runs to the end of the blob, TOC and footer included,
+    so the ranges' bytes hashed in order give the blob digest. Chunks are consumed lazily.
     """
     if range_size <= 0:
         raise ValueError("range_size must be positive")
@@ -116,7 +117,7 @@ def split_blob(
 def group_chunks(
     chunks: Iterable[tuple[T, ChunkRef]], *, max_range: int, max_gap: int
 ) -> Iterator[PlannedRange[T]]:
-    """Requests for ``chunks`` (in blob order, none ``zeros``): consecutive chunks share one
+    """Requests for ``chunks``, given in blob order and none ``zeros``. Consecutive chunks share one
     while it stays within ``max_range`` bytes and the gaps between them within ``max_gap``."""
     group: list[tuple[T, ChunkRef]] = []
     start = end = 0

@@ -1,4 +1,4 @@
-"""The attached layers, by slot (for inode numbers) and by name (for lookups at the mount root)."""
+"""The attached layers, by slot for inode numbers and by name for lookups at the mount root."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ class LayerTable:
         return None if slot is None else self._by_slot[slot]
 
     def layers(self) -> list[Layer]:
-        """Attached layers in slot order (the mount root's stable readdir order)."""
+        """Attached layers in slot order, which is the mount root's stable readdir order."""
         return [self._by_slot[slot] for slot in sorted(self._by_slot)]
 
     def free_slot(self) -> int:
-        """A slot never handed out before on this connection (while there are any), recorded
+        """A slot never handed out before on this connection, while any are left. It is recorded
         in the mark before it is returned.
 
         The kernel may keep inodes of a detached layer cached for a long time; a new layer at

@@ -1,7 +1,7 @@
 """Reading a response body with a cap: a server must not make us hold more than we asked for.
 
-A body is read chunk by chunk and abandoned as soon as it passes its limit, so a registry (or
-anything between us and it) that sends a gigabyte too much costs one chunk, not a gigabyte.
+A body is read chunk by chunk and abandoned as soon as it passes its limit. A registry, or any
+proxy between us and it, that sends a gigabyte too much then costs one chunk, not a gigabyte.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ MAX_SMALL_BODY = 1024 * 1024  # token answers, upload answers and other JSON rep
 
 
 class OversizedBodyError(ProtocolError):
-    """A body longer than its limit (as announced, or as it arrived)."""
+    """A body longer than its limit, whether announced so or found so while reading."""
 
 
 def announced_length(response: httpx.Response) -> int | None:

@@ -65,7 +65,7 @@ MAX_ERROR_BODY = 64 * 1024
 
 
 class RetryableError(Exception):
-    """Raised by a handler to ask for another attempt (e.g. a truncated body)."""
+    """Raised by a handler to ask for another attempt, for example after a truncated body."""
 
     def __init__(self, error: RegistryError, *, immediate: bool = False) -> None:
         super().__init__(str(error))
@@ -74,7 +74,7 @@ class RetryableError(Exception):
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header, given as delta-seconds or an HTTP date."""
     if not value:
         return None
     value = value.strip()
@@ -190,7 +190,7 @@ class Engine:
     # -- what is learnt about hosts --------------------------------------------------------
 
     def ranges_doubted(self, netloc: str) -> bool:
-        """Whether ``netloc`` recently ignored Range headers (until ``no_range_ttl`` passes)."""
+        """Whether ``netloc`` ignored Range headers less than ``no_range_ttl`` ago."""
         until = self._no_ranges_until.get(netloc)
         if until is None:
             return False
@@ -210,7 +210,7 @@ class Engine:
 
     async def warm_up(self) -> None:
         """Load the system CA bundle now, off the event loop: it costs tens of milliseconds that
-        would otherwise fall on the first request (a daemon's first pull)."""
+        would otherwise fall on the first request, which is a daemon's first pull."""
         if self._system_tls is None:
             self._system_tls = await anyio.to_thread.run_sync(ssl.create_default_context)
 
@@ -262,8 +262,8 @@ class Engine:
     async def _credentials_for(
         self, host: RegistryHost, scopes: Sequence[str]
     ) -> Credentials | None:
-        # Looked up again after a while, and after a refusal, so that rotated credentials
-        # (config.json rewritten, a helper's fresh ECR password) reach a long-lived daemon.
+        # Looked up again after a while, and after a refusal, so that rotated credentials reach
+        # a long-lived daemon: a rewritten config.json, or a helper's fresh ECR password.
         # Per repository too: a provider may hold different credentials for two repositories
         # of one host, and one must not be used for the other.
         key = (host.netloc, scope_repository(scopes))
@@ -308,13 +308,13 @@ class Engine:
     ) -> None:
         self._challenges[host.netloc] = challenge
         # Look the credentials up again on the next request, also after an anonymous refusal:
-        # credentials may have appeared meanwhile (a rewritten config.json, or ones handed to
-        # the daemon over its socket), and a cached "none" must not hide them for minutes.
+        # credentials may have appeared meanwhile in config.json or over the daemon's socket,
+        # and a cached "none" must not hide them for minutes.
         self._credentials.pop((host.netloc, scope_repository(scopes)), None)
         key = self._token_key(host, challenge, scopes)
         cached = self._tokens.get(key)
         # Drop the cached token only if it is the one refused: a late 401 to a request sent
-        # anonymously (or with an older token) must not throw away a fresh token.
+        # anonymously or with an older token must not throw away a fresh token.
         if cached is not None and sent == "Bearer " + cached.value:
             self._tokens.invalidate(key)
 
@@ -397,7 +397,7 @@ class Engine:
             same_host = urllib.parse.urlsplit(current).netloc == host.netloc
             if same_host:
                 # hosts.toml headers and credentials go to the configured host only, never to
-                # a redirect target elsewhere (object storage, a CDN).
+                # a redirect target elsewhere such as object storage or a CDN.
                 for name, values in host.headers.items():
                     request_headers[name] = ", ".join(values)
             request_headers.update(headers or {})
@@ -467,8 +467,9 @@ class Engine:
 
         5xx/429 answers, connection errors, timeouts and ``RetryableError`` from the handler are
         retried with backoff (``Retry-After`` honoured); other answers go to the handler, which
-        raises the right ``RegistryError`` for them. ``total_timeout`` bounds one attempt
-        (default ``request_timeout``; ``math.inf`` for long downloads bounded by read timeouts).
+        raises the right ``RegistryError`` for them. ``total_timeout`` bounds one attempt and
+        defaults to ``request_timeout``. Long downloads pass ``math.inf``: their read timeouts
+        bound them instead.
         """
         attempts = self.options.max_attempts if retry else 1
         limit = self.options.request_timeout if total_timeout is None else total_timeout

@@ -49,7 +49,7 @@ class RemoteBlob:
         self._digest = digest
         self._size = size
         self._scopes = tuple(scopes)
-        self._redirect: tuple[str, float] | None = None  # (target URL, monotonic expiry)
+        self._redirect: tuple[str, float] | None = None  # target URL, monotonic expiry
 
     def __repr__(self) -> str:
         return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"

@@ -1,7 +1,7 @@
-"""The registry client: resolve, manifests, blobs (ranged and whole), push.
+"""The registry client: resolve, manifests, ranged and whole blobs, push.
 
-Each operation tries the registry's hosts in order (mirrors first, per hosts.toml) among those
-with the needed capability, and moves to the next host when one fails.
+Each operation tries the registry's hosts in order, mirrors first as hosts.toml lists them. It
+skips hosts without the needed capability and moves to the next host when one fails.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class ManifestContent:
 
 @dataclass(frozen=True, slots=True)
 class ResolvedImage:
-    """What a reference names, byte for byte as the registry sent it: the target (an index or a
-    manifest) and the platform's manifest (the target itself when there is no index)."""
+    """What a reference names, byte for byte as the registry sent it: the target, an index or a
+    manifest, and the platform's manifest. Without an index the two are the same."""
 
     reference: Reference
     target: Descriptor
@@ -154,7 +154,7 @@ class RegistryClient:
         await self._engine.aclose()
 
     async def warm_up(self) -> None:
-        """Do now what the first request would otherwise wait for (loading the CA bundle)."""
+        """Load the CA bundle now, so that the first request does not wait for it."""
         await self._engine.warm_up()
 
     def with_credentials(self, credentials: CredentialProvider) -> RegistryClient:
@@ -233,7 +233,7 @@ class RegistryClient:
         return f"{host.api_url}/{ref.path}/manifests/{obj}"
 
     async def resolve(self, ref: Reference) -> Descriptor:
-        """The descriptor (digest, media type, size) a tag or digest reference points at."""
+        """The descriptor a tag or digest reference points at: digest, media type and size."""
         if ref.digest is not None:
             content = await self.fetch_manifest(ref, ref.digest)
             return Descriptor(content.media_type, content.digest, len(content.content))
@@ -261,7 +261,7 @@ class RegistryClient:
                 # An answer the HEAD path does not understand (405, 400...): GET may work. A 404
                 # to HEAD has no body: the GET brings the registry's error message.
                 log.info("resolve head-failed registry=%s status=%s", ref.domain, exc.status)
-            # HEAD told us too little (or is unsupported): GET the manifest and hash it.
+            # HEAD told us too little or is unsupported: GET the manifest and hash it.
             content = await self._get_manifest(host, ref, ref.object)
             return Descriptor(content.media_type, content.digest, len(content.content))
 
@@ -301,9 +301,9 @@ class RegistryClient:
     async def resolve_image(
         self, ref: Reference, platform: Platform | None = None
     ) -> ResolvedImage:
-        """Resolve a reference to the image manifest for ``platform`` (default: this machine).
+        """Resolve a reference to the image manifest for ``platform``, by default this machine's.
 
-        One GET by tag (or digest), not HEAD then GET by digest: the body is needed anyway, so a
+        One GET by tag or digest, not HEAD then GET by digest: the body is needed anyway, so a
         HEAD only costs a round trip. The body is checked against the registry's
         Docker-Content-Digest, and a 404 reads the same either way.
         """
@@ -350,7 +350,7 @@ class RegistryClient:
         return await self._failover(ref, "pull", lambda h: self._stat_on(h, ref, digest))
 
     async def open_blob(self, ref: Reference, digest: str, size: int | None = None) -> RemoteBlob:
-        """A ranged reader for one blob. ``size`` (from a descriptor) saves the HEAD request."""
+        """A ranged reader for one blob. A ``size`` known from a descriptor saves a HEAD."""
         validate_digest(digest)
         hosts = await self.hosts_for(ref.domain, "pull")
         if size is None:
@@ -373,9 +373,9 @@ class RegistryClient:
         max_size: int = DEFAULT_MAX_FETCH,
         size: int | None = None,
     ) -> bytes:
-        """A small blob (a config, a TOC) in memory, verified against its digest.
+        """A small blob, such as a config or a TOC, in memory, verified against its digest.
 
-        ``size`` (from a descriptor) tightens the cap to exactly that many bytes.
+        A ``size`` known from a descriptor tightens the cap to exactly that many bytes.
         """
         validate_digest(digest)
         limit = max_size if size is None else min(size, max_size)
@@ -491,7 +491,7 @@ class RegistryClient:
         mount_from: Reference | None = None,
         chunk_size: int | None = None,
     ) -> Descriptor:
-        """Upload a blob from a file, in chunks (``options.upload_chunk_size`` by default)."""
+        """Upload a blob from a file in chunks of ``options.upload_chunk_size`` by default."""
         digest, size = await anyio.to_thread.run_sync(_hash_file, path)
         async with await anyio.open_file(path, "rb") as source:
 
@@ -641,7 +641,7 @@ class RegistryClient:
         return joined
 
     async def push_manifest(self, ref: Reference, content: bytes, media_type: str) -> str:
-        """PUT a manifest under the reference's tag (or its digest); returns the digest."""
+        """PUT a manifest under the reference's tag, else its digest; returns the digest."""
         digest = sha256_digest(content)
         if ref.digest is not None and ref.digest != digest:
             raise DigestMismatchError(f"manifest hashes to {digest}, reference says {ref.digest}")
@@ -674,8 +674,9 @@ def create_client(
     docker_config: Path | None = None,
     options: ClientOptions | None = None,
 ) -> RegistryClient:
-    """The usual client: hosts from ``hosts_dir`` (else ``$LAZYSNAP_HOSTS_DIR``, else
-    ``/etc/containerd/certs.d``) and credentials from docker's config.json."""
+    """The usual client, with credentials from docker's config.json and hosts from
+    ``hosts_dir``. Without it, ``$LAZYSNAP_HOSTS_DIR`` is used, else ``/etc/containerd/certs.d``.
+    """
     return RegistryClient(HostsConfig(hosts_dir), DockerConfigCredentials(docker_config), options)
 
 

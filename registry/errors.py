@@ -1,8 +1,8 @@
 """The registry package's one exception hierarchy.
 
 Every failure that leaves ``registry`` is a ``RegistryError``; httpx exceptions are translated at
-the edge and chained with ``from``. Messages carry what the registry said (its OCI error codes
-and messages) but never credentials: nothing secret is ever passed into these constructors.
+the edge and chained with ``from``. Messages carry the registry's OCI error codes and messages
+but never credentials: nothing secret is ever passed into these constructors.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class InvalidReferenceError(RegistryError, ValueError):
 
 
 class HostsConfigError(RegistryError, ValueError):
-    """A hosts.toml (or certs.d directory) that cannot be used."""
+    """A hosts.toml or certs.d directory that cannot be used."""
 
 
 class CredentialsError(RegistryError):
@@ -61,7 +61,7 @@ class CredentialsError(RegistryError):
 
 
 class AuthenticationError(RegistryError):
-    """The registry refused our credentials (401 after authenticating, or a failed token fetch)."""
+    """The registry refused our credentials: a 401 after authenticating, or a failed token fetch."""
 
 
 class AuthorizationError(RegistryError):
@@ -73,7 +73,7 @@ class NotFoundError(RegistryError):
 
 
 class RangeNotSatisfiableError(RegistryError):
-    """The requested byte range lies outside the blob (416, or checked locally)."""
+    """The requested byte range lies outside the blob, by a 416 or by a local check."""
 
 
 class RangeNotSupportedError(RegistryError):

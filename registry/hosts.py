@@ -1,12 +1,12 @@
 """Registry hosts, configured with containerd's ``certs.d/<host>/hosts.toml`` convention.
 
-``parse_hosts_toml`` is pure (text in, hosts out). ``HostsConfig`` finds and reads the files of a
-hosts directory (config key ``hosts_dir``, flag ``--hosts-dir``, environment
-``LAZYSNAP_HOSTS_DIR``, default ``/etc/containerd/certs.d``).
+``parse_hosts_toml`` is pure: text in, hosts out. ``HostsConfig`` finds and reads the files of a
+hosts directory. It is set by the config key ``hosts_dir``, the flag ``--hosts-dir`` or the
+environment ``LAZYSNAP_HOSTS_DIR``, and defaults to ``/etc/containerd/certs.d``.
 
-Hosts are tried in order: the ``[host."..."]`` mirrors as written, then the ``server`` (by
-default ``https://<registry>``; ``https://registry-1.docker.io`` for ``docker.io``; plain HTTP
-for loopback registries, as containerd does).
+Hosts are tried in order: the ``[host."..."]`` mirrors as written, then the ``server``. As in
+containerd, the server defaults to ``https://<registry>``, to ``https://registry-1.docker.io``
+for ``docker.io``, and to plain HTTP for loopback registries.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def _matches(candidate: Platform, wanted: Platform, *, exact_variant: bool) -> b
 
 
 def select_manifest(index: Index, wanted: Platform | None = None) -> Descriptor:
-    """The index entry for ``wanted`` (default: this machine), exact variant preferred."""
+    """The index entry for ``wanted``, by default this machine; exact variant preferred."""
     target = wanted or host_platform()
     candidates: Sequence[Descriptor] = [
         d for d in index.manifests if d.platform is not None and d.media_type in MANIFEST_TYPES

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class ClientOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # between two received chunks
-    request_timeout: float = 60.0  # total for one attempt of a request (headers and body)
+    request_timeout: float = 60.0  # total for one attempt of a request, headers and body
     max_attempts: int = 4  # per request, counting the first
     backoff_initial: float = 0.2  # the first retry waits up to this long (full jitter)
     backoff_max: float = 5.0

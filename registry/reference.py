@@ -78,8 +78,8 @@ class Reference:
 
 
 def _looks_like_domain(component: str) -> bool:
-    # docker's rule: the first component is a host when it has a dot, a port or is localhost
-    # (or an IPv6 literal); "library/busybox" and "user/app" are Docker Hub paths.
+    # docker's rule: the first component is a host when it has a dot or a port, or is
+    # localhost or an IPv6 literal. "library/busybox" and "user/app" are Docker Hub paths.
     return (
         "." in component
         or ":" in component

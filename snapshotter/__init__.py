@@ -3,10 +3,10 @@
 General layout, lowest layer first. Each subpackage may import the ones listed before it, with
 the exceptions its own docstring names; ``tests/test_dependency_rule.py`` checks all of it.
 
-* Shared building blocks at the top: ``errors`` (domain errors), ``model`` (plain snapshot
-  types), ``labels`` (every label key, with who sets it), ``lazy_formats`` (which layer formats
-  can be lazy), ``daemon_api`` (the plain contract of lazysnap's own Daemon service), ``logs``
-  and ``version``. They import none of the subpackages.
+* Shared building blocks at the top, which import none of the subpackages: ``errors`` holds
+  the domain errors, ``model`` the plain snapshot types, ``labels`` every label key with who
+  sets it, ``lazy_formats`` which layer formats can be lazy, and ``daemon_api`` the plain
+  contract of lazysnap's own Daemon service. ``logs`` and ``version`` complete them.
 * ``store``: containerd's snapshot semantics over sqlite and directories. It knows nothing of
   FUSE, registries, trio or gRPC; lazily served layers reach it through its own small protocol,
   ``store.remote.RemoteLayers``.

@@ -2,7 +2,7 @@
 errors a resolution ends in, and the size limits of the exchange.
 
 Pure on purpose: ``lazysnap pull --snapshotter-address`` imports this before its first RPC, so it
-must not pull in trio, httpx or ``registry`` (their imports are most of the CLI's start-up time).
+must not pull in trio, httpx or ``registry``. Their imports are most of the CLI's start-up time.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import ClassVar
 
 from snapshotter.errors import NotFoundError, SnapshotterError
 
-# The registry's own limits (registry.manifest.MAX_MANIFEST_BYTES, registry.client's
-# DEFAULT_MAX_FETCH for the config), restated because importing ``registry`` here would cost the
-# CLI the import time this module exists to avoid; a unit test keeps them equal.
+# The registry's own limits: registry.manifest.MAX_MANIFEST_BYTES, and registry.client's
+# DEFAULT_MAX_FETCH for the config. They are restated because importing ``registry`` here would
+# cost the CLI the import time this module exists to avoid; a unit test keeps them equal.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 # One response carries an index, a manifest and a config, plus names and digests.
@@ -22,7 +22,7 @@ MAX_RESOLVE_RESPONSE_BYTES = 2 * MAX_MANIFEST_BYTES + MAX_CONFIG_BYTES + 64 * 10
 MAX_RESOLVE_REQUEST_BYTES = 64 * 1024  # a reference and a platform
 MAX_REFERENCE_LENGTH = 4096
 
-# The daemon's bound on one resolution (manifest(s) + config, auth included); the CLI
+# The daemon's bound on one resolution: manifests and config, auth included. The CLI
 # waits a little longer so that the daemon's own timeout error is the one it reports.
 RESOLVE_TIMEOUT_SECONDS = 30.0
 RESOLVE_RPC_TIMEOUT_SECONDS = RESOLVE_TIMEOUT_SECONDS + 15.0
@@ -43,7 +43,7 @@ class ResolveAnswer:
     target_media_type: str  # what the name points at: the index, or the manifest
     target_digest: str
     target_content: bytes
-    manifest_media_type: str  # the platform manifest (the target itself without an index)
+    manifest_media_type: str  # the platform manifest; without an index, the target itself
     manifest_digest: str
     manifest_content: bytes
     config: bytes
@@ -56,8 +56,8 @@ class ResolveAnswer:
 
 class ResolveError(SnapshotterError):
     """The registry failed the resolution. The message is ``<registry error type>: <text>``,
-    what ``lazysnap pull`` prints after the image name when it resolves locally (older CLIs
-    recognise a registry failure by that shape, so it stays)."""
+    what ``lazysnap pull`` prints after the image name when it resolves locally. Older CLIs
+    recognise a registry failure by that shape, so it stays."""
 
     kind: ClassVar[str] = "registry"
 
@@ -69,7 +69,7 @@ class ImageNotFoundError(ResolveError, NotFoundError):
 
 
 class RegistryAuthError(ResolveError):
-    """The registry wants credentials the daemon does not have (or refused them)."""
+    """The registry wants credentials the daemon does not have, or refused them."""
 
     kind: ClassVar[str] = "auth"
 

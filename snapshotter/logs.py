@@ -1,9 +1,9 @@
-"""Structured logging: one JSON object per line (or plain text for a terminal).
+"""Structured logging: one JSON object per line, or plain text for a terminal.
 
 Fields passed with ``extra=`` land in the JSON object. Secrets are never logged in the first
-place; this module formats, and keeps chatty libraries quiet: httpx logs every request URL at
-INFO (presigned redirect URLs carry a signature, token requests an account name), httpcore and
-hpack log headers at DEBUG. Our own code logs URLs only through ``registry``'s redaction.
+place; this module formats, and keeps chatty libraries quiet. httpx logs every request URL at
+INFO, and presigned redirect URLs carry a signature, token requests an account name. httpcore
+and hpack log headers at DEBUG. Our own code logs URLs only through ``registry``'s redaction.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain domain types of the snapshotter (no protobuf: the gRPC edge converts)."""
+"""Plain domain types of the snapshotter. No protobuf here: the gRPC edge converts."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ def decode_chunk(codec: Codec, compressed: bytes | memoryview, ref: ChunkRef) ->
     """The ``ref.size`` uncompressed bytes of a chunk.
 
     ``compressed`` is the blob range ``[ref.blob_offset, ref.blob_end)``. Decoding starts at its
-    first byte (a gzip member or zstd frame boundary), skips ``ref.inner_offset`` bytes (the tar
-    header or packed files in front of the chunk) and stops as soon as the chunk is complete, so
-    trailing tar headers in the same member cost nothing.
+    first byte, which is a gzip member or zstd frame boundary. It skips the ``ref.inner_offset``
+    bytes of tar header or packed files in front of the chunk, and stops as soon as the chunk is
+    complete, so trailing tar headers in the same member cost nothing.
     """
     if ref.zeros:
         return bytes(ref.size)

@@ -3,15 +3,16 @@
 Layout:
 
 * ``kinds``: one byte per entry (EntryKind);
-* ``records``: one fixed-size little-endian record per entry (``ENTRY``: mode, uid, gid, size,
-  mtime, rdev, nlink, parent, first name, chunk range, symlink target range);
+* ``records``: one fixed-size little-endian ``ENTRY`` record per entry, holding mode, uid, gid,
+  size, mtime, rdev, nlink, parent, first name, chunk range and symlink target range;
 * dirents: a directory's children are the dirents ``[dir_start, dir_start + dir_count)``,
   sorted by name for binary-search lookup; dirent names live in one ``names`` blob. An entry's
-  own name is its first dirent (hardlinks add more dirents for the same entry);
+  own name is its first dirent, and hardlinks add more dirents for the same entry;
 * symlink targets live in one ``links`` blob;
 * chunks: one ``CHUNK`` record per chunk and 32 raw digest bytes each in ``chunk_digests``;
 * xattrs: for the few entries that have any, a sorted ``xattr_entries`` array and, per such
-  entry, a record range in ``xattr_data`` (``<HI`` name and value lengths, name, value).
+  entry, a record range in ``xattr_data``. A record is the ``<HI`` name and value lengths, then
+  the name, then the value.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class IndexArrays:
 
 
 class DirectoryListing(Sequence[tuple[bytes, int]]):
-    """A directory's children without a tuple per child kept alive (readdir pages through it)."""
+    """A directory's children without a tuple per child kept alive; readdir pages through it."""
 
     __slots__ = ("_count", "_index", "_start")
 

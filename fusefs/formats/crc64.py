@@ -1,7 +1,7 @@
-"""CRC-64/ISO as Go's hash/crc64 computes it (tar-split stores it per file). Pure Python.
+"""CRC-64/ISO as Go's hash/crc64 computes it; tar-split stores it per file. Pure Python.
 
-Slicing-by-8: eight tables let each loop iteration consume one little-endian 64-bit word, about
-three times faster than a byte at a time (still only tens of MB/s).
+Slicing-by-8: eight tables let each loop iteration consume one little-endian 64-bit word. That
+is about three times faster than a byte at a time, and still only tens of MB/s.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Three footers are recognised from the blob's tail:
 
 * eStargz: a 51-byte empty gzip member whose FEXTRA subfield ``SG`` holds ``%016x`` of the TOC
-  offset followed by ``STARGZ`` (and the older 47-byte variant without the subfield header);
+  offset followed by ``STARGZ``, and the older 47-byte variant without the subfield header;
 * zstd:chunked v2 (containers/storage): a skippable frame holding 64 bytes of little-endian
   uint64s ending in the magic ``GNUlInUx``, with a tar-split frame position;
 * zstd:chunked legacy (stargz-snapshotter): a skippable frame holding 40 bytes ending in the
@@ -48,18 +48,18 @@ class TocLocation:
     """Where a blob's TOC lives and where its payload area ends."""
 
     format: LayerFormat
-    toc_offset: int  # first byte of the compressed TOC (eStargz: its gzip member)
+    toc_offset: int  # first byte of the compressed TOC; for eStargz, of its gzip member
     toc_length: int  # compressed TOC bytes
     toc_uncompressed: int | None  # zstd:chunked only
     payload_end: int  # file payloads lie in [0, payload_end)
-    footer_size: int  # bytes at the end of the blob taken by the footer (incl. frame header)
+    footer_size: int  # bytes at the end of the blob taken by the footer and its frame header
     tarsplit_offset: int | None = None
     tarsplit_length: int | None = None
     tarsplit_uncompressed: int | None = None
 
 
 def parse_footer(tail: bytes, blob_size: int) -> TocLocation:
-    """Find the TOC from the last bytes of a blob (``tail`` ends at ``blob_size``)."""
+    """Find the TOC from the last bytes of a blob; ``tail`` ends at ``blob_size``."""
     if len(tail) > blob_size:
         raise LayerFormatError("footer tail is longer than the blob")
     if tail.endswith(ZSTD_MAGIC) and len(tail) >= SKIPPABLE_HEADER_SIZE + ZSTD_FOOTER_SIZE:

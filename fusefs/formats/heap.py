@@ -1,8 +1,8 @@
 """Give the heap freed by a TOC parse back to the operating system.
 
-Parsing a large TOC allocates and frees tens of MB (the decompressed JSON, its decoded text,
-one entry's objects at a time). glibc keeps freed heap memory mapped when its (dynamically
-raised) trim threshold is not reached, so without a trim the daemon's RSS would stay at the
+Parsing a large TOC allocates and frees tens of MB: the decompressed JSON, its decoded text,
+and one entry's objects at a time. glibc keeps freed heap memory mapped while its dynamically
+raised trim threshold is not reached. Without a trim the daemon's RSS would stay at the
 parse's peak although the index itself is small.
 """
 

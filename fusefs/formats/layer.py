@@ -1,4 +1,4 @@
-"""From a located, compressed TOC to a verified LayerIndex (pure: no I/O)."""
+"""From a located, compressed TOC to a verified LayerIndex. Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ def index_from_toc(
 ) -> CompactLayerIndex:
     """Decompress, verify and index the TOC found at ``location``.
 
-    Digests checked when given: ``toc_digest`` (the uncompressed TOC JSON's sha256; for
-    zstd:chunked the compressed TOC's sha256 is accepted too, as that is what its
-    manifest-checksum annotation commits to), the eStargz ``toc.digest`` annotation, and the
-    zstd:chunked manifest-checksum annotations.
+    Digests checked when given: ``toc_digest``, the eStargz ``toc.digest`` annotation, and the
+    zstd:chunked manifest-checksum annotations. ``toc_digest`` is the uncompressed TOC JSON's
+    sha256. For zstd:chunked the compressed TOC's sha256 is accepted too, because that is what
+    its manifest-checksum annotation commits to.
     """
     limits = limits or IndexLimits()
     annotations = annotations or {}

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # One read of the blob's tail usually holds the footer and the whole (compressed) TOC.
 TAIL_READ_SIZE = 512 * 1024
-# Compressed TOCs below this (roughly 1k entries) are parsed on the calling task directly.
+# Compressed TOCs below this, roughly 1k entries, are parsed on the calling task directly.
 INLINE_PARSE_LIMIT = 64 * 1024
 
 
@@ -80,7 +80,7 @@ async def load_layer_index(
     if location.toc_length < INLINE_PARSE_LIMIT:
         return build()
     # A large TOC takes ~12 us per entry of pure-Python work: parse it in a worker thread so
-    # the event loop (FUSE requests of attached layers) keeps running between GIL switches.
+    # the event loop keeps answering the attached layers' FUSE requests between GIL switches.
     return await trio.to_thread.run_sync(build)
 
 

@@ -21,8 +21,8 @@ _NS = 1_000_000_000
 def parse_modtime(value: object) -> int:
     """Nanoseconds since the epoch; a missing or empty value is 0.
 
-    Times outside the int64 nanosecond range (e.g. Go's zero time, year 1) are clamped to it:
-    the filesystem cannot represent them anyway.
+    Times outside the int64 nanosecond range, such as Go's zero time in year 1, are clamped to
+    it: the filesystem cannot represent them anyway.
     """
     if value is None or value == "":
         return 0
@@ -48,7 +48,7 @@ def parse_modtime(value: object) -> int:
 
 
 def format_modtime(mtime_ns: int) -> str:
-    """RFC 3339 in UTC, with a fraction only when the time has one (as Go's RFC3339Nano)."""
+    """RFC 3339 in UTC, with a fraction only when the time has one, as Go's RFC3339Nano."""
     seconds, nanos = divmod(mtime_ns, _NS)
     try:
         stamp = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(

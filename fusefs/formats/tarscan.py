@@ -1,6 +1,6 @@
 """Read an input layer tar as raw pieces for the writers: each member's header bytes exactly as
-they are in the input (PAX/GNU extension headers included), its payload position, and the tail
-after the last member. Copying raw bytes keeps the output tar byte-identical to the input."""
+in the input, PAX/GNU extension headers included; its payload position; and the tail after the
+last member. Copying raw bytes keeps the output tar byte-identical to the input."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ class TarMember:
 
 @contextlib.contextmanager
 def seekable_tar(tar_in: BinaryIO) -> Iterator[BinaryIO]:
-    """A seekable, uncompressed view of ``tar_in`` (gzip or zstd input is decompressed).
+    """A seekable, uncompressed view of ``tar_in``; gzip or zstd input is decompressed.
 
     The caller's stream is used as is when it is a seekable plain tar; otherwise the
-    (decompressed) content is spooled to a temporary file, closed on exit.
+    decompressed content is spooled to a temporary file, closed on exit.
     """
     with contextlib.ExitStack() as stack:
         if not _is_seekable(tar_in):
@@ -104,8 +104,8 @@ def scan_members(source: BinaryIO) -> tuple[list[TarMember], int]:
             data_size = info.size if info.isreg() else 0
             if info.offset < end:
                 raise ValueError(f"tar member {info.name!r} overlaps the previous one")
-            # Bytes tarfile consumed before the member's own headers (a global PAX header)
-            # belong to it, so that copying members in order reproduces the input.
+            # Bytes tarfile consumed before the member's own headers, such as a global PAX
+            # header, belong to it, so that copying members in order reproduces the input.
             header_start = end
             end = info.offset_data + -(-data_size // BLOCK) * BLOCK
             members.append(
@@ -140,9 +140,10 @@ def iter_range(source: BinaryIO, start: int, length: int, piece: int) -> Iterato
 def prioritize(
     members: Sequence[TarMember], prioritized: Sequence[str]
 ) -> tuple[list[TarMember], list[TarMember]]:
-    """Split members into (prioritized first, in the given order, each preceded by its parent
-    directories and hardlink target; the rest in input order). Names not in the tar are
-    ignored: one prefetch list usually serves every layer of an image."""
+    """Split members into two lists. The first holds the prioritized ones in the given order,
+    each preceded by its parent directories and hardlink target; the second holds the rest in
+    input order. Names not in the tar are ignored: one prefetch list usually serves every layer
+    of an image."""
     by_name: dict[str, int] = {}
     for position, member in enumerate(members):
         by_name.setdefault(_clean(member.path), position)

@@ -22,7 +22,7 @@ from fusefs.formats.limits import IndexLimits
 
 TOC_TAR_NAME = "stargz.index.json"
 _BLOCK = 512
-# Tar headers that may precede the TOC's own header (PAX / GNU long names).
+# Tar headers that may precede the TOC's own header: PAX headers and GNU long names.
 _EXTENSION_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME})
 
 
@@ -126,7 +126,7 @@ def iter_toc_entries(data: bytes, limits: IndexLimits) -> Iterator[Any]:
     The document is walked at its top level by hand and each entry is decoded on its own, so
     the parsed JSON never exists as a whole: only one entry's objects are alive at a time,
     which keeps the peak and the leftover heap of a 100k-entry TOC small. Malformed documents
-    raise LayerFormatError (the version check happens when the iteration ends).
+    raise LayerFormatError; the version check happens when the iteration ends.
     """
     try:
         text = data.decode("utf-8")

@@ -1,9 +1,9 @@
 """Writers: a plain or compressed layer tar in, an eStargz or zstd:chunked blob out.
 
-The output decompresses to a tar whose members carry the input's header bytes unchanged:
-only their order changes (prioritized files first) and, for eStargz, the landmark file and the
-TOC member are added, as the eStargz format defines. Compression restarts (a new gzip member or
-zstd frame) at every payload chunk so each chunk can be fetched and decoded on its own.
+The output decompresses to a tar whose members carry the input's header bytes unchanged.
+Only their order changes, with prioritized files first. For eStargz, the landmark file and the
+TOC member are added, as the eStargz format defines. Compression restarts with a new gzip member
+or zstd frame at every payload chunk, so each chunk can be fetched and decoded on its own.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def _base_entry(info: tarfile.TarInfo) -> dict[str, Any]:
 
 
 class _TarSplit:
-    """tar-split's JSON-lines description of the output tar (containers/storage uses it to
-    rebuild the exact tar from a partially pulled layer)."""
+    """tar-split's JSON-lines description of the output tar. containers/storage uses it to
+    rebuild the exact tar from a partially pulled layer."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
@@ -223,7 +223,7 @@ class _LayerWriter:
         self.tarsplit = _TarSplit() if self.native else None
 
     def raw(self, data: bytes) -> None:
-        """Tar bytes that are not file content (headers, padding, end-of-archive)."""
+        """Tar bytes that are not file content: headers, padding, end-of-archive."""
         self.framed.write(data)
         if self.tarsplit is not None:
             self.tarsplit.raw(data)
@@ -245,7 +245,7 @@ class _LayerWriter:
             self.raw(read_range(self.source, member.data_start + size, padding))
 
     def synthetic(self, info: tarfile.TarInfo, content: bytes) -> None:
-        """A member that is not in the input (the landmark)."""
+        """A member that is not in the input, such as the landmark."""
         self.raw(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
         entry = _base_entry(info)
         crc = Crc64() if self.tarsplit is not None else None
@@ -377,12 +377,12 @@ def write_estargz(
     compression_level: int = 9,
     min_chunk_size: int = 0,
 ) -> WriteResult:
-    """Convert a layer tar (plain, gzip or zstd) to eStargz.
+    """Convert a plain, gzip or zstd layer tar to eStargz.
 
-    ``prioritized`` paths (with their parent directories) come first, followed by
+    ``prioritized`` paths and their parent directories come first, followed by
     ``.prefetch.landmark``; without any, ``.no.prefetch.landmark`` comes first. Names not in
     the layer are ignored. ``min_chunk_size`` > 0 packs payloads into the current gzip member
-    while it holds fewer uncompressed bytes (entries then differ by ``innerOffset``).
+    while it holds fewer uncompressed bytes; the entries in it then differ by ``innerOffset``.
     """
     with seekable_tar(tar_in) as source:
         return _write_estargz(
@@ -454,14 +454,15 @@ def write_zstd_chunked(
     compression_level: int = 10,
     legacy: bool = False,
 ) -> WriteResult:
-    """Convert a layer tar (plain, gzip or zstd) to zstd:chunked.
+    """Convert a plain, gzip or zstd layer tar to zstd:chunked.
 
-    The default is the current containers/storage format (64-byte footer, tar-split, its TOC
-    schema with ``endOffset`` and ``zeros`` chunks); ``legacy=True`` writes stargz-snapshotter's
-    variant (40-byte footer, eStargz TOC schema, no tar-split). Chunks have a fixed size (not
-    containers/storage's content-defined boundaries; readers do not care). Without
-    ``prioritized`` files the output decompresses to exactly the input tar (no landmark is
-    added); with them, the files come first followed by ``.prefetch.landmark``.
+    The default is the current containers/storage format: a 64-byte footer, tar-split, and its
+    TOC schema with ``endOffset`` and ``zeros`` chunks. ``legacy=True`` writes
+    stargz-snapshotter's variant: a 40-byte footer, the eStargz TOC schema and no tar-split.
+    Chunks have a fixed size rather than containers/storage's content-defined boundaries, which
+    readers do not care about. Without ``prioritized`` files the output decompresses to exactly
+    the input tar and no landmark is added; with them, the files come first followed by
+    ``.prefetch.landmark``.
     """
     with seekable_tar(tar_in) as source:
         return _write_zstd_chunked(source, out, chunk_size, prioritized, compression_level, legacy)

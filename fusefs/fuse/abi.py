@@ -1,10 +1,10 @@
 """The FUSE kernel protocol as bytes: request headers and the reply structs we send.
 
-Layouts follow the Linux uapi header ``<linux/fuse.h>`` (protocol 7.31 and later: the full
-modern struct sizes, which is what a kernel that negotiated >= 7.31 expects). Pure: no I/O, no
-trio, no pyfuse3; ``fusefs.fuse.server`` drives it over a ``/dev/fuse`` fd.
+Layouts follow the Linux uapi header ``<linux/fuse.h>`` for protocol 7.31 and later. A kernel
+that negotiated 7.31 or above expects these full modern struct sizes. Pure: no I/O, no trio,
+no pyfuse3; ``fusefs.fuse.server`` drives it over a ``/dev/fuse`` fd.
 
-All integers are native-endian (the kernel and the server share a machine), so ``=`` formats.
+The kernel and the server share a machine, so all integers are native-endian: ``=`` formats.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _FORGET_ONE = struct.Struct("=QQ")  # fuse_forget_one
 _ACCESS_IN = struct.Struct("=II")  # fuse_access_in
 _INTERRUPT_IN = struct.Struct("=Q")  # fuse_interrupt_in
 _DIRENT_HEAD = struct.Struct("=QQII")  # fuse_dirent up to its name
-_INIT_IN = struct.Struct("=IIIII11I")  # fuse_init_in (flags2 and unused since 7.36)
+_INIT_IN = struct.Struct("=IIIII11I")  # fuse_init_in with flags2 and unused, since 7.36
 _INIT_IN_OLD = struct.Struct("=IIII")  # fuse_init_in before 7.36
 _INIT_OUT = struct.Struct("=IIIIHHIIHHI7I")  # fuse_init_out
 _INVAL_ENTRY = struct.Struct("=QII")  # fuse_notify_inval_entry_out
@@ -152,7 +152,7 @@ def encode_in_header(
     opcode: int, unique: int, nodeid: int, body_len: int, *, uid: int = 0, gid: int = 0,
     pid: int = 0,
 ) -> bytes:
-    """What the kernel writes (used by tests and fakes)."""
+    """What the kernel writes; tests and fakes use it."""
     return _IN_HEADER.pack(IN_HEADER_SIZE + body_len, opcode, unique, nodeid, uid, gid, pid, 0, 0)
 
 
@@ -172,7 +172,7 @@ def error_reply(unique: int, errno_value: int) -> bytes:
 
 
 def parse_out_header(buf: bytes) -> tuple[int, int, int]:
-    """(len, error, unique) of a reply (for tests)."""
+    """The length, error and unique of a reply, for tests."""
     length, error, unique = _OUT_HEADER.unpack_from(buf)
     return length, error, unique
 
@@ -216,7 +216,7 @@ def _split_ns(ns: int) -> tuple[int, int]:
 
 
 def encode_attr(a: Attributes) -> bytes:
-    """struct fuse_attr (the device number in the kernel's new_encode_dev form, as libfuse)."""
+    """struct fuse_attr, with the device number in the kernel's new_encode_dev form as libfuse."""
     atime, atimensec = _split_ns(a.atime_ns)
     mtime, mtimensec = _split_ns(a.mtime_ns)
     ctime, ctimensec = _split_ns(a.ctime_ns)
@@ -227,7 +227,7 @@ def encode_attr(a: Attributes) -> bytes:
 
 
 def _encode_dev(rdev: int) -> int:
-    """glibc's dev_t (what libfuse copies into fuse_attr.rdev, truncated to 32 bits)."""
+    """glibc's dev_t truncated to 32 bits, as libfuse copies it into fuse_attr.rdev."""
     return rdev & 0xFFFFFFFF
 
 
@@ -267,12 +267,12 @@ def encode_statfs_out(s: StatfsReply) -> bytes:
 
 
 def encode_xattr_size(size: int) -> bytes:
-    """fuse_getxattr_out: the answer to a size probe (request size 0)."""
+    """fuse_getxattr_out: the answer to a size probe, a request of size 0."""
     return _XATTR_OUT.pack(size, 0)
 
 
 def dirent_type(mode: int) -> int:
-    """d_type of a mode (DT_REG = 8, DT_DIR = 4, ...): the file type bits shifted down."""
+    """d_type of a mode, such as DT_REG = 8 or DT_DIR = 4: the file type bits shifted down."""
     return stat.S_IFMT(mode) >> 12
 
 
@@ -295,12 +295,14 @@ def encode_dirent(ino: int, next_offset: int, mode: int, name: bytes) -> bytes:
 
 
 def encode_direntplus(a: Attributes, next_offset: int, name: bytes) -> bytes:
-    """struct fuse_direntplus: the entry (the kernel takes a lookup reference) then the dirent."""
+    """struct fuse_direntplus: the entry, on which the kernel takes a lookup reference, then
+    the dirent."""
     return encode_entry_out(a) + encode_dirent(a.ino, next_offset, a.mode, name)
 
 
 def encode_inval_entry(parent: int, name: bytes) -> bytes:
-    """A FUSE_NOTIFY_INVAL_ENTRY notification, header included (unique 0, error = code)."""
+    """A FUSE_NOTIFY_INVAL_ENTRY notification, header included. Its unique is 0 and its error
+    field holds the notification code."""
     body = _INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
     return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), NOTIFY_INVAL_ENTRY, 0) + body
 
@@ -330,7 +332,7 @@ class ReadIn(NamedTuple):
 
 
 def parse_read_in(body: bytes | memoryview) -> ReadIn:
-    """fuse_read_in (READ, READDIR, READDIRPLUS)."""
+    """fuse_read_in, as READ, READDIR and READDIRPLUS send it."""
     _need(body, READ_IN_SIZE, "fuse_read_in")
     fh, offset, size, _read_flags, _lock_owner, flags, _pad = _READ_IN.unpack_from(body)
     return ReadIn(fh, offset, size, flags)

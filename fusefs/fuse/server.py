@@ -86,7 +86,7 @@ class RequestHandlers(Protocol):
 
 
 class ProtocolServer:
-    """Serves ``fd`` (an open ``/dev/fuse`` connection) until the filesystem is unmounted."""
+    """Serves ``fd``, an open ``/dev/fuse`` connection, until the filesystem is unmounted."""
 
     def __init__(
         self, handlers: RequestHandlers, fd: int, *, max_tasks: int = DEFAULT_MAX_TASKS,
@@ -183,9 +183,9 @@ class ProtocolServer:
 
         Their callers would otherwise wait until killed. The kernel keeps such a request on the
         connection's processing list, which a reply matches by its unique number; we do not know
-        those numbers, but they lie just below that of the first request we read (requests are
-        numbered as they are queued, and read in queue order). So every number of the window
-        below it gets an error reply: the kernel refuses (ENOENT) each one that is not waiting,
+        those numbers, but they lie just below that of the first request we read: requests are
+        numbered as they are queued, and read in queue order. So every number of the window
+        below it gets an error reply. The kernel refuses with ENOENT each one that is not waiting,
         and nothing else of ours is in flight yet. Runs once, before anything is dispatched.
         """
         try:
@@ -210,8 +210,8 @@ class ProtocolServer:
         try:
             os.write(self._fd, data)
         except OSError as exc:
-            # ENOENT: the request is no longer waited for (interrupted, its process killed);
-            # ENODEV: the connection ended. Neither is ours to fix.
+            # ENOENT: the request is no longer waited for, because it was interrupted or its
+            # process killed. ENODEV: the connection ended. Neither is ours to fix.
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("fuse reply not written error=%r", exc)
 

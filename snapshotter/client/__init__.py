@@ -1,7 +1,7 @@
 """The containerd client side: ``lazysnap pull`` and ``lazysnap unpack``.
 
 Stores an image's documents in containerd, then unpacks its layers with labelled Prepares that
-the snapshotter (this project's daemon, or any other) can serve lazily.
+the snapshotter can serve lazily, whether it is this project's daemon or another.
 
 - ``documents``: an image's documents, from the registry or from the daemon's Resolve answer;
 - ``pull``: store and unpack (``pull``, ``unpack_existing``), layer blobs from the registry;
@@ -11,10 +11,10 @@ the snapshotter (this project's daemon, or any other) can serve lazily.
   client started only for blobs that are not lazy;
 - ``progress``: what the CLI prints per layer.
 
-May import: the standard library, grpc and the generated stubs, the shared top-level modules
-(``snapshotter.errors``, ``model``, ``labels``, ``lazy_formats``, ``daemon_api``), and
-``registry`` (through its root; lazily, inside functions, in the modules the CLI imports before
-its first RPC: ``daemon_client``, ``registry_blobs``, ``progress``). Never ``store``, ``remote``
-or ``daemon``: the client runs in the CLI process, which must not load the snapshotter itself
-(``tests/test_dependency_rule.py`` checks this).
+May import: the standard library, grpc and the generated stubs, and the shared top-level
+modules ``snapshotter.errors``, ``model``, ``labels``, ``lazy_formats`` and ``daemon_api``.
+``registry`` is imported through its root. The modules the CLI imports before its first RPC,
+``daemon_client``, ``registry_blobs`` and ``progress``, import it lazily inside functions.
+Never ``store``, ``remote`` or ``daemon``: the client runs in the CLI process, which must not
+load the snapshotter itself. ``tests/test_dependency_rule.py`` checks this.
 """

@@ -18,7 +18,7 @@ class ImageConfigError(ValueError):
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """The chain ID of every prefix of ``diff_ids`` (bottom layer first)."""
+    """The chain ID of every prefix of ``diff_ids``, bottom layer first."""
     chain: list[str] = []
     for diff_id in diff_ids:
         if not chain:
@@ -72,9 +72,9 @@ def layer_labels(
     """The labels of layer ``index``'s extraction Prepare and Commit, as CRI sends them, plus
     what a lazy reader needs that CRI drops.
 
-    Annotations under ``containerd.io/snapshot/`` (e.g. the eStargz TOC digest) pass as they are,
-    as containerd passes them; the seekable-format annotations containerd would drop
-    (zstd:chunked positions and checksums) and the layer's media type are forwarded under
+    Annotations under ``containerd.io/snapshot/``, such as the eStargz TOC digest, pass as they
+    are, as containerd passes them. containerd would drop the other seekable-format annotations,
+    the zstd:chunked positions and checksums. They and the layer's media type are forwarded under
     lazysnap's own ``containerd.io/snapshot/lazysnap.*`` names, so the daemon can decide and
     read the TOC without fetching the manifest. The reference label names the chain ID.
     """

@@ -1,8 +1,8 @@
 """What the client-side unpacker needs from containerd, as plain types and a Protocol (no I/O).
 
 ``snapshotter.client.containerd_client.ContainerdClient`` implements it over containerd's gRPC API;
-unit tests implement it in memory. Failures are the snapshotter's domain errors
-(``NotFoundError``, ``AlreadyExistsError``, ...) or ``ContainerdError`` for everything else, so
+unit tests implement it in memory. Failures are the snapshotter's domain errors, such as
+``NotFoundError`` and ``AlreadyExistsError``, or ``ContainerdError`` for everything else. So
 no caller needs grpc to tell "missing" from "broken".
 """
 

@@ -105,7 +105,8 @@ class _WriteReplies:
             self.error = exc
 
     def send(self, requests: queue.Queue[Any], message: Any) -> bool:
-        """Queue ``message``; False once the stream has ended (containerd answered an error)."""
+        """Queue ``message``; False once the stream has ended because containerd answered an
+        error."""
         while self._thread.is_alive():
             try:
                 requests.put(message, timeout=0.2)
@@ -143,8 +144,8 @@ def _ns(ts: Any) -> int:
 
 
 class ContainerdClient:
-    """A synchronous client of one containerd namespace. Use as a context manager (it owns the
-    channel)."""
+    """A synchronous client of one containerd namespace. Use it as a context manager, because
+    it owns the channel."""
 
     def __init__(
         self, address: Path = DEFAULT_CONTAINERD_ADDRESS, namespace: str = "default"
@@ -285,8 +286,8 @@ class ContainerdClient:
         on_progress: Callable[[int], None] | None = None,
     ) -> bool:
         # grpc consumes a request iterator on a thread of its own and swallows its exceptions,
-        # so ``chunks`` (which may read from the network) is consumed here, in the caller's
-        # thread, and handed over through a queue; a helper thread drains the replies so that
+        # so ``chunks``, which may read from the network, is consumed here in the caller's
+        # thread and handed over through a queue. A helper thread drains the replies so that
         # HTTP/2 flow control never stalls containerd.
         requests: queue.Queue[content_pb2.WriteContentRequest | None] = queue.Queue(maxsize=8)
         call = self._content.Write(

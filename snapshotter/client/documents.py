@@ -1,4 +1,4 @@
-"""An image's documents (index, platform manifest, config) byte for byte: what ``lazysnap pull``
+"""An image's index, platform manifest and config byte for byte: the documents ``lazysnap pull``
 stores in containerd before it unpacks.
 
 They come from the registry (``fetch_documents``), or from the daemon's ``Daemon/Resolve``
@@ -39,7 +39,8 @@ class ImageDocuments:
 async def fetch_documents(
     registry: RegistryClient, ref: Reference, platform: Platform | None
 ) -> ImageDocuments:
-    """The registry's one resolution (one GET by tag, one more for an index), then the config."""
+    """The registry's one resolution, then the config. Resolving is one GET by tag, and one
+    more for an index."""
     image = await registry.resolve_image(ref, platform)
     config = await registry.fetch_blob(ref, image.manifest.config.digest, max_size=MAX_CONFIG_BYTES)
     return ImageDocuments(

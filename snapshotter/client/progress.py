@@ -19,7 +19,7 @@ class LayerResult:
     digest: str
     chain_id: str
     outcome: Outcome  # remote: served lazily; applied: fetched and unpacked; exists: already there
-    size: int  # bytes written into containerd's content store (0 if none)
+    size: int  # bytes written into containerd's content store, or 0
     seconds: float
 
     def line(self) -> str:

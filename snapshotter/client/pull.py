@@ -1,13 +1,13 @@
 """Pull an image into containerd, or unpack one containerd already has, for a snapshotter.
 
-The registry side is async (trio, through ``registry``); containerd's client is synchronous
+The registry side is async: trio, through ``registry``. containerd's client is synchronous
 gRPC. ``pull`` fetches the small documents in trio, then runs the containerd work in a worker
-thread; layer blobs the unpacker needs are downloaded by hopping back into trio
-(``trio.from_thread``), so the trio thread never blocks on gRPC.
+thread. Layer blobs the unpacker needs are downloaded by hopping back into trio with
+``trio.from_thread``, so the trio thread never blocks on gRPC.
 
 trio is imported where it is used: ``lazysnap pull --snapshotter-address`` stores and unpacks
-what the daemon resolved (``client.documents.documents_from_answer``) and needs no trio unless a
-layer's blob must be fetched.
+what the daemon resolved, through ``client.documents.documents_from_answer``, and needs no trio
+unless a layer's blob must be fetched.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ Announce = Callable[[UnpackPlan], None]
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT = MAX_MANIFEST_BYTES  # manifests and indexes (the distribution spec's limit)
+MAX_DOCUMENT = MAX_MANIFEST_BYTES  # manifests and indexes; the distribution spec's limit
 MAX_CONFIG = MAX_CONFIG_BYTES
 READ_CHUNK = 1024 * 1024
 FETCH_RANGE = 8 * 1024 * 1024  # one ranged GET; large enough that round trips do not matter
@@ -67,7 +67,8 @@ def _parse_documents(
     target_content: bytes,
     platform: Platform | None,
 ) -> tuple[Index | None, Descriptor]:
-    """The index (if the target is one) and the descriptor of the manifest to unpack."""
+    """The index, or None when the target is a manifest, and the descriptor of the manifest to
+    unpack."""
     parsed = parse_manifest(target_content, target.media_type)
     if isinstance(parsed, Manifest):
         return None, target
@@ -78,9 +79,9 @@ class RegistryBlobs:
     """Layer blobs streamed from the registry in large ranges, so that progress shows the fetch
     and nothing lands on local disk; containerd verifies the digest as it commits the blob.
 
-    A registry that cannot serve ranges gets one whole (verified) download into ``scratch``.
-    ``open`` runs in a worker thread started by ``trio.to_thread`` (or in any thread, given the
-    token of the trio loop that owns ``registry``); every registry call hops back into trio.
+    A registry that cannot serve ranges gets one whole, verified download into ``scratch``.
+    ``open`` runs in a worker thread started by ``trio.to_thread``, or in any thread given the
+    token of the trio loop that owns ``registry``. Every registry call hops back into trio.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class RegistryBlobs:
 
     @contextlib.contextmanager
     def open(self, layer: Descriptor) -> Iterator[Iterable[bytes]]:
-        import trio  # noqa: PLC0415 (see the module docstring)
+        import trio  # noqa: PLC0415 - lazy, as the module docstring says
 
         hop = trio.from_thread.run
         token = self._token
@@ -117,7 +118,7 @@ class RegistryBlobs:
 
 
 def _ranges(blob: RemoteBlob, first: bytes, token: TrioToken | None) -> Iterator[bytes]:
-    import trio  # noqa: PLC0415 (see the module docstring)
+    import trio  # noqa: PLC0415 - lazy, as the module docstring says
 
     yield first
     offset = len(first)
@@ -136,7 +137,8 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 def store_blob(
     api: ContainerdAPI, data: bytes, digest: str, labels: Mapping[str, str] | None = None
 ) -> None:
-    """Put a small blob into containerd's content store with ``labels`` (also when present)."""
+    """Put a small blob into containerd's content store with ``labels``. A blob already there
+    gets the labels too."""
     written = api.write_content(
         ingest_ref(digest), [data], expected=digest, total=len(data), labels=labels
     )
@@ -186,7 +188,7 @@ async def pull(
     progress: Progress,
     announce: Announce | None = None,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
-    import trio  # noqa: PLC0415 (see the module docstring)
+    import trio  # noqa: PLC0415 - lazy, as the module docstring says
 
     image = await fetch_documents(registry, ref, platform)
     with tempfile.TemporaryDirectory(prefix="lazysnap-pull-") as scratch:
@@ -260,7 +262,7 @@ async def unpack_fetching(
     progress: Progress,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
     """``unpack_existing`` that fetches missing layer blobs from the image's registry."""
-    import trio  # noqa: PLC0415 (see the module docstring)
+    import trio  # noqa: PLC0415 - lazy, as the module docstring says
 
     record = await trio.to_thread.run_sync(find_image, api, name)
     ref = parse_reference(record.name)

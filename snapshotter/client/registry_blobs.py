@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from snapshotter.client.pull import RegistryBlobs
 
 # How to reach the image's registry: its hosts and the credentials to use there. Called once,
-# at the first blob, so that building them (and importing ``registry``) costs nothing before.
+# at the first blob, so that building them and importing ``registry`` cost nothing before.
 ClientSetup = Callable[["Reference"], tuple["HostsConfig", "CredentialProvider"]]
 
 
 class OnDemandRegistryBlobs:
-    """A ``BlobSource`` whose registry client (trio loop in its own thread, TLS context, auth) is
-    started at the first blob that must be fetched: an image whose layers are all lazy never
-    pays for it. The unpack runs in the main thread and hops into that loop by its token."""
+    """A ``BlobSource`` whose registry client is started at the first blob that must be
+    fetched, so an image whose layers are all lazy never pays for it. The client brings a trio
+    loop in its own thread, a TLS context and auth. The unpack runs in the main thread and hops into
+    that loop by its token."""
 
     def __init__(self, image_name: str, setup: ClientSetup) -> None:
         self._image_name = image_name
@@ -46,7 +47,7 @@ class OnDemandRegistryBlobs:
             yield chunks
 
     def _start(self) -> RegistryBlobs:
-        import trio  # noqa: PLC0415 (see the class docstring)
+        import trio  # noqa: PLC0415 - lazy, as the class docstring says
 
         from registry import RegistryClient, parse_reference  # noqa: PLC0415
         from snapshotter.client.pull import RegistryBlobs  # noqa: PLC0415
@@ -84,7 +85,7 @@ class OnDemandRegistryBlobs:
     def close(self) -> None:
         if self._thread is not None:
             if self._token is not None and self._stop is not None:
-                import trio  # noqa: PLC0415 (already imported by _start)
+                import trio  # noqa: PLC0415 - _start imported it already
 
                 with contextlib.suppress(trio.RunFinishedError):
                     trio.from_thread.run_sync(self._stop.set, trio_token=self._token)

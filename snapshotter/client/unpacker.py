@@ -1,15 +1,17 @@
 """Unpack an image's layers into a snapshotter the way containerd's unpacker does, with the
 per-layer labels containerd's CRI adds, so that a lazy snapshotter can serve them remotely.
 
-Per layer, bottom first (containerd 1.6 ``unpacker.go`` semantics):
+Per layer, bottom first, with the semantics of containerd 1.6's ``unpacker.go``:
 
-1. ``Stat(chainID)`` finds the layer: nothing to do (``exists``).
-2. ``Prepare("extract-<nanos>-<rand> <chainID>", parent=<previous chainID>, labels)``. A
-   snapshotter that can serve the layer itself commits it under the chain ID and answers
-   ALREADY_EXISTS; then ``Stat(chainID)`` confirms it and the layer is done (``remote``).
+1. ``Stat(chainID)`` finds the layer: nothing to do. The outcome is ``exists``.
+2. A Prepare with the key ``extract-<nanos>-<rand> <chainID>``, the previous chain ID as
+   parent, and the labels. A snapshotter that can serve the layer itself commits it under the
+   chain ID and answers ALREADY_EXISTS; then ``Stat(chainID)`` confirms it and the layer is
+   done. The outcome is ``remote``.
 3. Otherwise the answer is an ordinary active snapshot: make sure the blob is in containerd's
    content store, let containerd's diff service apply it onto the mounts, check the applied
-   digest against the config's diff ID, and ``Commit(chainID, key, labels)`` (``applied``).
+   digest against the config's diff ID, and commit the key under the chain ID with the labels.
+   The outcome is ``applied``.
 
 The caller holds a containerd lease around ``unpack`` so that nothing is collected half-way.
 """
@@ -40,7 +42,8 @@ PREPARE_ATTEMPTS = 3  # containerd retries a Prepare whose ALREADY_EXISTS target
 
 
 class UnpackError(SnapshotterError):
-    """The image cannot be unpacked (inconsistent image, digest mismatch, missing blob)."""
+    """The image cannot be unpacked: it is inconsistent, a digest mismatches or a blob is
+    missing."""
 
 
 class MissingBlobError(UnpackError):
@@ -117,8 +120,8 @@ def extraction_key(chain_id: str) -> str:
 
 def ingest_ref(digest: str) -> str:
     """A content-store ingest name of our own: containerd locks a ref while it is written, so a
-    concurrent pull of the same blob must not share it (the second commit then simply finds the
-    blob present)."""
+    concurrent pull of the same blob must not share it. The second commit then simply finds the
+    blob present."""
     return f"lazysnap-{digest}-{secrets.token_hex(4)}"
 
 
@@ -222,7 +225,7 @@ class Unpacker:
             self._api.remove_snapshot(self._snapshotter, key)
 
     def _ensure_blob(self, layer: Descriptor) -> int:
-        """Bytes written into the content store (0 when it already had the blob)."""
+        """Bytes written into the content store; 0 when it already had the blob."""
         try:
             info = self._api.content_info(layer.digest)
         except NotFoundError:

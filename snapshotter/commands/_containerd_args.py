@@ -13,8 +13,8 @@ from snapshotter.client.progress import LayerResult
 if TYPE_CHECKING:
     from registry import HostsConfig
 
-# Neither ``registry`` nor the containerd client is imported here: ``lazysnap pull
-# --snapshotter-address`` reaches its first RPC without them (their imports dominate its start-up).
+# Neither ``registry`` nor the containerd client is imported here: their imports dominate the
+# start-up of ``lazysnap pull --snapshotter-address``, which reaches its first RPC without them.
 DEFAULT_SNAPSHOTTER = "lazysnap"
 DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")  # containerd_client's default
 

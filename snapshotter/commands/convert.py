@@ -1,5 +1,6 @@
 """``lazysnap convert SRC DST``: rewrite an image's layers as eStargz or zstd:chunked and push
-the result (OCI media types, layer annotations kept) so that lazysnap can pull it lazily.
+the result so that lazysnap can pull it lazily. It uses OCI media types and keeps layer
+annotations.
 
 One line per layer, then the new manifest digest. Errors are one line on stderr, exit code 1;
 the destination tag is written last, so a failed run leaves nothing under it.

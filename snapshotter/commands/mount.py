@@ -2,17 +2,17 @@
 
     lazysnap mount --blob layer.esgz /mnt/layer [--cache-dir DIR] [--access-log FILE]
 
-The blob's tree appears directly at MOUNTPOINT. Files are fetched (from the local blob) chunk by
+The blob's tree appears directly at MOUNTPOINT. Files are fetched from the local blob chunk by
 chunk on first read, verified and cached; unless ``--no-background-fetch``, the whole blob is then
 read in the background and checked against its digest. Runs until Ctrl-C, SIGTERM or an external
-unmount (``fusermount3 -u MOUNTPOINT``), and always unmounts on the way out.
+unmount such as ``fusermount3 -u MOUNTPOINT``, and always unmounts on the way out.
 
     lazysnap mount registry.example/app:1.0 /mnt/app [--platform linux/amd64]
 
-The image form resolves the reference with the registry client (hosts from the containerd-style
-hosts directory, credentials from the docker config), attaches every layer (all must be eStargz
-or zstd:chunked) as a directory of one private FUSE mount, and merges them read-only with
-overlayfs at MOUNTPOINT (a one-layer image is mounted directly).
+The image form resolves the reference with the registry client, which takes its hosts from the
+containerd-style hosts directory and its credentials from the docker config. It attaches every
+layer as a directory of one private FUSE mount, and merges them read-only with overlayfs at
+MOUNTPOINT. Every layer must be eStargz or zstd:chunked. A one-layer image is mounted directly.
 """
 
 from __future__ import annotations
@@ -169,13 +169,13 @@ async def run_then_stop(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await fs.run(task_status=task_status)
-    scope.cancel()  # unmounted (from outside or by a signal): stop the signal watcher too
+    scope.cancel()  # unmounted from outside or by a signal: stop the signal watcher too
 
 
 async def stop_on_signal(
     fs: LazyFilesystem, before: list[Callable[[], Awaitable[None]]] | None = None
 ) -> None:
-    """On SIGINT/SIGTERM: run ``before`` (e.g. unmount an overlay on top), then unmount."""
+    """On SIGINT/SIGTERM: run ``before``, e.g. to unmount an overlay on top, then unmount."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("stopping on signal=%s", signal.Signals(signum).name)

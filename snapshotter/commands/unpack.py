@@ -1,7 +1,7 @@
-"""``lazysnap unpack IMAGE``: unpack an image containerd already has (e.g. pulled for overlayfs)
+"""``lazysnap unpack IMAGE``: unpack an image containerd already has, e.g. pulled for overlayfs,
 into a snapshotter, with the per-layer labels containerd's CRI sends. Reads the image record,
-manifest, config and layer blobs from containerd; with ``--fetch``, layer blobs containerd lacks
-(e.g. layers another snapshotter serves lazily) come from the image's registry."""
+manifest, config and layer blobs from containerd. With ``--fetch``, layer blobs containerd lacks
+come from the image's registry, such as those of layers another snapshotter serves lazily."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ TARGET_MEDIA_TYPES: Mapping[TargetFormat, str] = {
     "zstd:chunked": OCI_LAYER_ZSTD,
 }
 
-# Source layer media types the converter reads (the writers accept tar, tar+gzip, tar+zstd),
-# mapped to their OCI equivalent. Non-distributable / foreign layers are left out on purpose:
+# Source layer media types the converter reads, mapped to their OCI equivalent. The writers
+# accept tar, tar+gzip and tar+zstd. Non-distributable / foreign layers are left out on purpose:
 # their blobs often live outside the registry and must not be re-pushed.
 CONVERTIBLE_MEDIA_TYPES: Mapping[str, str] = {
     OCI_LAYER_GZIP: OCI_LAYER_GZIP,
@@ -52,7 +52,7 @@ CONVERTIBLE_MEDIA_TYPES: Mapping[str, str] = {
 }
 
 # Annotations that describe one blob's seekable layout. A converted blob has a new layout, so
-# stale ones from the source (say, zstd:chunked keys on a layer now written as eStargz) must go.
+# stale ones from the source must go, say zstd:chunked keys on a layer now written as eStargz.
 FORMAT_ANNOTATIONS = frozenset(
     {
         ESTARGZ_TOC_DIGEST,
@@ -67,7 +67,7 @@ FORMAT_ANNOTATIONS = frozenset(
 
 
 class ConvertError(Exception):
-    """The image cannot be converted (unsupported layer, malformed config, bad target)."""
+    """The image cannot be converted: an unsupported layer, a malformed config, a bad target."""
 
 
 def parse_target_format(text: str) -> TargetFormat:
@@ -179,8 +179,8 @@ def _config_object(config: bytes) -> dict[str, Any]:
 
 
 def is_platform_image(media_type: str, platform: Platform | None) -> bool:
-    """An index entry worth converting: an image manifest for a real platform (buildx puts
-    attestation manifests in the index with platform ``unknown/unknown``)."""
+    """An index entry worth converting: an image manifest for a real platform. buildx puts
+    attestation manifests in the index with platform ``unknown/unknown``."""
     return (
         base_media_type(media_type) in IMAGE_MANIFEST_TYPES
         and platform is not None
@@ -200,7 +200,7 @@ def platform_object(platform: Platform) -> dict[str, str]:
 def build_index(
     manifests: Sequence[tuple[Platform | None, str, int]], annotations: Mapping[str, str]
 ) -> bytes:
-    """An OCI index of (platform, manifest digest, manifest size) entries."""
+    """An OCI index with one entry per platform, manifest digest and manifest size."""
     entries: list[dict[str, Any]] = []
     for platform, digest, size in manifests:
         entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": digest, "size": size}

@@ -2,16 +2,16 @@
 zstd:chunked, and push the result under a new reference.
 
 Order matters for failure safety: layer blobs first, then the new config, and the manifest
-last, so a failure at any point leaves nothing under the destination tag (only unreferenced
-blobs, which the registry's garbage collection removes).
+last. A failure at any point then leaves nothing under the destination tag, only unreferenced
+blobs, which the registry's garbage collection removes.
 
-From an index, one platform is converted (``--platform``, default this machine) and pushed as a
-plain image manifest, or with ``all_platforms`` every platform's image, pushed by digest, then a
-new index under the tag. Index entries that are not platform images (buildx attestations with
-platform ``unknown/unknown``) are left out.
+From an index, one platform is converted and pushed as a plain image manifest; ``--platform``
+picks it and defaults to this machine. With ``all_platforms`` every platform's image is pushed
+by digest, then a new index under the tag. Index entries that are not platform images are left
+out, such as buildx attestations with platform ``unknown/unknown``.
 
-With ``optimize`` (one platform), a first conversion is pushed by digest only and run once
-(``convert_optimize``); the final one puts the files that run read first.
+With ``optimize``, for one platform only, a first conversion is pushed by digest only and run
+once by ``convert_optimize``. The final one puts the files that run read first.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ConvertOptions:
     prioritized: tuple[str, ...] = ()  # paths in the image, put first in every layer holding them
     all_platforms: bool = False  # an index source: convert every platform, push a new index
     optimize: OptimizeSpec | None = None  # run a command once, put what it read first
-    work_dir: Path | None = None  # where temporary blobs go (default: the system's temp dir)
+    work_dir: Path | None = None  # where temporary blobs go; by default the system's temp dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,7 @@ class LayerReport:
 
 @dataclass(frozen=True, slots=True)
 class PlatformResult:
-    """One converted image manifest (pushed by digest when part of an index)."""
+    """One converted image manifest; pushed by digest when part of an index."""
 
     platform: Platform | None  # from the source index; None for a single-manifest source
     manifest_digest: str
@@ -221,7 +221,7 @@ async def _convert_optimized(
 async def _source_manifests(
     client: RegistryClient, source: Reference, options: ConvertOptions
 ) -> tuple[str, Index | None, list[_SourceManifest]]:
-    """(what SRC resolved to, its index when every platform is converted, the manifests)."""
+    """What SRC resolved to, its index when every platform is converted, and the manifests."""
     if not options.all_platforms:
         image = await client.resolve_image(source, options.platform)
         return image.digest, None, [_SourceManifest(image.platform, image.manifest)]
@@ -352,7 +352,7 @@ class _LayerConverter:
             )
 
         # Compression is CPU-bound and zlib/zstd release the GIL: a worker thread keeps the
-        # event loop (and the registry connections it owns) responsive.
+        # event loop responsive, and with it the registry connections it owns.
         return await trio.to_thread.run_sync(work)
 
     async def _has_blob(self, digest: str) -> bool:

@@ -1,7 +1,7 @@
-"""Convert one downloaded layer blob file to a seekable format (blocking: run it in a thread).
+"""Convert one downloaded layer blob file to a seekable format. It blocks: run it in a thread.
 
-The fusefs writers stream from a file to a file (a compressed input is spooled decompressed to a
-temporary file first), so a layer never has to fit in memory.
+The fusefs writers stream from a file to a file, so a layer never has to fit in memory. A
+compressed input is first spooled decompressed to a temporary file.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import zstandard
 from fusefs import DEFAULT_CHUNK_SIZE, WriteResult, write_estargz, write_zstd_chunked
 from snapshotter.convert.documents import TargetFormat
 
-# What reading a corrupt or unusual layer raises: the writers' ValueError (e.g. sparse
-# members), truncated streams, tar, gzip (OSError), zlib and zstd errors.
+# What reading a corrupt or unusual layer raises: the writers' ValueError, e.g. for sparse
+# members; truncated streams; tar errors; gzip's OSError; zlib and zstd errors.
 _BAD_LAYER_ERRORS = (
     ValueError, EOFError, OSError, tarfile.TarError, zlib.error, zstandard.ZstdError
 )
 
 
 class UnreadableLayerError(Exception):
-    """The layer's content (already verified against its digest) cannot be converted."""
+    """The layer's content cannot be converted, although it matched its digest."""
 
 
 def convert_layer_file(
@@ -35,7 +35,7 @@ def convert_layer_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     prioritized: Sequence[str] = (),
 ) -> WriteResult:
-    """Write ``source`` (tar, tar+gzip or tar+zstd) as ``fmt`` to ``dest``."""
+    """Write ``source``, a tar, tar+gzip or tar+zstd, as ``fmt`` to ``dest``."""
     with source.open("rb") as tar_in, dest.open("wb") as out:
         try:
             if fmt == "estargz":

@@ -1,9 +1,9 @@
 """``lazysnap convert --optimize CMD``: run a converted image once, lazily mounted, and record the
 order in which the command first read files; those files then go first in the final layers.
 
-The image is mounted by ``lazysnap mount IMAGE --access-log`` in a child process (pyfuse3 allows
-one FUSE session per process), a writable overlay goes on top (runc needs to create mount
-points), and the command runs in it with runc: its own namespaces, no network but loopback,
+The image is mounted by ``lazysnap mount IMAGE --access-log`` in a child process, because
+pyfuse3 allows one FUSE session per process. A writable overlay goes on top, since runc needs to
+create mount points. The command runs in it with runc: its own namespaces, no network but loopback,
 the image's environment and working directory, a time limit. Blocking: call it in a thread.
 Needs root, /dev/fuse and runc.
 """
@@ -36,7 +36,7 @@ DEFAULT_RUN_TIMEOUT = 60.0
 
 @dataclass(frozen=True, slots=True)
 class OptimizeSpec:
-    command: tuple[str, ...]  # argv, run in the image (argv[0] looked up on the image's PATH)
+    command: tuple[str, ...]  # argv, run in the image; argv[0] is looked up on the image's PATH
     timeout: float = DEFAULT_RUN_TIMEOUT  # the command is killed after this many seconds
     hosts_dir: str | None = None  # for the mount's registry client
 
@@ -49,7 +49,7 @@ class OptimizeRun:
 
 
 def check_requirements() -> None:
-    """Fail early (before any conversion) when the command cannot be run here."""
+    """Fail before any conversion when the command cannot be run here."""
     missing = [tool for tool in ("runc", "fusermount3") if shutil.which(tool) is None]
     if missing:
         raise ConvertError(f"--optimize needs {' and '.join(missing)} on PATH")
@@ -110,7 +110,8 @@ def runc_spec(
 
 
 def record_reads(image: str, spec: OptimizeSpec, env: Sequence[str], cwd: str) -> OptimizeRun:
-    """Mount ``image`` lazily, run the command in it, return what it read (see module doc)."""
+    """Mount ``image`` lazily, run the command in it, and return what it read, as the module
+    docstring describes."""
     work = Path(tempfile.mkdtemp(prefix="lazysnap-optimize-"))
     access_log = work / "access.jsonl"
     try:

@@ -50,8 +50,8 @@ STATUS_OF_ERROR: tuple[tuple[type[errors.SnapshotterError], grpc.StatusCode], ..
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotImplementedByBackendError, grpc.StatusCode.UNIMPLEMENTED),
-    # Daemon/Resolve's registry failures (ImageNotFoundError is a NotFoundError, above). They
-    # also carry their kind as trailing metadata (see _call), which the CLI reads.
+    # Daemon/Resolve's registry failures; ImageNotFoundError is a NotFoundError, mapped above.
+    # They also carry their kind as trailing metadata for the CLI to read; _call adds it.
     (RegistryAuthError, grpc.StatusCode.UNAUTHENTICATED),
     (RegistryDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ResolveTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -1,13 +1,14 @@
 """Keep the FUSE connection alive across a daemon crash: a tiny process holding a dup of the
 ``/dev/fuse`` fd.
 
-The kernel ends a FUSE connection (and every container reading through it gets ENOTCONN) when
-the last fd of ``/dev/fuse`` closes. The daemon therefore hands a duplicate of its fd to this
-keeper, started detached (its own session, KillMode=process in the unit), which
+The kernel ends a FUSE connection when the last fd of ``/dev/fuse`` closes, and every container
+reading through it then gets ENOTCONN. The daemon therefore hands a duplicate of its fd to this
+keeper, which is started detached, in its own session and with KillMode=process in the unit.
+The keeper
 
-* never reads from it (requests wait in the kernel while no daemon runs);
-* gives a copy to whoever asks on its unix socket ``<root>/fuse-keeper.sock`` (0600; root
-  only), with SCM_RIGHTS, so a restarted daemon can serve the same connection;
+* never reads from the fd, so requests wait in the kernel while no daemon runs;
+* gives a copy to whoever asks on its unix socket ``<root>/fuse-keeper.sock``, mode 0600 for
+  root only, with SCM_RIGHTS, so a restarted daemon can serve the same connection;
 * exits by itself once the connection ends: the daemon unmounted on a clean stop, or an
   operator did. The fd then polls POLLERR; the keeper checks on every mount table change and
   every second, and not on every request, which would wake it for each FUSE read.
@@ -49,7 +50,7 @@ def keeper_socket(root: Path) -> Path:
 
 
 def mount_device(mountpoint: Path) -> str | None:
-    """``major:minor`` of the FUSE mount at ``mountpoint`` (the top one), from mountinfo.
+    """``major:minor`` of the top FUSE mount at ``mountpoint``, from mountinfo.
 
     Read from /proc, never with stat(): a stat of the mount root would wait for an answer from
     the very daemon that is not running yet.
@@ -73,7 +74,8 @@ def _unescape(path: str) -> str:
 
 
 def connection_alive(fd: int) -> bool:
-    """False once the kernel ended the connection (events=0: only POLLERR/HUP/NVAL report)."""
+    """False once the kernel ended the connection. With events=0 only POLLERR/HUP/NVAL
+    report."""
     poller = select.poll()
     poller.register(fd, 0)
     return not poller.poll(0)
@@ -98,7 +100,7 @@ def _ask(socket_path: Path, command: bytes) -> tuple[dict[str, object], list[int
             conn.shutdown(socket.SHUT_WR)
             data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
         except (FileNotFoundError, ConnectionRefusedError):
-            return None  # no keeper (none started, or it exited with its connection)
+            return None  # no keeper: none started, or it exited with its connection
         except OSError as exc:
             log.warning("fuse keeper did not answer socket=%s error=%r", socket_path, exc)
             return None
@@ -114,7 +116,7 @@ def take_over(socket_path: Path, mountpoint: Path) -> Handover | None:
     """The live connection for the FUSE mount at ``mountpoint``, or None.
 
     None when no keeper answers, or its connection ended, or it is not the one mounted at
-    ``mountpoint`` (then the keeper is told to exit). The keeper keeps its own copy.
+    ``mountpoint``; that keeper is told to exit. The keeper keeps its own copy.
     """
     answer = _ask(socket_path, _TAKE)
     if answer is None:
@@ -142,12 +144,12 @@ def take_over(socket_path: Path, mountpoint: Path) -> Handover | None:
 
 
 def retire(socket_path: Path) -> None:
-    """Ask a keeper to let go of its connection and exit (no-op without one)."""
+    """Ask a keeper, if there is one, to let go of its connection and exit."""
     _ask(socket_path, _EXIT)
 
 
 def start_keeper(socket_path: Path, fd: int, mountpoint: Path) -> int:
-    """Start a keeper holding a copy of ``fd`` (the connection mounted at ``mountpoint``);
+    """Start a keeper holding a copy of ``fd``, the connection mounted at ``mountpoint``;
     returns its pid. The listening socket is bound here, before returning, so a daemon that
     dies right after still leaves a keeper that answers."""
     device = mount_device(mountpoint)
@@ -180,7 +182,7 @@ def start_keeper(socket_path: Path, fd: int, mountpoint: Path) -> int:
 
 
 def _keeper_stderr() -> int | None:
-    """The daemon's stderr (the journal, a log file), but never a pipe: whoever reads the
+    """The daemon's stderr, such as the journal or a log file, but never a pipe: whoever reads the
     daemon's output through one would wait for the keeper to exit as well."""
     try:
         if stat.S_ISFIFO(os.fstat(2).st_mode):
@@ -209,7 +211,7 @@ class _Keeper:
         """Serve until the connection ends or someone asks us to exit; returns why."""
         poller = select.poll()
         poller.register(self._listener.fileno(), select.POLLIN)
-        # A changed mount table (an unmount, among others) makes this poll POLLPRI|POLLERR:
+        # A changed mount table, by an unmount among others, makes this poll POLLPRI|POLLERR:
         # the moment to look at the connection again.
         with open("/proc/self/mountinfo", "rb") as mountinfo:
             poller.register(mountinfo.fileno(), select.POLLPRI)

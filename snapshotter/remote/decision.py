@@ -1,10 +1,10 @@
-"""Decide from a Prepare's labels whether a layer can be served lazily (pure, no network).
+"""Decide from a Prepare's labels whether a layer can be served lazily. Pure, no network.
 
 containerd passes a layer's descriptor annotations down only when their keys start with
-``containerd.io/snapshot/`` (so the eStargz TOC digest arrives as is). lazysnap's own unpacker
-also forwards the other annotations a reader needs (zstd:chunked positions and checksums) and the
-layer's media type, under ``containerd.io/snapshot/lazysnap.annotation/<key>`` and
-``containerd.io/snapshot/lazysnap.media-type``.
+``containerd.io/snapshot/``, so the eStargz TOC digest arrives as is. lazysnap's own unpacker
+also forwards the other annotations a reader needs, the zstd:chunked positions and checksums,
+and the layer's media type. They go under ``containerd.io/snapshot/lazysnap.annotation/<key>``
+and ``containerd.io/snapshot/lazysnap.media-type``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def classify(media_type: str | None, annotations: Mapping[str, str]) -> tuple[La
 
 
 def decide(labels: Mapping[str, str]) -> RemoteDecision | None:
-    """None when the Prepare is not a layer extraction (no snapshot.ref label)."""
+    """None when the Prepare is not a layer extraction: it has no snapshot.ref label."""
     chain_ref = labels.get(SNAPSHOT_REF)
     if not chain_ref:
         return None

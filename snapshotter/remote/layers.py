@@ -124,7 +124,7 @@ class LazyLayers:
         return RemoteDecision(enriched, fmt, reason + " (from the manifest)")
 
     async def _manifest(self, image_ref: str, digest: str) -> Manifest | None:
-        """The image manifest named by digest (immutable, so cached), or None for an index."""
+        """The image manifest named by digest, or None for an index. It is immutable, so cached."""
         key = f"{parse_reference(image_ref).name}@{digest}"
         if key in self._manifests:
             self._manifests.move_to_end(key)
@@ -186,8 +186,8 @@ class LazyLayers:
         )
 
     def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> list[bool]:
-        """Start reading the TOCs of layers whose Prepares are announced (their labels and blob
-        sizes); for each, whether a read started. A layer the labels show is not lazy is only
+        """Start reading the TOCs of layers whose Prepares are announced with their labels and
+        blob sizes; for each, whether a read started. A layer the labels show is not lazy is only
         remembered as such; one only its manifest can tell about is left to its Prepare."""
         return [self._read_one_ahead(labels, size) for labels, size in layers]
 
@@ -272,12 +272,12 @@ class LazyLayers:
         """Remove cached chunks no remote layer references; return (chunks, bytes).
 
         ``recorded`` maps the layer id of every ``remote_layers`` row to its blob digest,
-        ``attaching`` names layers between attach and their row. A layer among them that is not
-        attached (its restore failed, it was detached since, or its index is still being read)
-        has no known chunk list: every content-addressed chunk is kept, as it may be one of
-        that layer's, and so is every digest-less chunk of a recorded layer's blob (the blob of
-        a layer still attaching is not known here; its digest-less chunks, if any were cached
-        before, may go and would be fetched again).
+        ``attaching`` names layers between attach and their row. A layer among them may not be
+        attached: its restore failed, it was detached since, or its index is still being read.
+        Such a layer has no known chunk list, so every content-addressed chunk is kept, as it may
+        be one of that layer's. So is every digest-less chunk of a recorded layer's blob. The
+        blob of a layer still attaching is not known here: its digest-less chunks, if any were
+        cached before, may go and would be fetched again.
         """
         attached = set(self._fs.layer_ids())
         unknown = {digest for layer_id, digest in recorded.items() if layer_id not in attached}

@@ -23,8 +23,8 @@ class OpenedLayer:
 
 
 def expected_toc_digest(annotations: Mapping[str, str] | None) -> str | None:
-    """The eStargz TOC digest a layer's annotations vouch for (zstd:chunked carries its
-    checksums in other annotations, which the index loader reads itself)."""
+    """The eStargz TOC digest a layer's annotations vouch for. zstd:chunked carries its
+    checksums in other annotations, which the index loader reads itself."""
     return None if annotations is None else annotations.get(ESTARGZ_TOC_DIGEST)
 
 
@@ -36,7 +36,7 @@ async def open_layer(
     *,
     size: int | None = None,
 ) -> OpenedLayer:
-    """Open the blob in the registry (``size`` unknown: the registry is asked) and index it."""
+    """Open the blob in the registry and index it. Without ``size`` the registry is asked."""
     blob = await client.open_blob(ref, digest, size)
     return await index_layer(blob, annotations)
 
@@ -50,7 +50,7 @@ async def index_layer(
 ) -> OpenedLayer:
     """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
     without the network. ``toc_digest``: the digest recorded at first attach, instead of the
-    annotations' (a restart trusts what it verified then)."""
+    annotations', because a restart trusts what it verified then."""
     source = blob if saved is None else SavedTocBlob(blob, saved)
     recording = RecordingBlob(source)
     if saved is not None:

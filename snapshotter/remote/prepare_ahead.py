@@ -1,7 +1,7 @@
 """Layer Prepares known in advance: start reading their TOCs before containerd sends them.
 
 Runs on a gRPC thread. Whatever the number of layers, it asks the store once which ones exist
-and crosses into trio once to start the reads (and once more to resolve, for ``Daemon/Resolve``).
+and crosses into trio once to start the reads. ``Daemon/Resolve`` crosses once more to resolve.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class AheadBridge(Protocol):
 def read_ahead_announced(
     bridge: AheadBridge, existing: Existing, layers: Sequence[AnnouncedLayer]
 ) -> list[bool]:
-    """Start the TOC reads of announced layers (their Prepare labels and blob sizes, bottom
-    layer first) whose target snapshot does not exist yet; for each layer, whether one started."""
+    """Start the TOC reads of announced layers whose target snapshot does not exist yet; for
+    each layer, whether one started. Layers come bottom first, with Prepare labels and blob
+    sizes."""
     if len(layers) > MAX_ANNOUNCED_LAYERS:
         raise InvalidArgumentError(
             f"{len(layers)} layers announced; at most {MAX_ANNOUNCED_LAYERS} at a time"
@@ -54,9 +55,9 @@ def read_ahead_announced(
 def resolve_and_read_ahead(
     bridge: AheadBridge, existing: Existing, image: str, platform: str
 ) -> ResolveAnswer:
-    """Resolve with the daemon's registry client, plan the unpack exactly as the CLI will (same
-    name, manifest digest and config, hence the same Prepare labels), and start the TOC reads of
-    the lazy layers that do not exist yet."""
+    """Resolve with the daemon's registry client, plan the unpack exactly as the CLI will, and
+    start the TOC reads of the lazy layers that do not exist yet. The plan has the same name,
+    manifest digest and config as the CLI's, hence the same Prepare labels."""
     documents = bridge.resolve(image, platform)
     try:
         plan = plan_unpack(documents.name, documents.manifest_digest, documents.manifest,

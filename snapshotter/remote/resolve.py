@@ -1,8 +1,8 @@
 """``Daemon/Resolve``, the daemon's side: resolve an image with the daemon's warm registry client,
 then start reading its lazy layers' TOCs before answering.
 
-``lazysnap pull --snapshotter-address`` uses it instead of a registry client of its own (the
-CLI's imports and TLS set-up cost more than the daemon's whole resolution), and the read-ahead
+``lazysnap pull --snapshotter-address`` uses it instead of a registry client of its own, because
+the CLI's imports and TLS set-up cost more than the daemon's whole resolution. The read-ahead
 replaces the separate ``Daemon/PrepareAhead`` round trip.
 """
 
@@ -86,7 +86,7 @@ async def fetch_image_documents(
     client: RegistryClient, image: str, platform: str
 ) -> ImageDocuments:
     """``fetch_documents`` with the daemon's bounds, its errors turned into domain errors that
-    the gRPC edge maps to status codes (the CLI turns those back into its usual messages)."""
+    the gRPC edge maps to status codes. The CLI turns those back into its usual messages."""
     if not image or len(image) > MAX_REFERENCE_LENGTH:
         raise InvalidArgumentError(f"image reference must be 1..{MAX_REFERENCE_LENGTH} characters")
     try:

@@ -3,16 +3,16 @@
 A Prepare that mounts a layer lazily waits for the blob's size, its footer and TOC ranges and the
 TOC's parsing. Two things tell the daemon early which layers come next:
 
-* ``lazysnap pull`` announces every layer it is about to unpack (``Daemon/PrepareAhead``), with
-  the labels its Prepares will carry and the layer sizes from the manifest;
-* a Prepare with ``cri.image-layers`` names the image's other layers (containerd unpacks them one
-  after another).
+* ``lazysnap pull`` announces every layer it is about to unpack through ``Daemon/PrepareAhead``,
+  with the labels its Prepares will carry and the layer sizes from the manifest;
+* a Prepare with ``cri.image-layers`` names the image's other layers, which containerd unpacks
+  one after another.
 
 For each, a task opens the blob, reads and indexes its TOC and keeps the result for a while. The
-Prepare takes it: the recorded ranges always (no network), the index too when it was built with
-the same expected digests the Prepare has (otherwise it is built again from the ranges, with the
-Prepare's digests, so nothing is trusted that the Prepare's labels would not vouch for).
-Everything here runs on the trio thread.
+Prepare always takes the recorded ranges, which need no network. It takes the index too when it
+was built with the same expected digests the Prepare has. Otherwise the index is built again
+from the ranges with the Prepare's digests, so nothing is trusted that the Prepare's labels
+would not vouch for. Everything here runs on the trio thread.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class TocReadAhead:
         return True
 
     def not_lazy(self, digest: str) -> None:
-        """Remember for a while that ``digest`` has no TOC to read (its labels said so), so a
+        """Remember for a while that ``digest`` has no TOC to read, as its labels said, so a
         neighbour read-ahead does not request its tail for nothing."""
         if digest in self._entries or len(self._entries) >= self._capacity:
             return
@@ -105,7 +105,7 @@ class TocReadAhead:
     async def take(
         self, digest: str, *, toc_digest: str | None, annotations: Mapping[str, str]
     ) -> TocRead | None:
-        """The TOC read ahead for ``digest`` (waiting for it if still in flight), or None."""
+        """The TOC read ahead for ``digest``, or None. Waits for it if still in flight."""
         entry = self._entries.pop(digest, None)
         if entry is None:
             return None

@@ -1,6 +1,6 @@
 """Disk usage of a directory tree, counted like du: allocated blocks, each inode once.
 
-The tree may change during the walk (Usage of a running container's snapshot): entries that
+The tree may change during the walk, as in Usage of a running container's snapshot. Entries that
 vanish are skipped, like ``du`` does, instead of failing the call.
 """
 
@@ -13,7 +13,7 @@ from snapshotter.model import Usage
 
 
 def disk_usage(top: Path) -> Usage:
-    """Usage of ``top`` and everything under it; like containerd's fs.DiskUsage (and ``du -s``)
+    """Usage of ``top`` and everything under it. As in containerd's fs.DiskUsage and ``du -s``,
     the top directory itself counts as one inode with its blocks."""
     seen: set[tuple[int, int]] = set()
     size = 0

@@ -26,7 +26,7 @@ from snapshotter.store.filter_regexp import FilterRegexp, compile_filter_regexp
 # containerd's scanner takes any run of letters, digits, "_" and "-" as a field name.
 _IDENT = re.compile(r"[A-Za-z0-9_\-]+")
 _OPERATORS = ("==", "!=", "~=")
-# Go's strconv escapes (containerd unquotes filter strings with Go's rules; %q emits \a \b ...).
+# Go's strconv escapes: containerd unquotes filter strings with Go's rules, and %q emits \a \b.
 _ESCAPES = {
     "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
     "\\": "\\", '"': '"', "'": "'",
@@ -110,7 +110,7 @@ class _Scanner:
         raise self.error("unterminated quoted string")
 
     def alt_quoted(self) -> str:
-        """A ``~=`` value quoted with ``/`` or ``|`` (containerd's regexp quotes): only
+        """A ``~=`` value quoted with ``/`` or ``|``, containerd's regexp quotes. Only
         backslash-quote is unescaped, so regexp escapes such as ``\\d`` pass through."""
         quote = self.text[self.pos]
         self.pos += 1
@@ -143,7 +143,7 @@ class _Scanner:
             return self.quoted()
         if regexp and self.pos < len(self.text) and self.text[self.pos] in "/|":
             return self.alt_quoted()
-        # Unquoted values end at a comma or white space (containerd: value := [^\s,]+).
+        # Unquoted values end at a comma or white space, as containerd's value := [^\s,]+.
         end = self.pos
         while end < len(self.text) and self.text[end] != "," and not self.text[end].isspace():
             end += 1
@@ -155,7 +155,7 @@ class _Scanner:
 
 
 def parse_filter(text: str) -> Filter:
-    """Parse one filter string (selectors joined by commas); raise InvalidArgumentError."""
+    """Parse one filter string of selectors joined by commas; raise InvalidArgumentError."""
     scanner = _Scanner(text)
     selectors: list[Selector] = []
     if not text:
@@ -190,9 +190,9 @@ def parse_filters(texts: Sequence[str]) -> list[Filter]:
 
 
 def _field(info: SnapshotInfo, path: tuple[str, ...]) -> str | None:
-    """The field's value, or None when absent (containerd's snapshot filter adaptor).
+    """The field's value, or None when absent, as containerd's snapshot filter adaptor has it.
 
-    ``name``, ``parent`` and ``kind`` are always present (an empty parent is the value "");
+    ``name``, ``parent`` and ``kind`` are always present, and an empty parent is the value "".
     ``labels.<key>`` is present when the label is set.
     """
     head, rest = path[0], path[1:]

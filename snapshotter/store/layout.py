@@ -1,4 +1,4 @@
-"""Where things live under the state root (pure path arithmetic plus directory creation)."""
+"""Where things live under the state root: pure path arithmetic plus directory creation."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class Layout:
         return self.links / short_name(snapshot_id)
 
     def create(self) -> None:
-        """Create the state directories (0700: snapshot contents are root's business)."""
+        """Create the state directories with mode 0700: snapshot contents are root's business."""
         for path in (self.root, self.snapshots, self.links, self.trash, self.tails):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)

@@ -2,7 +2,7 @@
 
 The database is the single source of truth. Directories on disk are created inside the
 operation's transaction before it commits, and deleted only after a removal has committed, so a
-crash at any point leaves at worst an orphaned directory (removed by Cleanup), never a snapshot
+crash at any point leaves at worst an orphaned directory for Cleanup to remove, never a snapshot
 row without its directory.
 """
 
@@ -229,7 +229,7 @@ class MetadataStore:
         self.path = path
         self._lock = threading.Lock()
         try:
-            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
+            # Autocommit mode: transactions below are explicit, BEGIN IMMEDIATE ... COMMIT.
             self._conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=30
             )
