@@ -74,8 +74,9 @@ class Pod:
     sandbox_id: str
     config: cri.PodSandboxConfig
 
-    def start_container(self, name: str, image: str, command: Sequence[str]) -> str:
-        """CreateContainer then StartContainer; the log goes to ``<log_directory>/<name>.log``."""
+    def create_container(self, name: str, image: str, command: Sequence[str]) -> str:
+        """CreateContainer; the log will go to ``<log_directory>/<name>.log``. This is where
+        containerd reads the rootfs on the host: the image's USER and VOLUME contents."""
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name),
             image=cri.ImageSpec(image=image),
@@ -88,10 +89,17 @@ class Pod:
             ),
             timeout=CALL_TIMEOUT,
         )
-        container_id = str(created.container_id)
+        return str(created.container_id)
+
+    def start(self, container_id: str) -> None:
         self.client.runtime.StartContainer(
             cri.StartContainerRequest(container_id=container_id), timeout=CALL_TIMEOUT
         )
+
+    def start_container(self, name: str, image: str, command: Sequence[str]) -> str:
+        """CreateContainer then StartContainer."""
+        container_id = self.create_container(name, image, command)
+        self.start(container_id)
         return container_id
 
     def status(self, container_id: str) -> cri.ContainerStatus:
