@@ -112,7 +112,8 @@ def _check_socket(address: Path) -> None:
 
 
 def _clear_stale_mount(mountpoint: Path) -> None:
-    """A killed daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
+    """A killed daemon leaves its FUSE mount behind, answering "transport endpoint is not
+    connected"."""
     try:
         os.stat(mountpoint)
         return
@@ -198,7 +199,7 @@ async def _start_lazy(
         for record in await trio.to_thread.run_sync(snapshotter.remote_layer_records):
             restoring.start_soon(layers.restore, record)
     # Adopted connection: the kernel's queued requests are answered only now that every layer
-    # is back at its slot (the same inode numbers the kernel already holds).
+    # is back at its slot, with the inode numbers the kernel already holds.
     fs.resume()
     bridge = TrioBridge(layers, trio.lowlevel.current_trio_token())
     snapshotter.enable_remote(bridge)
@@ -233,7 +234,7 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
         finally:
             notify("STOPPING=1")
-            # In-flight RPCs finish (they may still hop into trio, so wait off the trio thread).
+            # In-flight RPCs finish. They may still hop into trio, so wait off the trio thread.
             await trio.to_thread.run_sync(
                 lambda: server.stop(SHUTDOWN_GRACE_SECONDS).wait()
             )

@@ -2,7 +2,7 @@
 
 - no parent: a bind mount of the snapshot's own directory (``ro`` for a view);
 - a view of one parent: a read-only bind mount of that parent;
-- a view of several parents: an overlay with only lower directories (read-only by nature);
+- a view of several parents: an overlay with only lower directories, read-only by nature;
 - an active snapshot with parents: an overlay with ``upperdir``/``workdir`` on local disk;
 - in Kata guest-pull mode, a container's snapshot or view with parents: that overlay under a
   ``fuse.nydus-overlayfs…`` type with the Kata volume as one more option (``guest_pull_mount``).
@@ -29,7 +29,7 @@ MOUNT_OPTIONS_BUDGET = 4096 - 256
 
 @dataclass(frozen=True, slots=True)
 class LowerDir:
-    path: Path  # where the layer's tree is (a local directory or a FUSE layer directory)
+    path: Path  # where the layer's tree is: a local directory or a FUSE layer directory
     short: Path  # a short symbolic link to ``path``
 
 

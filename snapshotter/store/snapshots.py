@@ -94,7 +94,7 @@ class Snapshotter:
         return self._guest_pull
 
     def enable_remote(self, remote: RemoteLayers | None) -> None:
-        """Serve layers lazily from now on (None: ordinary snapshots only)."""
+        """Serve layers lazily from now on; None serves ordinary snapshots only."""
         self._remote = remote
 
     def close(self) -> None:
@@ -153,10 +153,10 @@ class Snapshotter:
         return record
 
     def _make_dirs(self, snapshot_id: int, kind: Kind, tree: Path | None = None) -> None:
-        """``tree``: where the snapshot's files really are (a FUSE layer directory)."""
+        """``tree``: where the snapshot's files really are, such as a FUSE layer directory."""
         directory = self.layout.snapshot_dir(snapshot_id)
         if directory.exists():
-            # Left by a transaction that was rolled back (or a crash) and whose id is reused.
+            # Left by a rolled-back transaction or a crash, whose id is now reused.
             shutil.rmtree(directory)
         directory.mkdir(mode=0o700)
         fs = self.layout.fs_dir(snapshot_id)
@@ -416,7 +416,7 @@ class Snapshotter:
     def cleanup(self) -> int:
         """Remove directories, links and saved TOC tails that no snapshot owns (left by a crash
         between the filesystem step and the transaction), and cached chunks no remote layer
-        references; return how many paths were removed (chunks are logged, not counted)."""
+        references; return how many paths were removed. Chunks are logged, not counted."""
         trashed: list[Path] = []
         with self.store.transaction() as tx:
             ids = tx.ids()
@@ -456,7 +456,7 @@ class Snapshotter:
         return self._trash_path(self.layout.snapshot_dir(snapshot_id))
 
     def _trash_path(self, path: Path) -> Path:
-        """Move ``path`` into the trash; a path already gone (a concurrent Cleanup) is fine."""
+        """Move ``path`` into the trash; a path a concurrent Cleanup removed already is fine."""
         target = self.layout.trash / f"{path.name}-{time.monotonic_ns()}"
         try:
             path.rename(target)
