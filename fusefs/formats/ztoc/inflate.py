@@ -31,6 +31,7 @@ from fusefs.formats.ztoc.zlib_binding import Z_NO_FLUSH, Z_OK, Z_STREAM_END, Inf
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _TRAILER = 8  # CRC32 and ISIZE after each gzip member
+_PRIMED_PIECE = 4 * 1024 * 1024
 
 
 class InflateMethod(enum.Enum):
@@ -208,15 +209,18 @@ def _primed(compressed: bytes, point: Checkpoint, limit: int) -> tuple[bytes, bo
             skip = 1
         inflater.set_dictionary(point.window)
         inflater.feed(compressed[skip:])
-        out = ctypes.create_string_buffer(limit)
+        # The last span's limit is generous: collect the output piecewise, not in one buffer.
+        out = ctypes.create_string_buffer(min(limit, _PRIMED_PIECE))
+        parts: list[bytes] = []
         written = 0
         code = Z_OK
         while code == Z_OK and written < limit and inflater.avail_in:
-            code, count = inflater.inflate_into(out, written, Z_NO_FLUSH)
+            code, count = inflater.inflate_into(out, 0, Z_NO_FLUSH, limit - written)
+            parts.append(out.raw[:count])
             written += count
             if count == 0 and code != Z_STREAM_END:
                 break
-        data = out.raw[:written]
+        data = b"".join(parts)
         if code != Z_STREAM_END:
             return data, False
         return _rest_members(data, compressed[skip + inflater.consumed :], limit)

@@ -143,10 +143,11 @@ class Inflater:
         self._stream.avail_in -= count
 
     def inflate_into(
-        self, out: ctypes.Array[ctypes.c_char], start: int, flush: int
+        self, out: ctypes.Array[ctypes.c_char], start: int, flush: int, room: int | None = None
     ) -> tuple[int, int]:
-        """Inflate into ``out[start:]``; returns (zlib code, bytes written)."""
-        room = len(out) - start
+        """Inflate into at most ``room`` bytes of ``out[start:]`` (all of it by default);
+        returns (zlib code, bytes written)."""
+        room = len(out) - start if room is None else min(room, len(out) - start)
         self._stream.next_out = ctypes.addressof(out) + start
         self._stream.avail_out = room
         code = int(self._lib.inflate(ctypes.byref(self._stream), flush))
