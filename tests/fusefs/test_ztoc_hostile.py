@@ -8,11 +8,16 @@ import gzip
 import io
 import struct
 
+import flatbuffers
 import pytest
 
 from fusefs.formats import IndexLimits, LayerFormatError
 from fusefs.formats.errors import ChunkDecodeError, ChunkDigestError
-from fusefs.formats.ztoc import Checkpoint, InflateMethod, ZtocLayer, build_ztoc, parse_ztoc
+from fusefs.formats.ztoc import Checkpoint, InflateMethod, ZtocLayer, build_ztoc, parse_ztoc, verify
+from fusefs.formats.ztoc._fbs import TOC as TocFb
+from fusefs.formats.ztoc._fbs import FileMetadata as FileFb
+from fusefs.formats.ztoc._fbs import Xattr as XattrFb
+from fusefs.formats.ztoc._fbs import Ztoc as ZtocFb
 from fusefs.formats.ztoc.checkpoints import WINDOW_SIZE, pack_checkpoints
 from tests.fusefs.ztoc_support import FileSpec, encode_ztoc, lookup, read_ztoc_file, sha
 from tests.support.oci_image import TarBuilder, busybox_tar
@@ -280,3 +285,41 @@ def test_chunk_past_the_last_span_end_is_an_error() -> None:
     layer = _parse(_ztoc(files, uncompressed_size=GOOD.uncompressed_size + 100_000))
     with pytest.raises(ChunkDecodeError, match="needs"):
         read_ztoc_file(layer, BLOB, lookup(layer.index, "beyond"))
+
+
+def test_shared_tables_are_verified_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3000 file entries all pointing at one table with 3000 PAX records: walking the shared
+    # table each time would cost 9 million reference checks for a buffer of ~100 KiB.
+    builder = flatbuffers.Builder(1024)
+    key = builder.CreateString("k")
+    XattrFb.XattrStart(builder)
+    XattrFb.XattrAddKey(builder, key)
+    record = XattrFb.XattrEnd(builder)
+    FileFb.FileMetadataStartXattrsVector(builder, 3000)
+    for _ in range(3000):
+        builder.PrependUOffsetTRelative(record)
+    records = builder.EndVector()
+    FileFb.FileMetadataStart(builder)
+    FileFb.FileMetadataAddXattrs(builder, records)
+    member = FileFb.FileMetadataEnd(builder)
+    TocFb.TOCStartMetadataVector(builder, 3000)
+    for _ in range(3000):
+        builder.PrependUOffsetTRelative(member)
+    members = builder.EndVector()
+    TocFb.TOCStart(builder)
+    TocFb.TOCAddMetadata(builder, members)
+    toc = TocFb.TOCEnd(builder)
+    ZtocFb.ZtocStart(builder)
+    ZtocFb.ZtocAddToc(builder, toc)
+    builder.Finish(ZtocFb.ZtocEnd(builder))
+    calls = 0
+    original = verify._Verifier.reference
+
+    def counting(self: verify._Verifier, kind: str, at: int) -> None:
+        nonlocal calls
+        calls += 1
+        original(self, kind, at)
+
+    monkeypatch.setattr(verify._Verifier, "reference", counting)
+    verify.verify_ztoc_buffer(bytes(builder.Output()), max_vector=10_000)
+    assert calls < 10_000
