@@ -55,6 +55,20 @@ class SpanTable:
     def __len__(self) -> int:
         return len(self.checkpoints)
 
+    def span_at(self, compressed_offset: int) -> int | None:
+        """The span whose checkpoint's first whole byte is ``compressed_offset``, if any."""
+        points = self.checkpoints
+        low, high = 0, len(points)
+        while low < high:  # checkpoints are sorted by compressed offset (checked when parsed)
+            middle = (low + high) // 2
+            if points[middle].compressed_offset < compressed_offset:
+                low = middle + 1
+            else:
+                high = middle
+        if low < len(points) and points[low].compressed_offset == compressed_offset:
+            return low
+        return None
+
     def compressed_range(self, span: int) -> tuple[int, int]:
         """Blob range ``[start, end)`` holding span ``span``."""
         start = self.checkpoints[span].fetch_offset

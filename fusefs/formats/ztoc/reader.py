@@ -52,9 +52,8 @@ class ZtocLayer:
 
     def span_of(self, ref: ChunkRef) -> int:
         """The span a chunk of ``index`` lies in."""
-        starts = [p.compressed_offset for p in self.spans.checkpoints]
-        span = bisect.bisect_right(starts, ref.blob_offset) - 1
-        if span < 0 or starts[span] != ref.blob_offset:
+        span = self.spans.span_at(ref.blob_offset)
+        if span is None:
             raise LayerFormatError(f"no span starts at blob offset {ref.blob_offset}")
         return span
 
