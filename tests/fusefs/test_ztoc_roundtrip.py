@@ -21,9 +21,10 @@ from fusefs.formats.ztoc import (
     parse_ztoc,
 )
 from fusefs.formats.ztoc.checkpoints import pack_checkpoints, parse_checkpoints
+from fusefs.formats.ztoc.encode import ZtocFile, encode_ztoc
 from fusefs.index import Codec, LayerIndex
 from tests.fusefs.formats_support import build_sample_tree, gnu_tar, index_view, tar_view
-from tests.fusefs.ztoc_support import lookup, read_ztoc_file
+from tests.fusefs.ztoc_support import lookup, read_ztoc_file, sha
 from tests.support.oci_image import TarBuilder, busybox_tar, gzip_layer
 
 SPAN = 64 * 1024
@@ -172,3 +173,20 @@ def test_index_build_reports_sizes() -> None:
     assert built.compressed_size == len(blob)
     assert built.uncompressed_size <= len(tar)
     assert built.entries == len(tar_view(tar))
+
+
+def test_serializer_matches_soci_byte_for_byte() -> None:
+    """soci's TestWriteZtoc marshals this zTOC (2 zero-value members, 64 KiB of zero
+    checkpoint bytes) and pins its digest and size; the same content must give the same bytes."""
+    empty = ZtocFile(name="", type="", offset=0, size=0, mod_time="0001-01-01T00:00:00Z")
+    data = encode_ztoc(
+        files=[empty, empty],
+        checkpoints=bytes(1 << 16),
+        span_digests=[],
+        max_span_id=3,
+        build_tool="AWS SOCI CLI",
+        compressed_size=2_000_000,
+        uncompressed_size=2_500_000,
+    )
+    assert len(data) == 65928
+    assert sha(data) == "sha256:eba28fdf50b1b57543f57dd051b2468c1d4f57b64d2006c75aa4de1d03e6c7ec"

@@ -24,13 +24,14 @@ from fusefs.formats.errors import ChunkDecodeError, LayerFormatError
 from fusefs.formats.limits import IndexLimits
 from fusefs.formats.ztoc._fbs.Ztoc import Ztoc
 from fusefs.formats.ztoc.checkpoints import POINT_SIZE, SpanTable, parse_checkpoints
+from fusefs.formats.ztoc.encode import GZIP_ALGORITHM
 from fusefs.formats.ztoc.inflate import DEFAULT_METHOD, InflateMethod, inflate_span
 from fusefs.formats.ztoc.verify import verify_ztoc_buffer
 from fusefs.index import ChunkRef, Codec
 
 log = logging.getLogger(__name__)
 
-GZIP_ALGORITHM = 1  # CompressionAlgorithm.Gzip
+
 TAR_BLOCK = 512
 _SHA256 = re.compile(rb"sha256:[0-9a-f]{64}\Z")
 _XATTR_PREFIX = b"SCHILY.xattr."

@@ -14,21 +14,13 @@ import decimal
 import hashlib
 import tarfile
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
-
-import flatbuffers
+from typing import BinaryIO, cast
 
 from fusefs.formats.modtime import format_modtime
 from fusefs.formats.tarscan import TarMember, scan_members
-from fusefs.formats.ztoc._fbs import TOC as TocFb
-from fusefs.formats.ztoc._fbs import CompressionInfo as InfoFb
-from fusefs.formats.ztoc._fbs import FileMetadata as FileFb
-from fusefs.formats.ztoc._fbs import Xattr as XattrFb
-from fusefs.formats.ztoc._fbs import Ztoc as ZtocFb
 from fusefs.formats.ztoc.checkpoints import WINDOW_SIZE, Checkpoint, SpanTable, pack_checkpoints
-from fusefs.formats.ztoc.reader import GZIP_ALGORITHM
+from fusefs.formats.ztoc.encode import ZtocFile, encode_ztoc
 from fusefs.formats.ztoc.zlib_binding import (
     END_OF_BLOCK,
     LAST_BLOCK,
@@ -40,7 +32,6 @@ from fusefs.formats.ztoc.zlib_binding import (
 )
 
 DEFAULT_SPAN_SIZE = 4 * 1024 * 1024
-ZTOC_VERSION = "0.9"
 DEFAULT_BUILD_TOOL = "lazysnap"
 _READ = 1 << 16
 _OUT = 1 << 17
@@ -94,7 +85,15 @@ def build_ztoc(
             raise ZtocBuildError(f"the layer is not a readable tar: {exc}") from exc
         total = spool.seek(0, 2)
     uncompressed_size = min(tar_end + _TAR_END, total)
-    data = _serialize(members, table, digests, build_tool, compressed_size, uncompressed_size)
+    data = encode_ztoc(
+        files=[_describe(member) for member in members],
+        checkpoints=pack_checkpoints(table.span_size, table.checkpoints),
+        span_digests=digests,
+        max_span_id=len(table) - 1,
+        build_tool=build_tool,
+        compressed_size=compressed_size,
+        uncompressed_size=uncompressed_size,
+    )
     return ZtocBuild(
         data=data,
         digest="sha256:" + hashlib.sha256(data).hexdigest(),
@@ -183,89 +182,25 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     return int(info.mtime) * 1_000_000_000
 
 
-def _serialize(
-    members: Sequence[TarMember],
-    table: SpanTable,
-    digests: Sequence[str],
-    build_tool: str,
-    compressed_size: int,
-    uncompressed_size: int,
-) -> bytes:
-    builder = flatbuffers.Builder(1 << 16)
-    version = builder.CreateString(ZTOC_VERSION)
-    tool = builder.CreateString(build_tool)
-    files = [_file(builder, member) for member in members]
-    TocFb.TOCStartMetadataVector(builder, len(files))
-    for offset in reversed(files):
-        builder.PrependUOffsetTRelative(offset)
-    metadata = builder.EndVector()
-    TocFb.TOCStart(builder)
-    TocFb.TOCAddMetadata(builder, metadata)
-    toc = TocFb.TOCEnd(builder)
-    checkpoints = builder.CreateByteVector(pack_checkpoints(table.span_size, table.checkpoints))
-    digest_offsets = [builder.CreateString(d) for d in digests]
-    InfoFb.CompressionInfoStartSpanDigestsVector(builder, len(digest_offsets))
-    for offset in reversed(digest_offsets):
-        builder.PrependUOffsetTRelative(offset)
-    span_digests = builder.EndVector()
-    InfoFb.CompressionInfoStart(builder)
-    InfoFb.CompressionInfoAddMaxSpanId(builder, len(table) - 1)
-    InfoFb.CompressionInfoAddSpanDigests(builder, span_digests)
-    InfoFb.CompressionInfoAddCheckpoints(builder, checkpoints)
-    InfoFb.CompressionInfoAddCompressionAlgorithm(builder, GZIP_ALGORITHM)
-    info = InfoFb.CompressionInfoEnd(builder)
-    ZtocFb.ZtocStart(builder)
-    ZtocFb.ZtocAddVersion(builder, version)
-    ZtocFb.ZtocAddBuildToolIdentifier(builder, tool)
-    ZtocFb.ZtocAddToc(builder, toc)
-    ZtocFb.ZtocAddCompressedArchiveSize(builder, compressed_size)
-    ZtocFb.ZtocAddUncompressedArchiveSize(builder, uncompressed_size)
-    ZtocFb.ZtocAddCompressionInfo(builder, info)
-    builder.Finish(ZtocFb.ZtocEnd(builder))
-    return bytes(builder.Output())
-
-
-def _encoded(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _file(builder: Any, member: TarMember) -> int:
+def _describe(member: TarMember) -> ZtocFile:
     info = member.info
     typ = _TYPES.get(info.type)
     if typ is None:
         raise ZtocBuildError(f"tar member {info.name!r} has unsupported type {info.type!r}")
-    name = builder.CreateString(_encoded(info.name + ("/" if typ == "dir" else "")))
-    kind = builder.CreateString(typ)
-    link = builder.CreateString(_encoded(info.linkname))
-    uname = builder.CreateString(_encoded(info.uname))
-    gname = builder.CreateString(_encoded(info.gname))
-    mtime = builder.CreateString(format_modtime(_mtime_ns(info)))
-    records = []
-    for key in sorted(info.pax_headers):
-        value = info.pax_headers[key]
-        key_offset = builder.CreateString(_encoded(key))
-        value_offset = builder.CreateString(_encoded(value))
-        XattrFb.XattrStart(builder)
-        XattrFb.XattrAddKey(builder, key_offset)
-        XattrFb.XattrAddValue(builder, value_offset)
-        records.append(XattrFb.XattrEnd(builder))
-    FileFb.FileMetadataStartXattrsVector(builder, len(records))
-    for offset in reversed(records):
-        builder.PrependUOffsetTRelative(offset)
-    xattrs = builder.EndVector()
-    FileFb.FileMetadataStart(builder)
-    FileFb.FileMetadataAddName(builder, name)
-    FileFb.FileMetadataAddType(builder, kind)
-    FileFb.FileMetadataAddUncompressedOffset(builder, member.data_start)
-    FileFb.FileMetadataAddUncompressedSize(builder, member.data_size)
-    FileFb.FileMetadataAddLinkname(builder, link)
-    FileFb.FileMetadataAddMode(builder, info.mode)
-    FileFb.FileMetadataAddUid(builder, info.uid)
-    FileFb.FileMetadataAddGid(builder, info.gid)
-    FileFb.FileMetadataAddUname(builder, uname)
-    FileFb.FileMetadataAddGname(builder, gname)
-    FileFb.FileMetadataAddModTime(builder, mtime)
-    FileFb.FileMetadataAddDevmajor(builder, info.devmajor)
-    FileFb.FileMetadataAddDevminor(builder, info.devminor)
-    FileFb.FileMetadataAddXattrs(builder, xattrs)
-    return int(FileFb.FileMetadataEnd(builder))
+    return ZtocFile(
+        # tarfile drops a directory name's trailing slash; the tar (and soci) keep it.
+        name=info.name + ("/" if typ == "dir" and not info.name.endswith("/") else ""),
+        type=typ,
+        offset=member.data_start,
+        size=member.data_size,
+        linkname=info.linkname,
+        mode=info.mode,
+        uid=info.uid,
+        gid=info.gid,
+        uname=info.uname,
+        gname=info.gname,
+        mod_time=format_modtime(_mtime_ns(info)),
+        devmajor=info.devmajor,
+        devminor=info.devminor,
+        pax=tuple(sorted(info.pax_headers.items())),
+    )
