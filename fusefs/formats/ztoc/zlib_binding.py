@@ -74,6 +74,7 @@ class Inflater:
     """
 
     def __init__(self, wbits: int) -> None:
+        self._open = False  # until inflateInit2 succeeds: __del__ must not call inflateEnd
         self._lib = _libz()
         self._stream = _ZStream()
         self._input: ctypes.Array[ctypes.c_char] | None = None
@@ -136,11 +137,6 @@ class Inflater:
     @property
     def data_type(self) -> int:
         return int(self._stream.data_type)
-
-    def skip_input(self, count: int) -> None:
-        count = min(count, self.avail_in)
-        self._stream.next_in = (self._stream.next_in or 0) + count
-        self._stream.avail_in -= count
 
     def inflate_into(
         self, out: ctypes.Array[ctypes.c_char], start: int, flush: int, room: int | None = None
