@@ -1,7 +1,7 @@
 """Inflate one span of a gzip layer from its checkpoint, and verify what it gives.
 
 A span starts in the middle of a deflate stream: at a bit offset, with back references into
-the 32 KiB before it. Python's ``zlib`` cannot start at a bit offset, so there are two ways:
+the 32 KiB before it. Python's ``zlib`` cannot start at a bit offset; three ways around it:
 
 * ``SHIFTED``: shift the span's bits so the stream starts on a byte boundary, then a raw
   inflate with the window as dictionary (stdlib only). This is wrong whenever the span holds
@@ -13,9 +13,10 @@ the 32 KiB before it. Python's ``zlib`` cannot start at a bit offset, so there a
 * ``PRIMED``: the system zlib through ctypes, ``inflatePrime`` with the partial byte's bits
   and ``inflateSetDictionary`` with the window.
 
-Both are measured by ``benchmarks/ztoc_inflate.py``; ``DEFAULT_METHOD`` is the one kept. Either
-way the result is checked: a span that is not the last must inflate to exactly the length its
-checkpoints promise (not a byte more), and the last must end the gzip stream.
+All three are measured by ``benchmarks/ztoc_inflate.py``; ``DEFAULT_METHOD`` is the one kept
+(the fastest there, and stdlib only). Whatever the method, the result is checked: a span that
+is not the last must inflate to exactly the length its checkpoints promise (not a byte more),
+and the last must end the gzip stream.
 """
 
 from __future__ import annotations
