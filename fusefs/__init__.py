@@ -3,8 +3,9 @@
 Never imports ``registry`` or ``snapshotter``: what it needs from a blob is the ``BlobReader``
 protocol, which the registry's blob reader satisfies structurally.
 
-The daemon uses ``LazyFilesystem``, one mount with the layers attached as top-level directories.
-It uses ``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``.
+The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level directories),
+``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``. SOCI
+zTOCs of plain gzip layers are read and written with ``parse_ztoc`` / ``build_ztoc``.
 """
 
 from fusefs.blob import BlobReader, forget_redirect
@@ -20,6 +21,14 @@ from fusefs.formats import (
     write_estargz,
     write_zstd_chunked,
 )
+from fusefs.formats.ztoc import (
+    DEFAULT_SPAN_SIZE,
+    ZtocBuild,
+    ZtocBuildError,
+    ZtocLayer,
+    build_ztoc,
+    parse_ztoc,
+)
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 from fusefs.slot_mark import SlotMarkError
@@ -27,6 +36,7 @@ from fusefs.slot_mark import SlotMarkError
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_SPAN_SIZE",
     "BlobReader",
     "CacheUsage",
     "ChunkCache",
@@ -45,8 +55,13 @@ __all__ = [
     "LocalFileBlob",
     "SlotMarkError",
     "WriteResult",
+    "ZtocBuild",
+    "ZtocBuildError",
+    "ZtocLayer",
+    "build_ztoc",
     "forget_redirect",
     "load_layer_index",
+    "parse_ztoc",
     "write_estargz",
     "write_zstd_chunked",
 ]

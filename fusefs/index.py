@@ -32,6 +32,7 @@ class EntryKind(enum.IntEnum):
 class Codec(enum.Enum):
     GZIP = "gzip"  # eStargz
     ZSTD = "zstd"  # zstd:chunked
+    GZIP_SPANS = "gzip-spans"  # plain gzip with a SOCI zTOC: chunks inflate from checkpoints
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
   containerd runc docker-registry skopeo umoci busybox-static openssl util-linux procps
-  stargz-snapshotter
+  stargz-snapshotter flatbuffers-compiler
 )
 BINARIES=(fusermount3 pkg-config containerd ctr runc containerd-shim-runc-v2 docker-registry
-          skopeo umoci busybox openssl gcc pkill ctr-remote)
+          skopeo umoci busybox openssl gcc pkill ctr-remote flatc)
 
 missing=()
 for binary in "${BINARIES[@]}"; do

@@ -11,6 +11,8 @@ echo "== mypy (strict on the packages)"
 .venv/bin/mypy
 echo "== generated gRPC stubs are current"
 .venv/bin/python scripts/gen_proto.py --check
+echo "== generated FlatBuffers code is current"
+.venv/bin/python scripts/gen_flatbuffers.py --check
 echo "== pytest"
 # Every test must run in CI: conftest turns missing services into failures when CI is set.
 .venv/bin/pytest "$@"

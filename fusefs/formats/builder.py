@@ -145,8 +145,11 @@ def split_name(name: str, limits: IndexLimits) -> list[bytes]:
 
 
 class _Builder:
-    def __init__(self, codec: Codec, payload_end: int, limits: IndexLimits) -> None:
+    def __init__(
+        self, codec: Codec, payload_end: int, limits: IndexLimits, *, chunk_digests: bool = True
+    ) -> None:
         self.codec = codec
+        self.chunk_digests_required = chunk_digests
         self.payload_end = payload_end
         self.limits = limits
         self.kinds = bytearray()
@@ -538,7 +541,7 @@ class _Builder:
                 )
             if digest is None and count == 1:
                 digest = _digest({"digest": file_digest}, "digest")
-            if digest is None and not zeros:
+            if digest is None and not zeros and self.chunk_digests_required:
                 raise LayerFormatError(f"chunk of {name!r} has no digest")
             if zeros:
                 blob_end = blob_offset
@@ -704,12 +707,15 @@ def build_index(
     payload_end: int,
     limits: IndexLimits,
     toc_trusted: bool = False,
+    chunk_digests: bool = True,
 ) -> CompactLayerIndex:
     """Validate TOC ``entries`` (JSON objects in TOC order) and index them.
 
     ``payload_end`` bounds every chunk's compressed range (the TOC's offset in the blob).
+    ``chunk_digests=False`` accepts chunks without a digest: a zTOC has none per file, only
+    per span, and those are checked when a span is inflated.
     """
-    builder = _Builder(codec, payload_end, limits)
+    builder = _Builder(codec, payload_end, limits, chunk_digests=chunk_digests)
     for entry in entries:
         builder.add(entry)
     return builder.build(toc_digest, toc_trusted=toc_trusted)

@@ -24,8 +24,11 @@ def decode_chunk(codec: Codec, compressed: bytes | memoryview, ref: ChunkRef) ->
     wanted = ref.inner_offset + ref.size
     if codec is Codec.GZIP:
         data = _gunzip_prefix(compressed, wanted)
-    else:
+    elif codec is Codec.ZSTD:
         data = _unzstd_prefix(compressed, wanted)
+    else:
+        # A zTOC span needs its checkpoint (bits and window): fusefs.formats.ztoc reads it.
+        raise ChunkDecodeError(f"{codec.value} chunks are not self-contained")
     if len(data) < wanted:
         raise ChunkDecodeError(
             f"chunk at blob offset {ref.blob_offset} decodes to {len(data)} bytes, {wanted} needed"

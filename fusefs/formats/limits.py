@@ -32,6 +32,7 @@ class IndexLimits:
     max_file_size: int = 1 << 42  # 4 TiB
     max_chunks_per_file: int = 1 << 20
     max_chunk_size: int = 64 * MiB
+    max_span_uncompressed: int = 256 * MiB  # one zTOC span, inflated in memory at once
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -14,7 +14,7 @@ import struct
 import subprocess
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,11 +270,15 @@ def walk(index: LayerIndex, directory: int = 0, prefix: str = "") -> Iterator[tu
             yield from walk(index, entry, path + "/")
 
 
-def index_view(index: LayerIndex, blob: bytes) -> dict[str, Node]:
+def index_view(
+    index: LayerIndex,
+    blob: bytes,
+    read: Callable[[LayerIndex, bytes, int], bytes] = read_file,
+) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
     for path, entry in walk(index):
         attr = index.attr(entry)
-        content = read_file(index, blob, entry) if attr.kind == EntryKind.REG else b""
+        content = read(index, blob, entry) if attr.kind == EntryKind.REG else b""
         if attr.kind == EntryKind.REG:
             assert len(content) == attr.size
         target = index.readlink(entry) if attr.kind == EntryKind.SYMLINK else b""
