@@ -52,7 +52,27 @@ class FetchConfig:
     # large ranges at a time gets the bytes to them sooner than their own misses one by one.
     long_read: float = 6.0
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
+    # A read that has not got its bytes after this long fails with EIO and a log line. The
+    # kernel queues a bounded number of READs per mount: one stalled blob must not hold them,
+    # nor the mount's worker tasks, for the registry client's minutes of retries.
+    read_deadline: float = 20.0
+    # Range requests in flight per blob, readers and work ahead of them together. A stalled
+    # blob then holds at most this many of the host's connections.
+    blob_requests: int = 8
+    # Chunks are shared across layers by digest. A reader waiting this long on another
+    # layer's fetch of a chunk fetches it from its own blob instead: the other blob may stall.
+    foreign_flight_patience: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.read_deadline <= 0 or self.foreign_flight_patience < 0:
+            raise ValueError("read_deadline must be positive, foreign_flight_patience >= 0")
+        if self.blob_requests < 1:
+            raise ValueError("blob_requests must be at least 1")
 
 
 class FetchError(Exception):
     """A chunk could not be fetched, decoded or verified; readers get EIO."""
+
+
+class ReadDeadlineExceeded(FetchError):
+    """A read did not get its bytes within ``FetchConfig.read_deadline``; it gets EIO."""

@@ -21,14 +21,14 @@ import trio
 
 from fusefs.cache import ChunkCache, chunk_key
 from fusefs.chunk_blocks import has_blocks
-from fusefs.fetch_config import Decoder, FetchConfig, FetchError
+from fusefs.fetch_config import Decoder, FetchConfig, FetchError, ReadDeadlineExceeded
 from fusefs.flights import ChunkFlights, Claim
 from fusefs.formats import decode_chunk
 from fusefs.index import ChunkRef
 from fusefs.layer import Layer, chunk_at
 from fusefs.read_policy import ReadPolicy
 
-__all__ = ["ChunkFetcher", "Decoder", "FetchConfig", "FetchError"]
+__all__ = ["ChunkFetcher", "Decoder", "FetchConfig", "FetchError", "ReadDeadlineExceeded"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,16 @@ class ChunkFetcher:
     # -- the read path -----------------------------------------------------------------------
 
     async def read(self, layer: Layer, entry: int, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of a regular file, short at end of file."""
+        """Bytes ``[offset, offset + size)`` of a regular file, short at end of file.
+
+        ``ReadDeadlineExceeded`` after ``read_deadline`` seconds. The fetches it waited on go
+        on in the fetcher's nursery, so a later read may find their chunks."""
+        deadline = self.config.read_deadline
+        with trio.move_on_after(deadline):
+            return await self._read(layer, entry, offset, size)
+        raise ReadDeadlineExceeded(f"no bytes after {deadline:g} s (read deadline)")
+
+    async def _read(self, layer: Layer, entry: int, offset: int, size: int) -> bytes:
         file_size = layer.index.attr(entry).size
         end = min(file_size, offset + size)
         if offset >= end:
@@ -171,4 +180,4 @@ class ChunkFetcher:
         # Only a reader that really waits counts as foreground: hits in memory must not pause
         # background fetch, or a read-everything workload would starve it.
         with self.foreground():
-            return await self.flights.wait(key, ref, fetch_miss)
+            return await self.flights.wait(layer.digest, key, ref, fetch_miss)

@@ -6,6 +6,13 @@ goes away does not abort a fetch others are waiting on. A range claims its chunk
 requested, so a reader that needs one of them waits for that range instead of fetching the same
 bytes again.
 
+A chunk shared by layers of different blobs may be in flight from a blob that stalls. A reader
+of another layer waits ``foreign_flight_patience`` for it, then fetches from its own blob, and
+its verified bytes also release the first flight's readers.
+
+Range requests are limited per blob (``blob_requests``), so a stalled blob holds only that many
+of the registry client's connections.
+
 Verified chunks are kept in memory twice over: a small LRU of hot chunks, so consecutive reads
 inside one chunk decode it once, and the chunks on their way to the disk cache. The disk write
 comes after the waiters are released (write-behind).
@@ -30,13 +37,14 @@ log = logging.getLogger(__name__)
 
 
 class _Flight:
-    __slots__ = ("background", "data", "done", "error")
+    __slots__ = ("background", "blob", "data", "done", "error")
 
-    def __init__(self, *, background: bool = False) -> None:
+    def __init__(self, blob: str, *, background: bool = False) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.background = background  # claimed by background work: a failure is retried
+        self.blob = blob  # digest of the blob the chunk is fetched from
 
 
 class Claim:
@@ -89,6 +97,9 @@ class ChunkFlights:
         self._config = config
         self._decode = decoder
         self._inflight: dict[str, _Flight] = {}
+        # Fetches from a reader's own blob after another blob's flight of the chunk was slow.
+        self._own_fetches: dict[tuple[str, str], _Flight] = {}
+        self._blob_slots: dict[str, trio.CapacityLimiter] = {}
         self._hot = _HotChunks(config.hot_bytes)
         self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
         self._writes_pending = 0
@@ -124,29 +135,69 @@ class ChunkFlights:
     # -- one reader's chunk --------------------------------------------------------------------
 
     async def wait(
-        self, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
+        self, blob: str, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
     ) -> bytes:
         """The chunk's verified bytes from the flight in progress or from a new one, which
-        loads the disk cache and on a miss calls ``fetch_miss`` with the chunk claimed."""
-        flight = await self._join(key, ref, fetch_miss)
+        loads the disk cache and on a miss calls ``fetch_miss`` with the chunk claimed.
+        ``blob`` is the digest of the reader's own blob, which ``fetch_miss`` requests."""
+        flight = await self._join(blob, key, ref, fetch_miss)
         if flight.error is not None and flight.background:
             # A failed background range is not the reader's failure: try once on its own.
-            flight = await self._join(key, ref, fetch_miss)
+            flight = await self._join(blob, key, ref, fetch_miss)
         if flight.error is not None:
             raise FetchError(str(flight.error)) from flight.error
         assert flight.data is not None
         return flight.data
 
     async def _join(
-        self, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
+        self, blob: str, key: str, ref: ChunkRef, fetch_miss: Callable[[Claim], Awaitable[None]]
     ) -> _Flight:
         flight = self._inflight.get(key)
         if flight is None:
-            flight = _Flight()
+            flight = _Flight(blob)
             self._inflight[key] = flight
             self._nursery.start_soon(self._load_or_fetch, key, ref, flight, fetch_miss)
+        elif flight.blob != blob:
+            with trio.move_on_after(self._config.foreign_flight_patience):
+                await flight.done.wait()
+            if not flight.done.is_set():
+                return await self._fetch_own(blob, key, ref, flight, fetch_miss)
         await flight.done.wait()
         return flight
+
+    async def _fetch_own(
+        self,
+        blob: str,
+        key: str,
+        ref: ChunkRef,
+        foreign: _Flight,
+        fetch_miss: Callable[[Claim], Awaitable[None]],
+    ) -> _Flight:
+        """Fetch a chunk from the reader's own blob while another blob's flight of it is slow.
+        Its bytes, verified against the same digest, release that flight's readers too."""
+        own = self._own_fetches.get((key, blob))
+        if own is None:
+            own = _Flight(blob)
+            self._own_fetches[(key, blob)] = own
+            self._nursery.start_soon(self._fetch_own_task, blob, key, ref, own, foreign, fetch_miss)
+        await own.done.wait()
+        return own
+
+    async def _fetch_own_task(
+        self,
+        blob: str,
+        key: str,
+        ref: ChunkRef,
+        own: _Flight,
+        foreign: _Flight,
+        fetch_miss: Callable[[Claim], Awaitable[None]],
+    ) -> None:
+        try:
+            await self._load_or_fetch(key, ref, own, fetch_miss)
+        finally:
+            del self._own_fetches[(key, blob)]
+        if own.data is not None:
+            self._resolve(key, foreign, own.data, None)
 
     async def _load_or_fetch(
         self,
@@ -179,7 +230,7 @@ class ChunkFlights:
             key = chunk_key(ref, layer.digest)
             if key in flights or key in self._inflight:
                 continue
-            flight = _Flight(background=background)
+            flight = _Flight(layer.digest, background=background)
             self._inflight[key] = flight
             flights[key] = flight
         return Claim(flights)
@@ -202,7 +253,17 @@ class ChunkFlights:
 
     async def request(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
         """The raw bytes of ``planned`` from the blob, counted on the layer."""
-        raw = await layer.blob.read_at(planned.start, planned.length)
+        slots = self._blob_slots.get(layer.digest)
+        if slots is None:
+            slots = self._blob_slots[layer.digest] = trio.CapacityLimiter(
+                self._config.blob_requests
+            )
+        try:
+            async with slots:
+                raw = await layer.blob.read_at(planned.start, planned.length)
+        finally:
+            if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
+                self._blob_slots.pop(layer.digest, None)
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
         if len(raw) != planned.length:

@@ -35,6 +35,12 @@ _adopted: ProtocolServer | None = None
 
 _FUSE_DEVICE = "/dev/fuse"
 
+# pyfuse3 answers every request in one of ``max_tasks`` tasks, and a READ holds its task until
+# it is answered, so READs waiting on a stalled blob could leave none for a lookup. pyfuse3
+# starts a task only when no idle one is reading the device, so this is a ceiling, not a pool:
+# it is set far above the READs the kernel has outstanding, which the read deadline ends.
+PYFUSE3_MAX_TASKS = 4096
+
 
 def mount_options(fsname: str, *, allow_other: bool = True) -> set[str]:
     # No max_read: libfuse then negotiates its largest request size (max_pages, 1 MiB with
@@ -67,7 +73,7 @@ async def serve(
     *,
     fsname: str = "lazysnap",
     allow_other: bool = True,
-    max_tasks: int = 64,
+    max_tasks: int = PYFUSE3_MAX_TASKS,
     unmount_when_cancelled: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:

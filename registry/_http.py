@@ -178,6 +178,7 @@ class Engine:
         self._tokens = TokenCache()
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
         self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
+        self._host_slots: dict[str, anyio.CapacityLimiter] = {}
 
     def __repr__(self) -> str:
         return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
@@ -444,6 +445,13 @@ class Engine:
             return response
         raise ProtocolError(f"more than {MAX_REDIRECTS} redirects", url=safe_url(url))
 
+    def _host_limiter(self, netloc: str) -> anyio.CapacityLimiter:
+        limiter = self._host_slots.get(netloc)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(self.options.max_requests_per_host)
+            self._host_slots[netloc] = limiter
+        return limiter
+
     def backoff(self, attempt: int) -> float:
         # Exponential with full jitter, so many readers retrying together spread out.
         ceiling = min(self.options.backoff_max, self.options.backoff_initial * (2**attempt))
@@ -481,25 +489,29 @@ class Engine:
                 await anyio.sleep(delay)
             delay = self.backoff(attempt)
             try:
+                # Waiting for a slot of the host counts against the attempt's time.
                 with anyio.fail_after(deadline):
-                    response = await self._send(host, method, url, scopes, headers, content)
-                    try:
-                        if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
-                            last = await error_from_response(response, what)
-                            retry_after = parse_retry_after(response.headers.get("retry-after"))
-                            if retry_after is not None:
-                                delay = min(retry_after, self.options.retry_after_max)
-                            log.info(
-                                "registry retry what=%r status=%d attempt=%d delay=%.2f",
-                                what,
-                                response.status_code,
-                                attempt + 1,
-                                delay,
-                            )
-                            continue
-                        return await handler(response)
-                    finally:
-                        await response.aclose()
+                    async with self._host_limiter(host.netloc):
+                        response = await self._send(host, method, url, scopes, headers, content)
+                        try:
+                            if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
+                                last = await error_from_response(response, what)
+                                retry_after = parse_retry_after(
+                                    response.headers.get("retry-after")
+                                )
+                                if retry_after is not None:
+                                    delay = min(retry_after, self.options.retry_after_max)
+                                log.info(
+                                    "registry retry what=%r status=%d attempt=%d delay=%.2f",
+                                    what,
+                                    response.status_code,
+                                    attempt + 1,
+                                    delay,
+                                )
+                                continue
+                            return await handler(response)
+                        finally:
+                            await response.aclose()
             except RetryableError as exc:
                 last = exc.error
                 if exc.immediate:

@@ -19,6 +19,9 @@ class ClientOptions:
     redirect_ttl: float = 300.0  # how long a blob's redirect target is reused
     no_range_ttl: float = 60.0  # how long a host that ignored a Range header is believed to
     max_connections: int = 64  # per TLS identity
+    # Requests in flight to one registry host, attempts of every caller together. Hosts share
+    # a pool, so a host whose answers stall must leave connections to the others.
+    max_requests_per_host: int = 32
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
     upload_chunk_size: int = 8 * 1024 * 1024
     user_agent: str = "lazysnap/0.1"
@@ -26,6 +29,8 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.max_requests_per_host < 1:
+            raise ValueError("max_requests_per_host must be at least 1")
         for name in (
             "connect_timeout",
             "read_timeout",

@@ -7,8 +7,9 @@ restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive
 ``fusefs.handlers`` directly and never imports pyfuse3. An INIT, as the tests send on a fresh
 mount, is answered too.
 
-One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` at a
-time, as pyfuse3's ``main(max_tasks=64)`` allows. The handlers of every other request are plain
+One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
+them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
+must not keep the loop from reading a lookup. The handlers of every other request are plain
 functions that answer from memory, called in the loop itself. Each reply is one ``write``.
 FORGET and BATCH_FORGET get no reply because inodes are arithmetic. INTERRUPT gets none either:
 the interrupted request is answered when done, which the protocol allows.
@@ -122,7 +123,6 @@ class ProtocolServer:
                         self._answer_lost_pending = False
                         self._answer_lost(request)
                     if _opcode(request) == Opcode.READ:
-                        await self._slots.acquire()
                         nursery.start_soon(self._answer_read, request)
                     else:
                         # Answered in place from memory: a task each would double the cost
@@ -163,7 +163,9 @@ class ProtocolServer:
         self._write(out)
 
     async def _answer_read(self, request: bytes) -> None:
-        try:
+        # A READ waiting for a slot costs a task and its request's bytes. Each slot is held at
+        # most the read deadline, which the handlers keep.
+        async with self._slots:
             parsed = _parse(request)
             if parsed is None:
                 return
@@ -175,8 +177,6 @@ class ProtocolServer:
             except Exception as exc:
                 out = _error_reply(header, exc)
             self._write(out)
-        finally:
-            self._slots.release()
 
     def _answer_lost(self, first: bytes) -> None:
         """Answer the requests a dead predecessor had read but not answered.

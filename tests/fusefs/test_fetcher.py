@@ -27,12 +27,12 @@ def small_files(count: int, size: int) -> list[FakeEntry]:
 
 @asynccontextmanager
 async def fetcher_for(
-    tmp_path: Path, index: FakeIndex, blob: FakeBlob | None = None, **config: int
+    tmp_path: Path, index: FakeIndex, blob: FakeBlob | None = None, **config: float
 ) -> AsyncIterator[tuple[ChunkFetcher, Layer, FakeBlob]]:
     blob = blob or FakeBlob(index.blob_bytes)
     cache = await ChunkCache.open(tmp_path / "cache", capacity_bytes=1 << 30)
     async with trio.open_nursery() as nursery:
-        fetcher = ChunkFetcher(cache, nursery, FetchConfig(**config), fake_decoder)
+        fetcher = ChunkFetcher(cache, nursery, FetchConfig(**config), fake_decoder)  # type: ignore[arg-type]
         yield fetcher, Layer("l1", 1, blob, index), blob
         nursery.cancel_scope.cancel()
 

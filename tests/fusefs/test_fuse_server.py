@@ -319,3 +319,48 @@ def test_an_old_kernel_is_refused_at_init() -> None:
     old = struct.pack("=IIII", 7, 26, 65536, 0)
     r = _exchange([_request(Opcode.INIT, 2, 0, old)], expect=1)
     assert r[2] == (-errno.EPROTO, b"")
+
+
+class StalledReads(Handlers):
+    """Reads of handle 9 never finish, as on a blob that stalls."""
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        if fh == 9:
+            await trio.sleep_forever()
+        return await super().read(fh, offset, size)
+
+
+def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
+    # Issue 15: the reader loop waited for a READ slot, so max_tasks stalled READs kept it
+    # from reading anything else, lookups included.
+    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    replies: dict[int, tuple[int, bytes]] = {}
+
+    async def main() -> None:
+        session = ProtocolServer(StalledReads(), server.fileno(), max_tasks=4)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.serve)
+            stalled = [_request(Opcode.READ, 100 + 2 * i, 9, _read_in(9, 0, 5)) for i in range(6)]
+            answered = [
+                _request(Opcode.LOOKUP, 2, 1, b"f\0"),
+                _request(Opcode.GETATTR, 4, 2, struct.pack("=IIQ", 0, 0, 0)),
+                _request(Opcode.READDIR, 6, 1, _read_in(1, 0, 4096)),
+            ]
+            for request in stalled + answered:
+                await trio.to_thread.run_sync(kernel.send, request)
+            kernel.setblocking(False)
+            with trio.fail_after(3):
+                while len(replies) < len(answered):
+                    await trio.lowlevel.wait_readable(kernel)
+                    data = kernel.recv(BUFFER_SIZE)
+                    _, error, unique = kp.parse_out_header(data)
+                    replies[unique] = (error, data[16:])
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        kernel.close()
+        server.close()
+    assert sorted(replies) == [2, 4, 6]
+    assert all(error == 0 for error, _ in replies.values())
