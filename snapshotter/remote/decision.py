@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from registry import InvalidReferenceError, parse_reference
 from snapshotter.labels import (
     ANNOTATION_LABEL_PREFIX,
     CRI_IMAGE_LAYERS,
@@ -137,6 +138,11 @@ def decide(labels: Mapping[str, str]) -> RemoteDecision | None:
             None, None, "no cri.image-ref / cri.layer-digest labels nor stargz.reference / "
             "stargz.digest labels (snapshot annotations off?)"
         )
+    try:
+        parse_reference(source.image_ref)
+    except InvalidReferenceError:
+        # The value is not echoed: a mistyped reference may hold what the user meant as a login.
+        return RemoteDecision(None, None, "the image reference label is not a valid reference")
     layer_digest = source.layer_digest
     if not layer_digest.startswith("sha256:"):
         return RemoteDecision(None, None, f"unsupported layer digest {layer_digest[:80]!r}")

@@ -155,6 +155,12 @@ def test_stargz_labels_with_a_non_sha256_digest_are_refused() -> None:
     assert "unsupported layer digest" in decision.reason
 
 
+def test_an_unparseable_reference_falls_back_and_is_not_echoed() -> None:
+    decision = decide(_rpull_labels(**{STARGZ_REFERENCE: "user:s3cret@Not A Ref"}))
+    assert decision is not None and decision.request is None and decision.format is None
+    assert "not a valid reference" in decision.reason and "s3cret" not in decision.reason
+
+
 def test_a_stargz_reference_without_its_digest_is_no_source() -> None:
     labels = _rpull_labels()
     del labels[STARGZ_DIGEST]
