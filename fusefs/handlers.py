@@ -371,16 +371,35 @@ class LazyHandlers:
 
     @_boundary("statfs")
     def _statfs(self, inode: int) -> StatfsReply:
-        layers = self._table.layers()
+        # The chunk cache's filesystem is where this mount's bytes land. kubelet warns
+        # InvalidDiskCapacity about an image filesystem that reports no capacity. One statvfs
+        # of a local directory: quick, and no await in the reader loop.
+        directory = self._fetcher.cache.directory
+        try:
+            cache_fs = os.statvfs(directory)
+        except OSError as exc:
+            log.warning("statfs of the chunk cache failed dir=%s error=%r; reporting the "
+                        "layers' sizes", directory, exc)
+            layers = self._table.layers()
+            return StatfsReply(
+                blocks=sum((layer.blob.size + _BLOCK - 1) // _BLOCK for layer in layers),
+                bfree=0,
+                bavail=0,
+                files=sum(layer.index.entry_count for layer in layers) + 1,
+                ffree=0,
+                bsize=_IO_BLOCK,
+                namelen=_NAME_MAX,
+                frsize=_BLOCK,
+            )
         return StatfsReply(
-            blocks=sum((layer.blob.size + _BLOCK - 1) // _BLOCK for layer in layers),
-            bfree=0,
-            bavail=0,
-            files=sum(layer.index.entry_count for layer in layers) + 1,
-            ffree=0,
+            blocks=cache_fs.f_blocks,
+            bfree=cache_fs.f_bfree,
+            bavail=cache_fs.f_bavail,
+            files=cache_fs.f_files,
+            ffree=cache_fs.f_ffree,
             bsize=_IO_BLOCK,
             namelen=_NAME_MAX,
-            frsize=_BLOCK,
+            frsize=cache_fs.f_frsize,
         )
 
     @_boundary("access")

@@ -25,6 +25,18 @@ CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # comma-joined, cut to fit
+# Set by stargz-snapshotter's clients (ctr-remote image rpull, nerdctl --snapshotter stargz) on
+# each layer Prepare, from its fs/source AppendDefaultLabelsHandlerWrapper: the image reference
+# as the user typed it, the layer's digest, and the digests of this layer and those after it,
+# comma-joined and cut to fit MAX_LABEL_BYTES.
+STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
+STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
+STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
+# Set by the same clients (and by ctr-remote --use-containerd-labels next to the CRI labels): the
+# layer descriptor's own urls, comma-joined, and under the prefix plus a position in the layer
+# list those of each listed layer. The value is empty when the descriptor has no urls.
+STARGZ_URLS = "containerd.io/snapshot/remote/urls"
+STARGZ_URLS_PREFIX = "containerd.io/snapshot/remote/urls."
 # Set by this snapshotter on a snapshot it mounts lazily, as stargz does.
 REMOTE = "containerd.io/snapshot/remote"
 REMOTE_VALUE = "remote snapshot"

@@ -170,11 +170,30 @@ async def test_single_layer_mode_serves_the_layer_at_the_root(tmp_path: Path) ->
         assert (ops.lookup(MOUNT_ROOT_INODE, b"bin")).mode == stat.S_IFDIR | 0o755
 
 
+def _close(a: int, b: int) -> bool:
+    """Free counts of a shared disk move between two calls; 1% leaves room for that."""
+    return abs(a - b) <= max(a, b) // 100 + 16
+
+
 @trio_test
-async def test_statfs_answers(tmp_path: Path) -> None:
-    async with operations(tmp_path) as (ops, _, index, _):
+async def test_statfs_reports_the_chunk_cache_filesystem(tmp_path: Path) -> None:
+    async with operations(tmp_path) as (ops, _, _, _):
         st = ops.statfs()
-        assert st.files == index.entry_count + 1 and st.namelen == 255
+        disk = os.statvfs(tmp_path)
+        assert (st.blocks, st.files, st.frsize) == (disk.f_blocks, disk.f_files, disk.f_frsize)
+        assert st.bavail > 0 and _close(st.bavail, disk.f_bavail), (st, disk)
+        assert _close(st.bfree, disk.f_bfree) and _close(st.ffree, disk.f_ffree), (st, disk)
+        assert st.namelen == 255
+
+
+@trio_test
+async def test_statfs_still_answers_when_the_cache_directory_is_gone(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    async with operations(cache) as (ops, _, index, _):
+        cache.rmdir()
+        st = ops.statfs()
+        assert st.files == index.entry_count + 1 and st.blocks > 0 and st.namelen == 255
 
 
 @trio_test

@@ -103,3 +103,22 @@ def test_overlayfs_over_two_fuse_layers_honours_whiteouts_and_opaque_dirs(
             assert (mnt / "top/etc/new").read_bytes() == b"top new\n"  # the layer is unchanged
         finally:
             subprocess.run(["umount", str(merged)], check=True, timeout=30)
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_statfs_of_the_mount_reports_the_chunk_cache_filesystem(tmp_path: Path) -> None:
+    """kubelet reads an image filesystem's capacity with statfs and warns InvalidDiskCapacity
+    when it is zero; the mount reports the disk its chunks are cached on."""
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with running_mount(fake_server(mnt, cache), mnt):
+        wait_for((mnt / "base").exists, 10, "the first layer")
+        seen, disk = os.statvfs(mnt), os.statvfs(cache)
+        assert seen.f_blocks * seen.f_frsize == disk.f_blocks * disk.f_frsize > 0
+        assert seen.f_files == disk.f_files
+        assert seen.f_bavail > 0 and seen.f_ffree > 0
+        # Free space on a shared disk moves between the two calls; 1% leaves room for that.
+        free, free_disk = seen.f_bavail * seen.f_frsize, disk.f_bavail * disk.f_frsize
+        assert abs(free - free_disk) <= free_disk // 100, (seen, disk)
+        df = subprocess.run(["df", "--output=size,avail", str(mnt)], capture_output=True,
+                            text=True, check=True).stdout.split()
+        assert int(df[-2]) > 0 and int(df[-1]) > 0, df

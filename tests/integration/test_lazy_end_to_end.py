@@ -344,3 +344,39 @@ def test_plain_gzip_image_pulled_with_lazysnap_still_runs(
     assert _run(containerd, plain_image.reference, "plain", "/bin/cat", "/etc/hello") == (
         HELLO.decode()
     )
+
+
+def test_ctr_remote_rpull_gives_remote_snapshots_and_the_container_runs(
+    stack: tuple[Daemon, RunningContainerd],
+    docker_registry: RunningRegistry,
+    converted: dict[str, ConvertedImage],
+) -> None:
+    """stargz-snapshotter's own client, unchanged: Debian's ctr-remote labels each layer's
+    Prepare with stargz.reference / .digest / .layers and no cri.* labels."""
+    if shutil.which("ctr-remote") is None:
+        pytest.skip("ctr-remote (Debian's stargz-snapshotter) is not installed")
+    _daemon, containerd = stack
+    image = converted["estargz"]
+    log_start = len(docker_registry.log())
+    started = time.monotonic()
+    result = subprocess.run(
+        ["ctr-remote", "--address", str(containerd.address), "--namespace",
+         containerd.namespace, "image", "rpull", "--snapshotter", "lazysnap", "--plain-http",
+         image.reference],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    pull_seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr + containerd.log()[-3000:]
+    for chain_id in image.chain:
+        labels = _snapshot_labels(containerd, chain_id)
+        assert labels.get(REMOTE) == REMOTE_VALUE, (chain_id, labels)
+
+    assert _run(containerd, image.reference, "rpulled", "/bin/cat", "/etc/hello") == (
+        HELLO.decode()
+    )
+    served, requests = _layer_bytes_served(
+        docker_registry.log()[log_start:], [layer["digest"] for layer in image.layers]
+    )
+    print(f"\nctr-remote rpull: {pull_seconds:.2f}s; pull + run of `cat /etc/hello` fetched "
+          f"{served} of {image.compressed_size} layer bytes in {requests} requests")
+    assert 0 < served < FETCHED_LIMIT * image.compressed_size
