@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
+from registry import InvalidReferenceError, parse_reference
 from snapshotter._proto import cri_image_pb2
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_pull_auth import CaptureRefused, PullAuth, capture
@@ -104,13 +105,23 @@ class ImageServiceProxy(_BytesHandler):
             self._credentials.capture(captured.host, captured.repository, captured.credentials)
         except CaptureRefused as exc:
             log.warning("cri pull credentials not kept; pull forwarded",
-                        extra={"image": pull.image, "reason": str(exc)})
+                        extra={"image": _loggable(pull.image), "reason": str(exc)})
         except OSError as exc:
             log.warning("cri pull credentials kept in memory only; pull forwarded",
-                        extra={"image": pull.image, "reason": exc.strerror or type(exc).__name__})
+                        extra={"image": _loggable(pull.image),
+                               "reason": exc.strerror or type(exc).__name__})
         except Exception as exc:  # a capture bug must never fail the pull
             log.error("cri pull credentials not kept; pull forwarded",
-                      extra={"image": pull.image, "reason": type(exc).__name__})
+                      extra={"image": _loggable(pull.image), "reason": type(exc).__name__})
+
+
+def _loggable(image: str) -> str:
+    """The image reference, or a placeholder when it is not one: a string kubelet sent by
+    mistake may hold anything, a secret included."""
+    try:
+        return str(parse_reference(image))
+    except InvalidReferenceError:
+        return "<not a reference>"
 
 
 def _forward(

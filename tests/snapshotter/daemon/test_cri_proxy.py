@@ -157,19 +157,23 @@ def test_a_malformed_pull_is_forwarded_untouched(
     assert "cri pull not understood; forwarded as it is" in caplog.text
 
 
-@pytest.mark.parametrize("auth", [
-    {"auth": "not base64", "server_address": "reg.example:5000"},
-    {"username": "bob", "password": PASSWORD, "server_address": "other.example"},
+@pytest.mark.parametrize(("image", "auth"), [
+    (IMAGE, {"auth": "not base64", "server_address": "reg.example:5000"}),
+    (IMAGE, {"username": "bob", "password": PASSWORD, "server_address": "other.example"}),
+    (f"bob:{PASSWORD}@reg.example/app", {"username": "bob", "password": PASSWORD}),
 ])
 def test_credentials_that_cannot_be_kept_never_fail_the_pull(
-    setup: Setup, caplog: pytest.LogCaptureFixture, auth: dict[str, str]
+    setup: Setup, caplog: pytest.LogCaptureFixture, image: str, auth: dict[str, str]
 ) -> None:
+    request = cri.PullImageRequest(image=cri.ImageSpec(image=image), auth=cri.AuthConfig(**auth))
     with grpc.insecure_channel(f"unix:{setup.proxy_address}") as channel:
-        setup.stub(channel).PullImage(_pull_request(**auth), timeout=10)
+        setup.stub(channel).PullImage(request, timeout=10)
     assert len(setup.containerd.calls) == 1
     assert setup.store.entries() == []
     assert "cri pull credentials not kept; pull forwarded" in caplog.text
-    assert PASSWORD not in caplog.text
+    assert PASSWORD not in caplog.text and all(
+        PASSWORD not in str(record.__dict__) for record in caplog.records
+    )
 
 
 def test_a_capture_that_cannot_save_keeps_memory_and_forwards(
