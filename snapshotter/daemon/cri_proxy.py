@@ -86,7 +86,11 @@ class ImageServiceProxy(_BytesHandler):
 
         def forward(request: bytes, context: grpc.ServicerContext) -> bytes:
             if name == PULL_IMAGE:
-                self._capture(request)
+                try:
+                    self._capture(request)
+                except Exception as exc:  # a capture bug must never fail the pull
+                    log.error("cri pull credentials not kept; pull forwarded",
+                              extra={"reason": type(exc).__name__})
             return _forward(call, request, context)
 
         return grpc.unary_unary_rpc_method_handler(forward)
@@ -110,9 +114,6 @@ class ImageServiceProxy(_BytesHandler):
             log.warning("cri pull credentials kept in memory only; pull forwarded",
                         extra={"image": _loggable(pull.image),
                                "reason": exc.strerror or type(exc).__name__})
-        except Exception as exc:  # a capture bug must never fail the pull
-            log.error("cri pull credentials not kept; pull forwarded",
-                      extra={"image": _loggable(pull.image), "reason": type(exc).__name__})
 
 
 def _loggable(image: str) -> str:

@@ -187,6 +187,21 @@ def test_a_capture_that_cannot_save_keeps_memory_and_forwards(
     assert "kept in memory only" in caplog.text
 
 
+def test_a_capture_bug_never_fails_the_pull(
+    setup: Setup, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(request: bytes) -> None:
+        raise KeyError(PASSWORD)
+
+    monkeypatch.setattr(cri_proxy, "pull_auth", broken)
+    with grpc.insecure_channel(f"unix:{setup.proxy_address}") as channel:
+        setup.stub(channel).PullImage(_pull_request(username="bob", password=PASSWORD),
+                                      timeout=10)
+    assert len(setup.containerd.calls) == 1
+    assert any(getattr(record, "reason", None) == "KeyError" for record in caplog.records)
+    assert all(PASSWORD not in str(record.__dict__) for record in caplog.records)
+
+
 def test_with_containerd_down_the_proxy_answers_unavailable_at_once(setup: Setup) -> None:
     setup.containerd_address.unlink()  # as after containerd stopped: nothing listens
     with grpc.insecure_channel(f"unix:{setup.proxy_address}") as channel:
