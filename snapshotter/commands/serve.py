@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the guest, and the host mounts them lazily through nydus-overlayfs-lazysnap "
         "(kata.guest_pull; docs/kata.md)",
     )
+    parser.add_argument(
+        "--cri-image-service", metavar="SOCK",
+        help="serve a CRI image service proxy on SOCK for kubelet's --image-service-endpoint: "
+        "it forwards to containerd (cri.containerd_address) and keeps pull credentials for lazy "
+        "reads (cri.image_service_address; docs/kubernetes.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             load_config(args.config), root=args.root, address=args.address,
             hosts_dir=args.hosts_dir, log_level=args.log_level,
             keep_mounted_on_stop=args.keep_mounted_on_stop,
-            kata_guest_pull=args.kata_guest_pull,
+            kata_guest_pull=args.kata_guest_pull, cri_image_service=args.cri_image_service,
         )
     except ConfigError as exc:
         print(f"lazysnap: configuration error: {exc}", file=sys.stderr)

@@ -20,6 +20,8 @@ DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 DEFAULT_CACHE_CAPACITY = 10 << 30
+DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")
+CRI_CREDENTIALS_FILE_NAME = "cri-credentials.json"
 
 
 class ConfigError(Exception):
@@ -62,6 +64,16 @@ class KataConfig:
 
 
 @dataclass(frozen=True)
+class CriConfig:
+    # The CRI image service proxy's socket, for kubelet's --image-service-endpoint (None: off).
+    image_service_address: Path | None = None
+    # containerd's CRI socket, where the proxy forwards every image service call.
+    containerd_address: Path = DEFAULT_CONTAINERD_ADDRESS
+    # Where captured pull credentials are saved (None: beside the daemon socket).
+    credentials_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
@@ -69,6 +81,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     lazy: LazyConfig = field(default_factory=LazyConfig)
     kata: KataConfig = field(default_factory=KataConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
+
+    @property
+    def cri_credentials_file(self) -> Path:
+        return self.cri.credentials_file or self.address.parent / CRI_CREDENTIALS_FILE_NAME
 
 
 def _expect(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -95,7 +112,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy", "kata"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -125,7 +142,19 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, lazy=_parse_lazy(_expect(data, "lazy", dict, "")))
     if "kata" in data:
         config = replace(config, kata=_parse_kata(_expect(data, "kata", dict, "")))
+    if "cri" in data:
+        config = replace(config, cri=_parse_cri(_expect(data, "cri", dict, "")))
     return config
+
+
+def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
+    keys = ("image_service_address", "containerd_address", "credentials_file")
+    extra = sorted(set(table) - set(keys))
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('cri.' + k for k in extra)}")
+    paths = {key: _path(_expect(table, key, str, "cri."), f"cri.{key}")
+             for key in keys if key in table}
+    return replace(CriConfig(), **paths)
 
 
 def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
@@ -193,6 +222,7 @@ def with_overrides(
     log_level: str | None = None,
     keep_mounted_on_stop: bool | None = None,
     kata_guest_pull: bool | None = None,
+    cri_image_service: str | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
     if kata_guest_pull is not None:
@@ -201,6 +231,10 @@ def with_overrides(
         config = replace(
             config, lazy=replace(config.lazy, keep_mounted_on_stop=keep_mounted_on_stop)
         )
+    if cri_image_service is not None:
+        config = replace(config, cri=replace(
+            config.cri, image_service_address=_path(cri_image_service, "--cri-image-service")
+        ))
     if root is not None:
         config = replace(config, root=_path(root, "--root"))
     if address is not None:

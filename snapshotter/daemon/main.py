@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,11 @@ import grpc
 import trio
 
 from fusefs import LazyFilesystem, SlotMarkError
-from registry import DockerConfigCredentials, HostsConfig, RegistryClient
+from registry import CredentialProvider, DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
+from snapshotter.daemon.cri_credentials import CriCredentials
+from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.grpc_service import add_services
 from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon.sdnotify import notify
@@ -90,6 +93,12 @@ def _start_server(
         add_services(server, snapshotter)
     else:
         add_services(server, snapshotter, lazy.credentials, lazy.bridge)
+    _listen(server, address)
+    server.start()
+    return server
+
+
+def _listen(server: grpc.Server, address: Path) -> None:
     old_umask = os.umask(0o117)  # the socket is born 0660, never briefly world-accessible
     try:
         bound = server.add_insecure_port(f"unix:{address}")
@@ -100,8 +109,49 @@ def _start_server(
     if not bound:
         raise StartupError(f"cannot listen on {address}")
     os.chmod(address, 0o660)
+
+
+@dataclass(frozen=True, slots=True)
+class CriProxy:
+    """The CRI image service proxy's server and its channel to containerd."""
+
+    server: grpc.Server
+    channel: grpc.Channel
+    address: Path
+
+
+def _start_cri_proxy(config: Config, store: CriCredentials) -> CriProxy:
+    address = config.cri.image_service_address
+    assert address is not None
+    try:
+        prepare_socket_path(address)
+    except SocketError as exc:
+        raise StartupError(f"cri image service: {exc}") from None
+    channel = upstream_channel(str(config.cri.containerd_address))
+    server = proxy_server(ImageServiceProxy(channel, store))
+    try:
+        _listen(server, address)
+    except StartupError:
+        channel.close()
+        raise
     server.start()
-    return server
+    return CriProxy(server, channel, address)
+
+
+def _stop_cri_proxy(proxy: CriProxy) -> None:
+    proxy.server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    proxy.channel.close()
+    with contextlib.suppress(FileNotFoundError):
+        proxy.address.unlink()
+
+
+def _cri_credentials(config: Config, fallback: CredentialProvider) -> CriCredentials | None:
+    """The store of CRI-captured credentials, loaded from its file; None without the proxy."""
+    if config.cri.image_service_address is None:
+        return None
+    store = CriCredentials(config.cri_credentials_file, fallback)
+    store.load()
+    return store
 
 
 def _check_socket(address: Path) -> None:
@@ -206,34 +256,49 @@ async def _start_lazy(
     return LazySide(fs, client, bridge, credentials)
 
 
-async def _wait_for_stop_signal() -> int:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            return int(signum)
+async def _next_stop_signal(signals: AsyncIterator[int]) -> int:
+    async for signum in signals:
+        return int(signum)
     return 0
 
 
 async def _serve(config: Config, snapshotter: Snapshotter) -> int:
-    async with trio.open_nursery() as nursery:
-        credentials = PushedCredentials(DockerConfigCredentials())
+    async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        # Lookup order: pushed by `lazysnap pull`, captured from CRI pulls, docker config.
+        docker_config = DockerConfigCredentials()
         # Refuse to start next to a running daemon before touching its FUSE connection.
         await trio.to_thread.run_sync(_check_socket, config.address)
+        cri_store = await trio.to_thread.run_sync(_cri_credentials, config, docker_config)
+        credentials = PushedCredentials(cri_store or docker_config)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         server = await trio.to_thread.run_sync(
             _start_server, snapshotter, config.address, lazy
         )
+        proxy = None
+        if cri_store is not None:
+            try:
+                proxy = await trio.to_thread.run_sync(_start_cri_proxy, config, cri_store)
+            except StartupError:
+                await trio.to_thread.run_sync(lambda: server.stop(None).wait())
+                raise
         log.info(
             "serving", extra={"version": VERSION, "root": str(config.root),
                               "address": str(config.address), "pid": os.getpid(),
                               "lazy": lazy is not None,
-                              "kata_guest_pull": config.kata.guest_pull},
+                              "kata_guest_pull": config.kata.guest_pull,
+                              "cri_image_service": None if proxy is None else str(proxy.address)},
         )
+        # The signals are received before READY: a SIGTERM right after it stops the daemon
+        # cleanly instead of killing it.
+        signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
         notify(f"READY=1\nSTATUS=serving on {config.address}\nMAINPID={os.getpid()}")
         try:
-            signum = await _wait_for_stop_signal()
+            signum = await _next_stop_signal(signals)
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
         finally:
             notify("STOPPING=1")
+            if proxy is not None:
+                await trio.to_thread.run_sync(_stop_cri_proxy, proxy)
             # In-flight RPCs finish. They may still hop into trio, so wait off the trio thread.
             await trio.to_thread.run_sync(
                 lambda: server.stop(SHUTDOWN_GRACE_SECONDS).wait()

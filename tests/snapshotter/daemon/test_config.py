@@ -116,3 +116,24 @@ def test_bad_kata_settings_name_the_key(tmp_path: Path, text: str, message: str)
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_cri_proxy_settings_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    assert Config().cri.image_service_address is None
+    assert Config().cri.containerd_address == Path("/run/containerd/containerd.sock")
+    assert Config().cri_credentials_file == Path("/run/lazysnap/cri-credentials.json")
+    path = tmp_path / "c.toml"
+    path.write_text('address = "/x/d.sock"\n[cri]\nimage_service_address = "/x/cri.sock"\n'
+                    'containerd_address = "/c/c.sock"\n')
+    config = load_config(path)
+    assert config.cri.image_service_address == Path("/x/cri.sock")
+    assert config.cri.containerd_address == Path("/c/c.sock")
+    assert config.cri_credentials_file == Path("/x/cri-credentials.json")
+    flagged = with_overrides(config, cri_image_service="/y/cri.sock")
+    assert flagged.cri.image_service_address == Path("/y/cri.sock")
+    with pytest.raises(ConfigError, match=r"cri\.nope"):
+        parse_config({"cri": {"nope": "x"}})
+    with pytest.raises(ConfigError, match=r"cri\.credentials_file.*absolute"):
+        parse_config({"cri": {"credentials_file": "rel.json"}})
+    with pytest.raises(ConfigError, match="--cri-image-service"):
+        with_overrides(Config(), cri_image_service="rel.sock")
