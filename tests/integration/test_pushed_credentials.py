@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -312,7 +313,12 @@ def test_password_stdin_keeps_the_password_out_of_argv_logs_and_state(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         # What ps shows is /proc/<pid>/cmdline: read it while the pull waits for its password.
-        cmdline = Path(f"/proc/{pulling.pid}/cmdline").read_bytes()
+        # Right after the fork it is still empty (or the parent's) until the exec: wait for it.
+        deadline = time.monotonic() + 10
+        cmdline = b""
+        while b"--password-stdin" not in cmdline and time.monotonic() < deadline:
+            cmdline = Path(f"/proc/{pulling.pid}/cmdline").read_bytes()
+            time.sleep(0.01)
         out, err = pulling.communicate(PASSWORD + "\n", timeout=120)
         assert pulling.returncode == 0, err + daemon.log()[-2000:]
         assert " remote " in out, out
