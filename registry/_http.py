@@ -90,7 +90,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def _oci_details(body: bytes) -> list[OCIErrorDetail]:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts the decoder's stack
         return []
     errors = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errors, list):
