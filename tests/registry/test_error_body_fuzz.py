@@ -3,7 +3,9 @@ carrying whatever error codes it holds, and nothing else escapes."""
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from typing import Any
 
 import httpx
@@ -57,3 +59,13 @@ def test_error_bodies_only_give_registry_errors(status: int, body: bytes) -> Non
     error = answer(status, body)
     assert isinstance(error, RegistryError) and error.status == status
     assert all(isinstance(d.code, str) and isinstance(d.message, str) for d in error.details)
+
+
+def test_reading_the_start_of_a_long_error_body_closes_the_stream() -> None:
+    # Found by fuzzing: stopping at MAX_ERROR_BODY left httpx's byte iterator to the garbage
+    # collector, which warns (ResourceWarning) instead of closing it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer(404, b"x" * (2 * MAX_ERROR_BODY))
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
