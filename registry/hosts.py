@@ -177,7 +177,7 @@ def parse_hosts_toml(
     """The hosts to try for ``registry`` according to one hosts.toml text, in order."""
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # deep nesting exhausts the stack
         raise HostsConfigError(f"{source}: invalid TOML: {exc}") from exc
     hosts: list[RegistryHost] = []
     mirrors = doc.get("host", {})

@@ -97,6 +97,8 @@ def test_plain_http_server() -> None:
         ('[host."https://m"]\nclient = [["a", "b", "c"]]', "client pairs"),
         ("[header]\nx = 5", "must be a string or a list"),
         ("[header]\nx = [5]", "must be strings"),
+        # Found by fuzzing: tables nested past the recursion limit escaped as RecursionError.
+        ("x = " + "{a = " * 3000 + "1" + "}" * 3000, "invalid TOML"),
     ],
 )
 def test_bad_hosts_toml(text: str, message: str) -> None:
