@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from snapshotter.labels import (
@@ -16,6 +16,7 @@ from snapshotter.labels import (
     SNAPSHOT_REF,
 )
 from snapshotter.remote.decision import decide
+from tests.fuzzing import fuzz_settings
 
 DIGEST = "sha256:" + "a" * 64
 BASE = {
@@ -77,7 +78,7 @@ def test_non_sha256_layer_digest_is_refused() -> None:
     assert "unsupported layer digest" in decision.reason
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.dictionaries(
     st.sampled_from([SNAPSHOT_REF, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST,
                      CRI_IMAGE_LAYERS, ESTARGZ_TOC_DIGEST, MEDIA_TYPE_LABEL,
