@@ -7,6 +7,7 @@ chained with ``from``.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -15,8 +16,8 @@ import random
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar, cast
 
 import anyio
 import httpx
@@ -90,7 +91,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def _oci_details(body: bytes) -> list[OCIErrorDetail]:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts the decoder's stack
         return []
     errors = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errors, list):
@@ -114,10 +115,13 @@ async def _error_body(response: httpx.Response) -> bytes:
     """The start of an error answer's body: enough for its OCI error codes."""
     body = b""
     try:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) >= MAX_ERROR_BODY:
-                break
+        # httpx types the iterator loosely; it is an async generator, which aclosing needs.
+        stream = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) >= MAX_ERROR_BODY:
+                    break
     except httpx.HTTPError:
         pass  # the status alone is enough to classify
     return body[:MAX_ERROR_BODY]

@@ -17,6 +17,8 @@ from registry.errors import AuthenticationError
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # seconds; the distribution spec's default when expires_in is absent
 EXPIRY_MARGIN = 10.0  # refresh a little early so a token does not expire in flight
+# A longer lifetime is a server's mistake; capping it also keeps huge integers out of float().
+MAX_TOKEN_LIFETIME = 365 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ def parse_token_response(body: bytes, now: float) -> Token:
     """Read a token server's JSON answer (``token`` or ``access_token``, ``expires_in``)."""
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting exhausts the decoder's stack
         raise AuthenticationError("token server answered something that is not JSON") from exc
     if not isinstance(data, dict):
         raise AuthenticationError("token server answered JSON that is not an object")
@@ -145,7 +147,7 @@ def parse_token_response(body: bytes, now: float) -> Token:
         raise AuthenticationError("token server answer has no token")
     expires_in = data.get("expires_in")
     lifetime = (
-        float(expires_in)
+        float(min(expires_in, MAX_TOKEN_LIFETIME))
         if isinstance(expires_in, int | float) and expires_in > 0
         else DEFAULT_TOKEN_LIFETIME
     )

@@ -87,7 +87,10 @@ def default_server(registry: str) -> str:
 def _api_url(url: str, *, override_path: bool, where: str) -> str:
     if "://" not in url:
         url = "https://" + url
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # such as an unclosed IPv6 literal
+        raise HostsConfigError(f"{where}: {exc} in {url!r}") from None
     if parts.scheme not in ("http", "https"):
         raise HostsConfigError(f"{where}: unsupported scheme in {url!r} (http or https)")
     if not parts.netloc:
@@ -152,7 +155,7 @@ def _host_entry(
         log.warning("hosts-config unknown-keys=%s where=%s", ",".join(sorted(unknown)), where)
     caps_value = table.get("capabilities", sorted(CAPABILITIES))
     caps = _as_list(caps_value, "capabilities", where)
-    bad = [c for c in caps if c not in CAPABILITIES]
+    bad = [c for c in caps if not isinstance(c, str) or c not in CAPABILITIES]
     if bad:
         raise HostsConfigError(f"{where}: unknown capabilities {bad} (pull, resolve, push)")
     skip_verify = table.get("skip_verify", False)
@@ -177,7 +180,7 @@ def parse_hosts_toml(
     """The hosts to try for ``registry`` according to one hosts.toml text, in order."""
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # deep nesting exhausts the stack
         raise HostsConfigError(f"{source}: invalid TOML: {exc}") from exc
     hosts: list[RegistryHost] = []
     mirrors = doc.get("host", {})

@@ -186,7 +186,7 @@ def parse_manifest(body: bytes, content_type: str | None = None) -> Manifest | I
         raise ManifestError(f"manifest of {len(body)} bytes exceeds {MAX_MANIFEST_BYTES}")
     try:
         doc = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting exhausts the decoder's stack
         raise ManifestError("manifest is not valid JSON") from exc
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")

@@ -143,7 +143,10 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
     if sep and _looks_like_domain(first):
         domain, path = first, rest
         _validate_domain(domain, text)
-        domain = domain.lower() if not domain.startswith("[") else domain
+        # Host names are case-insensitive, but one that is a host only by its capitals would
+        # read back as a Docker Hub namespace once lowered: docker keeps those as written.
+        if not domain.startswith("[") and _looks_like_domain(domain.lower()):
+            domain = domain.lower()
     else:
         domain, path = DEFAULT_DOMAIN, remainder
     if domain == LEGACY_DEFAULT_DOMAIN:

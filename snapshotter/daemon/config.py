@@ -205,7 +205,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"cannot read configuration file {target}: {exc.strerror}") from None
     try:
         data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting
         raise ConfigError(f"{target}: not valid TOML: {exc}") from None
     try:
         return parse_config(data)

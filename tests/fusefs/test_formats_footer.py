@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fusefs.formats import LayerFormat, LayerFormatError, parse_footer
@@ -14,6 +14,7 @@ from fusefs.formats.footer import (
     build_zstd_legacy_footer,
 )
 from tests.fusefs.formats_support import decompress_gzip_stream, legacy_estargz_footer
+from tests.fuzzing import fuzz_settings
 
 
 def test_estargz_footer_layout() -> None:
@@ -57,7 +58,7 @@ def test_tail_longer_than_blob() -> None:
         parse_footer(b"x" * 10, 5)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(200)
 @given(
     prefix=st.binary(max_size=200),
     tail=st.one_of(

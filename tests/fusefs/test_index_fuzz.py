@@ -10,7 +10,7 @@ import tarfile
 from typing import Any
 
 import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fusefs.formats import (
@@ -27,8 +27,9 @@ from fusefs.formats.builder import build_index
 from fusefs.formats.tocdata import iter_toc_entries
 from fusefs.index import Codec, EntryKind, LayerIndex
 from tests.fusefs.formats_support import MemoryBlob, gzip_member, sha
+from tests.fuzzing import fuzz_settings
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(200)
 LIMITS = IndexLimits(max_entries=200, max_depth=8)
 
 valid_names = st.lists(st.sampled_from(["a", "b", "c", ".wh.a", "ü"]), min_size=1, max_size=3).map(

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from registry import AuthenticationError, Credentials
 from registry.auth import (
+    MAX_TOKEN_LIFETIME,
     Token,
     TokenCache,
     basic_authorization,
@@ -64,10 +65,21 @@ def test_token_default_lifetime() -> None:
     assert 0 < token.expires_at <= 60
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[]", b"{}", b'{"token": ""}'])
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b"{}", b'{"token": ""}',
+     b"[" * 5000 + b"]" * 5000],  # found by fuzzing: nesting escaped as RecursionError
+)  # fmt: skip
 def test_bad_token_responses(body: bytes) -> None:
     with pytest.raises(AuthenticationError):
         parse_token_response(body, 0.0)
+
+
+@pytest.mark.parametrize("expires_in", [b"1" + b"0" * 400, b"1e400", b"Infinity"])
+def test_huge_token_lifetimes_are_capped(expires_in: bytes) -> None:
+    # Found by fuzzing: an integer past float range escaped as OverflowError.
+    token = parse_token_response(b'{"token": "t", "expires_in": ' + expires_in + b"}", 0.0)
+    assert token.expires_at <= MAX_TOKEN_LIFETIME
 
 
 def test_secrets_stay_out_of_reprs() -> None:

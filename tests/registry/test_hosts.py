@@ -97,6 +97,12 @@ def test_plain_http_server() -> None:
         ('[host."https://m"]\nclient = [["a", "b", "c"]]', "client pairs"),
         ("[header]\nx = 5", "must be a string or a list"),
         ("[header]\nx = [5]", "must be strings"),
+        # Found by fuzzing: tables nested past the recursion limit escaped as RecursionError.
+        ("x = " + "{a = " * 3000 + "1" + "}" * 3000, "invalid TOML"),
+        # Found by fuzzing: a list among the capabilities escaped as TypeError (unhashable).
+        ("capabilities = [[]]", "unknown capabilities"),
+        # Found by fuzzing: urllib's ValueError for a broken IPv6 literal escaped as is.
+        ('[host."https://[::1"]', "Invalid IPv6 URL"),
     ],
 )
 def test_bad_hosts_toml(text: str, message: str) -> None:

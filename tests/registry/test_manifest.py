@@ -99,6 +99,8 @@ def test_media_type_from_header_or_shape() -> None:
             "non-negative",
         ),
         (json.dumps({**manifest_doc(), "annotations": {"a": 1}}).encode(), "annotations"),
+        # Found by fuzzing: nesting deeper than Python's recursion limit escaped as RecursionError.
+        (b"[" * 5000 + b"]" * 5000, "not valid JSON"),
     ],
 )
 def test_bad_manifests(body: bytes, message: str) -> None:

@@ -26,6 +26,9 @@ D = "sha256:" + "a" * 64
         ("[fe80::1]/x:t", "[fe80::1]", "x", "t", None),
         ("Example.COM/app", "example.com", "app", "latest", None),
         ("a.b/c__d-e.f", "a.b", "c__d-e.f", "latest", None),
+        # Found by fuzzing: a host that is one only by its capitals was lowercased into a Docker
+        # Hub namespace, so the printed reference named another image ("a/busybox").
+        ("A/busybox", "A", "busybox", "latest", None),
     ],
 )
 def test_parse_and_normalise(
@@ -33,6 +36,12 @@ def test_parse_and_normalise(
 ) -> None:
     ref = parse_reference(text)
     assert (ref.domain, ref.path, ref.tag, ref.digest) == (domain, path, tag, digest)
+
+
+def test_printed_references_parse_back_to_themselves() -> None:
+    for text in ("A/busybox", "Example.COM/app", "LOCALHOST/x", "busybox"):
+        ref = parse_reference(text)
+        assert parse_reference(str(ref)) == ref
 
 
 def test_str_and_object() -> None:

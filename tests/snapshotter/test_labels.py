@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from snapshotter.errors import InvalidArgumentError
 from snapshotter.labels import MAX_LABEL_BYTES, validate_labels
+from tests.fuzzing import fuzz_settings
 
 KEY = "containerd.io/snapshot/cri.image-layers"
 
@@ -53,7 +54,7 @@ VALUES = st.text(max_size=30) | st.builds(
     lambda char, n: char * n, st.sampled_from(["x", "é"]), st.integers(1990, 4100))
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.dictionaries(st.text(max_size=30), VALUES, max_size=4))
 def test_accepts_exactly_what_fits(labels: dict[str, str]) -> None:
     fits = all(k and len(k.encode()) + len(v.encode()) <= MAX_LABEL_BYTES

@@ -72,6 +72,8 @@ def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path:
         ('[log]\nlevel = "loud"', "log.level: 'loud' is not one of"),
         ('[log]\ncolour = true', "log.colour"),
         ("root = ", "not valid TOML"),
+        # Found by fuzzing: arrays nested past the recursion limit escaped as RecursionError.
+        ("[lazy]\nx = " + "[" * 3000 + "]" * 3000, "not valid TOML"),
     ],
 )
 def test_bad_files_name_the_key_and_the_reason(tmp_path: Path, text: str, message: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from snapshotter.labels import (
@@ -21,6 +21,7 @@ from snapshotter.labels import (
     STARGZ_URLS_PREFIX,
 )
 from snapshotter.remote.decision import decide
+from tests.fuzzing import fuzz_settings
 
 DIGEST = "sha256:" + "a" * 64
 BASE = {
@@ -187,7 +188,7 @@ def test_a_neighbour_with_urls_is_not_read_ahead() -> None:
     assert decision.request is not None and decision.request.image_layers == (DIGEST, LAST)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.dictionaries(
     st.sampled_from([SNAPSHOT_REF, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST,
                      CRI_IMAGE_LAYERS, ESTARGZ_TOC_DIGEST, MEDIA_TYPE_LABEL,

@@ -7,12 +7,13 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from snapshotter.errors import InvalidArgumentError
 from snapshotter.model import Kind, SnapshotInfo
 from snapshotter.store.filters import Selector, matcher, parse_filter, parse_filters
+from tests.fuzzing import fuzz_settings
 
 REF = "containerd.io/snapshot.ref"
 
@@ -200,7 +201,7 @@ def test_a_backtracking_bomb_matches_in_linear_time() -> None:
 FILTER_ALPHABET = st.sampled_from(list('labelsnamekindparent."\'\\=!~, \t\n/:|()[]{}*+?^$xuU0123456789aé🙂'))
 
 
-@settings(max_examples=400, deadline=None)
+@fuzz_settings(400)
 @given(st.one_of(st.text(max_size=60), st.text(FILTER_ALPHABET, max_size=60)))
 def test_parser_raises_nothing_but_invalid_argument(text: str) -> None:
     try:
@@ -210,7 +211,7 @@ def test_parser_raises_nothing_but_invalid_argument(text: str) -> None:
     matcher(filters)(C)  # and whatever parses can be evaluated
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(key=st.text(min_size=1, max_size=40), value=st.text(max_size=40), other=st.text(max_size=5))
 def test_quoted_label_filters_find_exactly_their_label(key: str, value: str, other: str) -> None:
     # containerd builds lookups with Go's %q: any key and value round-trip.
@@ -223,7 +224,7 @@ def test_quoted_label_filters_find_exactly_their_label(key: str, value: str, oth
     assert not matches([f"labels.{go_quote(key)}"], info("bare"))
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(name=st.text(min_size=1, max_size=60), parent=st.text(max_size=60))
 def test_remote_lookup_filter_matches_any_key(name: str, parent: str) -> None:
     target = info(name, parent=parent, labels={REF: name})
