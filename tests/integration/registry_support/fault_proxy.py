@@ -4,8 +4,8 @@ Faults are queued and consumed in order by the requests they match (method and p
 other request passes through unchanged. Kinds: connection reset, an error status (500, 503,
 429 with ``Retry-After``...), a stall (no answer until the client gives up or the stall
 limit passes), a truncated body, a body sent slowly in small pieces, the whole blob with
-``200`` instead of the asked range, a range followed by a flood of extra bytes, and (at the
-storage) bytes of the right length that are wrong. Everything is bounded in time: stalls end
+``200`` instead of the asked range, a range followed by a flood of extra bytes, and bytes of
+the right length that are wrong (at the storage, or on a blob GET when asked to match it). Everything is bounded in time: stalls end
 when the proxy stops.
 
 With ``redirect_blobs`` set, blob GETs are answered like a registry on object storage does: a
@@ -102,7 +102,8 @@ def oversize(extra_bytes: int, match: Match = blob_gets) -> Fault:
 
 
 def garbage(match: Match = storage_gets) -> Fault:
-    """Bytes of the right length that are not the blob's (a bad storage node)."""
+    """Bytes of the right length that are not the blob's (a bad storage node, or with
+    ``match=blob_gets`` a registry or cache in front of it that corrupts what it passes on)."""
     return Fault("garbage", match=match)
 
 
@@ -218,6 +219,8 @@ class FaultProxy:
         status_code, reason_headers, data = self._forward(method, path, headers, body)
         if fault is not None and fault.kind == "oversize":
             return self._flood(conn, status_code, reason_headers, data, fault.extra_bytes)
+        if fault is not None and fault.kind == "garbage" and 200 <= status_code < 300:
+            data = bytes(b ^ 0x5A for b in data)
         content_length = len(data)
         if method == "HEAD":
             content_length = int(dict(reason_headers).get("__length__", "0"))
