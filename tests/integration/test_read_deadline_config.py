@@ -46,7 +46,7 @@ def test_configured_read_deadline_fails_a_stalled_read_with_eio(
     short_tmp: Path, docker_registry: RunningRegistry, mounted: list[Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    assert CONFIGURED_DEADLINE != FetchConfig().read_deadline  # else the test proves nothing
+    assert FetchConfig().read_deadline != CONFIGURED_DEADLINE  # else the test proves nothing
     tar = oci.TarBuilder().dir("data").file("data/blob.bin", CONTENT).tar()
     layer = oci.seekable_layer(tar, "estargz", chunk_size=64 << 10)
     layout = tmp_path_factory.mktemp("deadline-layout")
