@@ -22,6 +22,10 @@ LOG_FORMATS = ("json", "text")
 DEFAULT_CACHE_CAPACITY = 10 << 30
 DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")
 CRI_CREDENTIALS_FILE_NAME = "cri-credentials.json"
+DEFAULT_READ_DEADLINE = 20.0
+# Longer than this is a hang to the container reading, and past the registry client's own
+# retries: the read could only wait on an answer that will not come.
+MAX_READ_DEADLINE = 600.0
 
 
 class ConfigError(Exception):
@@ -42,6 +46,10 @@ class LazyConfig:
     # On SIGTERM, leave the FUSE connection to the fuse keeper instead of unmounting, so that
     # running containers' reads resume once the next daemon takes it over (a restart).
     keep_mounted_on_stop: bool = False
+    # Seconds a read of a lazy file may wait for its bytes before it fails with EIO and a log
+    # line. Under a minute, so that a stalled registry gives containers an error they can
+    # report instead of a hang, and frees the kernel's queued READs for the other layers.
+    read_deadline: float = DEFAULT_READ_DEADLINE
 
 
 # The console script installed with lazysnap (pyproject.toml). Kata's shim recognises the mount
@@ -175,7 +183,8 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     extra = sorted(
-        set(table) - {"enabled", "background_fetch", "cache_capacity", "keep_mounted_on_stop"}
+        set(table) - {"enabled", "background_fetch", "cache_capacity", "keep_mounted_on_stop",
+                      "read_deadline"}
     )
     if extra:
         raise ConfigError(f"unknown configuration keys: {', '.join('lazy.' + k for k in extra)}")
@@ -189,7 +198,17 @@ def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
             raise ConfigError(f"lazy.cache_capacity: expected bytes (an integer >= 0), "
                               f"got {capacity!r}")
         lazy = replace(lazy, cache_capacity=capacity)
+    if "read_deadline" in table:
+        lazy = replace(lazy, read_deadline=_read_deadline(table["read_deadline"]))
     return lazy
+
+
+def _read_deadline(value: object) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 < value <= MAX_READ_DEADLINE):
+        raise ConfigError(f"lazy.read_deadline: expected seconds, a number > 0 and <= "
+                          f"{MAX_READ_DEADLINE:g}, got {value!r}")
+    return float(value)
 
 
 def load_config(path: Path | None) -> Config:

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from fusefs import LazyFilesystem, SlotMarkError
+from fusefs import FetchConfig, LazyFilesystem, SlotMarkError
 from registry import CredentialProvider, DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
@@ -224,6 +224,7 @@ async def _start_lazy(
     try:
         fs = LazyFilesystem(layout.fuse, layout.cache,
                             cache_capacity=config.lazy.cache_capacity,
+                            config=FetchConfig(read_deadline=config.lazy.read_deadline),
                             adopt_fd=None if handover is None else handover.fd,
                             slot_mark=layout.slot_mark)
     except SlotMarkError as exc:

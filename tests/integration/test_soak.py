@@ -49,7 +49,7 @@ pytestmark = [
     # pytest's default limit would cut a long soak short; setup and teardown need minutes.
     pytest.mark.timeout(int(SOAK_SECONDS) + 240),
 ]
-# The daemon's config has no key for the read deadline, so the default applies.
+# The soak's config leaves ``[lazy] read_deadline`` unset, so the default applies.
 READ_DEADLINE = FetchConfig().read_deadline
 # A read issued while no daemon runs waits in the keeper until the next one has started.
 RESTART_ALLOWANCE = 20.0

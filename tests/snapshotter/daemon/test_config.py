@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fusefs import FetchConfig
 from snapshotter.daemon.config import (
     DEFAULT_ADDRESS,
     DEFAULT_HOSTS_DIR,
@@ -55,6 +56,24 @@ def test_keep_mounted_on_stop_from_the_file_or_the_flag(tmp_path: Path) -> None:
     assert with_overrides(load_config(path)).lazy.keep_mounted_on_stop is True  # no flag given
     path.write_text('[lazy]\nkeep_mounted_on_stop = "yes"\n')
     with pytest.raises(ConfigError, match=r"lazy\.keep_mounted_on_stop"):
+        load_config(path)
+
+
+def test_read_deadline_from_the_file_with_the_read_path_default(tmp_path: Path) -> None:
+    # The daemon hands this value to the read path; without a key both must agree.
+    assert Config().lazy.read_deadline == FetchConfig().read_deadline
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nread_deadline = 2.5\n")
+    assert load_config(path).lazy.read_deadline == 2.5
+    path.write_text("[lazy]\nread_deadline = 45\n")
+    assert load_config(path).lazy.read_deadline == 45.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "601", "true", '"20"', "nan", "inf"])
+def test_bad_read_deadlines_name_the_key(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f"[lazy]\nread_deadline = {value}\n")
+    with pytest.raises(ConfigError, match=r"lazy\.read_deadline: expected seconds"):
         load_config(path)
 
 

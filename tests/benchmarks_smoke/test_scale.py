@@ -1,0 +1,65 @@
+"""benchmarks/scale.py, the cheap parts: distinct images, the quantiles, the process readings
+and the report's ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+from types import ModuleType
+
+from tests.support import oci_image as oci
+
+SCALE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+
+
+def _load_scale() -> ModuleType:
+    # benchmarks/ is a folder of scripts, not a package: load the file itself.
+    spec = importlib.util.spec_from_file_location("lazysnap_bench_scale", SCALE_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+scale = _load_scale()
+
+
+def test_each_image_keeps_the_root_file_system_and_gets_a_file_of_its_own() -> None:
+    base = oci.TarBuilder().dir("etc").file("etc/os-release", b"debian\n").tar()
+    first, second = scale._with_own_file(base, 0), scale._with_own_file(base, 1)
+    assert first != second
+    with tarfile.open(fileobj=io.BytesIO(second)) as tar:
+        assert tar.getnames() == ["etc", "etc/os-release", "etc/lazysnap-bench-image"]
+        own = tar.extractfile("etc/lazysnap-bench-image")
+        assert own is not None and own.read() == b"scale benchmark image 1\n"
+
+
+def test_quantiles_pick_observed_values() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert scale._quantile(values, 0.5) in (50.0, 51.0)
+    assert scale._quantile(values, 0.99) == 99.0
+    assert scale._quantile(values, 1.0) == 100.0
+    assert scale._quantile([], 0.5) != scale._quantile([], 0.5)  # NaN when nothing finished
+
+
+def test_process_readings_of_this_process() -> None:
+    sum(i * i for i in range(200_000))  # some CPU time to read back
+    assert scale.cpu_seconds(os.getpid()) > 0
+    assert scale.peak_rss(os.getpid()) > 1 << 20
+
+
+def test_report_gives_lazysnap_over_stargz_and_names_failures() -> None:
+    lazy = scale.ArmResult("lazysnap", first_output_s=[1.0, 2.0, 3.0], pull_s=[0.5],
+                           daemon_cpu_s=4.0, daemon_peak_rss=100_000_000)
+    stargz = scale.ArmResult("stargz", first_output_s=[2.0, 4.0, 6.0], pull_s=[0.4],
+                             daemon_cpu_s=2.0, daemon_peak_rss=50_000_000,
+                             failures=["container 1-0: exit 1: boom"])
+    report = scale.render([lazy, stargz], 3, "loopback")
+    assert "p50 0.50x" in report and "p99 0.50x" in report
+    assert "CPU 2.00x" in report and "peak RSS 2.00x" in report
+    assert "stargz failure: container 1-0: exit 1: boom" in report
