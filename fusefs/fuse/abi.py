@@ -110,13 +110,17 @@ class Opcode(enum.IntEnum):
 FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
 FOPEN_NONSEEKABLE: Final = 1 << 2
+FOPEN_CACHE_DIR: Final = 1 << 3  # the kernel keeps the directory's listing in its page cache
 
 # fuse_init_in/out.flags
 FUSE_ASYNC_READ: Final = 1 << 0
 FUSE_BIG_WRITES: Final = 1 << 5
 FUSE_DO_READDIRPLUS: Final = 1 << 13
+FUSE_NO_OPEN_SUPPORT: Final = 1 << 17
 FUSE_PARALLEL_DIROPS: Final = 1 << 18
 FUSE_MAX_PAGES: Final = 1 << 22
+FUSE_CACHE_SYMLINKS: Final = 1 << 23
+FUSE_NO_OPENDIR_SUPPORT: Final = 1 << 24
 
 # fuse_out_header.error of a notification (unique 0)
 NOTIFY_INVAL_ENTRY: Final = 3
