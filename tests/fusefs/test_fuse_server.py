@@ -73,6 +73,10 @@ def test_attr_fields_are_where_the_kernel_reads_them() -> None:
     assert (ctime, ctimensec) == (1_700_000_002, 999_999_999)
     assert (mode, nlink, uid, gid, blksize, flags) == (ATTRS.mode, 2, 1000, 100, 131072, 0)
     assert os.major(rdev) == 1 and os.minor(rdev) == 3  # glibc's dev_t low 32 bits
+    # Layers report one time for all three, which takes a shorter path.
+    same = Attributes(**{**_fields(ATTRS), "atime_ns": -1, "mtime_ns": -1, "ctime_ns": -1})
+    times = struct.unpack("=QQQQQQIIIIIIIIII", kp.encode_attr(same))[3:9]
+    assert times == ((1 << 64) - 1,) * 3 + (999_999_999,) * 3
 
 
 def test_entry_and_attr_out_timeouts() -> None:
