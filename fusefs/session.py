@@ -1,5 +1,6 @@
-"""The one FUSE session of the process: mount with pyfuse3 and serve, or serve an adopted
-connection with our own protocol server; unmount.
+"""The one FUSE session of the process: mount and serve (as root with our own protocol
+server, otherwise with pyfuse3), or serve an adopted connection with the protocol server;
+unmount.
 
 pyfuse3 keeps its session in module globals, so a process has at most one mount; every layer is
 a directory of it. ``serve`` returns when the filesystem is unmounted from outside

@@ -1,11 +1,12 @@
-"""A FUSE server that speaks the kernel protocol itself, for a connection someone else opened.
+"""A FUSE server that speaks the kernel protocol itself, on trio.
 
 libfuse, and so pyfuse3, can only serve a connection it initialised: until it has seen
 FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per connection. A
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
-``snapshotter.daemon.keeper``, therefore reads and answers requests here, on trio. It calls
-``fusefs.handlers`` directly and never imports pyfuse3. An INIT, as the tests send on a fresh
-mount, is answered too.
+``snapshotter.daemon.keeper``, therefore reads and answers requests here. As root it also
+serves fresh mounts from INIT on, because it can ask the kernel for what pyfuse3 cannot:
+cached directory listings and files opened without a round trip. It calls
+``fusefs.handlers`` directly and never imports pyfuse3.
 
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
