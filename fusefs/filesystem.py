@@ -80,12 +80,14 @@ class LazyFilesystem:
         decoder: Decoder | None = None,
         adopt_fd: int | None = None,
         slot_mark: Path | None = None,
+        libfuse: bool = False,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root instead of a directory
         ``<mountpoint>/<layer-id>``, as ``lazysnap mount --blob`` wants. ``adopt_fd``: an open
         ``/dev/fuse`` connection already mounted at ``mountpoint`` to serve; this object closes it.
         ``slot_mark``: a file recording the layer slots handed out, so that a daemon serving a
-        connection taken over never reuses the slot of a layer removed before it started."""
+        connection taken over never reuses the slot of a layer removed before it started.
+        ``libfuse``: mount and serve with pyfuse3 even as root (see ``session.serve``)."""
         self.mountpoint = mountpoint
         self._cache_dir = cache_dir
         self._cache_capacity = cache_capacity
@@ -106,6 +108,7 @@ class LazyFilesystem:
         self._run_scope: trio.CancelScope | None = None
         self._handlers: LazyHandlers | None = None
         self._adopt_fd = adopt_fd
+        self._libfuse = libfuse
         self._resume = trio.Event()
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -155,6 +158,7 @@ class LazyFilesystem:
                 fsname=self._fsname,
                 allow_other=self._allow_other,
                 unmount_when_cancelled=self._unmount_when_stopped,
+                libfuse=self._libfuse,
                 task_status=task_status,
             )
         else:

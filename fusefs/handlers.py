@@ -64,7 +64,8 @@ class FuseReplyError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """The answer to an open: the file handle, and whether the kernel keeps its page cache."""
+    """The answer to an open or opendir: the handle, and whether the kernel may keep what it
+    cached of the file's pages or of the directory's listing."""
 
     fh: int
     keep_cache: bool
@@ -270,13 +271,15 @@ class LazyHandlers:
         return layer.index.readlink(entry)
 
     @_boundary("opendir")
-    def opendir(self, inode: int) -> int:
+    def opendir(self, inode: int) -> Opened:
         resolved = self._resolve(inode)
-        if resolved is not None:
-            layer, entry = resolved
-            if layer.index.attr(entry).kind != EntryKind.DIR:
-                raise FuseReplyError(errno.ENOTDIR)
-        return inode
+        if resolved is None:
+            # The mount root lists the attached layers, which come and go.
+            return Opened(fh=inode, keep_cache=False)
+        layer, entry = resolved
+        if layer.index.attr(entry).kind != EntryKind.DIR:
+            raise FuseReplyError(errno.ENOTDIR)
+        return Opened(fh=inode, keep_cache=True)
 
     @_boundary("readdir")
     def readdir(self, fh: int, start_id: int, sink: DirectoryEntrySink) -> None:

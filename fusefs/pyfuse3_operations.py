@@ -74,7 +74,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_answered
     def opendir(self, inode: int, ctx: Any) -> int:
-        return self._h.opendir(inode)
+        return self._h.opendir(inode).fh  # pyfuse3 cannot ask the kernel to cache listings
 
     @_answered
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -1,5 +1,6 @@
-"""The one FUSE session of the process: mount with pyfuse3 and serve, or serve an adopted
-connection with our own protocol server; unmount.
+"""The one FUSE session of the process: mount and serve (as root with our own protocol
+server, otherwise with pyfuse3), or serve an adopted connection with the protocol server;
+unmount.
 
 pyfuse3 keeps its session in module globals, so a process has at most one mount; every layer is
 a directory of it. ``serve`` returns when the filesystem is unmounted from outside
@@ -23,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from fusefs.fuse.server import ProtocolServer
+from fusefs.fuse.server import DEFAULT_MAX_TASKS, ProtocolServer
 from fusefs.handlers import LazyHandlers
 from fusefs.pyfuse3_operations import Pyfuse3Operations
 
@@ -75,14 +76,46 @@ async def serve(
     allow_other: bool = True,
     max_tasks: int = PYFUSE3_MAX_TASKS,
     unmount_when_cancelled: Callable[[], bool] = lambda: True,
+    libfuse: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount at ``mountpoint`` and serve requests until unmounted or cancelled. When cancelled,
     unmount unless ``unmount_when_cancelled()`` says no. Then only this process's fd is closed,
-    and whoever else holds the connection, the fuse keeper, keeps the mount alive."""
-    global _active, _device_fd
+    and whoever else holds the connection, the fuse keeper, keeps the mount alive.
+
+    As root the mount is made without libfuse and served by our protocol server from INIT on:
+    it asks the kernel to cache directory listings and to open files without a round trip,
+    which pyfuse3 cannot. Otherwise, or with ``libfuse``, pyfuse3 mounts and serves."""
     if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
+    if not libfuse and os.geteuid() == 0:
+        try:
+            fd = mount_raw(mountpoint, fsname=fsname, allow_other=allow_other)
+        except PermissionError as exc:  # root without CAP_SYS_ADMIN: fusermount3 may still work
+            log.warning("fuse mount without libfuse refused, using libfuse error=%r", exc)
+        else:
+            await _serve_protocol(
+                handlers, fd, mountpoint, answer_lost=False,
+                unmount_when_cancelled=unmount_when_cancelled, task_status=task_status,
+            )
+            return
+    await _serve_pyfuse3(
+        handlers, mountpoint, fsname=fsname, allow_other=allow_other, max_tasks=max_tasks,
+        unmount_when_cancelled=unmount_when_cancelled, task_status=task_status,
+    )
+
+
+async def _serve_pyfuse3(
+    handlers: LazyHandlers,
+    mountpoint: Path,
+    *,
+    fsname: str,
+    allow_other: bool,
+    max_tasks: int,
+    unmount_when_cancelled: Callable[[], bool],
+    task_status: trio.TaskStatus[None],
+) -> None:
+    global _active, _device_fd
     before = _fuse_fds()
     operations = Pyfuse3Operations(handlers)
     pyfuse3.init(operations, str(mountpoint), mount_options(fsname, allow_other=allow_other))
@@ -122,25 +155,43 @@ async def serve_adopted(
     fd: int,
     mountpoint: Path,
     *,
-    max_tasks: int = 64,
+    max_tasks: int = DEFAULT_MAX_TASKS,
     unmount_when_cancelled: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
     unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does, unless
     ``unmount_when_cancelled()`` says no)."""
-    global _adopted
     if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session")
-    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=True)
+    log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
+    await _serve_protocol(
+        handlers, fd, mountpoint, answer_lost=True, max_tasks=max_tasks,
+        unmount_when_cancelled=unmount_when_cancelled, task_status=task_status,
+    )
+
+
+async def _serve_protocol(
+    handlers: LazyHandlers,
+    fd: int,
+    mountpoint: Path,
+    *,
+    answer_lost: bool,
+    unmount_when_cancelled: Callable[[], bool],
+    max_tasks: int = DEFAULT_MAX_TASKS,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``fd`` served by our protocol server; ``answer_lost`` for a connection taken over."""
+    global _adopted
+    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=answer_lost)
     _adopted = server
     unmounted_outside = False
-    log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             task_status.started()
-            nursery.start_soon(_probe, mountpoint)
+            if answer_lost:
+                nursery.start_soon(_probe, mountpoint)
         unmounted_outside = True  # serve() only returns once the kernel ended the connection
     finally:
         _adopted = None

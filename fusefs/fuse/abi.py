@@ -10,6 +10,7 @@ The kernel and the server share a machine, so all integers are native-endian: ``
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import stat
 import struct
@@ -41,6 +42,11 @@ _INIT_IN = struct.Struct("=IIIII11I")  # fuse_init_in with flags2 and unused, si
 _INIT_IN_OLD = struct.Struct("=IIII")  # fuse_init_in before 7.36
 _INIT_OUT = struct.Struct("=IIIIHHIIHHI7I")  # fuse_init_out
 _INVAL_ENTRY = struct.Struct("=QII")  # fuse_notify_inval_entry_out
+# fuse_entry_out in one struct, and followed by a dirent's head (fuse_direntplus): one pack per
+# entry, as a cold readdirplus of a big directory spends most of its time encoding entries.
+_ENTRY_OUT = struct.Struct(_ENTRY_HEAD.format + _ATTR.format[1:])
+_DIRENTPLUS_HEAD = struct.Struct(_ENTRY_OUT.format + _DIRENT_HEAD.format[1:])
+_NAME_PADDING = tuple(b"\0" * n for n in range(8))
 
 IN_HEADER_SIZE: Final = _IN_HEADER.size
 OUT_HEADER_SIZE: Final = _OUT_HEADER.size
@@ -110,13 +116,17 @@ class Opcode(enum.IntEnum):
 FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
 FOPEN_NONSEEKABLE: Final = 1 << 2
+FOPEN_CACHE_DIR: Final = 1 << 3  # the kernel keeps the directory's listing in its page cache
 
 # fuse_init_in/out.flags
 FUSE_ASYNC_READ: Final = 1 << 0
 FUSE_BIG_WRITES: Final = 1 << 5
 FUSE_DO_READDIRPLUS: Final = 1 << 13
+FUSE_NO_OPEN_SUPPORT: Final = 1 << 17
 FUSE_PARALLEL_DIROPS: Final = 1 << 18
 FUSE_MAX_PAGES: Final = 1 << 22
+FUSE_CACHE_SYMLINKS: Final = 1 << 23
+FUSE_NO_OPENDIR_SUPPORT: Final = 1 << 24
 
 # fuse_out_header.error of a notification (unique 0)
 NOTIFY_INVAL_ENTRY: Final = 3
@@ -177,6 +187,7 @@ def parse_out_header(buf: bytes) -> tuple[int, int, int]:
     return length, error, unique
 
 
+@functools.lru_cache(maxsize=16)  # a handful of distinct timeouts, asked for each entry
 def split_timeout(seconds: float) -> tuple[int, int]:
     """(seconds, nanoseconds) of a cache timeout, as libfuse converts it (negative: 0)."""
     if not seconds > 0 or math.isnan(seconds):
@@ -217,13 +228,26 @@ def _split_ns(ns: int) -> tuple[int, int]:
 
 def encode_attr(a: Attributes) -> bytes:
     """struct fuse_attr, with the device number in the kernel's new_encode_dev form as libfuse."""
+    return _ATTR.pack(*_attr_fields(a))
+
+
+def _attr_fields(a: Attributes) -> tuple[int, ...]:
     atime, atimensec = _split_ns(a.atime_ns)
-    mtime, mtimensec = _split_ns(a.mtime_ns)
-    ctime, ctimensec = _split_ns(a.ctime_ns)
-    return _ATTR.pack(
+    if a.mtime_ns == a.atime_ns == a.ctime_ns:  # what layers report: one time for all three
+        mtime, mtimensec = ctime, ctimensec = atime, atimensec
+    else:
+        mtime, mtimensec = _split_ns(a.mtime_ns)
+        ctime, ctimensec = _split_ns(a.ctime_ns)
+    return (
         a.ino, a.size, a.blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
         a.mode, a.nlink, a.uid, a.gid, _encode_dev(a.rdev), a.blksize, 0,
     )
+
+
+def _entry_fields(a: Attributes) -> tuple[int, ...]:
+    entry_sec, entry_nsec = split_timeout(a.entry_timeout)
+    attr_sec, attr_nsec = split_timeout(a.attr_timeout)
+    return (a.ino, a.generation, entry_sec, attr_sec, entry_nsec, attr_nsec, *_attr_fields(a))
 
 
 def _encode_dev(rdev: int) -> int:
@@ -232,10 +256,7 @@ def _encode_dev(rdev: int) -> int:
 
 
 def encode_entry_out(a: Attributes) -> bytes:
-    entry_sec, entry_nsec = split_timeout(a.entry_timeout)
-    attr_sec, attr_nsec = split_timeout(a.attr_timeout)
-    head = _ENTRY_HEAD.pack(a.ino, a.generation, entry_sec, attr_sec, entry_nsec, attr_nsec)
-    return head + encode_attr(a)
+    return _ENTRY_OUT.pack(*_entry_fields(a))
 
 
 def encode_attr_out(a: Attributes) -> bytes:
@@ -297,7 +318,10 @@ def encode_dirent(ino: int, next_offset: int, mode: int, name: bytes) -> bytes:
 def encode_direntplus(a: Attributes, next_offset: int, name: bytes) -> bytes:
     """struct fuse_direntplus: the entry, on which the kernel takes a lookup reference, then
     the dirent."""
-    return encode_entry_out(a) + encode_dirent(a.ino, next_offset, a.mode, name)
+    head = _DIRENTPLUS_HEAD.pack(
+        *_entry_fields(a), a.ino, next_offset, len(name), dirent_type(a.mode)
+    )
+    return b"".join((head, name, _NAME_PADDING[-len(name) & 7]))
 
 
 def encode_inval_entry(parent: int, name: bytes) -> bytes:

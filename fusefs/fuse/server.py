@@ -1,11 +1,12 @@
-"""A FUSE server that speaks the kernel protocol itself, for a connection someone else opened.
+"""A FUSE server that speaks the kernel protocol itself, on trio.
 
 libfuse, and so pyfuse3, can only serve a connection it initialised: until it has seen
 FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per connection. A
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
-``snapshotter.daemon.keeper``, therefore reads and answers requests here, on trio. It calls
-``fusefs.handlers`` directly and never imports pyfuse3. An INIT, as the tests send on a fresh
-mount, is answered too.
+``snapshotter.daemon.keeper``, therefore reads and answers requests here. As root it also
+serves fresh mounts from INIT on, because it can ask the kernel for what pyfuse3 cannot:
+cached directory listings and files opened without a round trip. It calls
+``fusefs.handlers`` directly and never imports pyfuse3.
 
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
@@ -48,9 +49,11 @@ LOST_REQUEST_WINDOW: Final = 1 << 16
 # What a lost request is answered with: its syscall fails with EINTR, which robust programs
 # retry, as Python and Go do by themselves. A lost readahead is simply read again.
 LOST_REQUEST_ERRNO: Final = errno.EINTR
+# What we take of the kernel's INIT offer. FUSE_CACHE_SYMLINKS keeps readlink answers in the
+# page cache; the tree never changes, so nothing ever invalidates them.
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
-    | kp.FUSE_MAX_PAGES
+    | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS
 )
 
 # The read-only rule of ``fusefs.handlers``, as opcodes.
@@ -73,7 +76,7 @@ class RequestHandlers(Protocol):
 
     def read(self, fh: int, offset: int, size: int) -> Awaitable[bytes]: ...
 
-    def opendir(self, inode: int) -> int: ...
+    def opendir(self, inode: int) -> Opened: ...
 
     def readdir(self, fh: int, start_id: int, sink: DirectoryEntrySink) -> None: ...
 
@@ -102,6 +105,9 @@ class ProtocolServer:
         self._slots = trio.Semaphore(max_tasks)
         self._nursery: trio.Nursery | None = None
         self.requests = 0
+        # Whether the kernel said in INIT that it opens files without asking us. Unknown on a
+        # connection taken over (we never see its INIT): then every OPEN is answered.
+        self.zero_message_open = False
 
     @property
     def fd(self) -> int:
@@ -172,7 +178,9 @@ class ProtocolServer:
             header, body = parsed
             try:
                 read = kp.parse_read_in(body)
-                data = await self._handlers.read(read.fh, read.offset, read.size)
+                # The node, not read.fh: a file opened without an OPEN has handle 0. Handles
+                # are node numbers anyway.
+                data = await self._handlers.read(header.nodeid, read.offset, read.size)
                 out = kp.reply(header.unique, data)
             except Exception as exc:
                 out = _error_reply(header, exc)
@@ -229,11 +237,19 @@ class ProtocolServer:
                 return kp.reply(unique, handlers.readlink(h.nodeid))
             case Opcode.OPEN:
                 opened = handlers.open(h.nodeid, kp.parse_open_in(body))
+                if self.zero_message_open and opened.keep_cache:
+                    # The kernel then opens every file without an OPEN, a FLUSH or a RELEASE,
+                    # and keeps their page cache: three round trips less per file.
+                    raise FuseReplyError(errno.ENOSYS)
                 flags = kp.FOPEN_KEEP_CACHE if opened.keep_cache else 0
                 return kp.reply(unique, kp.encode_open_out(opened.fh, flags))
             case Opcode.OPENDIR:
                 kp.parse_open_in(body)
-                return kp.reply(unique, kp.encode_open_out(handlers.opendir(h.nodeid), 0))
+                opened = handlers.opendir(h.nodeid)
+                # A listing that never changes is read from us once and then from the page
+                # cache. FOPEN_CACHE_DIR needs FOPEN_KEEP_CACHE, or the kernel drops it at open.
+                flags = kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE if opened.keep_cache else 0
+                return kp.reply(unique, kp.encode_open_out(opened.fh, flags))
             case Opcode.READDIR | Opcode.READDIRPLUS:
                 read = kp.parse_read_in(body)
                 listing = self._listing(read, plus=h.opcode == Opcode.READDIRPLUS)
@@ -250,10 +266,17 @@ class ProtocolServer:
             case Opcode.ACCESS:
                 handlers.access(h.nodeid, kp.parse_access_in(body))
                 return kp.reply(unique)
-            case Opcode.RELEASE | Opcode.RELEASEDIR | Opcode.FLUSH | Opcode.DESTROY:
+            case Opcode.RELEASE | Opcode.RELEASEDIR | Opcode.DESTROY:
                 return kp.reply(unique)  # handles are inode numbers: nothing to free
+            case Opcode.FLUSH:
+                # Nothing is ever written. ENOSYS tells the kernel to stop sending FLUSH at
+                # every close, which it has understood since FLUSH exists.
+                raise FuseReplyError(errno.ENOSYS)
             case Opcode.INIT:
-                return kp.reply(unique, _init_reply(kp.parse_init_in(body)))
+                init = kp.parse_init_in(body)
+                reply = _init_reply(init)
+                self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
+                return kp.reply(unique, reply)
             case opcode if opcode in _WRITES:
                 raise FuseReplyError(errno.EROFS)
             case _:

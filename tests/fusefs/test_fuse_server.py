@@ -73,6 +73,10 @@ def test_attr_fields_are_where_the_kernel_reads_them() -> None:
     assert (ctime, ctimensec) == (1_700_000_002, 999_999_999)
     assert (mode, nlink, uid, gid, blksize, flags) == (ATTRS.mode, 2, 1000, 100, 131072, 0)
     assert os.major(rdev) == 1 and os.minor(rdev) == 3  # glibc's dev_t low 32 bits
+    # Layers report one time for all three, which takes a shorter path.
+    same = Attributes(**{**_fields(ATTRS), "atime_ns": -1, "mtime_ns": -1, "ctime_ns": -1})
+    times = struct.unpack("=QQQQQQIIIIIIIIII", kp.encode_attr(same))[3:9]
+    assert times == ((1 << 64) - 1,) * 3 + (999_999_999,) * 3
 
 
 def test_entry_and_attr_out_timeouts() -> None:
@@ -185,8 +189,8 @@ class Handlers:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return b"hello"[offset : offset + size]
 
-    def opendir(self, inode: int) -> int:
-        return inode
+    def opendir(self, inode: int) -> Opened:
+        return Opened(fh=inode, keep_cache=inode != 5)  # 5: a listing that changes
 
     def readdir(self, fh: int, offset: int, sink: DirectoryEntrySink) -> None:
         entries = [(b"f", self.files[2][1]), (b"l", self.link)]
@@ -221,14 +225,16 @@ def _read_in(fh: int, offset: int, size: int) -> bytes:
     return struct.pack("=QQIIQII", fh, offset, size, 0, 0, 0, 0)
 
 
-def _exchange(requests: list[bytes], expect: int) -> dict[int, tuple[int, bytes]]:
+def _exchange(
+    requests: list[bytes], expect: int, handlers: Handlers | None = None,
+) -> dict[int, tuple[int, bytes]]:
     """Serve ``requests`` over a SOCK_SEQPACKET pair (one datagram per request, like
     /dev/fuse); returns {unique: (error, payload)} of the replies."""
     kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     replies: dict[int, tuple[int, bytes]] = {}
 
     async def main() -> None:
-        session = ProtocolServer(Handlers(), server.fileno(), max_tasks=4)
+        session = ProtocolServer(handlers or Handlers(), server.fileno(), max_tasks=4)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
             for request in requests:
@@ -283,8 +289,11 @@ def test_the_server_answers_each_opcode() -> None:
         _request(Opcode.READ, 44, 2, b"short"),
         _request(Opcode.INIT, 46, 0, kp.encode_init_in(41, 131072, 0xFFFFFFFF)),
         _request(Opcode.OPENDIR, 48, 1, struct.pack("=II", 0, 0)),
+        _request(Opcode.OPENDIR, 50, 5, struct.pack("=II", 0, 0)),
+        _request(Opcode.FLUSH, 52, 2, b"\0" * 24),
+        _request(Opcode.RELEASEDIR, 54, 1, b"\0" * 24),
     ]
-    r = _exchange(requests, expect=21)
+    r = _exchange(requests, expect=24)
     assert r[2] == (0, kp.encode_entry_out(Handlers().files[2][1]))
     assert r[4] == (-errno.ENOENT, b"")
     assert r[6] == (0, kp.encode_attr_out(Handlers().files[2][1]))
@@ -310,9 +319,48 @@ def test_the_server_answers_each_opcode() -> None:
     error, init = r[46]
     fields = struct.unpack("=IIIIHHIIHHI7I", init)
     assert error == 0 and fields[:2] == (7, 31) and fields[6] == 1 << 20 and fields[8] == 256
-    assert fields[3] & ~(kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS
-                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES) == 0
-    assert r[48] == (0, kp.encode_open_out(1, 0))
+    assert fields[3] == (kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS
+                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS)
+    # An immutable listing is cached by the kernel; one that changes is not.
+    assert r[48] == (0, kp.encode_open_out(1, kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE))
+    assert r[50] == (0, kp.encode_open_out(5, 0))
+    assert r[52] == (-errno.ENOSYS, b"")  # the kernel stops sending FLUSH
+    assert r[54] == (0, b"")
+
+
+def test_files_open_without_a_round_trip_when_init_offers_it() -> None:
+    offer = kp.FUSE_ASYNC_READ | kp.FUSE_NO_OPEN_SUPPORT
+    requests = [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
+        _request(Opcode.OPEN, 4, 2, struct.pack("=II", os.O_RDONLY, 0)),
+        _request(Opcode.OPEN, 6, 2, struct.pack("=II", os.O_WRONLY, 0)),
+        # Opened without an OPEN, the file's handle is 0: the node number says which file.
+        _request(Opcode.READ, 8, 2, _read_in(0, 0, 5)),
+    ]
+    r = _exchange(requests, expect=4, handlers=ReadOnlyHandlers())
+    assert r[2][0] == 0
+    assert r[4] == (-errno.ENOSYS, b"")  # the kernel now opens files by itself
+    assert r[6] == (-errno.EROFS, b"")  # the handler's refusals still stand
+    assert r[8] == (0, b"hello")
+
+
+@pytest.mark.parametrize("taken_over", [False, True], ids=["old-kernel", "taken-over"])
+def test_files_are_opened_explicitly_without_that_offer(taken_over: bool) -> None:
+    # A kernel that does not offer FUSE_NO_OPEN_SUPPORT, or a connection whose INIT we never
+    # saw, gets an answer to every OPEN.
+    requests = [] if taken_over else [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, kp.FUSE_ASYNC_READ)),
+    ]
+    requests.append(_request(Opcode.OPEN, 4, 2, struct.pack("=II", os.O_RDONLY, 0)))
+    r = _exchange(requests, expect=len(requests))
+    assert r[4] == (0, kp.encode_open_out(2, kp.FOPEN_KEEP_CACHE))
+
+
+class ReadOnlyHandlers(Handlers):
+    def open(self, inode: int, flags: int) -> Opened:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FuseReplyError(errno.EROFS)
+        return super().open(inode, flags)
 
 
 def test_an_old_kernel_is_refused_at_init() -> None:

@@ -20,7 +20,7 @@ from fusefs.fetcher import ChunkFetcher
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Attributes, Opcode
 from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer, RequestHandlers
-from fusefs.handlers import CACHE_TIMEOUT, FuseReplyError, LazyHandlers
+from fusefs.handlers import CACHE_TIMEOUT, FuseReplyError, LazyHandlers, Opened
 from fusefs.index import EntryKind
 from fusefs.inodes import MOUNT_ROOT_INODE, InodeMap
 from fusefs.layer import Layer
@@ -113,6 +113,19 @@ async def test_metadata_of_entries(tmp_path: Path) -> None:
         assert null.rdev == os.makedev(1, 3)
         assert (ops.lookup(bin_dir.ino, b"..")).ino == layer_root
         assert (ops.lookup(layer_root, b"..")).ino == MOUNT_ROOT_INODE
+
+
+@trio_test
+async def test_only_layer_listings_may_be_cached_by_the_kernel(tmp_path: Path) -> None:
+    async with operations(tmp_path) as (ops, inodes, _, _):
+        layer_root = inodes.inode(1, 0)
+        assert ops.opendir(layer_root) == Opened(fh=layer_root, keep_cache=True)
+        bin_dir = ops.lookup(layer_root, b"bin").ino
+        assert ops.opendir(bin_dir).keep_cache
+        # The mount root lists the layers attached, which change.
+        assert ops.opendir(MOUNT_ROOT_INODE) == Opened(fh=MOUNT_ROOT_INODE, keep_cache=False)
+        tool = ops.lookup(bin_dir, b"tool").ino
+        assert errno_of(lambda: ops.opendir(tool)) == errno.ENOTDIR
 
 
 @trio_test

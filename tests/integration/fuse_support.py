@@ -466,13 +466,14 @@ TOP_ENTRIES = [
 ]
 
 
-def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool) -> None:
+def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool, libfuse: bool) -> None:
     import trio  # noqa: PLC0415
 
     from fusefs import LazyFilesystem  # noqa: PLC0415
 
     async def main() -> None:
-        fs = LazyFilesystem(mountpoint, cache_dir, single_layer=not multi, decoder=fake_decoder)
+        fs = LazyFilesystem(mountpoint, cache_dir, single_layer=not multi, decoder=fake_decoder,
+                            libfuse=libfuse)
         async with trio.open_nursery() as nursery:
 
             async def control() -> None:
@@ -512,4 +513,5 @@ def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool) -> None:
 
 
 if __name__ == "__main__":
-    _serve_fake(Path(sys.argv[1]), Path(sys.argv[2]), multi="--multi" in sys.argv[3:])
+    _serve_fake(Path(sys.argv[1]), Path(sys.argv[2]), multi="--multi" in sys.argv[3:],
+                libfuse="--libfuse" in sys.argv[3:])

@@ -24,8 +24,10 @@ from tests.integration.fuse_support import (
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 
-def fake_server(mnt: Path, cache: Path) -> list[str]:
-    return python_args("-m", "tests.integration.fuse_support", str(mnt), str(cache), "--multi")
+def fake_server(mnt: Path, cache: Path, *extra: str) -> list[str]:
+    return python_args(
+        "-m", "tests.integration.fuse_support", str(mnt), str(cache), "--multi", *extra
+    )
 
 
 @pytest.fixture
@@ -33,12 +35,15 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # so ``python -m tests.integration.fuse_support`` resolves
 
 
+# As root the protocol server mounts and serves, and the kernel caches layer listings; pyfuse3
+# serves non-root mounts. The mount root's listing must follow attach and detach under both.
 @pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize("front_end", [(), ("--libfuse",)], ids=["protocol-server", "pyfuse3"])
 def test_layers_are_top_level_directories_attached_and_detached_at_runtime(
-    tmp_path: Path,
+    tmp_path: Path, front_end: tuple[str, ...]
 ) -> None:
     mnt = tmp_path / "mnt"
-    with running_mount(fake_server(mnt, tmp_path / "cache"), mnt) as server:
+    with running_mount(fake_server(mnt, tmp_path / "cache", *front_end), mnt) as server:
         wait_for((mnt / "top").exists, 10, "the second layer")
         assert sorted(os.listdir(mnt)) == ["base", "top"]
         root = os.stat(mnt)
@@ -68,6 +73,10 @@ def test_layers_are_top_level_directories_attached_and_detached_at_runtime(
         wait_for((mnt / "top").exists, 10, "top to be attached again")
         assert os.stat(mnt / "top").st_ino == (3 << 32) | 1
         assert (mnt / "top/etc/new").read_bytes() == b"top new\n"
+        assert sorted(os.listdir(mnt)) == ["base", "top"]
+        # A layer's listing, cached by the kernel after the first, stays whole and right.
+        first = sorted(os.listdir(mnt / "base"))
+        assert sorted(os.listdir(mnt / "base")) == first and "bin" in first
     assert server.proc.returncode == 0
     assert not is_mounted(mnt)
 

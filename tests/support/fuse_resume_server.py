@@ -73,7 +73,10 @@ async def _main(
         fs.resume()
         how = "raw" if raw else "mounted" if handover is None else "adopted"
         ready = mountpoint.with_name(mountpoint.name + ".ready")
-        ready.write_text(f"{os.getpid()} {how}\n")
+        # Written aside and renamed: the test polls for the file and reads it at once.
+        written = ready.with_name(ready.name + ".tmp")
+        written.write_text(f"{os.getpid()} {how}\n")
+        written.rename(ready)
 
 
 if __name__ == "__main__":
