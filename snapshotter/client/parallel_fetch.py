@@ -17,24 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from registry import Descriptor, RangeNotSupportedError, Reference, RegistryError
+from snapshotter.client.fetch_settings import FetchSettings
 from snapshotter.client.spool import Spool, SpoolError, plan_ranges
 
 if TYPE_CHECKING:
     import trio
 
 log = logging.getLogger(__name__)
-
-# Measured on the startup benchmark's 65 MB layer (docs/pull.md): 4 connections of 4 MiB ranges
-# fill a 100 Mbit/s, 20 ms link and keep loopback transfers well ahead of decompression.
-DEFAULT_CONNECTIONS = 4
-DEFAULT_RANGE_SIZE = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class FetchSettings:
-    connections: int = DEFAULT_CONNECTIONS
-    range_size: int = DEFAULT_RANGE_SIZE
-
 
 class RangedBlob(Protocol):
     async def read_at(self, offset: int, length: int) -> bytes: ...
@@ -144,7 +133,7 @@ class ParallelFetcher:
             except RangeNotSupportedError:
                 await self._download_whole(job)
             except (RegistryError, SpoolError, OSError) as exc:
-                log.warning("pull range-failed digest=%s offset=%d error=%s",
+                log.info("pull range-failed digest=%s offset=%d error=%s",
                             job.layer.digest, item.offset, type(exc).__name__)
                 job.spool.fail(exc)
 

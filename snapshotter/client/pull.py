@@ -36,7 +36,8 @@ from snapshotter.client.chain import index_gc_labels, manifest_gc_labels
 from snapshotter.client.containerd_api import ContainerdAPI, ImageRecord, ingest_ref
 from snapshotter.client.direct_apply import DirectApplier
 from snapshotter.client.documents import ImageDocuments, fetch_documents
-from snapshotter.client.parallel_fetch import FetchSettings, ParallelFetcher
+from snapshotter.client.fetch_settings import FetchSettings
+from snapshotter.client.parallel_fetch import ParallelFetcher
 from snapshotter.client.progress import LayerResult, Progress
 from snapshotter.client.unpacker import (
     BlobSource,

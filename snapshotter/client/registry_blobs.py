@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import trio
 
     from registry import CredentialProvider, Descriptor, HostsConfig, Reference
-    from snapshotter.client.parallel_fetch import FetchSettings, ParallelFetcher
+    from snapshotter.client.fetch_settings import FetchSettings
+    from snapshotter.client.parallel_fetch import ParallelFetcher
     from snapshotter.client.pull import RegistryBlobs
     from snapshotter.client.spool import Spool
 

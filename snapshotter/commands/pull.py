@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from registry import CredentialProvider, Reference
     from snapshotter.client.containerd_client import ContainerdClient
     from snapshotter.client.documents import ImageDocuments
-    from snapshotter.client.parallel_fetch import FetchSettings
+    from snapshotter.client.fetch_settings import FetchSettings
     from snapshotter.daemon_api import ResolveAnswer
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialPr
 def parallel_settings(args: argparse.Namespace) -> FetchSettings | None:
     """How to pull the layers that are not lazy: ``--parallel`` or the config's [pull] table;
     None for containerd's way."""
-    from snapshotter.client.parallel_fetch import FetchSettings  # noqa: PLC0415
+    from snapshotter.client.fetch_settings import FetchSettings  # noqa: PLC0415
     from snapshotter.daemon.config import load_config  # noqa: PLC0415
 
     pull = load_config(args.config).pull
