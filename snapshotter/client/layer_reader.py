@@ -18,6 +18,7 @@ from typing import Protocol
 from snapshotter.errors import SnapshotterError
 
 GZIP_WBITS = 31  # a gzip header and trailer around deflate
+INFLATE_BLOCK = 256 * 1024  # inflated bytes per decompressor call
 
 
 class LayerDigestError(SnapshotterError):
@@ -69,18 +70,23 @@ class LayerReader:
         self._tar_hash, self._tar_expected = _hasher(diff_id)
         self._decompressor = _gzip_decompressor() if gzip else None
         self._pending = b""  # compressed input the decompressor has not taken yet
+        self._out = memoryview(b"")  # inflated bytes not read yet
         self._ended = False
         self.compressed_bytes = 0
         self.tar_bytes = 0
 
     def read(self, size: int = -1, /) -> bytes:
-        limit = size if size > 0 else 1 << 20
-        while True:
-            data = self._produce(limit)
-            if data or self._ended:
-                self._tar_hash.update(data)
-                self.tar_bytes += len(data)
-                return data
+        # tarfile reads in small pieces: serve them from one inflated block, so that neither
+        # the decompressor nor the caller copies more than it uses.
+        while not self._out and not self._ended:
+            data = self._produce(INFLATE_BLOCK)
+            self._tar_hash.update(data)
+            self.tar_bytes += len(data)
+            self._out = memoryview(data)
+        count = len(self._out) if size < 0 else min(size, len(self._out))
+        piece = bytes(self._out[:count])
+        self._out = self._out[count:]
+        return piece
 
     def _next_compressed(self) -> bytes | None:
         chunk = next(self._chunks, None)
@@ -114,7 +120,7 @@ class LayerReader:
 
     def finish(self) -> None:
         """Drain the stream (tar ends in padding that tarfile leaves unread), then verify."""
-        while self.read(1 << 20):
+        while self.read():
             pass
         blob = self._blob_hash.hexdigest()
         if blob != self._blob_expected:

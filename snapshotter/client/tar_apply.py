@@ -40,7 +40,6 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 DEFAULT_DIR_MODE = 0o755  # containerd's mode for a parent no layer describes
 COPY_BUFFER = 1024 * 1024
-TAR_BUFFER = 1024 * 1024  # tarfile's stream reads; large, so per-call overhead stays small
 
 
 class Readable(Protocol):
@@ -68,6 +67,7 @@ class _Applier:
         self._overlay = overlay
         self._lowers = [str(lower) for lower in lowers]
         self._unpacked: set[str] = set()
+        self._checked_dirs: set[str] = set()  # directories of this layer already walked
         self._dirs: list[tuple[str, tarfile.TarInfo]] = []
 
     def _path(self, rel: str) -> str:
@@ -75,7 +75,7 @@ class _Applier:
 
     def _check_parent(self, rel_parent: str) -> None:
         """Refuse a parent path that goes through a symbolic link; create missing parents."""
-        if not rel_parent:
+        if not rel_parent or rel_parent in self._checked_dirs:
             return
         current = ""
         for part in rel_parent.split("/"):
@@ -89,6 +89,7 @@ class _Applier:
                 raise UnsupportedEntryError(f"{current!r} is a symbolic link on an entry's path")
             if not stat.S_ISDIR(info.st_mode):
                 raise BadLayerError(f"{current!r} is not a directory but holds entries")
+        self._checked_dirs.add(rel_parent)
 
     def _make_parent(self, rel: str) -> None:
         path = self._path(rel)
@@ -123,10 +124,7 @@ class _Applier:
         with contextlib.suppress(FileNotFoundError):
             info = os.lstat(path)
             if not (stat.S_ISDIR(info.st_mode) and member.isdir()):
-                if stat.S_ISDIR(info.st_mode):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
+                self._remove(path)
         self._create(path, member, tar)
         self._unpacked.add(rel)
         if member.isdir():
@@ -151,14 +149,15 @@ class _Applier:
             return
         self._remove(target)
 
-    @staticmethod
-    def _remove(path: str) -> None:
+    def _remove(self, path: str) -> None:
         try:
             info = os.lstat(path)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
             shutil.rmtree(path)
+            # What was walked below it is gone; rare enough to walk everything again.
+            self._checked_dirs.clear()
         else:
             os.unlink(path)
 
@@ -239,7 +238,9 @@ def apply_tar(
     """
     applier = _Applier(root, overlay, lowers)
     entries = 0
-    with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|", bufsize=TAR_BUFFER) as tar:
+    # tarfile's default buffer: its stream mode copies what is left of the buffer at every
+    # read, so a large one makes reading headers slow.
+    with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
         for member in tar:
             applier.apply(member, tar)
             entries += 1
