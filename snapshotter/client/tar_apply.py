@@ -190,8 +190,10 @@ class _Applier:
             raise BadLayerError(f"entry {member.name!r} has unhandled tar type {member.type!r}")
         os.lchown(path, member.uid, member.gid)
         self._set_xattrs(path, member)
-        if not member.issym() and not member.islnk():
-            # After chown, which clears set-user-ID and set-group-ID bits.
+        if not member.issym():
+            # After chown, which clears the set-user-ID and set-group-ID bits, also of the
+            # inode a hard link shares. containerd chmods a hard link only when its target name
+            # exists relative to its own working directory, which is "/" in practice.
             os.chmod(path, mode)
         mtime_ns = int(member.mtime * 1_000_000_000)
         os.utime(path, ns=(_atime_ns(member, mtime_ns), mtime_ns), follow_symlinks=False)
