@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ class DirectApplier:
         if compression is None or target is None or self._in_content_store(layer):
             return None
         spool = self._fetcher.spool(layer)
+        started = time.monotonic()
         try:
             writer = _ContentWriter(self._api, layer, spool.chunks())
             reader = LayerReader(
@@ -156,6 +158,7 @@ class DirectApplier:
                     reader, target.root, overlay=target.overlay, lowers=target.lowers
                 )
                 reader.finish()
+                unpacked = time.monotonic()
             except UnsupportedEntryError:
                 writer.join()  # containerd applies it from the content store
                 raise
@@ -167,8 +170,11 @@ class DirectApplier:
             writer.join()
         finally:
             self._fetcher.forget(layer)
-        log.info("pull direct-applied digest=%s entries=%d tar_bytes=%d",
-                 layer.digest, entries, reader.tar_bytes)
+        log.info(
+            "pull direct-applied digest=%s entries=%d tar_bytes=%d unpack_s=%.2f "
+            "content_wait_s=%.2f", layer.digest, entries, reader.tar_bytes, unpacked - started,
+            time.monotonic() - unpacked,
+        )
         return layer.size
 
     def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
