@@ -26,7 +26,9 @@ import posixpath
 import shutil
 import stat
 import tarfile
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
@@ -40,6 +42,12 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 DEFAULT_DIR_MODE = 0o755  # containerd's mode for a parent no layer describes
 COPY_BUFFER = 1024 * 1024
+# Small files are created by a few threads while the next entries are read: creating a file
+# waits on the file system's journal far longer than it costs CPU, and those waits overlap.
+# Entries that depend on a pending file (its path, a hard link to it) wait for it first.
+WRITER_THREADS = 4
+OFFLOAD_MAX_SIZE = 1024 * 1024  # larger files are written by the reading thread
+MAX_PENDING = 64  # files in flight, so at most 64 MiB of file data is held
 
 
 class Readable(Protocol):
@@ -69,9 +77,31 @@ class _Applier:
         self._unpacked: set[str] = set()
         self._checked_dirs: set[str] = set()  # directories of this layer already walked
         self._dirs: list[tuple[str, tarfile.TarInfo]] = []
+        self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="tar-apply")
+        self._pending: dict[str, Future[None]] = {}
+        self._order: deque[str] = deque()
 
     def _path(self, rel: str) -> str:
         return os.path.join(self._root, rel)
+
+    def _settle(self, rel: str) -> None:
+        """Wait for the pending creation of ``rel``, if there is one; raises its error."""
+        future = self._pending.pop(rel, None)
+        if future is not None:
+            future.result()
+
+    def _settle_all(self) -> None:
+        while self._order:
+            self._settle(self._order.popleft())
+
+    def _submit(self, rel: str, data: bytes, member: tarfile.TarInfo) -> None:
+        while len(self._pending) >= MAX_PENDING:
+            self._settle(self._order.popleft())
+        self._pending[rel] = self._writers.submit(self._write_file, self._path(rel), data, member)
+        self._order.append(rel)
+
+    def close(self) -> None:
+        self._writers.shutdown(wait=True, cancel_futures=True)
 
     def _check_parent(self, rel_parent: str) -> None:
         """Refuse a parent path that goes through a symbolic link; create missing parents."""
@@ -80,6 +110,7 @@ class _Applier:
         current = ""
         for part in rel_parent.split("/"):
             current = f"{current}/{part}" if current else part
+            self._settle(current)
             try:
                 info = os.lstat(self._path(current))
             except FileNotFoundError:
@@ -119,13 +150,21 @@ class _Applier:
             self._opaque(parent)
             return
         if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(posixpath.join(parent, base[len(WHITEOUT_PREFIX):]), member)
+            target = posixpath.join(parent, base[len(WHITEOUT_PREFIX):])
+            self._settle(target)
+            self._whiteout(target, member)
             return
+        self._settle(rel)
         with contextlib.suppress(FileNotFoundError):
             info = os.lstat(path)
             if not (stat.S_ISDIR(info.st_mode) and member.isdir()):
                 self._remove(path)
-        self._create(path, member, tar)
+        if member.isreg() and member.size <= OFFLOAD_MAX_SIZE:
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a reader
+            self._submit(rel, source.read(), member)
+        else:
+            self._create(path, member, tar)
         self._unpacked.add(rel)
         if member.isdir():
             self._dirs.append((path, member))
@@ -136,6 +175,7 @@ class _Applier:
             os.setxattr(directory, OPAQUE_XATTR, b"y", follow_symlinks=False)
             return
         # A plain directory: remove what earlier entries of this layer did not put there.
+        self._settle_all()
         for name in os.listdir(directory):
             rel = posixpath.join(rel_dir, name)
             if rel not in self._unpacked:
@@ -155,6 +195,7 @@ class _Applier:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
+            self._settle_all()  # files may still be on their way into it
             shutil.rmtree(path)
             # What was walked below it is gone; rare enough to walk everything again.
             self._checked_dirs.clear()
@@ -180,6 +221,7 @@ class _Applier:
             if not target:
                 raise BadLayerError(f"hard link {member.name!r} points at the root")
             self._check_parent(posixpath.dirname(target))
+            self._settle(target)
             os.link(self._path(target), path, follow_symlinks=False)
         elif member.ischr() or member.isblk():
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
@@ -188,6 +230,17 @@ class _Applier:
             os.mkfifo(path, mode)
         else:
             raise BadLayerError(f"entry {member.name!r} has unhandled tar type {member.type!r}")
+        self._set_metadata(path, member)
+
+    def _write_file(self, path: str, data: bytes, member: tarfile.TarInfo) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        self._set_metadata(path, member)
+
+    def _set_metadata(self, path: str, member: tarfile.TarInfo) -> None:
+        mode = stat.S_IMODE(member.mode)
         os.lchown(path, member.uid, member.gid)
         self._set_xattrs(path, member)
         if not member.issym():
@@ -215,6 +268,7 @@ class _Applier:
                             path, name, errno.errorcode.get(exc.errno or 0, "?"))
 
     def finish(self) -> None:
+        self._settle_all()
         # Writing into a directory changes its mtime: directory times go last.
         for path, member in self._dirs:
             mtime_ns = int(member.mtime * 1_000_000_000)
@@ -240,11 +294,14 @@ def apply_tar(
     """
     applier = _Applier(root, overlay, lowers)
     entries = 0
-    # tarfile's default buffer: its stream mode copies what is left of the buffer at every
-    # read, so a large one makes reading headers slow.
-    with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
-        for member in tar:
-            applier.apply(member, tar)
-            entries += 1
-    applier.finish()
+    try:
+        # tarfile's default buffer: its stream mode copies what is left of the buffer at every
+        # read, so a large one makes reading headers slow.
+        with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+            for member in tar:
+                applier.apply(member, tar)
+                entries += 1
+        applier.finish()
+    finally:
+        applier.close()
     return entries
