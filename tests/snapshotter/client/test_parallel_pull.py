@@ -4,6 +4,7 @@ directories, so that the direct unpack can be checked file by file."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -26,6 +27,7 @@ from snapshotter.client.parallel_fetch import ParallelFetcher, TruncatedRangeErr
 from snapshotter.client.progress import LayerResult, NoProgress
 from snapshotter.client.pull import pull
 from snapshotter.client.spool import Spool, plan_ranges
+from snapshotter.commands import pull as pull_command
 from snapshotter.model import Mount
 from tests.registry.fake_registry import FakeRegistry, make_client
 from tests.snapshotter.client.test_unpacker_flow import FakeContainerd, Image, sha256
@@ -425,3 +427,25 @@ def test_a_layer_through_a_symlinked_directory_is_applied_by_containerd(tmp_path
     assert any(call[0] == f"apply {sha256(image.blobs[0])}" for call in containerd.calls)
     assert len(containerd.prepares) == 2
     assert list(containerd.snapshots) == [image.chains[0]]
+
+
+# -- the command's choice ----------------------------------------------------------------------
+
+
+def pull_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    pull_command.add_arguments(parser)
+    return parser.parse_args(["reg.test/app:1", *argv])
+
+
+def test_parallel_is_the_default_and_the_flag_wins_over_the_config(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert pull_command.parallel_settings(pull_args("--config", str(empty))) == FetchSettings()
+    assert pull_command.parallel_settings(
+        pull_args("--config", str(empty), "--no-parallel")) is None
+    off = tmp_path / "off.toml"
+    off.write_text("[pull]\nparallel = false\nconnections = 2\nrange_size = 65536\n")
+    assert pull_command.parallel_settings(pull_args("--config", str(off))) is None
+    assert pull_command.parallel_settings(pull_args("--config", str(off), "--parallel")) == \
+        FetchSettings(connections=2, range_size=65536)
