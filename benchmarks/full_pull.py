@@ -19,7 +19,8 @@ and the ratio against ``ctr``.
     .venv/bin/python benchmarks/full_pull.py                 # loopback + 100 Mbit/s, 20 ms
     .venv/bin/python benchmarks/full_pull.py --rounds 5 --arms ctr,parallel,serial
 
-Needs root, containerd 1.6 + ctr + runc, docker-registry and skopeo, and the cached image of
+Needs root, containerd 1.6 + ctr + runc, docker-registry, skopeo, GNU time (/usr/bin/time,
+for the command's peak memory), and the cached image of
 benchmarks/startup.py (built there once).
 """
 
@@ -117,6 +118,11 @@ def measure(link: str, arm: str, number: int, reference: str, workdir: Path) -> 
         cpu_before = sum(_cpu_seconds(pid) for pid in pids)
         command = _command(arm, reference, containerd, hosts_dir, daemon.address)
         out_path, err_path = workdir / "pull.out", workdir / "pull.err"
+        rss_path = workdir / "pull.rss"
+        # The command's peak memory through GNU time: a child forked from this (large) Python
+        # process would report this process's peak as its own (Linux keeps the high-water
+        # mark of the forked copy across exec).
+        command = ["/usr/bin/time", "-f", "%M", "-o", str(rss_path), *command]
         with out_path.open("wb") as out, err_path.open("wb") as err:
             started = time.monotonic()
             process = subprocess.Popen(command, stdout=out, stderr=err)
@@ -129,7 +135,7 @@ def measure(link: str, arm: str, number: int, reference: str, workdir: Path) -> 
             process.returncode = os.waitstatus_to_exitcode(status)
         sample.cpu_seconds = (usage.ru_utime + usage.ru_stime
                               + sum(_cpu_seconds(pid) for pid in pids) - cpu_before)
-        sample.command_rss_mb = usage.ru_maxrss / 1024
+        sample.command_rss_mb = int(rss_path.read_text().split()[-1]) / 1024
         sample.containerd_rss_mb = _peak_rss_mb(containerd.process.pid)
         sample.daemon_rss_mb = _peak_rss_mb(daemon.process.pid)
         if process.returncode != 0:
