@@ -115,3 +115,19 @@ def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClas
     if base in _UNCOMPRESSED_TYPES:
         return LayerClassification(None, "uncompressed tar layer has no seekable TOC")
     return LayerClassification(None, f"media type {media_type!r} is not a lazily readable layer")
+
+
+Compression = Literal["gzip", "zstd", "none"]
+
+
+def layer_compression(media_type: str) -> Compression | None:
+    """How a layer blob of this media type is compressed; None for a type that is not a layer
+    tar lazysnap knows."""
+    base = _base_media_type(media_type)
+    if base in _GZIP_TYPES:
+        return "gzip"
+    if base in _ZSTD_TYPES:
+        return "zstd"
+    if base in _UNCOMPRESSED_TYPES:
+        return "none"
+    return None

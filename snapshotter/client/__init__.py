@@ -9,7 +9,11 @@ the snapshotter can serve lazily, whether it is this project's daemon or another
 - ``containerd_api``, ``containerd_client``: containerd's content, images, leases, snapshots;
 - ``daemon_client``, ``registry_blobs``: the lazysnap daemon's gRPC client, and the registry
   client started only for blobs that are not lazy;
-- ``progress``: what the CLI prints per layer.
+- ``progress``: what the CLI prints per layer;
+- the parallel pull: ``parallel_fetch`` downloads layers in ranges into ``spool`` files,
+  ``direct_apply`` unpacks each into its snapshot with ``layer_reader`` (inflate, verify) and
+  ``tar_apply`` (containerd's apply semantics) while writing it into the content store;
+  ``fetch_settings`` says how, without imports.
 
 May import: the standard library, grpc and the generated stubs, and the shared top-level
 modules ``snapshotter.errors``, ``model``, ``labels``, ``lazy_formats`` and ``daemon_api``.

@@ -8,6 +8,7 @@ no caller needs grpc to tell "missing" from "broken".
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -90,3 +91,10 @@ class ContainerdAPI(Protocol):
         """Unpack a layer blob from the content store onto ``mounts``; the applied (uncompressed)
         descriptor's digest is the layer's diff ID."""
         ...
+
+
+def ingest_ref(digest: str) -> str:
+    """A content-store ingest name of our own: containerd locks a ref while it is written, so a
+    concurrent pull of the same blob must not share it. The second commit then simply finds the
+    blob present."""
+    return f"lazysnap-{digest}-{secrets.token_hex(4)}"

@@ -33,15 +33,17 @@ from registry import (
     select_manifest,
 )
 from snapshotter.client.chain import index_gc_labels, manifest_gc_labels
-from snapshotter.client.containerd_api import ContainerdAPI, ImageRecord
+from snapshotter.client.containerd_api import ContainerdAPI, ImageRecord, ingest_ref
+from snapshotter.client.direct_apply import DirectApplier
 from snapshotter.client.documents import ImageDocuments, fetch_documents
+from snapshotter.client.fetch_settings import FetchSettings
+from snapshotter.client.parallel_fetch import ParallelFetcher
 from snapshotter.client.progress import LayerResult, Progress
 from snapshotter.client.unpacker import (
     BlobSource,
     Unpacker,
     UnpackError,
     UnpackPlan,
-    ingest_ref,
     plan_unpack,
 )
 from snapshotter.daemon_api import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES
@@ -157,9 +159,11 @@ def store_and_unpack(
     blobs: BlobSource,
     progress: Progress,
     announce: Announce | None = None,
+    direct: DirectApplier | None = None,
 ) -> list[LayerResult]:
     """Store the documents with containerd's GC labels, unpack, then name the image - all under
-    one lease, so a failure leaves nothing that containerd would keep."""
+    one lease, so a failure leaves nothing that containerd would keep. With ``direct``, the
+    layers that are not lazy are downloaded in parallel and unpacked while they arrive."""
     plan = plan_unpack(image.name, image.manifest_digest, image.manifest, image.config)
     if announce is not None:
         announce(plan)
@@ -174,7 +178,8 @@ def store_and_unpack(
                 api, image.target_content, image.target.digest,
                 index_gc_labels([m.digest for m in image.index.manifests]),
             )
-        results = Unpacker(api, snapshotter, blobs=blobs, progress=progress).unpack(plan)
+        unpacker = Unpacker(api, snapshotter, blobs=blobs, progress=progress, direct=direct)
+        results = unpacker.unpack(plan)
         api.put_image(ImageRecord(image.name, image.target))
     return results
 
@@ -187,15 +192,37 @@ async def pull(
     platform: Platform | None,
     progress: Progress,
     announce: Announce | None = None,
+    parallel: FetchSettings | None = None,
 ) -> tuple[ImageDocuments, list[LayerResult]]:
+    """``parallel``: how to download the layers that are not lazy in parallel; None for
+    containerd's way, one whole blob after the other."""
     import trio  # noqa: PLC0415 - lazy, as the module docstring says
 
     image = await fetch_documents(registry, ref, platform)
     with tempfile.TemporaryDirectory(prefix="lazysnap-pull-") as scratch:
         blobs = RegistryBlobs(registry, ref, Path(scratch))
-        results = await trio.to_thread.run_sync(
-            store_and_unpack, api, image, snapshotter, blobs, progress, announce
-        )
+        async with trio.open_nursery() as nursery:
+            fetcher: ParallelFetcher | None = None
+            direct: DirectApplier | None = None
+            if parallel is not None:
+                fetcher = ParallelFetcher(
+                    registry, ref, Path(scratch), nursery, trio.lowlevel.current_trio_token(),
+                    parallel,
+                )
+                direct = DirectApplier(api, fetcher, progress)
+            failure: Exception | None = None
+            try:
+                results = await trio.to_thread.run_sync(
+                    store_and_unpack, api, image, snapshotter, blobs, progress, announce, direct
+                )
+            except Exception as exc:  # raised below as it is, not in the nursery's group
+                failure = exc
+            finally:
+                if fetcher is not None:
+                    fetcher.close()
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     return image, results
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     import trio
 
     from registry import CredentialProvider, Descriptor, HostsConfig, Reference
+    from snapshotter.client.fetch_settings import FetchSettings
+    from snapshotter.client.parallel_fetch import ParallelFetcher
     from snapshotter.client.pull import RegistryBlobs
+    from snapshotter.client.spool import Spool
 
 # How to reach the image's registry: its hosts and the credentials to use there. Called once,
 # at the first blob, so that building them and importing ``registry`` cost nothing before.
@@ -27,11 +30,18 @@ class OnDemandRegistryBlobs:
     """A ``BlobSource`` whose registry client is started at the first blob that must be
     fetched, so an image whose layers are all lazy never pays for it. The client brings a trio
     loop in its own thread, a TLS context and auth. The unpack runs in the main thread and hops into
-    that loop by its token."""
+    that loop by its token.
 
-    def __init__(self, image_name: str, setup: ClientSetup) -> None:
+    It is also the parallel pull's ``LayerFetcher`` when given ``parallel`` settings: the
+    ranged downloads run in that loop too."""
+
+    def __init__(
+        self, image_name: str, setup: ClientSetup, parallel: FetchSettings | None = None
+    ) -> None:
         self._image_name = image_name
         self._setup = setup
+        self._parallel = parallel
+        self._fetcher: ParallelFetcher | None = None
         self._blobs: RegistryBlobs | None = None
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -46,10 +56,29 @@ class OnDemandRegistryBlobs:
         with self._blobs.open(layer) as chunks:
             yield chunks
 
+    def start(self, layers: Sequence[Descriptor]) -> None:
+        if layers:
+            self._started_fetcher().start(layers)
+
+    def spool(self, layer: Descriptor) -> Spool:
+        return self._started_fetcher().spool(layer)
+
+    def forget(self, layer: Descriptor) -> None:
+        if self._fetcher is not None:
+            self._fetcher.forget(layer)
+
+    def _started_fetcher(self) -> ParallelFetcher:
+        if self._blobs is None:
+            self._blobs = self._start()
+        if self._fetcher is None:
+            raise SnapshotterError("parallel pull was not enabled for this blob source")
+        return self._fetcher
+
     def _start(self) -> RegistryBlobs:
         import trio  # noqa: PLC0415 - lazy, as the class docstring says
 
         from registry import RegistryClient, parse_reference  # noqa: PLC0415
+        from snapshotter.client.parallel_fetch import ParallelFetcher  # noqa: PLC0415
         from snapshotter.client.pull import RegistryBlobs  # noqa: PLC0415
 
         ref = parse_reference(self._image_name)
@@ -60,12 +89,17 @@ class OnDemandRegistryBlobs:
         ready = threading.Event()
 
         async def serve() -> None:
-            async with RegistryClient(hosts, provider) as client:
+            async with RegistryClient(hosts, provider) as client, trio.open_nursery() as nursery:
                 self._stop = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()
+                if self._parallel is not None:
+                    self._fetcher = ParallelFetcher(
+                        client, ref, scratch, nursery, self._token, self._parallel
+                    )
                 started.append(RegistryBlobs(client, ref, scratch, trio_token=self._token))
                 ready.set()
                 await self._stop.wait()
+                nursery.cancel_scope.cancel()
 
         def main() -> None:
             try:
@@ -83,6 +117,8 @@ class OnDemandRegistryBlobs:
         return started[0]
 
     def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
         if self._thread is not None:
             if self._token is not None and self._stop is not None:
                 import trio  # noqa: PLC0415 - _start imported it already

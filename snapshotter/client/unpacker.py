@@ -26,15 +26,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from registry import Descriptor, Manifest
 from snapshotter import labels as L
 from snapshotter.client.chain import chain_ids, diff_ids_from_config, layer_labels
-from snapshotter.client.containerd_api import ContainerdAPI
+from snapshotter.client.containerd_api import ContainerdAPI, ingest_ref
 from snapshotter.client.progress import LayerResult, NoProgress, Outcome, Progress
+from snapshotter.client.tar_apply import UnsupportedEntryError
 from snapshotter.errors import AlreadyExistsError, NotFoundError, SnapshotterError
 from snapshotter.model import Mount
+
+if TYPE_CHECKING:
+    from snapshotter.client.direct_apply import DirectApplier
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +122,6 @@ def extraction_key(chain_id: str) -> str:
     return f"extract-{time.time_ns() % 1_000_000_000}-{unique} {chain_id}"
 
 
-def ingest_ref(digest: str) -> str:
-    """A content-store ingest name of our own: containerd locks a ref while it is written, so a
-    concurrent pull of the same blob must not share it. The second commit then simply finds the
-    blob present."""
-    return f"lazysnap-{digest}-{secrets.token_hex(4)}"
-
-
 class Unpacker:
     def __init__(
         self,
@@ -133,6 +130,7 @@ class Unpacker:
         *,
         blobs: BlobSource | None = None,
         progress: Progress | None = None,
+        direct: DirectApplier | None = None,
         new_key: Callable[[str], str] = extraction_key,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -140,10 +138,16 @@ class Unpacker:
         self._snapshotter = snapshotter
         self._blobs = blobs
         self._progress = progress or NoProgress()
+        self._direct = direct
         self._new_key = new_key
         self._clock = clock
 
     def unpack(self, plan: UnpackPlan) -> list[LayerResult]:
+        if self._direct is not None:
+            # Every layer to apply downloads from now on; they are applied in chain order.
+            self._direct.prefetch(
+                [layer.descriptor for layer in plan.layers if not self._exists(layer.chain_id)]
+            )
         results = [self._unpack_layer(plan, layer) for layer in plan.layers]
         if plan.layers:
             # What keeps the snapshots alive once the lease is gone: image -> (index ->)
@@ -187,6 +191,8 @@ class Unpacker:
                 log.warning("unpack prepare-exists-but-stat-missing chain_id=%s", layer.chain_id)
                 continue
             written = self._apply(layer, key, mounts)
+            if written is None:
+                written = self._apply_in_fresh_snapshot(layer)
             return finish("applied", written)
         raise UnpackError(
             f"layer {digest}: {self._snapshotter} reported chain {layer.chain_id} as existing "
@@ -200,15 +206,36 @@ class Unpacker:
             return False
         return True
 
-    def _apply(self, layer: LayerPlan, key: str, mounts: Sequence[Mount]) -> int:
+    def _apply_in_fresh_snapshot(self, layer: LayerPlan) -> int:
+        """containerd applies the layer, after the direct path gave up half-way through it."""
+        key = self._new_key(layer.chain_id)
+        mounts = self._api.prepare_snapshot(self._snapshotter, key, layer.parent, layer.labels)
+        written = self._apply(layer, key, mounts, direct=False)
+        assert written is not None  # only the direct path gives up
+        return written
+
+    def _apply(
+        self, layer: LayerPlan, key: str, mounts: Sequence[Mount], *, direct: bool = True
+    ) -> int | None:
+        """Bytes fetched; None when the direct path gave up and removed ``key``."""
         try:
-            written = self._ensure_blob(layer.descriptor)
-            applied = self._api.apply_diff(layer.descriptor, mounts)
-            if applied.digest != layer.diff_id:
-                raise UnpackError(
-                    f"layer {layer.descriptor.digest} unpacks to {applied.digest}, but the "
-                    f"image config says {layer.diff_id}"
-                )
+            written: int | None = None
+            if direct and self._direct is not None:
+                try:
+                    written = self._direct.apply(layer.descriptor, layer.diff_id, mounts)
+                except UnsupportedEntryError as exc:
+                    log.info("unpack direct-unsupported digest=%s reason=%s fallback=containerd",
+                             layer.descriptor.digest, exc)
+                    self._remove_quietly(key)
+                    return None
+            if written is None:
+                written = self._ensure_blob(layer.descriptor)
+                applied = self._api.apply_diff(layer.descriptor, mounts)
+                if applied.digest != layer.diff_id:
+                    raise UnpackError(
+                        f"layer {layer.descriptor.digest} unpacks to {applied.digest}, but the "
+                        f"image config says {layer.diff_id}"
+                    )
             try:
                 self._api.commit_snapshot(self._snapshotter, layer.chain_id, key, layer.labels)
             except AlreadyExistsError:

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from snapshotter.client.daemon_client import (
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from registry import CredentialProvider, Reference
     from snapshotter.client.containerd_client import ContainerdClient
     from snapshotter.client.documents import ImageDocuments
+    from snapshotter.client.fetch_settings import FetchSettings
     from snapshotter.daemon_api import ResolveAnswer
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="registry credentials (default: the docker config); without :PASSWORD it is read "
         "from --password-stdin, $LAZYSNAP_REGISTRY_PASSWORD or asked on the terminal. A "
         ":PASSWORD here is visible to every user of the machine (ps, /proc): prefer those",
+    )
+    parser.add_argument(
+        "--parallel", action=argparse.BooleanOptionalAction, default=None,
+        help="download the layers that are not lazy in ranges over several connections and "
+        "unpack them while they arrive (default: [pull] parallel in --config, on)",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="TOML",
+        help="lazysnap's configuration file, for its [pull] table "
+        "(default /etc/lazysnap/config.toml when it exists)",
     )
     parser.add_argument(
         "--password-stdin", action="store_true",
@@ -120,6 +132,19 @@ def _credentials(args: argparse.Namespace, reference: Reference) -> CredentialPr
     return DockerConfigCredentials()
 
 
+def parallel_settings(args: argparse.Namespace) -> FetchSettings | None:
+    """How to pull the layers that are not lazy: ``--parallel`` or the config's [pull] table;
+    None for containerd's way."""
+    from snapshotter.client.fetch_settings import FetchSettings  # noqa: PLC0415
+    from snapshotter.daemon.config import load_config  # noqa: PLC0415
+
+    pull = load_config(args.config).pull
+    enabled = pull.parallel if args.parallel is None else args.parallel
+    if not enabled:
+        return None
+    return FetchSettings(connections=pull.connections, range_size=pull.range_size)
+
+
 def _client_setup(args: argparse.Namespace) -> ClientSetup:
     return lambda reference: (hosts_config(args), _credentials(args, reference))
 
@@ -162,6 +187,7 @@ def _unpack_resolved(
     # Meanwhile the daemon talks to the registry: import what the unpack needs, reach containerd.
     from registry import NotFoundError, RegistryError  # noqa: PLC0415 (module docstring)
     from snapshotter.client.containerd_client import ContainerdClient  # noqa: PLC0415
+    from snapshotter.client.direct_apply import DirectApplier  # noqa: PLC0415
     from snapshotter.client.documents import documents_from_answer  # noqa: PLC0415
     from snapshotter.client.pull import store_and_unpack  # noqa: PLC0415
 
@@ -172,9 +198,13 @@ def _unpack_resolved(
             image = documents_from_answer(resolved)
             log.info("resolved by the daemon image=%s manifest=%s read_ahead=%d",
                      image.name, image.manifest_digest, len(resolved.read_ahead))
-            blobs = OnDemandRegistryBlobs(image.name, _client_setup(args))
+            parallel = args.parallel_settings
+            blobs = OnDemandRegistryBlobs(image.name, _client_setup(args), parallel)
+            direct = None if parallel is None else DirectApplier(client, blobs, progress)
             try:
-                results = store_and_unpack(client, image, args.snapshotter, blobs, progress)
+                results = store_and_unpack(
+                    client, image, args.snapshotter, blobs, progress, direct=direct
+                )
             finally:
                 blobs.close()
     except NotFoundError as exc:
@@ -209,7 +239,8 @@ async def _pull(
     async with RegistryClient(hosts_config(args), provider) as registry:
         announce = announcer(args.snapshotter_address) if args.snapshotter_address else None
         return await pull(
-            client, registry, reference, args.snapshotter, platform, progress, announce
+            client, registry, reference, args.snapshotter, platform, progress, announce,
+            args.parallel_settings,
         )
 
 
@@ -259,6 +290,12 @@ def run(args: argparse.Namespace) -> int:
     if args.password_stdin and not args.user:
         return fail(NAME, "--password-stdin needs --user USER")
     progress: Progress = NoProgress() if args.quiet else TextProgress(sys.stdout)
+    from snapshotter.daemon.config import ConfigError  # noqa: PLC0415
+
+    try:
+        args.parallel_settings = parallel_settings(args)
+    except ConfigError as exc:
+        return fail(NAME, exc)
     if args.snapshotter_address:
         return _pull_through_daemon(args, progress)
     return _pull_locally(args, progress)

@@ -81,6 +81,19 @@ class CriConfig:
     credentials_file: Path | None = None
 
 
+DEFAULT_PULL_CONNECTIONS = 4
+DEFAULT_PULL_RANGE_SIZE = 4 << 20
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    # ``lazysnap pull``: download the layers that are not lazy in ranges over several
+    # connections and unpack them while they arrive, instead of through containerd's diff service.
+    parallel: bool = True
+    connections: int = DEFAULT_PULL_CONNECTIONS  # concurrent range requests per pull
+    range_size: int = DEFAULT_PULL_RANGE_SIZE  # bytes per range request
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
@@ -90,6 +103,7 @@ class Config:
     lazy: LazyConfig = field(default_factory=LazyConfig)
     kata: KataConfig = field(default_factory=KataConfig)
     cri: CriConfig = field(default_factory=CriConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -120,7 +134,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -152,7 +166,28 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, kata=_parse_kata(_expect(data, "kata", dict, "")))
     if "cri" in data:
         config = replace(config, cri=_parse_cri(_expect(data, "cri", dict, "")))
+    if "pull" in data:
+        config = replace(config, pull=_parse_pull(_expect(data, "pull", dict, "")))
     return config
+
+
+def _parse_pull(table: Mapping[str, Any]) -> PullConfig:
+    extra = sorted(set(table) - {"parallel", "connections", "range_size"})
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('pull.' + k for k in extra)}")
+    pull = PullConfig()
+    if "parallel" in table:
+        pull = replace(pull, parallel=_expect(table, "parallel", bool, "pull."))
+    for key, low, high in (("connections", 1, 64), ("range_size", 64 << 10, 1 << 30)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"pull.{key}: expected an integer from {low} to {high}, "
+                                  f"got {value!r}")
+            pull = replace(pull, connections=value) if key == "connections" else replace(
+                pull, range_size=value
+            )
+    return pull
 
 
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:

@@ -158,3 +158,16 @@ def test_cri_proxy_settings_from_the_file_or_the_flag(tmp_path: Path) -> None:
         parse_config({"cri": {"credentials_file": "rel.json"}})
     with pytest.raises(ConfigError, match="--cri-image-service"):
         with_overrides(Config(), cri_image_service="rel.sock")
+
+
+def test_pull_table_and_its_bounds(tmp_path: Path) -> None:
+    assert (Config().pull.parallel, Config().pull.connections) == (True, 4)
+    assert Config().pull.range_size == 4 << 20
+    path = tmp_path / "config.toml"
+    path.write_text("[pull]\nparallel = false\nconnections = 8\nrange_size = 1048576\n")
+    pull = load_config(path).pull
+    assert (pull.parallel, pull.connections, pull.range_size) == (False, 8, 1 << 20)
+    for bad in ("connections = 0", "connections = true", "range_size = 100", "speed = 1"):
+        path.write_text(f"[pull]\n{bad}\n")
+        with pytest.raises(ConfigError, match=r"pull\."):
+            load_config(path)
