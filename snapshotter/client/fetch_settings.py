@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Measured on the startup benchmark's 65 MB layer (docs/pull.md): 4 connections of 4 MiB ranges
-# fill a 100 Mbit/s, 20 ms link and keep loopback transfers ahead of decompression.
+# Chosen, not yet swept by measurement: 4 ranges of 4 MiB in flight keep about 16 MiB moving,
+# several round trips' worth on a 100 Mbit/s, 20 ms link, while each request stays small
+# enough to retry cheaply. benchmarks/full_pull.py is the place to tune them on an idle machine.
 DEFAULT_CONNECTIONS = 4
 DEFAULT_RANGE_SIZE = 4 * 1024 * 1024
 
