@@ -27,7 +27,7 @@ from typing import Literal
 
 import trio
 
-from fusefs.formats.ztoc import DEFAULT_SPAN_SIZE, ZtocBuild, ZtocBuildError, build_ztoc
+from fusefs import DEFAULT_SPAN_SIZE, ZtocBuild, ZtocBuildError, build_ztoc
 from registry import (
     Descriptor,
     NotFoundError,

@@ -14,8 +14,7 @@ import httpx
 import pytest
 import trio
 
-from fusefs import EntryKind
-from fusefs.formats.ztoc import parse_ztoc
+from fusefs import EntryKind, parse_ztoc
 from registry import DigestMismatchError, Platform, parse_reference
 from snapshotter import soci_index as si
 from snapshotter.commands.index import parse_size, result_json
