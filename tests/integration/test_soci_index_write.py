@@ -20,6 +20,8 @@ import pytest
 
 from fusefs import EntryKind, parse_ztoc
 from tests.support import oci_image as oci
+from tests.support.containerd import containerd_available, run_containerd
+from tests.support.daemon import running_daemon
 from tests.support.docker_registry import RunningRegistry
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow]
@@ -185,3 +187,34 @@ def test_an_image_that_does_not_exist_is_one_line_and_exit_1(
         _get(docker_registry, "test/soci/manifests/nope")
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
+
+
+def test_a_soci_enabled_image_still_pulls_and_runs_through_containerd_and_lazysnap(
+    docker_registry: RunningRegistry, short_tmp: Path
+) -> None:
+    """The image index now lists the SOCI index with the image's platform: containerd and
+    ``lazysnap pull`` must still pick the image, not the index, and run it."""
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    _push_image(short_tmp / "img", docker_registry, "run")
+    reference = f"{docker_registry.host}/test/soci:run"
+    indexed = _lazysnap("index", reference, "--min-layer-size", "0", "--span-size", "64KiB")
+    assert indexed.returncode == 0, indexed.stderr
+    with running_daemon(short_tmp / "d") as daemon, run_containerd(
+        short_tmp / "c", daemon.address
+    ) as containerd:
+        containerd.ctr("image", "pull", "--plain-http", reference)
+        ran = containerd.ctr("run", "--rm", reference, "c1", "/bin/cat", "/etc/hello")
+        assert ran.stdout == "hi\n"
+        containerd.ctr("image", "rm", reference)
+        hosts_dir = containerd.workdir / "certs.d"
+        pulled = subprocess.run(
+            [sys.executable, "-m", "snapshotter.cli", "pull", reference,
+             "--address", str(containerd.address), "--namespace", containerd.namespace,
+             "--hosts-dir", str(hosts_dir), "--snapshotter-address", str(daemon.address)],
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert pulled.returncode == 0, pulled.stderr
+        ran = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", reference, "c2",
+                             "/bin/cat", "/etc/hello")  # fmt: skip
+        assert ran.stdout == "hi\n"
