@@ -82,7 +82,8 @@ def soci_enabled_manifest(manifest: bytes, index_digest: str) -> bytes:
     config = doc.get("config")
     if not isinstance(config, dict):
         raise IndexDocumentError("image manifest has no config descriptor")
-    annotations = doc.get("annotations") or {}
+    annotations = doc.get("annotations")
+    annotations = {} if annotations is None else annotations
     if not isinstance(annotations, dict):
         raise IndexDocumentError("image manifest annotations are not an object")
     doc["mediaType"] = si.OCI_MANIFEST
@@ -129,11 +130,11 @@ def soci_enabled_index(
     new_annotations = _object(new_manifest, "image manifest").get("annotations", {})
     if top is None:
         doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": si.OCI_INDEX, "manifests": []}
-        entries: list[Any] = [{"mediaType": si.OCI_MANIFEST, "digest": old_manifest_digest,
+        entries: Any = [{"mediaType": si.OCI_MANIFEST, "digest": old_manifest_digest,
                                "size": 0, "platform": platform_json(platform)}]  # fmt: skip
     else:
         doc = _object(top, "image index")
-        entries = doc.get("manifests") or []
+        entries = doc.get("manifests")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise IndexDocumentError("image index manifests is not a list of objects")
     doc["mediaType"] = si.OCI_INDEX
@@ -183,7 +184,8 @@ def referrers_tag_index(existing: bytes | None, soci_index: bytes, index_digest:
         doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": si.OCI_INDEX, "manifests": []}
     else:
         doc = _object(existing, "referrers tag index")
-    entries = doc.get("manifests") or []
+    entries = doc.get("manifests")
+    entries = [] if entries is None else entries
     if not isinstance(entries, list):
         raise IndexDocumentError("referrers tag index manifests is not a list")
     parsed = si.parse(soci_index)
@@ -198,7 +200,8 @@ def referrers_tag_index(existing: bytes | None, soci_index: bytes, index_digest:
     if annotations:
         entry["annotations"] = dict(sorted(annotations.items()))
     entry["artifactType"] = parsed.artifact_type
-    kept = [e for e in entries if not (isinstance(e, dict) and e.get("digest") == index_digest)]
+    # Entries that are not descriptors cannot be anyone's referrer: they go.
+    kept = [e for e in entries if isinstance(e, dict) and e.get("digest") != index_digest]
     doc["manifests"] = [*kept, entry]
     doc["mediaType"] = si.OCI_INDEX
     return _dumps(doc)
