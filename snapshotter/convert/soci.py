@@ -38,9 +38,11 @@ from registry import (
 )
 from snapshotter import soci_index as si
 from snapshotter.convert.soci_documents import (
+    DOCKER_MANIFEST,
     IndexDocumentError,
     LayerPlan,
     config_platform,
+    oci_typed_manifest,
     plan_layers,
     referrers_tag_index,
     soci_enabled_index,
@@ -187,11 +189,12 @@ async def _tag_soci_enabled_image(
         platform = config_platform(config)
     try:
         manifest = soci_enabled_manifest(resolved.manifest_content, result.index_digest)
-        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        manifest_digest = _sha256(manifest)
+        retyped = await _retype_other_platforms(client, repository, resolved)
         top = resolved.target_content if resolved.index is not None else None
         image_index = soci_enabled_index(
             top, resolved.manifest_digest, manifest, manifest_digest, index_body,
-            result.index_digest, platform,
+            result.index_digest, platform, retyped,
         )  # fmt: skip
     except IndexDocumentError as exc:
         raise IndexImageError(str(exc)) from exc
@@ -201,6 +204,27 @@ async def _tag_soci_enabled_image(
     return dataclasses.replace(
         result, tagged=tagged, image_digest=image_digest, enabled_manifest_digest=manifest_digest
     )
+
+
+async def _retype_other_platforms(
+    client: RegistryClient, repository: Reference, resolved: ResolvedImage
+) -> dict[str, tuple[str, int]]:
+    """Other platforms' Docker manifests, pushed typed OCI as soci does; old digest to new."""
+    retyped: dict[str, tuple[str, int]] = {}
+    if resolved.index is None:
+        return retyped
+    for entry in resolved.index.manifests:
+        if entry.media_type != DOCKER_MANIFEST or entry.digest == resolved.manifest_digest:
+            continue
+        content = await client.fetch_manifest(repository, entry.digest)
+        body = oci_typed_manifest(content.content)
+        retyped[entry.digest] = (await client.push_manifest(repository, body, si.OCI_MANIFEST),
+                                 len(body))  # fmt: skip
+    return retyped
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def _list_referrer(

@@ -18,6 +18,7 @@ from registry import Descriptor, Platform
 from snapshotter import soci_index as si
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 GZIP_LAYER_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -73,23 +74,33 @@ def _object(body: bytes, what: str) -> dict[str, Any]:
 
 
 def soci_enabled_manifest(manifest: bytes, index_digest: str) -> bytes:
-    """The image manifest naming its v2 SOCI index, otherwise as it was.
-
-    Like soci, the result is typed OCI (a Docker manifest may not carry annotations) and so is
-    its config descriptor; the config blob and every layer descriptor are unchanged.
-    """
-    doc = _object(manifest, "image manifest")
-    config = doc.get("config")
-    if not isinstance(config, dict):
-        raise IndexDocumentError("image manifest has no config descriptor")
+    """The image manifest naming its v2 SOCI index, otherwise as it was, typed OCI."""
+    doc = _oci_typed(manifest)
     annotations = doc.get("annotations")
     annotations = {} if annotations is None else annotations
     if not isinstance(annotations, dict):
         raise IndexDocumentError("image manifest annotations are not an object")
-    doc["mediaType"] = si.OCI_MANIFEST
-    config["mediaType"] = OCI_CONFIG
     doc["annotations"] = {**annotations, si.IMAGE_INDEX_DIGEST: index_digest}
     return _dumps(doc)
+
+
+def oci_typed_manifest(manifest: bytes) -> bytes:
+    """An image manifest typed OCI, for another platform of a SOCI-enabled image index."""
+    return _dumps(_oci_typed(manifest))
+
+
+def _oci_typed(manifest: bytes) -> dict[str, Any]:
+    """Like soci, the manifests of a SOCI-enabled image are typed OCI and so are their config
+    descriptors: some registries refuse an index mixing OCI and Docker manifests, and a Docker
+    manifest may not carry annotations. The config blob and every layer descriptor are
+    unchanged."""
+    doc = _object(manifest, "image manifest")
+    config = doc.get("config")
+    if not isinstance(config, dict):
+        raise IndexDocumentError("image manifest has no config descriptor")
+    doc["mediaType"] = si.OCI_MANIFEST
+    config["mediaType"] = OCI_CONFIG
+    return doc
 
 
 def config_platform(config: bytes) -> Platform:
@@ -118,6 +129,7 @@ def soci_enabled_index(
     soci_index: bytes,
     soci_index_digest: str,
     platform: Platform,
+    retyped: Mapping[str, tuple[str, int]] | None = None,
 ) -> bytes:
     """The image index a v2 SOCI-enabled image is tagged with.
 
@@ -125,7 +137,8 @@ def soci_enabled_index(
     lists it. The indexed manifest's entry points at the new manifest and carries its
     annotations; the SOCI index is listed after it, with the same platform, replacing a v2
     index listed earlier for that manifest. Listing the image first keeps platform pickers
-    that take the first match on the image.
+    that take the first match on the image. ``retyped`` maps other platforms' Docker
+    manifests to their OCI-typed copies (``oci_typed_manifest``): digest and size.
     """
     new_annotations = _object(new_manifest, "image manifest").get("annotations", {})
     if top is None:
@@ -149,6 +162,9 @@ def soci_enabled_index(
             image_platform = entry.get("platform", image_platform)
             kept.append({**entry, "mediaType": si.OCI_MANIFEST, "digest": new_manifest_digest,
                          "size": len(new_manifest), "annotations": new_annotations})  # fmt: skip
+        elif retyped and entry.get("digest") in retyped:
+            digest, size = retyped[entry["digest"]]
+            kept.append({**entry, "mediaType": si.OCI_MANIFEST, "digest": digest, "size": size})
         else:
             kept.append(entry)
     if not found:

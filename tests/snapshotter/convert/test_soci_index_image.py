@@ -181,23 +181,32 @@ def index_of(fake: FakeRegistry, entries: list[tuple[str, int, str]]) -> str:
                              "1")  # fmt: skip
 
 
-def test_v2_from_an_index_keeps_other_platforms_and_a_rerun_replaces_the_soci_entry() -> None:
+def test_v2_from_an_index_retypes_other_platforms_and_a_rerun_replaces_the_soci_entry() -> None:
     fake = FakeRegistry()
     amd_body, amd = add_image(fake, tag=None)
     arm_body, arm = add_image(fake, TARS[1:], arch="arm64", tag=None)
     index_of(fake, [(amd, len(amd_body), "amd64"), (arm, len(arm_body), "arm64")])
     first, _ = run_index(fake, options(platform=ARM64))
     entries = json.loads(fake.manifests["1"][0])["manifests"]
-    assert [e["digest"] for e in entries] == [amd, first.enabled_manifest_digest,
-                                              first.index_digest]
-    assert entries[0]["mediaType"] == DOCKER_MANIFEST, "the other platform is untouched"
+    assert [e["digest"] for e in entries][1:] == [first.enabled_manifest_digest,
+                                                  first.index_digest]  # fmt: skip
+    # The other platform is typed OCI as soci does, its layers and config blob unchanged.
+    other = entries[0]
+    assert other["mediaType"] == si.OCI_MANIFEST and other["digest"] != amd
+    assert other["platform"] == {"architecture": "amd64", "os": "linux"}
+    retyped = json.loads(fake.manifests[other["digest"]][0])
+    original = json.loads(amd_body)
+    assert retyped["mediaType"] == si.OCI_MANIFEST
+    assert retyped["layers"] == original["layers"]
+    assert retyped["config"]["digest"] == original["config"]["digest"]
+    assert other["size"] == len(fake.manifests[other["digest"]][0])
     # Indexing the SOCI-enabled image again (another span size) replaces its SOCI index.
     second, _ = run_index(fake, options(platform=ARM64, span_size=2 * SPAN))
     assert second.manifest_digest == first.enabled_manifest_digest
     assert second.index_digest != first.index_digest
     entries = json.loads(fake.manifests["1"][0])["manifests"]
-    assert [e["digest"] for e in entries] == [amd, second.enabled_manifest_digest,
-                                              second.index_digest]
+    assert [e["digest"] for e in entries] == [other["digest"], second.enabled_manifest_digest,
+                                              second.index_digest]  # fmt: skip
     annotated = json.loads(fake.manifests[second.enabled_manifest_digest or ""][0])
     assert annotated["annotations"][si.IMAGE_INDEX_DIGEST] == second.index_digest
 
