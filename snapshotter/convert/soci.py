@@ -181,13 +181,13 @@ async def _tag_soci_enabled_image(
 ) -> IndexResult:
     """v2: the annotated image manifest by digest, then the image index under the tag."""
     repository = Reference(tagged.domain, tagged.path)
-    platform = resolved.platform
-    if platform is None:
-        config = await client.fetch_blob(
-            repository, resolved.manifest.config.digest, max_size=MAX_CONFIG_BYTES
-        )
-        platform = config_platform(config)
     try:
+        platform = resolved.platform
+        if platform is None:
+            config = await client.fetch_blob(
+                repository, resolved.manifest.config.digest, max_size=MAX_CONFIG_BYTES
+            )
+            platform = config_platform(config)
         manifest = soci_enabled_manifest(resolved.manifest_content, result.index_digest)
         manifest_digest = _sha256(manifest)
         retyped = await _retype_other_platforms(client, repository, resolved)

@@ -317,3 +317,11 @@ def test_bad_sizes_are_refused(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
+
+
+def test_a_bare_manifest_whose_config_names_no_platform_is_an_index_error() -> None:
+    fake = FakeRegistry()
+    body, _ = add_image(fake, arch="")
+    with pytest.raises(IndexImageError, match="os and architecture"):
+        run_index(fake, options(platform=None))
+    assert fake.manifests["1"][0] == body
