@@ -38,6 +38,7 @@ from registry.errors import (
 from registry.hosts import HostsConfig, RegistryHost
 from registry.manifest import (
     ACCEPT_MANIFESTS,
+    OCI_INDEX,
     Descriptor,
     Index,
     Manifest,
@@ -297,6 +298,30 @@ class RegistryClient:
         obj = digest_or_tag or ref.object
         capability = "pull" if ":" in obj else "resolve"
         return await self._failover(ref, capability, lambda h: self._get_manifest(h, ref, obj))
+
+    async def list_referrers(self, ref: Reference, digest: str) -> bytes | None:
+        """The referrers API's image index of the manifests whose subject is ``digest``, or
+        None when the registry has no referrers API: it answers 404 to the route (the OCI
+        distribution spec says an API that exists answers 200, even with no referrers)."""
+        validate_digest(digest)
+
+        async def on_host(host: RegistryHost) -> bytes | None:
+            what = f"referrers of {digest}"
+            try:
+                answer = await self._engine.call(
+                    host,
+                    "GET",
+                    f"{host.api_url}/{ref.path}/referrers/{digest}",
+                    _expect({200}, what, limit=MAX_MANIFEST_SIZE),
+                    scopes=self._pull_scopes(ref),
+                    what=what,
+                    headers={"Accept": OCI_INDEX},
+                )
+            except NotFoundError:
+                return None
+            return answer.content
+
+        return await self._failover(ref, "pull", on_host)
 
     async def resolve_image(
         self, ref: Reference, platform: Platform | None = None
