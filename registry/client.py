@@ -50,6 +50,7 @@ from registry.manifest import (
 from registry.options import ClientOptions
 from registry.redact import safe_url
 from registry.reference import Reference, validate_digest
+from registry.referrers import OCI_INDEX, ReferrerList, fallback_tag, parse_referrers
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,42 @@ class RegistryClient:
         )
 
     # -- blobs ----------------------------------------------------------------------------
+
+    async def fetch_referrers(
+        self, ref: Reference, digest: str, artifact_type: str | None = None
+    ) -> ReferrerList:
+        """The manifests whose subject is ``digest``: from the referrers API, or, where the
+        registry has none (a 404), from the referrers tag; no tag either means none.
+        ``artifact_type`` is passed as the API's filter, which registries may ignore: callers
+        filter with ``ReferrerList.of_type`` themselves."""
+        validate_digest(digest)
+
+        async def on_host(host: RegistryHost) -> ReferrerList:
+            what = f"referrers of {digest}"
+            url = f"{host.api_url}/{ref.path}/referrers/{digest}"
+            if artifact_type is not None:
+                url = _with_query(url, artifactType=artifact_type)
+            try:
+                answer = await self._engine.call(
+                    host,
+                    "GET",
+                    url,
+                    _expect({200}, what, limit=MAX_MANIFEST_SIZE),
+                    scopes=self._pull_scopes(ref),
+                    what=what,
+                    headers={"Accept": OCI_INDEX},
+                )
+            except NotFoundError:
+                log.info("referrers api-missing registry=%s using=tag", ref.domain)
+            else:
+                return parse_referrers(answer.content, "api")
+            try:
+                content = await self._get_manifest(host, ref, fallback_tag(digest))
+            except NotFoundError:
+                return ReferrerList((), "tag")
+            return parse_referrers(content.content, "tag")
+
+        return await self._failover(ref, "pull", on_host)
 
     def _blob_url(self, host: RegistryHost, ref: Reference, digest: str) -> str:
         return f"{host.api_url}/{ref.path}/blobs/{digest}"
