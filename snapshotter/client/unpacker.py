@@ -35,6 +35,7 @@ from snapshotter.client.containerd_api import ContainerdAPI
 from snapshotter.client.progress import LayerResult, NoProgress, Outcome, Progress
 from snapshotter.errors import AlreadyExistsError, NotFoundError, SnapshotterError
 from snapshotter.model import Mount
+from snapshotter.soci_index import IMAGE_INDEX_DIGEST
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ def plan_unpack(
         )
     chains = chain_ids(diff_ids)
     digests = [layer.digest for layer in manifest.layers]
+    # The SOCI v2 index the manifest names goes with each layer, so the daemon finds it
+    # without fetching the manifest, and knows there is none when it is absent.
+    soci = {k: v for k, v in manifest.annotations.items() if k == IMAGE_INDEX_DIGEST}
     layers = tuple(
         LayerPlan(
             number=i + 1,
@@ -97,7 +101,7 @@ def plan_unpack(
                 layer_digests=digests,
                 index=i,
                 chain_id=chains[i],
-                annotations=layer.annotations,
+                annotations={**layer.annotations, **soci},
                 media_type=layer.media_type,
             ),
         )
