@@ -51,6 +51,7 @@ from tests.integration.test_lazy_end_to_end import (
     _run,
     _snapshot_labels,
     _tree,
+    _wait_until_containerd_reconnects,
     stack,
 )
 from tests.support import oci_image as oci
@@ -254,6 +255,12 @@ def test_plain_gzip_image_with_a_soci_index_runs_lazily_and_reads_like_overlayfs
 
     pulled = _pull(containerd, image.reference)
     assert _outcomes(pulled) == ["remote"] * len(image.layers), pulled + daemon.log()[-3000:]
+    # A hard restart between pull and run: the layers come back from the zTOCs saved at
+    # attach, without asking the registry for them again.
+    daemon.kill9()
+    daemon.start()
+    _wait_until_containerd_reconnects(containerd)
+    assert "remote layer restored" in daemon.log()
     assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == HELLO.decode()
     for chain_id in image.chain:
         assert _snapshot_labels(containerd, chain_id).get(REMOTE) == REMOTE_VALUE

@@ -127,3 +127,49 @@ def test_an_index_that_does_not_hash_to_its_digest_is_refused() -> None:
     digest = digest_of(_index(2))
     fake.manifests[digest] = (_index(2).replace(b"{", b"{ ", 1), OCI_MANIFEST)
     assert _lookup(fake, digest)[0] == [None]
+
+
+# -- opening a layer through its zTOC -------------------------------------------------------
+
+
+def _gzip_layer() -> tuple[bytes, bytes]:
+    import gzip  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from fusefs.formats.ztoc import build_ztoc  # noqa: PLC0415
+    from tests.support.oci_image import TarBuilder  # noqa: PLC0415
+
+    blob = gzip.compress(TarBuilder().file("hello", b"hello\n" * 1000).tar(), mtime=0)
+    return blob, build_ztoc(io.BytesIO(blob), span_size=4096).data
+
+
+def _open(fake: FakeRegistry, layer: str, ztoc: ZtocDescriptor) -> object:
+    from snapshotter.remote.open_layer import open_ztoc_layer  # noqa: PLC0415
+
+    async def main() -> object:
+        async with make_client(fake) as client:
+            return (await open_ztoc_layer(client, REF, layer, ztoc)).index
+
+    return trio.run(main)
+
+
+def test_a_ztoc_is_opened_by_the_digest_its_index_gives() -> None:
+    from fusefs.formats.ztoc import ZtocLayer  # noqa: PLC0415
+
+    blob, data = _gzip_layer()
+    fake = FakeRegistry()
+    layer, ztoc_digest = fake.add_blob(blob), fake.add_blob(data)
+    index = _open(fake, layer, ZtocDescriptor(ztoc_digest, len(data), layer, "gzip"))
+    assert isinstance(index, ZtocLayer) and index.toc_trusted
+    assert index.toc_digest == ztoc_digest
+
+
+def test_a_ztoc_whose_bytes_do_not_match_its_digest_is_refused() -> None:
+    from registry import DigestMismatchError  # noqa: PLC0415
+
+    blob, data = _gzip_layer()
+    fake = FakeRegistry()
+    layer, ztoc_digest = fake.add_blob(blob), digest_of(data)
+    fake.blobs[ztoc_digest] = data[:-1] + bytes([data[-1] ^ 1])  # the registry serves others
+    with pytest.raises(DigestMismatchError):
+        _open(fake, layer, ZtocDescriptor(ztoc_digest, len(data), layer, "gzip"))
