@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import trio
 
-from fusefs import BlobReader, LayerIndex, load_layer_index, parse_ztoc
+from fusefs import BlobReader, LayerFormatError, LayerIndex, load_layer_index, parse_ztoc
 from registry import Reference, RegistryClient
 from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
@@ -48,6 +48,10 @@ async def index_ztoc_layer(blob: BlobReader, data: bytes, ztoc_digest: str) -> O
     index = await trio.to_thread.run_sync(
         lambda: parse_ztoc(data, blob_size=blob.size, ztoc_digest=ztoc_digest)
     )
+    if index.span_digests is None:
+        # Spans are then checked by length only, and a wrong window would inflate to wrong
+        # bytes of the right length: such a layer is not served before its blob is verified.
+        raise LayerFormatError(f"zTOC {ztoc_digest} has no span digests")
     return OpenedLayer(blob, {0: data}, index, saved_digest=ztoc_digest)
 
 

@@ -173,3 +173,19 @@ def test_a_ztoc_whose_bytes_do_not_match_its_digest_is_refused() -> None:
     fake.blobs[ztoc_digest] = data[:-1] + bytes([data[-1] ^ 1])  # the registry serves others
     with pytest.raises(DigestMismatchError):
         _open(fake, layer, ZtocDescriptor(ztoc_digest, len(data), layer, "gzip"))
+
+
+def test_a_ztoc_without_span_digests_is_not_served() -> None:
+    from fusefs import LayerFormatError  # noqa: PLC0415
+    from snapshotter.remote.open_layer import index_ztoc_layer  # noqa: PLC0415
+    from tests.fusefs.test_ztoc_hostile import BLOB, _ztoc  # noqa: PLC0415
+    from tests.integration.fuse_support import FakeBlob  # noqa: PLC0415
+
+    with_digests, without = _ztoc(), _ztoc(digests=[])
+
+    async def main(data: bytes) -> object:
+        return (await index_ztoc_layer(FakeBlob(BLOB), data, digest_of(data))).index
+
+    assert trio.run(main, with_digests) is not None
+    with pytest.raises(LayerFormatError, match="no span digests"):
+        trio.run(main, without)
