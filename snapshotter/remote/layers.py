@@ -7,6 +7,7 @@ Everything here runs on the trio thread. The gRPC threads reach it through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -246,6 +247,10 @@ class LazyLayers:
         if decision is None or decision.request is None or decision.needs_manifest:
             return False
         request = decision.request
+        if decision.soci and request.manifest_digest is not None:
+            with contextlib.suppress(SociIndexError):  # the Prepare reports it
+                self.soci.start(parse_reference(request.image_ref), request.manifest_digest,
+                                index_digest_of(request.annotations))
         if decision.format is None:
             self._ahead.not_lazy(request.layer_digest)
             return False

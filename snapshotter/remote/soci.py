@@ -65,6 +65,22 @@ class SociIndexes:
         index = await self.index_of(ref, manifest_digest, index_digest)
         return None if index is None else index.ztoc_for(layer_digest)
 
+    def start(self, ref: Reference, manifest_digest: str, index_digest: str | None) -> bool:
+        """Begin the image's lookup ahead of its Prepares (lazysnap pull announces its layers
+        before containerd stores the image); True if it started. Prepares then join it."""
+        if f"{ref.domain}/{ref.path}@{manifest_digest}" in self._lookups:
+            return False
+        trio.lowlevel.spawn_system_task(self._look_ahead, ref, manifest_digest, index_digest)
+        return True
+
+    async def _look_ahead(
+        self, ref: Reference, manifest_digest: str, index_digest: str | None
+    ) -> None:
+        try:
+            await self.index_of(ref, manifest_digest, index_digest)
+        except Exception as exc:  # a system task must not raise; the Prepare reports failures
+            log.warning("soci index lookup ahead failed error=%r", exc)
+
     async def index_of(
         self, ref: Reference, manifest_digest: str, index_digest: str | None
     ) -> SociIndex | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -141,3 +142,30 @@ def test_a_restart_reattaches_from_the_saved_ztoc_without_the_network(tmp_path: 
     assert isinstance(fs.attached["l0"], ZtocLayer)
     assert fs.attached["l0"].toc_digest == first.annotations[SOCI_ZTOC_DIGEST]
     assert fake.requests == []
+
+
+def test_announced_layers_start_the_lookup_before_their_prepares(tmp_path: Path) -> None:
+    from snapshotter.client.chain import layer_labels  # noqa: PLC0415
+
+    fake = FakeRegistry()
+    manifest, layers = _image(fake, soci=False)
+    labels = [
+        layer_labels(image_ref=IMAGE, manifest_digest=manifest, layer_digests=layers, index=i,
+                     chain_id="sha256:" + str(i) * 64, media_type=GZIP)
+        for i in range(2)
+    ]
+    fs = FakeFilesystem()
+
+    async def main() -> tuple[int, int]:
+        async with make_client(fake) as client:
+            lazy = LazyLayers(fs, client, lambda layer_id: tmp_path / f"{layer_id}.tail")  # type: ignore[arg-type]
+            lazy.read_ahead([(one, None) for one in labels])
+            with trio.fail_after(10):
+                while not any("/referrers/" in r.url.path for r in fake.requests):
+                    await trio.sleep(0.01)
+            for number, one in enumerate(labels):
+                with contextlib.suppress(RemoteLayerError):
+                    await lazy.mount(one, f"l{number}")
+            return lazy.soci.requests, sum("/referrers/" in r.url.path for r in fake.requests)
+
+    assert trio.run(main) == (1, 1)
