@@ -15,9 +15,11 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,3 +302,35 @@ def test_an_image_without_an_index_is_looked_up_once_and_pulled_in_full(
     assert _outcomes(pulled) == ["applied"] * len(layers), pulled
     log = docker_registry.log()[log_start:]
     assert log.count("/referrers/") == 1, log[-2000:]
+
+
+@pytest.fixture
+def stack_background(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    """lazysnap with its default configuration: background fetch on."""
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    with running_daemon(short_tmp / "d") as daemon, \
+            run_containerd(short_tmp / "c", daemon.address) as containerd:
+        yield daemon, containerd
+
+
+def test_background_fetch_verifies_soci_layers_against_their_digests(
+    stack_background: tuple[Daemon, RunningContainerd], images: dict[str, Any]
+) -> None:
+    daemon, containerd = stack_background
+    image: SociImage = images["v2"]
+    assert _outcomes(_pull(containerd, image.reference)) == ["remote"] * len(image.layers)
+    assert _run(containerd, image.reference, "bg", "/bin/cat", "/etc/hello") == HELLO.decode()
+
+    def verified() -> set[str]:
+        return {
+            layer.digest for layer in image.layers
+            if re.search(rf"layer fully fetched and verified layer=\S+ digest={layer.digest}",
+                         daemon.log())
+        }
+
+    deadline = time.monotonic() + 120
+    while verified() != {layer.digest for layer in image.layers}:
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.5)
+    assert "digest mismatch" not in daemon.log()
