@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from fusefs.background import fetch_everything
 from fusefs.cache import ChunkCache
@@ -53,8 +54,6 @@ def _ztoc() -> ZtocLayer:
 async def _fetcher(
     tmp_path: Path, blob: FakeBlob, **config: int
 ) -> AsyncIterator[tuple[ChunkFetcher, Layer]]:
-    import trio  # noqa: PLC0415
-
     cache = await ChunkCache.open(tmp_path / "cache", capacity_bytes=1 << 30)
     async with trio.open_nursery() as nursery:
         fetcher = ChunkFetcher(cache, nursery, FetchConfig(**config))  # type: ignore[arg-type]
