@@ -52,6 +52,9 @@ class FetchConfig:
     # large ranges at a time gets the bytes to them sooner than their own misses one by one.
     long_read: float = 6.0
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
+    # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
+    # of many small files, and each would otherwise inflate it again.
+    inflated_span_bytes: int = 16 * MiB
     # A read that has not got its bytes after this long fails with EIO and a log line. The
     # kernel queues a bounded number of READs per mount: one stalled blob must not hold them,
     # nor the mount's worker tasks, for the registry client's minutes of retries.

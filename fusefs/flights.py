@@ -30,6 +30,7 @@ from fusefs.blob import forget_redirect
 from fusefs.cache import ChunkCache, chunk_key, verify_chunk
 from fusefs.fetch_config import Decoder, FetchConfig, FetchError
 from fusefs.index import ChunkRef
+from fusefs.inflated_spans import InflatedSpans, lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
 
@@ -101,6 +102,7 @@ class ChunkFlights:
         self._own_fetches: dict[tuple[str, str], _Flight] = {}
         self._blob_slots: dict[str, trio.CapacityLimiter] = {}
         self._hot = _HotChunks(config.hot_bytes)
+        self._spans = InflatedSpans(config.inflated_span_bytes)
         self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
         self._writes_pending = 0
         self._writes_idle = trio.Event()
@@ -109,6 +111,10 @@ class ChunkFlights:
     @property
     def cache(self) -> ChunkCache:
         return self._cache
+
+    @property
+    def inflated_spans(self) -> InflatedSpans:
+        return self._spans
 
     @property
     def in_flight(self) -> int:
@@ -252,7 +258,9 @@ class ChunkFlights:
         return PlannedRange(start, end, chunks)
 
     async def request(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
-        """The raw bytes of ``planned`` from the blob, counted on the layer."""
+        """The raw bytes of ``planned`` from the blob, counted on the layer. For a zTOC layer
+        they start ``lead_bytes`` early, with the partial byte of the range's first span."""
+        lead = lead_bytes(layer.index, planned.start)
         slots = self._blob_slots.get(layer.digest)
         if slots is None:
             slots = self._blob_slots[layer.digest] = trio.CapacityLimiter(
@@ -260,13 +268,13 @@ class ChunkFlights:
             )
         try:
             async with slots:
-                raw = await layer.blob.read_at(planned.start, planned.length)
+                raw = await layer.blob.read_at(planned.start - lead, planned.length + lead)
         finally:
             if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
                 self._blob_slots.pop(layer.digest, None)
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
-        if len(raw) != planned.length:
+        if len(raw) != planned.length + lead:
             raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
         return raw
 
@@ -287,7 +295,7 @@ class ChunkFlights:
             raise
         if claim:
             await self.fetch_range(layer, planned, seed=claim, claimed=True, raw=raw)
-        return raw
+        return raw[lead_bytes(layer.index, planned.start) :]
 
     async def fetch_claimed(
         self, layer: Layer, planned: PlannedRange[ChunkTag], claim: Claim
@@ -349,9 +357,8 @@ class ChunkFlights:
         try:
             if raw is None:
                 raw = await self.request(layer, planned)
-            outcomes = await trio.to_thread.run_sync(
-                self._decode_verify, layer, raw, planned.start, todo
-            )
+            start = planned.start - lead_bytes(layer.index, planned.start)
+            outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, raw, start, todo)
         except BaseException as exc:
             for key, flight in flights.items():
                 self._resolve(key, flight, None, exc)
@@ -392,11 +399,16 @@ class ChunkFlights:
     ) -> list[bytes | Exception]:
         """Worker thread: decode each chunk and check its digest."""
         codec = layer.index.codec
+        ztoc = span_layer(layer.index)
+        failed_spans: dict[int, Exception] = {}
         outcomes: list[bytes | Exception] = []
         for _, ref in todo:
             try:
-                compressed = raw[ref.blob_offset - start : ref.blob_end - start]
-                data = self._decode(codec, compressed, ref)
+                if ztoc is not None:
+                    data = self._spans.chunk(ztoc, layer.digest, ref, raw, start, failed_spans)
+                else:
+                    compressed = raw[ref.blob_offset - start : ref.blob_end - start]
+                    data = self._decode(codec, compressed, ref)
                 if len(data) != ref.size:
                     raise FetchError(f"chunk decoded to {len(data)} bytes, expected {ref.size}")
                 verify_chunk(data, ref.digest)

@@ -51,6 +51,7 @@ from registry.manifest import (
 )
 from registry.options import ClientOptions
 from registry.reference import Reference, parse_reference
+from registry.referrers import Referrer, ReferrerList, fallback_tag, parse_referrers
 
 __all__ = [
     "DEFAULT_HOSTS_DIR",
@@ -79,6 +80,8 @@ __all__ = [
     "RangeNotSatisfiableError",
     "RangeNotSupportedError",
     "Reference",
+    "Referrer",
+    "ReferrerList",
     "RegistryClient",
     "RegistryError",
     "RegistryHost",
@@ -90,11 +93,13 @@ __all__ = [
     "TransportError",
     "UnsupportedDigestError",
     "create_client",
+    "fallback_tag",
     "host_platform",
     "parse_hosts_toml",
     "parse_manifest",
     "parse_platform",
     "parse_reference",
+    "parse_referrers",
     "resolve_hosts_dir",
     "select_manifest",
 ]

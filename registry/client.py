@@ -51,6 +51,7 @@ from registry.manifest import (
 from registry.options import ClientOptions
 from registry.redact import safe_url
 from registry.reference import Reference, validate_digest
+from registry.referrers import ReferrerList, fallback_tag, parse_referrers
 
 log = logging.getLogger(__name__)
 
@@ -306,22 +307,31 @@ class RegistryClient:
         validate_digest(digest)
 
         async def on_host(host: RegistryHost) -> bytes | None:
-            what = f"referrers of {digest}"
-            try:
-                answer = await self._engine.call(
-                    host,
-                    "GET",
-                    f"{host.api_url}/{ref.path}/referrers/{digest}",
-                    _expect({200}, what, limit=MAX_MANIFEST_SIZE),
-                    scopes=self._pull_scopes(ref),
-                    what=what,
-                    headers={"Accept": OCI_INDEX},
-                )
-            except NotFoundError:
-                return None
-            return answer.content
+            return await self._referrers_api(host, ref, digest, None)
 
         return await self._failover(ref, "pull", on_host)
+
+    async def _referrers_api(
+        self, host: RegistryHost, ref: Reference, digest: str, artifact_type: str | None
+    ) -> bytes | None:
+        """One host's referrers API answer, or None where it has no such API (a 404)."""
+        what = f"referrers of {digest}"
+        url = f"{host.api_url}/{ref.path}/referrers/{digest}"
+        if artifact_type is not None:
+            url = _with_query(url, artifactType=artifact_type)
+        try:
+            answer = await self._engine.call(
+                host,
+                "GET",
+                url,
+                _expect({200}, what, limit=MAX_MANIFEST_SIZE),
+                scopes=self._pull_scopes(ref),
+                what=what,
+                headers={"Accept": OCI_INDEX},
+            )
+        except NotFoundError:
+            return None
+        return answer.content
 
     async def resolve_image(
         self, ref: Reference, platform: Platform | None = None
@@ -350,6 +360,28 @@ class RegistryClient:
         )
 
     # -- blobs ----------------------------------------------------------------------------
+
+    async def fetch_referrers(
+        self, ref: Reference, digest: str, artifact_type: str | None = None
+    ) -> ReferrerList:
+        """The manifests whose subject is ``digest``: from the referrers API, or, where the
+        registry has none (a 404), from the referrers tag; no tag either means none.
+        ``artifact_type`` is passed as the API's filter, which registries may ignore: callers
+        filter with ``ReferrerList.of_type`` themselves."""
+        validate_digest(digest)
+
+        async def on_host(host: RegistryHost) -> ReferrerList:
+            listed = await self._referrers_api(host, ref, digest, artifact_type)
+            if listed is not None:
+                return parse_referrers(listed, "api")
+            log.info("referrers api-missing registry=%s using=tag", ref.domain)
+            try:
+                content = await self._get_manifest(host, ref, fallback_tag(digest))
+            except NotFoundError:
+                return ReferrerList((), "tag")
+            return parse_referrers(content.content, "tag")
+
+        return await self._failover(ref, "pull", on_host)
 
     def _blob_url(self, host: RegistryHost, ref: Reference, digest: str) -> str:
         return f"{host.api_url}/{ref.path}/blobs/{digest}"

@@ -65,7 +65,12 @@ FORWARDED_ANNOTATION_PREFIXES = (
     "io.github.containers.zstd-chunked.",
     "io.containers.zstd-chunked.",
     "io.containers.estargz.",
+    # The image manifest's SOCI v2 index digest, which lazysnap pull adds to every layer's.
+    "com.amazon.soci.",
 )
+# Recorded with a remote layer served through a SOCI zTOC: the zTOC's digest (a restart reads
+# the zTOC saved for it, or fetches it by this digest).
+SOCI_ZTOC_DIGEST = "lazysnap.soci.ztoc-digest"
 
 # -- labels lazysnap pull / unpack puts on containerd's own objects ------------------------
 

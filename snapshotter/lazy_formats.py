@@ -19,7 +19,9 @@ from snapshotter.labels import (
     ZSTD_CHUNKED_POSITION,
 )
 
-LazyFormat = Literal["estargz", "zstd:chunked"]
+# "soci": a plain gzip layer with a zTOC in the image's SOCI index. The descriptor alone never
+# says so; ``classify_layer`` tells which layers may have one (``plain_gzip``).
+LazyFormat = Literal["estargz", "zstd:chunked", "soci"]
 
 _GZIP_TYPES = frozenset(
     {
@@ -87,6 +89,11 @@ def valid_manifest_position(value: str) -> bool:
 
 def valid_sha256_digest(value: str) -> bool:
     return _SHA256.fullmatch(value) is not None
+
+
+def plain_gzip(media_type: str, annotations: Mapping[str, str]) -> bool:
+    """A gzip layer without an eStargz TOC: lazily readable only through a SOCI index."""
+    return _base_media_type(media_type) in _GZIP_TYPES and not annotations.get(ESTARGZ_TOC_DIGEST)
 
 
 def classify_layer(media_type: str, annotations: Mapping[str, str]) -> LayerClassification:

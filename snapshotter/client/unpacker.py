@@ -36,6 +36,7 @@ from snapshotter.client.progress import LayerResult, NoProgress, Outcome, Progre
 from snapshotter.client.tar_apply import UnsupportedEntryError
 from snapshotter.errors import AlreadyExistsError, NotFoundError, SnapshotterError
 from snapshotter.model import Mount
+from snapshotter.soci_index import IMAGE_INDEX_DIGEST
 
 if TYPE_CHECKING:
     from snapshotter.client.direct_apply import DirectApplier
@@ -88,6 +89,9 @@ def plan_unpack(
         )
     chains = chain_ids(diff_ids)
     digests = [layer.digest for layer in manifest.layers]
+    # The SOCI v2 index the manifest names goes with each layer, so the daemon finds it
+    # without fetching the manifest, and knows there is none when it is absent.
+    soci = {k: v for k, v in manifest.annotations.items() if k == IMAGE_INDEX_DIGEST}
     layers = tuple(
         LayerPlan(
             number=i + 1,
@@ -101,7 +105,7 @@ def plan_unpack(
                 layer_digests=digests,
                 index=i,
                 chain_id=chains[i],
-                annotations=layer.annotations,
+                annotations={**layer.annotations, **soci},
                 media_type=layer.media_type,
             ),
         )

@@ -35,7 +35,7 @@ from snapshotter.labels import (
     STARGZ_URLS,
     STARGZ_URLS_PREFIX,
 )
-from snapshotter.lazy_formats import LazyFormat, classify_layer
+from snapshotter.lazy_formats import LazyFormat, classify_layer, plain_gzip
 
 # Assumed when no media type is passed: the TOC annotations decide between the formats.
 _DEFAULT_MEDIA_TYPES: dict[LazyFormat, str] = {
@@ -65,6 +65,8 @@ class RemoteDecision:
     format: LazyFormat | None
     reason: str
     needs_manifest: bool = False
+    # A plain gzip layer of a known manifest: lazy if the image's SOCI index lists a zTOC for it.
+    soci: bool = False
 
 
 def layer_annotations(labels: Mapping[str, str]) -> dict[str, str]:
@@ -167,6 +169,9 @@ def decide(labels: Mapping[str, str]) -> RemoteDecision | None:
     fmt, reason = classify(media_type, request.annotations)
     if fmt is not None:
         return RemoteDecision(request, fmt, reason)
+    if request.manifest_digest and media_type and plain_gzip(media_type, request.annotations):
+        return RemoteDecision(request, None, "plain gzip layer: its image's SOCI index may list "
+                              "a zTOC for it", soci=True)
     if request.manifest_digest and not request.annotations and media_type is None:
         # CRI forwards no zstd:chunked annotations: the manifest may still show a seekable layer.
         return RemoteDecision(request, None, "labels do not tell; manifest needed",

@@ -7,6 +7,7 @@ Everything here runs on the trio thread. The gRPC threads reach it through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -25,13 +26,16 @@ from registry import (
     parse_reference,
 )
 from snapshotter.client.documents import ImageDocuments
-from snapshotter.lazy_formats import LazyFormat
+from snapshotter.labels import SOCI_ZTOC_DIGEST
+from snapshotter.lazy_formats import LazyFormat, plain_gzip
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
 from snapshotter.remote.open_layer import (
     OpenedLayer,
     expected_toc_digest,
     index_layer,
+    index_ztoc_layer,
     open_layer,
+    open_ztoc_layer,
 )
 from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
@@ -40,7 +44,9 @@ from snapshotter.remote.saved_toc import (
     load_saved_toc,
     save_toc_ranges,
 )
+from snapshotter.remote.soci import SociIndexes
 from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
+from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SociIndexError, index_digest_of
 from snapshotter.store.metadata import RemoteLayerRecord
 from snapshotter.store.remote import AttachedLayer, RemoteLayerError
 
@@ -70,6 +76,7 @@ class LazyLayers:
         self._background_fetch = background_fetch
         self._manifests: OrderedDict[str, Manifest | None] = OrderedDict()
         self._ahead = TocReadAhead(client)
+        self.soci = SociIndexes(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
 
     async def resolve(self, image: str, platform: str) -> ImageDocuments:
@@ -91,6 +98,8 @@ class LazyLayers:
             raise RemoteLayerError("not a layer extraction: no containerd.io/snapshot.ref label")
         if decision.needs_manifest:
             decision = await self._decide_with_manifest(decision)
+        if decision.soci and decision.request is not None:
+            return await self._attach_soci(decision.request, layer_id)
         if decision.request is None or decision.format is None:
             raise RemoteLayerError(decision.reason)
         return await self._attach(decision.request, decision.format, layer_id)
@@ -117,11 +126,14 @@ class LazyLayers:
             return RemoteDecision(request, None, "layer digest not in the manifest")
         annotations = {**request.annotations, **dict(layer.annotations)}
         fmt, reason = classify(layer.media_type, annotations)
+        soci = fmt is None and plain_gzip(layer.media_type, annotations)
+        if soci and IMAGE_INDEX_DIGEST in manifest.annotations:
+            annotations[IMAGE_INDEX_DIGEST] = manifest.annotations[IMAGE_INDEX_DIGEST]
         enriched = RemoteLayerRequest(
             request.chain_ref, request.image_ref, request.layer_digest, request.manifest_digest,
             request.image_layers, annotations, layer.media_type,
         )
-        return RemoteDecision(enriched, fmt, reason + " (from the manifest)")
+        return RemoteDecision(enriched, fmt, reason + " (from the manifest)", soci=soci)
 
     async def _manifest(self, image_ref: str, digest: str) -> Manifest | None:
         """The image manifest named by digest, or None for an index. It is immutable, so cached."""
@@ -163,17 +175,56 @@ class LazyLayers:
             ) from None
         except (RegistryError, LayerFormatError) as exc:
             raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+        how = "read-ahead" if ahead is not None else "read"
+        return await self._serve(request, fmt, layer_id, opened, dict(request.annotations), how)
+
+    async def _attach_soci(self, request: RemoteLayerRequest, layer_id: str) -> AttachedLayer:
+        """Serve a plain gzip layer through the zTOC its image's SOCI index lists for it."""
+        assert request.manifest_digest is not None
+        ref = parse_reference(request.image_ref)
+        try:
+            index_digest = index_digest_of(request.annotations)
+        except SociIndexError as exc:
+            raise RemoteLayerError(f"SociIndexError: {exc}") from exc
+        ztoc = await self.soci.ztoc_for(
+            ref, request.manifest_digest, index_digest, request.layer_digest
+        )
+        if ztoc is None:
+            raise RemoteLayerError("plain gzip layer that no SOCI index of its image lists")
+        try:
+            with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
+                opened = await open_ztoc_layer(self._client, ref, request.layer_digest, ztoc)
+        except trio.TooSlowError:
+            raise RemoteLayerError(
+                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+        except (RegistryError, LayerFormatError) as exc:
+            log.warning("soci ztoc refused layer=%s digest=%s ztoc=%s error=%s: %s", layer_id,
+                        request.layer_digest, ztoc.digest, type(exc).__name__, exc)
+            raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+        annotations = {**request.annotations, SOCI_ZTOC_DIGEST: ztoc.digest}
+        return await self._serve(request, "soci", layer_id, opened, annotations, "ztoc")
+
+    async def _serve(
+        self,
+        request: RemoteLayerRequest,
+        fmt: LazyFormat,
+        layer_id: str,
+        opened: OpenedLayer,
+        annotations: dict[str, str],
+        how: str,
+    ) -> AttachedLayer:
         blob, index = opened.blob, opened.index
         await trio.to_thread.run_sync(
-            save_toc_ranges, self._saved_toc_path(layer_id), blob.digest, opened.ranges
+            save_toc_ranges, self._saved_toc_path(layer_id), opened.saved_digest or blob.digest,
+            opened.ranges,
         )
         # The filesystem picks the slot: it alone knows which inode numbers the kernel may
         # still hold, and never hands a slot out twice while the connection lives.
         await self._fs.attach(layer_id, blob, index, background_fetch=self._background_fetch)
         self._digests[layer_id] = blob.digest
         log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
-                 layer_id, blob.digest, fmt, index.entry_count,
-                 "read-ahead" if ahead is not None else "read")
+                 layer_id, blob.digest, fmt, index.entry_count, how)
         return AttachedLayer(
             layer_id=layer_id,
             slot=self._fs.slot_of(layer_id),
@@ -181,7 +232,7 @@ class LazyLayers:
             layer_digest=request.layer_digest,
             blob_size=blob.size,
             toc_digest=index.toc_digest,
-            annotations=dict(request.annotations),
+            annotations=annotations,
             format=fmt,
         )
 
@@ -196,6 +247,10 @@ class LazyLayers:
         if decision is None or decision.request is None or decision.needs_manifest:
             return False
         request = decision.request
+        if decision.soci and request.manifest_digest is not None:
+            with contextlib.suppress(SociIndexError):  # the Prepare reports it
+                self.soci.start(parse_reference(request.image_ref), request.manifest_digest,
+                                index_digest_of(request.annotations))
         if decision.format is None:
             self._ahead.not_lazy(request.layer_digest)
             return False
@@ -225,18 +280,26 @@ class LazyLayers:
             return await self._client.open_blob(ref, record.layer_digest, record.blob_size)
 
         deferred = DeferredBlob(record.layer_digest, record.blob_size, open_remote)
+        ztoc_digest = record.annotations.get(SOCI_ZTOC_DIGEST)
         saved: dict[int, bytes] | None
         try:
             saved = await trio.to_thread.run_sync(
-                load_saved_toc, self._saved_toc_path(record.layer_id), record.layer_digest
+                load_saved_toc, self._saved_toc_path(record.layer_id),
+                ztoc_digest or record.layer_digest,
             )
         except SavedTocError as exc:
             log.warning("layer=%s tail unusable (%s); reading the TOC from the registry",
                         record.layer_id, exc)
             saved = None
         try:
-            opened = await index_layer(deferred, record.annotations, saved=saved,
-                                       toc_digest=record.toc_digest)
+            if ztoc_digest is not None:
+                data = (saved or {}).get(0)
+                if data is None:
+                    data = await self._client.fetch_blob(ref, ztoc_digest)
+                opened = await index_ztoc_layer(deferred, data, ztoc_digest)
+            else:
+                opened = await index_layer(deferred, record.annotations, saved=saved,
+                                           toc_digest=record.toc_digest)
         except (RegistryError, LayerFormatError, OSError) as exc:
             log.error("remote layer not restored layer=%s digest=%s error=%r",
                       record.layer_id, record.layer_digest, str(exc))

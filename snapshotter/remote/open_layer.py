@@ -9,17 +9,50 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fusefs import BlobReader, LayerIndex, load_layer_index
+import trio
+
+from fusefs import BlobReader, LayerFormatError, LayerIndex, load_layer_index, parse_ztoc
 from registry import Reference, RegistryClient
 from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
+from snapshotter.soci_index import ZtocDescriptor
 
 
 @dataclass(frozen=True, slots=True)
 class OpenedLayer:
     blob: BlobReader
-    ranges: dict[int, bytes]  # the footer and TOC ranges read, to be saved for restarts
+    # What to save for restarts: the footer and TOC ranges read from the blob, or, for a plain
+    # gzip layer, the zTOC as range 0 of the blob ``saved_digest`` names.
+    ranges: dict[int, bytes]
     index: LayerIndex
+    saved_digest: str | None = None  # the blob ``ranges`` belong to, when not ``blob``
+
+
+async def open_ztoc_layer(
+    client: RegistryClient,
+    ref: Reference,
+    digest: str,
+    ztoc: ZtocDescriptor,
+    *,
+    size: int | None = None,
+) -> OpenedLayer:
+    """Open a plain gzip blob and the zTOC its SOCI index lists for it, fetched by the digest
+    the index gives and refused unless it hashes to it."""
+    blob = await client.open_blob(ref, digest, size)
+    data = await client.fetch_blob(ref, ztoc.digest, size=ztoc.size)
+    return await index_ztoc_layer(blob, data, ztoc.digest)
+
+
+async def index_ztoc_layer(blob: BlobReader, data: bytes, ztoc_digest: str) -> OpenedLayer:
+    """Index a gzip blob from its zTOC ``data``, which must hash to ``ztoc_digest``."""
+    index = await trio.to_thread.run_sync(
+        lambda: parse_ztoc(data, blob_size=blob.size, ztoc_digest=ztoc_digest)
+    )
+    if index.span_digests is None:
+        # Spans are then checked by length only, and a wrong window would inflate to wrong
+        # bytes of the right length: such a layer is not served before its blob is verified.
+        raise LayerFormatError(f"zTOC {ztoc_digest} has no span digests")
+    return OpenedLayer(blob, {0: data}, index, saved_digest=ztoc_digest)
 
 
 def expected_toc_digest(annotations: Mapping[str, str] | None) -> str | None:

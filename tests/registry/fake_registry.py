@@ -20,6 +20,7 @@ from registry import ClientOptions, RegistryClient, StaticCredentials
 from registry.credentials import Credentials
 from registry.hosts import HostsConfig, RegistryHost
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 Fault = Callable[[httpx.Request], "httpx.Response | None"]
 
 
@@ -52,6 +53,8 @@ class FakeRegistry:
     revoked_tokens: set[str] = field(default_factory=set)
     uploads: dict[str, bytearray] = field(default_factory=dict)
     delay: float = 0.0
+    # Subject digest -> referrers index body. None: no referrers API (a 404, as registry 2.8).
+    referrers: dict[str, bytes] | None = None
 
     # -- content --------------------------------------------------------------------------
 
@@ -128,6 +131,11 @@ class FakeRegistry:
         m = re.fullmatch(r"/v2/(.+)/manifests/(.+)", path)
         if m:
             return self._manifest(request, m.group(2))
+        m = re.fullmatch(r"/v2/(.+)/referrers/(.+)", path)
+        if m and self.referrers is not None:
+            empty = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
+            body = self.referrers.get(m.group(2), empty.encode())
+            return httpx.Response(200, content=body, headers={"Content-Type": OCI_INDEX})
         m = re.fullmatch(r"/v2/(.+)/blobs/uploads/(.*)", path)
         if m:
             return self._upload(request, m.group(1), m.group(2))

@@ -27,7 +27,7 @@ from fusefs.formats.ztoc.checkpoints import POINT_SIZE, SpanTable, parse_checkpo
 from fusefs.formats.ztoc.encode import GZIP_ALGORITHM
 from fusefs.formats.ztoc.inflate import DEFAULT_METHOD, InflateMethod, inflate_span
 from fusefs.formats.ztoc.verify import verify_ztoc_buffer
-from fusefs.index import ChunkRef, Codec
+from fusefs.index import ChunkRef, Codec, EntryAttr
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,55 @@ class ZtocLayer:
     build_tool: str
     uncompressed_size: int
     max_span_bytes: int
+
+    # The LayerIndex protocol, by delegation: the filesystem serves a ZtocLayer as it is, and
+    # the fetcher finds the span table it needs to inflate a chunk on the same object.
+    @property
+    def codec(self) -> Codec:
+        return self.index.codec
+
+    @property
+    def entry_count(self) -> int:
+        return self.index.entry_count
+
+    @property
+    def toc_digest(self) -> str:
+        return self.index.toc_digest
+
+    @property
+    def prefetch_end(self) -> int | None:
+        return self.index.prefetch_end
+
+    @property
+    def toc_trusted(self) -> bool:
+        return self.index.toc_trusted
+
+    def attr(self, entry: int) -> EntryAttr:
+        return self.index.attr(entry)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        return self.index.lookup(parent, name)
+
+    def children(self, directory: int) -> Sequence[tuple[bytes, int]]:
+        return self.index.children(directory)
+
+    def parent(self, entry: int) -> int:
+        return self.index.parent(entry)
+
+    def path(self, entry: int) -> str:
+        return self.index.path(entry)
+
+    def readlink(self, entry: int) -> bytes:
+        return self.index.readlink(entry)
+
+    def xattrs(self, entry: int) -> dict[bytes, bytes]:
+        return self.index.xattrs(entry)
+
+    def chunks(self, entry: int) -> Sequence[ChunkRef]:
+        return self.index.chunks(entry)
+
+    def file_entries(self) -> Sequence[int]:
+        return self.index.file_entries()
 
     def span_of(self, ref: ChunkRef) -> int:
         """The span a chunk of ``index`` lies in."""

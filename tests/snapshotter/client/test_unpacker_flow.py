@@ -466,3 +466,18 @@ def test_live_progress_redraws_one_line_on_a_terminal() -> None:
     text = out.getvalue()
     assert "fetching 2.0/2.0 MB" in text
     assert text.endswith("\r\x1b[Klayer 1/2 sha256:abc applied    2.0 MB    0.5 s\n")
+
+
+def test_the_manifests_soci_v2_index_digest_goes_with_every_layers_labels() -> None:
+    import dataclasses  # noqa: PLC0415
+
+    image = make_image(2)
+    index = "sha256:" + "5" * 64
+    key = L.ANNOTATION_LABEL_PREFIX + "com.amazon.soci.index-digest"
+    assert all(key not in layer.labels for layer in plan_for(image).layers)
+    manifest = dataclasses.replace(
+        image.manifest, annotations={"com.amazon.soci.index-digest": index, "other": "x"}
+    )
+    plan = plan_unpack(REF, image.manifest_digest, manifest, image.config)
+    assert [layer.labels[key] for layer in plan.layers] == [index, index]
+    assert all(L.ANNOTATION_LABEL_PREFIX + "other" not in layer.labels for layer in plan.layers)

@@ -202,3 +202,28 @@ def test_any_labels_give_a_decision_or_none_and_never_raise(labels: dict[str, st
     if decision is not None:
         assert decision.reason
         assert not (decision.format and decision.request is None)
+
+
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def test_a_plain_gzip_layer_of_a_known_manifest_is_a_soci_candidate() -> None:
+    index = "sha256:" + "f" * 64
+    labels = {**BASE, CRI_MANIFEST_DIGEST: "sha256:" + "9" * 64, MEDIA_TYPE_LABEL: GZIP,
+              ANNOTATION_LABEL_PREFIX + "com.amazon.soci.index-digest": index}
+    decision = decide(labels)
+    assert decision is not None and decision.soci and decision.format is None
+    assert not decision.needs_manifest
+    assert decision.request is not None
+    assert decision.request.annotations["com.amazon.soci.index-digest"] == index
+
+
+def test_soci_is_never_tried_for_estargz_nor_without_a_manifest_digest() -> None:
+    manifest = {CRI_MANIFEST_DIGEST: "sha256:" + "9" * 64}
+    estargz = decide({**BASE, **manifest, MEDIA_TYPE_LABEL: GZIP,
+                      ESTARGZ_TOC_DIGEST: "sha256:" + "b" * 64})
+    assert estargz is not None and estargz.format == "estargz" and not estargz.soci
+    anonymous = decide({**BASE, MEDIA_TYPE_LABEL: GZIP})
+    assert anonymous is not None and not anonymous.soci and anonymous.format is None
+    zstd = decide({**BASE, **manifest, MEDIA_TYPE_LABEL: GZIP.replace("gzip", "zstd")})
+    assert zstd is not None and not zstd.soci

@@ -1,0 +1,145 @@
+"""Plain gzip layers served through a zTOC by the fetcher: reads, shared span inflation,
+background fetch with the blob digest check, and a blob changed under its index."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusefs.background import fetch_everything
+from fusefs.cache import ChunkCache
+from fusefs.fetcher import ChunkFetcher, FetchConfig, FetchError
+from fusefs.formats.ztoc import ZtocLayer, build_ztoc, parse_ztoc
+from fusefs.layer import Layer
+from tests.fusefs.ztoc_support import lookup
+from tests.integration.fuse_support import FakeBlob, trio_test
+from tests.support.oci_image import TarBuilder
+
+SPAN = 64 * 1024
+RANDOM = random.Random(14)
+
+
+def _words(size: int) -> bytes:
+    """Text-like bytes: deflate codes them in Huffman blocks, whose boundaries fall inside
+    bytes, so spans start at bit offsets (random bytes would give byte-aligned stored blocks)."""
+    vocabulary = [RANDOM.randbytes(RANDOM.randint(2, 9)).hex().encode() for _ in range(500)]
+    out = bytearray()
+    while len(out) < size:
+        out += RANDOM.choice(vocabulary) + b" "
+    return bytes(out[:size])
+
+
+SMALL = {f"etc/f{i}": f"small file {i}\n".encode() * (i + 1) for i in range(40)}
+BIG = _words(900 * 1024) + RANDOM.randbytes(100 * 1024)
+TAR = TarBuilder().dir("etc")
+for _name, _data in SMALL.items():
+    TAR.file(_name, _data)
+TAR.file("big", BIG)
+BLOB = gzip.compress(TAR.tar(), mtime=0)
+BUILT = build_ztoc(io.BytesIO(BLOB), span_size=SPAN)
+
+
+def _ztoc() -> ZtocLayer:
+    return parse_ztoc(BUILT.data, blob_size=len(BLOB), ztoc_digest=BUILT.digest)
+
+
+@asynccontextmanager
+async def _fetcher(
+    tmp_path: Path, blob: FakeBlob, **config: int
+) -> AsyncIterator[tuple[ChunkFetcher, Layer]]:
+    cache = await ChunkCache.open(tmp_path / "cache", capacity_bytes=1 << 30)
+    async with trio.open_nursery() as nursery:
+        fetcher = ChunkFetcher(cache, nursery, FetchConfig(**config))  # type: ignore[arg-type]
+        yield fetcher, Layer("l1", 1, blob, _ztoc())
+        nursery.cancel_scope.cancel()
+
+
+def test_the_blob_has_several_spans_and_a_file_across_them() -> None:
+    ztoc = _ztoc()
+    assert len(ztoc.spans) >= 4
+    assert len(ztoc.chunks(lookup(ztoc.index, "big"))) >= 3
+    assert sum(1 for point in ztoc.spans.checkpoints if point.bits) >= 2
+
+
+@trio_test
+async def test_every_file_reads_back_identical(tmp_path: Path) -> None:
+    async with _fetcher(tmp_path, FakeBlob(BLOB)) as (fetcher, layer):
+        for name, data in [*SMALL.items(), ("big", BIG)]:
+            entry = lookup(layer.index, name)
+            assert await fetcher.read(layer, entry, 0, len(data) + 10) == data
+        entry = lookup(layer.index, "big")
+        middle = len(BIG) // 2
+        assert await fetcher.read(layer, entry, middle, 100_000) == BIG[middle : middle + 100_000]
+
+
+@trio_test
+async def test_a_small_read_requests_less_than_the_blob(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    async with _fetcher(tmp_path, blob, file_completion_window=0) as (fetcher, layer):
+        entry = lookup(layer.index, "big")
+        offset = len(BIG) - 5000
+        assert await fetcher.read(layer, entry, offset, 5000) == BIG[offset:]
+        assert 0 < sum(length for _, length in blob.requests) < len(BLOB) // 2
+
+
+async def _inflations_reading_small_files(tmp_path: Path, budget: int) -> int:
+    async with _fetcher(tmp_path, FakeBlob(BLOB), inflated_span_bytes=budget) as (fetcher, layer):
+        for name, data in SMALL.items():
+            assert await fetcher.read(layer, lookup(layer.index, name), 0, 4096) == data
+        return fetcher.flights.inflated_spans.inflations
+
+
+@trio_test
+async def test_small_files_of_one_span_inflate_it_once(tmp_path: Path) -> None:
+    ztoc = _ztoc()
+    assert len({ztoc.chunks(lookup(ztoc.index, n))[0].blob_offset for n in SMALL}) == 1
+    # The first range also holds the first spans of the big file, coalesced after them.
+    kept = await _inflations_reading_small_files(tmp_path / "kept", 16 << 20)
+    none = await _inflations_reading_small_files(tmp_path / "none", 0)
+    assert kept * 4 < len(SMALL) <= none
+
+
+@trio_test
+async def test_background_fetch_verifies_the_blob_digest(tmp_path: Path) -> None:
+    async with _fetcher(tmp_path, FakeBlob(BLOB), background_range=SPAN) as (fetcher, layer):
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        entry = lookup(layer.index, "big")
+        assert await fetcher.read(layer, entry, 0, len(BIG)) == BIG
+
+
+@trio_test
+async def test_background_fetch_of_another_blob_fails_the_digest_check(tmp_path: Path) -> None:
+    other = FakeBlob(BLOB, digest="sha256:" + "0" * 64)
+    async with _fetcher(tmp_path, other, background_range=SPAN) as (fetcher, layer):
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.blob_verified is False
+
+
+def _changed_blob() -> bytes:
+    """The blob with one compressed byte flipped inside the big file's last span."""
+    ztoc = _ztoc()
+    last = ztoc.chunks(lookup(ztoc.index, "big"))[-1]
+    at = (last.blob_offset + last.blob_end) // 2
+    changed = bytearray(BLOB)
+    changed[at] ^= 0x40
+    return bytes(changed)
+
+
+@trio_test
+async def test_a_blob_changed_under_its_index_gives_eio_never_wrong_bytes(tmp_path: Path) -> None:
+    blob = FakeBlob(_changed_blob(), digest=FakeBlob(BLOB).digest)
+    async with _fetcher(tmp_path, blob) as (fetcher, layer):
+        entry = lookup(layer.index, "big")
+        with pytest.raises(FetchError):
+            await fetcher.read(layer, entry, len(BIG) - 4096, 4096)
+        assert layer.stats.verify_failures >= 1
+        # Untouched spans still read right.
+        assert await fetcher.read(layer, entry, 0, 4096) == BIG[:4096]
