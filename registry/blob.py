@@ -56,6 +56,7 @@ class RemoteBlob:
         self._scopes = tuple(scopes)
         self._redirect: tuple[str, float] | None = None  # target URL, monotonic expiry
         self._last_host = self._hosts[0]  # the host that served the latest read
+        self._missed_until: dict[str, float] = {}  # netloc -> monotonic time
 
     def __repr__(self) -> str:
         return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"
@@ -72,9 +73,16 @@ class RemoteBlob:
         return host.url(f"{self._repository}/blobs/{self._digest}")
 
     def _hosts_to_try(self) -> list[RegistryHost]:
+        """Healthy hosts in their order, then hosts that lately lacked this blob, then hosts
+        in back-off."""
         if len(self._hosts) == 1:
             return self._hosts
-        return self._engine.health.order(self._hosts)
+        ordered = self._engine.health.order(self._hosts)
+        now = time.monotonic()
+        missed = {n for n, until in self._missed_until.items() if until > now}
+        return [h for h in ordered if h.netloc not in missed] + [
+            h for h in ordered if h.netloc in missed
+        ]
 
     def _cached_redirect(self) -> str | None:
         if self._redirect is None:
@@ -96,7 +104,6 @@ class RemoteBlob:
         hosts = self._hosts_to_try()
         health = self._engine.health if len(hosts) > 1 else None
         last: RegistryError | None = None
-        passed_over = False  # a host before the one that answered lacks the blob or refused us
         for index, host in enumerate(hosts):
             try:
                 data = await self._read_from(host, offset, length)
@@ -108,7 +115,11 @@ class RemoteBlob:
                 last = exc
                 if health is not None:
                     health.failed(host, exc)
-                    passed_over = passed_over or not is_host_fault(exc)
+                    if not is_host_fault(exc):
+                        # It answered, without this blob's bytes: a cache may have them soon,
+                        # so it is asked again after a while, not at once, not never.
+                        ttl = self._engine.options.blob_miss_ttl
+                        self._missed_until[host.netloc] = time.monotonic() + ttl
                 if index + 1 < len(hosts):
                     log.warning(
                         "blob host-failover digest=%s host=%s error=%s",
@@ -120,13 +131,8 @@ class RemoteBlob:
                 raise
             if health is not None:
                 health.succeeded(host)
+                self._missed_until.pop(host.netloc, None)
             self._last_host = host
-            if passed_over:
-                # A host that lacks this blob or refuses us is asked after the one that answered
-                # for the rest of this blob's reads. Hosts that merely failed are left to the
-                # back-off, so that reads return to a mirror once it is well again.
-                self._hosts.remove(host)
-                self._hosts.insert(0, host)
             return data
         assert last is not None
         raise last

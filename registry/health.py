@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from registry.errors import (
     DigestMismatchError,
     ProtocolError,
-    RangeNotSupportedError,
     RegistryError,
     ServerError,
     TransportError,
@@ -28,16 +27,11 @@ from registry.hosts import RegistryHost
 log = logging.getLogger(__name__)
 
 # What says the host itself is unwell, not that it lacks one blob or refuses one client: it is
-# down or slow, answers 5xx or garbage, ignores ranges, or sends bytes that fail verification.
-# A 404 is normal for a peer-to-peer cache that has not seen the blob yet; 401/403 belong to
-# the credentials; 416 to the range asked.
-_HOST_FAULTS = (
-    TransportError,
-    ServerError,
-    ProtocolError,
-    RangeNotSupportedError,
-    DigestMismatchError,
-)
+# down or slow, answers 5xx or garbage, or sends bytes that fail verification. A 404 is normal
+# for a peer-to-peer cache that has not seen the blob yet, and a pull-through cache answers a
+# range of a blob it has not stored yet with the whole blob (distribution's proxy does); both
+# are about one blob. 401/403 belong to the credentials, 416 to the range asked.
+_HOST_FAULTS = (TransportError, ServerError, ProtocolError, DigestMismatchError)
 
 
 def is_host_fault(error: RegistryError) -> bool:

@@ -29,6 +29,9 @@ class ClientOptions:
     # in a row up to the maximum (see registry/health.py).
     host_backoff_initial: float = 5.0
     host_backoff_max: float = 120.0
+    # A host that lacked a blob (404) or could not serve a range of it yet (a pull-through
+    # cache still storing it) is asked after the others for that blob for this long.
+    blob_miss_ttl: float = 30.0
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
     upload_chunk_size: int = 8 * 1024 * 1024
     user_agent: str = "lazysnap/0.1"
@@ -47,6 +50,7 @@ class ClientOptions:
             "min_download_rate",
             "mirror_first_byte_timeout",
             "host_backoff_initial",
+            "blob_miss_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

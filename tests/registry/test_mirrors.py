@@ -348,3 +348,39 @@ def test_go_durations(text: str, seconds: float) -> None:
 def test_bad_go_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_go_duration(text)
+
+
+def test_a_cold_pull_through_mirror_is_asked_again_for_the_blob_after_a_while() -> None:
+    """distribution's proxy answers a range of a blob it has not stored yet with the whole
+    blob: that read goes to the origin, the mirror keeps its health and, for that blob, is
+    asked again once ``blob_miss_ttl`` has passed."""
+    fake, digest = seeded()
+    stored = {"yet": False}
+
+    async def pull_through(request: httpx.Request) -> httpx.Response:
+        if not stored["yet"] and request.method == "GET" and "/blobs/" in request.url.path:
+            stored["yet"] = True  # it stores the blob while it streams it whole
+            return httpx.Response(200, content=DATA)
+        return await fake.handle(request)
+
+    handler, mirror_requests = split_handler(fake, pull_through)
+    options = ClientOptions(
+        connect_timeout=2, read_timeout=2, request_timeout=2, backoff_initial=0.001,
+        backoff_max=0.01, blob_miss_ttl=0.2,
+    )
+
+    async def main() -> None:
+        async with make_client(fake, hosts=HOSTS, handler=handler, options=options) as client:
+            blob = await client.open_blob(REF, digest, size=len(DATA))
+            assert await blob.read_at(0, 8) == DATA[0:8]  # from the origin
+            assert not client._engine.health.in_backoff("mirror.test")
+            assert await blob.read_at(8, 8) == DATA[8:16]  # still the origin, for this blob
+            assert len(mirror_requests) == 1
+            await trio.sleep(0.3)
+            assert await blob.read_at(16, 8) == DATA[16:24]  # the mirror again, warm now
+            assert len(mirror_requests) == 2
+            assert mirror_requests[-1].headers["range"] == "bytes=16-23"
+
+    run(main)
+    origin_ranges = [r for r in fake.requests if r.url.host == "reg.test" and "range" in r.headers]
+    assert [r.headers["range"] for r in origin_ranges] == ["bytes=0-7", "bytes=8-15"]
