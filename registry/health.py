@@ -43,6 +43,7 @@ def is_host_fault(error: RegistryError) -> bool:
 class _Backoff:
     failures: int  # in a row
     until: float  # monotonic time before which the host is tried last
+    probing: bool = False  # one request was let through after the back-off
 
 
 class HostHealth:
@@ -85,6 +86,7 @@ class HostHealth:
                 waiting.append(host)
             else:
                 state.until = now + self._delay(state.failures)
+                state.probing = True
                 log.info("registry host-probe host=%s failures=%d", host.netloc, state.failures)
                 ready.append(host)
         return ready + waiting
@@ -100,9 +102,14 @@ class HostHealth:
             self.succeeded(host)
             return
         state = self._state.get(host.netloc)
+        now = self._clock()
+        if state is not None and now < state.until and not state.probing:
+            # A request sent before the host went into back-off, failing the same way: the
+            # failure is known already, and a burst of them must not count as many.
+            return
         failures = 1 if state is None else state.failures + 1
         delay = self._delay(failures)
-        self._state[host.netloc] = _Backoff(failures, self._clock() + delay)
+        self._state[host.netloc] = _Backoff(failures, now + delay)
         log.warning(
             "registry host-backoff host=%s failures=%d seconds=%.1f error=%s",
             host.netloc,

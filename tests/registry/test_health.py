@@ -110,3 +110,19 @@ def test_backoff_bounds_are_checked() -> None:
         HostHealth(0, 10)
     with pytest.raises(ValueError):
         HostHealth(10, 5)
+
+
+def test_failures_of_requests_sent_before_the_backoff_count_once() -> None:
+    clock = FakeClock()
+    health = HostHealth(5.0, 60.0, clock)
+    for _ in range(3):  # three reads in flight when the mirror died
+        health.failed(MIRROR_A, RegistryTimeoutError("no answer"))
+    clock.now += 5.0
+    assert not health.in_backoff("a.test")  # one failure: 5 s, not 20 s
+    health.order(HOSTS)  # the probe
+    health.failed(MIRROR_A, RegistryTimeoutError("no answer"))  # a request from before
+    health.failed(MIRROR_A, RegistryTimeoutError("no answer"))
+    clock.now += 9.9
+    assert health.in_backoff("a.test")
+    clock.now += 0.1
+    assert not health.in_backoff("a.test")  # two failures in all: 10 s
