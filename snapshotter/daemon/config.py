@@ -74,6 +74,13 @@ class CriConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    # A hosts.toml mirror must start answering within this many seconds, or the next host is
+    # asked; a mirror that failed is then tried last for a back-off (docs/registry.md).
+    mirror_first_byte_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
@@ -82,6 +89,7 @@ class Config:
     lazy: LazyConfig = field(default_factory=LazyConfig)
     kata: KataConfig = field(default_factory=KataConfig)
     cri: CriConfig = field(default_factory=CriConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -112,7 +120,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "registry"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -144,7 +152,25 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, kata=_parse_kata(_expect(data, "kata", dict, "")))
     if "cri" in data:
         config = replace(config, cri=_parse_cri(_expect(data, "cri", dict, "")))
+    if "registry" in data:
+        config = replace(config, registry=_parse_registry(_expect(data, "registry", dict, "")))
     return config
+
+
+def _parse_registry(table: Mapping[str, Any]) -> RegistryConfig:
+    extra = sorted(set(table) - {"mirror_first_byte_timeout"})
+    if extra:
+        raise ConfigError(
+            f"unknown configuration keys: {', '.join('registry.' + k for k in extra)}"
+        )
+    registry = RegistryConfig()
+    if "mirror_first_byte_timeout" in table:
+        seconds = table["mirror_first_byte_timeout"]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ConfigError("registry.mirror_first_byte_timeout: expected seconds (a number "
+                              f"> 0), got {seconds!r}")
+        registry = replace(registry, mirror_first_byte_timeout=float(seconds))
+    return registry
 
 
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
