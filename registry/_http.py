@@ -408,7 +408,7 @@ class Engine:
                 request_headers["Authorization"] = authorization
             request = client.build_request(
                 method, current, headers=request_headers, content=content,
-                timeout=self._timeout_for(None),
+                timeout=self._timeout_for(host),
             )
             response = await client.send(request, stream=True)
             status = response.status_code

@@ -336,6 +336,26 @@ dial_timeout = "1s"
     assert parse_reference("[::1]:5000/app:v1").domain == "[::1]:5000"
 
 
+def test_dial_timeout_bounds_connecting_to_its_host_only() -> None:
+    connect_timeouts: dict[str, float] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        connect_timeouts[request.url.host] = request.extensions["timeout"]["connect"]
+        return httpx.Response(200, json={})
+
+    transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+    engine = Engine(FAST, None, lambda _host: transport)
+    quick = RegistryHost("https://quick.test/v2", is_mirror=True, dial_timeout=0.25)
+
+    async def main() -> None:
+        for host in (quick, ORIGIN):
+            await engine.call(host, "GET", host.url(""), _status, scopes=(), what="t")
+        await engine.aclose()
+
+    run(main)
+    assert connect_timeouts == {"quick.test": 0.25, "reg.test": FAST.connect_timeout}
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("1s", 1.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5s", 1.5), ("0", 0.0), ("2h", 7200.0)],
