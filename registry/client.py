@@ -365,15 +365,9 @@ class RegistryClient:
         validate_digest(digest)
         hosts = await self.hosts_for(ref.domain, "pull")
         if size is None:
-            found: list[RegistryHost] = []
-
-            async def on_host(host: RegistryHost) -> int:
-                result = await self._stat_on(host, ref, digest)
-                found.append(host)
-                return result
-
-            size = await self._failover(ref, "pull", on_host)
-            hosts = [found[0], *(h for h in hosts if h is not found[0])]
+            # The blob's reads keep the configured order, so they return to a mirror once it
+            # is well: one that failed this HEAD is in back-off meanwhile.
+            size = await self.stat_blob(ref, digest)
         return RemoteBlob(self._engine, hosts, ref.path, digest, size, self._pull_scopes(ref))
 
     async def fetch_blob(
