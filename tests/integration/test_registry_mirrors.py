@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.registry_support.fault_proxy import blob_gets, garbage, run_fault_proxy
 from tests.integration.registry_support.helpers import require, write_hosts_toml
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
@@ -233,6 +234,40 @@ server = "{registry.url}"
             # Refused once, then skipped while in back-off: not one refusal per read.
             failures = backoffs(daemon, mirror.host)
             assert 1 <= len(failures) < len(origin_ranges), daemon.log()[-3000:]
+
+
+def test_wrong_bytes_from_a_mirror_are_never_served_and_put_it_in_backoff(
+    short_tmp: Path, origin: tuple[RunningRegistry, Image]
+) -> None:
+    """A mirror that corrupts what it passes on (bytes of the right length, wrong): the chunk
+    check catches them, they are never served (a read gets EIO or, asked again, right bytes),
+    the mirror goes into back-off and the files read right."""
+    registry, image = origin
+    paths = sorted(image.hashes)[:3]
+    hosts_dir = short_tmp / "certs.d"
+    with run_fault_proxy(registry.host) as mirror:
+        write_hosts_toml(hosts_dir, registry.host, f"""
+server = "{registry.url}"
+[host."http://{mirror.host}"]
+  capabilities = ["pull", "resolve"]
+""")
+        with stack(short_tmp, hosts_dir) as (daemon, containerd):
+            pull(daemon, containerd, hosts_dir, image)
+            mirror.inject(garbage(match=blob_gets))
+            first = containerd.ctr(
+                "run", "--rm", "--snapshotter", "lazysnap", image.reference, "corrupted",
+                "/bin/sha256sum", *paths, check=False,
+            )
+            assert mirror.applied == ["garbage"]
+            for line in first.stdout.splitlines():  # what was printed is right, if anything
+                digest, path = line.split()
+                assert image.hashes[path] == digest, line
+            assert "chunk rejected" in daemon.log()
+            assert backoffs(daemon, mirror.host) == [1]
+            assert f"host={mirror.host} failures=1 seconds=5.0 error=DigestMismatchError" in (
+                daemon.log()
+            )
+            read_files(containerd, daemon, image, "after-garbage", paths)
 
 
 @contextmanager
