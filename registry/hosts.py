@@ -186,6 +186,8 @@ _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 
 def parse_go_duration(text: str) -> float:
     """Seconds in a Go duration such as ``1s``, ``500ms`` or ``1m30s``, as containerd reads
     ``dial_timeout``. Raises ``ValueError`` for anything else, negative durations included."""
+    if not text:
+        raise ValueError("empty duration")
     if text == "0":
         return 0.0
     position, total = 0, 0.0
@@ -195,8 +197,6 @@ def parse_go_duration(text: str) -> float:
             raise ValueError(f"not a duration: {text!r} (such as 1s, 500ms or 1m30s)")
         total += float(match.group(1)) * _GO_UNITS[match.group(2)]
         position = match.end()
-    if not text:
-        raise ValueError("empty duration")
     return total
 
 
@@ -209,7 +209,7 @@ def _dial_timeout(value: Any, where: str) -> float | None:
         seconds = parse_go_duration(value)
     except ValueError as exc:
         raise HostsConfigError(f"{where}: dial_timeout: {exc}") from None
-    return seconds or None  # zero means no limit of its own, as in containerd
+    return seconds or None  # zero sets no limit of its own: the client's connect timeout applies
 
 
 def _host_entry(
