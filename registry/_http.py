@@ -48,6 +48,7 @@ from registry.errors import (
     ServerError,
     TransportError,
 )
+from registry.health import HostHealth
 from registry.hosts import RegistryHost
 from registry.options import ClientOptions
 from registry.redact import redact_urls, safe_url
@@ -183,6 +184,7 @@ class Engine:
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
         self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
         self._host_slots: dict[str, anyio.CapacityLimiter] = {}
+        self.health = HostHealth(options.host_backoff_initial, options.host_backoff_max)
 
     def __repr__(self) -> str:
         return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
@@ -246,12 +248,7 @@ class Engine:
             client = httpx.AsyncClient(
                 verify=self._ssl_context(host),
                 http2=opts.http2,
-                timeout=httpx.Timeout(
-                    connect=opts.connect_timeout,
-                    read=opts.read_timeout,
-                    write=opts.read_timeout,
-                    pool=opts.connect_timeout,
-                ),
+                timeout=self._timeout_for(None),
                 limits=httpx.Limits(
                     max_connections=opts.max_connections,
                     max_keepalive_connections=opts.max_connections,
@@ -410,7 +407,8 @@ class Engine:
             if authorization:
                 request_headers["Authorization"] = authorization
             request = client.build_request(
-                method, current, headers=request_headers, content=content
+                method, current, headers=request_headers, content=content,
+                timeout=self._timeout_for(host),
             )
             response = await client.send(request, stream=True)
             status = response.status_code
@@ -449,6 +447,17 @@ class Engine:
             return response
         raise ProtocolError(f"more than {MAX_REDIRECTS} redirects", url=safe_url(url))
 
+    def _timeout_for(self, host: RegistryHost | None) -> httpx.Timeout:
+        # Clients are shared by hosts of one TLS identity; hosts.toml's dial_timeout is per host.
+        opts = self.options
+        dial = host.dial_timeout if host is not None else None
+        return httpx.Timeout(
+            connect=dial or opts.connect_timeout,
+            read=opts.read_timeout,
+            write=opts.read_timeout,
+            pool=opts.connect_timeout,
+        )
+
     def _host_limiter(self, netloc: str) -> anyio.CapacityLimiter:
         limiter = self._host_slots.get(netloc)
         if limiter is None:
@@ -482,8 +491,15 @@ class Engine:
         raises the right ``RegistryError`` for them. ``total_timeout`` bounds one attempt and
         defaults to ``request_timeout``. Long downloads pass ``math.inf``: their read timeouts
         bound them instead.
+
+        A mirror gets one attempt, which must start answering within
+        ``mirror_first_byte_timeout``: the hosts after it are the retry, and a slow mirror must
+        not cost more than the origin would.
         """
-        attempts = self.options.max_attempts if retry else 1
+        if host.is_mirror or host.namespace is not None:
+            _refuse_multi_range(headers)
+        attempts = self.options.max_attempts if retry and not host.is_mirror else 1
+        first_byte = self.options.mirror_first_byte_timeout if host.is_mirror else None
         limit = self.options.request_timeout if total_timeout is None else total_timeout
         deadline = None if math.isinf(limit) else limit
         last: RegistryError | None = None
@@ -496,7 +512,16 @@ class Engine:
                 # Waiting for a slot of the host counts against the attempt's time.
                 with anyio.fail_after(deadline):
                     async with self._host_limiter(host.netloc):
-                        response = await self._send(host, method, url, scopes, headers, content)
+                        with anyio.move_on_after(first_byte) as waiting:
+                            response = await self._send(
+                                host, method, url, scopes, headers, content
+                            )
+                        if waiting.cancelled_caught:
+                            raise RegistryTimeoutError(
+                                f"{what}: no answer from mirror {host.netloc} within "
+                                f"{first_byte:g} s",
+                                url=safe_url(url),
+                            )
                         try:
                             if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
                                 last = await error_from_response(response, what)
@@ -530,6 +555,14 @@ class Engine:
             )
         assert last is not None
         raise last from last.__cause__
+
+
+def _refuse_multi_range(headers: Mapping[str, str] | None) -> None:
+    # Mirrors and peer caches (Spegel, Dragonfly, distribution's proxy) answer a multi-range
+    # request with the whole blob or an error, so only single ranges are ever sent to them.
+    for name, value in (headers or {}).items():
+        if name.lower() == "range" and "," in value:
+            raise ValueError(f"multi-range request {value!r} toward a mirror")
 
 
 def _safe_challenges(value: str) -> list[Challenge]:

@@ -3,6 +3,9 @@
 Satisfies ``fusefs.blob.BlobReader`` structurally. A registry that redirects blob GETs to object
 storage is asked once; the redirect target is reused until it expires, fails in any way, or
 the reader says its bytes failed verification (``forget_redirect``).
+
+With mirrors, each read asks the hosts in their configured order, those in back-off last
+(``registry.health``), so reads move to the origin when a mirror dies and back once it is well.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import httpx
 from registry._body import OversizedBodyError, announced_length, read_capped
 from registry._http import Engine, RetryableError, error_from_response
 from registry.errors import (
+    DigestMismatchError,
     RangeNotSatisfiableError,
     RangeNotSupportedError,
     RegistryError,
     TransportError,
 )
+from registry.health import is_host_fault
 from registry.hosts import RegistryHost
 from registry.redact import safe_url
 
@@ -50,6 +55,8 @@ class RemoteBlob:
         self._size = size
         self._scopes = tuple(scopes)
         self._redirect: tuple[str, float] | None = None  # target URL, monotonic expiry
+        self._last_host = self._hosts[0]  # the host that served the latest read
+        self._missed_until: dict[str, float] = {}  # netloc -> monotonic time
 
     def __repr__(self) -> str:
         return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"
@@ -63,7 +70,19 @@ class RemoteBlob:
         return self._digest
 
     def _blob_url(self, host: RegistryHost) -> str:
-        return f"{host.api_url}/{self._repository}/blobs/{self._digest}"
+        return host.url(f"{self._repository}/blobs/{self._digest}")
+
+    def _hosts_to_try(self) -> list[RegistryHost]:
+        """Healthy hosts in their order, then hosts that lately lacked this blob, then hosts
+        in back-off."""
+        if len(self._hosts) == 1:
+            return self._hosts
+        ordered = self._engine.health.order(self._hosts)
+        now = time.monotonic()
+        missed = {n for n, until in self._missed_until.items() if until > now}
+        return [h for h in ordered if h.netloc not in missed] + [
+            h for h in ordered if h.netloc in missed
+        ]
 
     def _cached_redirect(self) -> str | None:
         if self._redirect is None:
@@ -82,8 +101,10 @@ class RemoteBlob:
             )
         if length == 0:
             return b""
+        hosts = self._hosts_to_try()
+        health = self._engine.health if len(hosts) > 1 else None
         last: RegistryError | None = None
-        for index, host in enumerate(self._hosts):
+        for index, host in enumerate(hosts):
             try:
                 data = await self._read_from(host, offset, length)
             except RangeNotSatisfiableError:
@@ -92,7 +113,14 @@ class RemoteBlob:
                 # Another host may still serve this range: a mirror down, one without ranges,
                 # one that lost the blob.
                 last = exc
-                if index + 1 < len(self._hosts):
+                if health is not None:
+                    health.failed(host, exc)
+                    if not is_host_fault(exc):
+                        # It answered, without this blob's bytes: a cache may have them soon,
+                        # so it is asked again after a while, not at once, not never.
+                        ttl = self._engine.options.blob_miss_ttl
+                        self._missed_until[host.netloc] = time.monotonic() + ttl
+                if index + 1 < len(hosts):
                     log.warning(
                         "blob host-failover digest=%s host=%s error=%s",
                         self._digest,
@@ -101,21 +129,29 @@ class RemoteBlob:
                     )
                     continue
                 raise
-            if index:
-                # Stick to the host that answered, for the next reads.
-                self._hosts.insert(0, self._hosts.pop(index))
+            if health is not None:
+                health.succeeded(host)
+                self._missed_until.pop(host.netloc, None)
+            self._last_host = host
             return data
         assert last is not None
         raise last
 
     def forget_redirect(self) -> None:
-        """Stop reusing the redirect target: bytes it served failed verification upstream.
+        """Bytes of a read failed verification upstream: stop trusting where they came from.
 
-        The next read asks the registry again, which may send us somewhere healthy.
+        The redirect target is dropped, so the next read asks the registry again, which may
+        send us somewhere healthy. With mirrors, the host that served the latest read also goes
+        into back-off, so the next reads ask another host first.
         """
         if self._redirect is not None:
             log.info("blob redirect-forgotten digest=%s", self._digest)
         self._redirect = None
+        host = self._last_host
+        if len(self._hosts) > 1 and not self._engine.health.in_backoff(host.netloc):
+            self._engine.health.failed(
+                host, DigestMismatchError(f"bytes of blob {self._digest} failed verification")
+            )
 
     async def _read_from(self, host: RegistryHost, offset: int, length: int) -> bytes:
         blob_url = self._blob_url(host)

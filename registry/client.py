@@ -35,7 +35,7 @@ from registry.errors import (
     ServerError,
     TransportError,
 )
-from registry.hosts import HostsConfig, RegistryHost
+from registry.hosts import HostsConfig, RegistryHost, with_namespace
 from registry.manifest import (
     ACCEPT_MANIFESTS,
     OCI_INDEX,
@@ -180,7 +180,7 @@ class RegistryClient:
         async def on_host(host: RegistryHost) -> None:
             what = f"log in to {host.netloc}"
             await self._engine.call(
-                host, "GET", f"{host.api_url}/", _expect({200}, what, body=False),
+                host, "GET", host.url(""), _expect({200}, what, body=False),
                 scopes=(), what=what,
             )
 
@@ -191,7 +191,8 @@ class RegistryClient:
     async def hosts_for(self, registry: str, capability: str) -> list[RegistryHost]:
         hosts = self._hosts_cache.get(registry)
         if hosts is None:
-            hosts = await anyio.to_thread.run_sync(self._hosts_config.hosts_for, registry)
+            configured = await anyio.to_thread.run_sync(self._hosts_config.hosts_for, registry)
+            hosts = with_namespace(configured, registry)
             self._hosts_cache[registry] = hosts
         usable = [h for h in hosts if h.can(capability)]
         if not usable:
@@ -203,10 +204,16 @@ class RegistryClient:
     ) -> T:
         domain = ref if isinstance(ref, str) else ref.domain
         hosts = await self.hosts_for(domain, capability)
+        # With one host there is nothing to choose, so nothing to learn about its health.
+        health = self._engine.health if len(hosts) > 1 else None
+        if health is not None:
+            hosts = health.order(hosts)
         for index, host in enumerate(hosts):
             try:
-                return await op(host)
+                result = await op(host)
             except RegistryError as exc:
+                if health is not None:
+                    health.failed(host, exc)
                 if index + 1 == len(hosts):
                     raise
                 log.warning(
@@ -216,6 +223,10 @@ class RegistryClient:
                     type(exc).__name__,
                     exc.message,
                 )
+                continue
+            if health is not None:
+                health.succeeded(host)
+            return result
         raise AssertionError("unreachable: hosts_for never returns an empty list")
 
     @staticmethod
@@ -232,7 +243,7 @@ class RegistryClient:
     # -- manifests ------------------------------------------------------------------------
 
     def _manifest_url(self, host: RegistryHost, ref: Reference, obj: str) -> str:
-        return f"{host.api_url}/{ref.path}/manifests/{obj}"
+        return host.url(f"{ref.path}/manifests/{obj}")
 
     async def resolve(self, ref: Reference) -> Descriptor:
         """The descriptor a tag or digest reference points at: digest, media type and size."""
@@ -384,7 +395,7 @@ class RegistryClient:
         return await self._failover(ref, "pull", on_host)
 
     def _blob_url(self, host: RegistryHost, ref: Reference, digest: str) -> str:
-        return f"{host.api_url}/{ref.path}/blobs/{digest}"
+        return host.url(f"{ref.path}/blobs/{digest}")
 
     async def _stat_on(self, host: RegistryHost, ref: Reference, digest: str) -> int:
         what = f"blob {digest}"
@@ -411,15 +422,9 @@ class RegistryClient:
         validate_digest(digest)
         hosts = await self.hosts_for(ref.domain, "pull")
         if size is None:
-            found: list[RegistryHost] = []
-
-            async def on_host(host: RegistryHost) -> int:
-                result = await self._stat_on(host, ref, digest)
-                found.append(host)
-                return result
-
-            size = await self._failover(ref, "pull", on_host)
-            hosts = [found[0], *(h for h in hosts if h is not found[0])]
+            # The blob's reads keep the configured order, so they return to a mirror once it
+            # is well: one that failed this HEAD is in back-off meanwhile.
+            size = await self.stat_blob(ref, digest)
         return RemoteBlob(self._engine, hosts, ref.path, digest, size, self._pull_scopes(ref))
 
     async def fetch_blob(
@@ -623,14 +628,14 @@ class RegistryClient:
         mount_from: Reference | None,
         chunk_size: int | None,
     ) -> None:
-        query = ""
+        query = {}
         if mount_from is not None and mount_from.domain == ref.domain:
-            query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from.path})
+            query = {"mount": digest, "from": mount_from.path}
         what = f"start upload of {digest}"
         started = await self._engine.call(
             host,
             "POST",
-            f"{host.api_url}/{ref.path}/blobs/uploads/{query}",
+            host.url(f"{ref.path}/blobs/uploads/", query),
             _expect({201, 202}, what),
             scopes=scopes,
             what=what,
@@ -666,7 +671,7 @@ class RegistryClient:
         await self._engine.call(
             host,
             "PUT",
-            _with_query(location, digest=digest),
+            _with_query(location, **_finish_params(host, location, digest)),
             _expect({201}, what),
             scopes=scopes,
             what=what,
@@ -745,6 +750,16 @@ def _hash_file(path: Path) -> tuple[str, int]:
             hasher.update(block)
             size += len(block)
     return "sha256:" + hasher.hexdigest(), size
+
+
+def _finish_params(host: RegistryHost, location: str, digest: str) -> dict[str, str]:
+    # As containerd: the upload's last PUT names the registry too when it goes to a mirror.
+    params = {"digest": digest}
+    parts = urllib.parse.urlsplit(location)
+    named = "ns" in urllib.parse.parse_qs(parts.query)
+    if host.namespace is not None and parts.netloc == host.netloc and not named:
+        params["ns"] = host.namespace
+    return params
 
 
 def _with_query(url: str, **params: str) -> str:

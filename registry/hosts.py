@@ -11,12 +11,14 @@ for ``docker.io``, and to plain HTTP for loopback registries.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,18 @@ class RegistryHost:
     client_certs: tuple[ClientCert, ...] = ()
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     is_mirror: bool = False
+    # The registry this host stands in for, sent as ``?ns=`` on every request to it as
+    # containerd does; None when the host is that registry. Set by ``with_namespace``.
+    namespace: str | None = None
+    dial_timeout: float | None = None  # seconds; hosts.toml ``dial_timeout``
+
+    def url(self, path: str, query: Mapping[str, str] | None = None) -> str:
+        """The URL of ``path`` under the API root, with ``query`` and then ``ns``."""
+        params = dict(query or {})
+        if self.namespace is not None:
+            params["ns"] = self.namespace
+        suffix = "?" + urllib.parse.urlencode(params) if params else ""
+        return f"{self.api_url}/{path}{suffix}"
 
     @property
     def scheme(self) -> str:
@@ -75,6 +89,25 @@ def is_loopback_host(registry: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _names_registry(netloc: str, registry: str) -> bool:
+    # Host names are case-insensitive. Docker Hub's API lives on another name than its images.
+    netloc, registry = netloc.lower(), registry.lower()
+    return netloc == registry or (registry == "docker.io" and netloc == "registry-1.docker.io")
+
+
+def with_namespace(hosts: Sequence[RegistryHost], registry: str) -> list[RegistryHost]:
+    """``hosts`` with ``namespace`` set on each one that is not ``registry`` itself.
+
+    As in containerd, this compares host names, not whether the entry is a ``[host]`` mirror:
+    a ``server`` elsewhere is a proxy too, and the ``override_path`` of a host changes nothing.
+    """
+    return [
+        host if _names_registry(host.netloc, registry)
+        else dataclasses.replace(host, namespace=registry)
+        for host in hosts
+    ]
 
 
 def default_server(registry: str) -> str:
@@ -145,10 +178,46 @@ def _headers(value: Any, where: str) -> dict[str, tuple[str, ...]]:
     return headers
 
 
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+             "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration such as ``1s``, ``500ms`` or ``1m30s``, as containerd reads
+    ``dial_timeout``. Raises ``ValueError`` for anything else, negative durations included."""
+    if not text:
+        raise ValueError("empty duration")
+    if text == "0":
+        return 0.0
+    position, total = 0, 0.0
+    while position < len(text):
+        match = _GO_DURATION_PART.match(text, position)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r} (such as 1s, 500ms or 1m30s)")
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        position = match.end()
+    return total
+
+
+def _dial_timeout(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HostsConfigError(f"{where}: dial_timeout must be a string such as \"1s\"")
+    try:
+        seconds = parse_go_duration(value)
+    except ValueError as exc:
+        raise HostsConfigError(f"{where}: dial_timeout: {exc}") from None
+    return seconds or None  # zero sets no limit of its own: the client's connect timeout applies
+
+
 def _host_entry(
     url: str, table: Mapping[str, Any], base_dir: Path, where: str, *, is_mirror: bool
 ) -> RegistryHost:
-    known = {"capabilities", "skip_verify", "ca", "client", "header", "override_path"}
+    known = {
+        "capabilities", "skip_verify", "ca", "client", "header", "override_path", "dial_timeout"
+    }
     unknown = set(table) - known - {"server", "host"}
     if unknown:
         # containerd ignores unknown keys; we say so, since a typo silently changes behaviour.
@@ -171,6 +240,7 @@ def _host_entry(
         client_certs=_client_certs(table.get("client", []), base_dir, where),
         headers=_headers(table.get("header", {}), where),
         is_mirror=is_mirror,
+        dial_timeout=_dial_timeout(table.get("dial_timeout"), where),
     )
 
 

@@ -22,6 +22,16 @@ class ClientOptions:
     # Requests in flight to one registry host, attempts of every caller together. Hosts share
     # a pool, so a host whose answers stall must leave connections to the others.
     max_requests_per_host: int = 32
+    # A mirror must start answering within this long, or the next host is asked. Mirrors get
+    # one attempt per request: the hosts after them are the retry.
+    mirror_first_byte_timeout: float = 5.0
+    # A host that failed is tried after the others for this long, doubled after each failure
+    # in a row up to the maximum (see registry/health.py).
+    host_backoff_initial: float = 5.0
+    host_backoff_max: float = 120.0
+    # A host that lacked a blob (404) or could not serve a range of it yet (a pull-through
+    # cache still storing it) is asked after the others for that blob for this long.
+    blob_miss_ttl: float = 30.0
     http2: bool = True  # negotiated by ALPN on https; plain http stays HTTP/1.1
     upload_chunk_size: int = 8 * 1024 * 1024
     user_agent: str = "lazysnap/0.1"
@@ -38,6 +48,11 @@ class ClientOptions:
             "redirect_ttl",
             "no_range_ttl",
             "min_download_rate",
+            "mirror_first_byte_timeout",
+            "host_backoff_initial",
+            "blob_miss_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.host_backoff_max < self.host_backoff_initial:
+            raise ValueError("host_backoff_max must be at least host_backoff_initial")

@@ -95,6 +95,13 @@ class PullConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    # A hosts.toml mirror must start answering within this many seconds, or the next host is
+    # asked; a mirror that failed is then tried last for a back-off (docs/registry.md).
+    mirror_first_byte_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
@@ -104,6 +111,7 @@ class Config:
     kata: KataConfig = field(default_factory=KataConfig)
     cri: CriConfig = field(default_factory=CriConfig)
     pull: PullConfig = field(default_factory=PullConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -134,7 +142,7 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -168,6 +176,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, cri=_parse_cri(_expect(data, "cri", dict, "")))
     if "pull" in data:
         config = replace(config, pull=_parse_pull(_expect(data, "pull", dict, "")))
+    if "registry" in data:
+        config = replace(config, registry=_parse_registry(_expect(data, "registry", dict, "")))
     return config
 
 
@@ -188,6 +198,23 @@ def _parse_pull(table: Mapping[str, Any]) -> PullConfig:
                 pull, range_size=value
             )
     return pull
+
+
+def _parse_registry(table: Mapping[str, Any]) -> RegistryConfig:
+    extra = sorted(set(table) - {"mirror_first_byte_timeout"})
+    if extra:
+        raise ConfigError(
+            f"unknown configuration keys: {', '.join('registry.' + k for k in extra)}"
+        )
+    registry = RegistryConfig()
+    if "mirror_first_byte_timeout" in table:
+        seconds = table["mirror_first_byte_timeout"]
+        if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                or not 0 < seconds <= 600):
+            raise ConfigError("registry.mirror_first_byte_timeout: expected seconds (a number "
+                              f"> 0 and <= 600), got {seconds!r}")
+        registry = replace(registry, mirror_first_byte_timeout=float(seconds))
+    return registry
 
 
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:

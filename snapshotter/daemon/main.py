@@ -22,7 +22,13 @@ import grpc
 import trio
 
 from fusefs import FetchConfig, LazyFilesystem, SlotMarkError
-from registry import CredentialProvider, DockerConfigCredentials, HostsConfig, RegistryClient
+from registry import (
+    ClientOptions,
+    CredentialProvider,
+    DockerConfigCredentials,
+    HostsConfig,
+    RegistryClient,
+)
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
@@ -242,7 +248,8 @@ async def _start_lazy(
     else:
         log.info("fuse connection taken over from the keeper",
                  extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
-    client = RegistryClient(HostsConfig(config.hosts_dir), credentials)
+    options = ClientOptions(mirror_first_byte_timeout=config.registry.mirror_first_byte_timeout)
+    client = RegistryClient(HostsConfig(config.hosts_dir), credentials, options)
     nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
     layers = LazyLayers(fs, client, layout.tail, background_fetch=config.lazy.background_fetch)
     # Restoring reads only local files (saved TOC ranges): startup never waits on a registry.

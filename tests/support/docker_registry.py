@@ -30,6 +30,12 @@ class RunningRegistry:
     root: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    ipv6_host: str | None = None  # "[::1]:PORT" when it also listens on IPv6
+
+    @property
+    def ipv6_url(self) -> str:
+        assert self.ipv6_host is not None, "started without ipv6=True"
+        return f"{self.url.split('://')[0]}://{self.ipv6_host}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -60,20 +66,25 @@ def _config(root: Path, addr: str, extra: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def run_registry(
     workdir: Path, *, extra_config: dict[str, Any] | None = None, scheme: str = "http",
-    timeout: float = 20.0,
+    timeout: float = 20.0, ipv6: bool = False,
 ) -> Iterator[RunningRegistry]:
+    """``ipv6``: listen on both loopbacks, 127.0.0.1 and [::1], on one port."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port("::") if ipv6 else free_port()
     addr = f"127.0.0.1:{port}"
+    listen = f"[::]:{port}" if ipv6 else addr
     config_path = workdir / "config.yml"
     # YAML is a superset of JSON, so the config needs no YAML library.
-    config_path.write_text(json.dumps(_config(workdir, addr, extra_config or {})))
+    config_path.write_text(json.dumps(_config(workdir, listen, extra_config or {})))
     log_path = workdir / "registry.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [REGISTRY_BINARY, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
         )
-    running = RunningRegistry(addr, f"{scheme}://{addr}", workdir, log_path, process)
+    running = RunningRegistry(
+        addr, f"{scheme}://{addr}", workdir, log_path, process,
+        ipv6_host=f"[::1]:{port}" if ipv6 else None,
+    )
     try:
         _wait_ready(running, timeout)
         yield running

@@ -91,6 +91,9 @@ def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path:
         ('[log]\nlevel = "loud"', "log.level: 'loud' is not one of"),
         ('[log]\ncolour = true', "log.colour"),
         ("root = ", "not valid TOML"),
+        ("[registry]\nmirror_first_byte_timeout = 0", "registry.mirror_first_byte_timeout"),
+        ('[registry]\nmirror_first_byte_timeout = "5s"', "expected seconds"),
+        ("[registry]\nfirst_byte = 1", "registry.first_byte"),
         # Found by fuzzing: arrays nested past the recursion limit escaped as RecursionError.
         ("[lazy]\nx = " + "[" * 3000 + "]" * 3000, "not valid TOML"),
     ],
@@ -171,3 +174,9 @@ def test_pull_table_and_its_bounds(tmp_path: Path) -> None:
         path.write_text(f"[pull]\n{bad}\n")
         with pytest.raises(ConfigError, match=r"pull\."):
             load_config(path)
+def test_mirror_first_byte_timeout_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[registry]\nmirror_first_byte_timeout = 1.5\n")
+    assert load_config(path).registry.mirror_first_byte_timeout == 1.5
+    path.write_text("[registry]\nmirror_first_byte_timeout = 2\n")
+    assert load_config(path).registry.mirror_first_byte_timeout == 2.0
