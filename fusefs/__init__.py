@@ -32,11 +32,13 @@ from fusefs.formats.ztoc import (
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 from fusefs.slot_mark import SlotMarkError
+from fusefs.trace import TRACE, FileRead, IndexReadBlob, RangeRead, Recording, TraceHub
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SPAN_SIZE",
+    "TRACE",
     "BlobReader",
     "CacheUsage",
     "ChunkCache",
@@ -47,13 +49,18 @@ __all__ = [
     "EntryKind",
     "FetchConfig",
     "FetchError",
+    "FileRead",
     "IndexLimits",
+    "IndexReadBlob",
     "LayerFormatError",
     "LayerIndex",
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",
+    "RangeRead",
+    "Recording",
     "SlotMarkError",
+    "TraceHub",
     "WriteResult",
     "ZtocBuild",
     "ZtocBuildError",

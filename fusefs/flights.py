@@ -32,6 +32,7 @@ from fusefs.fetch_config import Decoder, FetchConfig, FetchError
 from fusefs.index import ChunkRef
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
+from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class ChunkFlights:
             )
         try:
             async with slots:
-                raw = await layer.blob.read_at(planned.start, planned.length)
+                raw = await TRACE.read_at(layer.blob, planned.start, planned.length)
         finally:
             if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
                 self._blob_slots.pop(layer.digest, None)

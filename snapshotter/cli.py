@@ -17,6 +17,7 @@ COMMAND_MODULES: dict[str, str] = {
     "pull": "snapshotter.commands.pull",
     "unpack": "snapshotter.commands.unpack",
     "convert": "snapshotter.commands.convert",
+    "trace": "snapshotter.commands.trace",
 }
 
 COMMAND_HELP: dict[str, str] = {
@@ -27,6 +28,7 @@ COMMAND_HELP: dict[str, str] = {
     "pull": "pull an image into containerd and unpack it into lazysnap with CRI's layer labels",
     "unpack": "unpack an image containerd already has into lazysnap with CRI's layer labels",
     "convert": "rewrite an image's layers as eStargz or zstd:chunked and push it",
+    "trace": "record first reads and registry ranges, and plot a recording",
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from fusefs import LazyFilesystem, SlotMarkError
+from fusefs import TRACE, LazyFilesystem, SlotMarkError
 from registry import CredentialProvider, DockerConfigCredentials, HostsConfig, RegistryClient
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
@@ -92,7 +92,7 @@ def _start_server(
     if lazy is None:
         add_services(server, snapshotter)
     else:
-        add_services(server, snapshotter, lazy.credentials, lazy.bridge)
+        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE)
     _listen(server, address)
     server.start()
     return server

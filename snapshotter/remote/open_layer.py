@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fusefs import BlobReader, LayerIndex, load_layer_index
+from fusefs import BlobReader, IndexReadBlob, LayerIndex, load_layer_index
 from registry import Reference, RegistryClient
 from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
@@ -51,7 +51,8 @@ async def index_layer(
     """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
     without the network. ``toc_digest``: the digest recorded at first attach, instead of the
     annotations', because a restart trusts what it verified then."""
-    source = blob if saved is None else SavedTocBlob(blob, saved)
+    traced = IndexReadBlob(blob)  # recorded as kind index while someone traces
+    source = traced if saved is None else SavedTocBlob(traced, saved)
     recording = RecordingBlob(source)
     if saved is not None:
         recording.ranges.update(saved)
