@@ -55,7 +55,9 @@ def _record(args: argparse.Namespace) -> int:
         print("lazysnap: --duration must not be negative", file=sys.stderr)
         return 2
     try:
-        with args.output.open("w", encoding="utf-8") as out:
+        # Line buffered: the file can be followed while it grows, and a killed recorder
+        # loses at most the line it was writing.
+        with args.output.open("w", encoding="utf-8", buffering=1) as out:
             status = record(args.address, out, duration=args.duration, command=command)
     except TraceUnavailable as exc:
         args.output.unlink(missing_ok=True)
