@@ -20,7 +20,7 @@ from snapshotter import labels as L
 from snapshotter.client.chain import chain_ids
 from snapshotter.client.containerd_api import ContainerdError, ContentInfo, ImageRecord
 from snapshotter.client.documents import ImageDocuments
-from snapshotter.client.progress import LayerResult, PlainProgress
+from snapshotter.client.progress import PlainProgress
 from snapshotter.client.pull import store_and_unpack, unpack_existing
 from snapshotter.client.unpacker import (
     MissingBlobError,
