@@ -656,7 +656,7 @@ def _tracing(address: Path, output: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        recorder.send_signal(signal.SIGINT)
+        recorder.terminate()  # the recorder ends its file cleanly on SIGTERM
         try:
             recorder.wait(timeout=30)
         except subprocess.TimeoutExpired:

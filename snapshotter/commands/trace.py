@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     record.add_argument("--address", default=str(DEFAULT_ADDRESS), help="the daemon's socket")
     record.add_argument("--output", "-o", type=Path, required=True, help="the trace file")
     record.add_argument("--duration", type=float, default=0.0,
-                        help="seconds to record (without a command; 0: until Ctrl-C)")
+                        help="seconds to record (without a command; 0: until Ctrl-C or SIGTERM)")
     record.add_argument("command", nargs=argparse.REMAINDER,
                         help="-- COMMAND...: record while it runs; its exit status is ours")
     report = actions.add_parser(
@@ -54,6 +55,9 @@ def _record(args: argparse.Namespace) -> int:
     if args.duration < 0:
         print("lazysnap: --duration must not be negative", file=sys.stderr)
         return 2
+    # SIGTERM ends a recording as Ctrl-C does, with its end line: a recorder started in the
+    # background (where SIGINT is ignored) can be stopped cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         # Line buffered: the file can be followed while it grows, and a killed recorder
         # loses at most the line it was writing.
@@ -68,6 +72,10 @@ def _record(args: argparse.Namespace) -> int:
         return 1
     print(f"trace written to {args.output}", file=sys.stderr)
     return status
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _report(args: argparse.Namespace) -> int:

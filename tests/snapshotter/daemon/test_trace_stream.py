@@ -130,3 +130,35 @@ def test_recordings_are_bounded_and_released() -> None:
     for stream in streams:
         stream.close()
     assert open_recordings == [] and not hub.active
+
+
+def test_sigterm_ends_a_recording_with_its_end_line(serve: Any, tmp_path: Path) -> None:
+    """A recorder started in the background, where SIGINT is ignored, is stopped with SIGTERM
+    and must still close its file properly: before, SIGTERM killed it and left no end line."""
+    import subprocess  # noqa: PLC0415
+
+    hub = TraceHub()
+    address = serve(DaemonServicer(None, trace=hub))  # type: ignore[arg-type]
+    output = tmp_path / "t.jsonl"
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "snapshotter.cli", "trace", "record", "--address", address,
+         "--output", str(output)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (output.exists() and output.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert output.read_text().startswith('{"type": "start"')  # written at once
+        fetch_when_recording(hub, [(0, 10)]).join()
+        while '"range"' not in output.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # stopping drops what is still on its way: wait until it is here
+        recorder.terminate()
+        _, errors = recorder.communicate(timeout=30)
+        assert recorder.returncode == 0, errors
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.communicate()
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["type"] for line in written] == ["start", "range", "end"]
