@@ -34,14 +34,17 @@ class PlotUnavailable(Exception):
     """matplotlib is not installed."""
 
 
-def render(trace: Trace, outputs: list[Path], title: str = "") -> None:
-    """Write the plot to each of ``outputs``; the format follows the suffix (.png, .svg)."""
-    figure = build_figure(trace, title)
+def render(
+    trace: Trace, outputs: list[Path], title: str = "", until: float | None = None
+) -> None:
+    """Write the plot to each of ``outputs``; the format follows the suffix (.png, .svg).
+    ``until``: the time axis ends there, to look at a start without the background fetch."""
+    figure = build_figure(trace, title, until)
     for path in outputs:
         figure.savefig(path, dpi=150)
 
 
-def build_figure(trace: Trace, title: str = "") -> Figure:
+def build_figure(trace: Trace, title: str = "", until: float | None = None) -> Figure:
     try:
         from matplotlib.figure import Figure  # noqa: PLC0415 (the optional extra)
     except ImportError:
@@ -53,20 +56,32 @@ def build_figure(trace: Trace, title: str = "") -> Figure:
         3, 1, sharex=True, height_ratios=[3, 2, 4]
     )
     window = max(trace.window, 1e-3)
-    _bytes_over_time(needed, trace)
-    _bytes_in_flight(flight, trace)
-    _waits(waits, trace)
+    shown = trace if until is None else _until(trace, until)
+    _bytes_over_time(needed, shown)
+    _bytes_in_flight(flight, shown)
+    _waits(waits, shown)
     waits.set_xlabel("time since recording began (s)")
-    waits.set_xlim(0, window * 1.02)
+    waits.set_xlim(0, until if until else window * 1.02)
     summary = summarize(trace)
     figure.suptitle(
         (title + "\n" if title else "")
         + f"{summary.files} files read, {summary.bytes_needed / MB:.1f} MB of file data; "
         f"{summary.fetched_total / MB:.1f} MB fetched in {summary.ranges} ranges; "
-        f"readers waited {summary.waiting:.2f} s",
+        f"readers waited {summary.waiting:.2f} s"
+        + ("" if until is None else f"\n(the whole trace; plotted: its first {until:g} s)"),
         fontsize=11,
     )
     return figure
+
+
+def _until(trace: Trace, until: float) -> Trace:
+    """What started before ``until``, so the axes scale to what is shown."""
+    return Trace(
+        start=trace.start,
+        end=trace.end,
+        reads=[r for r in trace.reads if r.time <= until],
+        fetches=[f for f in trace.fetches if f.time <= until],
+    )
 
 
 def _cumulative(points: list[tuple[float, int]]) -> tuple[list[float], list[float]]:
@@ -112,7 +127,7 @@ def _bytes_in_flight(axes: Axes, trace: Trace) -> None:
         colours.append(KIND_COLOURS[kind])
     if stacks:
         axes.stackplot(edges, *stacks, labels=labels, colors=colours, step="post", alpha=0.85)
-        axes.legend(loc="upper right", fontsize=8, frameon=False)
+        axes.legend(loc="best", fontsize=8, framealpha=0.9)
     else:
         axes.text(0.5, 0.5, "no ranges fetched", transform=axes.transAxes, ha="center")
     axes.set_ylabel("MB in flight")

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--png", type=Path, help="write the timeline plot as PNG")
     report.add_argument("--svg", type=Path, help="write the timeline plot as SVG")
     report.add_argument("--title", default="", help="a title above the plot")
+    report.add_argument("--until", type=float, metavar="SECONDS",
+                        help="end the plot's time axis there (the summary covers everything)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +94,7 @@ def _report(args: argparse.Namespace) -> int:
     if not outputs:
         return 0
     try:
-        render(trace, outputs, args.title)
+        render(trace, outputs, args.title, args.until)
     except PlotUnavailable as exc:
         print(f"lazysnap: no plot written: {exc}", file=sys.stderr)
         return 1

@@ -136,3 +136,16 @@ def test_without_matplotlib_the_summary_and_a_clear_message(
     assert "files read        3" in captured.out
     assert "pip install 'lazysnap[plot]'" in captured.err
     assert not (tmp_path / "t.png").exists()
+
+
+def test_until_cuts_the_time_axis_and_what_is_drawn() -> None:
+    trace = load_trace(json.dumps(r) + "\n" for r in trace_lines())
+    figure = build_figure(trace, until=0.6)
+    waits = figure.axes[2]
+    assert waits.get_xlim() == (0, 0.6)
+    labels = [tick.get_text() for tick in waits.get_yticklabels()]
+    assert labels == ["bin/sh", "lib/libc.so"]  # etc/passwd is read at 1.0 s
+    whole = build_figure(trace)
+    assert [t.get_text() for t in whole.axes[2].get_yticklabels()] == [
+        "bin/sh", "lib/libc.so", "etc/passwd"
+    ]
