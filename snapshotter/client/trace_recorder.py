@@ -133,10 +133,16 @@ def _first_event(call: Any, events: Iterator[daemon_pb2.TraceEvent]) -> daemon_p
     timer = threading.Timer(START_TIMEOUT, call.cancel)
     timer.start()
     try:
-        first = next(events)
+        first = next(events, None)
+    except grpc.RpcError:
+        if timer.finished.is_set():  # it fired: the cancel was ours
+            raise TraceUnavailable(
+                f"the daemon did not begin recording within {START_TIMEOUT:g} s"
+            ) from None
+        raise
     finally:
         timer.cancel()
-    if first.WhichOneof("event") != "started":
+    if first is None or first.WhichOneof("event") != "started":
         raise TraceUnavailable("the daemon's trace stream did not begin with its start")
     return first
 

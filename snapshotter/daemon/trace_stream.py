@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 from fusefs import FileRead, RangeRead, Recording, TraceHub
 from snapshotter._proto import daemon_pb2
@@ -28,7 +28,7 @@ def stream_trace(
     duration: float,
     client_waiting: Callable[[], bool],
     open_recordings: list[Recording],
-) -> Iterator[daemon_pb2.TraceEvent]:
+) -> Generator[daemon_pb2.TraceEvent, None, None]:
     """Events from now until ``duration`` seconds passed (0: until the client goes away).
 
     ``open_recordings`` is shared by the calls of one servicer, to bound them."""

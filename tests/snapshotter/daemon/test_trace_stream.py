@@ -162,3 +162,23 @@ def test_sigterm_ends_a_recording_with_its_end_line(serve: Any, tmp_path: Path) 
             recorder.communicate()
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert [line["type"] for line in written] == ["start", "range", "end"]
+
+
+class _SilentDaemon(daemon_pb2_grpc.DaemonServicer):  # type: ignore[misc]
+    """Accepts Trace and never sends a first event."""
+
+    def Trace(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        while context.is_active():
+            time.sleep(0.05)
+        yield from ()
+
+
+def test_a_daemon_that_never_starts_recording(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import snapshotter.client.trace_recorder as recorder  # noqa: PLC0415
+
+    monkeypatch.setattr(recorder, "START_TIMEOUT", 0.5)
+    address = serve(_SilentDaemon())
+    with pytest.raises(TraceUnavailable, match=r"did not begin recording within 0\.5 s"):
+        record(address, io.StringIO(), duration=1.0)
