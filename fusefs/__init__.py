@@ -6,6 +6,7 @@ protocol, which the registry's blob reader satisfies structurally.
 The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level directories),
 ``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``. SOCI
 zTOCs of plain gzip layers are read and written with ``parse_ztoc`` / ``build_ztoc``.
+``TRACE`` is the process's trace hub: the daemon streams its recordings (``lazysnap trace``).
 """
 
 from fusefs.blob import BlobReader, forget_redirect
