@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from fusefs import Recording, TraceHub
+from fusefs import FileRead, Recording, TraceHub
 from registry import Credentials, Reference, parse_reference
 from snapshotter import errors
 from snapshotter._proto import (
@@ -27,7 +27,7 @@ from snapshotter._proto import (
     snapshots_pb2_grpc,
 )
 from snapshotter.daemon.pushed_credentials import HOST_WIDE, MAX_TTL_SECONDS, PushedCredentials
-from snapshotter.daemon.trace_stream import TooManyRecordings, stream_trace
+from snapshotter.daemon.trace_stream import Started, Timed, TooManyRecordings, stream_trace
 from snapshotter.daemon_api import (
     RESOLVE_FAILURE_KEY,
     RegistryAuthError,
@@ -255,6 +255,27 @@ def resolved_to_proto(image: ResolveAnswer) -> Any:
     )
 
 
+def trace_event_to_proto(timed: Timed) -> daemon_pb2.TraceEvent:
+    event = timed.event
+    message = daemon_pb2.TraceEvent(seconds=timed.seconds, dropped=timed.dropped)
+    if isinstance(event, Started):
+        message.started.CopyFrom(
+            daemon_pb2.TraceStarted(unix_time=event.unix_time, pid=os.getpid(), version=VERSION)
+        )
+    elif isinstance(event, FileRead):
+        message.read.CopyFrom(daemon_pb2.TraceFileRead(
+            layer=event.layer, digest=event.digest, path=event.path, offset=event.offset,
+            size=event.size, file_size=event.file_size, wait_seconds=event.wait,
+            error=event.error,
+        ))
+    else:
+        message.range.CopyFrom(daemon_pb2.TraceRange(
+            digest=event.digest, start=event.start, end=event.end, kind=event.kind,
+            duration_seconds=event.duration, error=event.error,
+        ))
+    return message
+
+
 class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
     def __init__(
         self,
@@ -324,7 +345,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "duration_seconds is negative")
         log.info("trace recording started duration=%g", duration)
         try:
-            yield from stream_trace(self._trace, duration, context.is_active, self._recordings)
+            for timed in stream_trace(
+                self._trace, duration, context.is_active, self._recordings
+            ):
+                yield trace_event_to_proto(timed)
         except TooManyRecordings as exc:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finally:

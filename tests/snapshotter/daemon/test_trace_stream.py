@@ -20,7 +20,12 @@ from fusefs import TraceHub
 from snapshotter._proto import daemon_pb2_grpc
 from snapshotter.client.trace_recorder import TraceUnavailable, record
 from snapshotter.daemon.grpc_service import DaemonServicer
-from snapshotter.daemon.trace_stream import MAX_RECORDINGS, TooManyRecordings, stream_trace
+from snapshotter.daemon.trace_stream import (
+    MAX_RECORDINGS,
+    Started,
+    TooManyRecordings,
+    stream_trace,
+)
 from tests.integration.fuse_support import FakeBlob
 
 
@@ -124,7 +129,7 @@ def test_recordings_are_bounded_and_released() -> None:
     open_recordings: list[Any] = []
     streams = [stream_trace(hub, 0, lambda: True, open_recordings) for _ in range(MAX_RECORDINGS)]
     for stream in streams:
-        assert next(stream).WhichOneof("event") == "started"
+        assert isinstance(next(stream).event, Started)
     with pytest.raises(TooManyRecordings):
         next(stream_trace(hub, 0, lambda: True, open_recordings))
     for stream in streams:
