@@ -599,7 +599,7 @@ def _count_in_log(path: Path, needle: str) -> int:
 def measure(
     link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
     workdir: Path, number: int, *, background_fetch: bool = True,
-    stargz_grpc: Path | None = None,
+    stargz_grpc: Path | None = None, trace: Path | None = None,
 ) -> Result:
     result = Result(link, workload, arm)
     workdir.mkdir(parents=True)
@@ -629,6 +629,8 @@ def measure(
         containerd = stack.enter_context(run_containerd(
             workdir / "c", lazysnap_address,
             extra_proxy_plugins={"stargz": stargz} if stargz else None))
+        if trace is not None and daemon is not None:  # started before the clock starts
+            stack.enter_context(_tracing(daemon.address, trace))
         before = proxy.counters()
         started = time.monotonic()
         try:
@@ -638,6 +640,29 @@ def measure(
         finally:
             _write_request_log(workdir / "proxy-requests.tsv", proxy, started)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _tracing(address: Path, output: Path) -> Iterator[None]:
+    """`lazysnap trace record` from before the pull until the measurement ends (--trace)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    recorder = subprocess.Popen([str(LAZYSNAP), "trace", "record", "--address", str(address),
+                                 "--output", str(output)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (output.exists() and output.stat().st_size) and time.monotonic() < deadline:
+        if recorder.poll() is not None:  # no tracing: the error is in its stderr
+            raise RuntimeError(f"trace record failed: {recorder.communicate()[1].decode()}")
+        time.sleep(0.02)  # its start line is written once the daemon records
+    try:
+        yield
+    finally:
+        recorder.terminate()  # the recorder ends its file cleanly on SIGTERM
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            recorder.wait()
+        log(f"    trace: {output}")
 
 
 def _write_request_log(path: Path, proxy: LinkProxy, started: float) -> None:
@@ -888,7 +913,9 @@ def run(args: argparse.Namespace) -> int:
                                     link.name, workload, arm, images[arm], reference, proxy,
                                     workdir, number,
                                     background_fetch=not args.no_background_fetch,
-                                    stargz_grpc=stargz_grpc)
+                                    stargz_grpc=stargz_grpc,
+                                    trace=Path(args.trace) / f"{link.name}-{workload}-"
+                                    f"{arm.replace(':', '')}.jsonl" if args.trace else None)
                             except Exception as exc:  # one broken arm must not end the run
                                 result = Result(link.name, workload, arm, error=repr(exc)[:2000])
                             finally:
@@ -981,6 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
         help="diagnosis: lazysnap daemons run with [lazy] background_fetch = false (on-demand "
         "reads only; 'local' is then never reached and shows nan)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="record a `lazysnap trace` of each lazysnap run here, from before "
+                        "its pull until its container exited (plot with `lazysnap trace report`)")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="copy each run's lazysnap and containerd logs here")
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ protocol, which the registry's blob reader satisfies structurally.
 The daemon uses ``LazyFilesystem`` (one mount, layers attached as top-level directories),
 ``LocalFileBlob`` for blobs on disk, and reads layer indexes with ``fusefs.formats``. SOCI
 zTOCs of plain gzip layers are read and written with ``parse_ztoc`` / ``build_ztoc``.
+``TRACE`` is the process's trace hub: the daemon streams its recordings (``lazysnap trace``).
 """
 
 from fusefs.blob import BlobReader, forget_redirect
@@ -32,11 +33,13 @@ from fusefs.formats.ztoc import (
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 from fusefs.slot_mark import SlotMarkError
+from fusefs.trace import TRACE, FileRead, IndexReadBlob, RangeRead, Recording, TraceHub
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SPAN_SIZE",
+    "TRACE",
     "BlobReader",
     "CacheUsage",
     "ChunkCache",
@@ -47,13 +50,18 @@ __all__ = [
     "EntryKind",
     "FetchConfig",
     "FetchError",
+    "FileRead",
     "IndexLimits",
+    "IndexReadBlob",
     "LayerFormatError",
     "LayerIndex",
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",
+    "RangeRead",
+    "Recording",
     "SlotMarkError",
+    "TraceHub",
     "WriteResult",
     "ZtocBuild",
     "ZtocBuildError",

@@ -23,6 +23,7 @@ import trio
 from fusefs.fetcher import ChunkFetcher
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, split_blob
+from fusefs.trace import set_fetch_kind
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ async def _fetch_then_release(
 
 async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, background: bool) -> None:
     """The per-layer task started by attach; failures are logged, never raised."""
+    set_fetch_kind("background" if background else "prefetch")  # for traces; this task only
     try:
         if background and chunks_prove_blob(layer):
             await fetch_missing(fetcher, layer)

@@ -33,6 +33,7 @@ from fusefs.index import ChunkRef
 from fusefs.inflated_spans import InflatedSpans, lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
+from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class ChunkFlights:
             )
         try:
             async with slots:
-                raw = await layer.blob.read_at(planned.start - lead, planned.length + lead)
+                raw = await TRACE.read_at(layer.blob, planned.start - lead, planned.length + lead)
         finally:
             if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
                 self._blob_slots.pop(layer.digest, None)

@@ -34,6 +34,7 @@ from fusefs.index import EntryAttr, EntryKind
 from fusefs.inodes import MOUNT_ROOT_INODE, InodeMap
 from fusefs.layer import Layer
 from fusefs.table import LayerTable
+from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,10 @@ class LazyHandlers:
         layer, entry = resolved
         if self._access_log is not None and layer.mark_accessed(entry):
             self._access_log.record(layer.layer_id, layer.index.path(entry), offset, size)
+        if TRACE.active:
+            return await TRACE.read(
+                layer, entry, offset, size, lambda: self._fetcher.read(layer, entry, offset, size)
+            )
         return await self._fetcher.read(layer, entry, offset, size)
 
     # -- extended attributes -----------------------------------------------------------------

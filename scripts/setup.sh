@@ -36,13 +36,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_log=$(mktemp)
 if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
-       && .venv/bin/python -m pip install --quiet -e '.[test]'; } >"$pip_log" 2>&1; then
+       && .venv/bin/python -m pip install --quiet -e '.[test,plot]'; } >"$pip_log" 2>&1; then
   cat "$pip_log" >&2
   rm -f "$pip_log"
   echo "setup: pip install failed" >&2
   exit 1
 fi
 rm -f "$pip_log"
-.venv/bin/python -c "import pyfuse3, trio, httpx, zstandard, grpc, re2; import snapshotter.cli" \
+.venv/bin/python -c "import pyfuse3, trio, httpx, zstandard, grpc, re2, rich, matplotlib; import snapshotter.cli" \
   || { echo "setup: the venv is incomplete" >&2; exit 1; }
 echo "setup: ready ($(.venv/bin/lazysnap --help >/dev/null && echo lazysnap installed))"

@@ -18,6 +18,7 @@ COMMAND_MODULES: dict[str, str] = {
     "unpack": "snapshotter.commands.unpack",
     "convert": "snapshotter.commands.convert",
     "index": "snapshotter.commands.index",
+    "trace": "snapshotter.commands.trace",
 }
 
 COMMAND_HELP: dict[str, str] = {
@@ -29,6 +30,7 @@ COMMAND_HELP: dict[str, str] = {
     "unpack": "unpack an image containerd already has into lazysnap with CRI's layer labels",
     "convert": "rewrite an image's layers as eStargz or zstd:chunked and push it",
     "index": "build zTOCs for an image's gzip layers and push a SOCI index (layers untouched)",
+    "trace": "record first reads and registry ranges, and plot a recording",
 }
 
 

@@ -28,7 +28,8 @@ EDGES = {
     "httpx": {str(p.relative_to(REPO)) for p in (REPO / "registry").rglob("*.py")},
     "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
              "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",
-             "snapshotter/client/daemon_client.py", "snapshotter/daemon/cri_proxy.py"},
+             "snapshotter/client/daemon_client.py", "snapshotter/daemon/cri_proxy.py",
+             "snapshotter/client/trace_recorder.py"},
     "re2": {"snapshotter/store/filter_regexp.py"},
 }
 

@@ -107,3 +107,69 @@ class StatusResponse(_message.Message):
     snapshots_view: int
     kata_guest_pull_mount_type: str
     def __init__(self, version: _Optional[str] = ..., root: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., snapshots_active: _Optional[int] = ..., snapshots_committed: _Optional[int] = ..., snapshots_view: _Optional[int] = ..., kata_guest_pull_mount_type: _Optional[str] = ...) -> None: ...
+
+class TraceRequest(_message.Message):
+    __slots__ = ("duration_seconds",)
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    duration_seconds: float
+    def __init__(self, duration_seconds: _Optional[float] = ...) -> None: ...
+
+class TraceStarted(_message.Message):
+    __slots__ = ("unix_time", "pid", "version")
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    unix_time: float
+    pid: int
+    version: str
+    def __init__(self, unix_time: _Optional[float] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class TraceFileRead(_message.Message):
+    __slots__ = ("layer", "digest", "path", "offset", "size", "file_size", "wait_seconds", "error")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    digest: str
+    path: str
+    offset: int
+    size: int
+    file_size: int
+    wait_seconds: float
+    error: str
+    def __init__(self, layer: _Optional[str] = ..., digest: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., file_size: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TraceRange(_message.Message):
+    __slots__ = ("digest", "start", "end", "kind", "duration_seconds", "error")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    start: int
+    end: int
+    kind: str
+    duration_seconds: float
+    error: str
+    def __init__(self, digest: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kind: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TraceEvent(_message.Message):
+    __slots__ = ("seconds", "dropped", "started", "read", "range")
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    seconds: float
+    dropped: int
+    started: TraceStarted
+    read: TraceFileRead
+    range: TraceRange
+    def __init__(self, seconds: _Optional[float] = ..., dropped: _Optional[int] = ..., started: _Optional[_Union[TraceStarted, _Mapping]] = ..., read: _Optional[_Union[TraceFileRead, _Mapping]] = ..., range: _Optional[_Union[TraceRange, _Mapping]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.Trace = channel.unary_stream(
+                '/lazysnap.daemon.v1.Daemon/Trace',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -99,6 +104,17 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Trace(self, request, context):
+        """Trace streams what the lazy filesystem does while the call lasts (`lazysnap trace record`,
+        docs/trace.md): each first read of a file and each range read from a blob. The first event
+        is `started`, sent once recording began. Nothing is recorded while no Trace call is open.
+        The stream ends after duration_seconds (0: when the client cancels). FAILED_PRECONDITION
+        when the daemon serves no lazy layers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +137,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Resolve,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.SerializeToString,
+            ),
+            'Trace': grpc.unary_stream_rpc_method_handler(
+                    servicer.Trace,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +252,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/Resolve',
             snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Trace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/Trace',
+            snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,23 @@
-"""Progress of an unpack: one line per finished layer, and a live line on a terminal."""
+"""Progress of an unpack: one line per finished layer, or live bars on a terminal.
+
+Not on a terminal (a pipe, a log file, CI), each finished layer is one plain line, the same
+lines as before there were bars, so scripts that read them keep working. On a terminal, rich
+draws one bar per layer with its bytes, rate and time.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Literal, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 Outcome = Literal["remote", "applied", "exists"]
 
 MB = 1_000_000
-LIVE_INTERVAL = 0.1  # seconds between two redraws of the live line
+DIGEST_CHARS = 19  # "sha256:" and 12 hex digits: enough to tell layers apart on a bar
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,10 @@ class Progress(Protocol):
 
     def layer_finished(self, result: LayerResult) -> None: ...
 
+    def close(self) -> None:
+        """The last layer is done or the work failed: leave the terminal tidy."""
+        ...
+
 
 class NoProgress:
     def layer_started(self, number: int, total: int, digest: str, size: int) -> None:
@@ -47,33 +59,86 @@ class NoProgress:
     def layer_finished(self, result: LayerResult) -> None:
         pass
 
+    def close(self) -> None:
+        pass
 
-class TextProgress:
-    """Prints each finished layer's line; on a terminal also a live ``fetching`` line."""
 
-    def __init__(self, out: TextIO, *, live: bool | None = None) -> None:
+class PlainProgress(NoProgress):
+    """One line per finished layer, nothing else: for pipes and logs."""
+
+    def __init__(self, out: TextIO) -> None:
         self._out = out
-        self._live = out.isatty() if live is None else live
-        self._label = ""
-        self._size = 0
-        self._done = 0
-        self._drawn = 0.0
-
-    def layer_started(self, number: int, total: int, digest: str, size: int) -> None:
-        self._label = f"layer {number}/{total} {digest}"
-        self._size, self._done, self._drawn = size, 0, 0.0
-
-    def layer_bytes(self, count: int) -> None:
-        self._done += count
-        now = time.monotonic()
-        if self._live and (now - self._drawn >= LIVE_INTERVAL or self._done >= self._size):
-            self._drawn = now
-            self._out.write(
-                f"\r\x1b[K{self._label} fetching {self._done / MB:.1f}/{self._size / MB:.1f} MB"
-            )
-            self._out.flush()
 
     def layer_finished(self, result: LayerResult) -> None:
-        prefix = "\r\x1b[K" if self._live else ""
-        self._out.write(prefix + result.line() + "\n")
+        self._out.write(result.line() + "\n")
         self._out.flush()
+
+
+class BarsProgress:
+    """A rich bar per layer: bytes fetched of its size, rate, time; its outcome when done."""
+
+    def __init__(self, console: Console) -> None:
+        # rich is imported only for a terminal: `lazysnap pull` into a pipe starts faster.
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichBars  # noqa: PLC0415
+
+        self._bars = RichBars(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._tasks: dict[int, TaskID] = {}
+        self._current: TaskID | None = None
+        self._live = False
+
+    def layer_started(self, number: int, total: int, digest: str, size: int) -> None:
+        if not self._live:
+            self._bars.start()
+            self._live = True
+        label = f"layer {number}/{total} {digest[:DIGEST_CHARS]}"
+        self._current = self._tasks[number] = self._bars.add_task(label, total=size or None)
+
+    def layer_bytes(self, count: int) -> None:
+        # Bytes belong to the layer started last: layers are fetched one after the other.
+        if self._current is not None:
+            self._bars.advance(self._current, count)
+
+    def layer_finished(self, result: LayerResult) -> None:
+        task = self._tasks.get(result.number)
+        if task is None:
+            return
+        # The bytes stay what was fetched: a layer served lazily (remote) or already there
+        # (exists) shows how little of it came down.
+        self._bars.update(
+            task,
+            description=f"layer {result.number}/{result.total} "
+            f"{result.digest[:DIGEST_CHARS]} {result.outcome:<7}",
+        )
+        self._bars.stop_task(task)
+
+    def close(self) -> None:
+        if self._live:
+            self._bars.stop()
+            self._live = False
+
+
+def layer_progress(out: TextIO, *, quiet: bool = False, console: Console | None = None) -> Progress:
+    """What ``lazysnap pull`` and ``unpack`` show: bars on a terminal, else plain lines."""
+    if quiet:
+        return NoProgress()
+    if console is None and not out.isatty():
+        return PlainProgress(out)
+    if console is None:
+        from rich.console import Console  # noqa: PLC0415
+
+        console = Console(file=out)
+    return BarsProgress(console)

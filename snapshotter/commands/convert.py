@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import sys
 
 import trio
 
@@ -40,6 +41,7 @@ from snapshotter.convert.image import (
     normalize_prioritized,
 )
 from snapshotter.convert.optimize import DEFAULT_RUN_TIMEOUT, OptimizeSpec
+from snapshotter.convert.progress import convert_progress
 from snapshotter.logs import setup_logging
 
 NAME = "convert"
@@ -128,22 +130,28 @@ async def _convert(args: argparse.Namespace, options: ConvertOptions) -> Convert
     source = parse_reference(args.source)
     destination = parse_reference(args.destination)
 
+    progress = None if args.quiet else convert_progress(sys.stdout)
+
     def report(layer: LayerReport) -> None:
-        if not args.quiet:
-            print(layer.line(options.format), flush=True)
+        if progress is not None:
+            progress.layer_done(layer.number, layer.total, layer.line(options.format))
 
     def platform(chosen: Platform | None) -> None:
-        if options.all_platforms and chosen is not None and not args.quiet:
-            print(f"platform {chosen}", flush=True)
+        if options.all_platforms and chosen is not None and progress is not None:
+            progress.say(f"platform {chosen}")
 
     def stage(text: str) -> None:
-        if not args.quiet:
-            print(text, flush=True)
+        if progress is not None:
+            progress.say(text)
 
-    async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
-        return await convert_image(
-            client, source, destination, options, report, platform, stage
-        )
+    try:
+        async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
+            return await convert_image(
+                client, source, destination, options, report, platform, stage
+            )
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from snapshotter.client.daemon_client import (
     set_credentials,
     user_credentials_request,
 )
-from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
+from snapshotter.client.progress import LayerResult, Progress, layer_progress
 from snapshotter.client.registry_blobs import ClientSetup, OnDemandRegistryBlobs
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
@@ -289,13 +289,16 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
     if args.password_stdin and not args.user:
         return fail(NAME, "--password-stdin needs --user USER")
-    progress: Progress = NoProgress() if args.quiet else TextProgress(sys.stdout)
+    progress = layer_progress(sys.stdout, quiet=args.quiet)
     from snapshotter.daemon.config import ConfigError  # noqa: PLC0415
 
     try:
         args.parallel_settings = parallel_settings(args)
     except ConfigError as exc:
         return fail(NAME, exc)
-    if args.snapshotter_address:
-        return _pull_through_daemon(args, progress)
-    return _pull_locally(args, progress)
+    try:
+        if args.snapshotter_address:
+            return _pull_through_daemon(args, progress)
+        return _pull_locally(args, progress)
+    finally:
+        progress.close()

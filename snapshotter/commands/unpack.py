@@ -20,7 +20,7 @@ from registry import (
 )
 from snapshotter.client.containerd_client import ContainerdClient
 from snapshotter.client.documents import ImageDocuments
-from snapshotter.client.progress import LayerResult, NoProgress, Progress, TextProgress
+from snapshotter.client.progress import LayerResult, Progress, layer_progress
 from snapshotter.client.pull import unpack_existing, unpack_fetching
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
@@ -57,7 +57,7 @@ async def _unpack_fetching(
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
-    progress: Progress = NoProgress() if args.quiet else TextProgress(sys.stdout)
+    progress = layer_progress(sys.stdout, quiet=args.quiet)
     try:
         platform = parse_platform(args.platform) if args.platform else host_platform()
         with ContainerdClient(args.address, args.namespace) as client:
@@ -68,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
                 image, results = unpack_existing(
                     client, args.image, args.snapshotter, platform, progress
                 )
+        progress.close()
     except (SnapshotterError, RegistryError, ValueError) as exc:
+        progress.close()
         return fail(NAME, exc)
     except KeyboardInterrupt:
+        progress.close()
         fail(NAME, "interrupted (containerd collects what was stored once its lease expires)")
         return 130
     if not args.quiet:

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from fusefs import FileRead, Recording, TraceHub
 from registry import Credentials, Reference, parse_reference
 from snapshotter import errors
 from snapshotter._proto import (
@@ -26,6 +27,7 @@ from snapshotter._proto import (
     snapshots_pb2_grpc,
 )
 from snapshotter.daemon.pushed_credentials import HOST_WIDE, MAX_TTL_SECONDS, PushedCredentials
+from snapshotter.daemon.trace_stream import Started, Timed, TooManyRecordings, stream_trace
 from snapshotter.daemon_api import (
     RESOLVE_FAILURE_KEY,
     RegistryAuthError,
@@ -253,16 +255,40 @@ def resolved_to_proto(image: ResolveAnswer) -> Any:
     )
 
 
+def trace_event_to_proto(timed: Timed) -> daemon_pb2.TraceEvent:
+    event = timed.event
+    message = daemon_pb2.TraceEvent(seconds=timed.seconds, dropped=timed.dropped)
+    if isinstance(event, Started):
+        message.started.CopyFrom(
+            daemon_pb2.TraceStarted(unix_time=event.unix_time, pid=os.getpid(), version=VERSION)
+        )
+    elif isinstance(event, FileRead):
+        message.read.CopyFrom(daemon_pb2.TraceFileRead(
+            layer=event.layer, digest=event.digest, path=event.path, offset=event.offset,
+            size=event.size, file_size=event.file_size, wait_seconds=event.wait,
+            error=event.error,
+        ))
+    else:
+        message.range.CopyFrom(daemon_pb2.TraceRange(
+            digest=event.digest, start=event.start, end=event.end, kind=event.kind,
+            duration_seconds=event.duration, error=event.error,
+        ))
+    return message
+
+
 class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
     def __init__(
         self,
         snapshotter: Snapshotter,
         credentials: PushedCredentials | None = None,
         remote: TrioBridge | None = None,
+        trace: TraceHub | None = None,
     ) -> None:
         self._sn = snapshotter
         self._credentials = credentials
         self._remote = remote
+        self._trace = trace
+        self._recordings: list[Recording] = []
         self._started = time.monotonic()
 
     def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -309,6 +335,25 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         image = _call(context, "Resolve", resolve)
         return resolved_to_proto(image)
 
+    def Trace(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if self._trace is None:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   "this daemon serves no lazy layers (lazy pulling is off or FUSE is "
+                   "unavailable): there is nothing to trace")
+        duration = float(request.duration_seconds)
+        if duration < 0:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "duration_seconds is negative")
+        log.info("trace recording started duration=%g", duration)
+        try:
+            for timed in stream_trace(
+                self._trace, duration, context.is_active, self._recordings
+            ):
+                yield trace_event_to_proto(timed)
+        except TooManyRecordings as exc:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            log.info("trace recording stopped")
+
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         counts = _call(context, "Status", self._sn.counts)
         return daemon_pb2.StatusResponse(
@@ -330,8 +375,9 @@ def add_services(
     snapshotter: Snapshotter,
     credentials: PushedCredentials | None = None,
     remote: TrioBridge | None = None,
+    trace: TraceHub | None = None,
 ) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     daemon_pb2_grpc.add_DaemonServicer_to_server(
-        DaemonServicer(snapshotter, credentials, remote), server
+        DaemonServicer(snapshotter, credentials, remote, trace), server
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from fusefs import FetchConfig, LazyFilesystem, SlotMarkError
+from fusefs import TRACE, FetchConfig, LazyFilesystem, SlotMarkError
 from registry import (
     ClientOptions,
     CredentialProvider,
@@ -98,7 +98,7 @@ def _start_server(
     if lazy is None:
         add_services(server, snapshotter)
     else:
-        add_services(server, snapshotter, lazy.credentials, lazy.bridge)
+        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE)
     _listen(server, address)
     server.start()
     return server

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import trio
 
-from fusefs import BlobReader, LayerFormatError, LayerIndex, load_layer_index, parse_ztoc
+from fusefs import (
+    BlobReader,
+    IndexReadBlob,
+    LayerFormatError,
+    LayerIndex,
+    load_layer_index,
+    parse_ztoc,
+)
 from registry import Reference, RegistryClient
 from snapshotter.labels import ESTARGZ_TOC_DIGEST
 from snapshotter.remote.saved_toc import RecordingBlob, SavedTocBlob
@@ -84,7 +91,8 @@ async def index_layer(
     """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
     without the network. ``toc_digest``: the digest recorded at first attach, instead of the
     annotations', because a restart trusts what it verified then."""
-    source = blob if saved is None else SavedTocBlob(blob, saved)
+    traced = IndexReadBlob(blob)  # recorded as kind index while someone traces
+    source = traced if saved is None else SavedTocBlob(traced, saved)
     recording = RecordingBlob(source)
     if saved is not None:
         recording.ranges.update(saved)

@@ -11,7 +11,7 @@ import trio
 
 from registry import HostsConfig, NotFoundError, Platform, parse_reference
 from snapshotter.client import pull as image_pull
-from snapshotter.client.progress import LayerResult, TextProgress
+from snapshotter.client.progress import LayerResult, PlainProgress
 from snapshotter.client.pull import pull
 from snapshotter.commands._containerd_args import PlainHTTPHosts
 from tests.registry.fake_registry import FakeRegistry, make_client
@@ -35,7 +35,7 @@ def run_pull(registry: FakeRegistry, containerd: FakeContainerd) -> list[LayerRe
         async with make_client(registry) as client:
             _image, results = await pull(
                 containerd, client, REF, "lazysnap", Platform("linux", "amd64"),
-                TextProgress(io.StringIO()),
+                PlainProgress(io.StringIO()),
             )
         return results
 

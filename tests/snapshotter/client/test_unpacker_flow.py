@@ -20,7 +20,7 @@ from snapshotter import labels as L
 from snapshotter.client.chain import chain_ids
 from snapshotter.client.containerd_api import ContainerdError, ContentInfo, ImageRecord
 from snapshotter.client.documents import ImageDocuments
-from snapshotter.client.progress import LayerResult, TextProgress
+from snapshotter.client.progress import PlainProgress
 from snapshotter.client.pull import store_and_unpack, unpack_existing
 from snapshotter.client.unpacker import (
     MissingBlobError,
@@ -402,7 +402,7 @@ def test_store_and_unpack_labels_documents_for_gc_and_names_the_image_last() -> 
     fake = FakeContainerd()
     docs = documents(image, with_index=True)
     out = io.StringIO()
-    results = store_and_unpack(fake, docs, "lazysnap", ListBlobs(image), TextProgress(out))
+    results = store_and_unpack(fake, docs, "lazysnap", ListBlobs(image), PlainProgress(out))
 
     assert [r.outcome for r in results] == ["applied", "applied"]
     assert fake.images[REF].target == docs.target
@@ -426,7 +426,7 @@ def test_failed_pull_closes_the_lease_and_names_no_image() -> None:
     with pytest.raises(UnpackError):
         store_and_unpack(
             fake, documents(image, with_index=False), "lazysnap", ListBlobs(image),
-            TextProgress(io.StringIO()),
+            PlainProgress(io.StringIO()),
         )
     assert fake.images == {} and fake.open_leases == [] and fake.leases_created == 1
 
@@ -443,7 +443,7 @@ def test_unpack_existing_reads_everything_from_containerd() -> None:
     fake.images[REF] = ImageRecord(REF, docs.target)
 
     _docs, results = unpack_existing(
-        fake, REF, "lazysnap", Platform("linux", "amd64"), TextProgress(io.StringIO())
+        fake, REF, "lazysnap", Platform("linux", "amd64"), PlainProgress(io.StringIO())
     )
     assert [r.outcome for r in results] == ["applied", "applied"]
     assert set(fake.snapshots) == set(image.chains)
@@ -453,19 +453,8 @@ def test_unpack_existing_reads_everything_from_containerd() -> None:
 def test_unpack_of_an_unknown_image_says_so() -> None:
     with pytest.raises(NotFoundError, match="not in containerd"):
         unpack_existing(
-            FakeContainerd(), "nope:1", "lazysnap", None, TextProgress(io.StringIO())
+            FakeContainerd(), "nope:1", "lazysnap", None, PlainProgress(io.StringIO())
         )
-
-
-def test_live_progress_redraws_one_line_on_a_terminal() -> None:
-    out = io.StringIO()
-    progress = TextProgress(out, live=True)
-    progress.layer_started(1, 2, "sha256:abc", 2_000_000)
-    progress.layer_bytes(2_000_000)
-    progress.layer_finished(LayerResult(1, 2, "sha256:abc", "sha256:def", "applied", 2_000_000, 0.5))
-    text = out.getvalue()
-    assert "fetching 2.0/2.0 MB" in text
-    assert text.endswith("\r\x1b[Klayer 1/2 sha256:abc applied    2.0 MB    0.5 s\n")
 
 
 def test_the_manifests_soci_v2_index_digest_goes_with_every_layers_labels() -> None:
