@@ -101,6 +101,7 @@ class RemoteBlob:
                     )
                     continue
                 raise
+            self._engine.stats.blob_read(host.is_mirror, len(data))
             if index:
                 # Stick to the host that answered, for the next reads.
                 self._hosts.insert(0, self._hosts.pop(index))

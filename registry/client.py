@@ -50,6 +50,7 @@ from registry.manifest import (
 from registry.options import ClientOptions
 from registry.redact import safe_url
 from registry.reference import Reference, validate_digest
+from registry.stats import RegistryStats
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,11 @@ class RegistryClient:
     @property
     def options(self) -> ClientOptions:
         return self._engine.options
+
+    @property
+    def stats(self) -> RegistryStats:
+        """Live counters of this client (not of clients made by ``with_credentials``)."""
+        return self._engine.stats
 
     async def __aenter__(self) -> RegistryClient:
         return self
