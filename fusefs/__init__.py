@@ -32,11 +32,19 @@ from fusefs.formats.ztoc import (
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 from fusefs.slot_mark import SlotMarkError
+from fusefs.stats import (
+    FETCH_KINDS,
+    FsSnapshot,
+    Histogram,
+    LayerMeters,
+    LayerSnapshot,
+)
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SPAN_SIZE",
+    "FETCH_KINDS",
     "BlobReader",
     "CacheUsage",
     "ChunkCache",
@@ -47,9 +55,13 @@ __all__ = [
     "EntryKind",
     "FetchConfig",
     "FetchError",
+    "FsSnapshot",
+    "Histogram",
     "IndexLimits",
     "LayerFormatError",
     "LayerIndex",
+    "LayerMeters",
+    "LayerSnapshot",
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",

@@ -313,6 +313,14 @@ class LazyFilesystem:
             fetched_by_kind=dict(stats.meters.fetched_bytes),
         )
 
+    def meters(self, layer_id: str) -> LayerMeters:
+        """The live meters of an attached layer, for the attach timings its caller measures;
+        KeyError if not attached."""
+        layer = self._table.by_id(layer_id)
+        if layer is None:
+            raise KeyError(layer_id)
+        return layer.stats.meters
+
     def snapshot(self) -> FsSnapshot:
         """Every counter at this moment, copied; call it on the trio thread. Cheap: no walk
         over chunks, so a metrics scrape never holds readers up."""

@@ -103,6 +103,9 @@ class LayerMeters:
         default_factory=lambda: Histogram(MILLISECOND_BOUNDS)
     )
     background_millis: Histogram = field(default_factory=lambda: Histogram(MILLISECOND_BOUNDS))
+    # Filled in by the daemon, which attaches layers: the Prepare's attach and its TOC read.
+    mount_millis: Histogram = field(default_factory=lambda: Histogram(MILLISECOND_BOUNDS))
+    toc_get_millis: Histogram = field(default_factory=lambda: Histogram(MILLISECOND_BOUNDS))
     readdir_micros: Histogram = field(default_factory=lambda: Histogram(MICROSECOND_BOUNDS))
     chunk_verify_failures: int = 0  # taken from ``LayerStats.verify_failures`` when read out
     blob_verify_failures: int = 0
@@ -130,6 +133,8 @@ class LayerMeters:
             self.fetched_bytes[kind] += other.fetched_bytes[kind]
         self.registry_get_millis.add(other.registry_get_millis)
         self.background_millis.add(other.background_millis)
+        self.mount_millis.add(other.mount_millis)
+        self.toc_get_millis.add(other.toc_get_millis)
         self.chunk_verify_failures += other.chunk_verify_failures
         self.blob_verify_failures += other.blob_verify_failures
 

@@ -51,6 +51,7 @@ from registry.manifest import (
 )
 from registry.options import ClientOptions
 from registry.reference import Reference, parse_reference
+from registry.stats import RegistryStats
 
 __all__ = [
     "DEFAULT_HOSTS_DIR",
@@ -82,6 +83,7 @@ __all__ = [
     "RegistryClient",
     "RegistryError",
     "RegistryHost",
+    "RegistryStats",
     "RegistryTimeoutError",
     "RemoteBlob",
     "ResolvedImage",

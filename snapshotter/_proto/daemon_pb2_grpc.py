@@ -55,6 +55,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.Layers = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/Layers',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -99,6 +104,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Layers(self, request, context):
+        """Every lazily attached layer with its fetch, cache and verification state, for
+        `lazysnap status --layers`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Resolve,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.SerializeToString,
+            ),
+            'Layers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Layers,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +249,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/Resolve',
             snapshotter_dot___proto_dot_daemon__pb2.ResolveRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Layers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/Layers',
+            snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
             options,
             channel_credentials,
             insecure,
