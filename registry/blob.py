@@ -50,6 +50,7 @@ class RemoteBlob:
         self._size = size
         self._scopes = tuple(scopes)
         self._redirect: tuple[str, float] | None = None  # target URL, monotonic expiry
+        self.bytes_read = 0  # every byte this reader got from a registry, for status
 
     def __repr__(self) -> str:
         return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"
@@ -102,6 +103,7 @@ class RemoteBlob:
                     continue
                 raise
             self._engine.stats.blob_read(host.is_mirror, len(data))
+            self.bytes_read += len(data)
             if index:
                 # Stick to the host that answered, for the next reads.
                 self._hosts.insert(0, self._hosts.pop(index))

@@ -113,7 +113,7 @@ class LayersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LayerStatus(_message.Message):
-    __slots__ = ("layer_id", "image", "digest", "format", "size", "fetched_bytes", "cached_bytes", "on_demand_bytes", "prefetch_bytes", "background_bytes", "verification", "chunk_verify_failures", "errors", "last_error")
+    __slots__ = ("layer_id", "image", "digest", "format", "size", "fetched_bytes", "cached_bytes", "on_demand_bytes", "prefetch_bytes", "background_bytes", "verification", "chunk_verify_failures", "errors", "last_error", "registry_bytes")
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class LayerStatus(_message.Message):
     CHUNK_VERIFY_FAILURES_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer_id: str
     image: str
     digest: str
@@ -142,7 +143,8 @@ class LayerStatus(_message.Message):
     chunk_verify_failures: int
     errors: int
     last_error: str
-    def __init__(self, layer_id: _Optional[str] = ..., image: _Optional[str] = ..., digest: _Optional[str] = ..., format: _Optional[str] = ..., size: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., on_demand_bytes: _Optional[int] = ..., prefetch_bytes: _Optional[int] = ..., background_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., chunk_verify_failures: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    registry_bytes: int
+    def __init__(self, layer_id: _Optional[str] = ..., image: _Optional[str] = ..., digest: _Optional[str] = ..., format: _Optional[str] = ..., size: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., on_demand_bytes: _Optional[int] = ..., prefetch_bytes: _Optional[int] = ..., background_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., chunk_verify_failures: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ..., registry_bytes: _Optional[int] = ...) -> None: ...
 
 class LayersResponse(_message.Message):
     __slots__ = ("mode", "layers", "cache_bytes", "cache_capacity_bytes", "config")

@@ -82,13 +82,14 @@ def layers_status(reply: Any) -> dict[str, Any]:
                 "layer_id": layer.layer_id, "image": layer.image, "digest": layer.digest,
                 "format": layer.format, "size": layer.size,
                 "fetched_bytes": layer.fetched_bytes,
-                "fetched_percent": _percent(layer.fetched_bytes, layer.size),
+                "fetched_percent": _percent(layer.registry_bytes, layer.size),
                 "cached_bytes": layer.cached_bytes, "on_demand_bytes": layer.on_demand_bytes,
                 "prefetch_bytes": layer.prefetch_bytes,
                 "background_bytes": layer.background_bytes,
                 "verification": layer.verification,
                 "chunk_verify_failures": layer.chunk_verify_failures,
                 "errors": layer.errors, "last_error": layer.last_error,
+                "registry_bytes": layer.registry_bytes,
             }
             for layer in reply.layers
         ],
@@ -117,7 +118,7 @@ def _row(layer: dict[str, Any]) -> tuple[str, ...]:
         layer["image"] or "-",
         layer["digest"].removeprefix("sha256:")[:12],
         layer["format"],
-        f"{_size(layer['fetched_bytes'])} / {_size(layer['size'])} "
+        f"{_size(layer['registry_bytes'])} / {_size(layer['size'])} "
         f"({layer['fetched_percent']:.0f}%)",
         _size(layer["cached_bytes"]),
         _size(layer["on_demand_bytes"]),

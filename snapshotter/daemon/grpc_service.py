@@ -283,7 +283,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
                 prefetch_bytes=layer.prefetch_bytes, background_bytes=layer.background_bytes,
                 verification=layer.verification,
                 chunk_verify_failures=layer.chunk_verify_failures, errors=layer.errors,
-                last_error=layer.last_error,
+                last_error=layer.last_error, registry_bytes=layer.registry_bytes,
             )
         return reply
 

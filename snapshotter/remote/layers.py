@@ -41,6 +41,7 @@ from snapshotter.remote.saved_toc import (
     DeferredBlob,
     SavedTocError,
     load_saved_toc,
+    registry_bytes,
     save_toc_ranges,
 )
 from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
@@ -75,6 +76,7 @@ class LazyLayers:
         self._ahead = TocReadAhead(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
         self._described: dict[str, tuple[str, str]] = {}  # layer id -> (image, format)
+        self._blobs: dict[str, BlobReader] = {}  # layer id -> its reader, for status
         self.fallbacks = dict.fromkeys(fallback.REASONS, 0)  # Prepares served the ordinary way
 
     async def resolve(self, image: str, platform: str) -> ImageDocuments:
@@ -204,6 +206,7 @@ class LazyLayers:
         self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
         self._digests[layer_id] = blob.digest
         self._described[layer_id] = (request.image_ref, fmt)
+        self._blobs[layer_id] = blob
         log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
                  layer_id, blob.digest, fmt, index.entry_count,
                  "read-ahead" if ahead is not None else "read")
@@ -281,11 +284,13 @@ class LazyLayers:
         self._described[record.layer_id] = (
             record.image_ref, classify(None, record.annotations)[0] or "unknown"
         )
+        self._blobs[record.layer_id] = deferred
         log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
 
     async def unmount(self, layer_id: str) -> None:
         self._digests.pop(layer_id, None)
         self._described.pop(layer_id, None)
+        self._blobs.pop(layer_id, None)
         if layer_id in self._fs.layer_ids():
             await self._fs.detach(layer_id)
             # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
@@ -303,8 +308,10 @@ class LazyLayers:
         reports = []
         for layer_id in self._fs.layer_ids():
             image, fmt = self._described.get(layer_id, ("", "unknown"))
+            blob = self._blobs.get(layer_id)
             reports.append(layer_report(self._fs.usage(layer_id), image, fmt,
-                                        self._background_fetch))
+                                        self._background_fetch,
+                                        None if blob is None else registry_bytes(blob)))
             await trio.lowlevel.checkpoint()  # many layers: let readers in between
         cache = self._fs.cache_usage()
         return LayersReport(reports, cache.bytes if cache else 0,

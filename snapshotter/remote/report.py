@@ -28,6 +28,7 @@ class LayerReport:
     chunk_verify_failures: int
     errors: int
     last_error: str
+    registry_bytes: int  # fetched_bytes plus its footer and TOC reads, when the blob counts them
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,8 @@ class LayersReport:
     cache_capacity_bytes: int
 
 
-def layer_report(usage: LayerUsage, image: str, fmt: str, background_fetch: bool) -> LayerReport:
+def layer_report(usage: LayerUsage, image: str, fmt: str, background_fetch: bool,
+                 registry_bytes: int | None) -> LayerReport:
     by_kind = usage.fetched_by_kind or {}
     if usage.blob_verified is True:
         verification = VERIFIED
@@ -62,4 +64,5 @@ def layer_report(usage: LayerUsage, image: str, fmt: str, background_fetch: bool
         chunk_verify_failures=usage.verify_failures,
         errors=usage.errors,
         last_error=usage.last_error or "",
+        registry_bytes=usage.fetched_bytes if registry_bytes is None else registry_bytes,
     )
