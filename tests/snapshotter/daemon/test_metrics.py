@@ -199,14 +199,14 @@ def test_metrics_are_off_by_default_and_set_by_file_or_flag(tmp_path: Path) -> N
 @pytest.mark.parametrize("address", ["9464", "localhost", "host:0", "host:70000", ":9464",
                                      "unix:relative.sock", "unix:"])
 def test_bad_metrics_addresses_are_configuration_errors(address: str) -> None:
-    with pytest.raises(ConfigError, match="metrics.address"):
+    with pytest.raises(ConfigError, match=r"metrics\.address"):
         parse_config({"metrics": {"address": address}})
     with pytest.raises(ConfigError, match="--metrics-address"):
         with_overrides(parse_config({}), metrics_address=address)
 
 
 def test_unknown_metrics_keys_are_errors() -> None:
-    with pytest.raises(ConfigError, match="metrics.port"):
+    with pytest.raises(ConfigError, match=r"metrics\.port"):
         parse_config({"metrics": {"port": 1}})
 
 
