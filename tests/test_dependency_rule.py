@@ -32,8 +32,7 @@ EDGES = {
              "snapshotter/client/daemon_client.py", "snapshotter/daemon/cri_proxy.py",
              "snapshotter/daemon/grpc_metrics.py"},
     "re2": {"snapshotter/store/filter_regexp.py"},
-    "prometheus_client": {"snapshotter/daemon/metrics.py", "snapshotter/daemon/metrics_server.py",
-                          "snapshotter/daemon/main.py"},
+    "prometheus_client": {"snapshotter/daemon/metrics.py", "snapshotter/daemon/metrics_server.py"},
     "rich": {"snapshotter/commands/status.py"},
 }
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import trio
-from prometheus_client import CollectorRegistry, ProcessCollector
 
 from fusefs import LazyFilesystem, SlotMarkError
 from registry import CredentialProvider, DockerConfigCredentials, HostsConfig, RegistryClient
@@ -30,7 +29,7 @@ from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.grpc_metrics import GrpcStats, MetricsInterceptor
 from snapshotter.daemon.grpc_service import DaemonSummary, add_services
-from snapshotter.daemon.metrics import DaemonCollector, DaemonSnapshot
+from snapshotter.daemon.metrics import DaemonSnapshot, from_trio, metrics_registry
 from snapshotter.daemon.metrics_server import (
     MetricsServer,
     MetricsServerError,
@@ -307,15 +306,7 @@ def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
             fallbacks=dict(lazy.layers.fallbacks), grpc=grpc_stats.snapshot(),
         )
 
-    def source() -> DaemonSnapshot | None:
-        try:
-            return trio.from_thread.run_sync(take, trio_token=token)
-        except trio.RunFinishedError:
-            return None  # stopping
-
-    registry = CollectorRegistry(auto_describe=False)
-    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-    registry.register(DaemonCollector(source, per_layer=config.metrics.per_layer))
+    registry = metrics_registry(from_trio(take, token), per_layer=config.metrics.per_layer)
     assert config.metrics.address is not None
     try:
         server = start_metrics_server(config.metrics.address, registry)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import trio
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -217,3 +219,29 @@ def _by_label(name: str, doc: str, label: str, values: Mapping[str, int]) -> Met
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
+
+
+def metrics_registry(
+    source: Callable[[], DaemonSnapshot | None], *, per_layer: bool
+) -> CollectorRegistry:
+    """A registry with the process's own metrics (``process_resident_memory_bytes`` and the
+    like) and lazysnap's, rendered from ``source()`` at each scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    registry.register(DaemonCollector(source, per_layer=per_layer))
+    return registry
+
+
+def from_trio(
+    take: Callable[[], DaemonSnapshot], token: trio.lowlevel.TrioToken
+) -> Callable[[], DaemonSnapshot | None]:
+    """``take`` run on the trio thread, where the counters change, for the scrape threads;
+    None once trio has stopped."""
+
+    def source() -> DaemonSnapshot | None:
+        try:
+            return trio.from_thread.run_sync(take, trio_token=token)
+        except trio.RunFinishedError:
+            return None
+
+    return source
