@@ -3,6 +3,7 @@ code has: the doc is what dashboards and alerts are written against."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -73,3 +74,18 @@ def test_the_documented_fetch_kinds_are_the_counted_ones() -> None:
                       if line.startswith("| `kind` (fetched bytes)"))
     values = kinds_line.split(" | ")[1]
     assert set(re.findall(r"`([a-z_]+)` \(", values)) == set(FETCH_KINDS)
+
+
+def test_the_grafana_dashboard_queries_only_documented_families() -> None:
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    documented = _first_column(_section("### Families"))
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:lazysnap|process)_[a-z_]+)", target["expr"])
+    }
+    assert used
+    for name in used:
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        assert name in documented or base in documented, name
