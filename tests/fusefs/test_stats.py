@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import trio
@@ -83,3 +84,24 @@ def test_meters_add_up_for_totals_that_outlive_layers() -> None:
     assert (total.reads, total.served_bytes, total.chunk_verify_failures) == (2, 150, 2)
     assert total.read_micros.count == 2
     assert one.reads == 1  # copies are independent
+
+
+def test_a_copy_of_meters_has_every_field_and_shares_nothing() -> None:
+    meters = LayerMeters()
+    for number, item in enumerate(dataclasses.fields(LayerMeters), start=1):
+        value = getattr(meters, item.name)
+        if isinstance(value, Histogram):
+            value.observe(number)
+        elif isinstance(value, dict):
+            value[ON_DEMAND] = number
+        else:
+            setattr(meters, item.name, number)
+    copied = meters.copy()
+    for item in dataclasses.fields(LayerMeters):
+        original, copy = getattr(meters, item.name), getattr(copied, item.name)
+        if isinstance(original, Histogram):
+            assert (copy.counts, copy.total) == (original.counts, original.total), item.name
+            assert copy.counts is not original.counts
+        else:
+            assert copy == original, item.name
+            assert not isinstance(original, dict) or copy is not original

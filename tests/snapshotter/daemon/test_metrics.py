@@ -88,7 +88,7 @@ def test_per_layer_series_are_labelled_by_digest_and_one_blob_attached_twice_is_
     assert samples[("lazysnap_fs_operation_duration_microseconds_count",
                     (("layer", A), ("operation_type", "read_on_demand")))] == 2
     assert samples[("lazysnap_fs_operation_duration_microseconds_bucket",
-                    (("layer", A), ("le", "250.0"), ("operation_type", "read_on_demand")))] == 2
+                    (("layer", A), ("le", "500.0"), ("operation_type", "read_on_demand")))] == 2
     assert samples[("lazysnap_open_layers", ())] == 3
 
 
