@@ -269,6 +269,13 @@ class Scraper:
         self._thread.join()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -283,25 +290,38 @@ def scrape_overhead(
     blob = big_blob(work, mib)
     size = mib * MiB
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # the mount process's, per read
     latencies: list[float] = []
     for pair in range(pairs):
         for scraped in ((False, True) if pair % 2 == 0 else (True, False)):
             address = f"127.0.0.1:{free_port()}"
             cache = str(work / f"cache-scrape-{pair}-{int(scraped)}")
             with lazysnap_mount(blob, work / "mnt-scrape", "--no-background-fetch",
-                                "--cache-dir", cache, "--metrics-address", address):
+                                "--cache-dir", cache, "--metrics-address", address) as pid:
+                before = cpu_seconds(pid)
                 if scraped:
                     with Scraper(f"http://{address}/metrics", hz) as scraper:
                         times[True].append(timed(lambda: read_all(work / "mnt-scrape" / "big.bin")))
                     latencies += scraper.latencies
                 else:
                     times[False].append(timed(lambda: read_all(work / "mnt-scrape" / "big.bin")))
+                cpu[scraped].append(cpu_seconds(pid) - before)
     for scraped in (False, True):
         print(f"cold read {mib} MiB, scraped={scraped}: "
-              + ", ".join(f"{size / t / 1e6:.0f}" for t in times[scraped]) + " MB/s")
+              + ", ".join(f"{size / t / 1e6:.0f}" for t in times[scraped]) + " MB/s; CPU s "
+              + ", ".join(f"{c:.2f}" for c in cpu[scraped]))
     print(f"scrapes: {len(latencies)}, median latency "
           f"{statistics.median(latencies) * 1e3:.1f} ms" if latencies else "scrapes: none")
     quiet, busy = statistics.median(times[False]), statistics.median(times[True])
+    quiet_cpu, busy_cpu = statistics.median(cpu[False]), statistics.median(cpu[True])
+    rows.append(
+        (
+            f"mount process CPU for that read, /metrics at {hz:g} Hz (s, median)",
+            f"{busy_cpu:.2f}",
+            f"{quiet_cpu:.2f} (not scraped)",
+            f"{quiet_cpu / busy_cpu:.2f}",
+        )
+    )
     rows.append(
         (
             f"cold seq read {mib} MiB, /metrics at {hz:g} Hz (MB/s, median of {pairs})",
