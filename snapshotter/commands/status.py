@@ -109,8 +109,8 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-COLUMNS = ("image", "digest", "format", "fetched / size", "cached", "on demand", "prefetch",
-           "background", "verification", "last error")
+TABLE_COLUMNS = ("image", "digest", "format", "fetched / size", "cached",
+                 "on demand / prefetch / background", "verification")
 
 
 def _row(layer: dict[str, Any]) -> tuple[str, ...]:
@@ -138,10 +138,17 @@ def print_layers(lazy: dict[str, Any], *, rich_table: bool) -> None:
         print("no lazily attached layers")
         return
     if rich_table:
-        table = Table(*COLUMNS)
+        table = Table(*TABLE_COLUMNS)
         for layer in lazy["layers"]:
-            table.add_row(*_row(layer))
+            image, digest, fmt, fetched, cached, demand, prefetch, background, verified, _ = (
+                _row(layer)
+            )
+            table.add_row(image, digest, fmt, fetched, cached,
+                          f"{demand} / {prefetch} / {background}", verified)
         Console().print(table)
+        for layer in lazy["layers"]:
+            if layer["last_error"]:
+                print(f"{_row(layer)[1]} last error: {layer['last_error']}")
         return
     for layer in lazy["layers"]:
         print("  ".join(f"{name}={value}" for name, value in

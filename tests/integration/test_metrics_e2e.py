@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -189,3 +191,24 @@ def test_metrics_and_status_follow_a_lazy_pull_and_run(
     plain = _lazysnap("status", "--address", str(daemon_address), "--layers")
     assert plain.returncode == 0, plain.stderr
     assert "mode: lazy" in plain.stdout and "verification=chunks-only" in plain.stdout
+
+
+def test_the_daemon_refuses_to_start_on_a_metrics_port_in_use(short_tmp: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "snapshotter.cli", "serve", "--root", str(short_tmp / "root"),
+             "--address", str(short_tmp / "lazysnap.sock"), "--metrics-address", address],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lazysnap: cannot start: metrics address {address} is in use: another process "
+        "listens on that port (choose another with metrics.address or --metrics-address)"
+    )
+    # It stopped before touching FUSE or leaving its socket behind.
+    with open("/proc/self/mounts") as mounts:
+        assert str(short_tmp) not in mounts.read()
+    assert not (short_tmp / "lazysnap.sock").exists()
