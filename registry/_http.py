@@ -52,7 +52,6 @@ from registry.errors import (
 from registry.hosts import RegistryHost
 from registry.options import ClientOptions
 from registry.redact import redact_urls, safe_url
-from registry.stats import RegistryStats
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class Engine:
         self._token_locks: dict[TokenKey, anyio.Lock] = {}
         self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
         self._host_slots: dict[str, anyio.CapacityLimiter] = {}
-        self.stats = RegistryStats()
+        self.stats = stats.RegistryStats()
 
     def __repr__(self) -> str:
         return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
