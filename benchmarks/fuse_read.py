@@ -13,7 +13,9 @@ Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a us
 * RSS of the ``lazysnap mount`` process with a layer of many entries attached (after a walk),
   against the RSS of the same command with a one-file layer;
 * a lazy start without FUSE: every file of a stdlib slice read once, in tar order, from a blob
-  20 ms away, with range coalescing vs one request per chunk.
+  20 ms away, with range coalescing vs one request per chunk;
+* the cost of metrics: cold reads of the big file with ``/metrics`` scraped at 10 Hz vs not
+  scraped, interleaved (both mounts serve ``/metrics``; ``--only-scrape`` runs just this).
 
 Prints a table with ratios; asserts nothing.
 """
@@ -25,11 +27,15 @@ import io
 import os
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -220,6 +226,112 @@ def big_file(work: Path, mib: int, rows: list[tuple[str, str, str, str]]) -> Non
         )
 
 
+def big_blob(work: Path, mib: int) -> Path:
+    """An eStargz blob of one file of ``mib`` MiB, half random, half text."""
+    plain = work / "plain-scrape"
+    plain.mkdir()
+    rnd = os.urandom(MiB // 2)
+    text = b"".join(b"line %08d of a moderately compressible file\n" % i for i in range(11000))
+    block = (rnd + text)[:MiB]
+    with open(plain / "big.bin", "wb") as f:
+        for i in range(mib):
+            f.write(block[i % 7 :] + block[: i % 7])
+    tar_path = work / "scrape.tar"
+    subprocess.run(["tar", "-C", str(plain), "-cf", str(tar_path), "big.bin"], check=True)
+    blob = work / "scrape.esgz"
+    make_estargz(tar_path.read_bytes(), blob)
+    return blob
+
+
+class Scraper:
+    """GETs ``url`` every ``1 / hz`` seconds on a thread, as a Prometheus would."""
+
+    def __init__(self, url: str, hz: float) -> None:
+        self.url = url
+        self.period = 1.0 / hz
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            start = time.perf_counter()
+            with urllib.request.urlopen(self.url, timeout=10) as answer:
+                answer.read()
+            self.latencies.append(time.perf_counter() - start)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape_overhead(
+    work: Path, mib: int, rows: list[tuple[str, str, str, str]], *, pairs: int = 5,
+    hz: float = 10.0,
+) -> None:
+    """Cold sequential reads with and without a 10 Hz scraper, alternating which goes first."""
+    blob = big_blob(work, mib)
+    size = mib * MiB
+    times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # the mount process's, per read
+    latencies: list[float] = []
+    for pair in range(pairs):
+        for scraped in ((False, True) if pair % 2 == 0 else (True, False)):
+            address = f"127.0.0.1:{free_port()}"
+            cache = str(work / f"cache-scrape-{pair}-{int(scraped)}")
+            with lazysnap_mount(blob, work / "mnt-scrape", "--no-background-fetch",
+                                "--cache-dir", cache, "--metrics-address", address) as pid:
+                before = cpu_seconds(pid)
+                if scraped:
+                    with Scraper(f"http://{address}/metrics", hz) as scraper:
+                        times[True].append(timed(lambda: read_all(work / "mnt-scrape" / "big.bin")))
+                    latencies += scraper.latencies
+                else:
+                    times[False].append(timed(lambda: read_all(work / "mnt-scrape" / "big.bin")))
+                cpu[scraped].append(cpu_seconds(pid) - before)
+    for scraped in (False, True):
+        print(f"cold read {mib} MiB, scraped={scraped}: "
+              + ", ".join(f"{size / t / 1e6:.0f}" for t in times[scraped]) + " MB/s; CPU s "
+              + ", ".join(f"{c:.2f}" for c in cpu[scraped]))
+    print(f"scrapes: {len(latencies)}, median latency "
+          f"{statistics.median(latencies) * 1e3:.1f} ms" if latencies else "scrapes: none")
+    quiet, busy = statistics.median(times[False]), statistics.median(times[True])
+    quiet_cpu, busy_cpu = statistics.median(cpu[False]), statistics.median(cpu[True])
+    rows.append(
+        (
+            f"mount process CPU for that read, /metrics at {hz:g} Hz (s, median)",
+            f"{busy_cpu:.2f}",
+            f"{quiet_cpu:.2f} (not scraped)",
+            f"{quiet_cpu / busy_cpu:.2f}",
+        )
+    )
+    rows.append(
+        (
+            f"cold seq read {mib} MiB, /metrics at {hz:g} Hz (MB/s, median of {pairs})",
+            f"{size / busy / 1e6:.0f}",
+            f"{size / quiet / 1e6:.0f} (not scraped)",
+            f"{quiet / busy:.2f}",
+        )
+    )
+
+
 def many_files(work: Path, files: int, rows: list[tuple[str, str, str, str]]) -> None:
     tar_bytes = tree_tar(files)
     plain = work / "plain-tree"
@@ -371,6 +483,9 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=50_000)
     parser.add_argument("--rss-entries", type=int, default=100_000)
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--only-scrape", action="store_true",
+                        help="measure only the cost of /metrics scrapes on cold reads")
+    parser.add_argument("--scrape-pairs", type=int, default=5)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (FUSE mounts with allow_other)", file=sys.stderr)
@@ -378,10 +493,12 @@ def main() -> int:
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="lazysnap-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        big_file(work, args.big_mib, rows)
-        many_files(work, args.files, rows)
-        memory(work, args.rss_entries, rows)
-        lazy_start(work, rows)
+        if not args.only_scrape:
+            big_file(work, args.big_mib, rows)
+            many_files(work, args.files, rows)
+            memory(work, args.rss_entries, rows)
+            lazy_start(work, rows)
+        scrape_overhead(work, args.big_mib, rows, pairs=args.scrape_pairs)
     header = ("measurement", "lazysnap", "baseline", "ratio (>1: lazysnap faster)")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, tuple("-" * w for w in widths), *rows]:

@@ -33,12 +33,20 @@ from fusefs.formats.ztoc import (
 from fusefs.index import ChunkRef, Codec, EntryAttr, EntryKind, LayerIndex
 from fusefs.localblob import LocalFileBlob
 from fusefs.slot_mark import SlotMarkError
+from fusefs.stats import (
+    FETCH_KINDS,
+    FsSnapshot,
+    Histogram,
+    LayerMeters,
+    LayerSnapshot,
+)
 from fusefs.trace import TRACE, FileRead, IndexReadBlob, RangeRead, Recording, TraceHub
 
 __all__ = [
     "DEFAULT_CACHE_CAPACITY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SPAN_SIZE",
+    "FETCH_KINDS",
     "TRACE",
     "BlobReader",
     "CacheUsage",
@@ -51,10 +59,14 @@ __all__ = [
     "FetchConfig",
     "FetchError",
     "FileRead",
+    "FsSnapshot",
+    "Histogram",
     "IndexLimits",
     "IndexReadBlob",
     "LayerFormatError",
     "LayerIndex",
+    "LayerMeters",
+    "LayerSnapshot",
     "LayerUsage",
     "LazyFilesystem",
     "LocalFileBlob",

@@ -23,7 +23,7 @@ import trio
 from fusefs.fetcher import ChunkFetcher
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, split_blob
-from fusefs.trace import set_fetch_kind
+from fusefs.stats import BACKGROUND, PREFETCH, fetch_kind, set_fetch_kind
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
     first = next(ranges, None)
     if first is None or first.end > end:
         return
-    await fetcher.flights.fetch_background(layer, first)
+    with fetch_kind(PREFETCH):
+        await fetcher.flights.fetch_background(layer, first)
     await fetcher.writes_done()
     log.info(
         "prefetch done layer=%s digest=%s bytes=%d chunks=%d",
@@ -71,7 +72,8 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
             if number == 0 and layer.index.prefetch_end:
                 # The prefetch range goes first and alone, whatever readers are doing: it holds
                 # what the container will read first, so it gets the whole link.
-                await _fetch_and_hash(fetcher, layer, planned, number, hashed)
+                with fetch_kind(PREFETCH):
+                    await _fetch_and_hash(fetcher, layer, planned, number, hashed)
                 continue
             await fetcher.wait_until_quiet(started)
             nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
@@ -88,6 +90,7 @@ def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | Non
     (the benchmark and operators look for "layer fully fetched and verified")."""
     layer.stats.background_done = True
     layer.stats.blob_verified = failure is None
+    layer.stats.meters.background_millis.observe((trio.current_time() - started) * 1e3)
     if failure is None:
         log.info(
             "layer fully fetched and verified layer=%s digest=%s seconds=%.3f by=%s",
@@ -98,7 +101,12 @@ def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | Non
         )
     else:
         layer.stats.errors += 1
-        log.error("%s", failure)
+        layer.stats.last_error = failure
+        if by == "blob-digest":
+            layer.stats.meters.blob_verify_failures += 1
+            log.error("%s", failure, extra={"event": "blob_verification_failed"})
+        else:
+            log.error("%s", failure)
 
 
 def chunks_prove_blob(layer: Layer) -> bool:
@@ -125,7 +133,8 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
         for number, planned in enumerate(ranges):
             if number == 0 and layer.index.prefetch_end:
                 # The landmark range: first and alone.
-                await fetcher.flights.fetch_background(layer, planned)
+                with fetch_kind(PREFETCH):
+                    await fetcher.flights.fetch_background(layer, planned)
                 continue
             if fetcher.flights.missing_part(layer, planned) is None:
                 continue  # a reader (or its readahead) fetched all of it already
@@ -164,7 +173,7 @@ async def _fetch_then_release(
 
 async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, background: bool) -> None:
     """The per-layer task started by attach; failures are logged, never raised."""
-    set_fetch_kind("background" if background else "prefetch")  # for traces; this task only
+    set_fetch_kind(BACKGROUND)
     try:
         if background and chunks_prove_blob(layer):
             await fetch_missing(fetcher, layer)
@@ -174,6 +183,7 @@ async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, backgroun
             await prefetch(fetcher, layer)
     except Exception as exc:
         layer.stats.errors += 1
+        layer.stats.last_error = f"background fetch: {type(exc).__name__}: {exc}"
         log.error(
             "background fetch stopped layer=%s digest=%s error=%r",
             layer.layer_id,

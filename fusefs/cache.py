@@ -66,6 +66,7 @@ class CacheUsage:
     stores: int
     evictions: int
     verify_failures: int
+    evicted_bytes: int = 0
 
 
 class CacheOwner(Protocol):
@@ -128,6 +129,7 @@ class ChunkCache:
         self._misses = 0
         self._stores = 0
         self._evictions = 0
+        self._evicted_bytes = 0
         self._verify_failures = 0
         # key id -> its owner, or a list with one item per registration when there are several.
         self._owners: dict[bytes, CacheOwner | list[CacheOwner]] = {}
@@ -172,6 +174,7 @@ class ChunkCache:
             stores=self._stores,
             evictions=self._evictions,
             verify_failures=self._verify_failures,
+            evicted_bytes=self._evicted_bytes,
         )
 
     async def load(self, key: str, expected_digest: str | None) -> bytes | None:
@@ -405,6 +408,7 @@ class ChunkCache:
             self._blocks.pop(key, None)
             self._bytes -= size
             self._evictions += 1
+            self._evicted_bytes += size
             self._count(key, -size)
             victims.append(key)
         if victims:
@@ -424,7 +428,8 @@ class ChunkCache:
         try:
             verify_chunk(data, expected_digest)
         except ChunkIntegrityError as exc:
-            log.error("corrupt cached chunk removed key=%s error=%s", key, exc)
+            log.error("corrupt cached chunk removed key=%s error=%s", key, exc,
+                      extra={"event": "cache_chunk_corrupt"})
             path.unlink(missing_ok=True)
             return None, True
         # The mtime is the LRU order after a restart.
@@ -441,7 +446,8 @@ class ChunkCache:
         except FileNotFoundError:
             return None, False
         if not blocks_match(data, first, last, digests):
-            log.error("corrupt cached chunk removed key=%s error=block digest mismatch", key)
+            log.error("corrupt cached chunk removed key=%s error=block digest mismatch", key,
+                      extra={"event": "cache_chunk_corrupt"})
             path.unlink(missing_ok=True)
             return None, True
         # The mtime is the LRU order after a restart.

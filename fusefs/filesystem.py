@@ -39,6 +39,7 @@ from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
 from fusefs.layer import Layer
 from fusefs.slot_mark import SlotMark
+from fusefs.stats import FsSnapshot, LayerMeters, LayerSnapshot
 from fusefs.table import LayerTable, check_layer_id
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class LayerUsage:
     verify_failures: int
     background_done: bool
     blob_verified: bool | None
+    last_error: str | None = None
+    # Compressed bytes fetched, by kind (``fusefs.stats.FETCH_KINDS``).
+    fetched_by_kind: dict[str, int] | None = None
 
 
 class LazyFilesystem:
@@ -109,7 +113,9 @@ class LazyFilesystem:
         self._handlers: LazyHandlers | None = None
         self._adopt_fd = adopt_fd
         self._libfuse = libfuse
+        self._took_over = adopt_fd is not None
         self._resume = trio.Event()
+        self._retired = LayerMeters()  # meters of layers detached since start
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -251,6 +257,7 @@ class LazyFilesystem:
     async def detach(self, layer_id: str) -> None:
         """Remove a layer: its directory disappears and its inodes become stale."""
         layer = self._table.remove(layer_id)
+        self._retired.add(_meters_of(layer))
         scope = self._background.pop(layer_id, None)
         if scope is not None:
             scope.cancel()
@@ -306,6 +313,37 @@ class LazyFilesystem:
             verify_failures=stats.verify_failures,
             background_done=stats.background_done,
             blob_verified=stats.blob_verified,
+            last_error=stats.last_error,
+            fetched_by_kind=dict(stats.meters.fetched_bytes),
+        )
+
+    def meters(self, layer_id: str) -> LayerMeters:
+        """The live meters of an attached layer, for the attach timings its caller measures;
+        KeyError if not attached."""
+        layer = self._table.by_id(layer_id)
+        if layer is None:
+            raise KeyError(layer_id)
+        return layer.stats.meters
+
+    def snapshot(self) -> FsSnapshot:
+        """Every counter at this moment, copied; call it on the trio thread. Cheap: no walk
+        over chunks, so a metrics scrape never holds readers up."""
+        layers = [
+            LayerSnapshot(
+                layer_id=layer.layer_id,
+                digest=layer.digest,
+                size=layer.blob.size,
+                prefetch_size=layer.index.prefetch_end or 0,
+                meters=_meters_of(layer),
+            )
+            for layer in self._table.layers()
+        ]
+        return FsSnapshot(
+            layers=layers,
+            retired=self._retired.copy(),
+            takeovers=int(self._took_over),
+            lost_requests_answered=session.lost_requests_answered(),
+            cache=self.cache_usage(),
         )
 
     def cache_usage(self) -> CacheUsage | None:
@@ -366,3 +404,11 @@ class LazyFilesystem:
             keep_content_addressed,
         )
         return chunks, size
+
+
+def _meters_of(layer: Layer) -> LayerMeters:
+    """A copy of the layer's meters, with the chunk verification failures the fetcher counts
+    on the layer's stats."""
+    meters = layer.stats.meters.copy()
+    meters.chunk_verify_failures = layer.stats.verify_failures
+    return meters

@@ -269,12 +269,14 @@ class ChunkFlights:
             )
         try:
             async with slots:
+                started = trio.current_time()
                 raw = await TRACE.read_at(layer.blob, planned.start - lead, planned.length + lead)
         finally:
             if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
                 self._blob_slots.pop(layer.digest, None)
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
+        layer.stats.meters.fetched(len(raw), trio.current_time() - started)
         if len(raw) != planned.length + lead:
             raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
         return raw
@@ -385,6 +387,7 @@ class ChunkFlights:
                         layer.digest,
                         ref.blob_offset,
                         outcome,
+                        extra={"event": "chunk_verification_failed"},
                     )
                 self._resolve(key, flights[key], None, outcome)
         if verified:

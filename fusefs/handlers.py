@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -175,6 +176,7 @@ class LazyHandlers:
             log.error("fuse operation failed op=%s inode=%d error=%r", operation, inode, exc)
             return FuseReplyError(errno.EIO)
         layer.stats.errors += 1
+        layer.stats.last_error = f"{operation}: {type(exc).__name__}: {exc}"
         if layer.should_log(operation, entry, exc):
             log.error(
                 "fuse operation failed op=%s layer=%s digest=%s path=%s error=%r",
@@ -301,6 +303,15 @@ class LazyHandlers:
                         return
             return
         layer, entry = resolved
+        started = time.perf_counter()
+        try:
+            self._list(fh, layer, entry, start_id, sink)
+        finally:
+            layer.stats.meters.readdir_micros.observe((time.perf_counter() - started) * 1e6)
+
+    def _list(
+        self, fh: int, layer: Layer, entry: int, start_id: int, sink: DirectoryEntrySink
+    ) -> None:
         children = self._children(fh, layer, entry)
         for position in range(start_id, len(children)):
             name, child_entry = children[position]
@@ -348,11 +359,15 @@ class LazyHandlers:
         layer, entry = resolved
         if self._access_log is not None and layer.mark_accessed(entry):
             self._access_log.record(layer.layer_id, layer.index.path(entry), offset, size)
+        started = time.perf_counter()
         if TRACE.active:
-            return await TRACE.read(
+            data = await TRACE.read(
                 layer, entry, offset, size, lambda: self._fetcher.read(layer, entry, offset, size)
             )
-        return await self._fetcher.read(layer, entry, offset, size)
+        else:
+            data = await self._fetcher.read(layer, entry, offset, size)
+        layer.stats.meters.served(len(data), time.perf_counter() - started)
+        return data
 
     # -- extended attributes -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fusefs.blob import BlobReader
 from fusefs.cache import ChunkCache, chunk_key
 from fusefs.index import ChunkRef, LayerIndex
+from fusefs.stats import LayerMeters
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class LayerStats:
     verify_failures: int = 0
     background_done: bool = False
     blob_verified: bool | None = None  # None until the whole blob has been read and hashed
+    last_error: str | None = None  # the latest failure counted in ``errors``, for status
+    meters: LayerMeters = field(default_factory=LayerMeters)
     logged: set[tuple[str, int, str]] = field(default_factory=set)
 
 

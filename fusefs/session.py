@@ -141,6 +141,11 @@ async def _serve_pyfuse3(
             log.info("fuse connection left mounted for the next daemon mountpoint=%s", mountpoint)
 
 
+def lost_requests_answered() -> int:
+    """Requests of a dead predecessor that this process answered with EINTR."""
+    return 0 if _adopted is None else _adopted.lost_answered
+
+
 def dup_device_fd() -> int:
     """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
     holds one keeps the connection, and so the mount, alive when this process dies."""

@@ -9,8 +9,9 @@ One hub serves the whole process, because the hooks sit in places that know a la
 but not the filesystem they belong to, and a process serves one lazy mount.
 
 The kind of a range is that of the task that asked for it, a context variable: ``on-demand``
-unless the task said otherwise (``set_fetch_kind``). Trio gives each task a copy of its
-parent's context, so a kind set in a background task stays in that task and its children.
+unless the task said otherwise (``fusefs.stats.fetch_kind``, the kind the meters count by too).
+Trio gives each task a copy of its parent's context, so a kind set in a background task stays in
+that task and its children.
 """
 
 from __future__ import annotations
@@ -18,23 +19,28 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
 from fusefs.blob import BlobReader
 from fusefs.layer import Layer
+from fusefs.stats import (
+    BACKGROUND,
+    INDEX,
+    ON_DEMAND,
+    PREFETCH,
+    current_fetch_kind,
+    fetch_kind,
+)
 
 FetchKind = Literal["on-demand", "prefetch", "background", "index"]
 FETCH_KINDS: tuple[FetchKind, ...] = ("on-demand", "prefetch", "background", "index")
 DEFAULT_CAPACITY = 100_000  # events a recording holds before it drops
 
-_fetch_kind: ContextVar[FetchKind] = ContextVar("lazysnap_fetch_kind", default="on-demand")
-
-
-def set_fetch_kind(kind: FetchKind) -> None:
-    """Mark the ranges the current task (and the tasks it starts) reads as ``kind``."""
-    _fetch_kind.set(kind)
+# The meters' names for the kinds, as traces spell them.
+_TRACE_KINDS: dict[str, FetchKind] = {
+    ON_DEMAND: "on-demand", PREFETCH: "prefetch", BACKGROUND: "background", INDEX: "index",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +168,8 @@ class TraceHub:
         finally:
             event = RangeRead(
                 at=started, digest=blob.digest, start=offset, end=offset + length,
-                kind=_fetch_kind.get(), duration=time.monotonic() - started, error=error,
+                kind=_TRACE_KINDS.get(current_fetch_kind(), "on-demand"),
+                duration=time.monotonic() - started, error=error,
             )
             for recording in self._recordings:
                 recording.put(event)
@@ -188,8 +195,5 @@ class IndexReadBlob:
     async def read_at(self, offset: int, length: int) -> bytes:
         if not TRACE.active:
             return await self._blob.read_at(offset, length)
-        token = _fetch_kind.set("index")
-        try:
+        with fetch_kind(INDEX):
             return await TRACE.read_at(self._blob, offset, length)
-        finally:
-            _fetch_kind.reset(token)

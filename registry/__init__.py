@@ -52,6 +52,7 @@ from registry.manifest import (
 from registry.options import ClientOptions
 from registry.reference import Reference, parse_reference
 from registry.referrers import Referrer, ReferrerList, fallback_tag, parse_referrers
+from registry.stats import RegistryStats
 
 __all__ = [
     "DEFAULT_HOSTS_DIR",
@@ -85,6 +86,7 @@ __all__ = [
     "RegistryClient",
     "RegistryError",
     "RegistryHost",
+    "RegistryStats",
     "RegistryTimeoutError",
     "RemoteBlob",
     "ResolvedImage",

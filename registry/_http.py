@@ -22,6 +22,7 @@ from typing import TypeVar, cast
 import anyio
 import httpx
 
+from registry import stats
 from registry._body import MAX_SMALL_BODY, read_capped
 from registry.auth import (
     Challenge,
@@ -185,6 +186,7 @@ class Engine:
         self._no_ranges_until: dict[str, float] = {}  # netloc -> monotonic expiry
         self._host_slots: dict[str, anyio.CapacityLimiter] = {}
         self.health = HostHealth(options.host_backoff_initial, options.host_backoff_max)
+        self.stats = stats.RegistryStats()
 
     def __repr__(self) -> str:
         return f"Engine(clients={len(self._clients)}, tokens={self._tokens!r})"
@@ -273,10 +275,24 @@ class Engine:
         now = time.monotonic()
         if cached is None or cached[1] <= now:
             provider = self._credential_provider
-            found = await provider.credentials_for(*key) if provider else None
+            found = await self._look_up(provider, *key) if provider else None
             cached = (found, now + self.options.credentials_ttl)
             self._credentials[key] = cached
         return cached[0]
+
+    async def _look_up(
+        self, provider: CredentialProvider, netloc: str, repository: str
+    ) -> Credentials | None:
+        """The provider's answer, counted by result; a failure is logged as an event."""
+        try:
+            found = await provider.credentials_for(netloc, repository)
+        except Exception as exc:
+            self.stats.credential_lookups[stats.ERROR] += 1
+            log.warning("credential lookup failed host=%s error=%s", netloc, type(exc).__name__,
+                        extra={"event": "credential_lookup_failed", "host": netloc})
+            raise
+        self.stats.credential_lookups[stats.FOUND if found else stats.NONE] += 1
+        return found
 
     def _token_key(
         self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
@@ -297,7 +313,7 @@ class Engine:
             async with lock:  # one token fetch for many concurrent reads
                 token = self._tokens.get(key)
                 if token is None:
-                    token = await self._fetch_token(host, challenge, scopes, credentials)
+                    token = await self._counted_token(host, challenge, scopes, credentials)
                     self._tokens.put(key, token)
         return "Bearer " + token.value
 
@@ -319,6 +335,28 @@ class Engine:
         # anonymously or with an older token must not throw away a fresh token.
         if cached is not None and sent == "Bearer " + cached.value:
             self._tokens.invalidate(key)
+
+    async def _counted_token(
+        self,
+        host: RegistryHost,
+        challenge: Challenge,
+        scopes: Sequence[str],
+        credentials: Credentials | None,
+    ) -> Token:
+        """``_fetch_token``, counted by result; a refusal is logged as an event."""
+        try:
+            token = await self._fetch_token(host, challenge, scopes, credentials)
+        except AuthenticationError as exc:
+            self.stats.token_fetches[stats.REFUSED] += 1
+            log.warning("registry token refused host=%s status=%s", host.netloc, exc.status,
+                        extra={"event": "registry_token_refused", "host": host.netloc,
+                               "with_credentials": credentials is not None})
+            raise
+        except Exception:
+            self.stats.token_fetches[stats.ERROR] += 1
+            raise
+        self.stats.token_fetches[stats.OK] += 1
+        return token
 
     async def _fetch_token(
         self,

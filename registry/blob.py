@@ -57,6 +57,7 @@ class RemoteBlob:
         self._redirect: tuple[str, float] | None = None  # target URL, monotonic expiry
         self._last_host = self._hosts[0]  # the host that served the latest read
         self._missed_until: dict[str, float] = {}  # netloc -> monotonic time
+        self.bytes_read = 0  # every byte this reader got from a registry, for status
 
     def __repr__(self) -> str:
         return f"RemoteBlob({self._repository}@{self._digest}, size={self._size})"
@@ -133,6 +134,8 @@ class RemoteBlob:
                 health.succeeded(host)
                 self._missed_until.pop(host.netloc, None)
             self._last_host = host
+            self._engine.stats.blob_read(host.is_mirror, len(data))
+            self.bytes_read += len(data)
             return data
         assert last is not None
         raise last

@@ -52,6 +52,7 @@ from registry.options import ClientOptions
 from registry.redact import safe_url
 from registry.reference import Reference, validate_digest
 from registry.referrers import ReferrerList, fallback_tag, parse_referrers
+from registry.stats import RegistryStats
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ class RegistryClient:
     @property
     def options(self) -> ClientOptions:
         return self._engine.options
+
+    @property
+    def stats(self) -> RegistryStats:
+        """Live counters of this client (not of clients made by ``with_credentials``)."""
+        return self._engine.stats
 
     async def __aenter__(self) -> RegistryClient:
         return self

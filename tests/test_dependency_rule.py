@@ -6,7 +6,8 @@
   client and convert know neither the store nor the lazy side nor the daemon, the lazy side
   (remote) does not know the daemon, and only the CLI reaches the commands;
 - third-party libraries stay at their edges: pyfuse3 in the FUSE session modules, httpx in
-  registry, grpc and the generated stubs in the gRPC edges, re2 in the filter regexps;
+  registry, grpc and the generated stubs in the gRPC edges, re2 in the filter regexps,
+  prometheus_client in the daemon's metrics modules;
 - there is no import cycle anywhere, and importing the store loads no FUSE, trio or httpx.
 """
 
@@ -29,8 +30,10 @@ EDGES = {
     "grpc": {"snapshotter/daemon/grpc_service.py", "snapshotter/daemon/main.py",
              "snapshotter/client/containerd_client.py", "snapshotter/commands/status.py",
              "snapshotter/client/daemon_client.py", "snapshotter/daemon/cri_proxy.py",
-             "snapshotter/client/trace_recorder.py"},
+             "snapshotter/client/trace_recorder.py", "snapshotter/daemon/grpc_metrics.py"},
     "re2": {"snapshotter/store/filter_regexp.py"},
+    "prometheus_client": {"snapshotter/daemon/metrics.py", "snapshotter/daemon/metrics_server.py"},
+    "rich": {"snapshotter/commands/status.py"},
 }
 
 # snapshotter's layers: a module in the key's subpackage may not import these subpackages.

@@ -212,7 +212,8 @@ class ProtocolServer:
             self.lost_answered += 1
         if self.lost_answered:
             log.warning("fuse requests of the previous process answered count=%d errno=%s",
-                        self.lost_answered, errno.errorcode[LOST_REQUEST_ERRNO])
+                        self.lost_answered, errno.errorcode[LOST_REQUEST_ERRNO],
+                        extra={"event": "fuse_lost_requests_answered"})
 
     def _write(self, data: bytes) -> None:
         try:

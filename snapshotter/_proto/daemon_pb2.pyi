@@ -173,3 +173,62 @@ class TraceEvent(_message.Message):
     read: TraceFileRead
     range: TraceRange
     def __init__(self, seconds: _Optional[float] = ..., dropped: _Optional[int] = ..., started: _Optional[_Union[TraceStarted, _Mapping]] = ..., read: _Optional[_Union[TraceFileRead, _Mapping]] = ..., range: _Optional[_Union[TraceRange, _Mapping]] = ...) -> None: ...
+
+class LayersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerStatus(_message.Message):
+    __slots__ = ("layer_id", "image", "digest", "format", "size", "fetched_bytes", "cached_bytes", "on_demand_bytes", "prefetch_bytes", "background_bytes", "verification", "chunk_verify_failures", "errors", "last_error", "registry_bytes")
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_VERIFY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    layer_id: str
+    image: str
+    digest: str
+    format: str
+    size: int
+    fetched_bytes: int
+    cached_bytes: int
+    on_demand_bytes: int
+    prefetch_bytes: int
+    background_bytes: int
+    verification: str
+    chunk_verify_failures: int
+    errors: int
+    last_error: str
+    registry_bytes: int
+    def __init__(self, layer_id: _Optional[str] = ..., image: _Optional[str] = ..., digest: _Optional[str] = ..., format: _Optional[str] = ..., size: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., on_demand_bytes: _Optional[int] = ..., prefetch_bytes: _Optional[int] = ..., background_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., chunk_verify_failures: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ..., registry_bytes: _Optional[int] = ...) -> None: ...
+
+class LayersResponse(_message.Message):
+    __slots__ = ("mode", "layers", "cache_bytes", "cache_capacity_bytes", "config")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerStatus]
+    cache_bytes: int
+    cache_capacity_bytes: int
+    config: _containers.ScalarMap[str, str]
+    def __init__(self, mode: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerStatus, _Mapping]]] = ..., cache_bytes: _Optional[int] = ..., cache_capacity_bytes: _Optional[int] = ..., config: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -60,6 +60,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.FromString,
                 _registered_method=True)
+        self.Layers = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/Layers',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -115,6 +120,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Layers(self, request, context):
+        """Every lazily attached layer with its fetch, cache and verification state, for
+        `lazysnap status --layers`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Trace,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.SerializeToString,
+            ),
+            'Layers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Layers,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +297,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/Trace',
             snapshotter_dot___proto_dot_daemon__pb2.TraceRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.TraceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Layers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/Layers',
+            snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ MOUNTPOINT. Every layer must be eStargz or zstd:chunked. A one-layer image is mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -26,10 +27,14 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from fusefs import DEFAULT_CACHE_CAPACITY, LazyFilesystem, LocalFileBlob
+
+if TYPE_CHECKING:
+    from snapshotter.daemon.metrics_server import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="containerd-style registry hosts directory (default: $LAZYSNAP_HOSTS_DIR or "
         "/etc/containerd/certs.d)",
     )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="ADDRESS",
+        help="serve Prometheus metrics of the mount at http://ADDRESS/metrics (HOST:PORT or "
+        "unix:/path; --blob only), as the daemon does (docs/observability.md)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
@@ -107,6 +118,15 @@ def run(args: argparse.Namespace) -> int:
         return _usage(f"mountpoint is not a directory: {args.mountpoint}")
     if args.cache_size <= 0:
         return _usage("--cache-size must be positive")
+    if args.metrics_address is not None:
+        if args.blob is None:
+            return _usage("--metrics-address needs --blob")
+        from snapshotter.daemon.config import ConfigError, parse_metrics_address  # noqa: PLC0415
+
+        try:
+            parse_metrics_address(args.metrics_address, "--metrics-address")
+        except ConfigError as exc:
+            return _usage(str(exc))
     temporary_cache = args.cache_dir is None
     cache_dir = (
         Path(tempfile.mkdtemp(prefix="lazysnap-cache-")) if temporary_cache else args.cache_dir
@@ -145,7 +165,12 @@ async def _serve_blob(args: argparse.Namespace, cache_dir: Path) -> int:
             single_layer=True,
             allow_other=os.geteuid() == 0,
         )
-        async with trio.open_nursery() as nursery:
+        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            if args.metrics_address is not None:
+                metrics = await _start_metrics(args.metrics_address, fs)
+                if metrics is None:
+                    return EXIT_FAILED
+                stack.push_async_callback(trio.to_thread.run_sync, metrics.close)
             nursery.start_soon(stop_on_signal, fs)
             await nursery.start(run_then_stop, fs, nursery.cancel_scope)
             await fs.attach(
@@ -160,6 +185,31 @@ async def _serve_blob(args: argparse.Namespace, cache_dir: Path) -> int:
         return 0
     finally:
         blob.close()
+
+
+async def _start_metrics(address: str, fs: LazyFilesystem) -> MetricsServer | None:
+    """The daemon's /metrics for this one mount; None (said on stderr) if it cannot listen."""
+    from snapshotter.daemon.metrics import (  # noqa: PLC0415
+        DaemonSnapshot,
+        from_trio,
+        metrics_registry,
+    )
+    from snapshotter.daemon.metrics_server import (  # noqa: PLC0415
+        MetricsServerError,
+        start_metrics_server,
+    )
+    from snapshotter.version import VERSION  # noqa: PLC0415
+
+    def take() -> DaemonSnapshot:
+        return DaemonSnapshot(VERSION, lazy=True, fs=fs.snapshot())
+
+    registry = metrics_registry(from_trio(take, trio.lowlevel.current_trio_token()),
+                                per_layer=True)
+    try:
+        return await trio.to_thread.run_sync(start_metrics_server, address, registry)
+    except MetricsServerError as exc:
+        print(f"lazysnap mount: error: {exc}", file=sys.stderr)
+        return None
 
 
 async def run_then_stop(

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+    parser.add_argument(
+        "--metrics-address", metavar="ADDRESS",
+        help="serve Prometheus metrics at http://ADDRESS/metrics: HOST:PORT or "
+        "unix:/absolute/path (metrics.address; off by default; docs/observability.md)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = with_overrides(
@@ -43,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             hosts_dir=args.hosts_dir, log_level=args.log_level,
             keep_mounted_on_stop=args.keep_mounted_on_stop,
             kata_guest_pull=args.kata_guest_pull, cri_image_service=args.cri_image_service,
+            metrics_address=args.metrics_address,
         )
     except ConfigError as exc:
         print(f"lazysnap: configuration error: {exc}", file=sys.stderr)

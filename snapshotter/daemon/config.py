@@ -102,6 +102,28 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Where /metrics is served: "HOST:PORT" (TCP) or "unix:/absolute/path" (None: off).
+    address: str | None = None
+    # Label per-layer series with the layer digest; off, they are summed over layers.
+    per_layer: bool = True
+
+
+def parse_metrics_address(value: str, name: str) -> str:
+    """``value`` if it is ``HOST:PORT`` or ``unix:/absolute/path``; ConfigError otherwise."""
+    if value.startswith("unix:"):
+        _path(value.removeprefix("unix:"), name)
+        return value
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: {value!r} is neither HOST:PORT (such as 127.0.0.1:9464) "
+                          "nor unix:/absolute/path")
+    return value
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
@@ -112,6 +134,7 @@ class Config:
     cri: CriConfig = field(default_factory=CriConfig)
     pull: PullConfig = field(default_factory=PullConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -142,7 +165,8 @@ def _path(value: str, name: str) -> Path:
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
-    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry"}
+    known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry",
+             "metrics"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -178,6 +202,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, pull=_parse_pull(_expect(data, "pull", dict, "")))
     if "registry" in data:
         config = replace(config, registry=_parse_registry(_expect(data, "registry", dict, "")))
+    if "metrics" in data:
+        config = replace(config, metrics=_parse_metrics(_expect(data, "metrics", dict, "")))
     return config
 
 
@@ -215,6 +241,19 @@ def _parse_registry(table: Mapping[str, Any]) -> RegistryConfig:
                               f"> 0 and <= 600), got {seconds!r}")
         registry = replace(registry, mirror_first_byte_timeout=float(seconds))
     return registry
+
+
+def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
+    extra = sorted(set(table) - {"address", "per_layer"})
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('metrics.' + k for k in extra)}")
+    metrics = MetricsConfig()
+    if "address" in table:
+        address = _expect(table, "address", str, "metrics.")
+        metrics = replace(metrics, address=parse_metrics_address(address, "metrics.address"))
+    if "per_layer" in table:
+        metrics = replace(metrics, per_layer=_expect(table, "per_layer", bool, "metrics."))
+    return metrics
 
 
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
@@ -304,8 +343,14 @@ def with_overrides(
     keep_mounted_on_stop: bool | None = None,
     kata_guest_pull: bool | None = None,
     cri_image_service: str | None = None,
+    metrics_address: str | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
+    if metrics_address is not None:
+        config = replace(config, metrics=replace(
+            config.metrics,
+            address=parse_metrics_address(metrics_address, "--metrics-address"),
+        ))
     if kata_guest_pull is not None:
         config = replace(config, kata=replace(config.kata, guest_pull=kata_guest_pull))
     if keep_mounted_on_stop is not None:

@@ -283,13 +283,35 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         credentials: PushedCredentials | None = None,
         remote: TrioBridge | None = None,
         trace: TraceHub | None = None,
+        summary: DaemonSummary | None = None,
     ) -> None:
         self._sn = snapshotter
         self._credentials = credentials
         self._remote = remote
         self._trace = trace
         self._recordings: list[Recording] = []
+        self._summary = summary or DaemonSummary()
         self._started = time.monotonic()
+
+    def Layers(self, request: Any, context: grpc.ServicerContext) -> Any:
+        reply = daemon_pb2.LayersResponse(mode=self._summary.mode,
+                                          config=dict(self._summary.config))
+        if self._remote is None:
+            return reply
+        report = _call(context, "Layers", self._remote.reports)
+        reply.cache_bytes = report.cache_bytes
+        reply.cache_capacity_bytes = report.cache_capacity_bytes
+        for layer in report.layers:
+            reply.layers.add(
+                layer_id=layer.layer_id, image=layer.image, digest=layer.digest,
+                format=layer.format, size=layer.size, fetched_bytes=layer.fetched_bytes,
+                cached_bytes=layer.cached_bytes, on_demand_bytes=layer.on_demand_bytes,
+                prefetch_bytes=layer.prefetch_bytes, background_bytes=layer.background_bytes,
+                verification=layer.verification,
+                chunk_verify_failures=layer.chunk_verify_failures, errors=layer.errors,
+                last_error=layer.last_error, registry_bytes=layer.registry_bytes,
+            )
+        return reply
 
     def SetCredentials(self, request: Any, context: grpc.ServicerContext) -> Any:
         def store() -> float:
@@ -370,14 +392,23 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DaemonSummary:
+    """How the daemon serves layers, for ``lazysnap status --layers``."""
+
+    mode: str = "ordinary"
+    config: dict[str, str] = field(default_factory=dict)
+
+
 def add_services(
     server: grpc.Server,
     snapshotter: Snapshotter,
     credentials: PushedCredentials | None = None,
     remote: TrioBridge | None = None,
     trace: TraceHub | None = None,
+    summary: DaemonSummary | None = None,
 ) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     daemon_pb2_grpc.add_DaemonServicer_to_server(
-        DaemonServicer(snapshotter, credentials, remote, trace), server
+        DaemonServicer(snapshotter, credentials, remote, trace, summary), server
     )

@@ -33,7 +33,14 @@ from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
-from snapshotter.daemon.grpc_service import add_services
+from snapshotter.daemon.grpc_metrics import GrpcStats, MetricsInterceptor
+from snapshotter.daemon.grpc_service import DaemonSummary, add_services
+from snapshotter.daemon.metrics import DaemonSnapshot, from_trio, metrics_registry
+from snapshotter.daemon.metrics_server import (
+    MetricsServer,
+    MetricsServerError,
+    start_metrics_server,
+)
 from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon.sdnotify import notify
 from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
@@ -82,7 +89,8 @@ def _open_snapshotter(root: Path, guest_pull: GuestPull | None) -> Snapshotter:
 
 
 def _start_server(
-    snapshotter: Snapshotter, address: Path, lazy: LazySide | None
+    snapshotter: Snapshotter, address: Path, lazy: LazySide | None,
+    grpc_stats: GrpcStats | None = None, summary: DaemonSummary | None = None,
 ) -> grpc.Server:
     try:
         prepare_socket_path(address)
@@ -94,11 +102,12 @@ def _start_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
+        interceptors=[] if grpc_stats is None else [MetricsInterceptor(grpc_stats)],
     )
     if lazy is None:
-        add_services(server, snapshotter)
+        add_services(server, snapshotter, summary=summary)
     else:
-        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE)
+        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE, summary)
     _listen(server, address)
     server.start()
     return server
@@ -207,6 +216,7 @@ class LazySide:
     client: RegistryClient
     bridge: TrioBridge
     credentials: PushedCredentials
+    layers: LazyLayers
 
 
 async def _start_lazy(
@@ -247,7 +257,8 @@ async def _start_lazy(
         await trio.to_thread.run_sync(_start_keeper, fs, keeper, layout.fuse)
     else:
         log.info("fuse connection taken over from the keeper",
-                 extra={"keeper_pid": handover.keeper_pid, "device": handover.device})
+                 extra={"event": "fuse_takeover", "keeper_pid": handover.keeper_pid,
+                        "device": handover.device})
     options = ClientOptions(mirror_first_byte_timeout=config.registry.mirror_first_byte_timeout)
     client = RegistryClient(HostsConfig(config.hosts_dir), credentials, options)
     nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
@@ -261,7 +272,57 @@ async def _start_lazy(
     fs.resume()
     bridge = TrioBridge(layers, trio.lowlevel.current_trio_token())
     snapshotter.enable_remote(bridge)
-    return LazySide(fs, client, bridge, credentials)
+    return LazySide(fs, client, bridge, credentials, layers)
+
+
+def _summary(config: Config, lazy: LazySide | None) -> DaemonSummary:
+    if lazy is not None:
+        mode = "lazy"
+    elif config.lazy.enabled:
+        mode = "ordinary: FUSE unavailable"
+    else:
+        mode = "ordinary: lazy pulling disabled (lazy.enabled = false)"
+    return DaemonSummary(mode, {
+        "root": str(config.root),
+        "hosts_dir": str(config.hosts_dir),
+        "background_fetch": str(config.lazy.background_fetch).lower(),
+        "cache_capacity": str(config.lazy.cache_capacity),
+        "keep_mounted_on_stop": str(config.lazy.keep_mounted_on_stop).lower(),
+        "kata_guest_pull": str(config.kata.guest_pull).lower(),
+        "cri_image_service": str(config.cri.image_service_address or ""),
+        "metrics": config.metrics.address or "",
+    })
+
+
+@dataclass(slots=True)
+class _Exported:
+    """What the metrics read: the lazy side, once it is up (None: not yet, or not lazy)."""
+
+    lazy: LazySide | None = None
+
+
+def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
+                   token: trio.lowlevel.TrioToken) -> MetricsServer:
+    """Serve /metrics; each scrape copies the counters on the trio thread (one hop)."""
+
+    def take() -> DaemonSnapshot:
+        lazy = exported.lazy
+        if lazy is None:
+            return DaemonSnapshot(VERSION, lazy=False, grpc=grpc_stats.snapshot())
+        return DaemonSnapshot(
+            VERSION, lazy=True, fs=lazy.fs.snapshot(), registry=lazy.client.stats.copy(),
+            fallbacks=dict(lazy.layers.fallbacks), grpc=grpc_stats.snapshot(),
+        )
+
+    registry = metrics_registry(from_trio(take, token), per_layer=config.metrics.per_layer)
+    assert config.metrics.address is not None
+    try:
+        server = start_metrics_server(config.metrics.address, registry)
+    except MetricsServerError as exc:
+        raise StartupError(str(exc)) from None
+    log.info("metrics served", extra={"address": config.metrics.address,
+                                      "per_layer": config.metrics.per_layer})
+    return server
 
 
 async def _next_stop_signal(signals: AsyncIterator[int]) -> int:
@@ -276,11 +337,21 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         docker_config = DockerConfigCredentials()
         # Refuse to start next to a running daemon before touching its FUSE connection.
         await trio.to_thread.run_sync(_check_socket, config.address)
+        exported = _Exported()
+        grpc_stats = None
+        if config.metrics.address is not None:
+            grpc_stats = GrpcStats()
+            metrics = await trio.to_thread.run_sync(
+                _start_metrics, config, exported, grpc_stats, trio.lowlevel.current_trio_token()
+            )
+            stack.push_async_callback(trio.to_thread.run_sync, metrics.close)
         cri_store = await trio.to_thread.run_sync(_cri_credentials, config, docker_config)
         credentials = PushedCredentials(cri_store or docker_config)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
+        exported.lazy = lazy
         server = await trio.to_thread.run_sync(
-            _start_server, snapshotter, config.address, lazy
+            _start_server, snapshotter, config.address, lazy, grpc_stats,
+            _summary(config, lazy)
         )
         proxy = None
         if cri_store is not None:
@@ -294,6 +365,7 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
                               "address": str(config.address), "pid": os.getpid(),
                               "lazy": lazy is not None,
                               "kata_guest_pull": config.kata.guest_pull,
+                              "metrics": config.metrics.address,
                               "cri_image_service": None if proxy is None else str(proxy.address)},
         )
         # The signals are received before READY: a SIGTERM right after it stops the daemon

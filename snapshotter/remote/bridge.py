@@ -17,6 +17,7 @@ from registry import CredentialProvider, Reference
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.errors import NotImplementedByBackendError
 from snapshotter.remote.layers import LazyLayers
+from snapshotter.remote.report import LayersReport
 from snapshotter.store.remote import AttachedLayer, RemoteLayerError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class TrioBridge:
             self._hop(self._layers.unmount, layer_id)
         except Exception:  # the row is gone already; a layer left attached is only memory
             log.exception("remote unmount failed layer=%s", layer_id)
+
+    def reports(self) -> LayersReport:
+        return self._hop(self._layers.reports)
 
     def cached_bytes(self, layer_id: str) -> int:
         return self._hop(self._layers.cached_bytes, layer_id)

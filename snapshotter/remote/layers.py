@@ -28,7 +28,9 @@ from registry import (
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.labels import SOCI_ZTOC_DIGEST
 from snapshotter.lazy_formats import LazyFormat, plain_gzip
+from snapshotter.remote import fallback
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
+from snapshotter.remote.fallback import LazyFallback
 from snapshotter.remote.open_layer import (
     OpenedLayer,
     expected_toc_digest,
@@ -37,18 +39,20 @@ from snapshotter.remote.open_layer import (
     open_layer,
     open_ztoc_layer,
 )
+from snapshotter.remote.report import LayersReport, layer_report
 from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
     SavedTocError,
     load_saved_toc,
+    registry_bytes,
     save_toc_ranges,
 )
 from snapshotter.remote.soci import SociIndexes
 from snapshotter.remote.toc_ahead import AheadLayer, TocReadAhead
 from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SociIndexError, index_digest_of
 from snapshotter.store.metadata import RemoteLayerRecord
-from snapshotter.store.remote import AttachedLayer, RemoteLayerError
+from snapshotter.store.remote import AttachedLayer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class LazyLayers:
         self._ahead = TocReadAhead(client)
         self.soci = SociIndexes(client)
         self._digests: dict[str, str] = {}  # attached layer id -> blob digest
+        self._described: dict[str, tuple[str, str]] = {}  # layer id -> (image, format)
+        self._blobs: dict[str, BlobReader] = {}  # layer id -> its reader, for status
+        self.fallbacks = dict.fromkeys(fallback.REASONS, 0)  # Prepares served the ordinary way
 
     async def resolve(self, image: str, platform: str) -> ImageDocuments:
         """An image's documents through this daemon's registry client (``Daemon/Resolve``): its
@@ -92,27 +99,48 @@ class LazyLayers:
 
     async def mount(self, labels: Mapping[str, str], layer_id: str) -> AttachedLayer:
         """Serve the layer a Prepare's labels describe at ``<mountpoint>/<layer_id>``; raise
-        RemoteLayerError with the reason when it cannot be served lazily."""
+        RemoteLayerError with the reason when it cannot be served lazily. Each such fallback is
+        counted by reason and logged as a ``remote_fallback`` event."""
+        started = trio.current_time()
+        try:
+            attached = await self._mount(labels, layer_id)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, LazyFallback) else fallback.INTERNAL_ERROR
+            self.fallbacks[reason] += 1
+            image, digest = _described_by(labels)
+            log.info("lazy pulling not used layer=%s reason=%s detail=%s", layer_id, reason,
+                     exc, extra={"event": "remote_fallback", "reason": reason, "image": image,
+                                 "digest": digest})
+            raise
+        self._fs.meters(layer_id).mount_millis.observe((trio.current_time() - started) * 1e3)
+        return attached
+
+    async def _mount(self, labels: Mapping[str, str], layer_id: str) -> AttachedLayer:
         decision = decide(labels)
         if decision is None:
-            raise RemoteLayerError("not a layer extraction: no containerd.io/snapshot.ref label")
+            raise LazyFallback(fallback.LABELS_INVALID,
+                               "not a layer extraction: no containerd.io/snapshot.ref label")
         if decision.needs_manifest:
             decision = await self._decide_with_manifest(decision)
         if decision.soci and decision.request is not None:
             return await self._attach_soci(decision.request, layer_id)
-        if decision.request is None or decision.format is None:
-            raise RemoteLayerError(decision.reason)
+        if decision.request is None:
+            raise LazyFallback(fallback.LABELS_INVALID, decision.reason)
+        if decision.format is None:
+            raise LazyFallback(fallback.NOT_LAZY_FORMAT, decision.reason)
         return await self._attach(decision.request, decision.format, layer_id)
 
     async def _decide_with_manifest(self, decision: RemoteDecision) -> RemoteDecision:
         try:
             return await self._classify_from_manifest(decision)
         except trio.TooSlowError:
-            raise RemoteLayerError(
-                f"manifest lookup failed: no answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            raise LazyFallback(
+                fallback.MANIFEST_UNAVAILABLE,
+                f"manifest lookup failed: no answer within {ATTACH_TIMEOUT_SECONDS:.0f}s",
             ) from None
         except (RegistryError, ValueError) as exc:
-            raise RemoteLayerError(f"manifest lookup failed: {type(exc).__name__}: {exc}") from exc
+            raise LazyFallback(fallback.MANIFEST_UNAVAILABLE,
+                               f"manifest lookup failed: {type(exc).__name__}: {exc}") from exc
 
     async def _classify_from_manifest(self, decision: RemoteDecision) -> RemoteDecision:
         """Fetch the manifest named by cri.manifest-digest to read the layer's annotations."""
@@ -155,6 +183,7 @@ class LazyLayers:
     ) -> AttachedLayer:
         ref = parse_reference(request.image_ref)
         self._read_neighbours_ahead(request)
+        started = trio.current_time()
         try:
             with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
                 ahead = await self._ahead.take(
@@ -170,40 +199,50 @@ class LazyLayers:
                 else:
                     opened = OpenedLayer(ahead.blob, ahead.ranges, ahead.index)
         except trio.TooSlowError:
-            raise RemoteLayerError(
-                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            raise LazyFallback(
+                fallback.REGISTRY_TIMEOUT,
+                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s",
             ) from None
-        except (RegistryError, LayerFormatError) as exc:
-            raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+        except RegistryError as exc:
+            raise LazyFallback(fallback.REGISTRY_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        except LayerFormatError as exc:
+            raise LazyFallback(fallback.INDEX_INVALID, f"{type(exc).__name__}: {exc}") from exc
         how = "read-ahead" if ahead is not None else "read"
-        return await self._serve(request, fmt, layer_id, opened, dict(request.annotations), how)
+        return await self._serve(request, fmt, layer_id, opened, dict(request.annotations), how,
+                                 trio.current_time() - started)
 
     async def _attach_soci(self, request: RemoteLayerRequest, layer_id: str) -> AttachedLayer:
         """Serve a plain gzip layer through the zTOC its image's SOCI index lists for it."""
         assert request.manifest_digest is not None
+        started = trio.current_time()
         ref = parse_reference(request.image_ref)
         try:
             index_digest = index_digest_of(request.annotations)
         except SociIndexError as exc:
-            raise RemoteLayerError(f"SociIndexError: {exc}") from exc
+            raise LazyFallback(fallback.INDEX_INVALID, f"SociIndexError: {exc}") from exc
         ztoc = await self.soci.ztoc_for(
             ref, request.manifest_digest, index_digest, request.layer_digest
         )
         if ztoc is None:
-            raise RemoteLayerError("plain gzip layer that no SOCI index of its image lists")
+            raise LazyFallback(fallback.NOT_LAZY_FORMAT,
+                               "plain gzip layer that no SOCI index of its image lists")
         try:
             with trio.fail_after(ATTACH_TIMEOUT_SECONDS):
                 opened = await open_ztoc_layer(self._client, ref, request.layer_digest, ztoc)
         except trio.TooSlowError:
-            raise RemoteLayerError(
-                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s"
+            raise LazyFallback(
+                fallback.REGISTRY_TIMEOUT,
+                f"registry did not answer within {ATTACH_TIMEOUT_SECONDS:.0f}s",
             ) from None
         except (RegistryError, LayerFormatError) as exc:
             log.warning("soci ztoc refused layer=%s digest=%s ztoc=%s error=%s: %s", layer_id,
                         request.layer_digest, ztoc.digest, type(exc).__name__, exc)
-            raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
+            reason = (fallback.REGISTRY_ERROR if isinstance(exc, RegistryError)
+                      else fallback.INDEX_INVALID)
+            raise LazyFallback(reason, f"{type(exc).__name__}: {exc}") from exc
         annotations = {**request.annotations, SOCI_ZTOC_DIGEST: ztoc.digest}
-        return await self._serve(request, "soci", layer_id, opened, annotations, "ztoc")
+        return await self._serve(request, "soci", layer_id, opened, annotations, "ztoc",
+                                 trio.current_time() - started)
 
     async def _serve(
         self,
@@ -213,6 +252,7 @@ class LazyLayers:
         opened: OpenedLayer,
         annotations: dict[str, str],
         how: str,
+        toc_seconds: float,
     ) -> AttachedLayer:
         blob, index = opened.blob, opened.index
         await trio.to_thread.run_sync(
@@ -222,7 +262,10 @@ class LazyLayers:
         # The filesystem picks the slot: it alone knows which inode numbers the kernel may
         # still hold, and never hands a slot out twice while the connection lives.
         await self._fs.attach(layer_id, blob, index, background_fetch=self._background_fetch)
+        self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
         self._digests[layer_id] = blob.digest
+        self._described[layer_id] = (request.image_ref, fmt)
+        self._blobs[layer_id] = blob
         log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
                  layer_id, blob.digest, fmt, index.entry_count, how)
         return AttachedLayer(
@@ -308,10 +351,16 @@ class LazyLayers:
         await self._fs.attach(record.layer_id, deferred, index,
                               background_fetch=self._background_fetch, slot=record.slot)
         self._digests[record.layer_id] = record.layer_digest
+        self._described[record.layer_id] = (
+            record.image_ref, classify(None, record.annotations)[0] or "unknown"
+        )
+        self._blobs[record.layer_id] = deferred
         log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
 
     async def unmount(self, layer_id: str) -> None:
         self._digests.pop(layer_id, None)
+        self._described.pop(layer_id, None)
+        self._blobs.pop(layer_id, None)
         if layer_id in self._fs.layer_ids():
             await self._fs.detach(layer_id)
             # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
@@ -319,6 +368,24 @@ class LazyLayers:
         await trio.to_thread.run_sync(
             lambda: self._saved_toc_path(layer_id).unlink(missing_ok=True)
         )
+
+    async def reports(self) -> LayersReport:
+        """Every attached layer as ``lazysnap status --layers`` shows it. The first report of
+        a layer walks its chunk list once to count its cached bytes, as containerd's Usage
+        does."""
+        with trio.move_on_after(USAGE_WRITE_WAIT_SECONDS):
+            await self._fs.writes_done()
+        reports = []
+        for layer_id in self._fs.layer_ids():
+            image, fmt = self._described.get(layer_id, ("", "unknown"))
+            blob = self._blobs.get(layer_id)
+            reports.append(layer_report(self._fs.usage(layer_id), image, fmt,
+                                        self._background_fetch,
+                                        None if blob is None else registry_bytes(blob)))
+            await trio.lowlevel.checkpoint()  # many layers: let readers in between
+        cache = self._fs.cache_usage()
+        return LayersReport(reports, cache.bytes if cache else 0,
+                            cache.capacity_bytes if cache else 0)
 
     async def cached_bytes(self, layer_id: str) -> int:
         if layer_id not in self._fs.layer_ids():
@@ -348,3 +415,14 @@ class LazyLayers:
         return await self._fs.collect_garbage(
             keep_blob_digests=sorted(unknown), keep_content_addressed=bool(unknown) or pending
         )
+
+
+def _described_by(labels: Mapping[str, str]) -> tuple[str, str]:
+    """The image reference and layer digest the labels name, for a log line; empty if none."""
+    try:
+        decision = decide(labels)
+    except Exception:  # the labels may be what failed
+        return "", ""
+    if decision is None or decision.request is None:
+        return "", ""
+    return decision.request.image_ref, decision.request.layer_digest

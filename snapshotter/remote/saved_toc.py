@@ -93,6 +93,18 @@ class DeferredBlob:
         if self._opened is not None:
             forget_redirect(self._opened)
 
+    @property
+    def bytes_read(self) -> int | None:
+        """What the opened reader got from the registry (see ``registry_bytes``)."""
+        return registry_bytes(self._opened) if self._opened is not None else 0
+
+
+def registry_bytes(blob: BlobReader) -> int | None:
+    """Bytes ``blob`` read from a registry, when it counts them (the registry's reader and
+    this deferred one do); None otherwise."""
+    value = getattr(blob, "bytes_read", None)
+    return value if isinstance(value, int) else None
+
 
 def save_toc_ranges(path: Path, digest: str, ranges: dict[int, bytes]) -> None:
     spans = [[offset, len(data)] for offset, data in sorted(ranges.items())]

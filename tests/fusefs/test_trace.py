@@ -11,7 +11,8 @@ import trio
 
 from fusefs.handlers import LazyHandlers
 from fusefs.inodes import InodeMap
-from fusefs.trace import TRACE, FileRead, IndexReadBlob, RangeRead, Recording, set_fetch_kind
+from fusefs.stats import BACKGROUND, set_fetch_kind
+from fusefs.trace import TRACE, FileRead, IndexReadBlob, RangeRead, Recording
 from tests.fusefs.test_handlers import operations, read_errno
 from tests.integration.fuse_support import FakeBlob, trio_test
 
@@ -116,7 +117,7 @@ async def test_kind_follows_the_task_that_asked(recording: Recording) -> None:
     blob = FakeBlob(bytes(range(200)))
 
     async def background() -> None:
-        set_fetch_kind("background")
+        set_fetch_kind(BACKGROUND)
         await TRACE.read_at(blob, 0, 10)
 
     async with trio.open_nursery() as nursery:

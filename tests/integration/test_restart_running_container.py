@@ -9,7 +9,9 @@ daemon is down waits and then completes.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from snapshotter.daemon import keeper as fuse_keeper
 from tests.support import oci_image as oci
@@ -63,6 +66,7 @@ def _stack(short_tmp: Path, *, keep_mounted: bool) -> Iterator[tuple[Daemon, Run
     config.write_text(
         "[lazy]\nbackground_fetch = false\n"
         f"keep_mounted_on_stop = {'true' if keep_mounted else 'false'}\n"
+        f'[metrics]\naddress = "unix:{short_tmp / "metrics.sock"}"\n'
     )
     try:
         with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
@@ -115,6 +119,28 @@ def _fuse_mounted(daemon: Daemon) -> bool:
         return any(line.split()[1] == fuse for line in mounts)
 
 
+def _events(daemon: Daemon, event: str) -> list[dict[str, object]]:
+    """The daemon's JSON log lines with that ``event``."""
+    lines = (line for line in daemon.log().splitlines() if line.startswith("{"))
+    return [entry for entry in map(json.loads, lines) if entry.get("event") == event]
+
+
+def _metric(daemon: Daemon, name: str) -> float:
+    """A sample of the daemon's /metrics, read over its unix socket."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(daemon.root.parent.parent / "metrics.sock"))
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    text = answer.partition(b"\r\n\r\n")[2].decode()
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == name]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
 def test_a_running_container_reads_new_files_after_the_daemon_is_killed_and_restarted(
     stack: tuple[Daemon, RunningContainerd], image: str
 ) -> None:
@@ -144,6 +170,8 @@ def test_a_running_container_reads_new_files_after_the_daemon_is_killed_and_rest
     assert waiting.returncode == 0, err
     assert out.split()[0] == _expected("second")
     assert "fuse connection taken over from the keeper" in daemon.log()
+    assert _events(daemon, "fuse_takeover")
+    assert _metric(daemon, "lazysnap_fuse_takeovers_total") == 1
 
     # Never read before, read after the restart.
     assert _sha(containerd, "app", "e3", "/data/third") == _expected("third")
