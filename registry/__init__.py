@@ -9,7 +9,9 @@ from registry.credentials import (
     CredentialProvider,
     Credentials,
     DockerConfigCredentials,
+    ForgetfulCredentialProvider,
     StaticCredentials,
+    forget_credentials,
 )
 from registry.errors import (
     AuthenticationError,
@@ -64,6 +66,7 @@ __all__ = [
     "Descriptor",
     "DigestMismatchError",
     "DockerConfigCredentials",
+    "ForgetfulCredentialProvider",
     "HostsConfig",
     "HostsConfigError",
     "Index",
@@ -90,6 +93,7 @@ __all__ = [
     "TransportError",
     "UnsupportedDigestError",
     "create_client",
+    "forget_credentials",
     "host_platform",
     "parse_hosts_toml",
     "parse_manifest",

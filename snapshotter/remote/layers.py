@@ -33,6 +33,7 @@ from snapshotter.remote.open_layer import (
     index_layer,
     open_layer,
 )
+from snapshotter.remote.refused_reads import ImageNamedBlob
 from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
@@ -163,7 +164,7 @@ class LazyLayers:
             ) from None
         except (RegistryError, LayerFormatError) as exc:
             raise RemoteLayerError(f"{type(exc).__name__}: {exc}") from exc
-        blob, index = opened.blob, opened.index
+        blob, index = ImageNamedBlob(opened.blob, request.image_ref), opened.index
         await trio.to_thread.run_sync(
             save_toc_ranges, self._saved_toc_path(layer_id), blob.digest, opened.ranges
         )
@@ -242,7 +243,7 @@ class LazyLayers:
                       record.layer_id, record.layer_digest, str(exc))
             return
         index = opened.index
-        await self._fs.attach(record.layer_id, deferred, index,
+        await self._fs.attach(record.layer_id, ImageNamedBlob(deferred, record.image_ref), index,
                               background_fetch=self._background_fetch, slot=record.slot)
         self._digests[record.layer_id] = record.layer_digest
         log.info("remote layer restored layer=%s digest=%s", record.layer_id, record.layer_digest)
