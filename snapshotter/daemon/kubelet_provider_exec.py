@@ -135,6 +135,8 @@ async def run_provider(
 
                 async def collect(name: str, stream: anyio.abc.ByteReceiveStream | None) -> None:
                     outputs[name] = await _read_capped(stream)
+                    if len(outputs[name]) > MAX_OUTPUT_BYTES:
+                        group.cancel_scope.cancel()  # it would block writing the rest
 
                 group.start_soon(collect, "stdout", process.stdout)
                 group.start_soon(collect, "stderr", process.stderr)
@@ -143,6 +145,8 @@ async def run_provider(
                                              anyio.ClosedResourceError):
                         await process.stdin.send(request_body(provider, image))
                     await process.stdin.aclose()
+            if any(len(data) > MAX_OUTPUT_BYTES for data in outputs.values()):
+                raise ProviderFailed(f"it printed more than {MAX_OUTPUT_BYTES} bytes")
             code = await process.wait()
     except TimeoutError:
         raise ProviderFailed(f"it did not answer within {time_limit:g}s and was killed") from None
@@ -152,8 +156,6 @@ async def run_provider(
             with anyio.CancelScope(shield=True):
                 await process.wait()
         await process.aclose()
-    if len(outputs.get("stdout", b"")) > MAX_OUTPUT_BYTES:
-        raise ProviderFailed(f"its answer is larger than {MAX_OUTPUT_BYTES} bytes")
     if code != 0:
         # Its stderr may quote the secret it failed to use: only its size is told.
         raise ProviderFailed(f"it exited with status {code} "

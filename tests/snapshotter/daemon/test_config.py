@@ -139,3 +139,15 @@ def test_cri_proxy_settings_from_the_file_or_the_flag(tmp_path: Path) -> None:
         parse_config({"cri": {"credentials_file": "rel.json"}})
     with pytest.raises(ConfigError, match="--cri-image-service"):
         with_overrides(Config(), cri_image_service="rel.sock")
+
+
+def test_credential_provider_settings_go_together() -> None:
+    config = parse_config({"cri": {"credential_provider_config": "/etc/kubelet/providers.yaml",
+                                   "credential_provider_bin_dir": "/usr/libexec/kubelet"}})
+    assert config.cri.credential_provider_config == Path("/etc/kubelet/providers.yaml")
+    assert config.cri.credential_provider_bin_dir == Path("/usr/libexec/kubelet")
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"cri": {"credential_provider_config": "/etc/kubelet/providers.yaml"}})
+    with pytest.raises(ConfigError, match="absolute"):
+        parse_config({"cri": {"credential_provider_config": "providers.yaml",
+                              "credential_provider_bin_dir": "/bin"}})
