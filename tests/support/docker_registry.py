@@ -60,10 +60,11 @@ def _config(root: Path, addr: str, extra: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def run_registry(
     workdir: Path, *, extra_config: dict[str, Any] | None = None, scheme: str = "http",
-    timeout: float = 20.0,
+    timeout: float = 20.0, port: int | None = None,
 ) -> Iterator[RunningRegistry]:
+    """``port``: the one of an earlier registry of the same ``workdir``, to restart it."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     addr = f"127.0.0.1:{port}"
     config_path = workdir / "config.yml"
     # YAML is a superset of JSON, so the config needs no YAML library.
