@@ -137,13 +137,15 @@ class ImageServiceProxy(_BytesHandler):
         try:
             self._verify(candidate, captured.host, parse_reference(image))
         except (RegistryAuthError, RegistryDeniedError) as exc:
+            # Registry error texts name hosts, repositories and statuses, never credentials.
             log.warning("cri pull credentials refused by the registry; the stored ones stay",
-                        extra={"image": _loggable(image), "reason": type(exc).__name__})
+                        extra={"image": _loggable(image), "reason": str(exc)})
             return False
         except Exception as exc:  # the registry is down, the daemon stopping: nothing known
             if stored is not None:
                 log.warning("cri pull credentials not checked; the stored ones stay",
-                            extra={"image": _loggable(image), "reason": type(exc).__name__})
+                            extra={"image": _loggable(image), "reason": type(exc).__name__,
+                                   "error": str(exc)[:500]})
                 return False
         return True
 
