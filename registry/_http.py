@@ -277,7 +277,10 @@ class Engine:
         if cached is None or cached[1] <= now:
             provider = self._credential_provider
             found = await provider.credentials_for(*key) if provider else None
-            cached = (found, now + self.options.credentials_ttl)
+            ttl = self.options.credentials_ttl
+            if found is not None and found.valid_for is not None:
+                ttl = min(ttl, max(found.valid_for, 0.0))
+            cached = (found, now + ttl)
             self._credentials[key] = cached
         return cached[0]
 

@@ -35,6 +35,9 @@ class Credentials:
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
+    # Seconds the source means them to be used before it is asked again (None: the client's
+    # own credentials_ttl). Not part of what they are: two sets compare by their secrets.
+    valid_for: float | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         kinds = [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -101,10 +101,12 @@ class KubeletCredentials:
         for provider in self._providers:
             if not any(image_matches(p, image) for p in provider.match_images):
                 continue
-            auth = await self._answer(provider, image)
-            found = pick_auth(auth, image) if auth is not None else None
+            answer = await self._answer(provider, image)
+            if answer is None:
+                continue
+            found = pick_auth(answer.auth, image)
             if found is not None:
-                return found
+                return replace(found, valid_for=self._use_for(answer))
         return await self._fallback.credentials_for(host, repository) if self._fallback else None
 
     def forget(self, host: str, repository: str = "") -> None:
@@ -113,6 +115,21 @@ class KubeletCredentials:
             for key in (image, registry_of(image), GLOBAL_KEY):
                 self._cache.pop((provider.name, key), None)
         forget_credentials(self._fallback, host, repository)
+
+    def _use_for(self, answer: _Cached) -> float | None:
+        """How long the registry client may use an answer before it asks again: until its
+        refresh is due, so that the refresh runs while the answer is still good, then until
+        it expires. An answer not cached is used for the client's own default."""
+        if answer.expires_at == answer.stored_at:
+            return None
+        now = self._clock()
+        due = self._refresh_due(answer)
+        return (due if now < due else answer.expires_at) - now
+
+    @staticmethod
+    def _refresh_due(entry: _Cached) -> float:
+        lifetime = entry.expires_at - entry.stored_at
+        return entry.expires_at - lifetime * REFRESH_AHEAD_FRACTION
 
     def _cached(self, provider: ProviderConfig, image: str) -> _Cached | None:
         now = self._clock()
@@ -126,9 +143,7 @@ class KubeletCredentials:
             return entry
         return None
 
-    async def _answer(
-        self, provider: ProviderConfig, image: str
-    ) -> Mapping[str, Credentials] | None:
+    async def _answer(self, provider: ProviderConfig, image: str) -> _Cached | None:
         entry = self._cached(provider, image)
         if entry is None:
             lock = self._locks.setdefault((provider.name, image), anyio.Lock())
@@ -137,12 +152,11 @@ class KubeletCredentials:
                 if entry is None:
                     return await self._ask(provider, image)
         self._refresh_if_due(provider, image, entry)
-        return entry.auth
+        return entry
 
     def _refresh_if_due(self, provider: ProviderConfig, image: str, entry: _Cached) -> None:
-        lifetime = entry.expires_at - entry.stored_at
-        due = entry.expires_at - lifetime * REFRESH_AHEAD_FRACTION
-        if self._start_soon is None or entry.refreshing or self._clock() < due:
+        if (self._start_soon is None or entry.refreshing
+                or self._clock() < self._refresh_due(entry)):
             return
         entry.refreshing = True
 
@@ -154,9 +168,7 @@ class KubeletCredentials:
 
         self._start_soon(refresh)
 
-    async def _ask(
-        self, provider: ProviderConfig, image: str
-    ) -> Mapping[str, Credentials] | None:
+    async def _ask(self, provider: ProviderConfig, image: str) -> _Cached | None:
         """Run the plugin and cache its answer; None when it gave none (logged)."""
         try:
             response = await self._run(provider, self._bin_dir, image, self._timeout)
@@ -171,13 +183,14 @@ class KubeletCredentials:
             return None
         duration = (provider.default_cache_duration if response.cache_duration is None
                     else response.cache_duration)
+        now = self._clock()
+        entry = _Cached(response.auth, now, now + max(duration, 0.0))
         if duration > 0:
             key = {"Image": image, "Registry": registry_of(image)}.get(
                 response.cache_key_type, GLOBAL_KEY)
-            now = self._clock()
-            self._cache[(provider.name, key)] = _Cached(response.auth, now, now + duration)
+            self._cache[(provider.name, key)] = entry
         log.info("credential provider answered",
                  extra={"provider": provider.name, "image": image,
                         "cache_key_type": response.cache_key_type, "cache_seconds": duration,
                         "keys": sorted(response.auth)[:10]})
-        return response.auth
+        return entry

@@ -860,3 +860,26 @@ def test_a_403_to_basic_credentials_is_retried_once_with_a_fresh_lookup() -> Non
 
     run(main)
     assert provider.forgotten == [(fake.host, "team/app")]
+
+
+def test_credentials_valid_for_less_than_the_ttl_are_looked_up_again_sooner() -> None:
+    fake, digest = seeded(auth="basic")
+    lookups: list[str] = []
+
+    class ShortLived:
+        async def credentials_for(self, host: str, repository: str = "") -> Credentials:
+            lookups.append(repository)
+            return Credentials("alice", "s3cret", valid_for=0.2)
+
+    async def main() -> None:
+        async with _client_with(fake, ShortLived()) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            asked = len(lookups)
+            assert await blob.read_at(4, 4) == DATA[4:8]
+            assert len(lookups) == asked  # still valid: reused
+            await trio.sleep(0.3)
+            assert await blob.read_at(8, 4) == DATA[8:12]
+            assert len(lookups) == asked + 1
+
+    run(main)

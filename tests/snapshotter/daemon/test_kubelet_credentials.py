@@ -204,3 +204,18 @@ def test_pick_auth_takes_the_most_specific_matching_key() -> None:
     assert _password(pick_auth(auth, "reg.io/team/app")) == "team"
     assert _password(pick_auth(auth, "reg.io/other/app")) == "host"
     assert pick_auth(auth, "reg.io:5000/team/app") is None
+
+
+def test_the_registry_client_is_told_to_ask_again_when_a_refresh_is_due() -> None:
+    plugins, clock = FakePlugins(), Clock()
+    store = _store(plugins, _provider("p", default=0), clock=clock, start_soon=lambda _t: None)
+    plugins.answers["p"] = _answer("pw", duration=100)
+    found = _lookup(store)
+    assert found is not None and found.valid_for == pytest.approx(80)  # the refresh point
+    clock.now += 90
+    found = _lookup(store)
+    assert found is not None and found.valid_for == pytest.approx(10)  # then its expiry
+    plugins.answers["p"] = _answer("pw", duration=0)
+    store.forget("reg.io", "team/app")
+    found = _lookup(store)
+    assert found is not None and found.valid_for is None  # not cached: the client's default
