@@ -36,6 +36,7 @@ from snapshotter.daemon.kubelet_provider_exec import (
 log = logging.getLogger(__name__)
 
 GLOBAL_KEY = "global"
+_DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 # An answer is asked for again once this share of its lifetime is left.
 REFRESH_AHEAD_FRACTION = 0.2
 
@@ -52,7 +53,9 @@ class _Cached:
 
 
 def image_of(host: str, repository: str) -> str:
-    """The image kubelet would ask about: ``host/repository`` (a lazy read knows no tag)."""
+    """The image kubelet would ask about: ``host/repository`` (a lazy read knows no tag).
+    Docker Hub is asked for under the name images carry, not its API host."""
+    host = "docker.io" if host in _DOCKER_HUB_HOSTS else host
     return f"{host}/{repository}" if repository else host
 
 

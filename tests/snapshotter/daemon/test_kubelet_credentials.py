@@ -219,3 +219,11 @@ def test_the_registry_client_is_told_to_ask_again_when_a_refresh_is_due() -> Non
     store.forget("reg.io", "team/app")
     found = _lookup(store)
     assert found is not None and found.valid_for is None  # not cached: the client's default
+
+
+def test_docker_hubs_api_host_is_asked_about_as_docker_io() -> None:
+    plugins = FakePlugins()
+    plugins.answers["hub"] = _answer("pw", pattern="docker.io")
+    store = _store(plugins, _provider("hub", "docker.io"))
+    assert _password(_lookup(store, "registry-1.docker.io", "library/busybox")) == "pw"
+    assert plugins.runs == [("hub", "docker.io/library/busybox")]
