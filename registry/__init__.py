@@ -9,7 +9,9 @@ from registry.credentials import (
     CredentialProvider,
     Credentials,
     DockerConfigCredentials,
+    ForgetfulCredentialProvider,
     StaticCredentials,
+    forget_credentials,
 )
 from registry.errors import (
     AuthenticationError,
@@ -66,6 +68,7 @@ __all__ = [
     "Descriptor",
     "DigestMismatchError",
     "DockerConfigCredentials",
+    "ForgetfulCredentialProvider",
     "HostsConfig",
     "HostsConfigError",
     "Index",
@@ -96,6 +99,7 @@ __all__ = [
     "UnsupportedDigestError",
     "create_client",
     "fallback_tag",
+    "forget_credentials",
     "host_platform",
     "parse_hosts_toml",
     "parse_manifest",

@@ -35,7 +35,7 @@ from registry.auth import (
     pick_challenge,
     scope_repository,
 )
-from registry.credentials import CredentialProvider, Credentials
+from registry.credentials import CredentialProvider, Credentials, forget_credentials
 from registry.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -276,7 +276,10 @@ class Engine:
         if cached is None or cached[1] <= now:
             provider = self._credential_provider
             found = await self._look_up(provider, *key) if provider else None
-            cached = (found, now + self.options.credentials_ttl)
+            ttl = self.options.credentials_ttl
+            if found is not None and found.valid_for is not None:
+                ttl = min(ttl, max(found.valid_for, 0.0))
+            cached = (found, now + ttl)
             self._credentials[key] = cached
         return cached[0]
 
@@ -293,6 +296,11 @@ class Engine:
             raise
         self.stats.credential_lookups[stats.FOUND if found else stats.NONE] += 1
         return found
+
+    def _forget_credentials(self, host: RegistryHost, scopes: Sequence[str]) -> None:
+        key = (host.netloc, scope_repository(scopes))
+        self._credentials.pop(key, None)
+        forget_credentials(self._credential_provider, *key)
 
     def _token_key(
         self, host: RegistryHost, challenge: Challenge, scopes: Sequence[str]
@@ -329,6 +337,10 @@ class Engine:
         # credentials may have appeared meanwhile in config.json or over the daemon's socket,
         # and a cached "none" must not hide them for minutes.
         self._credentials.pop((host.netloc, scope_repository(scopes)), None)
+        if sent is not None:
+            # Credentials were refused, maybe rotated: the sources are asked again, past any
+            # cache of their own (a credential provider plugin's answer, for instance).
+            forget_credentials(self._credential_provider, host.netloc, scope_repository(scopes))
         key = self._token_key(host, challenge, scopes)
         cached = self._tokens.get(key)
         # Drop the cached token only if it is the one refused: a late 401 to a request sent
@@ -441,7 +453,16 @@ class Engine:
                 for name, values in host.headers.items():
                     request_headers[name] = ", ".join(values)
             request_headers.update(headers or {})
-            authorization = await self._authorization(host, scopes) if same_host else None
+            try:
+                authorization = await self._authorization(host, scopes) if same_host else None
+            except AuthenticationError:
+                if auth_retried:
+                    raise
+                # The token server refused the credentials: they may have been rotated since
+                # they were looked up. Ask their sources again, once.
+                self._forget_credentials(host, scopes)
+                auth_retried = True
+                authorization = await self._authorization(host, scopes)
             if authorization:
                 request_headers["Authorization"] = authorization
             request = client.build_request(
@@ -466,9 +487,9 @@ class Engine:
                 and same_host
                 and not auth_retried
                 and authorization is not None
-                and authorization.startswith("Bearer ")
             ):
-                # Some registries (ECR) answer 403 to an expired token: fetch a fresh one once.
+                # Some registries (ECR) answer 403 to an expired token, others to credentials
+                # rotated away: fetch a fresh token, or look the credentials up again, once.
                 challenge = self._challenges.get(host.netloc)
                 if challenge is not None:
                     await response.aclose()

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -35,6 +35,9 @@ class Credentials:
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
+    # Seconds the source means them to be used before it is asked again (None: the client's
+    # own credentials_ttl). Not part of what they are: two sets compare by their secrets.
+    valid_for: float | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         kinds = [
@@ -50,6 +53,22 @@ class CredentialProvider(Protocol):
         """Credentials for a registry host (``host[:port]``) and, when known, the repository
         (``library/busybox``) the request is for; None for anonymous access."""
         ...
+
+
+@runtime_checkable
+class ForgetfulCredentialProvider(CredentialProvider, Protocol):
+    """A provider that caches what its sources answered and can be told to ask them again."""
+
+    def forget(self, host: str, repository: str = "") -> None:
+        """The registry refused what the last lookup for ``host`` and ``repository`` gave: drop
+        any cached answer, so that the next lookup asks the sources themselves again."""
+        ...
+
+
+def forget_credentials(provider: CredentialProvider | None, host: str, repository: str) -> None:
+    """Tell ``provider`` to ask its sources again for ``host`` and ``repository``, if it caches."""
+    if isinstance(provider, ForgetfulCredentialProvider):
+        provider.forget(host, repository)
 
 
 class StaticCredentials:

@@ -79,6 +79,9 @@ class CriConfig:
     containerd_address: Path = DEFAULT_CONTAINERD_ADDRESS
     # Where captured pull credentials are saved (None: beside the daemon socket).
     credentials_file: Path | None = None
+    # kubelet's CredentialProviderConfig file and its plugins' directory (None: no providers).
+    credential_provider_config: Path | None = None
+    credential_provider_bin_dir: Path | None = None
 
 
 DEFAULT_PULL_CONNECTIONS = 4
@@ -257,12 +260,17 @@ def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
 
 
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
-    keys = ("image_service_address", "containerd_address", "credentials_file")
+    keys = ("image_service_address", "containerd_address", "credentials_file",
+            "credential_provider_config", "credential_provider_bin_dir")
     extra = sorted(set(table) - set(keys))
     if extra:
         raise ConfigError(f"unknown configuration keys: {', '.join('cri.' + k for k in extra)}")
     paths = {key: _path(_expect(table, key, str, "cri."), f"cri.{key}")
              for key in keys if key in table}
+    providers = ("credential_provider_config", "credential_provider_bin_dir")
+    if sum(key in paths for key in providers) == 1:
+        raise ConfigError("cri.credential_provider_config and cri.credential_provider_bin_dir "
+                          "go together, as kubelet's two flags do")
     return replace(CriConfig(), **paths)
 
 

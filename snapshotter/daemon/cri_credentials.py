@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from registry import CredentialProvider, Credentials
+from registry import CredentialProvider, Credentials, forget_credentials
 from snapshotter.daemon.cri_pull_auth import same_host
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,11 @@ class CriCredentials:
         with self._lock:
             return sorted(self._stored)
 
+    def stored(self, host: str, repository: str) -> Credentials | None:
+        """The captured set for ``repository`` on ``host``, if any."""
+        with self._lock:
+            return self._stored.get((_host_key(host), repository))
+
     def capture(self, host: str, repository: str, credentials: Credentials) -> None:
         """Keep ``credentials`` for ``repository`` on ``host`` and save the store; raises
         OSError when the file cannot be written (the set is then kept in memory only)."""
@@ -147,3 +152,7 @@ class CriCredentials:
         if found is not None:
             return found
         return await self._fallback.credentials_for(host, repository) if self._fallback else None
+
+    def forget(self, host: str, repository: str = "") -> None:
+        # What was handed to the daemon stays until replaced; the sources behind it may cache.
+        forget_credentials(self._fallback, host, repository)

@@ -14,17 +14,19 @@ wait for a connection, so kubelet never hangs on the proxy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from registry import InvalidReferenceError, parse_reference
+from registry import CredentialProvider, InvalidReferenceError, Reference, parse_reference
 from snapshotter._proto import cri_image_pb2
 from snapshotter.daemon.cri_credentials import CriCredentials
-from snapshotter.daemon.cri_pull_auth import CaptureRefused, PullAuth, capture
+from snapshotter.daemon.cri_pull_auth import Captured, CaptureRefused, PullAuth, capture
+from snapshotter.daemon.pushed_credentials import PushedCredentials
+from snapshotter.daemon_api import RegistryAuthError, RegistryDeniedError
 
 # grpc's handler classes are generic only in their type stubs.
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ WORKERS = 32
 _NO_DEADLINE_SECONDS = 365 * 24 * 3600.0
 # Headers gRPC sets itself on the upstream call.
 _RESERVED_METADATA = ("user-agent", "content-type", "te", "grpc-")
+
+# Raises unless the registry lets the credentials read the image (the daemon's check_access).
+Verify = Callable[[CredentialProvider, str, Reference | None], None]
 
 def pull_auth(request: bytes) -> PullAuth:
     """The image and auth of a serialized ``PullImageRequest``; DecodeError if it is not one."""
@@ -66,9 +71,12 @@ def _forwarded_metadata(
 class ImageServiceProxy(_BytesHandler):
     """Forwards the ImageService methods over ``channel``; captures PullImage credentials."""
 
-    def __init__(self, channel: grpc.Channel, credentials: CriCredentials) -> None:
+    def __init__(
+        self, channel: grpc.Channel, credentials: CriCredentials, verify: Verify | None = None
+    ) -> None:
         self._channel = channel
         self._credentials = credentials
+        self._verify = verify
         self._calls: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     def service(
@@ -106,7 +114,9 @@ class ImageServiceProxy(_BytesHandler):
             return
         try:
             captured = capture(pull)
-            self._credentials.capture(captured.host, captured.repository, captured.credentials)
+            if self._accepted(pull.image, captured):
+                self._credentials.capture(captured.host, captured.repository,
+                                          captured.credentials)
         except CaptureRefused as exc:
             log.warning("cri pull credentials not kept; pull forwarded",
                         extra={"image": _loggable(pull.image), "reason": str(exc)})
@@ -114,6 +124,30 @@ class ImageServiceProxy(_BytesHandler):
             log.warning("cri pull credentials kept in memory only; pull forwarded",
                         extra={"image": _loggable(pull.image),
                                "reason": exc.strerror or type(exc).__name__})
+
+
+    def _accepted(self, image: str, captured: Captured) -> bool:
+        """Whether the registry accepts the captured set, checked before it replaces the stored
+        one: a wrong auth in one PullImage must not break the lazy reads that work."""
+        stored = self._credentials.stored(captured.host, captured.repository)
+        if self._verify is None or stored == captured.credentials:
+            return True
+        candidate = PushedCredentials(None)
+        candidate.set(captured.host, captured.repository, captured.credentials, 0)
+        try:
+            self._verify(candidate, captured.host, parse_reference(image))
+        except (RegistryAuthError, RegistryDeniedError) as exc:
+            # Registry error texts name hosts, repositories and statuses, never credentials.
+            log.warning("cri pull credentials refused by the registry; the stored ones stay",
+                        extra={"image": _loggable(image), "reason": str(exc)})
+            return False
+        except Exception as exc:  # the registry is down, the daemon stopping: nothing known
+            if stored is not None:
+                log.warning("cri pull credentials not checked; the stored ones stay",
+                            extra={"image": _loggable(image), "reason": type(exc).__name__,
+                                   "error": str(exc)[:500]})
+                return False
+        return True
 
 
 def _loggable(image: str) -> str:

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.grpc_metrics import GrpcStats, MetricsInterceptor
 from snapshotter.daemon.grpc_service import DaemonSummary, add_services
+from snapshotter.daemon.kubelet_credentials import KubeletCredentials, StartSoon
+from snapshotter.daemon.kubelet_provider_config import ProviderConfigError, load_provider_config
 from snapshotter.daemon.metrics import DaemonSnapshot, from_trio, metrics_registry
 from snapshotter.daemon.metrics_server import (
     MetricsServer,
@@ -135,7 +137,7 @@ class CriProxy:
     address: Path
 
 
-def _start_cri_proxy(config: Config, store: CriCredentials) -> CriProxy:
+def _start_cri_proxy(config: Config, store: CriCredentials, lazy: LazySide | None) -> CriProxy:
     address = config.cri.image_service_address
     assert address is not None
     try:
@@ -143,7 +145,8 @@ def _start_cri_proxy(config: Config, store: CriCredentials) -> CriProxy:
     except SocketError as exc:
         raise StartupError(f"cri image service: {exc}") from None
     channel = upstream_channel(str(config.cri.containerd_address))
-    server = proxy_server(ImageServiceProxy(channel, store))
+    verify = None if lazy is None else lazy.bridge.check_access
+    server = proxy_server(ImageServiceProxy(channel, store, verify))
     try:
         _listen(server, address)
     except StartupError:
@@ -167,6 +170,32 @@ def _cri_credentials(config: Config, fallback: CredentialProvider) -> CriCredent
     store = CriCredentials(config.cri_credentials_file, fallback)
     store.load()
     return store
+
+
+def _kubelet_credentials(
+    config: Config, fallback: CredentialProvider, start_soon: StartSoon
+) -> KubeletCredentials | None:
+    """kubelet's credential provider plugins, when configured. A file that cannot be used is
+    logged and the daemon runs without them: lazy reads must not all stop for it."""
+    path, bin_dir = config.cri.credential_provider_config, config.cri.credential_provider_bin_dir
+    if path is None or bin_dir is None:
+        return None
+    try:
+        loaded = load_provider_config(path)
+    except ProviderConfigError as exc:
+        log.error("credential provider config unusable; no credential providers",
+                  extra={"path": str(path), "reason": str(exc)})
+        return None
+    for name, reason in loaded.skipped:
+        log.error("credential provider left out", extra={"provider": name, "reason": reason})
+    for provider in loaded.providers:
+        if not os.access(bin_dir / provider.name, os.X_OK):
+            # Looked up again at each use: it may be installed later.
+            log.warning("credential provider plugin not found or not executable",
+                        extra={"provider": provider.name, "bin_dir": str(bin_dir)})
+    log.info("credential providers configured",
+             extra={"path": str(path), "providers": [p.name for p in loaded.providers]})
+    return KubeletCredentials(loaded.providers, bin_dir, fallback, start_soon=start_soon)
 
 
 def _check_socket(address: Path) -> None:
@@ -333,7 +362,8 @@ async def _next_stop_signal(signals: AsyncIterator[int]) -> int:
 
 async def _serve(config: Config, snapshotter: Snapshotter) -> int:
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        # Lookup order: pushed by `lazysnap pull`, captured from CRI pulls, docker config.
+        # Lookup order: pushed by `lazysnap pull`, captured from CRI pulls, kubelet credential
+        # providers, docker config.
         docker_config = DockerConfigCredentials()
         # Refuse to start next to a running daemon before touching its FUSE connection.
         await trio.to_thread.run_sync(_check_socket, config.address)
@@ -345,8 +375,16 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
                 _start_metrics, config, exported, grpc_stats, trio.lowlevel.current_trio_token()
             )
             stack.push_async_callback(trio.to_thread.run_sync, metrics.close)
-        cri_store = await trio.to_thread.run_sync(_cri_credentials, config, docker_config)
-        credentials = PushedCredentials(cri_store or docker_config)
+
+        def start_soon(task: Callable[[], Awaitable[None]]) -> None:
+            nursery.start_soon(task)  # called on the trio thread, by lookups
+
+        kubelet = await trio.to_thread.run_sync(
+            _kubelet_credentials, config, docker_config, start_soon
+        )
+        node: CredentialProvider = kubelet or docker_config
+        cri_store = await trio.to_thread.run_sync(_cri_credentials, config, node)
+        credentials = PushedCredentials(cri_store or node)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         exported.lazy = lazy
         server = await trio.to_thread.run_sync(
@@ -356,7 +394,7 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         proxy = None
         if cri_store is not None:
             try:
-                proxy = await trio.to_thread.run_sync(_start_cri_proxy, config, cri_store)
+                proxy = await trio.to_thread.run_sync(_start_cri_proxy, config, cri_store, lazy)
             except StartupError:
                 await trio.to_thread.run_sync(lambda: server.stop(None).wait())
                 raise

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from registry import CredentialProvider, Credentials
+from registry import CredentialProvider, Credentials, forget_credentials
 
 DEFAULT_TTL_SECONDS = 12 * 3600
 MAX_TTL_SECONDS = 7 * 24 * 3600
@@ -80,3 +80,7 @@ class PushedCredentials:
         if found is not None:
             return found
         return await self._fallback.credentials_for(host, repository) if self._fallback else None
+
+    def forget(self, host: str, repository: str = "") -> None:
+        # What was handed to the daemon stays until replaced; the sources behind it may cache.
+        forget_credentials(self._fallback, host, repository)

@@ -39,6 +39,7 @@ from snapshotter.remote.open_layer import (
     open_layer,
     open_ztoc_layer,
 )
+from snapshotter.remote.refused_reads import ImageNamedBlob
 from snapshotter.remote.report import LayersReport, layer_report
 from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
@@ -261,7 +262,9 @@ class LazyLayers:
         )
         # The filesystem picks the slot: it alone knows which inode numbers the kernel may
         # still hold, and never hands a slot out twice while the connection lives.
-        await self._fs.attach(layer_id, blob, index, background_fetch=self._background_fetch)
+        # Named for the operator: a read the registry refuses is logged with its image.
+        await self._fs.attach(layer_id, ImageNamedBlob(blob, request.image_ref), index,
+                              background_fetch=self._background_fetch)
         self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
         self._digests[layer_id] = blob.digest
         self._described[layer_id] = (request.image_ref, fmt)
@@ -348,7 +351,7 @@ class LazyLayers:
                       record.layer_id, record.layer_digest, str(exc))
             return
         index = opened.index
-        await self._fs.attach(record.layer_id, deferred, index,
+        await self._fs.attach(record.layer_id, ImageNamedBlob(deferred, record.image_ref), index,
                               background_fetch=self._background_fetch, slot=record.slot)
         self._digests[record.layer_id] = record.layer_digest
         self._described[record.layer_id] = (

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +24,10 @@ import pytest
 from snapshotter.client.chain import chain_ids
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.labels import REMOTE, REMOTE_VALUE
+from tests.integration.registry_support.helpers import write_hosts_toml
 from tests.integration.registry_support.htpasswd import write_htpasswd
+from tests.integration.registry_support.tls import make_test_ca, openssl_available
+from tests.integration.registry_support.token_server import run_token_server
 from tests.support import oci_image as oci
 from tests.support._cri_proto import cri_api_pb2 as cri
 from tests.support._cri_proto import cri_api_pb2_grpc as cri_grpc
@@ -111,10 +114,16 @@ class ProxyStack:
 
 
 @contextlib.contextmanager
-def _proxy_stack(pause: str) -> Iterator[ProxyStack]:
+def _proxy_stack(pause: str, hosts: Callable[[Path], None] | None = None
+                 ) -> Iterator[ProxyStack]:
+    """``hosts``: writes the hosts.toml tree containerd and lazysnap share (``c/certs.d``)."""
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     work = Path(tempfile.mkdtemp(prefix="lzp", dir="/tmp"))
+    hosts_args: list[str] = []
+    if hosts is not None:
+        hosts(work / "c" / "certs.d")
+        hosts_args = ["--hosts-dir", str(work / "c" / "certs.d")]
     empty_docker_config = work / "docker-config"
     empty_docker_config.mkdir()
     proxy = work / "d" / "cri.sock"
@@ -123,7 +132,8 @@ def _proxy_stack(pause: str) -> Iterator[ProxyStack]:
                       f'[cri]\ncontainerd_address = "{work / "c" / "c.sock"}"\n')
     try:
         with running_daemon(work / "d", extra_args=["--config", str(config),
-                                                    "--cri-image-service", str(proxy)],
+                                                    "--cri-image-service", str(proxy),
+                                                    *hosts_args],
                             env={"DOCKER_CONFIG": str(empty_docker_config)}) as daemon, \
                 run_containerd(work / "c", daemon.address,
                                cri=CriSettings(sandbox_image=pause)) as containerd, \
@@ -254,3 +264,89 @@ def test_with_containerd_down_the_proxy_answers_unavailable_at_once(tmp_path: Pa
     finally:
         fuse_keeper.retire(fuse_keeper.keeper_socket(work / "d" / "root"))
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RegistryKind:
+    images: PrivateImages
+    hosts: Callable[[Path], None]  # writes the hosts.toml tree for containerd and lazysnap
+
+
+@contextlib.contextmanager
+def _private_registry(kind: str, workdir: Path) -> Iterator[RegistryKind]:
+    """A TLS registry with htpasswd (its CA known through hosts.toml only), or one with token
+    auth; both hold the app and pause images of ``private``."""
+    if not (registry_available() and openssl_available()):
+        pytest.skip("needs Debian's docker-registry and the openssl CLI")
+    with contextlib.ExitStack() as stack:
+        if kind == "htpasswd-tls":
+            ca = make_test_ca(workdir / "pki")
+            htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD})
+            registry = stack.enter_context(run_registry(workdir / "registry", scheme="https",
+                extra_config={
+                    "http": {"tls": {"certificate": str(ca.server_cert),
+                                     "key": str(ca.server_key)}},
+                    "auth": {"htpasswd": {"realm": "lazysnap-cri", "path": str(htpasswd)}}}))
+            # containerd 1.6 refuses a hosts.toml without a [host] table.
+            hosts_toml = (f'server = "https://{registry.host}"\nca = "{ca.ca_cert}"\n'
+                          f'[host."https://{registry.host}"]\n'
+                          f'  capabilities = ["pull", "resolve"]\n  ca = "{ca.ca_cert}"\n')
+        else:
+            tokens = stack.enter_context(run_token_server(
+                workdir / "token", users={USER: PASSWORD}, anonymous_pull=False))
+            registry = stack.enter_context(run_registry(
+                workdir / "registry", extra_config={"auth": tokens.registry_auth_config()}))
+            hosts_toml = f'server = "http://{registry.host}"\n'
+        data = oci.TarBuilder().dir("data").file("data/hello", HELLO).file("data/first", FIRST)
+        layers = (oci.seekable_layer(oci.busybox_tar(), "estargz"),
+                  oci.seekable_layer(data.tar(), "estargz"))
+        app = _push(registry, workdir / "app", "app", layers, ("/bin/sh",))
+        pause_tar = oci.TarBuilder().dir("bin").file("bin/busybox", oci.BUSYBOX.read_bytes(),
+                                                     0o755).symlink("bin/sleep", "busybox").tar()
+        pause = _push(registry, workdir / "pause", "pause", (oci.gzip_layer(pause_tar),),
+                      ("/bin/sleep", "1000000000"))
+
+        def hosts(tree: Path) -> None:
+            write_hosts_toml(tree, registry.host, hosts_toml)
+
+        images = PrivateImages(registry, app, tuple(layer.diff_id for layer in layers), pause)
+        yield RegistryKind(images, hosts)
+
+
+@pytest.mark.parametrize("kind", ["htpasswd-tls", "token"])
+def test_tls_and_token_registries_through_the_proxy_and_a_wrong_auth_changes_nothing(
+    kind: str, tmp_path: Path
+) -> None:
+    """Issue 10: the proxy's captured credentials with a TLS registry whose CA only hosts.toml
+    names, and with a token server; then a PullImage with a wrong password (containerd fails
+    it) must not replace the working set: after a restart the layers still read right."""
+    with _private_registry(kind, tmp_path) as kind_registry:
+        private = kind_registry.images
+        with _proxy_stack(private.pause, kind_registry.hosts) as stack:
+            right = cri.AuthConfig(username=USER, password=PASSWORD)
+            _pull(stack.client, private.pause, right)
+            _pull(stack.client, private.app, right)
+            assert stack.remote_layers(private.app_diff_ids) == [True, True]
+            wrong = "Wr0ng-Pa55word-from-a-bad-secret"
+            with pytest.raises(grpc.RpcError):
+                _pull(stack.client, private.app, cri.AuthConfig(username=USER, password=wrong))
+            assert "cri pull credentials refused by the registry; the stored ones stay" in (
+                stack.daemon.log())
+            saved = (stack.daemon.address.parent / "cri-credentials.json").read_text()
+            assert wrong not in saved and PASSWORD in saved
+            stack.daemon.stop()
+            stack.daemon.start()
+            _wait_until_containerd_reconnects(stack)
+            with running_pod(stack.client, "private", stack.work / "pods") as pod:
+                container = pod.start_container(
+                    "reader", private.app,
+                    ("/bin/sh", "-c", "cat /data/hello && sha256sum /data/first"))
+                exited = pod.wait_exited(container)
+                assert exited.exit_code == 0, pod.log_lines("reader")
+                assert pod.log_lines("reader") == [
+                    HELLO.decode().rstrip("\n"),
+                    f"{hashlib.sha256(FIRST).hexdigest()}  /data/first"]
+                pod.stop_and_remove_container(container)
+            log = stack.daemon.log()
+            assert PASSWORD not in log and wrong not in log
+            assert "lazy read refused" not in log

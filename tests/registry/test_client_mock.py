@@ -768,3 +768,118 @@ def test_check_access_uses_only_the_new_credentials(auth: str) -> None:
                 await right.check_access(fake.host)
 
     run(main)
+
+
+class _CachingProvider:
+    """A provider that keeps its source's answer until told to forget it, like a credential
+    provider plugin's cache: only ``forget`` makes it ask the source again."""
+
+    def __init__(self, source: list[str]) -> None:
+        self.source = source  # the password the source gives now, at [0]
+        self.cached: Credentials | None = None
+        self.forgotten: list[tuple[str, str]] = []
+
+    async def credentials_for(self, host: str, repository: str = "") -> Credentials | None:
+        if self.cached is None:
+            self.cached = Credentials("alice", self.source[0])
+        return self.cached
+
+    def forget(self, host: str, repository: str = "") -> None:
+        self.forgotten.append((host, repository))
+        self.cached = None
+
+
+def _client_with(fake: FakeRegistry, provider: object) -> RegistryClient:
+    config = FixedHosts({fake.host: [RegistryHost(f"https://{fake.host}/v2")]})
+    transport = httpx.MockTransport(fake.handle)
+    return RegistryClient(config, provider, FAST,  # type: ignore[arg-type]
+                          _transport_factory=lambda _h: transport)
+
+
+def test_a_refused_password_makes_a_caching_provider_ask_its_source_again() -> None:
+    """Issue 10: a 401 to credentials re-resolves them past the provider's own cache, and the
+    read that met it succeeds with the rotated password, without failing first."""
+    fake, digest = seeded(auth="basic")
+    provider = _CachingProvider(["s3cret"])
+
+    async def main() -> None:
+        async with _client_with(fake, provider) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            fake.password = provider.source[0] = "rotated-pw"
+            assert await blob.read_at(4, 4) == DATA[4:8]
+
+    run(main)
+    assert provider.forgotten == [(fake.host, "team/app")]
+
+
+def test_an_anonymous_challenge_does_not_empty_the_providers_cache() -> None:
+    fake, digest = seeded(auth="basic")
+    provider = _CachingProvider(["s3cret"])
+
+    async def main() -> None:
+        async with _client_with(fake, provider) as client:
+            assert await read(client, digest, 0, 4) == DATA[:4]
+
+    run(main)
+    assert provider.forgotten == []  # the first 401 only asked for credentials
+
+
+def test_a_token_server_refusal_looks_the_credentials_up_again_once() -> None:
+    """The registry never answers 401 here: the token expired, and the token server refuses
+    the password it was given before the rotation. One fresh lookup, then the read works."""
+    fake, digest = seeded(auth="bearer", token_lifetime=1)  # kept for half a second
+    provider = _CachingProvider(["s3cret"])
+
+    async def main() -> None:
+        async with _client_with(fake, provider) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            fake.password = provider.source[0] = "rotated-pw"
+            await trio.sleep(0.6)
+            assert await blob.read_at(4, 4) == DATA[4:8]
+            fake.password = "rotated-again"  # the source does not know it: refused, once more
+            await trio.sleep(0.6)
+            with pytest.raises(AuthenticationError, match="refused the configured credentials"):
+                await blob.read_at(8, 4)
+
+    run(main)
+    assert len(provider.forgotten) == 2
+
+
+def test_a_403_to_basic_credentials_is_retried_once_with_a_fresh_lookup() -> None:
+    fake, digest = seeded(auth="basic")
+    provider = _CachingProvider(["s3cret"])
+
+    async def main() -> None:
+        async with _client_with(fake, provider) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            fake.faults.append(lambda r: oci_error(403, "DENIED", "rotated away"))
+            assert await blob.read_at(4, 4) == DATA[4:8]
+
+    run(main)
+    assert provider.forgotten == [(fake.host, "team/app")]
+
+
+def test_credentials_valid_for_less_than_the_ttl_are_looked_up_again_sooner() -> None:
+    fake, digest = seeded(auth="basic")
+    lookups: list[str] = []
+
+    class ShortLived:
+        async def credentials_for(self, host: str, repository: str = "") -> Credentials:
+            lookups.append(repository)
+            return Credentials("alice", "s3cret", valid_for=0.2)
+
+    async def main() -> None:
+        async with _client_with(fake, ShortLived()) as client:
+            blob = await client.open_blob(REF, digest)
+            assert await blob.read_at(0, 4) == DATA[:4]
+            asked = len(lookups)
+            assert await blob.read_at(4, 4) == DATA[4:8]
+            assert len(lookups) == asked  # still valid: reused
+            await trio.sleep(0.3)
+            assert await blob.read_at(8, 4) == DATA[8:12]
+            assert len(lookups) == asked + 1
+
+    run(main)

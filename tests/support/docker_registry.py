@@ -66,11 +66,12 @@ def _config(root: Path, addr: str, extra: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def run_registry(
     workdir: Path, *, extra_config: dict[str, Any] | None = None, scheme: str = "http",
-    timeout: float = 20.0, ipv6: bool = False,
+    timeout: float = 20.0, ipv6: bool = False, port: int | None = None,
 ) -> Iterator[RunningRegistry]:
-    """``ipv6``: listen on both loopbacks, 127.0.0.1 and [::1], on one port."""
+    """``ipv6``: listen on both loopbacks, 127.0.0.1 and [::1], on one port. ``port``: the one
+    of an earlier registry of the same ``workdir``, to restart it."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port("::") if ipv6 else free_port()
+    port = port or (free_port("::") if ipv6 else free_port())
     addr = f"127.0.0.1:{port}"
     listen = f"[::]:{port}" if ipv6 else addr
     config_path = workdir / "config.yml"

@@ -174,9 +174,23 @@ def test_pull_table_and_its_bounds(tmp_path: Path) -> None:
         path.write_text(f"[pull]\n{bad}\n")
         with pytest.raises(ConfigError, match=r"pull\."):
             load_config(path)
+
+
 def test_mirror_first_byte_timeout_from_the_file(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[registry]\nmirror_first_byte_timeout = 1.5\n")
     assert load_config(path).registry.mirror_first_byte_timeout == 1.5
     path.write_text("[registry]\nmirror_first_byte_timeout = 2\n")
     assert load_config(path).registry.mirror_first_byte_timeout == 2.0
+
+
+def test_credential_provider_settings_go_together() -> None:
+    config = parse_config({"cri": {"credential_provider_config": "/etc/kubelet/providers.yaml",
+                                   "credential_provider_bin_dir": "/usr/libexec/kubelet"}})
+    assert config.cri.credential_provider_config == Path("/etc/kubelet/providers.yaml")
+    assert config.cri.credential_provider_bin_dir == Path("/usr/libexec/kubelet")
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"cri": {"credential_provider_config": "/etc/kubelet/providers.yaml"}})
+    with pytest.raises(ConfigError, match="absolute"):
+        parse_config({"cri": {"credential_provider_config": "providers.yaml",
+                              "credential_provider_bin_dir": "/bin"}})

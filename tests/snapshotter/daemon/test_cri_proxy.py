@@ -253,3 +253,75 @@ def test_the_captured_credentials_are_the_ones_sent(setup: Setup) -> None:
         return await setup.store.credentials_for("reg.example:5000", "team/app")
 
     assert trio.run(lookup) == Credentials(identity_token="tok-1")
+
+
+class FakeRegistryCheck:
+    """The daemon's check_access: accepts only ``accepted``; raises ``error`` when set."""
+
+    def __init__(self, accepted: str) -> None:
+        self.accepted = accepted
+        self.error: Exception | None = None
+        self.checked: list[tuple[str, str]] = []
+
+    def __call__(self, credentials: object, registry: str, ref: object) -> None:
+        from snapshotter.daemon_api import RegistryAuthError  # noqa: PLC0415
+
+        async def lookup() -> Credentials | None:
+            return await credentials.credentials_for(registry, "team/app")  # type: ignore[attr-defined, no-any-return]
+
+        found = trio.run(lookup)
+        self.checked.append((registry, str(ref)))
+        if self.error is not None:
+            raise self.error
+        if found is None or found.password != self.accepted:
+            raise RegistryAuthError("AuthenticationError: refused (HTTP 401)")
+
+
+def _pull_through(tmp_path: Path, check: FakeRegistryCheck, passwords: list[str]
+                  ) -> CriCredentials:
+    fake = FakeContainerd()
+    containerd_address, proxy_address = tmp_path / "containerd.sock", tmp_path / "proxy.sock"
+    upstream = _serve_fake(fake, containerd_address)
+    store = CriCredentials(tmp_path / "run" / "cri.json", None)
+    channel = upstream_channel(str(containerd_address))
+    server = proxy_server(ImageServiceProxy(channel, store, check))
+    server.add_insecure_port(f"unix:{proxy_address}")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"unix:{proxy_address}") as client:
+            for password in passwords:
+                cri_grpc.ImageServiceStub(client).PullImage(
+                    _pull_request(username="bob", password=password), timeout=10)
+        assert len(fake.calls) == len(passwords)  # every pull forwarded, checked or not
+    finally:
+        server.stop(None).wait()
+        upstream.stop(None).wait()
+        channel.close()
+    return store
+
+
+def _stored_password(store: CriCredentials) -> str | None:
+    found = store.stored("reg.example:5000", "team/app")
+    return None if found is None else found.password
+
+
+def test_a_wrong_captured_password_does_not_replace_a_working_one(tmp_path: Path) -> None:
+    check = FakeRegistryCheck(accepted=PASSWORD)
+    store = _pull_through(tmp_path, check, [PASSWORD, "wrong-pw", PASSWORD])
+    assert _stored_password(store) == PASSWORD
+    # The same set again is not checked again: only the first and the wrong one were.
+    assert [r for r, _ in check.checked] == ["reg.example:5000"] * 2
+    assert "wrong-pw" not in (tmp_path / "run" / "cri.json").read_text()
+
+
+def test_a_new_password_the_registry_accepts_replaces_the_old(tmp_path: Path) -> None:
+    check = FakeRegistryCheck(accepted="rotated-pw")
+    store = _pull_through(tmp_path, check, ["rotated-pw"])
+    assert _stored_password(store) == "rotated-pw"
+
+
+def test_an_unchecked_set_is_kept_only_when_none_is_stored(tmp_path: Path) -> None:
+    check = FakeRegistryCheck(accepted=PASSWORD)
+    check.error = TimeoutError()
+    store = _pull_through(tmp_path, check, ["first-pw", "second-pw"])
+    assert _stored_password(store) == "first-pw"
