@@ -33,7 +33,8 @@ EDGES = {
              "snapshotter/client/trace_recorder.py", "snapshotter/daemon/grpc_metrics.py"},
     "re2": {"snapshotter/store/filter_regexp.py"},
     "prometheus_client": {"snapshotter/daemon/metrics.py", "snapshotter/daemon/metrics_server.py"},
-    "rich": {"snapshotter/commands/status.py"},
+    "rich": {"snapshotter/commands/status.py", "snapshotter/client/progress.py",
+             "snapshotter/convert/progress.py"},
 }
 
 # snapshotter's layers: a module in the key's subpackage may not import these subpackages.

@@ -34,7 +34,7 @@ async def test_a_layer_without_a_toc_falls_back_as_not_lazy_format(
 ) -> None:
     layers = _layers(tmp_path)
     caplog.set_level(logging.INFO)
-    with pytest.raises(RemoteLayerError, match="TOC"):
+    with pytest.raises(RemoteLayerError, match="no SOCI index"):
         await layers.mount(_labels("sha256:" + "c" * 64, DIGEST, {}), "r1")
     assert layers.fallbacks == {**dict.fromkeys(fallback.REASONS, 0),
                                 fallback.NOT_LAZY_FORMAT: 1}

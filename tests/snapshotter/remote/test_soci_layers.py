@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from fusefs import LayerMeters
 from fusefs.formats.ztoc import ZtocLayer, build_ztoc
 from registry.manifest import OCI_MANIFEST
 from snapshotter.labels import (
@@ -35,6 +36,7 @@ GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 class FakeFilesystem:
     def __init__(self) -> None:
         self.attached: dict[str, Any] = {}
+        self._meters: dict[str, LayerMeters] = {}
 
     async def attach(self, layer_id: str, blob: Any, index: Any, **_: Any) -> Path:
         self.attached[layer_id] = index
@@ -45,6 +47,9 @@ class FakeFilesystem:
 
     def layer_ids(self) -> list[str]:
         return list(self.attached)
+
+    def meters(self, layer_id: str) -> LayerMeters:
+        return self._meters.setdefault(layer_id, LayerMeters())
 
 
 def _image(fake: FakeRegistry, *, soci: bool) -> tuple[str, list[str]]:
