@@ -189,11 +189,12 @@ def test_an_image_that_does_not_exist_is_one_line_and_exit_1(
         assert exc.code == 404
 
 
-def test_a_soci_enabled_image_still_pulls_and_runs_through_containerd_and_lazysnap(
+def test_a_soci_enabled_image_runs_through_containerd_and_lazily_through_lazysnap(
     docker_registry: RunningRegistry, short_tmp: Path
 ) -> None:
     """The image index now lists the SOCI index with the image's platform: containerd and
-    ``lazysnap pull`` must still pick the image, not the index, and run it."""
+    ``lazysnap pull`` must still pick the image, not the index, and run it; ``lazysnap pull``
+    serves every layer ``lazysnap index`` indexed lazily, through the index it wrote."""
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     _push_image(short_tmp / "img", docker_registry, "run")
@@ -215,6 +216,10 @@ def test_a_soci_enabled_image_still_pulls_and_runs_through_containerd_and_lazysn
             capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
         assert pulled.returncode == 0, pulled.stderr
+        outcomes = [line.split()[3] for line in pulled.stdout.splitlines()
+                    if line.startswith("layer ")]  # fmt: skip
+        assert outcomes == ["remote"] * 3, pulled.stdout + daemon.log()[-3000:]
         ran = containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", reference, "c2",
-                             "/bin/cat", "/etc/hello")  # fmt: skip
-        assert ran.stdout == "hi\n"
+                             "/bin/sh", "-c", "cat /etc/hello; md5sum /data/noise")  # fmt: skip
+        expected = hashlib.md5(random.Random(14).randbytes(400_000)).hexdigest()
+        assert ran.stdout == f"hi\n{expected}  /data/noise\n"
