@@ -13,6 +13,8 @@ import hashlib
 import json
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,6 +75,21 @@ def _data_tar() -> bytes:
     return data.tar()
 
 
+def _busybox_tar_with(marker: bytes) -> bytes:
+    builder = oci.TarBuilder().dir("bin").dir("etc").dir("tmp", 0o1777)
+    builder.file("bin/busybox", oci.BUSYBOX.read_bytes(), 0o755)
+    for applet in oci.BUSYBOX_APPLETS:
+        builder.symlink(f"bin/{applet}", "busybox")
+    return builder.file("etc/marker", marker).tar()
+
+
+def _data_tar_with(marker: bytes) -> bytes:
+    data = oci.TarBuilder().dir("data").file("data/hello", HELLO).file("data/marker", marker)
+    for name, content in FILES.items():
+        data.file(f"data/{name}", content)
+    return data.tar()
+
+
 def _pause_tar() -> bytes:
     # Its own layer: sharing the test images' base layer (same diff ID, so the same chain ID)
     # would make their first layer an existing ordinary snapshot once a pod has run.
@@ -102,11 +119,24 @@ def images(
         ),
         "mixed": (oci.seekable_layer(base, "estargz"), oci.gzip_layer(data)),
         "gzip": (oci.gzip_layer(base), oci.gzip_layer(data)),
+        # Plain gzip again, with layers of its own (a shared chain ID would find the gzip
+        # image's snapshots), indexed below by `lazysnap index`.
+        "soci": (
+            oci.gzip_layer(_busybox_tar_with(b"indexed\n")),
+            oci.gzip_layer(_data_tar_with(b"indexed\n")),
+        ),
     }
     pushed = {
         name: _push(docker_registry, tmp_path_factory.mktemp(name), name, layers)
         for name, layers in variants.items()
     }
+    # A SOCI v2 index, as `lazysnap index` writes it; the layer blobs stay as they are.
+    indexed = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "index", pushed["soci"].reference,
+         "--min-layer-size", "0", "--span-size", "64KiB"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert indexed.returncode == 0, indexed.stderr
     # The sandbox's one process: busybox sleep stands in for the pause binary.
     pushed["pause"] = _push(
         docker_registry, tmp_path_factory.mktemp("pause"), "pause", (oci.gzip_layer(_pause_tar()),),
@@ -251,6 +281,18 @@ def test_a_mixed_and_a_plain_gzip_image_still_run_through_cri(
     _run_reading_data(stack, plain, "plain")
     _remove_and_check_gone(stack, mixed)
     _remove_and_check_gone(stack, plain)
+
+
+def test_a_plain_gzip_image_indexed_by_lazysnap_index_is_lazy_through_cri(
+    stack: CriStack, images: dict[str, CriImage]
+) -> None:
+    """Nothing but the CRI labels reaches the daemon: it finds the SOCI index through the
+    manifest's annotation and serves both plain gzip layers lazily."""
+    image = images["soci"]
+    stack.client.pull(image.reference)
+    assert _remote_layers(stack, image) == [True, True], stack.daemon.log()[-3000:]
+    _run_reading_data(stack, image, "soci")
+    _remove_and_check_gone(stack, image)
 
 
 def test_a_lazy_image_runs_after_a_kill_9_of_the_daemon_between_pull_and_start(
