@@ -57,7 +57,8 @@ class ImageNamedBlob:
                 log.error(
                     "lazy read refused by the registry after looking the credentials up "
                     "again; the read fails with EIO",
-                    extra={"image": self._image_ref, "digest": self._inner.digest,
+                    extra={"event": "lazy_read_refused", "image": self._image_ref,
+                           "digest": self._inner.digest,
                            "status": getattr(exc, "status", None),
                            "error": type(exc).__name__},
                 )
