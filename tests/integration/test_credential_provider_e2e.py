@@ -11,7 +11,6 @@ import base64
 import contextlib
 import errno
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from tests.integration.registry_support.token_server import run_token_server
 from tests.support import oci_image as oci
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
+from tests.support.secret_scan import files_holding
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.registry, pytest.mark.slow]
 
@@ -177,13 +177,8 @@ def _leaks(daemon: Daemon) -> list[str]:
             found.append(f"log holds {password}")
         if password in ps:
             found.append(f"ps shows {password}")
-        for directory, subdirs, files in os.walk(daemon.root):
-            subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(directory, d))]
-            for name in files:
-                path = Path(directory, name)
-                with contextlib.suppress(OSError):
-                    if path.is_file() and password.encode() in path.read_bytes():
-                        found.append(f"{path} holds {password}")
+        found += [f"{path} holds {password}"
+                  for path in files_holding(daemon.root, password.encode())]
     return found
 
 

@@ -41,6 +41,7 @@ from tests.support.containerd import (
 from tests.support.cri import CALL_TIMEOUT, CriClient, running_pod
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
+from tests.support.secret_scan import files_holding
 
 pytestmark = [
     pytest.mark.root,
@@ -208,8 +209,8 @@ def test_a_private_image_pulled_through_the_proxy_is_lazy_and_read_after_a_resta
 
         ps = subprocess.run(["ps", "axww", "-o", "args"], capture_output=True, text=True,
                             check=True).stdout
-        leaks = [str(path) for path in (stack.work / "d" / "root").rglob("*")
-                 if path.is_file() and PASSWORD.encode() in path.read_bytes()]
+        leaks = [str(path) for path in files_holding(stack.work / "d" / "root",
+                                                      PASSWORD.encode())]
         assert PASSWORD not in stack.daemon.log()
         assert PASSWORD not in ps and encoded not in ps
         assert leaks == [], "no credential under the state root"

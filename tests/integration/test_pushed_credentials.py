@@ -23,6 +23,7 @@ from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
+from tests.support.secret_scan import files_holding
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.registry, pytest.mark.slow]
 
@@ -280,22 +281,6 @@ def test_two_repositories_on_one_host_keep_their_own_credentials(
             assert secret not in daemon.log()
 
 
-def _grep_tree(root: Path, needle: bytes) -> list[Path]:
-    """Files of the daemon's state under ``root`` holding ``needle``; the lazy layers' FUSE
-    mount is not state (and reading it would fetch every layer)."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(directory, d))]
-        for name in files:
-            path = Path(directory, name)
-            try:
-                if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
-                    found.append(path)
-            except OSError:
-                continue  # a socket, a file removed meanwhile
-    return found
-
-
 @pytest.mark.containerd
 def test_password_stdin_keeps_the_password_out_of_argv_logs_and_state(
     short_tmp: Path, private_image: tuple[RunningRegistry, str, oci.Layer]
@@ -324,4 +309,4 @@ def test_password_stdin_keeps_the_password_out_of_argv_logs_and_state(
         assert " remote " in out, out
         assert PASSWORD.encode() not in cmdline and b"--password-stdin" in cmdline
         assert PASSWORD not in daemon.log() and PASSWORD not in err
-        assert _grep_tree(daemon.root, PASSWORD.encode()) == []
+        assert files_holding(daemon.root, PASSWORD.encode()) == []
