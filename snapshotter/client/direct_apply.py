@@ -109,11 +109,16 @@ class _ContentWriter:
 
 class DirectApplier:
     def __init__(
-        self, api: ContainerdAPI, fetcher: LayerFetcher, progress: Progress | None = None
+        self, api: ContainerdAPI, fetcher: LayerFetcher, progress: Progress | None = None,
+        *, soci_indexed: bool = False,
     ) -> None:
+        """``soci_indexed``: the image has a SOCI index, so the daemon may serve its gzip layers
+        lazily. They are then not downloaded ahead: a layer turns out lazy only when its
+        Prepare answers, and by then a download ahead would have fetched all of it."""
         self._api = api
         self._fetcher = fetcher
         self._progress = progress or NoProgress()
+        self._soci_indexed = soci_indexed
 
     def _in_content_store(self, layer: Descriptor) -> bool:
         try:
@@ -129,6 +134,7 @@ class DirectApplier:
             layer for layer in layers
             if not classify_layer(layer.media_type, layer.annotations).lazy
             and _compression(layer) is not None
+            and not (self._soci_indexed and _compression(layer) == "gzip")
             and not self._in_content_store(layer)
         ]
         if chosen:

@@ -39,6 +39,7 @@ from snapshotter.client.documents import ImageDocuments, fetch_documents
 from snapshotter.client.fetch_settings import FetchSettings
 from snapshotter.client.parallel_fetch import ParallelFetcher
 from snapshotter.client.progress import LayerResult, Progress
+from snapshotter.client.soci_check import has_soci_index
 from snapshotter.client.unpacker import (
     BlobSource,
     Unpacker,
@@ -209,7 +210,8 @@ async def pull(
                     registry, ref, Path(scratch), nursery, trio.lowlevel.current_trio_token(),
                     parallel,
                 )
-                direct = DirectApplier(api, fetcher, progress)
+                direct = DirectApplier(api, fetcher, progress,
+                                       soci_indexed=await has_soci_index(registry, ref, image))
             failure: Exception | None = None
             try:
                 results = await trio.to_thread.run_sync(

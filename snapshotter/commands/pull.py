@@ -190,6 +190,7 @@ def _unpack_resolved(
     from snapshotter.client.direct_apply import DirectApplier  # noqa: PLC0415
     from snapshotter.client.documents import documents_from_answer  # noqa: PLC0415
     from snapshotter.client.pull import store_and_unpack  # noqa: PLC0415
+    from snapshotter.client.soci_check import has_v2_index  # noqa: PLC0415
 
     try:
         with ContainerdClient(args.address, args.namespace) as client:
@@ -200,7 +201,10 @@ def _unpack_resolved(
                      image.name, image.manifest_digest, len(resolved.read_ahead))
             parallel = args.parallel_settings
             blobs = OnDemandRegistryBlobs(image.name, _client_setup(args), parallel)
-            direct = None if parallel is None else DirectApplier(client, blobs, progress)
+            # Only the v2 index is known here without a request; a v1 index is looked up by
+            # the local pull (``has_soci_index``), not by this path.
+            direct = None if parallel is None else DirectApplier(
+                client, blobs, progress, soci_indexed=has_v2_index(image))
             try:
                 results = store_and_unpack(
                     client, image, args.snapshotter, blobs, progress, direct=direct

@@ -1,0 +1,32 @@
+"""Whether an image has a SOCI index: then the daemon may serve its plain gzip layers lazily,
+and the parallel pull must not download them ahead."""
+
+from __future__ import annotations
+
+import logging
+
+from registry import Reference, RegistryClient, RegistryError
+from snapshotter.client.documents import ImageDocuments
+from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SOCI_INDEX_V1
+
+log = logging.getLogger(__name__)
+
+
+def has_v2_index(image: ImageDocuments) -> bool:
+    """A SOCI v2 index is named by the image manifest's annotation: known without a request."""
+    return IMAGE_INDEX_DIGEST in image.manifest.annotations
+
+
+async def has_soci_index(registry: RegistryClient, ref: Reference, image: ImageDocuments) -> bool:
+    """v2 from the manifest; v1 from the manifest's referrers (one request, two on a registry
+    without the referrers API). A failed lookup counts as no index: layers are then downloaded
+    ahead as for any gzip image, which costs bytes, never correctness."""
+    if has_v2_index(image):
+        return True
+    try:
+        found = await registry.fetch_referrers(ref, image.manifest_digest, SOCI_INDEX_V1)
+    except RegistryError as exc:
+        log.info("pull soci-lookup-failed manifest=%s error=%s", image.manifest_digest,
+                 type(exc).__name__)
+        return False
+    return bool(found.of_type(SOCI_INDEX_V1))
