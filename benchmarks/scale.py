@@ -154,7 +154,9 @@ def _ctr(containerd: RunningContainerd) -> list[str]:
 def _pull_command(arm: str, reference: str, containerd: RunningContainerd,
                   hosts_dir: Path, daemon_address: Path | None) -> list[str]:
     if arm == "stargz":
-        return [*_ctr(containerd), "images", "rpull", "--plain-http", reference]
+        # rpull is ctr-remote's (stargz-snapshotter's ctr): it adds the labels stargz needs.
+        return ["ctr-remote", "--address", str(containerd.address), "--namespace",
+                containerd.namespace, "images", "rpull", "--plain-http", reference]
     return [str(LAZYSNAP), "pull", reference, "--snapshotter", "lazysnap",
             "--address", str(containerd.address), "--namespace", containerd.namespace,
             "--hosts-dir", str(hosts_dir), "--snapshotter-address", str(daemon_address)]
