@@ -369,8 +369,10 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def oci_layout(root: Path, layer_tar: bytes) -> None:
-    """A one-layer OCI image layout (tag ``t``) whose layer is ``layer_tar`` gzipped."""
+def oci_layout(root: Path, layer_tar: bytes, layer_blob: bytes | None = None) -> None:
+    """A one-layer OCI image layout (tag ``t``) whose layer is ``layer_blob``, by default
+    ``layer_tar`` gzipped. The media type always says gzip and the diff ID is ``layer_tar``'s:
+    right for an eStargz blob, and not checked by ``ctr images import --no-unpack`` for others."""
 
     def put(data: bytes) -> tuple[str, int]:
         digest = hashlib.sha256(data).hexdigest()
@@ -378,7 +380,8 @@ def oci_layout(root: Path, layer_tar: bytes) -> None:
         (root / "blobs" / "sha256" / digest).write_bytes(data)
         return "sha256:" + digest, len(data)
 
-    layer, layer_size = put(zlib.compress(layer_tar, wbits=31))
+    blob = zlib.compress(layer_tar, wbits=31) if layer_blob is None else layer_blob
+    layer, layer_size = put(blob)
     config = {
         "architecture": "amd64",
         "os": "linux",
