@@ -1,5 +1,10 @@
 """SOCI indexes of images: found once per image, verified, cached; a failure means "no index".
 
+A found index is kept while the image stays in the cache. "No index" is not final: a failed
+lookup is tried again after a short while, and an image with no index is asked about again
+after a few minutes, because a v1 index can be published later (``lazysnap index --v1``, or
+another node's ``[index] publish``) without changing the image.
+
 Where the index is comes from the image manifest. Version 2: the manifest's
 ``com.amazon.soci.index-digest`` annotation names it, and the index is fetched by that digest.
 ``lazysnap pull`` forwards the annotation with each layer's labels, so the manifest is not
@@ -38,12 +43,25 @@ LOOKUP_TIMEOUT_SECONDS = 20.0
 IMAGE_CACHE_SIZE = 64
 # A referrers list is written by anyone who may push to the repository: try only a few.
 MAX_V1_CANDIDATES = 4
+# How long "no index" is believed: after a failure (a registry hiccup should not make an
+# image unlazy for the life of the daemon), and after a clean answer that there is none.
+FAILED_LOOKUP_SECONDS = 30.0
+ABSENT_INDEX_SECONDS = 300.0
 
 
 @dataclass(slots=True)
 class _Lookup:
     done: trio.Event
     index: SociIndex | None = None
+    # trio time after which the answer is looked up again; None keeps it.
+    expires_at: float | None = None
+
+    def expired(self) -> bool:
+        return (
+            self.done.is_set()
+            and self.expires_at is not None
+            and trio.current_time() >= self.expires_at
+        )
 
 
 class SociIndexes:
@@ -86,6 +104,9 @@ class SociIndexes:
     ) -> SociIndex | None:
         key = f"{ref.domain}/{ref.path}@{manifest_digest}"
         lookup = self._lookups.get(key)
+        if lookup is not None and lookup.expired():
+            del self._lookups[key]
+            lookup = None
         if lookup is not None:
             self._lookups.move_to_end(key)
             await lookup.done.wait()
@@ -95,8 +116,12 @@ class SociIndexes:
             self._lookups.popitem(last=False)
         try:
             self.requests += 1
+            lookup.expires_at = trio.current_time() + FAILED_LOOKUP_SECONDS
             with trio.fail_after(LOOKUP_TIMEOUT_SECONDS):
                 lookup.index = await self._find(ref, manifest_digest, index_digest)
+            lookup.expires_at = (
+                None if lookup.index is not None else trio.current_time() + ABSENT_INDEX_SECONDS
+            )
         except (RegistryError, SociIndexError, trio.TooSlowError) as exc:
             log.warning(
                 "soci index lookup failed image=%s manifest=%s error=%s: %s",

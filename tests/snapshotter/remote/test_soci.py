@@ -8,10 +8,11 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 
 from registry import Reference, fallback_tag, parse_reference
 from registry.manifest import OCI_INDEX, OCI_MANIFEST
-from snapshotter.remote.soci import SociIndexes
+from snapshotter.remote.soci import ABSENT_INDEX_SECONDS, FAILED_LOOKUP_SECONDS, SociIndexes
 from snapshotter.soci_index import (
     SOCI_INDEX_V1,
     SociIndex,
@@ -120,6 +121,61 @@ def test_a_failed_lookup_is_no_index_with_a_log_line(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING):
         assert _lookup(fake, digest_of(b"gone"))[0] == [None]
     assert "soci index lookup failed" in caplog.text
+
+
+def _lookups_over_time(
+    fake: FakeRegistry, index_digest: str | None, waits: list[float]
+) -> tuple[list[ZtocDescriptor | None], int]:
+    """One lookup, then one more after each wait (in seconds of a mock clock). The clock moves
+    only when told: an autojumping one fires the lookup's timeout while the client works."""
+    clock = trio.testing.MockClock()
+
+    async def main() -> tuple[list[ZtocDescriptor | None], int]:
+        async with make_client(fake) as client:
+            indexes = SociIndexes(client)
+            found = [await indexes.ztoc_for(REF, MANIFEST, index_digest, LAYER)]
+            for wait in waits:
+                clock.jump(wait)
+                found.append(await indexes.ztoc_for(REF, MANIFEST, index_digest, LAYER))
+            return found, indexes.requests
+
+    return trio.run(main, clock=clock)
+
+
+def test_a_failed_lookup_is_tried_again_after_a_short_while() -> None:
+    fake = FakeRegistry()
+    body = _index(2)
+    digest = digest_of(body)
+    found: list[ZtocDescriptor | None] = []
+    clock = trio.testing.MockClock()
+
+    async def main() -> int:
+        async with make_client(fake) as client:
+            indexes = SociIndexes(client)
+            # Missing at first, as during a registry hiccup, then there.
+            found.append(await indexes.ztoc_for(REF, MANIFEST, digest, LAYER))
+            fake.add_manifest(body, OCI_MANIFEST)
+            clock.jump(FAILED_LOOKUP_SECONDS - 1)
+            found.append(await indexes.ztoc_for(REF, MANIFEST, digest, LAYER))
+            clock.jump(2)
+            found.append(await indexes.ztoc_for(REF, MANIFEST, digest, LAYER))
+            return indexes.requests
+
+    assert trio.run(main, clock=clock) == 2
+    assert found == [None, None, ZTOC]
+
+
+def test_no_v1_index_is_believed_for_minutes_then_asked_again() -> None:
+    referrers = {MANIFEST: _referrers()}
+    fake = FakeRegistry(referrers=referrers)
+    found, lookups = _lookups_over_time(fake, None, [60.0, ABSENT_INDEX_SECONDS])
+    assert found == [None, None, None] and lookups == 2
+    # A v1 index published meanwhile is found on the next lookup after that.
+    body = _index(1)
+    fake.add_manifest(body, OCI_MANIFEST)
+    referrers[MANIFEST] = _referrers(body)
+    found, lookups = _lookups_over_time(fake, None, [ABSENT_INDEX_SECONDS + 1])
+    assert found == [ZTOC, ZTOC] and lookups == 1  # a found index is kept
 
 
 def test_an_index_that_does_not_hash_to_its_digest_is_refused() -> None:
