@@ -62,7 +62,10 @@ FAILURE_REASONS = (
     "stopped",  # the daemon stopped during the job
     "internal",  # a bug: the traceback is logged
 )
-SKIP_REASONS = ("already_indexed", "nothing_to_index")
+SKIP_REASONS = ("already_indexed", "nothing_to_index", "denied_recently")
+# A registry tells a node without push access so only at its first upload, after a zTOC was
+# built: a repository that refused is not tried again for this long.
+DENIED_BACKOFF_SECONDS = 3600.0
 MAX_QUEUED = 64  # images waiting; more are dropped with a log line (a later pull asks again)
 MAX_NAME = 4096
 
@@ -142,6 +145,7 @@ class IndexPublisher:
         self._lock = threading.Lock()
         self._send, self._receive = trio.open_memory_channel[PublishJob](math.inf)
         self._token: trio.lowlevel.TrioToken | None = None
+        self._denied_until: dict[str, float] = {}  # repository -> trio.current_time() bound
 
     def request(self, job: PublishJob) -> bool:
         """Queue ``job`` unless its manifest is queued or running already; returns at once."""
@@ -186,6 +190,9 @@ class IndexPublisher:
                      extra={"event": "index_publish_skipped", "reason": skip.reason, **where})
             return self._count("skipped")
         except PublishFailed as failure:
+            if failure.reason == "denied":
+                repository = str(validate_job(job))
+                self._denied_until[repository] = trio.current_time() + DENIED_BACKOFF_SECONDS
             self._failed(failure.reason, str(failure), where)
             return self._count("failed")
         except trio.Cancelled:
@@ -211,6 +218,8 @@ class IndexPublisher:
 
     async def _publish(self, job: PublishJob) -> tuple[str, str]:
         repository = validate_job(job)
+        if trio.current_time() < self._denied_until.get(str(repository), -math.inf):
+            raise Skipped("denied_recently")
         body = await trio.to_thread.run_sync(self._read_manifest, job)
         manifest = _parse(body, job.manifest_digest)
         if IMAGE_INDEX_DIGEST in manifest.annotations:

@@ -179,7 +179,7 @@ def test_an_image_without_a_large_enough_gzip_layer_is_skipped() -> None:
     assert node.fake.requests == []
 
 
-def test_no_push_permission_fails_as_denied_and_the_password_is_never_logged(
+def test_no_push_permission_fails_as_denied_then_backs_off_and_never_logs_the_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -191,9 +191,21 @@ def test_no_push_permission_fails_as_denied_and_the_password_is_never_logged(
             return oci_error(403, "DENIED", "requested access to the resource is denied")
         return await node.fake.handle(request)
 
-    result, counts = node.run(handler=read_only, credentials=Credentials("alice", PASSWORD))
-    assert (result, counts["failed"]) == ("failed", 1)
-    assert events(caplog)[-1] == ("index_publish_failed", "denied")
+    credentials = Credentials("alice", PASSWORD)
+
+    async def main() -> list[str]:
+        async with make_client(node.fake, handler=read_only, credentials=credentials) as client:
+            publisher = IndexPublisher(client, node.content.open, SETTINGS)
+            first = await publisher.publish(node.job)
+            reads = len(node.content.namespaces)
+            second = await publisher.publish(node.job)
+            assert len(node.content.namespaces) == reads, "the second job read nothing"
+            assert publisher.counts == {"published": 0, "skipped": 1, "failed": 1}
+            return [first, second]
+
+    assert trio.run(main) == ["failed", "skipped"]
+    assert [e for e in events(caplog) if e[0] != "index_publish_started"] == [
+        ("index_publish_failed", "denied"), ("index_publish_skipped", "denied_recently")]
     assert node.pushed_manifests() == []
     basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
     assert PASSWORD not in caplog.text and basic not in caplog.text
