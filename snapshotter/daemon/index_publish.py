@@ -167,8 +167,10 @@ class IndexPublisher:
             return False
         return True
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take jobs until cancelled; requests are taken from ``task_status.started()`` on."""
         self._token = trio.lowlevel.current_trio_token()
+        task_status.started()
         try:
             async for job in self._receive:
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,7 @@ from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
 from snapshotter.remote.bridge import TrioBridge
 from snapshotter.remote.layers import LazyLayers
 from snapshotter.store.guest_pull import GuestPull, mount_type
+from snapshotter.store.layout import Layout
 from snapshotter.store.metadata import MetadataError
 from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
@@ -308,7 +310,9 @@ async def _start_lazy(
     return LazySide(fs, client, bridge, credentials, layers)
 
 
-def _index_publisher(config: Config, lazy: LazySide | None) -> IndexPublisher | None:
+def _index_publisher(
+    config: Config, lazy: LazySide | None, layout: Layout
+) -> IndexPublisher | None:
     """``[index] publish``: pushes with the lazy side's registry client and its credentials."""
     if not config.index.publish:
         return None
@@ -319,9 +323,14 @@ def _index_publisher(config: Config, lazy: LazySide | None) -> IndexPublisher | 
     def open_content(namespace: str) -> ContainerdClient:
         return ContainerdClient(config.cri.containerd_address, namespace)
 
+    # Layer blobs are copied here while their zTOC is built: on the daemon's disk rather than
+    # in /tmp, which may be memory. What a killed daemon left behind is removed now.
+    work = layout.index_publish
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700, parents=True)
     log.info("index publish on", extra={"min_layer_size": config.index.min_layer_size,
                                         "span_size": config.index.span_size})
-    return IndexPublisher(lazy.client, open_content, config.index)
+    return IndexPublisher(lazy.client, open_content, config.index, work)
 
 
 def _summary(config: Config, lazy: LazySide | None) -> DaemonSummary:
@@ -411,9 +420,11 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         credentials = PushedCredentials(cri_store or node)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         exported.lazy = lazy
-        publisher = _index_publisher(config, lazy)
+        publisher = await trio.to_thread.run_sync(
+            _index_publisher, config, lazy, snapshotter.layout
+        )
         if publisher is not None:
-            nursery.start_soon(publisher.run)
+            await nursery.start(publisher.run)
             exported.publisher = publisher
         server = await trio.to_thread.run_sync(
             _start_server, snapshotter, config.address, lazy, grpc_stats,

@@ -251,20 +251,29 @@ def test_a_daemon_stopping_mid_job_logs_it_and_leaves_no_index(
 ) -> None:
     caplog.set_level(logging.INFO)
     node = Node()
-    node.fake.delay = 0.05
     counts: dict[str, int] = {}
 
     async def main() -> None:
-        async with make_client(node.fake) as client:
+        uploading = trio.Event()
+
+        async def stall_uploads(request: httpx.Request) -> httpx.Response:
+            if request.method == "PUT" and "/blobs/uploads/" in request.url.path:
+                uploading.set()  # the first zTOC is on its way: stop the daemon now
+                await trio.sleep_forever()
+            return await node.fake.handle(request)
+
+        async with make_client(node.fake, handler=stall_uploads) as client:
             publisher = IndexPublisher(client, node.content.open, SETTINGS)
-            with trio.move_on_after(0.3):
-                await publisher.publish(node.job)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publisher.publish, node.job)
+                await uploading.wait()
+                nursery.cancel_scope.cancel()
             counts.update(publisher.counts)
 
     trio.run(main)
     assert counts["failed"] == 1
     assert events(caplog)[-1] == ("index_publish_failed", "stopped")
-    assert node.referrers_tag not in node.fake.manifests
+    assert node.pushed_manifests() == [], "no index manifest without all of its zTOCs"
 
 
 def test_requests_are_queued_once_per_manifest_and_run_one_at_a_time() -> None:
