@@ -164,6 +164,8 @@ class IndexPublisher:
         try:
             token.run_sync_soon(self._send.send_nowait, job)
         except trio.RunFinishedError:
+            with self._lock:
+                self._pending.discard(job.manifest_digest)
             return False
         return True
 
