@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ImagePulledRequest(_message.Message):
+    __slots__ = ("image", "manifest_digest", "namespace")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    manifest_digest: str
+    namespace: str
+    def __init__(self, image: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class ImagePulledResponse(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: bool
+    def __init__(self, queued: _Optional[bool] = ...) -> None: ...
+
 class ResolveRequest(_message.Message):
     __slots__ = ("image", "platform")
     IMAGE_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class DaemonStub:
                 request_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
                 response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
                 _registered_method=True)
+        self.ImagePulled = channel.unary_unary(
+                '/lazysnap.daemon.v1.Daemon/ImagePulled',
+                request_serializer=snapshotter_dot___proto_dot_daemon__pb2.ImagePulledRequest.SerializeToString,
+                response_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ImagePulledResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -128,6 +133,17 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImagePulled(self, request, context):
+        """ImagePulled tells the daemon that a client pulled an image in full, some gzip layers of
+        which were not served lazily (no SOCI index). With `[index] publish` on, the daemon queues
+        one background job that builds a SOCI index from the blobs in containerd's content store
+        and pushes it as a v1 referrer (docs/index.md). It answers at once; queued is false when
+        publishing is off or the image is already queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +176,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Layers,
                     request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.FromString,
                     response_serializer=snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.SerializeToString,
+            ),
+            'ImagePulled': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImagePulled,
+                    request_deserializer=snapshotter_dot___proto_dot_daemon__pb2.ImagePulledRequest.FromString,
+                    response_serializer=snapshotter_dot___proto_dot_daemon__pb2.ImagePulledResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,6 +345,33 @@ class Daemon:
             '/lazysnap.daemon.v1.Daemon/Layers',
             snapshotter_dot___proto_dot_daemon__pb2.LayersRequest.SerializeToString,
             snapshotter_dot___proto_dot_daemon__pb2.LayersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImagePulled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.daemon.v1.Daemon/ImagePulled',
+            snapshotter_dot___proto_dot_daemon__pb2.ImagePulledRequest.SerializeToString,
+            snapshotter_dot___proto_dot_daemon__pb2.ImagePulledResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DAEMON_RPC_TIMEOUT = 5.0  # Status, PrepareAhead: answered from memory
+# ImagePulled only queues a job: a daemon that takes longer is busy, and the pull is done.
+IMAGE_PULLED_TIMEOUT = 0.5
 
 
 class DaemonCannotResolve(Exception):
@@ -245,3 +247,25 @@ def announcer(address: str) -> Callable[[UnpackPlan], None]:
                       else exc)
 
     return announce
+
+
+# -- ImagePulled ------------------------------------------------------------------------------
+
+
+def tell_image_pulled(address: str, image: str, manifest_digest: str, namespace: str) -> bool:
+    """Tell the daemon that ``image`` was pulled in full, for ``[index] publish``. The pull has
+    succeeded already: a daemon that is slow, gone or older is left alone. Whether it queued."""
+    request = daemon_pb2.ImagePulledRequest(
+        image=image, manifest_digest=manifest_digest, namespace=namespace
+    )
+    try:
+        with grpc.insecure_channel(f"unix:{address}") as channel:
+            reply = daemon_pb2_grpc.DaemonStub(channel).ImagePulled(
+                request, timeout=IMAGE_PULLED_TIMEOUT
+            )
+    except grpc.RpcError as exc:
+        log.debug("image-pulled not taken: %s", exc.code() if isinstance(exc, grpc.Call)
+                  else exc)
+        return False
+    log.debug("image-pulled queued=%s", reply.queued)
+    return bool(reply.queued)

@@ -4,9 +4,12 @@ and the parallel pull must not download them ahead."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from registry import Reference, RegistryClient, RegistryError
 from snapshotter.client.documents import ImageDocuments
+from snapshotter.client.progress import LayerResult
+from snapshotter.lazy_formats import classify_layer, layer_compression
 from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SOCI_INDEX_V1
 
 log = logging.getLogger(__name__)
@@ -30,3 +33,18 @@ async def has_soci_index(registry: RegistryClient, ref: Reference, image: ImageD
                  type(exc).__name__)
         return False
     return bool(found.of_type(SOCI_INDEX_V1))
+
+
+def pulled_gzip_in_full(image: ImageDocuments, results: Sequence[LayerResult]) -> bool:
+    """Whether this pull fetched and unpacked a plain gzip layer of an image without a v2
+    index: then a SOCI index would have let it pull lazily, and the daemon may publish one
+    (``[index] publish``; the daemon itself checks for a v1 index)."""
+    if has_v2_index(image):
+        return False
+    applied = {result.digest for result in results if result.outcome == "applied"}
+    return any(
+        layer.digest in applied
+        and layer_compression(layer.media_type) == "gzip"
+        and not classify_layer(layer.media_type, layer.annotations).lazy
+        for layer in image.manifest.layers
+    )

@@ -215,6 +215,7 @@ def _unpack_resolved(
         return fail(NAME, f"{args.image}: not found in the registry: {exc}")
     except RegistryError as exc:
         return fail(NAME, f"{args.image}: {type(exc).__name__}: {exc}")
+    _tell_daemon_pulled(args, image, results)
     return _done(args, image.name, results)
 
 
@@ -280,7 +281,20 @@ def _pull_locally(args: argparse.Namespace, progress: Progress) -> int:
     except KeyboardInterrupt:
         fail(NAME, "interrupted (containerd collects what was stored once its lease expires)")
         return 130
+    _tell_daemon_pulled(args, image, results)
     return _done(args, image.name, results)
+
+
+def _tell_daemon_pulled(
+    args: argparse.Namespace, image: ImageDocuments, results: list[LayerResult]
+) -> None:
+    """A gzip image pulled in full: the daemon may build and publish its SOCI index."""
+    from snapshotter.client.daemon_client import tell_image_pulled  # noqa: PLC0415
+    from snapshotter.client.soci_check import pulled_gzip_in_full  # noqa: PLC0415
+
+    if args.snapshotter_address and pulled_gzip_in_full(image, results):
+        tell_image_pulled(args.snapshotter_address, image.name, image.manifest_digest,
+                          args.namespace)
 
 
 def _done(args: argparse.Namespace, name: str, results: list[LayerResult]) -> int:

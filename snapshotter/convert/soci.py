@@ -10,6 +10,9 @@ zTOC is built from that file in a worker thread, then pushed. Then the SOCI inde
 - v1: the index manifest by digest, with the image manifest as its subject. A registry with
   the referrers API lists it from then on; for one without, the referrers tag
   (``sha256-<hex>`` of the image manifest) gets an image index that lists it.
+
+``index_manifest_v1`` is the v1 path for a manifest already at hand and blobs from elsewhere:
+the daemon's ``[index] publish`` reads them back from containerd's content store.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +33,7 @@ import trio
 from fusefs import DEFAULT_SPAN_SIZE, ZtocBuild, ZtocBuildError, build_ztoc
 from registry import (
     Descriptor,
+    Manifest,
     NotFoundError,
     Platform,
     Reference,
@@ -111,6 +115,8 @@ class IndexResult:
 
 
 LayerCallback = Callable[[LayerIndexReport], None]
+# Writes the layer's blob to the path, its digest verified; raises if the bytes do not match.
+BlobFetch = Callable[[Descriptor, Path], Awaitable[None]]
 
 
 async def index_image(
@@ -132,32 +138,84 @@ async def index_image(
         reasons = "; ".join(f"{p.layer.digest}: {p.skip_reason}" for p in plans)
         raise IndexImageError(f"no layer to index: {reasons or 'the image has no layers'}")
     repository = Reference(image.domain, image.path)
-    reports = await _build_ztocs(client, repository, plans, options, on_layer)
-    subject = None
+    fetch = _registry_fetch(client, repository)
+    reports = await _build_ztocs(client, repository, plans, options, on_layer, fetch)
     if options.version == 1:
-        subject = si.Subject(
-            resolved.manifest.media_type, resolved.manifest_digest, len(resolved.manifest_content)
-        )
-    index = si.SociIndex(options.version, _ztoc_descriptors(reports, options), subject,
-                         build_tool=BUILD_TOOL)  # fmt: skip
+        return await _push_v1(
+            client, repository, resolved.manifest, resolved.manifest_digest,
+            len(resolved.manifest_content), resolved.platform, reports, options,
+        )  # fmt: skip
+    index = si.SociIndex(2, _ztoc_descriptors(reports, options), None, build_tool=BUILD_TOOL)
+    body, index_digest = await _push_index(client, repository, index)
+    result = IndexResult(
+        options.version, resolved.manifest_digest, resolved.platform, index_digest, len(body),
+        tuple(reports),
+    )  # fmt: skip
+    assert tag is not None
+    tagged = Reference(image.domain, image.path, tag)
+    return await _tag_soci_enabled_image(client, tagged, resolved, body, result)
+
+
+async def index_manifest_v1(
+    client: RegistryClient,
+    repository: Reference,
+    manifest: Manifest,
+    manifest_digest: str,
+    manifest_size: int,
+    options: IndexOptions,
+    fetch: BlobFetch,
+) -> IndexResult:
+    """Index the image ``manifest`` names with layer blobs from ``fetch``, and push a v1 SOCI
+    index with it as subject to ``repository``. The index manifest is pushed after every zTOC
+    and the referrers tag after the index, so a reader never finds an index it cannot read."""
+    if options.span_size <= 0 or options.min_layer_size < 0:
+        raise IndexImageError("the span size must be positive, the minimum layer size not negative")
+    plans = plan_layers(manifest.layers, options.min_layer_size)
+    if not any(plan.indexed for plan in plans):
+        raise IndexImageError("no layer to index")
+    reports = await _build_ztocs(client, repository, plans, options, None, fetch)
+    return await _push_v1(
+        client, repository, manifest, manifest_digest, manifest_size, None, reports, options
+    )
+
+
+async def _push_index(
+    client: RegistryClient, repository: Reference, index: si.SociIndex
+) -> tuple[bytes, str]:
     body = si.build(index)
     # Registries check that a manifest's config exists, even this two-byte one.
     await client.push_blob(repository, si.EMPTY_CONFIG, media_type=index.artifact_type)
     index_digest = await client.push_manifest(repository, body, si.OCI_MANIFEST)
     log.info("index pushed-soci-index digest=%s version=%d ztocs=%d",
-             index_digest, options.version, len(index.ztocs))  # fmt: skip
-    result = IndexResult(
-        options.version, resolved.manifest_digest, resolved.platform, index_digest, len(body),
-        tuple(reports),
+             index_digest, index.version, len(index.ztocs))  # fmt: skip
+    return body, index_digest
+
+
+async def _push_v1(
+    client: RegistryClient,
+    repository: Reference,
+    manifest: Manifest,
+    manifest_digest: str,
+    manifest_size: int,
+    platform: Platform | None,
+    reports: list[LayerIndexReport],
+    options: IndexOptions,
+) -> IndexResult:
+    subject = si.Subject(manifest.media_type, manifest_digest, manifest_size)
+    index = si.SociIndex(1, _ztoc_descriptors(reports, options), subject, build_tool=BUILD_TOOL)
+    body, index_digest = await _push_index(client, repository, index)
+    how, fallback = await _list_referrer(client, repository, manifest_digest, body, index_digest)
+    return IndexResult(
+        1, manifest_digest, platform, index_digest, len(body), tuple(reports),
+        referrers=how, referrers_tag=fallback,
     )  # fmt: skip
-    if options.version == 1:
-        how, fallback = await _list_referrer(
-            client, repository, resolved.manifest_digest, body, index_digest
-        )
-        return dataclasses.replace(result, referrers=how, referrers_tag=fallback)
-    assert tag is not None
-    tagged = Reference(image.domain, image.path, tag)
-    return await _tag_soci_enabled_image(client, tagged, resolved, body, result)
+
+
+def _registry_fetch(client: RegistryClient, repository: Reference) -> BlobFetch:
+    async def fetch(layer: Descriptor, path: Path) -> None:
+        await client.download_blob(repository, layer.digest, path)
+
+    return fetch
 
 
 def _ztoc_descriptors(
@@ -255,13 +313,14 @@ async def _build_ztocs(
     plans: list[LayerPlan],
     options: IndexOptions,
     on_layer: LayerCallback | None,
+    fetch: BlobFetch,
 ) -> list[LayerIndexReport]:
     work = Path(await trio.to_thread.run_sync(_make_work_dir, options.work_dir))
     reports = []
     try:
         for number, plan in enumerate(plans, 1):
             if plan.indexed:
-                report = await _index_layer(client, repository, plan.layer, options, work)
+                report = await _index_layer(client, repository, plan.layer, options, work, fetch)
             else:
                 report = LayerIndexReport(0, 0, plan.layer, plan.skip_reason)
             report = dataclasses.replace(report, number=number, total=len(plans))
@@ -279,12 +338,13 @@ async def _index_layer(
     layer: Descriptor,
     options: IndexOptions,
     work: Path,
+    fetch: BlobFetch,
 ) -> LayerIndexReport:
-    """Download (digest verified), build the zTOC, push it; the layer file is removed after."""
+    """Fetch (digest verified), build the zTOC, push it; the layer file is removed after."""
     path = work / "layer.gz"
     started = time.monotonic()
     try:
-        await client.download_blob(repository, layer.digest, path)
+        await fetch(layer, path)
         downloaded = time.monotonic()
 
         def build() -> ZtocBuild:

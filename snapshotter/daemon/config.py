@@ -126,6 +126,23 @@ def parse_metrics_address(value: str, name: str) -> str:
     return value
 
 
+# `lazysnap index`'s defaults (soci's), restated so that loading the configuration imports no
+# zTOC builder; a unit test keeps them equal to snapshotter.convert.soci's.
+DEFAULT_INDEX_MIN_LAYER_SIZE = 10 << 20
+DEFAULT_INDEX_SPAN_SIZE = 4 << 20
+INDEX_SPAN_SIZE_RANGE = (64 << 10, 1 << 30)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # Build a SOCI index from an unindexed gzip image this node pulled in full and push it as a
+    # v1 referrer, so that other nodes pull it lazily. Needs push credentials; off by default,
+    # because every node allowed to push can then change how all nodes read the repository.
+    publish: bool = False
+    min_layer_size: int = DEFAULT_INDEX_MIN_LAYER_SIZE  # smaller gzip layers get no zTOC
+    span_size: int = DEFAULT_INDEX_SPAN_SIZE  # uncompressed bytes between two checkpoints
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
@@ -138,6 +155,7 @@ class Config:
     pull: PullConfig = field(default_factory=PullConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -169,7 +187,7 @@ def _path(value: str, name: str) -> Path:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry",
-             "metrics"}
+             "metrics", "index"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -207,7 +225,32 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, registry=_parse_registry(_expect(data, "registry", dict, "")))
     if "metrics" in data:
         config = replace(config, metrics=_parse_metrics(_expect(data, "metrics", dict, "")))
+    if "index" in data:
+        config = replace(config, index=_parse_index(_expect(data, "index", dict, "")))
     return config
+
+
+def _parse_index(table: Mapping[str, Any]) -> IndexConfig:
+    extra = sorted(set(table) - {"publish", "min_layer_size", "span_size"})
+    if extra:
+        raise ConfigError(f"unknown configuration keys: {', '.join('index.' + k for k in extra)}")
+    index = IndexConfig()
+    if "publish" in table:
+        index = replace(index, publish=_expect(table, "publish", bool, "index."))
+    if "min_layer_size" in table:
+        size = table["min_layer_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"index.min_layer_size: expected bytes (an integer >= 0), "
+                              f"got {size!r}")
+        index = replace(index, min_layer_size=size)
+    if "span_size" in table:
+        span = table["span_size"]
+        low, high = INDEX_SPAN_SIZE_RANGE
+        if isinstance(span, bool) or not isinstance(span, int) or not low <= span <= high:
+            raise ConfigError(f"index.span_size: expected bytes, an integer from {low} to "
+                              f"{high}, got {span!r}")
+        index = replace(index, span_size=span)
+    return index
 
 
 def _parse_pull(table: Mapping[str, Any]) -> PullConfig:

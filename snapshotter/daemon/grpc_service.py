@@ -26,6 +26,7 @@ from snapshotter._proto import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
+from snapshotter.daemon.index_publish import IndexPublisher, PublishJob
 from snapshotter.daemon.pushed_credentials import HOST_WIDE, MAX_TTL_SECONDS, PushedCredentials
 from snapshotter.daemon.trace_stream import Started, Timed, TooManyRecordings, stream_trace
 from snapshotter.daemon_api import (
@@ -284,8 +285,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         remote: TrioBridge | None = None,
         trace: TraceHub | None = None,
         summary: DaemonSummary | None = None,
+        publisher: IndexPublisher | None = None,
     ) -> None:
         self._sn = snapshotter
+        self._publisher = publisher
         self._credentials = credentials
         self._remote = remote
         self._trace = trace
@@ -357,6 +360,15 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServicer):
         image = _call(context, "Resolve", resolve)
         return resolved_to_proto(image)
 
+    def ImagePulled(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def queue() -> bool:
+            if self._publisher is None:
+                return False  # [index] publish is off
+            job = PublishJob(request.image, request.manifest_digest, request.namespace)
+            return self._publisher.request(job)
+
+        return daemon_pb2.ImagePulledResponse(queued=_call(context, "ImagePulled", queue))
+
     def Trace(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         if self._trace is None:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -407,8 +419,9 @@ def add_services(
     remote: TrioBridge | None = None,
     trace: TraceHub | None = None,
     summary: DaemonSummary | None = None,
+    publisher: IndexPublisher | None = None,
 ) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     daemon_pb2_grpc.add_DaemonServicer_to_server(
-        DaemonServicer(snapshotter, credentials, remote, trace, summary), server
+        DaemonServicer(snapshotter, credentials, remote, trace, summary, publisher), server
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,12 +30,14 @@ from registry import (
     HostsConfig,
     RegistryClient,
 )
+from snapshotter.client.containerd_client import ContainerdClient
 from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.grpc_metrics import GrpcStats, MetricsInterceptor
 from snapshotter.daemon.grpc_service import DaemonSummary, add_services
+from snapshotter.daemon.index_publish import IndexPublisher
 from snapshotter.daemon.kubelet_credentials import KubeletCredentials, StartSoon
 from snapshotter.daemon.kubelet_provider_config import ProviderConfigError, load_provider_config
 from snapshotter.daemon.metrics import DaemonSnapshot, from_trio, metrics_registry
@@ -49,6 +52,7 @@ from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
 from snapshotter.remote.bridge import TrioBridge
 from snapshotter.remote.layers import LazyLayers
 from snapshotter.store.guest_pull import GuestPull, mount_type
+from snapshotter.store.layout import Layout
 from snapshotter.store.metadata import MetadataError
 from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
@@ -93,6 +97,7 @@ def _open_snapshotter(root: Path, guest_pull: GuestPull | None) -> Snapshotter:
 def _start_server(
     snapshotter: Snapshotter, address: Path, lazy: LazySide | None,
     grpc_stats: GrpcStats | None = None, summary: DaemonSummary | None = None,
+    publisher: IndexPublisher | None = None,
 ) -> grpc.Server:
     try:
         prepare_socket_path(address)
@@ -109,7 +114,8 @@ def _start_server(
     if lazy is None:
         add_services(server, snapshotter, summary=summary)
     else:
-        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE, summary)
+        add_services(server, snapshotter, lazy.credentials, lazy.bridge, TRACE, summary,
+                     publisher)
     _listen(server, address)
     server.start()
     return server
@@ -304,6 +310,29 @@ async def _start_lazy(
     return LazySide(fs, client, bridge, credentials, layers)
 
 
+def _index_publisher(
+    config: Config, lazy: LazySide | None, layout: Layout
+) -> IndexPublisher | None:
+    """``[index] publish``: pushes with the lazy side's registry client and its credentials."""
+    if not config.index.publish:
+        return None
+    if lazy is None:
+        log.warning("index publish is on but lazy pulling is not: nothing will be published")
+        return None
+
+    def open_content(namespace: str) -> ContainerdClient:
+        return ContainerdClient(config.cri.containerd_address, namespace)
+
+    # Layer blobs are copied here while their zTOC is built: on the daemon's disk rather than
+    # in /tmp, which may be memory. What a killed daemon left behind is removed now.
+    work = layout.index_publish
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700, parents=True)
+    log.info("index publish on", extra={"min_layer_size": config.index.min_layer_size,
+                                        "span_size": config.index.span_size})
+    return IndexPublisher(lazy.client, open_content, config.index, work)
+
+
 def _summary(config: Config, lazy: LazySide | None) -> DaemonSummary:
     if lazy is not None:
         mode = "lazy"
@@ -320,6 +349,7 @@ def _summary(config: Config, lazy: LazySide | None) -> DaemonSummary:
         "kata_guest_pull": str(config.kata.guest_pull).lower(),
         "cri_image_service": str(config.cri.image_service_address or ""),
         "metrics": config.metrics.address or "",
+        "index_publish": str(config.index.publish).lower(),
     })
 
 
@@ -328,6 +358,7 @@ class _Exported:
     """What the metrics read: the lazy side, once it is up (None: not yet, or not lazy)."""
 
     lazy: LazySide | None = None
+    publisher: IndexPublisher | None = None
 
 
 def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
@@ -336,11 +367,13 @@ def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
 
     def take() -> DaemonSnapshot:
         lazy = exported.lazy
+        published = {} if exported.publisher is None else dict(exported.publisher.counts)
         if lazy is None:
             return DaemonSnapshot(VERSION, lazy=False, grpc=grpc_stats.snapshot())
         return DaemonSnapshot(
             VERSION, lazy=True, fs=lazy.fs.snapshot(), registry=lazy.client.stats.copy(),
             fallbacks=dict(lazy.layers.fallbacks), grpc=grpc_stats.snapshot(),
+            index_publish=published,
         )
 
     registry = metrics_registry(from_trio(take, token), per_layer=config.metrics.per_layer)
@@ -387,9 +420,15 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         credentials = PushedCredentials(cri_store or node)
         lazy = await _start_lazy(config, snapshotter, nursery, credentials)
         exported.lazy = lazy
+        publisher = await trio.to_thread.run_sync(
+            _index_publisher, config, lazy, snapshotter.layout
+        )
+        if publisher is not None:
+            await nursery.start(publisher.run)
+            exported.publisher = publisher
         server = await trio.to_thread.run_sync(
             _start_server, snapshotter, config.address, lazy, grpc_stats,
-            _summary(config, lazy)
+            _summary(config, lazy), publisher,
         )
         proxy = None
         if cri_store is not None:

@@ -46,6 +46,8 @@ class DaemonSnapshot:
     fallbacks: Mapping[str, int] = field(default_factory=dict)
     # (full method name, status code name) -> durations in seconds
     grpc: Mapping[tuple[str, str], Histogram] = field(default_factory=dict)
+    # [index] publish jobs by result; empty while publishing is off
+    index_publish: Mapping[str, int] = field(default_factory=dict)
 
 
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
@@ -114,6 +116,11 @@ class DaemonCollector(Collector):
         for (method, code), histogram in sorted(snapshot.grpc.items()):
             grpc.add_metric([method, code], _buckets(histogram), histogram.total)
         yield grpc
+        if snapshot.index_publish:
+            yield _by_label("index_publish", "SOCI indexes this node built from images it "
+                            "pulled in full ([index] publish), by result: published, skipped "
+                            "(indexed already, or no layer to index), failed.", "result",
+                            snapshot.index_publish)
 
     def _fs(self, fs: FsSnapshot) -> Iterable[Metric]:
         groups = _groups(fs, self._per_layer)

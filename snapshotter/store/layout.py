@@ -61,6 +61,11 @@ class Layout:
         connection over must not give a removed layer's inode numbers to another layer."""
         return self.root / "fuse-slots"
 
+    @property
+    def index_publish(self) -> Path:
+        """``[index] publish``'s copies of layer blobs while their zTOC is built."""
+        return self.root / "index-publish"
+
     def tail(self, layer_id: str) -> Path:
         """A remote layer's saved footer/TOC ranges."""
         return self.tails / f"{layer_id}.tail"

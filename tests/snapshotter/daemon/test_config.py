@@ -194,3 +194,24 @@ def test_credential_provider_settings_go_together() -> None:
     with pytest.raises(ConfigError, match="absolute"):
         parse_config({"cri": {"credential_provider_config": "providers.yaml",
                               "credential_provider_bin_dir": "/bin"}})
+
+
+def test_index_table_defaults_and_bounds(tmp_path: Path) -> None:
+    index = Config().index
+    assert (index.publish, index.min_layer_size, index.span_size) == (False, 10 << 20, 4 << 20)
+    path = tmp_path / "config.toml"
+    path.write_text("[index]\npublish = true\nmin_layer_size = 0\nspan_size = 65536\n")
+    index = load_config(path).index
+    assert (index.publish, index.min_layer_size, index.span_size) == (True, 0, 65536)
+    for bad in ("publish = 1", "min_layer_size = -1", "min_layer_size = true",
+                "span_size = 1000", "span_size = 2147483648", "push = true"):
+        path.write_text(f"[index]\n{bad}\n")
+        with pytest.raises(ConfigError, match=r"index\."):
+            load_config(path)
+
+
+def test_index_defaults_are_lazysnap_index_s() -> None:
+    from snapshotter.convert.soci import DEFAULT_MIN_LAYER_SIZE, IndexOptions  # noqa: PLC0415
+
+    assert Config().index.min_layer_size == DEFAULT_MIN_LAYER_SIZE
+    assert Config().index.span_size == IndexOptions().span_size

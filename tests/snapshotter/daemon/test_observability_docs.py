@@ -13,6 +13,7 @@ from fusefs import FsSnapshot, LayerMeters, LayerSnapshot
 from fusefs.cache import CacheUsage
 from fusefs.stats import FETCH_KINDS
 from registry import RegistryStats
+from snapshotter.daemon import index_publish
 from snapshotter.daemon.grpc_metrics import GrpcStats
 from snapshotter.daemon.metrics import DaemonCollector, DaemonSnapshot
 from snapshotter.remote import fallback
@@ -49,6 +50,11 @@ def test_every_fallback_reason_is_documented_and_no_other() -> None:
     assert _first_column(_section("### Fallback reasons")) == set(fallback.REASONS)
 
 
+def test_every_index_publish_reason_is_documented_and_no_other() -> None:
+    documented = _first_column(_section("### Index publish reasons"))
+    assert documented == set(index_publish.FAILURE_REASONS) | set(index_publish.SKIP_REASONS)
+
+
 def test_every_exported_family_is_documented_and_no_other() -> None:
     meters = LayerMeters()
     layer = LayerSnapshot("r1", "sha256:" + "a" * 64, 10, 5, meters)
@@ -58,7 +64,7 @@ def test_every_exported_family_is_documented_and_no_other() -> None:
         "1", lazy=True,
         fs=FsSnapshot([layer], LayerMeters(), 0, 0, CacheUsage(0, 0, 1, 0, 0, 0, 0, 0)),
         registry=RegistryStats(), fallbacks=dict.fromkeys(fallback.REASONS, 0),
-        grpc=grpc.snapshot(),
+        grpc=grpc.snapshot(), index_publish=dict.fromkeys(index_publish.RESULTS, 0),
     )
     exported = {
         family.name + ("_total" if family.type == "counter" else "")
