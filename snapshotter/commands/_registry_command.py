@@ -33,19 +33,20 @@ def registry_client(args: argparse.Namespace) -> RegistryClient:
 
 
 def run_registry_command(
+    args: argparse.Namespace,
     command: RegistryCommand,
-    prepare: Callable[[], Options],
-    work: Callable[[Options], Awaitable[Result]],
-    done: Callable[[Result], int],
+    prepare: Callable[[argparse.Namespace], Options],
+    work: Callable[[argparse.Namespace, Options], Awaitable[Result]],
+    done: Callable[[argparse.Namespace, Result], int],
 ) -> int:
     """``prepare`` checks the arguments (raising ``command.error`` or ``ValueError``), ``work``
     talks to the registry, ``done`` prints the result and gives the exit code."""
     try:
-        options = prepare()
+        options = prepare(args)
     except (command.error, ValueError) as exc:
         return fail(command.name, exc)
     try:
-        result = trio.run(work, options)
+        result = trio.run(work, args, options)
     except NotFoundError as exc:
         return fail(command.name, f"{command.image}: not found in the registry: {exc}")
     except RegistryError as exc:
@@ -55,4 +56,4 @@ def run_registry_command(
     except KeyboardInterrupt:
         fail(command.name, f"interrupted ({command.unwritten} was not written)")
         return INTERRUPTED_EXIT_CODE
-    return done(result)
+    return done(args, result)

@@ -166,9 +166,5 @@ def _print_result(args: argparse.Namespace, result: ConvertResult) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
-    return run_registry_command(
-        RegistryCommand(NAME, args.source, ConvertError, unwritten="the destination tag"),
-        prepare=lambda: _options(args),
-        work=lambda options: _convert(args, options),
-        done=lambda result: _print_result(args, result),
-    )
+    command = RegistryCommand(NAME, args.source, ConvertError, unwritten="the destination tag")
+    return run_registry_command(args, command, _options, _convert, _print_result)

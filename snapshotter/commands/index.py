@@ -197,9 +197,5 @@ def _print_result(args: argparse.Namespace, result: IndexResult) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
-    return run_registry_command(
-        RegistryCommand(NAME, args.image, IndexImageError, unwritten="the tag"),
-        prepare=lambda: _options(args),
-        work=lambda options: _index(args, options),
-        done=lambda result: _print_result(args, result),
-    )
+    command = RegistryCommand(NAME, args.image, IndexImageError, unwritten="the tag")
+    return run_registry_command(args, command, _options, _index, _print_result)

@@ -50,20 +50,11 @@ from tests.integration.test_lazy_end_to_end import (
     _wait_until_containerd_reconnects,
     stack,
 )
+from tests.support import lazy_e2e
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd
 from tests.support.daemon import Daemon
 from tests.support.docker_registry import RunningRegistry
-from tests.support.lazy_e2e import (
-    HELLO,
-    READ_EVERYTHING,
-    add_host_files,
-    base_layer,
-    lazy_stack,
-    python_files,
-    tree,
-    tree_after_overlayfs_pull,
-)
 
 pytestmark = [
     pytest.mark.root,
@@ -93,7 +84,7 @@ def _data_layer() -> bytes:
     builder = oci.TarBuilder().dir("data")
     builder.file("data/big-text", _words(6 << 20, 1))
     builder.file("data/big-mixed", _words(3 << 20, 2) + random.Random(3).randbytes(2 << 20))
-    return add_host_files(builder, python_files()[:400]).tar()
+    return lazy_e2e.add_host_files(builder, lazy_e2e.python_files()[:400]).tar()
 
 
 @dataclass(frozen=True)
@@ -184,7 +175,7 @@ async def _push_image(
 
 @pytest.fixture(scope="module")
 def layers() -> tuple[oci.Layer, ...]:
-    return (oci.gzip_layer(base_layer()), oci.gzip_layer(_data_layer()))
+    return (oci.gzip_layer(lazy_e2e.base_layer()), oci.gzip_layer(_data_layer()))
 
 
 def _ztocs(layers: tuple[oci.Layer, ...]) -> dict[str, bytes]:
@@ -211,7 +202,7 @@ def images(docker_registry: RunningRegistry, layers: tuple[oci.Layer, ...]) -> d
 
 @pytest.fixture(scope="module")
 def overlayfs_tree(images: dict[str, Any]) -> list[str]:
-    seen = tree_after_overlayfs_pull(images["v1"].reference)
+    seen = lazy_e2e.tree_after_overlayfs_pull(images["v1"].reference)
     assert any(line.endswith("/data/big-text") for line in seen)
     return seen
 
@@ -240,7 +231,9 @@ def test_plain_gzip_image_with_a_soci_index_runs_lazily_and_reads_like_overlayfs
     daemon.start()
     _wait_until_containerd_reconnects(containerd)
     assert "remote layer restored" in daemon.log()
-    assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == HELLO.decode()
+    assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == (
+        lazy_e2e.HELLO.decode()
+    )
     for chain_id in image.chain:
         assert _snapshot_labels(containerd, chain_id).get(REMOTE) == REMOTE_VALUE
 
@@ -250,8 +243,8 @@ def test_plain_gzip_image_with_a_soci_index_runs_lazily_and_reads_like_overlayfs
           f"{image.compressed_size} layer bytes in {requests} requests")
     assert 0 < served < FETCHED_LIMIT * image.compressed_size
 
-    everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", READ_EVERYTHING)
-    assert tree(everything) == overlayfs_tree
+    everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", lazy_e2e.READ_EVERYTHING)
+    assert lazy_e2e.tree(everything) == overlayfs_tree
 
 
 def test_a_ztoc_that_does_not_fit_its_layer_is_refused_and_the_layer_pulled_in_full(
@@ -263,7 +256,7 @@ def test_a_ztoc_that_does_not_fit_its_layer_is_refused_and_the_layer_pulled_in_f
     assert _outcomes(pulled) == ["applied"] * len(image.layers), pulled
     assert "soci ztoc refused" in daemon.log()
     assert _run(containerd, image.reference, "swapped", "/bin/cat", "/etc/hello") == (
-        HELLO.decode()
+        lazy_e2e.HELLO.decode()
     )
 
 
@@ -286,7 +279,7 @@ def test_an_image_without_an_index_is_looked_up_once_and_pulled_in_full(
 @pytest.fixture
 def stack_background(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
     """lazysnap with its default configuration: background fetch on."""
-    with lazy_stack(short_tmp) as running:
+    with lazy_e2e.lazy_stack(short_tmp) as running:
         yield running
 
 
@@ -296,7 +289,9 @@ def test_background_fetch_verifies_soci_layers_against_their_digests(
     daemon, containerd = stack_background
     image: SociImage = images["v2"]
     assert _outcomes(_pull(containerd, image.reference)) == ["remote"] * len(image.layers)
-    assert _run(containerd, image.reference, "bg", "/bin/cat", "/etc/hello") == HELLO.decode()
+    assert _run(containerd, image.reference, "bg", "/bin/cat", "/etc/hello") == (
+        lazy_e2e.HELLO.decode()
+    )
 
     def verified() -> set[str]:
         return {

@@ -3,6 +3,8 @@ naming the command (and the image where the error is about it), and the exit cod
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from registry import NotFoundError, ServerError
@@ -10,13 +12,22 @@ from snapshotter.commands._registry_command import RegistryCommand, run_registry
 from snapshotter.convert.soci import IndexImageError
 
 COMMAND = RegistryCommand("index", "reg.test/app:1", IndexImageError, unwritten="the tag")
+ARGS = argparse.Namespace(image="reg.test/app:1")
+
+
+def _options(args: argparse.Namespace) -> str:
+    return f"options of {args.image}"
+
+
+def _exit_zero(args: argparse.Namespace, result: str) -> int:
+    return 0
 
 
 def _run(failure: BaseException) -> int:
-    async def work(options: str) -> str:
+    async def work(args: argparse.Namespace, options: str) -> str:
         raise failure
 
-    return run_registry_command(COMMAND, lambda: "options", work, lambda _: 0)
+    return run_registry_command(ARGS, COMMAND, _options, work, _exit_zero)
 
 
 @pytest.mark.parametrize(
@@ -46,30 +57,30 @@ def test_bad_input_stops_before_any_registry_work(
 ) -> None:
     worked: list[str] = []
 
-    def prepare() -> str:
+    def prepare(args: argparse.Namespace) -> str:
         raise failure
 
-    async def work(options: str) -> str:
+    async def work(args: argparse.Namespace, options: str) -> str:
         worked.append(options)
         return options
 
-    assert run_registry_command(COMMAND, prepare, work, lambda _: 0) == 1
+    assert run_registry_command(ARGS, COMMAND, prepare, work, _exit_zero) == 1
     assert worked == []
     assert capsys.readouterr().err.splitlines() == [f"lazysnap index: {failure}"]
 
 
-def test_done_prints_the_result_and_gives_the_exit_code() -> None:
-    async def work(options: str) -> str:
-        return options + " worked"
+def test_done_gets_what_the_work_gave_and_its_exit_code_is_the_commands() -> None:
+    async def work(args: argparse.Namespace, options: str) -> str:
+        return f"{options} worked"
 
     printed: list[str] = []
 
-    def done(result: str) -> int:
+    def done(args: argparse.Namespace, result: str) -> int:
         printed.append(result)
-        return 0
+        return 3
 
-    assert run_registry_command(COMMAND, lambda: "options", work, done) == 0
-    assert printed == ["options worked"]
+    assert run_registry_command(ARGS, COMMAND, _options, work, done) == 3
+    assert printed == ["options of reg.test/app:1 worked"]
 
 
 def test_an_unexpected_error_is_not_swallowed() -> None:
