@@ -193,13 +193,6 @@ def parse(content: bytes) -> SociIndex:
     return SociIndex(version, ztocs, subject, build_tool, tuple(others), annotations)
 
 
-def referrers_tag(manifest_digest: str) -> str:
-    """The tag under which the referrers of a manifest are listed on a registry without the
-    referrers API (the OCI distribution spec's fallback): ``sha256-<hex>``."""
-    _check_digest(manifest_digest, "manifest digest")
-    return manifest_digest.replace(":", "-", 1)
-
-
 def index_digest_of(manifest_annotations: Mapping[str, str]) -> str | None:
     """The SOCI v2 index an image manifest names, if any; a malformed value is an error."""
     value = manifest_annotations.get(IMAGE_INDEX_DIGEST)

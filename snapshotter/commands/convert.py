@@ -13,20 +13,14 @@ import dataclasses
 import shlex
 import sys
 
-import trio
-
 from fusefs import IndexLimits
-from registry import (
-    DockerConfigCredentials,
-    NotFoundError,
-    Platform,
-    RegistryClient,
-    RegistryError,
-    host_platform,
-    parse_platform,
-    parse_reference,
+from registry import Platform, host_platform, parse_platform, parse_reference
+from snapshotter.commands._containerd_args import add_registry_arguments
+from snapshotter.commands._registry_command import (
+    RegistryCommand,
+    registry_client,
+    run_registry_command,
 )
-from snapshotter.commands._containerd_args import add_registry_arguments, fail, hosts_config
 from snapshotter.convert.documents import (
     OCI_INDEX,
     TARGET_FORMATS,
@@ -123,6 +117,8 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
             raise ConvertError("--optimize-timeout must be positive")
         spec = OptimizeSpec(command, args.optimize_timeout, args.hosts_dir)
         options = dataclasses.replace(options, optimize=spec)
+    parse_reference(args.source)
+    parse_reference(args.destination)
     return options
 
 
@@ -145,7 +141,7 @@ async def _convert(args: argparse.Namespace, options: ConvertOptions) -> Convert
             progress.say(text)
 
     try:
-        async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
+        async with registry_client(args) as client:
             return await convert_image(
                 client, source, destination, options, report, platform, stage
             )
@@ -154,33 +150,21 @@ async def _convert(args: argparse.Namespace, options: ConvertOptions) -> Convert
             progress.close()
 
 
-def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, "text")
-    try:
-        options = _options(args)
-        parse_reference(args.source)
-        parse_reference(args.destination)
-    except (ConvertError, ValueError) as exc:
-        return fail(NAME, exc)
-    try:
-        result = trio.run(_convert, args, options)
-    except NotFoundError as exc:
-        return fail(NAME, f"{args.source}: not found in the registry: {exc}")
-    except RegistryError as exc:
-        return fail(NAME, f"{type(exc).__name__}: {exc}")
-    except ConvertError as exc:
-        return fail(NAME, f"{args.source}: {exc}")
-    except KeyboardInterrupt:
-        fail(NAME, "interrupted (the destination tag was not written)")
-        return 130
+def _print_result(args: argparse.Namespace, result: ConvertResult) -> int:
     if args.quiet:
         print(result.digest)
         return 0
     converted = sum(1 for layer in result.layers if layer.converted)
     print(
-        f"converted {args.source} to {options.format}: {len(result.layers)} layers "
+        f"converted {args.source} to {args.format}: {len(result.layers)} layers "
         f"({converted} converted, {len(result.layers) - converted} kept)"
     )
     index = f" (index of {len(result.platforms)} images)" if result.media_type == OCI_INDEX else ""
     print(f"pushed {result.destination} digest {result.digest}{index}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, "text")
+    command = RegistryCommand(NAME, args.source, ConvertError, unwritten="the destination tag")
+    return run_registry_command(args, command, _options, _convert, _print_result)

@@ -17,18 +17,13 @@ import json
 import re
 from typing import Any
 
-import trio
-
-from registry import (
-    DockerConfigCredentials,
-    NotFoundError,
-    RegistryClient,
-    RegistryError,
-    host_platform,
-    parse_platform,
-    parse_reference,
+from registry import host_platform, parse_platform, parse_reference
+from snapshotter.commands._containerd_args import add_registry_arguments
+from snapshotter.commands._registry_command import (
+    RegistryCommand,
+    registry_client,
+    run_registry_command,
 )
-from snapshotter.commands._containerd_args import add_registry_arguments, fail, hosts_config
 from snapshotter.convert.soci import (
     DEFAULT_MIN_LAYER_SIZE,
     IndexImageError,
@@ -114,13 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace) -> IndexOptions:
     if args.tag is not None and args.version == 1:
         raise IndexImageError("--tag is for v2: a v1 index leaves the tags alone")
-    return IndexOptions(
+    options = IndexOptions(
         version=args.version,
         platform=parse_platform(args.platform) if args.platform else host_platform(),
         min_layer_size=args.min_layer_size,
         span_size=args.span_size,
         tag=args.tag,
     )
+    parse_reference(args.image)
+    return options
 
 
 async def _index(args: argparse.Namespace, options: IndexOptions) -> IndexResult:
@@ -128,7 +125,7 @@ async def _index(args: argparse.Namespace, options: IndexOptions) -> IndexResult
         if not args.json:
             print(layer.line(), flush=True)
 
-    async with RegistryClient(hosts_config(args), DockerConfigCredentials()) as client:
+    async with registry_client(args) as client:
         return await index_image(client, parse_reference(args.image), options, report)
 
 
@@ -190,26 +187,15 @@ def _summary(args: argparse.Namespace, result: IndexResult) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, "text")
-    try:
-        options = _options(args)
-        parse_reference(args.image)
-    except (IndexImageError, ValueError) as exc:
-        return fail(NAME, exc)
-    try:
-        result = trio.run(_index, args, options)
-    except NotFoundError as exc:
-        return fail(NAME, f"{args.image}: not found in the registry: {exc}")
-    except RegistryError as exc:
-        return fail(NAME, f"{type(exc).__name__}: {exc}")
-    except IndexImageError as exc:
-        return fail(NAME, f"{args.image}: {exc}")
-    except KeyboardInterrupt:
-        fail(NAME, "interrupted (the tag was not written)")
-        return 130
+def _print_result(args: argparse.Namespace, result: IndexResult) -> int:
     if args.json:
         print(json.dumps(result_json(result), indent=2))
     else:
         print("\n".join(_summary(args, result)))
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, "text")
+    command = RegistryCommand(NAME, args.image, IndexImageError, unwritten="the tag")
+    return run_registry_command(args, command, _options, _index, _print_result)

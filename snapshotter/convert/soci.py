@@ -39,6 +39,7 @@ from registry import (
     Reference,
     RegistryClient,
     ResolvedImage,
+    fallback_tag,
 )
 from snapshotter import soci_index as si
 from snapshotter.convert.soci_documents import (
@@ -292,7 +293,7 @@ async def _list_referrer(
     one without, the referrers tag's image index gains it."""
     if await client.list_referrers(repository, subject) is not None:
         return "api", None
-    tag = si.referrers_tag(subject)
+    tag = fallback_tag(subject)
     try:
         existing: bytes | None = (await client.fetch_manifest(repository, tag)).content
     except NotFoundError:

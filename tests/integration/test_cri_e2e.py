@@ -203,13 +203,9 @@ def _remote_layers(stack: CriStack, image: CriImage) -> list[bool]:
 def _run_reading_data(stack: CriStack, image: CriImage, pod_name: str) -> None:
     """A pod with one container that prints /data/hello and the sha256 of /data/first."""
     with running_pod(stack.client, pod_name, stack.logs / pod_name) as pod:
-        container = pod.start_container("reader", image.reference, READ_DATA)
-        status = pod.wait_exited(container)
-        assert status.exit_code == 0, (status, pod.log_lines("reader"))
-        assert pod.log_lines("reader") == [
+        assert pod.run_to_success("reader", image.reference, READ_DATA) == [
             HELLO.decode().rstrip("\n"), f"{_sha256(FILES['first'])}  /data/first"
         ]
-        pod.stop_and_remove_container(container)
 
 
 def _in_backend(names: list[str], chain: list[str]) -> list[str]:

@@ -54,6 +54,7 @@ pytestmark = [
 USER, PASSWORD = "kubelet-user", "Cri-Pr0xy-s3cret"
 HELLO = b"hello from a private registry\n"
 FIRST = random.Random(15).randbytes(300_000)
+READ_DATA = ("/bin/sh", "-c", "cat /data/hello && sha256sum /data/first")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,15 @@ def _wait_until_containerd_reconnects(stack: ProxyStack) -> None:
     assert probe.returncode == 0, probe.stderr
 
 
+def _read_private_data(stack: ProxyStack, image: str) -> None:
+    """A pod whose container prints /data/hello and the sha256 of /data/first."""
+    with running_pod(stack.client, "private", stack.work / "pods") as pod:
+        lines = pod.run_to_success("reader", image, READ_DATA)
+    assert lines == [
+        HELLO.decode().rstrip("\n"), f"{hashlib.sha256(FIRST).hexdigest()}  /data/first"
+    ]
+
+
 def _pull(client: CriClient, reference: str, auth: cri.AuthConfig) -> str:
     reply = client.images.PullImage(
         cri.PullImageRequest(image=cri.ImageSpec(image=reference), auth=auth),
@@ -195,16 +205,7 @@ def test_a_private_image_pulled_through_the_proxy_is_lazy_and_read_after_a_resta
         stack.daemon.stop()
         stack.daemon.start()
         _wait_until_containerd_reconnects(stack)
-        with running_pod(stack.client, "private", stack.work / "pods") as pod:
-            container = pod.start_container(
-                "reader", private.app,
-                ("/bin/sh", "-c", "cat /data/hello && sha256sum /data/first"))
-            exited = pod.wait_exited(container)
-            assert exited.exit_code == 0, pod.log_lines("reader")
-            assert pod.log_lines("reader") == [
-                HELLO.decode().rstrip("\n"), f"{hashlib.sha256(FIRST).hexdigest()}  /data/first"
-            ]
-            pod.stop_and_remove_container(container)
+        _read_private_data(stack, private.app)
         assert "cri credentials loaded" in stack.daemon.log()
 
         ps = subprocess.run(["ps", "axww", "-o", "args"], capture_output=True, text=True,
@@ -338,16 +339,7 @@ def test_tls_and_token_registries_through_the_proxy_and_a_wrong_auth_changes_not
             stack.daemon.stop()
             stack.daemon.start()
             _wait_until_containerd_reconnects(stack)
-            with running_pod(stack.client, "private", stack.work / "pods") as pod:
-                container = pod.start_container(
-                    "reader", private.app,
-                    ("/bin/sh", "-c", "cat /data/hello && sha256sum /data/first"))
-                exited = pod.wait_exited(container)
-                assert exited.exit_code == 0, pod.log_lines("reader")
-                assert pod.log_lines("reader") == [
-                    HELLO.decode().rstrip("\n"),
-                    f"{hashlib.sha256(FIRST).hexdigest()}  /data/first"]
-                pod.stop_and_remove_container(container)
+            _read_private_data(stack, private.app)
             log = stack.daemon.log()
             assert PASSWORD not in log and wrong not in log
             assert "lazy read refused" not in log

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +28,19 @@ import pytest
 from snapshotter.client.chain import chain_ids
 from snapshotter.labels import REMOTE, REMOTE_VALUE
 from tests.support import oci_image as oci
-from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
-from tests.support.daemon import Daemon, running_daemon
+from tests.support.containerd import RunningContainerd
+from tests.support.daemon import Daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.lazy_e2e import (
+    HELLO,
+    READ_EVERYTHING,
+    add_host_files,
+    base_layer,
+    lazy_stack,
+    python_files,
+    tree,
+    tree_after_overlayfs_pull,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -43,18 +52,6 @@ pytestmark = [
 
 T = TypeVar("T")
 
-PYTHON_LIB = Path("/usr/lib/python3.11")
-PYTHON_SLICE_BYTES = 10_000_000  # "a few MB of real files", split over two layers
-HELLO = b"hello from the lazy end-to-end image\n"
-# The container that reads everything: every regular file's content, every entry's metadata.
-# (busybox's find, sha256sum and stat only: see oci_image.BUSYBOX_APPLETS.) Directory sizes
-# and mtimes are left out: they belong to the filesystem (FUSE vs ext4) and to runc, which
-# creates mount points in the root.
-READ_EVERYTHING = (
-    "find / -xdev -type f -exec sha256sum {} + && "
-    "find / -xdev ! -type d -exec stat -c '%n %f %u:%g %s %Y %N' {} + && "
-    "find / -xdev -type d -exec stat -c '%n %f %u:%g' {} +"
-)
 FETCHED_LIMIT = 0.5  # the small-file container may need at most this share of the image
 
 
@@ -84,44 +81,6 @@ class ConvertedImage:
         return chain_ids(self.diff_ids)
 
 
-def _python_files() -> list[Path]:
-    """A deterministic slice of the standard library: sorted walk, about PYTHON_SLICE_BYTES."""
-    picked: list[Path] = []
-    total = 0
-    for path in sorted(PYTHON_LIB.rglob("*")):
-        if not path.is_file() or path.is_symlink() or "-packages" in str(path):
-            continue
-        picked.append(path)
-        total += path.stat().st_size
-        if total >= PYTHON_SLICE_BYTES:
-            break
-    return picked
-
-
-def _base_layer() -> bytes:
-    """busybox-static with its applets (as oci.busybox_tar) and the small file to read."""
-    builder = oci.TarBuilder().dir("bin").dir("etc").dir("tmp", 0o1777)
-    builder.file("bin/busybox", oci.BUSYBOX.read_bytes(), 0o755)
-    for applet in oci.BUSYBOX_APPLETS:
-        builder.symlink(f"bin/{applet}", "busybox")
-    builder.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    return builder.file("etc/hello", HELLO).tar()
-
-
-def _tree_layer(files: Sequence[Path]) -> bytes:
-    builder = oci.TarBuilder()
-    made: set[str] = set()
-    for path in files:
-        parts = str(path).lstrip("/").split("/")
-        for depth in range(1, len(parts)):
-            directory = "/".join(parts[:depth])
-            if directory not in made:
-                builder.dir(directory)
-                made.add(directory)
-        builder.file("/".join(parts), path.read_bytes())
-    return builder.tar()
-
-
 @pytest.fixture(scope="module")
 def plain_image(
     docker_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
@@ -131,14 +90,12 @@ def plain_image(
     /etc/hello sits next to busybox on purpose: the fetcher reads neighbouring small files of
     a layer ahead (ranges of up to 4 MiB), so a small file inside a layer of small files would
     bring its neighbours along; here the measurement shows what the container needed."""
-    if not PYTHON_LIB.is_dir():
-        pytest.skip(f"{PYTHON_LIB} is not there to build the test image from")
-    files = _python_files()
+    files = python_files()
     half = len(files) // 2
     layers = (
-        oci.gzip_layer(_base_layer()),
-        oci.gzip_layer(_tree_layer(files[:half])),
-        oci.gzip_layer(_tree_layer(files[half:])),
+        oci.gzip_layer(base_layer()),
+        oci.gzip_layer(add_host_files(oci.TarBuilder(), files[:half]).tar()),
+        oci.gzip_layer(add_host_files(oci.TarBuilder(), files[half:]).tar()),
     )
     layout = tmp_path_factory.mktemp("e2e-layout")
     oci.write_layout(layout, layers)
@@ -190,13 +147,8 @@ def converted(
 def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
     """lazysnap without background fetch (so the registry serves only what containers read)
     and containerd 1.6 with lazysnap as its proxy snapshotter."""
-    if not containerd_available():
-        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
-    config = short_tmp / "lazysnap.toml"
-    config.write_text("[lazy]\nbackground_fetch = false\n")
-    with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
-            run_containerd(short_tmp / "c", daemon.address) as containerd:
-        yield daemon, containerd
+    with lazy_stack(short_tmp, background_fetch=False) as running:
+        yield running
 
 
 def _pull(containerd: RunningContainerd, reference: str) -> str:
@@ -262,31 +214,11 @@ def _layer_bytes_served(log: str, digests: Sequence[str]) -> tuple[int, int]:
     return total, requests
 
 
-def _tree(output: str) -> list[str]:
-    # Directory listing order differs between filesystems; the content must not.
-    return sorted(output.splitlines())
-
-
 @pytest.fixture(scope="module")
 def overlayfs_tree(plain_image: PlainImage) -> list[str]:
-    """What the read-everything container sees after an ordinary (overlayfs) pull."""
-    if not containerd_available():
-        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
-    work = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
-    try:
-        with running_daemon(work / "d") as daemon, run_containerd(
-            work / "c", daemon.address
-        ) as containerd:
-            containerd.ctr("image", "pull", "--plain-http", plain_image.reference, timeout=120)
-            output = containerd.ctr(
-                "run", "--rm", plain_image.reference, "tree", "/bin/sh", "-c", READ_EVERYTHING,
-                timeout=180,
-            ).stdout
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    tree = _tree(output)
-    assert any(line.endswith("/etc/hello") for line in tree)
-    return tree
+    seen = tree_after_overlayfs_pull(plain_image.reference)
+    assert any(line.endswith("/etc/hello") for line in seen)
+    return seen
 
 
 @pytest.mark.parametrize("fmt", ["estargz", "zstd:chunked"])
@@ -331,7 +263,7 @@ def test_converted_image_runs_lazily_and_reads_like_overlayfs(
     assert 0 < served < FETCHED_LIMIT * image.compressed_size
 
     everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", READ_EVERYTHING)
-    assert _tree(everything) == overlayfs_tree
+    assert tree(everything) == overlayfs_tree
 
 
 def test_plain_gzip_image_pulled_with_lazysnap_still_runs(

@@ -43,22 +43,17 @@ from snapshotter.soci_index import (
     build,
 )
 from tests.integration.test_lazy_end_to_end import (
-    HELLO,
-    PYTHON_LIB,
-    READ_EVERYTHING,
-    _base_layer,
     _layer_bytes_served,
     _pull,
-    _python_files,
     _run,
     _snapshot_labels,
-    _tree,
     _wait_until_containerd_reconnects,
     stack,
 )
+from tests.support import lazy_e2e
 from tests.support import oci_image as oci
-from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
-from tests.support.daemon import Daemon, running_daemon
+from tests.support.containerd import RunningContainerd
+from tests.support.daemon import Daemon
 from tests.support.docker_registry import RunningRegistry
 
 pytestmark = [
@@ -86,20 +81,10 @@ def _words(size: int, seed: int) -> bytes:
 
 
 def _data_layer() -> bytes:
-    files = _python_files()[:400]
     builder = oci.TarBuilder().dir("data")
     builder.file("data/big-text", _words(6 << 20, 1))
     builder.file("data/big-mixed", _words(3 << 20, 2) + random.Random(3).randbytes(2 << 20))
-    made: set[str] = {"data"}
-    for path in files:
-        parts = str(path).lstrip("/").split("/")
-        for depth in range(1, len(parts)):
-            directory = "/".join(parts[:depth])
-            if directory not in made:
-                builder.dir(directory)
-                made.add(directory)
-        builder.file("/".join(parts), path.read_bytes())
-    return builder.tar()
+    return lazy_e2e.add_host_files(builder, lazy_e2e.python_files()[:400]).tar()
 
 
 @dataclass(frozen=True)
@@ -190,9 +175,7 @@ async def _push_image(
 
 @pytest.fixture(scope="module")
 def layers() -> tuple[oci.Layer, ...]:
-    if not PYTHON_LIB.is_dir():
-        pytest.skip(f"{PYTHON_LIB} is not there to build the test image from")
-    return (oci.gzip_layer(_base_layer()), oci.gzip_layer(_data_layer()))
+    return (oci.gzip_layer(lazy_e2e.base_layer()), oci.gzip_layer(_data_layer()))
 
 
 def _ztocs(layers: tuple[oci.Layer, ...]) -> dict[str, bytes]:
@@ -219,24 +202,9 @@ def images(docker_registry: RunningRegistry, layers: tuple[oci.Layer, ...]) -> d
 
 @pytest.fixture(scope="module")
 def overlayfs_tree(images: dict[str, Any]) -> list[str]:
-    """What the read-everything container sees after an ordinary (overlayfs) pull."""
-    if not containerd_available():
-        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
-    work = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
-    reference = images["v1"].reference
-    try:
-        with running_daemon(work / "d") as daemon, run_containerd(
-            work / "c", daemon.address
-        ) as containerd:
-            containerd.ctr("image", "pull", "--plain-http", reference, timeout=120)
-            output = containerd.ctr(
-                "run", "--rm", reference, "tree", "/bin/sh", "-c", READ_EVERYTHING, timeout=180,
-            ).stdout
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    tree = _tree(output)
-    assert any(line.endswith("/data/big-text") for line in tree)
-    return tree
+    seen = lazy_e2e.tree_after_overlayfs_pull(images["v1"].reference)
+    assert any(line.endswith("/data/big-text") for line in seen)
+    return seen
 
 
 def _outcomes(pulled: str) -> list[str]:
@@ -263,7 +231,9 @@ def test_plain_gzip_image_with_a_soci_index_runs_lazily_and_reads_like_overlayfs
     daemon.start()
     _wait_until_containerd_reconnects(containerd)
     assert "remote layer restored" in daemon.log()
-    assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == HELLO.decode()
+    assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == (
+        lazy_e2e.HELLO.decode()
+    )
     for chain_id in image.chain:
         assert _snapshot_labels(containerd, chain_id).get(REMOTE) == REMOTE_VALUE
 
@@ -273,8 +243,8 @@ def test_plain_gzip_image_with_a_soci_index_runs_lazily_and_reads_like_overlayfs
           f"{image.compressed_size} layer bytes in {requests} requests")
     assert 0 < served < FETCHED_LIMIT * image.compressed_size
 
-    everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", READ_EVERYTHING)
-    assert _tree(everything) == overlayfs_tree
+    everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", lazy_e2e.READ_EVERYTHING)
+    assert lazy_e2e.tree(everything) == overlayfs_tree
 
 
 def test_a_ztoc_that_does_not_fit_its_layer_is_refused_and_the_layer_pulled_in_full(
@@ -286,7 +256,7 @@ def test_a_ztoc_that_does_not_fit_its_layer_is_refused_and_the_layer_pulled_in_f
     assert _outcomes(pulled) == ["applied"] * len(image.layers), pulled
     assert "soci ztoc refused" in daemon.log()
     assert _run(containerd, image.reference, "swapped", "/bin/cat", "/etc/hello") == (
-        HELLO.decode()
+        lazy_e2e.HELLO.decode()
     )
 
 
@@ -309,11 +279,8 @@ def test_an_image_without_an_index_is_looked_up_once_and_pulled_in_full(
 @pytest.fixture
 def stack_background(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
     """lazysnap with its default configuration: background fetch on."""
-    if not containerd_available():
-        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
-    with running_daemon(short_tmp / "d") as daemon, \
-            run_containerd(short_tmp / "c", daemon.address) as containerd:
-        yield daemon, containerd
+    with lazy_e2e.lazy_stack(short_tmp) as running:
+        yield running
 
 
 def test_background_fetch_verifies_soci_layers_against_their_digests(
@@ -322,7 +289,9 @@ def test_background_fetch_verifies_soci_layers_against_their_digests(
     daemon, containerd = stack_background
     image: SociImage = images["v2"]
     assert _outcomes(_pull(containerd, image.reference)) == ["remote"] * len(image.layers)
-    assert _run(containerd, image.reference, "bg", "/bin/cat", "/etc/hello") == HELLO.decode()
+    assert _run(containerd, image.reference, "bg", "/bin/cat", "/etc/hello") == (
+        lazy_e2e.HELLO.decode()
+    )
 
     def verified() -> set[str]:
         return {

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import trio
 
-from registry import ManifestError, ReferrerList, fallback_tag, parse_reference, parse_referrers
+from registry import (
+    ManifestError,
+    ReferrerList,
+    UnsupportedDigestError,
+    fallback_tag,
+    parse_reference,
+    parse_referrers,
+)
 from registry.manifest import OCI_INDEX, OCI_MANIFEST
 from tests.registry.fake_registry import FakeRegistry, digest_of, make_client
 
@@ -64,6 +71,8 @@ def test_without_the_api_nor_the_tag_there_are_none() -> None:
 
 def test_the_fallback_tag_is_the_digest_with_a_dash() -> None:
     assert fallback_tag(SUBJECT) == "sha256-" + SUBJECT.removeprefix("sha256:")
+    with pytest.raises(UnsupportedDigestError):
+        fallback_tag("latest")
 
 
 @pytest.mark.parametrize(

@@ -218,10 +218,7 @@ def test_model_refuses_inconsistent_indexes() -> None:
         si.SociIndex(2, {LAYER_A: ztoc})
 
 
-def test_referrers_tag_and_index_digest_annotation() -> None:
-    assert si.referrers_tag(IMAGE) == "sha256-" + "c" * 64
-    with pytest.raises(si.SociIndexError):
-        si.referrers_tag("latest")
+def test_index_digest_annotation() -> None:
     assert si.index_digest_of({si.IMAGE_INDEX_DIGEST: ZTOC_A}) == ZTOC_A
     assert si.index_digest_of({}) is None
     with pytest.raises(si.SociIndexError):

@@ -132,6 +132,15 @@ class Pod:
         path = Path(self.config.log_directory) / f"{name}.log"
         return [line.split(" ", 3)[3] for line in path.read_text().splitlines()]
 
+    def run_to_success(self, name: str, image: str, command: Sequence[str]) -> list[str]:
+        """Start a container, check that it exits 0 and remove it: its log messages."""
+        container_id = self.start_container(name, image, command)
+        status = self.wait_exited(container_id)
+        assert status.exit_code == 0, (status, self.log_lines(name))
+        lines = self.log_lines(name)
+        self.stop_and_remove_container(container_id)
+        return lines
+
     def stop_and_remove_container(self, container_id: str) -> None:
         runtime = self.client.runtime
         runtime.StopContainer(

@@ -20,21 +20,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from registry import Descriptor, Manifest, Platform, RangeNotSupportedError, parse_reference
+from registry import Descriptor, Manifest, RangeNotSupportedError
 from snapshotter.client.fetch_settings import FetchSettings
 from snapshotter.client.layer_reader import LayerDigestError, LayerReader, TruncatedLayerError
 from snapshotter.client.parallel_fetch import ParallelFetcher, TruncatedRangeError
 from snapshotter.client.progress import LayerResult, NoProgress
-from snapshotter.client.pull import pull
 from snapshotter.client.spool import Spool, plan_ranges
 from snapshotter.commands import pull as pull_command
 from snapshotter.model import Mount
-from tests.registry.fake_registry import FakeRegistry, make_client
+from tests.registry.fake_registry import FakeRegistry
 from tests.snapshotter.client.test_unpacker_flow import FakeContainerd, Image, sha256
+from tests.support.fake_pull import OCI_MANIFEST, REF, pull_results, registry_with
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-REF = parse_reference("reg.test/app:1")
 SMALL = FetchSettings(connections=3, range_size=1000)
 
 
@@ -304,25 +302,8 @@ def image_of(tars: list[bytes]) -> Image:
     return Image(blobs, diff_ids, manifest, manifest_bytes, config)
 
 
-def registry_with(image: Image, **kwargs: object) -> FakeRegistry:
-    fake = FakeRegistry(**kwargs)  # type: ignore[arg-type]
-    for blob in image.blobs:
-        fake.add_blob(blob)
-    fake.add_blob(image.config)
-    fake.add_manifest(image.manifest_bytes, OCI_MANIFEST, tag="1")
-    return fake
-
-
 def parallel_pull(registry: FakeRegistry, containerd: FakeContainerd) -> list[LayerResult]:
-    async def main() -> list[LayerResult]:
-        async with make_client(registry) as client:
-            _image, results = await pull(
-                containerd, client, REF, "lazysnap", Platform("linux", "amd64"), NoProgress(),
-                parallel=SMALL,
-            )
-        return results
-
-    return trio.run(main)
+    return pull_results(registry, containerd, NoProgress(), parallel=SMALL)
 
 
 def two_layers() -> Image:

@@ -7,39 +7,18 @@ import io
 from pathlib import Path
 
 import pytest
-import trio
 
-from registry import HostsConfig, NotFoundError, Platform, parse_reference
+from registry import HostsConfig, NotFoundError
 from snapshotter.client import pull as image_pull
 from snapshotter.client.progress import LayerResult, PlainProgress
-from snapshotter.client.pull import pull
 from snapshotter.commands._containerd_args import PlainHTTPHosts
-from tests.registry.fake_registry import FakeRegistry, make_client
-from tests.snapshotter.client.test_unpacker_flow import FakeContainerd, Image, make_image, sha256
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-REF = parse_reference("reg.test/app:1")
-
-
-def registry_with(image: Image, **kwargs: object) -> FakeRegistry:
-    fake = FakeRegistry(**kwargs)  # type: ignore[arg-type]
-    for blob in image.blobs:
-        fake.add_blob(blob)
-    fake.add_blob(image.config)
-    fake.add_manifest(image.manifest_bytes, OCI_MANIFEST, tag="1")
-    return fake
+from tests.registry.fake_registry import FakeRegistry
+from tests.snapshotter.client.test_unpacker_flow import FakeContainerd, make_image, sha256
+from tests.support.fake_pull import REF, pull_results, registry_with
 
 
 def run_pull(registry: FakeRegistry, containerd: FakeContainerd) -> list[LayerResult]:
-    async def main() -> list[LayerResult]:
-        async with make_client(registry) as client:
-            _image, results = await pull(
-                containerd, client, REF, "lazysnap", Platform("linux", "amd64"),
-                PlainProgress(io.StringIO()),
-            )
-        return results
-
-    return trio.run(main)
+    return pull_results(registry, containerd, PlainProgress(io.StringIO()))
 
 
 def range_requests(registry: FakeRegistry, digest: str) -> list[str]:
