@@ -4,10 +4,14 @@ and the parallel pull must not download them ahead."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from registry import Reference, RegistryClient, RegistryError
+from registry import Reference, RegistryError
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SOCI_INDEX_V1
+
+if TYPE_CHECKING:
+    from registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
