@@ -499,10 +499,12 @@ def ensure_stargz_grpc() -> Path:
     return binary
 
 
-def stargz_config(registry_host: str) -> str:
-    """Its defaults, plus plain HTTP for the proxy's address (the image reference's host)."""
+def stargz_config(registry_host: str, settings: str = "") -> str:
+    """Its defaults, plus plain HTTP for the proxy's address (the image reference's host).
+    ``settings``: top-level TOML lines that change a default."""
     return (
-        "# stargz-snapshotter 0.12 defaults otherwise (benchmarks/README.md lists them)\n"
+        settings
+        + "# stargz-snapshotter 0.12 defaults otherwise (benchmarks/README.md lists them)\n"
         f'[[resolver.host."{registry_host}".mirrors]]\n'
         f'  host = "{registry_host}"\n'
         "  insecure = true\n"
@@ -511,12 +513,12 @@ def stargz_config(registry_host: str) -> str:
 
 @contextlib.contextmanager
 def running_stargz(workdir: Path, binary: Path, registry_host: str,
-                   timeout: float = 30.0) -> Iterator[Path]:
+                   timeout: float = 30.0, settings: str = "") -> Iterator[Path]:
     """containerd-stargz-grpc on a fresh root; yields its socket. Stopped (SIGTERM, then
     SIGKILL) and its FUSE mounts unmounted on exit."""
     workdir.mkdir(parents=True)
     config = workdir / "config.toml"
-    config.write_text(stargz_config(registry_host))
+    config.write_text(stargz_config(registry_host, settings))
     address = workdir / "s.sock"
     log_path = workdir / "stargz.log"
     with log_path.open("wb") as out:
