@@ -8,9 +8,8 @@ level (see ``snapshotter.commands.pull``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -52,15 +51,6 @@ def daemon_channel(address: str) -> grpc.Channel:
             ("grpc.max_send_message_length", MAX_RESOLVE_REQUEST_BYTES),
         ],
     )
-
-
-@contextlib.contextmanager
-def connect(address: str) -> Iterator[daemon_pb2_grpc.DaemonStub]:
-    """A stub on ``daemon_channel``, after checking that the daemon answers."""
-    with daemon_channel(address) as channel:
-        stub = daemon_pb2_grpc.DaemonStub(channel)
-        check_daemon(stub, address)
-        yield stub
 
 
 def check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:
