@@ -81,13 +81,14 @@ def _command(arm: Arm, reference: str) -> list[str]:
             str(arm.daemon_address), "--log-level", "debug"]
 
 
-def compile_tree(tree: Path, env: dict[str, str]) -> None:
-    """Byte-compile lazysnap's packages into the PYTHONPYCACHEPREFIX of ``env``, as an installed
-    package would be, so that no pull pays for compiling its modules. Python reads them from
-    there also when PYTHONDONTWRITEBYTECODE forbids writing them."""
+def compile_tree(tree: Path) -> None:
+    """Byte-compile lazysnap's packages in place (``__pycache__``, ignored by git), as an
+    installed package is, so that no pull pays for compiling its modules. Without this, an
+    environment with PYTHONDONTWRITEBYTECODE compiles them again in every pull."""
     packages = [str(tree / name) for name in ("snapshotter", "registry", "fusefs")]
-    subprocess.run([str(PYTHON), "-m", "compileall", "-q", *packages],
-                   env={**os.environ, **env}, check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([str(PYTHON), "-m", "compileall", "-q", *packages], env=env, check=True,
+                   capture_output=True)
 
 
 def pull_once(arm: Arm, reference: str, profile: Path | None = None) -> float:
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="record each lazysnap pull with py-spy (pip install py-spy) as "
                         "DIR/ARM-RUN.txt, collapsed stacks; its start-up adds to the times")
     parser.add_argument("--no-bytecode", action="store_true",
-                        help="leave lazysnap's modules uncompiled when the environment says so "
-                        "(PYTHONDONTWRITEBYTECODE): every pull compiles them again")
+                        help="do not byte-compile lazysnap's modules first: with "
+                        "PYTHONDONTWRITEBYTECODE set, every pull compiles them again")
     parser.add_argument("--phases", action="store_true",
                         help="print the last lazysnap pull's log timeline per lazysnap arm")
     args = parser.parse_args(argv)
@@ -223,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             tree = args.base_tree.resolve() if name == "base" else REPO
             env = {"PYTHONPATH": str(tree)} if name == "base" else {}
             if not args.no_bytecode:
-                env["PYTHONPYCACHEPREFIX"] = str(top / "pycache")
-                compile_tree(tree, env)
+                compile_tree(tree)
             config = top / "lazysnap.toml"
             config.write_text("[lazy]\nbackground_fetch = false\n")
             daemon = stack.enter_context(running_daemon(
