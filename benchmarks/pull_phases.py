@@ -46,7 +46,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale import REPOSITORY, ensure_images
-from startup import REPO, ensure_stargz_grpc, log, running_stargz, unmount_under
+from startup import (
+    REPO,
+    compile_lazysnap,
+    ensure_stargz_grpc,
+    log,
+    running_stargz,
+    unmount_under,
+)
 
 from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, run_containerd
@@ -79,16 +86,6 @@ def _command(arm: Arm, reference: str) -> list[str]:
             "--snapshotter", "lazysnap", "--address", str(arm.containerd.address),
             "--namespace", arm.containerd.namespace, "--snapshotter-address",
             str(arm.daemon_address), "--log-level", "debug"]
-
-
-def compile_tree(tree: Path) -> None:
-    """Byte-compile lazysnap's packages in place (``__pycache__``, ignored by git), as an
-    installed package is, so that no pull pays for compiling its modules. Without this, an
-    environment with PYTHONDONTWRITEBYTECODE compiles them again in every pull."""
-    packages = [str(tree / name) for name in ("snapshotter", "registry", "fusefs")]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([str(PYTHON), "-m", "compileall", "-q", *packages], env=env, check=True,
-                   capture_output=True)
 
 
 def pull_once(arm: Arm, reference: str, profile: Path | None = None) -> float:
@@ -188,9 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record each lazysnap pull with py-spy (pip install py-spy) as "
                         "DIR/ARM-RUN.txt, collapsed stacks; its start-up adds to the times")
-    parser.add_argument("--no-bytecode", action="store_true",
-                        help="do not byte-compile lazysnap's modules first: with "
-                        "PYTHONDONTWRITEBYTECODE set, every pull compiles them again")
     parser.add_argument("--phases", action="store_true",
                         help="print the last lazysnap pull's log timeline per lazysnap arm")
     args = parser.parse_args(argv)
@@ -223,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             tree = args.base_tree.resolve() if name == "base" else REPO
             env = {"PYTHONPATH": str(tree)} if name == "base" else {}
-            if not args.no_bytecode:
-                compile_tree(tree)
+            compile_lazysnap(tree)
             config = top / "lazysnap.toml"
             config.write_text("[lazy]\nbackground_fetch = false\n")
             daemon = stack.enter_context(running_daemon(
