@@ -6,8 +6,9 @@ time (issue 13, the pull path).
 Every arm has its own containerd and its own snapshotter daemon, started once before the first
 run; run ``i`` of every arm pulls scale image ``i`` (the scale benchmark's one-layer eStargz
 images, cached under /var/cache/lazysnap-bench/scale/, distinct layers), so that no pull finds
-anything local. The order of the arms rotates from run to run. Both snapshotters run without
-their background fetch, which would otherwise download earlier runs' layers during later pulls.
+anything local; with ``--together N`` each run pulls N of them at the same moment. The order of
+the arms rotates from run to run. Both snapshotters run without their background fetch, which
+would otherwise download earlier runs' layers during later pulls.
 Arms:
 
 * ``stargz``: ``ctr-remote images rpull --plain-http`` into containerd-stargz-grpc (built once
@@ -23,11 +24,13 @@ pull's and the daemon's debug logs (seconds since the command started).
 
     sudo .venv/bin/python benchmarks/pull_phases.py --runs 8
     sudo .venv/bin/python benchmarks/pull_phases.py --runs 8 --base-tree /tmp/lazysnap-main
+    sudo .venv/bin/python benchmarks/pull_phases.py --runs 4 --together 5   # 5 pulls at once
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -88,13 +91,14 @@ def _command(arm: Arm, reference: str) -> list[str]:
             str(arm.daemon_address), "--log-level", "debug"]
 
 
-def pull_once(arm: Arm, reference: str, profile: Path | None = None) -> float:
+def pull_once(arm: Arm, reference: str, profile: Path | None) -> tuple[float, float, str]:
+    """The pull's wall time, its start on the wall clock and its stderr."""
     command = _command(arm, reference)
     if profile is not None and arm.name != "stargz":
         # py-spy's collapsed stacks: one line per stack with its sample count.
         command = ["py-spy", "record", "--rate", "1000", "--format", "raw", "--output",
                    str(profile), "--", *command]
-    arm.last_started = time.time()
+    wall_started = time.time()
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True,
                           timeout=STEP_TIMEOUT, check=False,
@@ -102,9 +106,17 @@ def pull_once(arm: Arm, reference: str, profile: Path | None = None) -> float:
     elapsed = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"{arm.name} pull of {reference} failed: {done.stderr[-2000:]}")
-    arm.seconds.append(elapsed)
-    arm.last_stderr = done.stderr
-    return elapsed
+    return elapsed, wall_started, done.stderr
+
+
+def pull_together(arm: Arm, references: Sequence[str],
+                  profiles: Sequence[Path | None]) -> list[float]:
+    """Pull ``references`` at the same moment; each pull's wall time."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(references)) as pool:
+        done = list(pool.map(lambda r, p: pull_once(arm, r, p), references, profiles))
+    arm.seconds += [seconds for seconds, _, _ in done]
+    _, arm.last_started, arm.last_stderr = done[-1]
+    return [seconds for seconds, _, _ in done]
 
 
 # -- phases ------------------------------------------------------------------------------------
@@ -178,7 +190,9 @@ def _scratch() -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=8, help="pulls per arm (at most 20)")
+    parser.add_argument("--runs", type=int, default=8, help="runs per arm")
+    parser.add_argument("--together", type=int, default=1, metavar="N",
+                        help="pulls started at once in each run (runs x N at most 20)")
     parser.add_argument("--arms", default="stargz,lazysnap")
     parser.add_argument("--base-tree", type=Path, metavar="DIR",
                         help="add the arm `base`: lazysnap run from this source tree")
@@ -191,15 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     if args.base_tree:
         names.append("base")
-    if not 1 <= args.runs <= 20:
-        raise SystemExit("--runs: 1 to 20")
+    pulls = args.runs * args.together
+    if args.runs < 1 or args.together < 1 or pulls > 20:
+        raise SystemExit("--runs and --together: at least 1, and runs x together at most 20")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    layouts = ensure_images(args.runs)
+    layouts = ensure_images(pulls)
     stargz_grpc = ensure_stargz_grpc() if "stargz" in names else None
     with _scratch() as top, run_registry(top / "registry") as registry, \
             contextlib.ExitStack() as stack:
-        references = [f"{registry.host}/{REPOSITORY}{n}:latest" for n in range(args.runs)]
+        references = [f"{registry.host}/{REPOSITORY}{n}:latest" for n in range(pulls)]
         for layout, reference in zip(layouts, references, strict=True):
             oci.push_layout(layout, "latest", reference)
         arms: list[Arm] = []
@@ -226,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             arms.append(Arm(name, containerd, daemon.address, daemon.log_path, env))
         for run in range(args.runs):
             order = arms[run % len(arms):] + arms[:run % len(arms)]
+            numbers = range(run * args.together, (run + 1) * args.together)
             for arm in order:
-                profile = (args.profile / f"{arm.name}-{run + 1}.txt" if args.profile
-                           else None)
-                seconds = pull_once(arm, references[run], profile)
-                log(f"run {run + 1}/{args.runs} {arm.name}: {seconds:.3f} s")
+                profiles = [args.profile / f"{arm.name}-{n + 1}.txt" if args.profile else None
+                            for n in numbers]
+                seconds = pull_together(arm, [references[n] for n in numbers], profiles)
+                log(f"run {run + 1}/{args.runs} {arm.name}: "
+                    + " ".join(f"{s:.3f}" for s in seconds) + " s")
         print(render(arms), flush=True)
         if args.phases:
             for arm in arms:
