@@ -8,9 +8,9 @@ With ``--snapshotter-address`` the daemon resolves the image (``Daemon/Resolve``
 already connected registry client and starts reading the lazy layers' TOCs at once. Most of a
 local resolution's cost is this process's start-up (trio, httpx, TLS set-up), so in that mode
 nothing of ``registry`` or trio is imported, and no configuration read, before the Resolve RPC
-is sent; the daemon's Status is asked after it. The imports the unpack needs happen while the
-daemon talks to the registry; httpx, trio and a registry client come only if a layer's blob must
-be fetched (a layer that is not lazy).
+is sent; the daemon's Status is asked only when the Resolve failed. The imports the unpack needs
+happen while the daemon talks to the registry; httpx, trio and a registry client come only if a
+layer's blob must be fetched (a layer that is not lazy).
 """
 
 from __future__ import annotations
@@ -178,16 +178,21 @@ def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
             log.debug("resolve through the daemon image=%s", args.image)
             resolve = resolve_request(args.image, args.platform)
             pending = stub.Resolve.future(resolve, timeout=RESOLVE_RPC_TIMEOUT_SECONDS)
-            if not args.user:
-                # Asked once the Resolve is out, so that the daemon need not answer it first.
-                check_daemon(stub, address)
 
             def hand_credentials() -> bool:
                 # --user was handed over already; otherwise the caller's docker config may help.
                 return not args.user and hand_docker_config_credentials(stub, address, args.image)
 
             def answer() -> ResolveAnswer:
-                return receive_answer(stub, address, resolve, pending.result, hand_credentials)
+                try:
+                    return receive_answer(stub, address, resolve, pending.result,
+                                          hand_credentials)
+                except SnapshotterError:
+                    # Status only now: a pull that works needs no round trip more, one that
+                    # failed says so when the daemon is not there at all.
+                    if not args.user:
+                        check_daemon(stub, address)
+                    raise
 
             try:
                 return _unpack_resolved(args, progress, answer)
