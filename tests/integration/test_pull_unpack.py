@@ -409,3 +409,16 @@ def test_pull_through_a_daemon_that_cannot_resolve_resolves_locally(
                     if line.startswith("layer ")]
         assert outcomes == ["applied"] * len(busybox_image.layers), pulled.stdout
         assert _run_cat(containerd, busybox_image, "c6") == "hello from layer two\n"
+
+
+def test_pull_through_a_daemon_that_is_not_there_says_so(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    # The daemon's Status is asked only once the Resolve failed: the message stays the same.
+    _daemon, containerd = stack
+    missing = containerd.workdir / "nobody-listens.sock"
+    result = _lazysnap("pull", containerd, busybox_image.reference,
+                       "--snapshotter-address", str(missing))
+    assert result.returncode == 1, result.stdout
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith(f"lazysnap pull: lazysnap daemon at {missing} does not answer"), error
