@@ -8,8 +8,9 @@ level (see ``snapshotter.commands.pull``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -51,6 +52,13 @@ def daemon_channel(address: str) -> grpc.Channel:
             ("grpc.max_send_message_length", MAX_RESOLVE_REQUEST_BYTES),
         ],
     )
+
+
+@contextlib.contextmanager
+def daemon_stub(address: str) -> Iterator[daemon_pb2_grpc.DaemonStub]:
+    """A stub on ``daemon_channel``. Nothing is asked yet: the first call may be the Resolve."""
+    with daemon_channel(address) as channel:
+        yield daemon_pb2_grpc.DaemonStub(channel)
 
 
 def check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from snapshotter._proto import daemon_pb2_grpc
 from snapshotter.client.daemon_client import (
     DaemonCannotResolve,
     announcer,
     check_daemon,
     credentials_request,
-    daemon_channel,
+    daemon_stub,
     hand_docker_config_credentials,
     receive_answer,
     resolve_request,
@@ -169,8 +168,7 @@ def _client_setup(args: argparse.Namespace) -> ClientSetup:
 def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
     address = args.snapshotter_address
     try:
-        with daemon_channel(address) as channel:
-            stub = daemon_pb2_grpc.DaemonStub(channel)
+        with daemon_stub(address) as stub:
             if args.user:
                 check_daemon(stub, address)
                 name, password = user_password(args)
