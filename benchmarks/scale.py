@@ -49,6 +49,7 @@ from startup import (
     CACHE,
     LAZYSNAP,
     REPO,
+    compile_lazysnap,
     ensure_rootfs,
     ensure_stargz_grpc,
     log,
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.containers < 1:
         raise SystemExit("--images and --containers must be at least 1")
     layouts = ensure_images(args.images)
+    compile_lazysnap()
     stargz_grpc = ensure_stargz_grpc() if "stargz" in arms else None
     link = f"{args.mbit:g} Mbit/s + {args.rtt_ms:g} ms" if args.mbit else "loopback"
     results: list[ArmResult] = []

@@ -499,10 +499,22 @@ def ensure_stargz_grpc() -> Path:
     return binary
 
 
-def stargz_config(registry_host: str) -> str:
-    """Its defaults, plus plain HTTP for the proxy's address (the image reference's host)."""
+def compile_lazysnap(tree: Path = REPO) -> None:
+    """Byte-compile lazysnap's packages in place (``__pycache__``, ignored by git), as an
+    installed package is. Without this, an environment with PYTHONDONTWRITEBYTECODE makes every
+    ``lazysnap pull`` compile its modules from source again."""
+    packages = [str(tree / name) for name in ("snapshotter", "registry", "fusefs")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], env=env, check=True,
+                   capture_output=True)
+
+
+def stargz_config(registry_host: str, settings: str = "") -> str:
+    """Its defaults, plus plain HTTP for the proxy's address (the image reference's host).
+    ``settings``: top-level TOML lines that change a default."""
     return (
-        "# stargz-snapshotter 0.12 defaults otherwise (benchmarks/README.md lists them)\n"
+        settings
+        + "# stargz-snapshotter 0.12 defaults otherwise (benchmarks/README.md lists them)\n"
         f'[[resolver.host."{registry_host}".mirrors]]\n'
         f'  host = "{registry_host}"\n'
         "  insecure = true\n"
@@ -511,12 +523,12 @@ def stargz_config(registry_host: str) -> str:
 
 @contextlib.contextmanager
 def running_stargz(workdir: Path, binary: Path, registry_host: str,
-                   timeout: float = 30.0) -> Iterator[Path]:
+                   timeout: float = 30.0, settings: str = "") -> Iterator[Path]:
     """containerd-stargz-grpc on a fresh root; yields its socket. Stopped (SIGTERM, then
     SIGKILL) and its FUSE mounts unmounted on exit."""
     workdir.mkdir(parents=True)
     config = workdir / "config.toml"
-    config.write_text(stargz_config(registry_host))
+    config.write_text(stargz_config(registry_host, settings))
     address = workdir / "s.sock"
     log_path = workdir / "stargz.log"
     with log_path.open("wb") as out:
@@ -893,6 +905,7 @@ def run(args: argparse.Namespace) -> int:
     links = [known[name] for name in names]
 
     images = ensure_layouts(ensure_rootfs(), args.chunk_size, [a for a in ARMS if a in arms])
+    compile_lazysnap()
     log("image: " + ", ".join(f"{a} {_mb(i.compressed)} MB" for a, i in images.items()))
     stargz_grpc = ensure_stargz_grpc() if "stargz" in images else None
     if stargz_grpc is not None and shutil.which("ctr-remote") is None:

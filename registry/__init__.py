@@ -1,18 +1,17 @@
 """An OCI distribution client on httpx: references, hosts, auth, manifests, ranged blob reads.
 
 Never imports ``fusefs`` or ``snapshotter``; no httpx type appears in this public surface.
+
+The client, its blobs and the credential providers are imported on first use: httpx and anyio
+take longer to import than everything else here, and a caller that only parses references and
+manifests (``lazysnap pull`` through the daemon) should not wait for them.
 """
 
-from registry.blob import RemoteBlob
-from registry.client import ManifestContent, RegistryClient, ResolvedImage, create_client
-from registry.credentials import (
-    CredentialProvider,
-    Credentials,
-    DockerConfigCredentials,
-    ForgetfulCredentialProvider,
-    StaticCredentials,
-    forget_credentials,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from registry.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -55,6 +54,42 @@ from registry.options import ClientOptions
 from registry.reference import Reference, parse_reference
 from registry.referrers import Referrer, ReferrerList, fallback_tag, parse_referrers
 from registry.stats import RegistryStats
+
+if TYPE_CHECKING:
+    from registry.blob import RemoteBlob
+    from registry.client import ManifestContent, RegistryClient, ResolvedImage, create_client
+    from registry.credentials import (
+        CredentialProvider,
+        Credentials,
+        DockerConfigCredentials,
+        ForgetfulCredentialProvider,
+        StaticCredentials,
+        forget_credentials,
+    )
+
+# Name -> the module that defines it, for the names imported on first use.
+_ON_FIRST_USE = {
+    "RemoteBlob": "registry.blob",
+    "ManifestContent": "registry.client",
+    "RegistryClient": "registry.client",
+    "ResolvedImage": "registry.client",
+    "create_client": "registry.client",
+    "CredentialProvider": "registry.credentials",
+    "Credentials": "registry.credentials",
+    "DockerConfigCredentials": "registry.credentials",
+    "ForgetfulCredentialProvider": "registry.credentials",
+    "StaticCredentials": "registry.credentials",
+    "forget_credentials": "registry.credentials",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups do not come here again
+    return value
 
 __all__ = [
     "DEFAULT_HOSTS_DIR",

@@ -57,12 +57,10 @@ def daemon_channel(address: str) -> grpc.Channel:
 
 
 @contextlib.contextmanager
-def connect(address: str) -> Iterator[daemon_pb2_grpc.DaemonStub]:
-    """A stub on ``daemon_channel``, after checking that the daemon answers."""
+def daemon_stub(address: str) -> Iterator[daemon_pb2_grpc.DaemonStub]:
+    """A stub on ``daemon_channel``. Nothing is asked yet: the first call may be the Resolve."""
     with daemon_channel(address) as channel:
-        stub = daemon_pb2_grpc.DaemonStub(channel)
-        check_daemon(stub, address)
-        yield stub
+        yield daemon_pb2_grpc.DaemonStub(channel)
 
 
 def check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:

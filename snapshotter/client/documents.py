@@ -8,18 +8,15 @@ answer (``documents_from_answer``), which the daemon built with ``fetch_document
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from registry import (
-    Descriptor,
-    Index,
-    Manifest,
-    Platform,
-    Reference,
-    RegistryClient,
-    parse_manifest,
-)
+from registry import Descriptor, Index, Manifest, Platform, Reference, parse_manifest
 from snapshotter.client.unpacker import UnpackError
 from snapshotter.daemon_api import MAX_CONFIG_BYTES, ResolveAnswer
+
+if TYPE_CHECKING:
+    # Only named: importing the client would import httpx, which the daemon path can skip.
+    from registry import RegistryClient
 
 
 @dataclass(frozen=True, slots=True)

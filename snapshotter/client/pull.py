@@ -26,8 +26,6 @@ from registry import (
     Platform,
     RangeNotSupportedError,
     Reference,
-    RegistryClient,
-    RemoteBlob,
     parse_manifest,
     parse_reference,
     select_manifest,
@@ -52,6 +50,10 @@ from snapshotter.errors import NotFoundError
 
 if TYPE_CHECKING:
     from trio.lowlevel import TrioToken
+
+    # Only named here: the client and its blobs import httpx, which a pull through the daemon
+    # needs only when a layer must be fetched.
+    from registry import RegistryClient, RemoteBlob
 
 # Told the unpack plan before anything is stored: ``lazysnap pull`` lets the daemon start
 # reading the lazy layers' TOCs while containerd stores the manifest and config.

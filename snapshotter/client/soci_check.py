@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from registry import Reference, RegistryClient, RegistryError
+from registry import Reference, RegistryError
 from snapshotter.client.documents import ImageDocuments
 from snapshotter.client.progress import LayerResult
 from snapshotter.lazy_formats import classify_layer, layer_compression
 from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SOCI_INDEX_V1
+
+if TYPE_CHECKING:
+    from registry import RegistryClient
 
 log = logging.getLogger(__name__)
 

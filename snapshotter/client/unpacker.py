@@ -147,12 +147,16 @@ class Unpacker:
         self._clock = clock
 
     def unpack(self, plan: UnpackPlan) -> list[LayerResult]:
+        existing: set[str] | None = None
         if self._direct is not None:
-            # Every layer to apply downloads from now on; they are applied in chain order.
+            # Every layer to apply downloads from now on; they are applied in chain order. The
+            # layers found here are not asked about again: each Stat is a round trip through
+            # containerd to the snapshotter, and unpacking a layer creates no later chain.
+            existing = {layer.chain_id for layer in plan.layers if self._exists(layer.chain_id)}
             self._direct.prefetch(
-                [layer.descriptor for layer in plan.layers if not self._exists(layer.chain_id)]
+                [layer.descriptor for layer in plan.layers if layer.chain_id not in existing]
             )
-        results = [self._unpack_layer(plan, layer) for layer in plan.layers]
+        results = [self._unpack_layer(plan, layer, existing) for layer in plan.layers]
         if plan.layers:
             # What keeps the snapshots alive once the lease is gone: image -> (index ->)
             # manifest -> config -> top snapshot -> its parents.
@@ -162,7 +166,10 @@ class Unpacker:
             )
         return results
 
-    def _unpack_layer(self, plan: UnpackPlan, layer: LayerPlan) -> LayerResult:
+    def _unpack_layer(
+        self, plan: UnpackPlan, layer: LayerPlan, existing: set[str] | None
+    ) -> LayerResult:
+        """``existing``: the chains a Stat found at the start, or None to Stat this one now."""
         total = len(plan.layers)
         digest = layer.descriptor.digest
         started = self._clock()
@@ -180,7 +187,8 @@ class Unpacker:
             self._progress.layer_finished(result)
             return result
 
-        if self._exists(layer.chain_id):
+        found = self._exists(layer.chain_id) if existing is None else layer.chain_id in existing
+        if found:
             return finish("exists")
         for _attempt in range(PREPARE_ATTEMPTS):
             key = self._new_key(layer.chain_id)

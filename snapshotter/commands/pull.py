@@ -7,9 +7,10 @@ registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as conta
 With ``--snapshotter-address`` the daemon resolves the image (``Daemon/Resolve``) with its own,
 already connected registry client and starts reading the lazy layers' TOCs at once. Most of a
 local resolution's cost is this process's start-up (trio, httpx, TLS set-up), so in that mode
-nothing of ``registry`` or trio is imported before the Resolve RPC is sent; the imports the
-unpack needs happen while the daemon talks to the registry, and a registry client is started
-only if a layer's blob must be fetched (a layer that is not lazy).
+nothing of ``registry`` or trio is imported, and no configuration read, before the Resolve RPC
+is sent; the daemon's Status is asked only when the Resolve failed. The imports the unpack needs
+happen while the daemon talks to the registry; httpx, trio and a registry client come only if a
+layer's blob must be fetched (a layer that is not lazy).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, TextIO
 from snapshotter.client.daemon_client import (
     DaemonCannotResolve,
     announcer,
-    connect,
+    check_daemon,
     credentials_request,
+    daemon_stub,
     hand_docker_config_credentials,
     receive_answer,
     resolve_request,
@@ -65,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_registry_arguments(parser)
     parser.add_argument(
         "--snapshotter-address", metavar="SOCK",
-        help="the lazysnap daemon's socket: checked first, resolves the image with its own "
+        help="the lazysnap daemon's socket: it resolves the image with its own "
         "registry client and reads the lazy layers' TOCs while containerd stores the image; "
         "--user credentials are handed to it (kept in its memory only)",
     )
@@ -145,6 +147,20 @@ def parallel_settings(args: argparse.Namespace) -> FetchSettings | None:
     return FetchSettings(connections=pull.connections, range_size=pull.range_size)
 
 
+def _parallel(args: argparse.Namespace) -> FetchSettings | None:
+    """``parallel_settings``, read once per run; an invalid configuration is a SnapshotterError.
+    Read after the Resolve request is out: the daemon works while this process reads it."""
+    if not hasattr(args, "parallel_settings"):
+        from snapshotter.daemon.config import ConfigError  # noqa: PLC0415
+
+        try:
+            args.parallel_settings = parallel_settings(args)
+        except ConfigError as exc:
+            raise SnapshotterError(str(exc)) from exc
+    settings: FetchSettings | None = args.parallel_settings
+    return settings
+
+
 def _client_setup(args: argparse.Namespace) -> ClientSetup:
     return lambda reference: (hosts_config(args), _credentials(args, reference))
 
@@ -152,8 +168,9 @@ def _client_setup(args: argparse.Namespace) -> ClientSetup:
 def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
     address = args.snapshotter_address
     try:
-        with connect(address) as stub:
+        with daemon_stub(address) as stub:
             if args.user:
+                check_daemon(stub, address)
                 name, password = user_password(args)
                 set_credentials(stub, address, user_credentials_request(args.image, name, password))
             log.debug("resolve through the daemon image=%s", args.image)
@@ -165,7 +182,15 @@ def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
                 return not args.user and hand_docker_config_credentials(stub, address, args.image)
 
             def answer() -> ResolveAnswer:
-                return receive_answer(stub, address, resolve, pending.result, hand_credentials)
+                try:
+                    return receive_answer(stub, address, resolve, pending.result,
+                                          hand_credentials)
+                except SnapshotterError:
+                    # Status only now: a pull that works needs no round trip more, one that
+                    # failed says so when the daemon is not there at all.
+                    if not args.user:
+                        check_daemon(stub, address)
+                    raise
 
             try:
                 return _unpack_resolved(args, progress, answer)
@@ -195,11 +220,11 @@ def _unpack_resolved(
     try:
         with ContainerdClient(args.address, args.namespace) as client:
             client.version()  # containerd's absence is reported before any registry error
+            parallel = _parallel(args)
             resolved = answer()
             image = documents_from_answer(resolved)
             log.info("resolved by the daemon image=%s manifest=%s read_ahead=%d",
                      image.name, image.manifest_digest, len(resolved.read_ahead))
-            parallel = args.parallel_settings
             blobs = OnDemandRegistryBlobs(image.name, _client_setup(args), parallel)
             # Only the v2 index is known here without a request; a v1 index is looked up by
             # the local pull (``has_soci_index``), not by this path.
@@ -245,7 +270,7 @@ async def _pull(
         announce = announcer(args.snapshotter_address) if args.snapshotter_address else None
         return await pull(
             client, registry, reference, args.snapshotter, platform, progress, announce,
-            args.parallel_settings,
+            _parallel(args),
         )
 
 
@@ -266,7 +291,8 @@ def _pull_locally(args: argparse.Namespace, progress: Progress) -> int:
         parse_reference(args.image)
         if args.platform:
             parse_platform(args.platform)
-    except ValueError as exc:
+        _parallel(args)
+    except (SnapshotterError, ValueError) as exc:
         return fail(NAME, exc)
     try:
         with ContainerdClient(args.address, args.namespace) as client:
@@ -308,12 +334,6 @@ def run(args: argparse.Namespace) -> int:
     if args.password_stdin and not args.user:
         return fail(NAME, "--password-stdin needs --user USER")
     progress = layer_progress(sys.stdout, quiet=args.quiet)
-    from snapshotter.daemon.config import ConfigError  # noqa: PLC0415
-
-    try:
-        args.parallel_settings = parallel_settings(args)
-    except ConfigError as exc:
-        return fail(NAME, exc)
     try:
         if args.snapshotter_address:
             return _pull_through_daemon(args, progress)

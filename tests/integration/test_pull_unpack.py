@@ -343,7 +343,8 @@ def test_pull_through_the_daemon_resolves_there_and_reads_the_tocs_ahead(
 def test_pull_through_the_daemon_imports_no_registry_client_before_resolving(
     stack: tuple[Daemon, RunningContainerd], seekable_image: PushedImage
 ) -> None:
-    """The point of Daemon/Resolve: the CLI reaches it without trio, httpx or ``registry``."""
+    """The point of Daemon/Resolve: the CLI reaches it without trio, httpx or ``registry``, and
+    reads its configuration (``snapshotter.daemon.config``) only once the daemon is at work."""
     daemon, containerd = stack
     hosts_dir = containerd.workdir / "certs.d"
     hosts_dir.mkdir(exist_ok=True)
@@ -360,7 +361,8 @@ def test_pull_through_the_daemon_imports_no_registry_client_before_resolving(
     before = [line for line in lines[:sent] if line.startswith("import time:")]
     assert before, "no import lines: was -X importtime honoured?"
     heavy = [line for line in before
-             if any(f" {name}" in line.split("|")[-1] for name in ("trio", "httpx", "registry"))]
+             if any(f" {name}" in line.split("|")[-1]
+                    for name in ("trio", "httpx", "registry", "snapshotter.daemon.config"))]
     assert heavy == [], heavy
 
 
@@ -407,3 +409,16 @@ def test_pull_through_a_daemon_that_cannot_resolve_resolves_locally(
                     if line.startswith("layer ")]
         assert outcomes == ["applied"] * len(busybox_image.layers), pulled.stdout
         assert _run_cat(containerd, busybox_image, "c6") == "hello from layer two\n"
+
+
+def test_pull_through_a_daemon_that_is_not_there_says_so(
+    stack: tuple[Daemon, RunningContainerd], busybox_image: PushedImage
+) -> None:
+    # The daemon's Status is asked only once the Resolve failed: the message stays the same.
+    _daemon, containerd = stack
+    missing = containerd.workdir / "nobody-listens.sock"
+    result = _lazysnap("pull", containerd, busybox_image.reference,
+                       "--snapshotter-address", str(missing))
+    assert result.returncode == 1, result.stdout
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith(f"lazysnap pull: lazysnap daemon at {missing} does not answer"), error

@@ -470,3 +470,44 @@ def test_the_manifests_soci_v2_index_digest_goes_with_every_layers_labels() -> N
     plan = plan_unpack(REF, image.manifest_digest, manifest, image.config)
     assert [layer.labels[key] for layer in plan.layers] == [index, index]
     assert all(L.ANNOTATION_LABEL_PREFIX + "other" not in layer.labels for layer in plan.layers)
+
+
+@dataclass
+class CountingStats(FakeContainerd):
+    stats: list[str] = field(default_factory=list)
+
+    def stat_snapshot(self, snapshotter: str, key: str) -> SnapshotInfo:
+        self.stats.append(key)
+        return super().stat_snapshot(snapshotter, key)
+
+
+class ContainerdApplies:
+    """A direct path that downloads nothing ahead and leaves every layer to containerd."""
+
+    def __init__(self) -> None:
+        self.prefetched: list[str] = []
+
+    def prefetch(self, layers: Sequence[Descriptor]) -> list[Descriptor]:
+        self.prefetched += [layer.digest for layer in layers]
+        return []
+
+    def apply(self, layer: Descriptor, diff_id: str, mounts: Sequence[Mount]) -> int | None:
+        return None
+
+
+def test_with_the_direct_path_each_chain_is_looked_up_once_before_its_layer() -> None:
+    # Each Stat is a round trip through containerd to the snapshotter: the answers the direct
+    # path's prefetch needed are not asked for again.
+    image, bottom = make_image(3), make_image(1)  # the same first layer
+    fake = with_config(with_config(CountingStats(), image), bottom)
+    unpacker(fake, bottom).unpack(plan_for(bottom))
+    assert bottom.chains[0] == image.chains[0]
+    fake.remote = {image.chains[2]}
+    fake.stats.clear()
+    direct = ContainerdApplies()
+    results = unpacker(fake, image, direct=direct).unpack(plan_for(image))
+
+    assert [r.outcome for r in results] == ["exists", "applied", "remote"]
+    assert direct.prefetched == [d.digest for d in image.manifest.layers[1:]]
+    # One Stat per chain up front, then the one that confirms the remote layer's Prepare.
+    assert fake.stats == [*image.chains, image.chains[2]]

@@ -1,0 +1,39 @@
+"""What ``lazysnap pull --snapshotter-address`` imports to unpack what the daemon resolved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+# The modules ``commands.pull._unpack_resolved`` imports, as it imports them.
+UNPACK_RESOLVED = (
+    "import snapshotter.commands.pull;"
+    "from registry import NotFoundError, RegistryError;"
+    "from snapshotter.client.containerd_client import ContainerdClient;"
+    "from snapshotter.client.direct_apply import DirectApplier;"
+    "from snapshotter.client.documents import documents_from_answer;"
+    "from snapshotter.client.pull import store_and_unpack;"
+    "from snapshotter.client.soci_check import has_v2_index;"
+)
+
+
+def _loaded(code: str, names: tuple[str, ...]) -> list[str]:
+    probe = f"import sys; {code} print(' '.join(m for m in {names!r} if m in sys.modules))"
+    return subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
+def test_unpacking_what_the_daemon_resolved_imports_no_registry_client() -> None:
+    # httpx and anyio cost about as much start-up as the rest of the pull: they are imported
+    # only when a layer must be fetched here.
+    assert _loaded(UNPACK_RESOLVED, ("httpx", "anyio", "trio", "registry.client")) == []
+
+
+def test_the_registry_client_is_still_there_when_asked_for() -> None:
+    code = "import registry; registry.RegistryClient; registry.DockerConfigCredentials;"
+    assert _loaded(code, ("httpx", "registry.client", "registry.credentials")) == [
+        "httpx", "registry.client", "registry.credentials"]
