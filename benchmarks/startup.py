@@ -22,7 +22,12 @@ stargz comparison) + ``ctr run --snapshotter lazysnap``; ``stargz`` (optional) =
 eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpull`` + ``ctr run
 --snapshotter stargz``, its daemon with its default configuration); ``gzip+soci`` (optional) =
 the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, 4 MiB spans) and
-pulled with ``lazysnap pull``. All images come from one
+pulled with ``lazysnap pull``; ``ctr-remote`` / ``stargz-ctr-remote`` (optional) = the gzip image
+converted by stargz-snapshotter's own ``ctr-remote image convert --estargz --oci`` (defaults:
+4 MiB chunks), served by lazysnap / by stargz-snapshotter; ``cri-*`` (optional) = the container
+started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
+overlayfs, lazysnap or stargz-snapshotter. ``--image two-layer`` splits the root file system
+into a base layer and a python layer (image_variants.py). All images come from one
 docker-registry on loopback; every pull goes through the netproxy (unlimited on the loopback
 link) so that bytes are counted the same way for every arm.
 
