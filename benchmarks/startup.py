@@ -447,7 +447,7 @@ func main() {
 		opq = layer.OverlayOpaqueUser
 	}
 	fs, err := stargzfs.NewFilesystem(filepath.Join(*rootDir, "stargz"), config.Config,
-		stargzfs.WithGetSources(source.FromDefaultLabels(registryHosts(config.Resolver))),
+		stargzfs.WithGetSources(withCRILabels(source.FromDefaultLabels(registryHosts(config.Resolver)))),
 		stargzfs.WithOverlayOpaqueType(opq),
 		// Per-layer latency metrics (mount, prefetch, background fetch) as info log lines.
 		stargzfs.WithMetricsLogLevel(logrus.InfoLevel))
@@ -508,6 +508,32 @@ type MirrorConfig struct {
 }
 
 // registryHosts is service/resolver.RegistryHostsFromConfig without credentials.
+// A pull through containerd's CRI plugin labels each layer with cri.* names rather than the
+// stargz.* names ctr-remote rpull sets; the real daemon reads both. Give the CRI values to the
+// default-label source under its own names, keeping any stargz.* label already there.
+var criLabelNames = map[string]string{
+	"containerd.io/snapshot/cri.image-ref":    "containerd.io/snapshot/remote/stargz.reference",
+	"containerd.io/snapshot/cri.layer-digest": "containerd.io/snapshot/remote/stargz.digest",
+	"containerd.io/snapshot/cri.image-layers": "containerd.io/snapshot/remote/stargz.layers",
+}
+
+func withCRILabels(get source.GetSources) source.GetSources {
+	return func(labels map[string]string) ([]source.Source, error) {
+		named := make(map[string]string, len(labels)+len(criLabelNames))
+		for k, v := range labels {
+			named[k] = v
+		}
+		for cri, stargz := range criLabelNames {
+			if v, ok := labels[cri]; ok {
+				if _, set := named[stargz]; !set {
+					named[stargz] = v
+				}
+			}
+		}
+		return get(named)
+	}
+}
+
 func registryHosts(cfg ResolverConfig) source.RegistryHosts {
 	return func(ref reference.Spec) (hosts []docker.RegistryHost, _ error) {
 		host := ref.Hostname()
