@@ -22,7 +22,12 @@ stargz comparison) + ``ctr run --snapshotter lazysnap``; ``stargz`` (optional) =
 eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpull`` + ``ctr run
 --snapshotter stargz``, its daemon with its default configuration); ``gzip+soci`` (optional) =
 the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, 4 MiB spans) and
-pulled with ``lazysnap pull``. All images come from one
+pulled with ``lazysnap pull``; ``ctr-remote`` / ``stargz-ctr-remote`` (optional) = the gzip image
+converted by stargz-snapshotter's own ``ctr-remote image convert --estargz --oci`` (defaults:
+4 MiB chunks), served by lazysnap / by stargz-snapshotter; ``cri-*`` (optional) = the container
+started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
+overlayfs, lazysnap or stargz-snapshotter. ``--image two-layer`` splits the root file system
+into a base layer and a python layer (image_variants.py). All images come from one
 docker-registry on loopback; every pull goes through the netproxy (unlimited on the loopback
 link) so that bytes are counted the same way for every arm.
 
@@ -54,6 +59,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -65,10 +71,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from cri_start import push_pause_image, remote_layers, start_through_cri  # noqa: E402
+from image_variants import convert_with_ctr_remote, split_python  # noqa: E402
 from netproxy import Counters, LinkProxy  # noqa: E402
 
 from tests.support import oci_image as oci  # noqa: E402
-from tests.support.containerd import RunningContainerd, run_containerd  # noqa: E402
+from tests.support.containerd import CriSettings, RunningContainerd, run_containerd  # noqa: E402
+from tests.support.cri import CriClient, cri_client  # noqa: E402
 from tests.support.daemon import Daemon, running_daemon  # noqa: E402
 from tests.support.docker_registry import run_registry  # noqa: E402
 
@@ -86,8 +95,15 @@ WORKLOADS: dict[str, list[str]] = {
         "sh", "-c", "find / -xdev -type f -exec cat {} + > /dev/null; echo done",
     ],
 }
-ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz", "gzip+soci")
+# ctr-remote / stargz-ctr-remote: the image converted by stargz-snapshotter's own
+# `ctr-remote image convert --estargz --oci` (its defaults), served by lazysnap / by
+# stargz-snapshotter. The cri-* arms start the container as kubelet does, through containerd's
+# CRI plugin (cri_start.py): no pull command runs.
+ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz", "gzip+soci",
+        "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz", "cri-ctr-remote",
+        "cri-stargz", "cri-stargz-ctr-remote")
 DEFAULT_ARMS = ARMS[:3]
+CRI_ARMS = tuple(arm for arm in ARMS if arm.startswith("cri-"))
 ARM_TITLES = {
     "overlayfs": "overlayfs full pull",
     "estargz": "lazysnap eStargz",
@@ -95,13 +111,35 @@ ARM_TITLES = {
     "estargz-opt": "lazysnap eStargz opt.",
     "stargz": "stargz-snap. eStargz",
     "gzip+soci": "lazysnap gzip + SOCI",
+    "ctr-remote": "lazysnap ctr-remote",
+    "stargz-ctr-remote": "stargz-sn. ctr-remote",
+    "cri-overlayfs": "CRI overlayfs",
+    "cri-estargz": "CRI lazysnap eStargz",
+    "cri-ctr-remote": "CRI lazysnap ctr-rem.",
+    "cri-stargz": "CRI stargz-sn. eStargz",
+    "cri-stargz-ctr-remote": "CRI stargz-sn. ctr-rem.",
 }
-# stargz pulls the very image the estargz arm pulls (same tag, same blobs).
-TAGS = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstdchunked",
-        "estargz-opt": "estargz-opt", "stargz": "estargz", "gzip+soci": "gzip-soci"}
-# gzip+soci pulls the overlayfs arm's very blobs, under a tag of its own that `lazysnap index`
-# turns into a SOCI-enabled image (a v2 index with 4 MiB spans, the layer left as it is).
-SAME_LAYOUT = {"gzip+soci": "overlayfs"}
+# The arms served by stargz-snapshotter rather than lazysnap, and those that pull everything.
+STARGZ_ARMS = ("stargz", "stargz-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote")
+FULL_PULL_ARMS = ("overlayfs", "cri-overlayfs")
+SNAPSHOTTER = {arm: "overlayfs" if arm in FULL_PULL_ARMS else
+               "stargz" if arm in STARGZ_ARMS else "lazysnap" for arm in ARMS}
+# Each arm's image, as a layout kind (how it was converted). gzip+soci pulls the overlayfs arm's
+# very blobs, under a tag of its own that `lazysnap index` turns into a SOCI-enabled image (a v2
+# index with 4 MiB spans, the layer left as it is); stargz pulls the estargz arm's very image.
+LAYOUT_KIND = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstd:chunked",
+               "estargz-opt": "estargz-opt", "stargz": "estargz", "gzip+soci": "gzip",
+               "ctr-remote": "ctr-remote", "stargz-ctr-remote": "ctr-remote",
+               "cri-overlayfs": "gzip", "cri-estargz": "estargz", "cri-ctr-remote": "ctr-remote",
+               "cri-stargz": "estargz", "cri-stargz-ctr-remote": "ctr-remote"}
+# Arms of one kind pull the same tag, gzip+soci excepted.
+TAGS = {arm: LAYOUT_KIND[arm].replace(":", "") for arm in ARMS} | {"gzip+soci": "gzip-soci"}
+# Cached layouts are named after their kind (and chunk size, layer count and tars' content).
+LAYOUT_DIRS = {"gzip": "gzip", "estargz": "estargz", "zstd:chunked": "zstdchunked",
+               "estargz-opt": "estargz-opt", "ctr-remote": "ctr-remote-estargz"}
+LAZYSNAP_WRITTEN = ("estargz", "zstd:chunked", "estargz-opt")  # what --chunk-size applies to
+# --image: the root file system as one layer, or as the base system and python.
+IMAGES = ("one-layer", "two-layer")
 # estargz-opt (not a default arm: the issue's targets are for unoptimized images) puts the files
 # the hello and imports workloads open first, with the prefetch landmark, as an "optimized"
 # eStargz does; the list comes from running them under strace in a chroot of the image.
@@ -234,39 +272,92 @@ def profile_files(tar_path: Path, tar_key: str) -> list[str]:
     return names
 
 
-def ensure_layouts(
-    tar_path: Path, chunk_size: int | None, arms: Sequence[str]
-) -> dict[str, ImageInfo]:
-    """One OCI layout per arm, converted once per (tar, format, chunk size) and cached."""
+def _files_key(paths: Sequence[Path]) -> str:
+    """A short name for the content of these files, in this order."""
     digest = hashlib.sha256()
-    with tar_path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    tar_key = digest.hexdigest()[:12]
+    for path in paths:
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def ensure_layer_tars(image: str) -> list[Path]:
+    """The layer tars of ``--image``: the root file system as one layer, or split into the base
+    system and python (built once from the cached root file system and cached)."""
+    rootfs = ensure_rootfs()
+    if image == "one-layer":
+        return [rootfs]
+    split = CACHE / f"two-layer-{_files_key([rootfs])}"
+    tars = [split / "base.tar", split / "python.tar"]
+    if not split.is_dir():
+        scratch = Path(tempfile.mkdtemp(prefix="split.", dir=CACHE))
+        try:
+            counts = split_python(rootfs, scratch / "base.tar", scratch / "python.tar")
+            log(f"split the root file system: {counts[0]} base and {counts[1]} python members "
+                f"(once; cached in {split})")
+            scratch.rename(split)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return tars
+
+
+def _profiled_names(tar_path: Path) -> set[str]:
+    with tarfile.open(tar_path) as tar:
+        return {name.removeprefix("./") for name in tar.getnames()}
+
+
+def _convert_layout(kind: str, tars: Sequence[Path], chunk_size: int | None,
+                    layout: Path) -> None:
+    """Write the OCI layout of one layout kind (see LAYOUT_KIND) at ``layout``."""
+    log(f"building the {kind} layout (once; cached in {layout})")
+    options: dict[str, object] = {"chunk_size": chunk_size} if chunk_size else {}
+    profile = profile_files(ensure_rootfs(), _files_key([ensure_rootfs()])) \
+        if kind == "estargz-opt" else []
+    layers = []
+    for tar_path in tars:
+        tar = tar_path.read_bytes()
+        if kind == "gzip":
+            layers.append(oci.gzip_layer(tar))
+            continue
+        if profile:  # each layer puts first the profiled files it holds
+            held = _profiled_names(tar_path)
+            options["prioritized"] = [name for name in profile if name in held]
+        layers.append(oci.seekable_layer(tar, kind.removesuffix("-opt"), **options))
+    scratch = Path(tempfile.mkdtemp(prefix="layout.", dir=CACHE))
+    oci.write_layout(scratch, layers, tag="latest", cmd=("python3",))
+    layout.parent.mkdir(parents=True, exist_ok=True)
+    scratch.rename(layout)
+
+
+def ensure_layouts(
+    tars: Path | Sequence[Path], chunk_size: int | None, arms: Sequence[str]
+) -> dict[str, ImageInfo]:
+    """One OCI layout per arm, built once per (layer tars, layout kind, chunk size) and cached.
+    ``tars``: the root file system (one layer) or the layer tars of ensure_layer_tars."""
+    tars = [tars] if isinstance(tars, Path) else list(tars)
+    tar_key = _files_key(tars)
+    layers_suffix = "" if len(tars) == 1 else f"-{len(tars)}layers"
+
+    def layout_of(kind: str) -> Path:
+        suffix = f"-c{chunk_size}" if chunk_size and kind in LAZYSNAP_WRITTEN else ""
+        layout = CACHE / "layouts" / f"{LAYOUT_DIRS[kind]}{suffix}{layers_suffix}-{tar_key}"
+        if (layout / "index.json").exists():
+            return layout
+        if kind == "ctr-remote":  # converted from the plain gzip image, never re-chunked
+            convert_with_ctr_remote(layout_of("gzip"), layout, CACHE)
+        else:
+            _convert_layout(kind, tars, chunk_size, layout)
+        return layout
+
     infos: dict[str, ImageInfo] = {}
-    tar: bytes | None = None
     for arm in arms:
-        source = SAME_LAYOUT.get(arm, arm)
-        suffix = f"-c{chunk_size}" if chunk_size and source != "overlayfs" else ""
-        layout = CACHE / "layouts" / f"{TAGS[source]}{suffix}-{tar_key}"
-        if not (layout / "index.json").exists():
-            if tar is None:
-                tar = tar_path.read_bytes()
-            log(f"converting the root file system for {arm} (once; cached in {layout})")
-            options: dict[str, object] = {"chunk_size": chunk_size} if chunk_size else {}
-            if arm == "estargz-opt":
-                options["prioritized"] = profile_files(tar_path, tar_key)
-            layer = oci.gzip_layer(tar) if source == "overlayfs" else oci.seekable_layer(
-                tar, "estargz" if arm == "stargz" else arm.removesuffix("-opt"), **options)
-            scratch = Path(tempfile.mkdtemp(prefix="layout.", dir=CACHE))
-            oci.write_layout(scratch, [layer], tag="latest", cmd=("python3",))
-            layout.parent.mkdir(parents=True, exist_ok=True)
-            scratch.rename(layout)
+        layout = layout_of(LAYOUT_KIND[arm])
         index = json.loads((layout / "index.json").read_text())
         manifest_digest = index["manifests"][0]["digest"].removeprefix("sha256:")
         manifest = json.loads((layout / "blobs/sha256" / manifest_digest).read_text())
         infos[arm] = ImageInfo(arm, layout, tuple(int(x["size"]) for x in manifest["layers"]),
-                               tar_path.stat().st_size)
+                               sum(t.stat().st_size for t in tars))
     return infos
 
 
@@ -356,7 +447,7 @@ func main() {
 		opq = layer.OverlayOpaqueUser
 	}
 	fs, err := stargzfs.NewFilesystem(filepath.Join(*rootDir, "stargz"), config.Config,
-		stargzfs.WithGetSources(source.FromDefaultLabels(registryHosts(config.Resolver))),
+		stargzfs.WithGetSources(withCRILabels(source.FromDefaultLabels(registryHosts(config.Resolver)))),
 		stargzfs.WithOverlayOpaqueType(opq),
 		// Per-layer latency metrics (mount, prefetch, background fetch) as info log lines.
 		stargzfs.WithMetricsLogLevel(logrus.InfoLevel))
@@ -417,6 +508,32 @@ type MirrorConfig struct {
 }
 
 // registryHosts is service/resolver.RegistryHostsFromConfig without credentials.
+// A pull through containerd's CRI plugin labels each layer with cri.* names rather than the
+// stargz.* names ctr-remote rpull sets; the real daemon reads both. Give the CRI values to the
+// default-label source under its own names, keeping any stargz.* label already there.
+var criLabelNames = map[string]string{
+	"containerd.io/snapshot/cri.image-ref":    "containerd.io/snapshot/remote/stargz.reference",
+	"containerd.io/snapshot/cri.layer-digest": "containerd.io/snapshot/remote/stargz.digest",
+	"containerd.io/snapshot/cri.image-layers": "containerd.io/snapshot/remote/stargz.layers",
+}
+
+func withCRILabels(get source.GetSources) source.GetSources {
+	return func(labels map[string]string) ([]source.Source, error) {
+		named := make(map[string]string, len(labels)+len(criLabelNames))
+		for k, v := range labels {
+			named[k] = v
+		}
+		for cri, stargz := range criLabelNames {
+			if v, ok := labels[cri]; ok {
+				if _, set := named[stargz]; !set {
+					named[stargz] = v
+				}
+			}
+		}
+		return get(named)
+	}
+}
+
 func registryHosts(cfg ResolverConfig) source.RegistryHosts {
 	return func(ref reference.Spec) (hosts []docker.RegistryHost, _ error) {
 		host := ref.Hostname()
@@ -601,7 +718,7 @@ def _pull(arm: str, reference: str, containerd: RunningContainerd, hosts_dir: Pa
     if arm == "overlayfs":
         command = ["ctr", "--address", str(containerd.address), "--namespace",
                    containerd.namespace, "image", "pull", "--plain-http", reference]
-    elif arm == "stargz":
+    elif arm in STARGZ_ARMS:
         # rpull adds the labels stargz-snapshotter needs (image reference, layer digests) and
         # unpacks into its snapshotter ("stargz" by default).
         command = ["ctr-remote", "--address", str(containerd.address), "--namespace",
@@ -628,13 +745,15 @@ def _count_in_log(path: Path, needle: str) -> int:
 def measure(
     link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
     workdir: Path, number: int, *, background_fetch: bool = True,
-    stargz_grpc: Path | None = None, trace: Path | None = None,
+    stargz_grpc: Path | None = None, trace: Path | None = None, pause: str = "",
 ) -> Result:
+    """One measurement on a fresh containerd and snapshotter. ``pause``: the sandbox image
+    reference, for the CRI arms."""
     result = Result(link, workload, arm)
     workdir.mkdir(parents=True)
     hosts_dir = workdir / "hosts"  # empty: loopback registries are plain HTTP by default
     hosts_dir.mkdir()
-    lazy = arm != "overlayfs"
+    lazy = arm not in FULL_PULL_ARMS
     # info, not debug: per-read debug logging would slow the daemon down.
     daemon_args = ["--log-level", "info"]
     if not background_fetch:
@@ -644,7 +763,7 @@ def measure(
     with contextlib.ExitStack() as stack:
         daemon: Daemon | None = None
         stargz: Path | None = None
-        if arm == "stargz":
+        if arm in STARGZ_ARMS:
             # Only stargz-snapshotter runs (no idle lazysnap daemon); containerd's lazysnap
             # plugin then points at a socket nobody listens on, which it tolerates.
             assert stargz_grpc is not None
@@ -654,15 +773,24 @@ def measure(
         else:
             daemon = stack.enter_context(running_daemon(workdir / "d", extra_args=daemon_args))
             lazysnap_address = daemon.address
+        cri = CriSettings(sandbox_image=pause, snapshotter=SNAPSHOTTER[arm]) \
+            if arm in CRI_ARMS else None
         # Stopped before the snapshotters (the stack unwinds in reverse).
         containerd = stack.enter_context(run_containerd(
             workdir / "c", lazysnap_address,
-            extra_proxy_plugins={"stargz": stargz} if stargz else None))
+            extra_proxy_plugins={"stargz": stargz} if stargz else None, cri=cri))
+        client = stack.enter_context(cri_client(containerd.address)) if cri else None
+        if client is not None:
+            client.pull(pause)  # a node has its pause image: pulled before the clock starts
         if trace is not None and daemon is not None:  # started before the clock starts
             stack.enter_context(_tracing(daemon.address, trace))
         before = proxy.counters()
         started = time.monotonic()
         try:
+            if client is not None:
+                return _measure_cri_from(result, started, before, arm, image, reference, proxy,
+                                         containerd, client, daemon, number, lazy,
+                                         background_fetch, workdir)
             return _measure_from(result, started, before, arm, image, reference, proxy,
                                  containerd, daemon, hosts_dir, number, lazy,
                                  background_fetch, workdir)
@@ -713,17 +841,10 @@ def _measure_from(
     result.pull_summary = _pull(arm, reference, containerd, hosts_dir,
                                 daemon.address if daemon else None)
     result.pull_s = time.monotonic() - started
-    stargz_log = workdir / "s" / "stargz.log"
-    if arm == "stargz":
-        # A layer served lazily is a FUSE mount under its root; one that fell back to a
-        # download-and-unpack is not.
-        mounted = _fuse_mounts_under(workdir / "s" / "root")
-        result.pull_summary = f"{result.pull_summary} ({mounted} remote layers mounted)"
-        if mounted != len(image.blob_sizes):
-            result.error = f"layers were not served lazily: {mounted} FUSE mounts"
-            return result
-    snapshotter = {"overlayfs": [], "stargz": ["--snapshotter", "stargz"]}.get(
-        arm, ["--snapshotter", "lazysnap"])
+    if arm in STARGZ_ARMS and not _stargz_mounted_every_layer(result, image, workdir):
+        return result
+    snapshotter = [] if arm == "overlayfs" else [
+        "--snapshotter", "stargz" if arm in STARGZ_ARMS else "lazysnap"]
 
     command = ["ctr", "--address", str(containerd.address), "--namespace",
                containerd.namespace, "run", "--rm", *snapshotter,
@@ -751,8 +872,59 @@ def _measure_from(
         result.error = (f"ctr run exited {process.returncode}: "
                         f"{errors.decode(errors='replace').strip()[-1000:]}")
         return result
+    return _until_local(result, started, before, arm, image, proxy, daemon, lazy,
+                        background_fetch, workdir)
 
-    if arm == "stargz":
+
+def _measure_cri_from(
+    result: Result, started: float, before: Counters, arm: str, image: ImageInfo,
+    reference: str, proxy: LinkProxy, containerd: RunningContainerd, client: CriClient,
+    daemon: Daemon | None, number: int, lazy: bool, background_fetch: bool, workdir: Path,
+) -> Result:
+    """The CRI arms: no pull command, kubelet's calls through containerd's CRI plugin."""
+    at_first: list[Counters] = []
+    times = start_through_cri(
+        client, reference, WORKLOADS[result.workload], workdir / "pods", f"bench{number}",
+        started, RUN_TIMEOUT, lambda: at_first.append(proxy.counters().minus(before)))
+    result.pull_s, result.first_output_s = times.pull_s, times.first_output_s
+    result.exit_s, result.first_line = times.exit_s, times.first_line
+    result.fetched_first = at_first[0].bytes_down
+    result.requests_first = at_first[0].http_requests
+    result.ranges_first = at_first[0].range_requests
+    result.range_bytes_first = at_first[0].range_bytes
+    result.pull_summary = f"CRI PullImage {times.image_id[:19]}"
+    if arm in STARGZ_ARMS:
+        if not _stargz_mounted_every_layer(result, image, workdir):
+            return result
+    elif lazy:  # the same summary shape as `lazysnap pull`'s, checked in _until_local
+        remote = remote_layers(containerd, SNAPSHOTTER[arm], image.layout)
+        result.pull_summary += f" ({remote} remote layers)"
+    if times.exit_code != 0:
+        result.error = f"the container exited {times.exit_code}"
+        return result
+    return _until_local(result, started, before, arm, image, proxy, daemon, lazy,
+                        background_fetch, workdir)
+
+
+def _stargz_mounted_every_layer(result: Result, image: ImageInfo, workdir: Path) -> bool:
+    """A layer stargz-snapshotter serves lazily is a FUSE mount under its root; one that fell
+    back to a download-and-unpack is not. Sets the error otherwise."""
+    mounted = _fuse_mounts_under(workdir / "s" / "root")
+    result.pull_summary = f"{result.pull_summary} ({mounted} remote layers mounted)"
+    if mounted != len(image.blob_sizes):
+        result.error = f"layers were not served lazily: {mounted} FUSE mounts"
+        return False
+    return True
+
+
+def _until_local(
+    result: Result, started: float, before: Counters, arm: str, image: ImageInfo,
+    proxy: LinkProxy, daemon: Daemon | None, lazy: bool, background_fetch: bool, workdir: Path,
+) -> Result:
+    """After the container exited: wait until the whole image is local, then check that its
+    layers were served lazily."""
+    stargz_log = workdir / "s" / "stargz.log"
+    if arm in STARGZ_ARMS:
         layers = len(image.blob_sizes)
         deadline = time.monotonic() + LOCAL_TIMEOUT
         while _count_in_log(stargz_log, STARGZ_BG_DONE) < layers:
@@ -786,7 +958,7 @@ def _measure_from(
     result.requests_local = at_local.http_requests
     result.ranges_local = at_local.range_requests
     remote = re.search(r"\((\d+) remote", result.pull_summary)
-    if lazy and arm != "stargz" and (
+    if lazy and arm not in STARGZ_ARMS and (
             remote is None or int(remote.group(1)) != len(image.blob_sizes)):
         result.error = f"layers were not served lazily: {result.pull_summary}"
         return result
@@ -848,12 +1020,15 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
         rows = [r for r in results if r.workload == workload]
         if not rows:
             continue
-        base = next((r for r in rows if r.arm == "overlayfs" and r.ok), None)
+        plain_base = next((r for r in rows if r.arm == "overlayfs" and r.ok), None)
+        cri_base = next((r for r in rows if r.arm == "cri-overlayfs" and r.ok), None)
         for r in rows:
             if not r.ok:
                 out.append(f"{workload:<16} {ARM_TITLES[r.arm]:<22} FAILED: {r.error[:160]}")
                 continue
-            lazy = r.arm != "overlayfs"
+            # The CRI arms compare with the full pull through CRI when it ran.
+            base = (cri_base or plain_base) if r.arm in CRI_ARMS else (plain_base or cri_base)
+            lazy = r.arm not in FULL_PULL_ARMS
             first_ratio = _ratio(r.first_output_s, base.first_output_s) if base else "-"
             fetched_ratio = _ratio(r.fetched_first, base.fetched_first) if base else "-"
             local_ratio = _ratio(r.local_s, base.local_s) if base else "-"
@@ -881,7 +1056,10 @@ def render(link: Link, results: Sequence[Result], images: dict[str, ImageInfo],
         "for; pull = the pull command alone; local = whole image "
         "local (full pull: end of ctr image pull; lazysnap: daemon logged every layer fully "
         "fetched and verified; stargz-snapshotter: it logged every layer's background fetch "
-        "done); ratios vs the overlayfs full pull of the same workload."
+        "done); ratios vs the overlayfs full pull of the same workload (CRI arms: vs CRI "
+        "overlayfs if it ran). CRI arms: first out = PullImage start -> first line in the "
+        "container's CRI log (RunPodSandbox, CreateContainer, StartContainer in between); "
+        "pull = PullImage."
     )
     return "\n".join(out)
 
@@ -904,10 +1082,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--links: expected all or a list of {', '.join(known)}")
     links = [known[name] for name in names]
 
-    images = ensure_layouts(ensure_rootfs(), args.chunk_size, [a for a in ARMS if a in arms])
+    images = ensure_layouts(ensure_layer_tars(args.image), args.chunk_size,
+                            [a for a in ARMS if a in arms])
     compile_lazysnap()
     log("image: " + ", ".join(f"{a} {_mb(i.compressed)} MB" for a, i in images.items()))
-    stargz_grpc = ensure_stargz_grpc() if "stargz" in images else None
+    stargz_grpc = ensure_stargz_grpc() if any(a in STARGZ_ARMS for a in images) else None
     if stargz_grpc is not None and shutil.which("ctr-remote") is None:
         raise SystemExit("the stargz arm needs ctr-remote (apt-get install stargz-snapshotter)")
 
@@ -926,6 +1105,8 @@ def run(args: argparse.Namespace) -> int:
                 oci.push_layout(image.layout, "latest", f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
                 if arm == "gzip+soci":
                     _soci_index(f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
+            pause = push_pause_image(top / "pause", registry.host) \
+                if any(arm in CRI_ARMS for arm in images) else ""
             host, port = registry.host.rsplit(":", 1)
             number = 0
             for link in links:
@@ -945,7 +1126,7 @@ def run(args: argparse.Namespace) -> int:
                                     link.name, workload, arm, images[arm], reference, proxy,
                                     workdir, number,
                                     background_fetch=not args.no_background_fetch,
-                                    stargz_grpc=stargz_grpc,
+                                    stargz_grpc=stargz_grpc, pause=pause,
                                     trace=Path(args.trace) / f"{link.name}-{workload}-"
                                     f"{arm.replace(':', '')}.jsonl" if args.trace else None)
                             except Exception as exc:  # one broken arm must not end the run
@@ -962,8 +1143,9 @@ def run(args: argparse.Namespace) -> int:
                     proxy.stop()
                     proxy = None
                 all_results += results
-                table = render(link, results, images, " [lazysnap background fetch OFF]"
-                               if args.no_background_fetch else "")
+                note = f" [{args.image} image]" + (" [lazysnap background fetch OFF]"
+                                                   if args.no_background_fetch else "")
+                table = render(link, results, images, note)
                 tables.append(table)
                 print(table, flush=True)
     finally:
@@ -976,7 +1158,7 @@ def run(args: argparse.Namespace) -> int:
             {"results": [dataclasses.asdict(r) for r in all_results],
              "images": {a: {"compressed": i.compressed, "tar": i.tar_size,
                             "blobs": list(i.blob_sizes)} for a, i in images.items()},
-             "machine": _machine()}, indent=1))
+             "image": args.image, "machine": _machine()}, indent=1))
     return 0 if all(r.ok for r in all_results) else 1
 
 
@@ -1031,6 +1213,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {','.join(DEFAULT_ARMS)})")
     parser.add_argument("--mbit", type=float, default=100.0, help="limited link rate")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="limited link RTT")
+    parser.add_argument("--image", choices=IMAGES, default=IMAGES[0],
+                        help="the root file system as one layer, or as two: the base system, "
+                        "then python (default: one-layer)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="chunk size of the lazy formats (default: lazysnap's writer)")
     parser.add_argument("--lifetime", type=float, default=7200.0,

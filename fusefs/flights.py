@@ -394,8 +394,11 @@ class ChunkFlights:
             # Waiters are released first. The disk write, the LRU bookkeeping and eviction come
             # after, so a slow disk never delays a read: a file create can wait on another
             # program's fsync.
+            # A new event only when the writes were idle: waiters on the current one must be
+            # woken when the last pending write ends, not left on a replaced event.
+            if not self._writes_pending:
+                self._writes_idle = trio.Event()
             self._writes_pending += 1
-            self._writes_idle = trio.Event()
             self._nursery.start_soon(self._write_behind, verified)
 
     def _decode_verify(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -238,3 +239,41 @@ async def test_reader_waits_for_a_background_range_instead_of_fetching_it_again(
             blob.gate.set()
         assert got == [index._nodes[index.by_path["d/f5"]].content[:100]]
         assert len(blob.requests) == 1 and layer.stats.blob_verified
+
+
+@trio_test
+async def test_writes_done_returns_when_a_write_starts_before_the_last_one_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter must not be left on the idle event of an earlier batch of writes: the python
+    layer of a two-layer image never logged "fully fetched" because of that."""
+    index = FakeIndex([FakeEntry("a", content=os.urandom(3000)),
+                       FakeEntry("filler", content=os.urandom(1024 * KiB)),
+                       FakeEntry("b", content=os.urandom(3000))])
+    first_write_may_end = threading.Event()
+    async with fetcher_for(tmp_path, index, ondemand_range=64 * KiB) as (fetcher, layer, blob):
+        original = fetcher.cache.write_verified
+        calls: list[str] = []
+
+        def write_verified(key: str, data: bytes, expected_digest: str | None) -> None:
+            calls.append(key)
+            if len(calls) == 1:
+                first_write_may_end.wait(10)
+            original(key, data, expected_digest)
+
+        monkeypatch.setattr(fetcher.cache, "write_verified", write_verified)
+        await fetcher.read(layer, index.by_path["a"], 0, 100)  # its write is held
+        idle = trio.Event()
+
+        async def waiter() -> None:
+            await fetcher.writes_done()
+            idle.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await fetcher.read(layer, index.by_path["b"], 0, 100)  # a second batch starts
+            first_write_may_end.set()
+            with trio.fail_after(10):
+                await idle.wait()
+        assert len(blob.requests) == 2 and len(calls) >= 2
