@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 
 import trio
 
 from fusefs.fetcher import ChunkFetcher
+from fusefs.held_bytes import HeldBytes
+from fusefs.inflated_spans import lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, split_blob
 from fusefs.stats import BACKGROUND, PREFETCH, fetch_kind, set_fetch_kind
@@ -66,6 +69,27 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
     hasher = hashlib.sha256()
     hashed = _OrderedHasher(hasher, config.background_concurrency)
     started = trio.current_time()
+    try:
+        await _fetch_and_hash_all(fetcher, layer, ranges, hashed, started)
+    finally:
+        if layer.held is not None:
+            layer.held.close()
+            layer.held = None
+    await fetcher.writes_done()
+    actual = "sha256:" + hasher.hexdigest()
+    _record_outcome(
+        layer, started, by="blob-digest", failure=None if actual == layer.digest else
+        f"layer blob digest mismatch layer={layer.layer_id} digest={layer.digest} actual={actual}",
+    )
+
+
+async def _fetch_and_hash_all(
+    fetcher: ChunkFetcher,
+    layer: Layer,
+    ranges: Iterator[PlannedRange[ChunkTag]],
+    hashed: _OrderedHasher,
+    started: float,
+) -> None:
     async with trio.open_nursery() as nursery:
         for number, planned in enumerate(ranges):
             await hashed.slots.acquire()
@@ -77,12 +101,6 @@ async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
                 continue
             await fetcher.wait_until_quiet(started)
             nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
-    await fetcher.writes_done()
-    actual = "sha256:" + hasher.hexdigest()
-    _record_outcome(
-        layer, started, by="blob-digest", failure=None if actual == layer.digest else
-        f"layer blob digest mismatch layer={layer.layer_id} digest={layer.digest} actual={actual}",
-    )
 
 
 def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | None) -> None:
@@ -107,6 +125,13 @@ def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | Non
             log.error("%s", failure, extra={"event": "blob_verification_failed"})
         else:
             log.error("%s", failure)
+
+
+def hold_reader_bytes(fetcher: ChunkFetcher, layer: Layer) -> None:
+    """Keep what readers of a zTOC layer fetch until ``fetch_everything`` hashes it. Readers of
+    such a layer fetch whole compressed spans, which the blob check would otherwise fetch again."""
+    if span_layer(layer.index) is not None and layer.held is None:
+        layer.held = HeldBytes(fetcher.flights.cache.directory, layer.blob.size)
 
 
 def chunks_prove_blob(layer: Layer) -> bool:
@@ -178,6 +203,7 @@ async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, backgroun
         if background and chunks_prove_blob(layer):
             await fetch_missing(fetcher, layer)
         elif background:
+            hold_reader_bytes(fetcher, layer)
             await fetch_everything(fetcher, layer)
         else:
             await prefetch(fetcher, layer)
@@ -223,5 +249,11 @@ async def _fetch_and_hash(
     number: int,
     hashed: _OrderedHasher,
 ) -> None:
-    raw = await fetcher.flights.fetch_background(layer, planned)
+    held = None
+    if layer.held is not None:
+        first = planned.start - lead_bytes(layer.index, planned.start)
+        held = await layer.held.read(first, planned.end)
+    if held is not None:
+        layer.stats.held_bytes_reused += len(held)
+    raw = await fetcher.flights.fetch_background(layer, planned, raw=held)
     await hashed.feed(number, raw)

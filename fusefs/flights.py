@@ -281,10 +281,13 @@ class ChunkFlights:
             raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
         return raw
 
-    async def fetch_background(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
+    async def fetch_background(
+        self, layer: Layer, planned: PlannedRange[ChunkTag], *, raw: bytes | None = None
+    ) -> bytes:
         """Request all of ``planned`` and fill the cache with the chunks still missing; returns
         the raw bytes, which the whole-blob check hashes. The missing chunks are claimed before
-        the request, so a reader needing one of them waits for this range."""
+        the request, so a reader needing one of them waits for this range. ``raw``, when given,
+        is the range's bytes (lead byte first) read back from the layer's held copy instead."""
         missing = PlannedRange(
             planned.start,
             planned.end,
@@ -292,7 +295,8 @@ class ChunkFlights:
         )
         claim = self.claim(layer, missing, background=True)
         try:
-            raw = await self.request(layer, planned)
+            if raw is None:
+                raw = await self.request(layer, planned)
         except BaseException as exc:
             self._fail(claim, exc)
             raise
@@ -358,9 +362,10 @@ class ChunkFlights:
             if key in flights
         ]
         try:
+            start = planned.start - lead_bytes(layer.index, planned.start)
+            fetched = raw is None
             if raw is None:
                 raw = await self.request(layer, planned)
-            start = planned.start - lead_bytes(layer.index, planned.start)
             outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, raw, start, todo)
         except BaseException as exc:
             for key, flight in flights.items():
@@ -400,6 +405,10 @@ class ChunkFlights:
                 self._writes_idle = trio.Event()
             self._writes_pending += 1
             self._nursery.start_soon(self._write_behind, verified)
+        if fetched and layer.held is not None and len(verified) == len(todo):
+            # A reader's bytes, all verified: kept so the whole-blob check need not fetch them
+            # again. Waiters are released already, so this delays no reader.
+            await layer.held.keep(start, raw)
 
     def _decode_verify(
         self, layer: Layer, raw: bytes, start: int, todo: list[tuple[str, ChunkRef]]

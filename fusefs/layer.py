@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fusefs.blob import BlobReader
 from fusefs.cache import ChunkCache, chunk_key
+from fusefs.held_bytes import HeldBytes
 from fusefs.index import ChunkRef, LayerIndex
 from fusefs.stats import LayerMeters
 
@@ -33,6 +34,7 @@ class LayerStats:
     errors: int = 0
     verify_failures: int = 0
     background_done: bool = False
+    held_bytes_reused: int = 0  # bytes the blob check read back from readers' fetches
     blob_verified: bool | None = None  # None until the whole blob has been read and hashed
     last_error: str | None = None  # the latest failure counted in ``errors``, for status
     meters: LayerMeters = field(default_factory=LayerMeters)
@@ -51,6 +53,7 @@ class Layer:
         "_tracked_files",
         "blob",
         "cached_bytes",
+        "held",
         "index",
         "layer_id",
         "slot",
@@ -63,6 +66,8 @@ class Layer:
         self.blob = blob
         self.index = index
         self.stats = LayerStats()
+        # Compressed bytes readers fetched, kept for the whole-blob check of a zTOC layer.
+        self.held: HeldBytes | None = None
         self._read_marks = bytearray((index.entry_count + 7) // 8)
         self._access_marks: bytearray | None = None  # only with an access log
         self._file_positions: array[int] | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusefs.background import fetch_everything
+from fusefs.background import fetch_everything, hold_reader_bytes
 from fusefs.cache import ChunkCache
 from fusefs.fetcher import ChunkFetcher, FetchConfig, FetchError
 from fusefs.formats.ztoc import ZtocLayer, build_ztoc, parse_ztoc
@@ -121,6 +121,62 @@ async def test_background_fetch_of_another_blob_fails_the_digest_check(tmp_path:
     async with _fetcher(tmp_path, other, background_range=SPAN) as (fetcher, layer):
         await fetch_everything(fetcher, layer)
         assert layer.stats.blob_verified is False
+
+
+def _requested(blob: FakeBlob) -> int:
+    return sum(length for _, length in blob.requests)
+
+
+@trio_test
+async def test_background_fetch_requests_only_what_readers_did_not(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    half = len(BIG) // 2
+    async with _fetcher(tmp_path, blob, background_range=SPAN) as (fetcher, layer):
+        hold_reader_bytes(fetcher, layer)
+        assert await fetcher.read(layer, lookup(layer.index, "big"), 0, half) == BIG[:half]
+        read = _requested(blob)
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        assert layer.stats.held_bytes_reused >= read // 2
+        # Each range may carry one lead byte. A range readers fetched only in part comes again
+        # whole: here the first one, whose gzip header no reader needed.
+        assert _requested(blob) <= len(BLOB) + len(blob.requests) + 2 * SPAN
+        assert layer.held is None  # the copy is dropped once the blob is checked
+        assert await fetcher.read(layer, lookup(layer.index, "big"), 0, len(BIG)) == BIG
+
+
+@trio_test
+async def test_a_changed_held_copy_fails_the_blob_check_never_serves_wrong_bytes(
+    tmp_path: Path,
+) -> None:
+    blob = FakeBlob(BLOB)
+    # No fetch ahead of the read: it would keep good bytes over the changed one later on.
+    # Background ranges of one chunk each, so the changed chunk's range is held whole.
+    config = {"background_range": SPAN // 2, "file_completion_window": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+        hold_reader_bytes(fetcher, layer)
+        entry = lookup(layer.index, "big")
+        half = len(BIG) // 2
+        assert await fetcher.read(layer, entry, 0, half) == BIG[:half]
+        assert layer.held is not None
+        # The first background range starts at 0, before any span, so it comes from the
+        # registry: change a byte of a later chunk the read fetched. Its bytes are kept after
+        # the read is answered.
+        later = layer.index.chunks(entry)[2]
+        with trio.fail_after(10):
+            while not layer.held.holds(later.blob_offset - 1, later.blob_end):
+                await trio.sleep(0.01)
+        at = (later.blob_offset + later.blob_end) // 2
+        await layer.held.keep(at, bytes([BLOB[at] ^ 0x40]))
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.held_bytes_reused > 0
+        assert layer.stats.blob_verified is False
+        for offset in range(0, len(BIG), SPAN):
+            try:
+                data = await fetcher.read(layer, entry, offset, SPAN)
+            except FetchError:
+                continue  # EIO is an answer
+            assert data == BIG[offset : offset + SPAN]
 
 
 def _changed_blob() -> bytes:
