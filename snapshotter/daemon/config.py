@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sysconfig
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,30 @@ def _path(value: str, name: str) -> Path:
     return path
 
 
+def _only_keys(table: Mapping[str, Any], section: str, allowed: Iterable[str]) -> None:
+    extra = sorted(set(table) - set(allowed))
+    if extra:
+        raise ConfigError(
+            f"unknown configuration keys: {', '.join(f'{section}.{key}' for key in extra)}"
+        )
+
+
+def _integer(value: object, name: str, low: int, high: int | None = None) -> int:
+    """An integer in ``[low, high]``; TOML booleans are not integers here."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < low
+            or (high is not None and value > high)):
+        wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+    return value
+
+
+def _seconds(value: object, name: str, most: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
+        raise ConfigError(f"{name}: expected seconds, a number > 0 and <= {most:g}, "
+                          f"got {value!r}")
+    return float(value)
+
+
 def parse_config(data: Mapping[str, Any]) -> Config:
     known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry",
              "metrics", "index"}
@@ -202,9 +226,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         )
     if "log" in data:
         table = _expect(data, "log", dict, "")
-        extra = sorted(set(table) - {"level", "format"})
-        if extra:
-            raise ConfigError(f"unknown configuration keys: {', '.join('log.' + k for k in extra)}")
+        _only_keys(table, "log", ("level", "format"))
         log = LogConfig()
         if "level" in table:
             log = replace(log, level=_choice(_expect(table, "level", str, "log."), LOG_LEVELS,
@@ -231,68 +253,47 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
 
 def _parse_index(table: Mapping[str, Any]) -> IndexConfig:
-    extra = sorted(set(table) - {"publish", "min_layer_size", "span_size"})
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('index.' + k for k in extra)}")
+    _only_keys(table, "index", ("publish", "min_layer_size", "span_size"))
     index = IndexConfig()
     if "publish" in table:
         index = replace(index, publish=_expect(table, "publish", bool, "index."))
     if "min_layer_size" in table:
-        size = table["min_layer_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ConfigError(f"index.min_layer_size: expected bytes (an integer >= 0), "
-                              f"got {size!r}")
-        index = replace(index, min_layer_size=size)
+        index = replace(index, min_layer_size=_integer(
+            table["min_layer_size"], "index.min_layer_size", 0
+        ))
     if "span_size" in table:
-        span = table["span_size"]
-        low, high = INDEX_SPAN_SIZE_RANGE
-        if isinstance(span, bool) or not isinstance(span, int) or not low <= span <= high:
-            raise ConfigError(f"index.span_size: expected bytes, an integer from {low} to "
-                              f"{high}, got {span!r}")
-        index = replace(index, span_size=span)
+        index = replace(index, span_size=_integer(
+            table["span_size"], "index.span_size", *INDEX_SPAN_SIZE_RANGE
+        ))
     return index
 
 
 def _parse_pull(table: Mapping[str, Any]) -> PullConfig:
-    extra = sorted(set(table) - {"parallel", "connections", "range_size"})
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('pull.' + k for k in extra)}")
+    _only_keys(table, "pull", ("parallel", "connections", "range_size"))
     pull = PullConfig()
     if "parallel" in table:
         pull = replace(pull, parallel=_expect(table, "parallel", bool, "pull."))
-    for key, low, high in (("connections", 1, 64), ("range_size", 64 << 10, 1 << 30)):
-        if key in table:
-            value = table[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"pull.{key}: expected an integer from {low} to {high}, "
-                                  f"got {value!r}")
-            pull = replace(pull, connections=value) if key == "connections" else replace(
-                pull, range_size=value
-            )
+    if "connections" in table:
+        pull = replace(pull, connections=_integer(table["connections"], "pull.connections", 1, 64))
+    if "range_size" in table:
+        pull = replace(pull, range_size=_integer(
+            table["range_size"], "pull.range_size", 64 << 10, 1 << 30
+        ))
     return pull
 
 
 def _parse_registry(table: Mapping[str, Any]) -> RegistryConfig:
-    extra = sorted(set(table) - {"mirror_first_byte_timeout"})
-    if extra:
-        raise ConfigError(
-            f"unknown configuration keys: {', '.join('registry.' + k for k in extra)}"
-        )
+    _only_keys(table, "registry", ("mirror_first_byte_timeout",))
     registry = RegistryConfig()
     if "mirror_first_byte_timeout" in table:
-        seconds = table["mirror_first_byte_timeout"]
-        if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-                or not 0 < seconds <= 600):
-            raise ConfigError("registry.mirror_first_byte_timeout: expected seconds (a number "
-                              f"> 0 and <= 600), got {seconds!r}")
-        registry = replace(registry, mirror_first_byte_timeout=float(seconds))
+        registry = replace(registry, mirror_first_byte_timeout=_seconds(
+            table["mirror_first_byte_timeout"], "registry.mirror_first_byte_timeout", 600
+        ))
     return registry
 
 
 def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
-    extra = sorted(set(table) - {"address", "per_layer"})
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('metrics.' + k for k in extra)}")
+    _only_keys(table, "metrics", ("address", "per_layer"))
     metrics = MetricsConfig()
     if "address" in table:
         address = _expect(table, "address", str, "metrics.")
@@ -305,9 +306,7 @@ def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
 def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
     keys = ("image_service_address", "containerd_address", "credentials_file",
             "credential_provider_config", "credential_provider_bin_dir")
-    extra = sorted(set(table) - set(keys))
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('cri.' + k for k in extra)}")
+    _only_keys(table, "cri", keys)
     paths = {key: _path(_expect(table, key, str, "cri."), f"cri.{key}")
              for key in keys if key in table}
     providers = ("credential_provider_config", "credential_provider_bin_dir")
@@ -318,9 +317,7 @@ def _parse_cri(table: Mapping[str, Any]) -> CriConfig:
 
 
 def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
-    extra = sorted(set(table) - {"guest_pull", "mount_helper"})
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('kata.' + k for k in extra)}")
+    _only_keys(table, "kata", ("guest_pull", "mount_helper"))
     kata = KataConfig()
     if "guest_pull" in table:
         kata = replace(kata, guest_pull=_expect(table, "guest_pull", bool, "kata."))
@@ -334,33 +331,21 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 
 
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
-    extra = sorted(
-        set(table) - {"enabled", "background_fetch", "cache_capacity", "keep_mounted_on_stop",
-                      "read_deadline"}
-    )
-    if extra:
-        raise ConfigError(f"unknown configuration keys: {', '.join('lazy.' + k for k in extra)}")
+    _only_keys(table, "lazy", ("enabled", "background_fetch", "cache_capacity",
+                               "keep_mounted_on_stop", "read_deadline"))
     lazy = LazyConfig()
     for key in ("enabled", "background_fetch", "keep_mounted_on_stop"):
         if key in table:
             lazy = replace(lazy, **{key: _expect(table, key, bool, "lazy.")})
     if "cache_capacity" in table:
-        capacity = table["cache_capacity"]
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ConfigError(f"lazy.cache_capacity: expected bytes (an integer >= 0), "
-                              f"got {capacity!r}")
-        lazy = replace(lazy, cache_capacity=capacity)
+        lazy = replace(lazy, cache_capacity=_integer(
+            table["cache_capacity"], "lazy.cache_capacity", 0
+        ))
     if "read_deadline" in table:
-        lazy = replace(lazy, read_deadline=_read_deadline(table["read_deadline"]))
+        lazy = replace(lazy, read_deadline=_seconds(
+            table["read_deadline"], "lazy.read_deadline", MAX_READ_DEADLINE
+        ))
     return lazy
-
-
-def _read_deadline(value: object) -> float:
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not 0 < value <= MAX_READ_DEADLINE):
-        raise ConfigError(f"lazy.read_deadline: expected seconds, a number > 0 and <= "
-                          f"{MAX_READ_DEADLINE:g}, got {value!r}")
-    return float(value)
 
 
 def load_config(path: Path | None) -> Config:
