@@ -39,14 +39,9 @@ from tests.support.containerd import (
 from tests.support.cri import CriClient, cri_client, running_pod
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 HELLO = b"hello through CRI\n"
 _RNG = random.Random(10)

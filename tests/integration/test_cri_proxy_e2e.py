@@ -41,15 +41,10 @@ from tests.support.containerd import (
 from tests.support.cri import CALL_TIMEOUT, CriClient, running_pod
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
+from tests.support.marks import full_stack
 from tests.support.secret_scan import files_holding
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 USER, PASSWORD = "kubelet-user", "Cri-Pr0xy-s3cret"
 HELLO = b"hello from a private registry\n"

@@ -30,14 +30,9 @@ from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 __all__ = ["layers"]  # the fixture, shared with the SOCI end-to-end tests
 
 SPAN = 1 << 20

@@ -53,14 +53,9 @@ from tests.support.containerd import (
 from tests.support.cri import CriClient, cri_client, running_pod
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 APP_UID_GID = "1234:2345"  # the image USER app's, from its /etc/passwd
 FILLER_FILES = 4

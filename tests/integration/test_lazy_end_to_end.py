@@ -41,14 +41,9 @@ from tests.support.lazy_e2e import (
     tree,
     tree_after_overlayfs_pull,
 )
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 T = TypeVar("T")
 

@@ -33,14 +33,9 @@ from tests.integration.test_lazy_end_to_end import (
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import running_daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 __all__ = ["converted", "plain_image"]  # module fixtures this test shares
 

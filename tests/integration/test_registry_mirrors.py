@@ -31,15 +31,10 @@ from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry, registry_available, run_registry
+from tests.support.marks import full_stack
 from tests.support.ports import free_port
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 LAZYSNAP = [sys.executable, "-m", "snapshotter.cli"]
 USER_AGENT = "lazysnap/"

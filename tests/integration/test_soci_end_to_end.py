@@ -55,14 +55,9 @@ from tests.support import oci_image as oci
 from tests.support.containerd import RunningContainerd
 from tests.support.daemon import Daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 __all__ = ["stack"]  # the fixture, shared with the eStargz end-to-end tests
 
 SPAN = 1 << 20

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.integration import test_lazy_end_to_end as e2e
 from tests.integration.test_lazy_end_to_end import (
     HELLO,
@@ -24,19 +22,14 @@ from tests.integration.test_lazy_end_to_end import (
 from tests.support.containerd import RunningContainerd
 from tests.support.daemon import Daemon
 from tests.support.docker_registry import RunningRegistry
+from tests.support.marks import full_stack
 
 # The end-to-end test's fixtures, shared: the image, converted once per module.
 plain_image = e2e.plain_image
 converted = e2e.converted
 stack = e2e.stack
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.fuse,
-    pytest.mark.containerd,
-    pytest.mark.registry,
-    pytest.mark.slow,
-]
+pytestmark = full_stack()
 
 
 def _quiet_log(registry: RunningRegistry, quiet: float = 1.0, limit: float = 30.0) -> int:
