@@ -8,12 +8,12 @@ python scripts/gen_flatbuffers.py --check  # exit 1 if the committed code is sta
 from __future__ import annotations
 
 import argparse
-import filecmp
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from generated_code import install_or_check
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path("fusefs") / "formats" / "ztoc" / "_fbs"
@@ -48,26 +48,20 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the code is stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        produced = generate(Path(tmp))
-        stale = []
-        for path in produced:
-            rel = path.relative_to(tmp)
-            target = REPO / rel
-            if args.check:
-                if not target.exists() or not filecmp.cmp(path, target, shallow=False):
-                    stale.append(str(rel))
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-        if args.check:
-            existing = {p.name for p in (REPO / PACKAGE_DIR).glob("*.py")}
-            stale += sorted(existing - {p.name for p in produced})
-            if stale:
-                print(
-                    "stale FlatBuffers code (run scripts/gen_flatbuffers.py):", *stale, sep="\n  "
-                )
-                return 1
-            print("generated FlatBuffers code is current")
+        stale = install_or_check(
+            generate,
+            repo=REPO,
+            scratch=Path(tmp),
+            committed=lambda: (
+                str(path.relative_to(REPO)) for path in (REPO / PACKAGE_DIR).glob("*.py")
+            ),
+            check=args.check,
+        )
+    if stale:
+        print("stale FlatBuffers code (run scripts/gen_flatbuffers.py):", *stale, sep="\n  ")
+        return 1
+    if args.check:
+        print("generated FlatBuffers code is current")
     return 0
 
 

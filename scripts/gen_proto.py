@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import filecmp
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import grpc_tools
+from generated_code import install_or_check
 from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,27 +59,21 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the stubs are stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        produced = generate(Path(tmp))
-        stale = []
-        for path in produced:
-            rel = path.relative_to(tmp)
-            target = REPO / rel
-            if args.check:
-                if not target.exists() or not filecmp.cmp(path, target, shallow=False):
-                    stale.append(str(rel))
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-        if args.check:
-            existing = {
-                str(p.relative_to(REPO)) for d in PACKAGES for p in (REPO / d).glob("*_pb2*.py*")
-            }
-            wanted = {str(p.relative_to(tmp)) for p in produced}
-            stale += sorted(existing - wanted)
-            if stale:
-                print("stale generated stubs (run scripts/gen_proto.py):", *stale, sep="\n  ")
-                return 1
-            print("generated stubs are current")
+        stale = install_or_check(
+            generate,
+            repo=REPO,
+            scratch=Path(tmp),
+            committed=lambda: (
+                str(path.relative_to(REPO))
+                for package in PACKAGES for path in (REPO / package).glob("*_pb2*.py*")
+            ),
+            check=args.check,
+        )
+    if stale:
+        print("stale generated stubs (run scripts/gen_proto.py):", *stale, sep="\n  ")
+        return 1
+    if args.check:
+        print("generated stubs are current")
     return 0
 
 
