@@ -35,20 +35,18 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import REPOSITORY, ensure_images
+from scale import REPOSITORY, ensure_images, scratch
 from startup import (
     REPO,
     compile_lazysnap,
@@ -177,16 +175,6 @@ def render(arms: Sequence[Arm]) -> str:
     return "\n".join(rows)
 
 
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    top = Path(tempfile.mkdtemp(prefix="lzp", dir="/tmp"))  # short: unix socket paths
-    try:
-        yield top
-    finally:
-        unmount_under(top)
-        shutil.rmtree(top, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
     layouts = ensure_images(pulls)
     stargz_grpc = ensure_stargz_grpc() if "stargz" in names else None
-    with _scratch() as top, run_registry(top / "registry") as registry, \
+    with scratch("lzp") as top, run_registry(top / "registry") as registry, \
             contextlib.ExitStack() as stack:
         references = [f"{registry.host}/{REPOSITORY}{n}:latest" for n in range(pulls)]
         for layout, reference in zip(layouts, references, strict=True):

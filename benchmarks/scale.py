@@ -289,8 +289,9 @@ def render(results: Sequence[ArmResult], expected: int, link: str) -> str:
 
 
 @contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    top = Path(tempfile.mkdtemp(prefix="lzs", dir="/tmp"))  # short: unix socket paths
+def scratch(prefix: str = "lzs") -> Iterator[Path]:
+    """A scratch directory under /tmp, its mounts undone and its files removed at the end."""
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: unix socket paths
     try:
         yield top
     finally:
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     stargz_grpc = ensure_stargz_grpc() if "stargz" in arms else None
     link = f"{args.mbit:g} Mbit/s + {args.rtt_ms:g} ms" if args.mbit else "loopback"
     results: list[ArmResult] = []
-    with _scratch() as top, run_registry(top / "registry") as registry:
+    with scratch() as top, run_registry(top / "registry") as registry:
         for number, layout in enumerate(layouts):
             oci.push_layout(layout, "latest", f"{registry.host}/{REPOSITORY}{number}:latest")
         host, port = registry.host.rsplit(":", 1)
