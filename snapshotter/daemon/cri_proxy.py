@@ -72,11 +72,18 @@ class ImageServiceProxy(_BytesHandler):
     """Forwards the ImageService methods over ``channel``; captures PullImage credentials."""
 
     def __init__(
-        self, channel: grpc.Channel, credentials: CriCredentials, verify: Verify | None = None
+        self,
+        channel: grpc.Channel,
+        credentials: CriCredentials,
+        verify: Verify | None = None,
+        on_pulled: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_pulled`` is given the image of each PullImage containerd answered; it must
+        return at once (``[index] publish`` queues a lookup)."""
         self._channel = channel
         self._credentials = credentials
         self._verify = verify
+        self._on_pulled = on_pulled
         self._calls: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     def service(
@@ -99,9 +106,21 @@ class ImageServiceProxy(_BytesHandler):
                 except Exception as exc:  # a capture bug must never fail the pull
                     log.error("cri pull credentials not kept; pull forwarded",
                               extra={"reason": type(exc).__name__})
+                reply = _forward(call, request, context)
+                self._pulled(request)
+                return reply
             return _forward(call, request, context)
 
         return grpc.unary_unary_rpc_method_handler(forward)
+
+    def _pulled(self, request: bytes) -> None:
+        if self._on_pulled is None:
+            return
+        try:
+            self._on_pulled(cri_image_pb2.PullImageRequest.FromString(request).image.image)
+        except Exception as exc:  # the pull succeeded: nothing after it may fail it
+            log.error("cri pull not passed on to index publish",
+                      extra={"reason": type(exc).__name__})
 
     def _capture(self, request: bytes) -> None:
         try:

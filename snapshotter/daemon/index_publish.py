@@ -2,7 +2,8 @@
 index from the blobs already in containerd's content store and push it as a v1 referrer, so
 that the next node pulls the image lazily (docs/index.md).
 
-``lazysnap pull`` asks through ``Daemon/ImagePulled``; the gRPC thread only queues the job.
+``lazysnap pull`` asks through ``Daemon/ImagePulled``, and the CRI image service proxy after
+each ``PullImage`` (``cri_pulled``); either only queues the job.
 One job runs at a time on the trio side, one per manifest digest: it checks again that no
 index exists, reads each layer blob back from containerd while hashing it, builds the zTOCs
 with ``lazysnap index``'s builder and pushes with the daemon's own registry credentials. The
@@ -21,7 +22,7 @@ import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from registry import (
     parse_reference,
 )
 from snapshotter import errors
+from snapshotter.client.containerd_api import ContentInfo
 from snapshotter.convert.soci import IndexImageError, IndexOptions, index_manifest_v1
 from snapshotter.convert.soci_documents import plan_layers
 from snapshotter.daemon.config import IndexConfig
@@ -62,7 +64,7 @@ FAILURE_REASONS = (
     "stopped",  # the daemon stopped during the job
     "internal",  # a bug: the traceback is logged
 )
-SKIP_REASONS = ("already_indexed", "nothing_to_index", "denied_recently")
+SKIP_REASONS = ("already_indexed", "nothing_to_index", "not_pulled_in_full", "denied_recently")
 # A registry tells a node without push access so only at its first upload, after a zTOC was
 # built: a repository that refused is not tried again for this long.
 DENIED_BACKOFF_SECONDS = 3600.0
@@ -86,6 +88,8 @@ class Skipped(Exception):
 
 class ContentStore(Protocol):
     """containerd's content store in one namespace, as ``ContainerdClient`` serves it."""
+
+    def content_info(self, digest: str) -> ContentInfo: ...
 
     def read_content(self, digest: str, *, max_size: int) -> bytes: ...
 
@@ -228,9 +232,14 @@ class IndexPublisher:
         manifest = _parse(body, job.manifest_digest)
         if IMAGE_INDEX_DIGEST in manifest.annotations:
             raise Skipped("already_indexed")  # a v2 index: this node pulled it in full anyway
-        if not any(plan.indexed for plan in plan_layers(manifest.layers,
-                                                         self._options.min_layer_size)):
+        indexed = [plan.layer for plan in plan_layers(manifest.layers,
+                                                      self._options.min_layer_size)
+                   if plan.indexed]
+        if not indexed:
             raise Skipped("nothing_to_index")
+        if not await trio.to_thread.run_sync(self._all_stored, job.namespace, indexed):
+            # Served lazily (eStargz, say) rather than pulled: nothing here to build from.
+            raise Skipped("not_pulled_in_full")
         with _registry_failures():
             found = await self._registry.fetch_referrers(
                 repository, job.manifest_digest, SOCI_INDEX_V1
@@ -258,6 +267,15 @@ class IndexPublisher:
             raise PublishFailed("digest_mismatch", f"manifest {job.manifest_digest}: the content "
                                 "store's bytes do not match the digest")
         return body
+
+    def _all_stored(self, namespace: str, layers: Sequence[Descriptor]) -> bool:
+        with _containerd_failures(layers[0].digest), self._open_content(namespace) as store:
+            for layer in layers:
+                try:
+                    store.content_info(layer.digest)
+                except errors.NotFoundError:
+                    return False
+        return True
 
     def _copy_blob(self, namespace: str, layer: Descriptor, path: Path) -> None:
         """The blob into ``path``, hashed on the way: a blob whose bytes do not match its

@@ -35,6 +35,7 @@ from snapshotter.daemon import keeper as fuse_keeper
 from snapshotter.daemon.config import Config, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
+from snapshotter.daemon.cri_pulled import PulledImages
 from snapshotter.daemon.grpc_metrics import GrpcStats, MetricsInterceptor
 from snapshotter.daemon.grpc_service import DaemonSummary, add_services
 from snapshotter.daemon.index_publish import IndexPublisher
@@ -141,9 +142,13 @@ class CriProxy:
     server: grpc.Server
     channel: grpc.Channel
     address: Path
+    pulled: PulledImages | None  # [index] publish's lookups of pulled images
 
 
-def _start_cri_proxy(config: Config, store: CriCredentials, lazy: LazySide | None) -> CriProxy:
+def _start_cri_proxy(
+    config: Config, store: CriCredentials, lazy: LazySide | None,
+    publisher: IndexPublisher | None,
+) -> CriProxy:
     address = config.cri.image_service_address
     assert address is not None
     try:
@@ -152,19 +157,30 @@ def _start_cri_proxy(config: Config, store: CriCredentials, lazy: LazySide | Non
         raise StartupError(f"cri image service: {exc}") from None
     channel = upstream_channel(str(config.cri.containerd_address))
     verify = None if lazy is None else lazy.bridge.check_access
-    server = proxy_server(ImageServiceProxy(channel, store, verify))
+    pulled = None
+    if publisher is not None:
+        containerd = config.cri.containerd_address
+        pulled = PulledImages(lambda namespace: ContainerdClient(containerd, namespace),
+                              publisher.request)
+    server = proxy_server(ImageServiceProxy(
+        channel, store, verify, None if pulled is None else pulled.pulled
+    ))
     try:
         _listen(server, address)
     except StartupError:
         channel.close()
+        if pulled is not None:
+            pulled.close()
         raise
     server.start()
-    return CriProxy(server, channel, address)
+    return CriProxy(server, channel, address, pulled)
 
 
 def _stop_cri_proxy(proxy: CriProxy) -> None:
     proxy.server.stop(SHUTDOWN_GRACE_SECONDS).wait()
     proxy.channel.close()
+    if proxy.pulled is not None:
+        proxy.pulled.close()
     with contextlib.suppress(FileNotFoundError):
         proxy.address.unlink()
 
@@ -433,7 +449,9 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         proxy = None
         if cri_store is not None:
             try:
-                proxy = await trio.to_thread.run_sync(_start_cri_proxy, config, cri_store, lazy)
+                proxy = await trio.to_thread.run_sync(
+                    _start_cri_proxy, config, cri_store, lazy, publisher
+                )
             except StartupError:
                 await trio.to_thread.run_sync(lambda: server.stop(None).wait())
                 raise

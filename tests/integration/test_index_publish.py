@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 import trio
 
@@ -27,7 +28,15 @@ from snapshotter import soci_index as si
 from tests.integration.test_lazy_end_to_end import HELLO, _lazysnap, _run
 from tests.integration.test_soci_end_to_end import _outcomes, _push_image, layers
 from tests.support import oci_image as oci
-from tests.support.containerd import RunningContainerd, containerd_available, run_containerd
+from tests.support._cri_proto import cri_api_pb2 as cri
+from tests.support._cri_proto import cri_api_pb2_grpc as cri_grpc
+from tests.support.containerd import (
+    CriSettings,
+    RunningContainerd,
+    containerd_available,
+    run_containerd,
+)
+from tests.support.cri import CALL_TIMEOUT
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.docker_registry import RunningRegistry
 from tests.support.marks import full_stack
@@ -151,3 +160,38 @@ def test_with_publish_off_nothing_is_pushed(
         time.sleep(2)  # a job, had one been queued, would have started by now
         assert "index_publish" not in daemon.log()
     assert trio.run(_soci_referrers, reference, manifest_digest) == []
+
+
+def test_a_pull_through_the_cri_image_service_proxy_publishes_the_index(
+    short_tmp: Path, docker_registry: RunningRegistry, layers: tuple[oci.Layer, ...],
+) -> None:
+    """kubelet runs no ``lazysnap pull``: the proxy's PullImage is what starts the job."""
+    if not containerd_available():
+        pytest.skip("containerd, ctr, runc or the runc shim is not installed")
+    reference = f"{docker_registry.host}/publish/app:cri"
+    manifest_digest = trio.run(_push_image, docker_registry, reference, layers, 1, {})
+    work = short_tmp / "cri"
+    work.mkdir()
+    proxy = work / "d" / "cri.sock"
+    config = work / "lazysnap.toml"
+    config.write_text(
+        "[lazy]\nbackground_fetch = false\n"
+        f"[cri]\ncontainerd_address = \"{work / 'c' / 'c.sock'}\"\n"
+        f"[index]\npublish = true\nmin_layer_size = 0\nspan_size = {SPAN}\n"
+    )
+    with running_daemon(work / "d", extra_args=["--config", str(config),
+                                                "--cri-image-service", str(proxy)]) as daemon, \
+            run_containerd(work / "c", daemon.address,
+                           cri=CriSettings(sandbox_image=reference)) as containerd, \
+            grpc.insecure_channel(f"unix:{proxy}") as channel:
+        assert containerd.address == work / "c" / "c.sock"
+        images = cri_grpc.ImageServiceStub(channel)
+        images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=reference)),
+                         timeout=CALL_TIMEOUT)
+        log = _wait_for_event(daemon, r"index_publish(ed|_failed|_skipped|_lookup_failed)")
+        assert "index_published" in log, log[-4000:]
+
+    (body,) = trio.run(_soci_referrers, reference, manifest_digest)
+    index = si.parse(body)
+    assert index.subject is not None and index.subject.digest == manifest_digest
+    assert set(index.ztocs) == {layer.digest for layer in layers}

@@ -4,9 +4,10 @@ errors passed back, PullImage credentials captured, containerd down answered at 
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,3 +326,50 @@ def test_an_unchecked_set_is_kept_only_when_none_is_stored(tmp_path: Path) -> No
     check.error = TimeoutError()
     store = _pull_through(tmp_path, check, ["first-pw", "second-pw"])
     assert _stored_password(store) == "first-pw"
+
+
+@contextlib.contextmanager
+def _proxy_telling(tmp_path: Path, fake: FakeContainerd,
+                   on_pulled: Callable[[str], None]) -> Iterator[grpc.Channel]:
+    """A proxy in front of ``fake`` that gives each answered PullImage to ``on_pulled``."""
+    upstream = _serve_fake(fake, tmp_path / "containerd.sock")
+    channel = upstream_channel(str(tmp_path / "containerd.sock"))
+    store = CriCredentials(tmp_path / "run" / "cri.json", None)
+    server = proxy_server(ImageServiceProxy(channel, store, on_pulled=on_pulled))
+    server.add_insecure_port(f"unix:{tmp_path / 'proxy.sock'}")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"unix:{tmp_path / 'proxy.sock'}") as client:
+            yield client
+    finally:
+        server.stop(None).wait()
+        upstream.stop(None).wait()
+        channel.close()
+
+
+def test_each_pull_containerd_answered_is_passed_on_and_a_failed_one_is_not(
+    tmp_path: Path,
+) -> None:
+    fake = FakeContainerd()
+    told: list[str] = []
+    with _proxy_telling(tmp_path, fake, told.append) as channel:
+        stub = cri_grpc.ImageServiceStub(channel)
+        stub.PullImage(_pull_request(), timeout=10)
+        stub.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=IMAGE)), timeout=10)
+        assert told == [IMAGE]
+        fake.abort = (grpc.StatusCode.NOT_FOUND, "no such image")
+        with pytest.raises(grpc.RpcError):
+            stub.PullImage(_pull_request(), timeout=10)
+    assert told == [IMAGE], "a pull containerd refused is not passed on"
+
+
+def test_a_failing_pull_listener_never_fails_the_pull(tmp_path: Path) -> None:
+    def broken(image: str) -> None:
+        raise RuntimeError("listener bug")
+
+    reply = cri.PullImageResponse(image_ref="sha256:" + "b" * 64)
+    fake = FakeContainerd(replies={"/runtime.v1.ImageService/PullImage":
+                                   reply.SerializeToString()})
+    with _proxy_telling(tmp_path, fake, broken) as channel:
+        answer = cri_grpc.ImageServiceStub(channel).PullImage(_pull_request(), timeout=10)
+    assert answer.image_ref == reply.image_ref

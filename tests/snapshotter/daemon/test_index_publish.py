@@ -20,6 +20,7 @@ from fusefs import parse_ztoc
 from registry import Credentials
 from snapshotter import errors
 from snapshotter import soci_index as si
+from snapshotter.client.containerd_api import ContentInfo
 from snapshotter.daemon.config import IndexConfig
 from snapshotter.daemon.index_publish import IndexPublisher, PublishJob
 from snapshotter.daemon.metrics import DaemonCollector, DaemonSnapshot
@@ -44,9 +45,15 @@ class FakeContent:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
         self.namespaces: list[str] = []
+        self.vanishing: set[str] = set()  # listed by content_info, gone when read
+
+    def content_info(self, digest: str) -> ContentInfo:
+        if digest not in self.blobs:
+            raise errors.NotFoundError(f"content digest {digest}: not found")
+        return ContentInfo(digest, len(self.blobs[digest]), {})
 
     def read_content(self, digest: str, *, max_size: int) -> bytes:
-        if digest not in self.blobs:
+        if digest not in self.blobs or digest in self.vanishing:
             raise errors.NotFoundError(f"content digest {digest}: not found")
         return self.blobs[digest]
 
@@ -211,12 +218,24 @@ def test_no_push_permission_fails_as_denied_then_backs_off_and_never_logs_the_pa
     assert PASSWORD not in caplog.text and basic not in caplog.text
 
 
-def test_content_missing_from_the_store_publishes_nothing(
+def test_an_image_whose_layer_was_not_pulled_into_the_store_is_skipped_without_a_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As after a CRI pull that lazysnap served lazily: the blob never reached containerd."""
+    caplog.set_level(logging.INFO)
+    node = Node()
+    del node.content.blobs[node.layers[0][1]]
+    assert node.run()[0] == "skipped"
+    assert events(caplog)[-1] == ("index_publish_skipped", "not_pulled_in_full")
+    assert node.fake.requests == []
+
+
+def test_content_removed_from_the_store_during_the_job_publishes_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     node = Node()
-    del node.content.blobs[node.layers[0][1]]
+    node.content.vanishing.add(node.layers[0][1])
     assert node.run()[0] == "failed"
     assert events(caplog)[-1] == ("index_publish_failed", "content_missing")
     assert node.pushed_manifests() == []
