@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -110,11 +110,12 @@ class _ContentWriter:
 class DirectApplier:
     def __init__(
         self, api: ContainerdAPI, fetcher: LayerFetcher, progress: Progress | None = None,
-        *, soci_indexed: bool = False,
+        *, soci_indexed: bool | Callable[[], bool] = False,
     ) -> None:
         """``soci_indexed``: the image has a SOCI index, so the daemon may serve its gzip layers
         lazily. They are then not downloaded ahead: a layer turns out lazy only when its
-        Prepare answers, and by then a download ahead would have fetched all of it."""
+        Prepare answers, and by then a download ahead would have fetched all of it. A callable
+        (a registry lookup) is asked at most once, and only when a gzip layer would be."""
         self._api = api
         self._fetcher = fetcher
         self._progress = progress or NoProgress()
@@ -134,14 +135,20 @@ class DirectApplier:
             layer for layer in layers
             if not classify_layer(layer.media_type, layer.annotations).lazy
             and _compression(layer) is not None
-            and not (self._soci_indexed and _compression(layer) == "gzip")
             and not self._in_content_store(layer)
         ]
+        if any(_compression(layer) == "gzip" for layer in chosen) and self._has_soci_index():
+            chosen = [layer for layer in chosen if _compression(layer) != "gzip"]
         if chosen:
             log.info("pull parallel-prefetch layers=%d bytes=%d",
                      len(chosen), sum(layer.size for layer in chosen))
             self._fetcher.start(chosen)
         return chosen
+
+    def _has_soci_index(self) -> bool:
+        if callable(self._soci_indexed):
+            self._soci_indexed = self._soci_indexed()
+        return self._soci_indexed
 
     def apply(self, layer: Descriptor, diff_id: str, mounts: Sequence[Mount]) -> int | None:
         """Bytes fetched, once the layer is unpacked into ``mounts`` and verified; None when

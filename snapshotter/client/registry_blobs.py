@@ -15,7 +15,8 @@ from snapshotter.errors import SnapshotterError
 if TYPE_CHECKING:
     import trio
 
-    from registry import CredentialProvider, Descriptor, HostsConfig, Reference
+    from registry import CredentialProvider, Descriptor, HostsConfig, Reference, RegistryClient
+    from snapshotter.client.documents import ImageDocuments
     from snapshotter.client.fetch_settings import FetchSettings
     from snapshotter.client.parallel_fetch import ParallelFetcher
     from snapshotter.client.pull import RegistryBlobs
@@ -48,6 +49,7 @@ class OnDemandRegistryBlobs:
         self._stop: trio.Event | None = None
         self._failure: BaseException | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._client: RegistryClient | None = None
 
     @contextlib.contextmanager
     def open(self, layer: Descriptor) -> Iterator[Iterable[bytes]]:
@@ -66,6 +68,22 @@ class OnDemandRegistryBlobs:
     def forget(self, layer: Descriptor) -> None:
         if self._fetcher is not None:
             self._fetcher.forget(layer)
+
+    def soci_indexed(self, image: ImageDocuments) -> bool:
+        """Whether ``image`` has a SOCI index (v2 by its annotation, v1 by a referrers request
+        with this source's client, which an image with gzip layers to download needs anyway).
+        A failed lookup is no index."""
+        import trio  # noqa: PLC0415 - lazy, as the class docstring says
+
+        from registry import parse_reference  # noqa: PLC0415
+        from snapshotter.client.soci_check import has_soci_index  # noqa: PLC0415
+
+        if self._blobs is None:
+            self._blobs = self._start()
+        client = self._client
+        assert client is not None and self._token is not None
+        ref = parse_reference(self._image_name)
+        return trio.from_thread.run(has_soci_index, client, ref, image, trio_token=self._token)
 
     def _started_fetcher(self) -> ParallelFetcher:
         if self._blobs is None:
@@ -92,6 +110,7 @@ class OnDemandRegistryBlobs:
             async with RegistryClient(hosts, provider) as client, trio.open_nursery() as nursery:
                 self._stop = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()
+                self._client = client
                 if self._parallel is not None:
                     self._fetcher = ParallelFetcher(
                         client, ref, scratch, nursery, self._token, self._parallel

@@ -16,6 +16,7 @@ layer's blob must be fetched (a layer that is not lazy).
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import logging
 import os
@@ -226,10 +227,12 @@ def _unpack_resolved(
             log.info("resolved by the daemon image=%s manifest=%s read_ahead=%d",
                      image.name, image.manifest_digest, len(resolved.read_ahead))
             blobs = OnDemandRegistryBlobs(image.name, _client_setup(args), parallel)
-            # Only the v2 index is known here without a request; a v1 index is looked up by
-            # the local pull (``has_soci_index``), not by this path.
+            # A v2 index is known from the manifest; a v1 index is looked up only when a
+            # gzip layer would be downloaded ahead, with the client that download needs.
             direct = None if parallel is None else DirectApplier(
-                client, blobs, progress, soci_indexed=has_v2_index(image))
+                client, blobs, progress,
+                soci_indexed=has_v2_index(image) or functools.partial(blobs.soci_indexed, image),
+            )
             try:
                 results = store_and_unpack(
                     client, image, args.snapshotter, blobs, progress, direct=direct

@@ -44,6 +44,7 @@ from snapshotter.soci_index import (
 )
 from tests.integration.test_lazy_end_to_end import (
     _layer_bytes_served,
+    _lazysnap,
     _pull,
     _run,
     _snapshot_labels,
@@ -269,6 +270,35 @@ def test_an_image_without_an_index_is_looked_up_once_and_pulled_in_full(
     # One lookup by the daemon for the whole image, and one by `lazysnap pull` itself, whose
     # parallel download must leave alone the gzip layers an index would make lazy.
     assert log.count("/referrers/") == 2, log[-2000:]
+
+
+def test_a_v1_indexed_image_pulled_through_the_daemon_downloads_no_gzip_layer_ahead(
+    stack: tuple[Daemon, RunningContainerd], docker_registry: RunningRegistry,
+) -> None:
+    """``--snapshotter-address``: the daemon resolves, so ``lazysnap pull`` looks the v1 index
+    up itself before its parallel download would take the layers the daemon serves lazily."""
+    daemon, containerd = stack
+    own = oci.TarBuilder().dir("own").file("own/text", _words(4 << 20, 7)).tar()
+    layers = (oci.gzip_layer(lazy_e2e.base_layer()), oci.gzip_layer(own))
+    reference = f"{docker_registry.host}/soci/through-daemon:v1"
+    trio.run(_push_image, docker_registry, reference, layers, 1, _ztocs(layers))
+    log_start = len(docker_registry.log())
+    hosts_dir = containerd.workdir / "certs.d"
+    hosts_dir.mkdir(exist_ok=True)
+    result = _lazysnap(
+        "pull", reference, "--address", str(containerd.address),
+        "--namespace", containerd.namespace, "--hosts-dir", str(hosts_dir),
+        "--snapshotter-address", str(daemon.address), "--log-level", "info",
+    )
+    assert result.returncode == 0, result.stderr
+    assert _outcomes(result.stdout)[-1] == "remote", result.stdout + daemon.log()[-3000:]
+    # The download ahead is what must not start: on loopback a cancelled one may have been
+    # answered before the registry logs it, so its own log line tells.
+    assert "parallel-prefetch" not in result.stderr, result.stderr[-2000:]
+    served, _ = _layer_bytes_served(docker_registry.log()[log_start:], [layers[1].digest])
+    assert served < FETCHED_LIMIT * len(layers[1].blob), (
+        f"{served} of {len(layers[1].blob)} bytes of a lazily served layer were downloaded"
+    )
 
 
 @pytest.fixture

@@ -64,3 +64,41 @@ def test_plain_gzip_layers_are_downloaded_ahead_when_nothing_indexes_them() -> N
 def test_no_gzip_layer_is_downloaded_ahead_of_an_image_with_a_soci_index() -> None:
     # Any of them may be served lazily through the index; only its Prepare will tell.
     assert _started(soci_indexed=True) == []
+
+
+class Lookup:
+    """A v1 index lookup: counts how often it is asked."""
+
+    def __init__(self, found: bool) -> None:
+        self.found = found
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.found
+
+
+def test_a_v1_lookup_that_finds_an_index_keeps_every_gzip_layer_back_and_is_asked_once() -> None:
+    lookup = Lookup(found=True)
+    fetcher = RecordingFetcher()
+    applier = DirectApplier(cast(ContainerdAPI, EmptyContentStore()), fetcher,
+                            soci_indexed=lookup)
+    assert applier.prefetch(LAYERS) == []
+    assert applier.prefetch(LAYERS[:1]) == []
+    assert (fetcher.started, lookup.asked) == ([], 1)
+
+
+def test_a_v1_lookup_that_finds_nothing_downloads_the_gzip_layers_ahead() -> None:
+    lookup = Lookup(found=False)
+    fetcher = RecordingFetcher()
+    DirectApplier(cast(ContainerdAPI, EmptyContentStore()), fetcher,
+                  soci_indexed=lookup).prefetch(LAYERS)
+    assert fetcher.started == [LAYERS[0].digest, LAYERS[3].digest]
+
+
+def test_no_lookup_is_made_when_no_gzip_layer_would_be_downloaded() -> None:
+    lookup = Lookup(found=True)
+    fetcher = RecordingFetcher()
+    DirectApplier(cast(ContainerdAPI, EmptyContentStore()), fetcher,
+                  soci_indexed=lookup).prefetch([LAYERS[1], LAYERS[2]])
+    assert lookup.asked == 0
