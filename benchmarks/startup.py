@@ -22,7 +22,9 @@ stargz comparison) + ``ctr run --snapshotter lazysnap``; ``stargz`` (optional) =
 eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpull`` + ``ctr run
 --snapshotter stargz``, its daemon with its default configuration); ``gzip+soci`` (optional) =
 the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, 4 MiB spans) and
-pulled with ``lazysnap pull``; ``ctr-remote`` / ``stargz-ctr-remote`` (optional) = the gzip image
+pulled with ``lazysnap pull``; ``parallel`` (optional) = the overlayfs arm's image downloaded
+and unpacked in full by ``lazysnap pull --parallel`` into lazysnap's ordinary snapshots (issue
+14's parallel pull; not lazy, so its whole image is local when the pull ends); ``ctr-remote`` / ``stargz-ctr-remote`` (optional) = the gzip image
 converted by stargz-snapshotter's own ``ctr-remote image convert --estargz --oci`` (defaults:
 4 MiB chunks), served by lazysnap / by stargz-snapshotter; ``cri-*`` (optional) = the container
 started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
@@ -100,7 +102,7 @@ WORKLOADS: dict[str, list[str]] = {
 # stargz-snapshotter. The cri-* arms start the container as kubelet does, through containerd's
 # CRI plugin (cri_start.py): no pull command runs.
 ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz", "gzip+soci",
-        "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz", "cri-ctr-remote",
+        "parallel", "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz", "cri-ctr-remote",
         "cri-stargz", "cri-stargz-ctr-remote")
 DEFAULT_ARMS = ARMS[:3]
 CRI_ARMS = tuple(arm for arm in ARMS if arm.startswith("cri-"))
@@ -111,6 +113,7 @@ ARM_TITLES = {
     "estargz-opt": "lazysnap eStargz opt.",
     "stargz": "stargz-snap. eStargz",
     "gzip+soci": "lazysnap gzip + SOCI",
+    "parallel": "lazysnap parallel pull",
     "ctr-remote": "lazysnap ctr-remote",
     "stargz-ctr-remote": "stargz-sn. ctr-remote",
     "cri-overlayfs": "CRI overlayfs",
@@ -121,14 +124,17 @@ ARM_TITLES = {
 }
 # The arms served by stargz-snapshotter rather than lazysnap, and those that pull everything.
 STARGZ_ARMS = ("stargz", "stargz-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote")
-FULL_PULL_ARMS = ("overlayfs", "cri-overlayfs")
-SNAPSHOTTER = {arm: "overlayfs" if arm in FULL_PULL_ARMS else
+# parallel: the plain gzip image downloaded and unpacked in full by `lazysnap pull`'s parallel
+# pull (issue 14, item 3) into lazysnap's ordinary snapshots, where overlayfs is containerd's.
+FULL_PULL_ARMS = ("overlayfs", "cri-overlayfs", "parallel")
+SNAPSHOTTER = {arm: "overlayfs" if arm in FULL_PULL_ARMS and arm != "parallel" else
                "stargz" if arm in STARGZ_ARMS else "lazysnap" for arm in ARMS}
 # Each arm's image, as a layout kind (how it was converted). gzip+soci pulls the overlayfs arm's
 # very blobs, under a tag of its own that `lazysnap index` turns into a SOCI-enabled image (a v2
 # index with 4 MiB spans, the layer left as it is); stargz pulls the estargz arm's very image.
 LAYOUT_KIND = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstd:chunked",
                "estargz-opt": "estargz-opt", "stargz": "estargz", "gzip+soci": "gzip",
+               "parallel": "gzip",
                "ctr-remote": "ctr-remote", "stargz-ctr-remote": "ctr-remote",
                "cri-overlayfs": "gzip", "cri-estargz": "estargz", "cri-ctr-remote": "ctr-remote",
                "cri-stargz": "estargz", "cri-stargz-ctr-remote": "ctr-remote"}
@@ -727,6 +733,8 @@ def _pull(arm: str, reference: str, containerd: RunningContainerd, hosts_dir: Pa
         command = [str(LAZYSNAP), "pull", reference, "--snapshotter", "lazysnap",
                    "--address", str(containerd.address), "--namespace", containerd.namespace,
                    "--hosts-dir", str(hosts_dir), "--snapshotter-address", str(daemon_address)]
+        if arm == "parallel":
+            command.append("--parallel")
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT,
                           check=False)
     if done.returncode != 0:
