@@ -24,9 +24,10 @@ eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpul
 the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, 4 MiB spans) and
 pulled with ``lazysnap pull``; ``parallel`` (optional) = the overlayfs arm's image downloaded
 and unpacked in full by ``lazysnap pull --parallel`` into lazysnap's ordinary snapshots (issue
-14's parallel pull; not lazy, so its whole image is local when the pull ends); ``ctr-remote`` / ``stargz-ctr-remote`` (optional) = the gzip image
-converted by stargz-snapshotter's own ``ctr-remote image convert --estargz --oci`` (defaults:
-4 MiB chunks), served by lazysnap / by stargz-snapshotter; ``cri-*`` (optional) = the container
+14's parallel pull; not lazy, so its whole image is local when the pull ends); ``ctr-remote``
+/ ``stargz-ctr-remote`` (optional) = the gzip image converted by stargz-snapshotter's own
+``ctr-remote image convert --estargz --oci`` (defaults: 4 MiB chunks), served by lazysnap / by
+stargz-snapshotter; ``cri-*`` (optional) = the container
 started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
 overlayfs, lazysnap or stargz-snapshotter. ``--image two-layer`` splits the root file system
 into a base layer and a python layer (image_variants.py). All images come from one
@@ -102,8 +103,8 @@ WORKLOADS: dict[str, list[str]] = {
 # stargz-snapshotter. The cri-* arms start the container as kubelet does, through containerd's
 # CRI plugin (cri_start.py): no pull command runs.
 ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz", "gzip+soci",
-        "parallel", "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz", "cri-ctr-remote",
-        "cri-stargz", "cri-stargz-ctr-remote")
+        "parallel", "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz",
+        "cri-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote")
 DEFAULT_ARMS = ARMS[:3]
 CRI_ARMS = tuple(arm for arm in ARMS if arm.startswith("cri-"))
 ARM_TITLES = {
