@@ -83,13 +83,18 @@ _ON_FIRST_USE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _ON_FIRST_USE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'registry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups do not come here again
-    return value
+# Hidden from type checkers, which see the names above: a module-level __getattr__ would make
+# them accept any name imported from this package, misspelt or missing ones included.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        module = _ON_FIRST_USE.get(name)
+        if module is None:
+            raise AttributeError(f"module 'registry' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups do not come here again
+        return value
+
 
 __all__ = [
     "DEFAULT_HOSTS_DIR",
