@@ -807,6 +807,13 @@ class Result:
     pull_summary: str = ""
 
 
+def container_id(number: int) -> str:
+    """The container (CRI: pod) name of measurement ``number``. runc keeps its state under
+    /run/containerd/runc/<namespace>/<id> whichever containerd started it, so two runs of this
+    script at once (other users of the machine) must not use the same names."""
+    return f"bench{os.getpid()}-{number}"
+
+
 def _kill_after(process: subprocess.Popen[bytes], seconds: float) -> threading.Timer:
     timer = threading.Timer(seconds, process.kill)
     timer.daemon = True
@@ -949,7 +956,7 @@ def _measure_from(
 
     command = ["ctr", "--address", str(containerd.address), "--namespace",
                containerd.namespace, "run", "--rm", *snapshotter,
-               reference, f"bench{number}", *WORKLOADS[result.workload]]
+               reference, container_id(number), *WORKLOADS[result.workload]]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timer = _kill_after(process, RUN_TIMEOUT)
     try:
@@ -985,7 +992,7 @@ def _measure_cri_from(
     """The CRI arms: no pull command, kubelet's calls through containerd's CRI plugin."""
     at_first: list[Counters] = []
     times = start_through_cri(
-        client, reference, WORKLOADS[result.workload], workdir / "pods", f"bench{number}",
+        client, reference, WORKLOADS[result.workload], workdir / "pods", container_id(number),
         started, RUN_TIMEOUT, lambda: at_first.append(proxy.counters().minus(before)))
     result.pull_s, result.first_output_s = times.pull_s, times.first_output_s
     result.exit_s, result.first_line = times.exit_s, times.first_line

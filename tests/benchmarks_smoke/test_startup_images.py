@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import tarfile
 import time
@@ -223,3 +224,9 @@ def test_the_table_has_no_issue_5_target_for_gcc_and_compares_with_stargz() -> N
     assert " 0.15x " in estargz_row and "<=0." not in estargz_row
     assert ("gcc: lazysnap / stargz-snapshotter, first out (target <=0.65x): "
             "lazysnap eStargz 0.65x ok, lazysnap ctr-remote 0.75x MISS") in table
+
+
+def test_container_names_differ_between_runs_of_the_script() -> None:
+    # runc's state directory is shared by every containerd of the machine.
+    assert startup.container_id(3) == f"bench{os.getpid()}-3"
+    assert startup.container_id(3) != startup.container_id(4)
