@@ -2,6 +2,9 @@
 
 * ``split_python``: the root file system as two layer tars, the base system then python, as an
   image built ``FROM debian`` + ``RUN apt-get install python3`` would be layered;
+* ``changed_members`` + ``split_layers``: a root file system as two layer tars, what a snapshot
+  of the base system already held then what changed after it (the gcc image: the base system,
+  then what ``apt-get install gcc libc6-dev`` added or changed);
 * ``convert_with_ctr_remote``: an OCI layout converted to eStargz by stargz-snapshotter's own
   ``ctr-remote image convert --estargz --oci`` (its defaults) in a throwaway containerd, so
   lazysnap is measured on eStargz blobs it did not write.
@@ -9,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,24 +42,76 @@ def is_python_path(name: str) -> bool:
 
 
 def split_python(rootfs_tar: Path, base_tar: Path, python_tar: Path) -> tuple[int, int]:
-    """Write the members of ``rootfs_tar`` to ``base_tar`` or ``python_tar``, in their order
-    (so the split is deterministic); returns how many members each got. A hard link goes
-    where its target went: a layer cannot link to a file of another layer."""
-    placed: dict[str, bool] = {}  # member name -> went to the python layer
+    """``split_layers`` with python's paths in the second layer."""
+    return split_layers(rootfs_tar, base_tar, python_tar, is_python_path)
+
+
+def split_layers(rootfs_tar: Path, base_tar: Path, upper_tar: Path,
+                 in_upper: Callable[[str], bool]) -> tuple[int, int]:
+    """Write the members of ``rootfs_tar`` to ``upper_tar`` when ``in_upper(member name)``,
+    else to ``base_tar``, in their order (so the split is deterministic); returns how many
+    members each got. A hard link goes where its target went: a layer cannot link to a file
+    of another layer."""
+    placed: dict[str, bool] = {}  # member name -> went to the upper layer
     counts = [0, 0]
     with tarfile.open(rootfs_tar) as source, \
             tarfile.open(base_tar, "w", format=tarfile.PAX_FORMAT) as base, \
-            tarfile.open(python_tar, "w", format=tarfile.PAX_FORMAT) as python:
+            tarfile.open(upper_tar, "w", format=tarfile.PAX_FORMAT) as upper:
         for member in source:
             if member.islnk():
-                to_python = placed.get(member.linkname, is_python_path(member.linkname))
+                to_upper = placed.get(member.linkname, in_upper(member.linkname))
             else:
-                to_python = is_python_path(member.name)
-            placed[member.name] = to_python
+                to_upper = in_upper(member.name)
+            placed[member.name] = to_upper
             data = source.extractfile(member) if member.isreg() else None
-            (python if to_python else base).addfile(member, data)
-            counts[to_python] += 1
+            (upper if to_upper else base).addfile(member, data)
+            counts[to_upper] += 1
     return counts[0], counts[1]
+
+
+def _member_state(member: tarfile.TarInfo, data: bytes | None) -> tuple[object, ...]:
+    """What a layer diff compares: type, ownership, mode, mtime, link target, extended
+    attributes and content."""
+    xattrs = sorted((k, v) for k, v in member.pax_headers.items() if k.startswith("SCHILY."))
+    content = hashlib.sha256(data).hexdigest() if data is not None else ""
+    return (member.type, member.uid, member.gid, member.mode, int(member.mtime),
+            member.linkname, member.devmajor, member.devminor, tuple(xattrs), content)
+
+
+def _states(tar_path: Path) -> dict[str, tuple[object, ...]]:
+    states: dict[str, tuple[object, ...]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            reader = tar.extractfile(member) if member.isreg() else None
+            data = reader.read() if reader is not None else None
+            states[_name(member.name)] = _member_state(member, data)
+    return states
+
+
+def _name(member_name: str) -> str:
+    return member_name.removeprefix("./").rstrip("/") or "."
+
+
+def changed_members(before_tar: Path, after_tar: Path) -> frozenset[str]:
+    """The member names of ``after_tar`` (without a leading ``./``) that ``before_tar`` lacks
+    or holds in another state, with their parent directories: what a layer built on top of
+    ``before_tar`` holds, as containerd's diff writes it. Deletions are left out: a layer
+    split from ``after_tar`` simply does not have them."""
+    before = _states(before_tar)
+    changed: set[str] = set()
+    for name, state in _states(after_tar).items():
+        if before.get(name) != state:
+            changed.add(name)
+            parts = name.split("/")
+            changed.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    return frozenset(changed)
+
+
+def split_changed(rootfs_tar: Path, changed: frozenset[str], base_tar: Path,
+                  upper_tar: Path) -> tuple[int, int]:
+    """``split_layers`` with the ``changed`` member names (see ``changed_members``) in the
+    second layer."""
+    return split_layers(rootfs_tar, base_tar, upper_tar, lambda name: _name(name) in changed)
 
 
 def convert_with_ctr_remote(source_layout: Path, dest: Path, workdir: Path) -> None:
