@@ -91,6 +91,8 @@ _TYPE_BITS = {
 }
 _U32 = 1 << 32
 _NO_DIGEST = bytes(DIGEST_SIZE)
+_pack_entry = ENTRY.pack
+_CHUNK_SIZE = CHUNK.size
 _I63 = 1 << 63
 
 # A file's pending chunk: (chunkOffset, chunkSize field, offset, innerOffset, digest, zeros)
@@ -176,6 +178,7 @@ class _Builder:
         self.chunk_digests_required = chunk_digests
         self.payload_end = payload_end
         self.limits = limits
+        self.max_entries = limits.max_entries  # read once per entry
         self.kinds = bytearray()
         self.records = bytearray()
         self.implicit = bytearray()  # 1: a directory nobody has described yet
@@ -227,20 +230,19 @@ class _Builder:
         link_off: int,
         link_len: int,
     ) -> int:
-        entry = len(self.kinds)
-        if entry >= self.limits.max_entries:
+        kinds = self.kinds
+        entry = len(kinds)
+        if entry >= self.max_entries:
             raise LayerFormatError(
-                f"layer has more than {self.limits.max_entries} entries (incl. implied dirs)"
+                f"layer has more than {self.max_entries} entries (incl. implied dirs)"
             )
-        name_dirent = len(self.dirent_target)
-        self.kinds.append(kind)
+        kinds.append(kind)
         self.implicit.append(0)
         # A file's chunks are appended right after it is added (before any other file's), so
         # its chunk range starts at the current end of the chunk records.
-        chunk_start = len(self.chunk_records) // CHUNK.size
-        self.records += ENTRY.pack(
-            mode, uid, gid, size, mtime_ns, rdev, 1, max(parent, 0), name_dirent, chunk_start, 0,
-            link_off, link_len,
+        self.records += _pack_entry(
+            mode, uid, gid, size, mtime_ns, rdev, 1, parent if parent > 0 else 0,
+            len(self.dirent_target), len(self.chunk_records) // _CHUNK_SIZE, 0, link_off, link_len,
         )  # fmt: skip
         if parent >= 0:
             self.dirent_parent.append(parent)
