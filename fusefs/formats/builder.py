@@ -93,6 +93,7 @@ _U32 = 1 << 32
 _NO_DIGEST = bytes(DIGEST_SIZE)
 _pack_entry = ENTRY.pack
 _CHUNK_SIZE = CHUNK.size
+_COUNT_CODEC, _COUNT_AT = ENTRY_CHUNK_COUNT
 _I63 = 1 << 63
 
 # A file's pending chunk: (chunkOffset, chunkSize field, offset, innerOffset, digest, zeros)
@@ -612,7 +613,7 @@ class _Builder:
             return
         self.chunk_records += records
         self.chunk_digests += digests
-        self._set(ENTRY_CHUNK_COUNT, entry, count)
+        _COUNT_CODEC.pack_into(self.records, entry * ENTRY.size + _COUNT_AT, count)
         if first_data >= 0:
             self.fetch_offsets.append(first_data)
             self.fetch_entries.append(entry)
