@@ -556,9 +556,11 @@ class _Builder:
         payload_end = self.payload_end
         digests_required = self.chunk_digests_required
         pack = CHUNK.pack
-        records = bytearray()
+        # Appended in place: a landmark's, validated only, are cut off again below.
+        records = self.chunk_records
+        digests = self.chunk_digests
+        kept_records, kept_digests = len(records), len(digests)
         first_data = -1
-        digests = bytearray()
         count = len(chunks)
         for i in range(count):
             chunk_offset, size_field, blob_offset, inner, digest, zeros = chunks[i]
@@ -610,9 +612,8 @@ class _Builder:
                                 CHUNK_HAS_DIGEST | CHUNK_ZEROS if zeros else CHUNK_HAS_DIGEST)
                 digests += digest
         if entry < 0:  # kept out of the tree (landmark): validated, not stored
+            del records[kept_records:], digests[kept_digests:]
             return
-        self.chunk_records += records
-        self.chunk_digests += digests
         _COUNT_CODEC.pack_into(self.records, entry * ENTRY.size + _COUNT_AT, count)
         if first_data >= 0:
             self.fetch_offsets.append(first_data)
