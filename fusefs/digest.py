@@ -18,5 +18,13 @@ def sha256_hex(value: str) -> str | None:
     return match.group(1) if match is not None else None
 
 
+def sha256_raw(value: object) -> bytes | None:
+    """The 32 raw bytes of a ``sha256:<hex>`` digest, or None when ``value`` is not one."""
+    if not isinstance(value, str):
+        return None
+    match = _SHA256.fullmatch(value)
+    return bytes.fromhex(match.group(1)) if match is not None else None
+
+
 def is_sha256_digest(value: object) -> bool:
     return isinstance(value, str) and sha256_hex(value) is not None

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
 import itertools
 import logging
 import os
 import stat
+import sys
 from array import array
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from fusefs.digest import is_sha256_digest
+from fusefs.digest import sha256_raw
 from fusefs.formats.compact import (
     CHUNK,
     CHUNK_BLOB_END,
@@ -89,6 +90,10 @@ _TYPE_BITS = {
     EntryKind.FIFO.value: stat.S_IFIFO,
 }
 _U32 = 1 << 32
+_NO_DIGEST = bytes(DIGEST_SIZE)
+_pack_entry = ENTRY.pack
+_CHUNK_SIZE = CHUNK.size
+_COUNT_CODEC, _COUNT_AT = ENTRY_CHUNK_COUNT
 _I63 = 1 << 63
 
 # A file's pending chunk: (chunkOffset, chunkSize field, offset, innerOffset, digest, zeros)
@@ -116,9 +121,10 @@ def _digest(entry: dict[str, Any], key: str) -> bytes | None:
     value = entry.get(key)
     if not value:
         return None
-    if not is_sha256_digest(value):
+    raw = sha256_raw(value)
+    if raw is None:
         raise LayerFormatError(f"TOC field {key!r} = {value!r} is not a sha256 digest")
-    return bytes.fromhex(value[7:])
+    return raw
 
 
 def split_name(name: str, limits: IndexLimits) -> list[bytes]:
@@ -144,6 +150,27 @@ def split_name(name: str, limits: IndexLimits) -> list[bytes]:
     return parts
 
 
+def _u32_column(records: bytearray, field: tuple[Any, int], *, first: int) -> memoryview:
+    """One 32-bit field of every ENTRY record from record ``first`` on, as a strided view."""
+    codec, offset = field
+    assert codec.size == 4 and offset % 4 == 0 and ENTRY.size % 4 == 0
+    stride = ENTRY.size // 4
+    return memoryview(records).cast("I")[first * stride + offset // 4 :: stride]
+
+
+def _read_u32(column: memoryview) -> array[int]:
+    values = array("I", column)
+    if sys.byteorder != "little":  # records are little-endian, the view is native
+        values.byteswap()
+    return values
+
+
+def _write_u32(column: memoryview, values: array[int]) -> None:
+    if sys.byteorder != "little":
+        values.byteswap()
+    column[:] = values
+
+
 class _Builder:
     def __init__(
         self, codec: Codec, payload_end: int, limits: IndexLimits, *, chunk_digests: bool = True
@@ -152,6 +179,7 @@ class _Builder:
         self.chunk_digests_required = chunk_digests
         self.payload_end = payload_end
         self.limits = limits
+        self.max_entries = limits.max_entries  # read once per entry
         self.kinds = bytearray()
         self.records = bytearray()
         self.implicit = bytearray()  # 1: a directory nobody has described yet
@@ -203,20 +231,19 @@ class _Builder:
         link_off: int,
         link_len: int,
     ) -> int:
-        entry = len(self.kinds)
-        if entry >= self.limits.max_entries:
+        kinds = self.kinds
+        entry = len(kinds)
+        if entry >= self.max_entries:
             raise LayerFormatError(
-                f"layer has more than {self.limits.max_entries} entries (incl. implied dirs)"
+                f"layer has more than {self.max_entries} entries (incl. implied dirs)"
             )
-        name_dirent = len(self.dirent_target)
-        self.kinds.append(kind)
+        kinds.append(kind)
         self.implicit.append(0)
         # A file's chunks are appended right after it is added (before any other file's), so
         # its chunk range starts at the current end of the chunk records.
-        chunk_start = len(self.chunk_records) // CHUNK.size
-        self.records += ENTRY.pack(
-            mode, uid, gid, size, mtime_ns, rdev, 1, max(parent, 0), name_dirent, chunk_start, 0,
-            link_off, link_len,
+        self.records += _pack_entry(
+            mode, uid, gid, size, mtime_ns, rdev, 1, parent if parent > 0 else 0,
+            len(self.dirent_target), len(self.chunk_records) // _CHUNK_SIZE, 0, link_off, link_len,
         )  # fmt: skip
         if parent >= 0:
             self.dirent_parent.append(parent)
@@ -483,14 +510,14 @@ class _Builder:
         if chunk_type and chunk_type != "zeros":
             raise LayerFormatError(f"unknown chunkType {chunk_type!r}")
         self.payload_offsets.append(offset)
-        return (
-            chunk_offset,
-            size_field,
-            offset,
-            inner,
-            _digest(entry, "chunkDigest"),
-            chunk_type == "zeros",
-        )
+        digest = get("chunkDigest")
+        if digest:  # _digest inlined: this runs once per file
+            digest = sha256_raw(digest)
+            if digest is None:
+                digest = _digest(entry, "chunkDigest")  # raises with the field in the message
+        else:
+            digest = None
+        return (chunk_offset, size_field, offset, inner, digest, chunk_type == "zeros")
 
     def _start_file(self, entry: int, fields: dict[str, Any], name: str, size: int) -> None:
         get = fields.get
@@ -524,14 +551,21 @@ class _Builder:
         self.pending = None
         if entry < 0 and not chunks:
             return
-        records = bytearray()
+        # Runs once per regular file: the limits and the packer are read into locals once.
+        max_chunk_size = self.limits.max_chunk_size
+        payload_end = self.payload_end
+        digests_required = self.chunk_digests_required
+        pack = CHUNK.pack
+        # Appended in place: a landmark's, validated only, are cut off again below.
+        records = self.chunk_records
+        digests = self.chunk_digests
+        kept_records, kept_digests = len(records), len(digests)
         first_data = -1
-        digests = bytearray()
         count = len(chunks)
         for i in range(count):
             chunk_offset, size_field, blob_offset, inner, digest, zeros = chunks[i]
-            end_in_file = chunks[i + 1][0] if i + 1 < count else file_size
-            size = end_in_file - chunk_offset
+            following = chunks[i + 1] if i + 1 < count else None
+            size = (file_size if following is None else following[0]) - chunk_offset
             if size <= 0:
                 raise LayerFormatError(f"chunks of {name!r} overlap or exceed its size {file_size}")
             if size_field and size_field != size:
@@ -541,42 +575,46 @@ class _Builder:
                 )
             if digest is None and count == 1:
                 digest = _digest({"digest": file_digest}, "digest")
-            if digest is None and not zeros and self.chunk_digests_required:
+            if digest is None and not zeros and digests_required:
                 raise LayerFormatError(f"chunk of {name!r} has no digest")
             if zeros:
                 blob_end = blob_offset
             else:
-                if inner + size > self.limits.max_chunk_size:
+                if inner + size > max_chunk_size:
                     raise LayerFormatError(
                         f"chunk of {name!r} at file offset {chunk_offset} decodes to "
                         f"{inner + size} bytes (innerOffset {inner} + size {size}), over the "
-                        f"limit of {self.limits.max_chunk_size}"
+                        f"limit of {max_chunk_size}"
                     )
-                if blob_offset >= self.payload_end:
+                if blob_offset >= payload_end:
                     raise LayerFormatError(
                         f"chunk of {name!r} at {blob_offset} is outside the payload area "
-                        f"[0, {self.payload_end})"
+                        f"[0, {payload_end})"
                     )
                 blob_end = -1  # resolved from the next payload offset once all are known
                 if end_offset:
                     # containers/storage: a file's chunks are consecutive frames ending at
                     # endOffset.
-                    blob_end = chunks[i + 1][2] if i + 1 < count else end_offset
-                    if not blob_offset < blob_end <= self.payload_end:
+                    blob_end = end_offset if following is None else following[2]
+                    if not blob_offset < blob_end <= payload_end:
                         raise LayerFormatError(
                             f"chunk of {name!r} has an invalid compressed range "
                             f"[{blob_offset}, {blob_end})"
                         )
-            flags = (CHUNK_HAS_DIGEST if digest is not None else 0) | (CHUNK_ZEROS if zeros else 0)
-            records += CHUNK.pack(chunk_offset, size, blob_offset, blob_end, inner, flags)
-            if first_data < 0 and not zeros:
-                first_data = blob_offset
-            digests += digest if digest is not None else bytes(DIGEST_SIZE)
+                if first_data < 0:
+                    first_data = blob_offset
+            if digest is None:
+                records += pack(chunk_offset, size, blob_offset, blob_end, inner,
+                                CHUNK_ZEROS if zeros else 0)
+                digests += _NO_DIGEST
+            else:
+                records += pack(chunk_offset, size, blob_offset, blob_end, inner,
+                                CHUNK_HAS_DIGEST | CHUNK_ZEROS if zeros else CHUNK_HAS_DIGEST)
+                digests += digest
         if entry < 0:  # kept out of the tree (landmark): validated, not stored
+            del records[kept_records:], digests[kept_digests:]
             return
-        self.chunk_records += records
-        self.chunk_digests += digests
-        self._set(ENTRY_CHUNK_COUNT, entry, count)
+        _COUNT_CODEC.pack_into(self.records, entry * ENTRY.size + _COUNT_AT, count)
         if first_data >= 0:
             self.fetch_offsets.append(first_data)
             self.fetch_entries.append(entry)
@@ -590,16 +628,20 @@ class _Builder:
         but never overlap.
         """
         offsets = sorted(set(self.payload_offsets))
-        offsets.append(self.payload_end)
+        # Every chunk's offset is among them: the next different one is one lookup away.
+        next_offset = dict(itertools.pairwise([*offsets, self.payload_end]))
+        del offsets
         records = self.chunk_records
         end_codec, end_at = CHUNK_BLOB_END
         ranges = []
-        for c in range(len(records) // CHUNK.size):
-            _, _, start, end, _, flags = CHUNK.unpack_from(records, c * CHUNK.size)
+        for c, (_, _, start, recorded_end, _, flags) in enumerate(
+            CHUNK.iter_unpack(bytes(records))
+        ):
             if flags & CHUNK_ZEROS:
                 continue
+            end = recorded_end
             if end == -1:
-                end = offsets[bisect.bisect_right(offsets, start)]
+                end = next_offset[start]
                 end_codec.pack_into(records, c * CHUNK.size + end_at, end)
             ranges.append((start, end))
         ranges.sort()
@@ -619,43 +661,47 @@ class _Builder:
         self.paths = {}
         count = len(self.kinds)
         kinds = self.kinds
-        names = self.dirent_names
         parents = self.dirent_parent
-        order = sorted(range(len(names)), key=lambda d: (parents[d], names[d]))
-        position = array("I", bytes(4 * len(order)))
+        targets = self.dirent_target
+        # A directory's dirents sorted by name. No two dirents share (parent, name), so the
+        # dirent index riding along in each triple is never compared.
+        order = sorted(zip(parents, self.dirent_names, range(len(parents)), strict=True))
+        self.dirent_names = []
+        old_of_new = [d[2] for d in order]
+        sorted_names = [d[1] for d in order]
+        per_parent = Counter(d[0] for d in order)  # counted in sorted order, hence keyed so
+        del order
         dir_start = array("I", bytes(4 * count))
         dir_count = array("I", bytes(4 * count))
-        dirent_name_off = array("Q")
-        dirent_name_len = array("H")
-        dirent_target = array("I")
+        start = 0
+        for parent, children in per_parent.items():
+            dir_start[parent] = start
+            dir_count[parent] = children
+            start += children
+        del per_parent
+        dirent_target = array("I", map(targets.__getitem__, old_of_new))
+        dirent_name_len = array("H", map(len, sorted_names))
+        dirent_name_off = array("Q", itertools.accumulate(dirent_name_len, initial=0))
+        dirent_name_off.pop()
+        names_blob = b"".join(sorted_names)
+        del sorted_names
+        # The new place of each old dirent, i.e. the inverse of old_of_new.
+        position = sorted(range(len(old_of_new)), key=old_of_new.__getitem__)
+        del old_of_new
+        records = self.records
+        # An entry's own name was recorded as its dirent's index at creation: renumber them all.
+        name_column = _u32_column(records, ENTRY_NAME_DIRENT, first=1)
+        renamed = array("I", map(position.__getitem__, _read_u32(name_column)))
+        _write_u32(name_column, renamed)
+        del position, renamed, name_column
         subdirs = array("I", bytes(4 * count))
-        names_blob = bytearray()
-        for new, old in enumerate(order):
-            parent = parents[old]
-            name = names[old]
-            target = self.dirent_target[old]
-            position[old] = new
-            if dir_count[parent] == 0:
-                dir_start[parent] = new
-            dir_count[parent] += 1
-            dirent_name_off.append(len(names_blob))
-            dirent_name_len.append(len(name))
-            dirent_target.append(target)
-            names_blob += name
+        for parent, target in zip(parents, targets, strict=True):
             if kinds[target] == _DIR:
                 subdirs[parent] += 1
-        del order
-        self.dirent_names = []
-        name_codec, name_at = ENTRY_NAME_DIRENT
         nlink_codec, nlink_at = ENTRY_NLINK
-        records = self.records
-        for entry in range(1, count):
-            at = entry * ENTRY.size
-            old = name_codec.unpack_from(records, at + name_at)[0]
-            name_codec.pack_into(records, at + name_at, position[old])
-        for entry in range(count):
-            if kinds[entry] == _DIR:  # "." and its name, plus each subdirectory's ".."
-                nlink_codec.pack_into(records, entry * ENTRY.size + nlink_at, 2 + subdirs[entry])
+        for entry in [e for e, kind in enumerate(kinds) if kind == _DIR]:
+            # "." and its name, plus each subdirectory's ".."
+            nlink_codec.pack_into(records, entry * ENTRY.size + nlink_at, 2 + subdirs[entry])
         xattr_entries = array("I", sorted(self.xattrs))
         xattr_offsets = array("Q", [0])
         xattr_data = bytearray()

@@ -39,7 +39,6 @@ from snapshotter.client.daemon_client import (
     user_credentials_request,
 )
 from snapshotter.client.progress import LayerResult, Progress, layer_progress
-from snapshotter.client.registry_blobs import ClientSetup, OnDemandRegistryBlobs
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,
@@ -56,6 +55,7 @@ if TYPE_CHECKING:
     from snapshotter.client.containerd_client import ContainerdClient
     from snapshotter.client.documents import ImageDocuments
     from snapshotter.client.fetch_settings import FetchSettings
+    from snapshotter.client.registry_blobs import ClientSetup
     from snapshotter.daemon_api import ResolveAnswer
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def _unpack_resolved(
     from snapshotter.client.direct_apply import DirectApplier  # noqa: PLC0415
     from snapshotter.client.documents import documents_from_answer  # noqa: PLC0415
     from snapshotter.client.pull import store_and_unpack  # noqa: PLC0415
+    from snapshotter.client.registry_blobs import OnDemandRegistryBlobs  # noqa: PLC0415
     from snapshotter.client.soci_check import has_v2_index  # noqa: PLC0415
 
     try:

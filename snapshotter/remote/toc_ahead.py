@@ -134,3 +134,9 @@ class TocReadAhead:
                      f"{type(exc).__name__}: {exc}"[:300])
         finally:
             entry.done.set()
+        # A pull given up before its Prepare must not keep a built index for good: without
+        # this, only a later read-ahead would drop it.
+        await trio.sleep_until(entry.created + self._lifetime)
+        if self._entries.get(layer.digest) is entry:
+            del self._entries[layer.digest]
+            log.debug("layer TOC read ahead dropped, never taken digest=%s", layer.digest)

@@ -16,6 +16,7 @@ UNPACK_RESOLVED = (
     "from snapshotter.client.direct_apply import DirectApplier;"
     "from snapshotter.client.documents import documents_from_answer;"
     "from snapshotter.client.pull import store_and_unpack;"
+    "from snapshotter.client.registry_blobs import OnDemandRegistryBlobs;"
     "from snapshotter.client.soci_check import has_v2_index;"
 )
 
@@ -37,3 +38,10 @@ def test_the_registry_client_is_still_there_when_asked_for() -> None:
     code = "import registry; registry.RegistryClient; registry.DockerConfigCredentials;"
     assert _loaded(code, ("httpx", "registry.client", "registry.credentials")) == [
         "httpx", "registry.client", "registry.credentials"]
+
+
+def test_the_pull_command_reaches_the_resolve_without_the_blob_fetch_modules() -> None:
+    # Everything imported before the Resolve RPC is sent delays the daemon's work; the
+    # on-demand blob fetch (tempfile, random) is needed only after the answer.
+    assert _loaded("import snapshotter.commands.pull;",
+                   ("snapshotter.client.registry_blobs", "tempfile")) == []

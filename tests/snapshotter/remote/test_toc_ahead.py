@@ -110,6 +110,17 @@ async def test_capacity_and_lifetime_bound_what_is_kept() -> None:
 
 
 @trio_test
+async def test_an_index_nobody_takes_is_dropped_without_another_read_ahead() -> None:
+    blob, annotations = _layer()
+    ahead = _ahead(FakeClient({blob.digest: blob}), lifetime=0.3)
+    assert ahead.start(AheadLayer(IMAGE, blob.digest, None, None, annotations))
+    assert ahead.pending() == 1
+    await trio.sleep(0.6)  # the Prepare never came, and no other layer was announced
+    assert ahead.pending() == 0
+    assert await ahead.take(blob.digest, toc_digest=None, annotations=annotations) is None
+
+
+@trio_test
 async def test_a_layer_known_not_to_be_lazy_is_not_read_ahead() -> None:
     blob, _ = _layer()
     client = FakeClient({blob.digest: blob})
