@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from fusefs.cache import ChunkCache
-from fusefs.fetcher import ChunkFetcher, FetchConfig
+from fusefs.fetcher import ChunkFetcher, FetchConfig, ReadDeadlineExceeded
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
 from fusefs.request_slots import RequestSlots
@@ -103,14 +103,16 @@ class Setup:
         return self.offset(name) in self.blob.started
 
 
-async def open_setup(tmp_path: Path, nursery: trio.Nursery, blob_requests: int) -> Setup:
+async def open_setup(
+    tmp_path: Path, nursery: trio.Nursery, blob_requests: int, read_deadline: float = 30
+) -> Setup:
     cache = await ChunkCache.open(tmp_path / "cache", capacity_bytes=1 << 30)
     config = FetchConfig(
         blob_requests=blob_requests,
         ondemand_range=1,  # a reader's miss is a range of its own file only
         max_gap=0,
         directory_misses=1000,
-        read_deadline=30,
+        read_deadline=read_deadline,
     )
     return Setup(ChunkFetcher(cache, nursery, config, fake_decoder), nursery)
 
@@ -195,6 +197,26 @@ async def test_cancelled_background_requests_leak_no_slot(tmp_path: Path) -> Non
         assert {s.offset("f5"), s.offset("f6")} == s.blob.in_flight
         await s.reader("f9")
         assert s.started("f9")
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_reader_behind_stalled_background_work_fails_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    # Nothing ever answers: the reader's own request stalls too. It still gets EIO in time,
+    # and the blob still holds at most blob_requests requests.
+    async with trio.open_nursery() as nursery:
+        s = await open_setup(tmp_path, nursery, blob_requests=3, read_deadline=0.3)
+        await s.background("f0", "f1", "f2", "f3")
+        for name in ("f8", "f9"):
+            entry = s.index.by_path[name]
+            started = trio.current_time()
+            with trio.fail_after(5), pytest.raises(ReadDeadlineExceeded):
+                await s.fetcher.read(s.layer, entry, 0, 100)
+            assert trio.current_time() - started < 2
+        assert s.started("f8") and not s.started("f9")  # f9's request waits for a slot
+        assert len(s.blob.in_flight) == 3
         nursery.cancel_scope.cancel()
 
 
