@@ -11,7 +11,9 @@ of another layer waits ``foreign_flight_patience`` for it, then fetches from its
 its verified bytes also release the first flight's readers.
 
 Range requests are limited per blob (``blob_requests``), so a stalled blob holds only that many
-of the registry client's connections.
+of the registry client's connections. Readers come first for those slots
+(``fusefs.request_slots``): background work never holds the last one, and a request some reader
+waits on is granted before background ones.
 
 Verified chunks are kept in memory twice over: a small LRU of hot chunks, so consecutive reads
 inside one chunk decode it once, and the chunks on their way to the disk cache. The disk write
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import trio
 
@@ -33,13 +35,14 @@ from fusefs.index import ChunkRef
 from fusefs.inflated_spans import InflatedSpans, lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
+from fusefs.request_slots import RequestSlots
 from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
 
 
 class _Flight:
-    __slots__ = ("background", "blob", "data", "done", "error")
+    __slots__ = ("background", "blob", "data", "done", "error", "wanted")
 
     def __init__(self, blob: str, *, background: bool = False) -> None:
         self.done = trio.Event()
@@ -47,6 +50,7 @@ class _Flight:
         self.error: BaseException | None = None
         self.background = background  # claimed by background work: a failure is retried
         self.blob = blob  # digest of the blob the chunk is fetched from
+        self.wanted = False  # a reader waits on it: its range request goes first for a slot
 
 
 class Claim:
@@ -101,7 +105,7 @@ class ChunkFlights:
         self._inflight: dict[str, _Flight] = {}
         # Fetches from a reader's own blob after another blob's flight of the chunk was slow.
         self._own_fetches: dict[tuple[str, str], _Flight] = {}
-        self._blob_slots: dict[str, trio.CapacityLimiter] = {}
+        self._blob_slots: dict[str, RequestSlots] = {}
         self._hot = _HotChunks(config.hot_bytes)
         self._spans = InflatedSpans(config.inflated_span_bytes)
         self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
@@ -162,9 +166,12 @@ class ChunkFlights:
         flight = self._inflight.get(key)
         if flight is None:
             flight = _Flight(blob)
+            flight.wanted = True
             self._inflight[key] = flight
             self._nursery.start_soon(self._load_or_fetch, key, ref, flight, fetch_miss)
-        elif flight.blob != blob:
+        else:
+            self._want(flight)
+        if flight.blob != blob:
             with trio.move_on_after(self._config.foreign_flight_patience):
                 await flight.done.wait()
             if not flight.done.is_set():
@@ -185,6 +192,7 @@ class ChunkFlights:
         own = self._own_fetches.get((key, blob))
         if own is None:
             own = _Flight(blob)
+            own.wanted = True
             self._own_fetches[(key, blob)] = own
             self._nursery.start_soon(self._fetch_own_task, blob, key, ref, own, foreign, fetch_miss)
         await own.done.wait()
@@ -205,6 +213,16 @@ class ChunkFlights:
             del self._own_fetches[(key, blob)]
         if own.data is not None:
             self._resolve(key, foreign, own.data, None)
+
+    def _want(self, flight: _Flight) -> None:
+        """A reader waits on ``flight``: the range request that fetches it, perhaps background
+        work still waiting for a slot, now goes ahead of background ones."""
+        if flight.wanted or flight.done.is_set():
+            return
+        flight.wanted = True
+        slots = self._blob_slots.get(flight.blob)
+        if slots is not None:
+            slots.reconsider()
 
     async def _load_or_fetch(
         self,
@@ -258,22 +276,24 @@ class ChunkFlights:
         end = max(ref.blob_end for _, ref in chunks)
         return PlannedRange(start, end, chunks)
 
-    async def request(self, layer: Layer, planned: PlannedRange[ChunkTag]) -> bytes:
+    async def request(
+        self, layer: Layer, planned: PlannedRange[ChunkTag], flights: Collection[_Flight] = ()
+    ) -> bytes:
         """The raw bytes of ``planned`` from the blob, counted on the layer. For a zTOC layer
-        they start ``lead_bytes`` early, with the partial byte of the range's first span."""
+        they start ``lead_bytes`` early, with the partial byte of the range's first span.
+        ``flights`` are those the range resolves: while a reader waits on one, the request
+        goes ahead of background ones for the blob's slots."""
         lead = lead_bytes(layer.index, planned.start)
         slots = self._blob_slots.get(layer.digest)
         if slots is None:
-            slots = self._blob_slots[layer.digest] = trio.CapacityLimiter(
-                self._config.blob_requests
-            )
+            slots = self._blob_slots[layer.digest] = RequestSlots(self._config.blob_requests)
         try:
-            async with slots:
+            async with slots.hold(lambda: any(flight.wanted for flight in flights)):
                 started = trio.current_time()
                 raw = await TRACE.read_at(layer.blob, planned.start - lead, planned.length + lead)
         finally:
-            if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
-                self._blob_slots.pop(layer.digest, None)
+            if slots.idle and self._blob_slots.get(layer.digest) is slots:
+                del self._blob_slots[layer.digest]
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
         layer.stats.meters.fetched(len(raw), trio.current_time() - started)
@@ -296,7 +316,7 @@ class ChunkFlights:
         claim = self.claim(layer, missing, background=True)
         try:
             if raw is None:
-                raw = await self.request(layer, planned)
+                raw = await self.request(layer, planned, tuple(claim._flights.values()))
         except BaseException as exc:
             self._fail(claim, exc)
             raise
@@ -365,7 +385,7 @@ class ChunkFlights:
             start = planned.start - lead_bytes(layer.index, planned.start)
             fetched = raw is None
             if raw is None:
-                raw = await self.request(layer, planned)
+                raw = await self.request(layer, planned, tuple(flights.values()))
             outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, raw, start, todo)
         except BaseException as exc:
             for key, flight in flights.items():
