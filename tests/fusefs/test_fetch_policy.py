@@ -203,3 +203,28 @@ async def test_a_directory_too_big_to_fetch_stays_on_demand(tmp_path: Path) -> N
             await fetcher.read(layer, index.by_path[f"a/f{i}"], 0, 10)
         await trio.sleep(0.2)
         assert len(blob.requests) == 3
+
+
+@trio_test
+async def test_a_miss_just_before_the_last_range_is_not_a_forward_walk(tmp_path: Path) -> None:
+    # A reader going backward through a directory (files read in reverse blob order) misses a
+    # little before the range it fetched last. That is no walk forward: it must get the small
+    # range and nothing requested ahead, not a doubled range and readahead over bytes it has.
+    index = FakeIndex(small_files(300, 3000))
+    async with fetcher_for(
+        tmp_path,
+        index,
+        ondemand_range=8 * KiB,
+        readahead_max_range=128 * KiB,
+        max_gap=16 * KiB,
+        directory_misses=10**6,
+    ) as (fetcher, layer, blob):
+        await fetcher.read(layer, index.by_path["d/f100"], 0, 10)
+        await fetcher.read(layer, index.by_path["d/f98"], 0, 10)
+        with trio.fail_after(10):
+            while fetcher.flights.in_flight:
+                await trio.sleep(0.01)
+        assert len(blob.requests) == 2, blob.requests
+        first, second = blob.requests
+        assert second[0] < first[0]
+        assert second[1] <= 8 * KiB + 3100
