@@ -51,6 +51,11 @@ class FetchConfig:
     # the layer, as a build, a scan or read-everything does, and background fetch with several
     # large ranges at a time gets the bytes to them sooner than their own misses one by one.
     long_read: float = 6.0
+    # And only once readers have fetched this many bytes of the layer on demand. A container's
+    # first seconds can keep the link busy for 6 s with its own misses (the interpreter, its
+    # libraries, its imports); background ranges then only queue ahead of them. A scan, a build
+    # or read-everything is past 24 MiB soon, and background fetch joins it then. 0: time alone.
+    long_read_bytes: int = 24 * MiB
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
     # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
     # of many small files, and each would otherwise inflate it again.
@@ -69,6 +74,8 @@ class FetchConfig:
     def __post_init__(self) -> None:
         if self.read_deadline <= 0 or self.foreign_flight_patience < 0:
             raise ValueError("read_deadline must be positive, foreign_flight_patience >= 0")
+        if self.long_read_bytes < 0:
+            raise ValueError("long_read_bytes must be >= 0")
         if self.blob_requests < 1:
             raise ValueError("blob_requests must be at least 1")
 

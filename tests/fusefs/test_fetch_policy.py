@@ -98,7 +98,12 @@ async def test_background_waits_for_a_quiet_period_after_a_reader(tmp_path: Path
 async def test_background_joins_a_long_read(tmp_path: Path) -> None:
     index = FakeIndex(small_files(10, 20_000))
     async with fetcher_for(
-        tmp_path, index, background_range=30 * KiB, first_read_grace=0, long_read=0.3
+        tmp_path,
+        index,
+        background_range=30 * KiB,
+        first_read_grace=0,
+        long_read=0.3,
+        long_read_bytes=0,
     ) as (fetcher, layer, blob):
         async with trio.open_nursery() as nursery:
             with fetcher.foreground():  # a reader that keeps waiting, as a full scan does
@@ -107,6 +112,32 @@ async def test_background_joins_a_long_read(tmp_path: Path) -> None:
                     while not layer.stats.background_done:
                         await trio.sleep(0.01)
         assert layer.stats.blob_verified and blob.requests
+
+
+@trio_test
+async def test_background_joins_a_long_read_only_after_its_bytes(tmp_path: Path) -> None:
+    # Readers busy for long_read seconds but with few bytes fetched are a container starting
+    # up: background ranges would only queue ahead of its misses.
+    index = FakeIndex(small_files(10, 20_000))
+    async with fetcher_for(
+        tmp_path,
+        index,
+        background_range=30 * KiB,
+        first_read_grace=0,
+        long_read=0.3,
+        long_read_bytes=60_000,
+    ) as (fetcher, layer, blob):
+        async with trio.open_nursery() as nursery:
+            with fetcher.foreground():
+                nursery.start_soon(fetch_everything, fetcher, layer)
+                await trio.sleep(0.8)
+                assert blob.requests == []  # busy long enough, but nothing fetched yet
+                for i in range(4):  # 80 KB on demand: now a long read
+                    await fetcher.read(layer, index.by_path[f"d/f{i}"], 0, 20_000)
+                with trio.fail_after(10):
+                    while not layer.stats.background_done:
+                        await trio.sleep(0.01)
+        assert layer.stats.blob_verified
 
 
 def _trusted(count: int, size: int) -> FakeIndex:
