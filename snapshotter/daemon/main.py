@@ -63,7 +63,12 @@ log = logging.getLogger(__name__)
 
 def read_path_config(lazy: LazyConfig) -> FetchConfig:
     """The read path's tuning from ``[lazy]``: the keys an operator sets, defaults for the rest."""
-    return FetchConfig(read_deadline=lazy.read_deadline, long_read_bytes=lazy.long_read_bytes)
+    return FetchConfig(
+        read_deadline=lazy.read_deadline,
+        long_read_bytes=lazy.long_read_bytes,
+        exec_prefetch_depth=lazy.exec_prefetch_depth,
+        exec_prefetch_concurrency=lazy.exec_prefetch_concurrency,
+    )
 
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # containerd's own limit

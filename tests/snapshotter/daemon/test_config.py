@@ -85,6 +85,26 @@ def test_long_read_bytes_from_the_file_reach_the_read_path(tmp_path: Path) -> No
             load_config(path)
 
 
+def test_exec_prefetch_keys_reach_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    defaults = FetchConfig()
+    lazy = Config().lazy
+    assert (lazy.exec_prefetch_depth, lazy.exec_prefetch_concurrency) == (
+        defaults.exec_prefetch_depth, defaults.exec_prefetch_concurrency
+    ) == (2, 4)
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nexec_prefetch_depth = 0\nexec_prefetch_concurrency = 9\n")
+    fetch = read_path_config(load_config(path).lazy)
+    assert (fetch.exec_prefetch_depth, fetch.exec_prefetch_concurrency) == (0, 9)
+    assert not fetch.exec_prefetch
+    for key, bad in (("exec_prefetch_depth", "9"), ("exec_prefetch_concurrency", "-1"),
+                     ("exec_prefetch_depth", "true")):
+        path.write_text(f"[lazy]\n{key} = {bad}\n")
+        with pytest.raises(ConfigError, match=rf"lazy\.{key}: expected an integer"):
+            load_config(path)
+
+
 def test_every_lazy_key_is_documented_with_its_default() -> None:
     # docs/config.md's table and docs/config.toml name each [lazy] key, so none goes unseen.
     table = (REPO / "docs" / "config.md").read_text()
