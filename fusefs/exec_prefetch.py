@@ -33,6 +33,7 @@ from fusefs.fetcher import ChunkFetcher
 from fusefs.index import EntryKind, LayerIndex
 from fusefs.layer import Layer
 from fusefs.ranges import group_chunks
+from fusefs.stats import PREFETCH, set_fetch_kind
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ class ExecPrefetch:
 
     async def _job(self, layer: Layer, entry: int) -> None:
         budget = [self._max_files - 1]  # files this program may still add
+        # Counted as prefetch, not as the reader's on-demand bytes (metrics, ``long_read_bytes``);
+        # the tasks started below inherit it.
+        set_fetch_kind(PREFETCH)
         try:
             async with trio.open_nursery() as job:
                 await self._file(job, budget, layer, entry, 0)

@@ -232,3 +232,13 @@ async def test_handlers_start_it_without_waiting(tmp_path: Path) -> None:
         before = len(blob.requests)
         assert (await handlers.read(lib, 0, 4096))[:4] == b"\x7fELF"  # loaded ahead
         assert len(blob.requests) == before
+
+
+@trio_test
+async def test_its_bytes_count_as_prefetch_not_on_demand(tmp_path: Path) -> None:
+    entries = [*base_entries(), *_dirs("usr/bin"), FakeEntry(APP[0], perm=0o755, content=APP[1])]
+    async with prefetcher(tmp_path, [entries]) as (prefetch, fetcher, [layer], [index]):
+        prefetch.opened(layer, index.by_path[APP[0]], EXEC_FLAG)
+        await settled(prefetch, fetcher)
+        kinds = layer.stats.meters.fetched_bytes
+        assert kinds["prefetch"] > 5 * 150 * KiB and kinds["on_demand"] == 0, kinds
