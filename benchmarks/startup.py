@@ -863,6 +863,7 @@ def measure(
     link: str, workload: str, arm: str, image: ImageInfo, reference: str, proxy: LinkProxy,
     workdir: Path, number: int, *, background_fetch: bool = True,
     stargz_grpc: Path | None = None, trace: Path | None = None, pause: str = "",
+    lazy_settings: tuple[str, ...] = (),
 ) -> Result:
     """One measurement on a fresh containerd and snapshotter. ``pause``: the sandbox image
     reference, for the CRI arms."""
@@ -873,9 +874,10 @@ def measure(
     lazy = arm not in FULL_PULL_ARMS
     # info, not debug: per-read debug logging would slow the daemon down.
     daemon_args = ["--log-level", "info"]
-    if not background_fetch:
+    settings = [*([] if background_fetch else ["background_fetch = false"]), *lazy_settings]
+    if settings:
         config = workdir / "lazysnap.toml"
-        config.write_text("[lazy]\nbackground_fetch = false\n")
+        config.write_text("[lazy]\n" + "".join(f"{line}\n" for line in settings))
         daemon_args += ["--config", str(config)]
     with contextlib.ExitStack() as stack:
         daemon: Daemon | None = None
@@ -1280,6 +1282,7 @@ def run(args: argparse.Namespace) -> int:
                                     workdir, number,
                                     background_fetch=not args.no_background_fetch,
                                     stargz_grpc=stargz_grpc, pause=pause,
+                                    lazy_settings=tuple(args.lazy_setting),
                                     trace=Path(args.trace) / f"{link.name}-{workload}-"
                                     f"{arm.replace(':', '')}.jsonl" if args.trace else None)
                             except Exception as exc:  # one broken arm must not end the run
@@ -1297,7 +1300,8 @@ def run(args: argparse.Namespace) -> int:
                     proxy = None
                 all_results += results
                 note = f" [{args.image} image]" + (" [lazysnap background fetch OFF]"
-                                                   if args.no_background_fetch else "")
+                                                   if args.no_background_fetch else "") + "".join(
+                    f" [lazy] {line}" for line in args.lazy_setting)
                 table = render(link, results, images, note)
                 tables.append(table)
                 print(table, flush=True)
@@ -1381,6 +1385,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-background-fetch", action="store_true",
         help="diagnosis: lazysnap daemons run with [lazy] background_fetch = false (on-demand "
         "reads only; 'local' is then never reached and shows nan)")
+    parser.add_argument(
+        "--lazy-setting", action="append", default=[], metavar="KEY=VALUE",
+        help="a [lazy] line for the lazysnap daemons' config, in TOML (repeatable), such as "
+        "'exec_prefetch_depth = 0' to compare without exec-aware prefetch")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--trace", metavar="DIR",
                         help="record a `lazysnap trace` of each lazysnap run here, from before "

@@ -99,7 +99,7 @@ async def _fetch_and_hash_all(
                 with fetch_kind(PREFETCH):
                     await _fetch_and_hash(fetcher, layer, planned, number, hashed)
                 continue
-            await fetcher.wait_until_quiet(started)
+            await fetcher.wait_until_quiet(started, layer)
             nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
 
 
@@ -164,7 +164,7 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
             if fetcher.flights.missing_part(layer, planned) is None:
                 continue  # a reader (or its readahead) fetched all of it already
             await slots.acquire()
-            await fetcher.wait_until_quiet(started)
+            await fetcher.wait_until_quiet(started, layer)
             missing = fetcher.flights.missing_part(layer, planned)  # readers went on meanwhile
             if missing is None:
                 slots.release()

@@ -51,6 +51,11 @@ class FetchConfig:
     # the layer, as a build, a scan or read-everything does, and background fetch with several
     # large ranges at a time gets the bytes to them sooner than their own misses one by one.
     long_read: float = 6.0
+    # And only once readers have fetched this many bytes of the layer on demand. A container's
+    # first seconds can keep the link busy for 6 s with its own misses (the interpreter, its
+    # libraries, its imports); background ranges then only queue ahead of them. A scan, a build
+    # or read-everything is past 24 MiB soon, and background fetch joins it then. 0: time alone.
+    long_read_bytes: int = 24 * MiB
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
     # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
     # of many small files, and each would otherwise inflate it again.
@@ -66,9 +71,27 @@ class FetchConfig:
     # layer's fetch of a chunk fetches it from its own blob instead: the other blob may stall.
     foreign_flight_patience: float = 1.0
 
+    # Exec-aware prefetch (``fusefs.exec_prefetch``): a file opened for execution, or an ELF
+    # file whose first page is read, is fetched whole with its interpreter and DT_NEEDED
+    # libraries, and theirs, down to this depth (0: off), this many files at a time, at most
+    # ``exec_prefetch_files`` per program. The loader then finds them instead of missing on
+    # each library in turn, a round trip or more apiece.
+    exec_prefetch_depth: int = 2
+    exec_prefetch_concurrency: int = 4
+    exec_prefetch_files: int = 48
+
+    @property
+    def exec_prefetch(self) -> bool:
+        return self.exec_prefetch_depth > 0 and self.exec_prefetch_concurrency > 0
+
     def __post_init__(self) -> None:
         if self.read_deadline <= 0 or self.foreign_flight_patience < 0:
             raise ValueError("read_deadline must be positive, foreign_flight_patience >= 0")
+        if self.long_read_bytes < 0:
+            raise ValueError("long_read_bytes must be >= 0")
+        if min(self.exec_prefetch_depth, self.exec_prefetch_concurrency,
+               self.exec_prefetch_files) < 0:
+            raise ValueError("exec_prefetch_depth, _concurrency and _files must be >= 0")
         if self.blob_requests < 1:
             raise ValueError("blob_requests must be at least 1")
 

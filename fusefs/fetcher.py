@@ -7,8 +7,9 @@ fetched ahead of readers) and the priority of readers over background work, here
 Priority: a reader waiting on a chunk that is not in memory marks itself foreground. Background
 fetch calls ``wait_until_quiet`` before each new range. That waits until no reader has waited
 for ``quiet_period`` and ``first_read_grace`` has passed since attach, unless readers have been
-waiting on and off for ``long_read``. Background ranges are small enough (2 MiB) that a reader
-who needs one of their chunks never waits long for it.
+waiting on and off for ``long_read`` and fetched ``long_read_bytes`` of the layer. Background
+ranges are small enough (2 MiB) that a reader who needs one of their chunks never waits long
+for it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from fusefs.formats import decode_chunk
 from fusefs.index import ChunkRef
 from fusefs.layer import Layer, chunk_at
 from fusefs.read_policy import ReadPolicy
+from fusefs.stats import ON_DEMAND
 
 __all__ = ["ChunkFetcher", "Decoder", "FetchConfig", "FetchError", "ReadDeadlineExceeded"]
 
 log = logging.getLogger(__name__)
+
+# While readers have waited long enough but not fetched ``long_read_bytes`` yet, background
+# fetch looks at their bytes again this often.
+_LONG_READ_POLL = 0.1
 
 
 class ChunkFetcher:
@@ -82,17 +88,20 @@ class ChunkFetcher:
         while self._foreground:
             await self._idle.wait()
 
-    async def wait_until_quiet(self, attached_at: float) -> None:
+    async def wait_until_quiet(self, attached_at: float, layer: Layer | None = None) -> None:
         """Wait until background fetch may start a range: no reader has waited on the link for
         ``quiet_period`` seconds and ``first_read_grace`` has passed since ``attached_at``, a
-        trio clock time. Or readers have been waiting on and off for ``long_read`` seconds."""
+        trio clock time. Or readers have been waiting on and off for ``long_read`` seconds and
+        fetched ``long_read_bytes`` of ``layer`` on demand (without a layer: time alone)."""
         grace_end = attached_at + self.config.first_read_grace
         while True:
             now = trio.current_time()
             if self._foreground or now < self._last_foreground + self.config.quiet_period:
                 long_read_from = self._busy_since + self.config.long_read
                 if now >= long_read_from:
-                    return
+                    if self._read_enough(layer):
+                        return
+                    long_read_from = now + _LONG_READ_POLL
                 if self._foreground:
                     with trio.move_on_at(long_read_from):
                         await self.wait_for_idle()
@@ -104,6 +113,12 @@ class ChunkFetcher:
                 await trio.sleep_until(grace_end)
             else:
                 return
+
+    def _read_enough(self, layer: Layer | None) -> bool:
+        """Whether readers fetched enough of ``layer`` to be past a container's first reads."""
+        if layer is None:
+            return True
+        return layer.stats.meters.fetched_bytes[ON_DEMAND] >= self.config.long_read_bytes
 
     # -- the read path -----------------------------------------------------------------------
 

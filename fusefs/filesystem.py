@@ -33,6 +33,7 @@ from fusefs.accesslog import AccessLog
 from fusefs.background import run_layer_background
 from fusefs.blob import BlobReader
 from fusefs.cache import CacheOwner, CacheUsage, ChunkCache
+from fusefs.exec_prefetch import ExecPrefetch
 from fusefs.fetcher import ChunkFetcher, Decoder, FetchConfig
 from fusefs.handlers import LazyHandlers
 from fusefs.index import LayerIndex
@@ -136,12 +137,16 @@ class LazyFilesystem:
                     if self._access_log_path is not None:
                         access_log = AccessLog(self._access_log_path)
                         nursery.start_soon(access_log.run)
+                    exec_prefetch = None
+                    if self._config.exec_prefetch:
+                        exec_prefetch = ExecPrefetch(self._fetcher, nursery, self._table.layers)
                     self._handlers = LazyHandlers(
                         self._table,
                         self._fetcher,
                         self._inodes,
                         mount_time_ns=time.time_ns(),
                         access_log=access_log,
+                        exec_prefetch=exec_prefetch,
                     )
                     await nursery.start(self._serve, self._handlers)
                     task_status.started()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from fusefs.accesslog import AccessLog
+from fusefs.exec_prefetch import ExecPrefetch
 from fusefs.fetcher import ChunkFetcher
 from fusefs.fuse.abi import Attributes, StatfsReply
 from fusefs.index import EntryAttr, EntryKind
@@ -131,8 +132,10 @@ class LazyHandlers:
         *,
         mount_time_ns: int,
         access_log: AccessLog | None = None,
+        exec_prefetch: ExecPrefetch | None = None,
     ) -> None:
         self._table = table
+        self._exec_prefetch = exec_prefetch
         self._fetcher = fetcher
         self._inodes = inodes
         self._mount_time_ns = mount_time_ns
@@ -349,6 +352,11 @@ class LazyHandlers:
             raise FuseReplyError(errno.EISDIR)
         if kind != EntryKind.REG:
             raise FuseReplyError(errno.ENXIO)  # devices and fifos are not opened here
+        if self._exec_prefetch is not None:
+            # An execve: fetch the program, its loader and libraries (started, not awaited).
+            # The protocol server answers OPEN with ENOSYS after this (zero-message opens), so
+            # later execs reach us only through their first page, in ``read``.
+            self._exec_prefetch.opened(layer, entry, flags)
         return Opened(fh=inode, keep_cache=True)
 
     @_read_boundary
@@ -367,6 +375,10 @@ class LazyHandlers:
         else:
             data = await self._fetcher.read(layer, entry, offset, size)
         layer.stats.meters.served(len(data), time.perf_counter() - started)
+        if offset == 0 and self._exec_prefetch is not None:
+            # The first page of an ELF file: the kernel's execve or the loader opening a
+            # library. Its interpreter and libraries are fetched ahead of the loader.
+            self._exec_prefetch.first_page(layer, entry, offset, data)
         return data
 
     # -- extended attributes -----------------------------------------------------------------

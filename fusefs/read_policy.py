@@ -34,6 +34,7 @@ class _Readahead:
     end: int  # one past the last byte requested for that miss or ahead of it
     window: int  # the size that range was planned with
     last: ChunkTag  # its last chunk: the next range ahead starts after it
+    last_offset: int  # that chunk's blob offset: a miss before it is no forward walk
     marker: int = -1  # a read from here to ``end`` requests the next range ahead
 
 
@@ -85,10 +86,17 @@ class ReadPolicy:
 
     def _miss_window(self, layer: Layer, ref: ChunkRef) -> int:
         """The range size for a miss at ``ref``: doubled while misses continue where the last
-        range ended, ``ondemand_range`` for a miss anywhere else."""
+        range ended, ``ondemand_range`` for a miss anywhere else.
+
+        Forward only: a miss a little before the last range (a reader going backward through a
+        directory) is no walk, and a doubled range plus readahead from there would fetch bytes
+        nobody asks for. A miss from the last range's last chunk on still counts, as a chunk
+        sharing a compressed member with it may start before the range's end."""
         base = self._config.ondemand_range
         ahead = self._readahead.get(layer.layer_id)
-        if ahead is None or abs(ref.blob_offset - ahead.end) > self._config.max_gap:
+        if ahead is None or not (
+            ahead.last_offset <= ref.blob_offset <= ahead.end + self._config.max_gap
+        ):
             return base
         return min(max(2 * ahead.window, base), self._readahead_cap())
 
@@ -96,7 +104,10 @@ class ReadPolicy:
         return max(self._config.readahead_max_range, self._config.ondemand_range)
 
     def _after_miss(self, layer: Layer, planned: PlannedRange[ChunkTag], window: int) -> None:
-        ahead = _Readahead(end=planned.end, window=window, last=planned.chunks[-1][0])
+        last_tag, last_ref = planned.chunks[-1]
+        ahead = _Readahead(
+            end=planned.end, window=window, last=last_tag, last_offset=last_ref.blob_offset
+        )
         self._readahead[layer.layer_id] = ahead
         if window > self._config.ondemand_range:
             # The second forward miss in a row is a walk through the blob. Request the next
@@ -124,7 +135,8 @@ class ReadPolicy:
         )
         claim = self._flights.claim(layer, planned, background=True)
         ahead.end = planned.end
-        ahead.last = planned.chunks[-1][0]
+        ahead.last, last_ref = planned.chunks[-1]
+        ahead.last_offset = last_ref.blob_offset
         ahead.marker = planned.start
         self._nursery.start_soon(self._flights.fetch_claimed, layer, planned, claim)
 

@@ -26,6 +26,7 @@ DEFAULT_READ_DEADLINE = 20.0
 # Longer than this is a hang to the container reading, and past the registry client's own
 # retries: the read could only wait on an answer that will not come.
 MAX_READ_DEADLINE = 600.0
+DEFAULT_LONG_READ_BYTES = 24 << 20
 
 
 class ConfigError(Exception):
@@ -50,6 +51,14 @@ class LazyConfig:
     # line. Under a minute, so that a stalled registry gives containers an error they can
     # report instead of a hang, and frees the kernel's queued READs for the other layers.
     read_deadline: float = DEFAULT_READ_DEADLINE
+    # Bytes of a layer its readers fetch on demand before background fetch may run alongside
+    # their misses; below that, a container is starting up and background ranges only queue
+    # ahead of its reads. 0: background joins readers busy for 6 s, whatever they fetched.
+    long_read_bytes: int = DEFAULT_LONG_READ_BYTES
+    # Exec-aware prefetch: a program being started is fetched whole with its loader and
+    # libraries, and theirs, down to this depth, this many files at a time (0: off).
+    exec_prefetch_depth: int = 2
+    exec_prefetch_concurrency: int = 4
 
 
 # The console script installed with lazysnap (pyproject.toml). Kata's shim recognises the mount
@@ -332,7 +341,8 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     _only_keys(table, "lazy", ("enabled", "background_fetch", "cache_capacity",
-                               "keep_mounted_on_stop", "read_deadline"))
+                               "keep_mounted_on_stop", "read_deadline", "long_read_bytes",
+                               "exec_prefetch_depth", "exec_prefetch_concurrency"))
     lazy = LazyConfig()
     for key in ("enabled", "background_fetch", "keep_mounted_on_stop"):
         if key in table:
@@ -344,6 +354,18 @@ def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     if "read_deadline" in table:
         lazy = replace(lazy, read_deadline=_seconds(
             table["read_deadline"], "lazy.read_deadline", MAX_READ_DEADLINE
+        ))
+    if "long_read_bytes" in table:
+        lazy = replace(lazy, long_read_bytes=_integer(
+            table["long_read_bytes"], "lazy.long_read_bytes", 0
+        ))
+    if "exec_prefetch_depth" in table:
+        lazy = replace(lazy, exec_prefetch_depth=_integer(
+            table["exec_prefetch_depth"], "lazy.exec_prefetch_depth", 0, 8
+        ))
+    if "exec_prefetch_concurrency" in table:
+        lazy = replace(lazy, exec_prefetch_concurrency=_integer(
+            table["exec_prefetch_concurrency"], "lazy.exec_prefetch_concurrency", 0, 64
         ))
     return lazy
 

@@ -32,7 +32,7 @@ from registry import (
 )
 from snapshotter.client.containerd_client import ContainerdClient
 from snapshotter.daemon import keeper as fuse_keeper
-from snapshotter.daemon.config import Config, default_kata_helper
+from snapshotter.daemon.config import Config, LazyConfig, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.cri_pulled import PulledImages
@@ -59,6 +59,17 @@ from snapshotter.store.snapshots import Snapshotter
 from snapshotter.version import VERSION
 
 log = logging.getLogger(__name__)
+
+
+def read_path_config(lazy: LazyConfig) -> FetchConfig:
+    """The read path's tuning from ``[lazy]``: the keys an operator sets, defaults for the rest."""
+    return FetchConfig(
+        read_deadline=lazy.read_deadline,
+        long_read_bytes=lazy.long_read_bytes,
+        exec_prefetch_depth=lazy.exec_prefetch_depth,
+        exec_prefetch_concurrency=lazy.exec_prefetch_concurrency,
+    )
+
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # containerd's own limit
 GRPC_WORKERS = 16
@@ -291,7 +302,7 @@ async def _start_lazy(
     try:
         fs = LazyFilesystem(layout.fuse, layout.cache,
                             cache_capacity=config.lazy.cache_capacity,
-                            config=FetchConfig(read_deadline=config.lazy.read_deadline),
+                            config=read_path_config(config.lazy),
                             adopt_fd=None if handover is None else handover.fd,
                             slot_mark=layout.slot_mark)
     except SlotMarkError as exc:

@@ -98,7 +98,12 @@ async def test_background_waits_for_a_quiet_period_after_a_reader(tmp_path: Path
 async def test_background_joins_a_long_read(tmp_path: Path) -> None:
     index = FakeIndex(small_files(10, 20_000))
     async with fetcher_for(
-        tmp_path, index, background_range=30 * KiB, first_read_grace=0, long_read=0.3
+        tmp_path,
+        index,
+        background_range=30 * KiB,
+        first_read_grace=0,
+        long_read=0.3,
+        long_read_bytes=0,
     ) as (fetcher, layer, blob):
         async with trio.open_nursery() as nursery:
             with fetcher.foreground():  # a reader that keeps waiting, as a full scan does
@@ -107,6 +112,32 @@ async def test_background_joins_a_long_read(tmp_path: Path) -> None:
                     while not layer.stats.background_done:
                         await trio.sleep(0.01)
         assert layer.stats.blob_verified and blob.requests
+
+
+@trio_test
+async def test_background_joins_a_long_read_only_after_its_bytes(tmp_path: Path) -> None:
+    # Readers busy for long_read seconds but with few bytes fetched are a container starting
+    # up: background ranges would only queue ahead of its misses.
+    index = FakeIndex(small_files(10, 20_000))
+    async with fetcher_for(
+        tmp_path,
+        index,
+        background_range=30 * KiB,
+        first_read_grace=0,
+        long_read=0.3,
+        long_read_bytes=60_000,
+    ) as (fetcher, layer, blob):
+        async with trio.open_nursery() as nursery:
+            with fetcher.foreground():
+                nursery.start_soon(fetch_everything, fetcher, layer)
+                await trio.sleep(0.8)
+                assert blob.requests == []  # busy long enough, but nothing fetched yet
+                for i in range(4):  # 80 KB on demand: now a long read
+                    await fetcher.read(layer, index.by_path[f"d/f{i}"], 0, 20_000)
+                with trio.fail_after(10):
+                    while not layer.stats.background_done:
+                        await trio.sleep(0.01)
+        assert layer.stats.blob_verified
 
 
 def _trusted(count: int, size: int) -> FakeIndex:
@@ -203,3 +234,28 @@ async def test_a_directory_too_big_to_fetch_stays_on_demand(tmp_path: Path) -> N
             await fetcher.read(layer, index.by_path[f"a/f{i}"], 0, 10)
         await trio.sleep(0.2)
         assert len(blob.requests) == 3
+
+
+@trio_test
+async def test_a_miss_just_before_the_last_range_is_not_a_forward_walk(tmp_path: Path) -> None:
+    # A reader going backward through a directory (files read in reverse blob order) misses a
+    # little before the range it fetched last. That is no walk forward: it must get the small
+    # range and nothing requested ahead, not a doubled range and readahead over bytes it has.
+    index = FakeIndex(small_files(300, 3000))
+    async with fetcher_for(
+        tmp_path,
+        index,
+        ondemand_range=8 * KiB,
+        readahead_max_range=128 * KiB,
+        max_gap=16 * KiB,
+        directory_misses=10**6,
+    ) as (fetcher, layer, blob):
+        await fetcher.read(layer, index.by_path["d/f100"], 0, 10)
+        await fetcher.read(layer, index.by_path["d/f98"], 0, 10)
+        with trio.fail_after(10):
+            while fetcher.flights.in_flight:
+                await trio.sleep(0.01)
+        assert len(blob.requests) == 2, blob.requests
+        first, second = blob.requests
+        assert second[0] < first[0]
+        assert second[1] <= 8 * KiB + 3100

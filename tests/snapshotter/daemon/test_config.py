@@ -13,6 +13,7 @@ from snapshotter.daemon.config import (
     DEFAULT_ROOT,
     Config,
     ConfigError,
+    LazyConfig,
     load_config,
     parse_config,
     with_overrides,
@@ -67,6 +68,50 @@ def test_read_deadline_from_the_file_with_the_read_path_default(tmp_path: Path) 
     assert load_config(path).lazy.read_deadline == 2.5
     path.write_text("[lazy]\nread_deadline = 45\n")
     assert load_config(path).lazy.read_deadline == 45.0
+
+
+def test_long_read_bytes_from_the_file_reach_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert Config().lazy.long_read_bytes == FetchConfig().long_read_bytes == 24 << 20
+    assert read_path_config(Config().lazy) == FetchConfig()
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nlong_read_bytes = 0\nread_deadline = 3\n")
+    fetch = read_path_config(load_config(path).lazy)
+    assert (fetch.long_read_bytes, fetch.read_deadline) == (0, 3.0)
+    for bad in ("-1", "1.5", "true", '"24M"'):
+        path.write_text(f"[lazy]\nlong_read_bytes = {bad}\n")
+        with pytest.raises(ConfigError, match=r"lazy\.long_read_bytes: expected an integer"):
+            load_config(path)
+
+
+def test_exec_prefetch_keys_reach_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    defaults = FetchConfig()
+    lazy = Config().lazy
+    assert (lazy.exec_prefetch_depth, lazy.exec_prefetch_concurrency) == (
+        defaults.exec_prefetch_depth, defaults.exec_prefetch_concurrency
+    ) == (2, 4)
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nexec_prefetch_depth = 0\nexec_prefetch_concurrency = 9\n")
+    fetch = read_path_config(load_config(path).lazy)
+    assert (fetch.exec_prefetch_depth, fetch.exec_prefetch_concurrency) == (0, 9)
+    assert not fetch.exec_prefetch
+    for key, bad in (("exec_prefetch_depth", "9"), ("exec_prefetch_concurrency", "-1"),
+                     ("exec_prefetch_depth", "true")):
+        path.write_text(f"[lazy]\n{key} = {bad}\n")
+        with pytest.raises(ConfigError, match=rf"lazy\.{key}: expected an integer"):
+            load_config(path)
+
+
+def test_every_lazy_key_is_documented_with_its_default() -> None:
+    # docs/config.md's table and docs/config.toml name each [lazy] key, so none goes unseen.
+    table = (REPO / "docs" / "config.md").read_text()
+    example = (REPO / "docs" / "config.toml").read_text()
+    for name in LazyConfig.__dataclass_fields__:
+        assert f"| `lazy.{name}` |" in table, name
+        assert f"\n{name} = " in example, name
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "601", "true", '"20"', "nan", "inf"])
