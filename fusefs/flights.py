@@ -262,6 +262,11 @@ class ChunkFlights:
         """The raw bytes of ``planned`` from the blob, counted on the layer. For a zTOC layer
         they start ``lead_bytes`` early, with the partial byte of the range's first span."""
         lead = lead_bytes(layer.index, planned.start)
+        return await self.request_bytes(layer, planned.start - lead, planned.length + lead)
+
+    async def request_bytes(self, layer: Layer, start: int, length: int) -> bytes:
+        """The blob's bytes ``[start, start + length)``, under the blob's request limit and
+        counted on the layer; the one place a range is read from a blob."""
         slots = self._blob_slots.get(layer.digest)
         if slots is None:
             slots = self._blob_slots[layer.digest] = trio.CapacityLimiter(
@@ -270,24 +275,29 @@ class ChunkFlights:
         try:
             async with slots:
                 started = trio.current_time()
-                raw = await TRACE.read_at(layer.blob, planned.start - lead, planned.length + lead)
+                raw = await TRACE.read_at(layer.blob, start, length)
         finally:
             if not slots.borrowed_tokens and not slots.statistics().tasks_waiting:
                 self._blob_slots.pop(layer.digest, None)
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
         layer.stats.meters.fetched(len(raw), trio.current_time() - started)
-        if len(raw) != planned.length + lead:
-            raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
+        if len(raw) != length:
+            raise FetchError(f"blob returned {len(raw)} bytes for a {length}-byte range")
         return raw
 
     async def fetch_background(
-        self, layer: Layer, planned: PlannedRange[ChunkTag], *, raw: bytes | None = None
+        self,
+        layer: Layer,
+        planned: PlannedRange[ChunkTag],
+        *,
+        read: Callable[[int, int], Awaitable[bytes]] | None = None,
     ) -> bytes:
         """Request all of ``planned`` and fill the cache with the chunks still missing; returns
         the raw bytes, which the whole-blob check hashes. The missing chunks are claimed before
-        the request, so a reader needing one of them waits for this range. ``raw``, when given,
-        is the range's bytes (lead byte first) read back from the layer's held copy instead."""
+        the request, so a reader needing one of them waits for this range. ``read``, when
+        given, gets the range's bytes ``[start, end)`` (lead byte first) instead of one request:
+        the whole-blob check reads what readers fetched back from the held copy."""
         missing = PlannedRange(
             planned.start,
             planned.end,
@@ -295,8 +305,11 @@ class ChunkFlights:
         )
         claim = self.claim(layer, missing, background=True)
         try:
-            if raw is None:
+            if read is None:
                 raw = await self.request(layer, planned)
+            else:
+                first = planned.start - lead_bytes(layer.index, planned.start)
+                raw = await read(first, planned.end)
         except BaseException as exc:
             self._fail(claim, exc)
             raise
