@@ -33,6 +33,7 @@ from fusefs.index import ChunkRef
 from fusefs.inflated_spans import InflatedSpans, lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
+from fusefs.span_mates import SpanFlights
 from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class ChunkFlights:
         self._blob_slots: dict[str, trio.CapacityLimiter] = {}
         self._hot = _HotChunks(config.hot_bytes)
         self._spans = InflatedSpans(config.inflated_span_bytes)
+        self._span_flights = SpanFlights()
         self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
         self._writes_pending = 0
         self._writes_idle = trio.Event()
@@ -374,12 +376,24 @@ class ChunkFlights:
             for key, ref in {chunk_key(r, layer.digest): r for _, r in planned.chunks}.items()
             if key in flights
         ]
+        self._claim_mates(layer, todo, flights)
+        start = planned.start - lead_bytes(layer.index, planned.start)
+        fetched = raw is None
+        busy: list[tuple[str, int]] = []
         try:
-            start = planned.start - lead_bytes(layer.index, planned.start)
-            fetched = raw is None
-            if raw is None:
-                raw = await self.request(layer, planned)
-            outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, raw, start, todo)
+            outcomes = None
+            if raw is None and span_layer(layer.index) is not None:
+                offsets = {ref.blob_offset for _, ref in todo}
+                await self._span_flights.wait_for_others(layer, offsets)
+                busy = self._span_flights.start(layer, offsets)
+                outcomes = await self._decode_inflated(layer, start, todo)
+                fetched = outcomes is None
+            if outcomes is None:
+                if raw is None:
+                    raw = await self.request(layer, planned)
+                outcomes = await trio.to_thread.run_sync(
+                    self._decode_verify, layer, raw, start, todo
+                )
         except BaseException as exc:
             for key, flight in flights.items():
                 self._resolve(key, flight, None, exc)
@@ -387,6 +401,8 @@ class ChunkFlights:
                 log.debug("range fetch failed layer=%s error=%r", layer.layer_id, exc)
                 return
             raise
+        finally:
+            self._span_flights.end(busy)
         verified: list[tuple[str, bytes]] = []
         for (key, ref), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, bytes):
@@ -418,10 +434,41 @@ class ChunkFlights:
                 self._writes_idle = trio.Event()
             self._writes_pending += 1
             self._nursery.start_soon(self._write_behind, verified)
-        if fetched and layer.held is not None and len(verified) == len(todo):
+        if fetched and raw and layer.held is not None and len(verified) == len(todo):
             # A reader's bytes, all verified: kept so the whole-blob check need not fetch them
             # again. Waiters are released already, so this delays no reader.
             await layer.held.keep(start, raw)
+
+    def _claim_mates(
+        self, layer: Layer, todo: list[tuple[str, ChunkRef]], flights: dict[str, _Flight]
+    ) -> None:
+        """Add to ``todo`` the missing chunks sharing a zTOC span with one of its chunks (see
+        ``fusefs.span_mates``), claimed as background work: a failure is the reader's to retry."""
+        mates = self._span_flights.mates(layer, (ref for _, ref in todo))
+        if not mates:
+            return
+        claim = self.claim(
+            layer, PlannedRange(0, 0, tuple(m for m in mates if self.is_missing(layer, m[1]))),
+            background=True,
+        )
+        for _, ref in mates:
+            key = chunk_key(ref, layer.digest)
+            if key in claim._flights and key not in flights:
+                flights[key] = claim._flights[key]
+                todo.append((key, ref))
+
+    async def _decode_inflated(
+        self, layer: Layer, start: int, todo: list[tuple[str, ChunkRef]]
+    ) -> list[bytes | Exception] | None:
+        """The chunks of ``todo`` decoded from spans another range left inflated, without a
+        request; None when a span is not there (never inflated, or evicted meanwhile)."""
+        ztoc = span_layer(layer.index)
+        if ztoc is None or not self._spans.holds(
+            layer.digest, {ztoc.span_of(ref) for _, ref in todo}
+        ):
+            return None
+        outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, b"", start, todo)
+        return outcomes if all(isinstance(o, bytes) for o in outcomes) else None
 
     def _decode_verify(
         self, layer: Layer, raw: bytes, start: int, todo: list[tuple[str, ChunkRef]]

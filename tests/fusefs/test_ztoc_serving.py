@@ -256,3 +256,51 @@ async def test_a_changed_held_piece_of_a_partly_held_range_fails_the_blob_check(
             except FetchError:
                 continue  # EIO is an answer
             assert data == BIG[offset : offset + SPAN]
+
+
+def _span_requests(blob: FakeBlob, ztoc: ZtocLayer, name: str) -> int:
+    """Requests that covered the compressed span of file ``name``'s first chunk."""
+    begin, end = ztoc.fetch_range(ztoc.chunks(lookup(ztoc.index, name))[0])
+    return sum(1 for offset, length in blob.requests if offset <= begin and end <= offset + length)
+
+
+@trio_test
+async def test_a_read_keeps_its_span_mates_so_neighbours_need_no_fetch(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    names = list(SMALL)
+    # Ranges of one chunk: nothing coalesced after it, so one span is inflated in all.
+    config = {"file_completion_window": 0, "ondemand_range": 1, "max_gap": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+        # The last small file first: the files before it in its span are not after it in blob
+        # order, so only span mates bring them in.
+        last = names[-1]
+        assert await fetcher.read(layer, lookup(layer.index, last), 0, 4096) == SMALL[last]
+        requests = len(blob.requests)
+        for name in names[:-1]:
+            assert await fetcher.read(layer, lookup(layer.index, name), 0, 4096) == SMALL[name]
+        assert len(blob.requests) == requests
+        assert fetcher.flights.inflated_spans.inflations == 1
+
+
+@trio_test
+async def test_concurrent_readers_of_one_span_fetch_and_inflate_it_once(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    gate = trio.Event()
+    blob.gate = gate
+    names = list(SMALL)
+    first, last = names[0], names[-1]
+    results: dict[str, bytes] = {}
+    config = {"file_completion_window": 0, "ondemand_range": 1, "max_gap": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+
+        async def read(name: str) -> None:
+            results[name] = await fetcher.read(layer, lookup(layer.index, name), 0, 4096)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, last)
+            nursery.start_soon(read, first)
+            await trio.sleep(0.2)  # both readers are waiting on the link
+            gate.set()
+        assert results == {first: SMALL[first], last: SMALL[last]}
+        assert fetcher.flights.inflated_spans.inflations == 1
+        assert _span_requests(blob, layer.index, first) == 1  # type: ignore[arg-type]
