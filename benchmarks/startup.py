@@ -21,11 +21,12 @@ system converted with lazysnap's writers (no prioritized files: unoptimized, as 
 stargz comparison) + ``ctr run --snapshotter lazysnap``; ``stargz`` (optional) = the same
 eStargz image pulled lazily by stargz-snapshotter 0.12 (``ctr-remote images rpull`` + ``ctr run
 --snapshotter stargz``, its daemon with its default configuration); ``gzip+soci`` (optional) =
-the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, 4 MiB spans) and
-pulled with ``lazysnap pull``; ``parallel`` (optional) = the overlayfs arm's image downloaded
-and unpacked in full by ``lazysnap pull --parallel`` into lazysnap's ordinary snapshots (issue
-14's parallel pull; not lazy, so its whole image is local when the pull ends); ``ctr-remote``
-/ ``stargz-ctr-remote`` (optional) = the gzip image converted by stargz-snapshotter's own
+the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, spans of
+``--soci-span-size``, 4 MiB by default) and pulled with ``lazysnap pull``; ``parallel``
+(optional) = the overlayfs arm's image downloaded and unpacked in full by ``lazysnap pull
+--parallel`` into lazysnap's ordinary snapshots (issue 14's parallel pull; not lazy, so its
+whole image is local when the pull ends); ``ctr-remote`` / ``stargz-ctr-remote`` (optional) =
+the gzip image converted by stargz-snapshotter's own
 ``ctr-remote image convert --estargz --oci`` (defaults: 4 MiB chunks), served by lazysnap / by
 stargz-snapshotter; ``cri-*`` (optional) = the container
 started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
@@ -680,10 +681,10 @@ STARGZ_GRPC_DEBS = ("golang-go", "golang-github-containerd-stargz-snapshotter-de
 STARGZ_LIBRARY = Path("/usr/share/gocode/src/github.com/containerd/stargz-snapshotter")
 
 
-def _soci_index(reference: str) -> None:
+def _soci_index(reference: str, span_size: str) -> None:
     """``lazysnap index`` of the pushed gzip image; its build time and zTOC size are logged."""
     started = time.monotonic()
-    done = subprocess.run([str(LAZYSNAP), "index", reference, "--span-size", "4MiB"],
+    done = subprocess.run([str(LAZYSNAP), "index", reference, "--span-size", span_size],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"lazysnap index {reference} failed: {done.stderr.strip()[-2000:]}")
@@ -812,6 +813,10 @@ class Result:
     requests_local: int = 0
     ranges_local: int = 0
     pull_summary: str = ""
+    # zTOC layers: what background fetch requested for the blob check, and what it read back
+    # from readers' held bytes instead (the daemon's ztoc_background_fetched events).
+    ztoc_fetched: int = 0
+    ztoc_held_reused: int = 0
 
 
 def container_id(number: int) -> str:
@@ -850,6 +855,24 @@ def _pull(arm: str, reference: str, containerd: RunningContainerd, hosts_dir: Pa
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
     lines = done.stdout.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def _ztoc_background(path: Path) -> tuple[int, int]:
+    """Sums of ``fetched_bytes`` and ``held_bytes_reused`` over the daemon's
+    ``ztoc_background_fetched`` events (JSON log lines)."""
+    fetched = reused = 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0, 0
+    for line in lines:
+        if '"ztoc_background_fetched"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            fetched += int(record.get("fetched_bytes", 0))
+            reused += int(record.get("held_bytes_reused", 0))
+    return fetched, reused
 
 
 def _count_in_log(path: Path, needle: str) -> int:
@@ -1070,6 +1093,7 @@ def _until_local(
                 return result
             time.sleep(0.05)
         result.local_s = time.monotonic() - started
+        result.ztoc_fetched, result.ztoc_held_reused = _ztoc_background(daemon.log_path)
     else:
         result.local_s = result.pull_s
     at_local = proxy.counters().minus(before)
@@ -1259,7 +1283,8 @@ def run(args: argparse.Namespace) -> int:
                 log(f"pushing {arm} image ({_mb(image.compressed)} MB) with skopeo")
                 oci.push_layout(image.layout, "latest", f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
                 if arm == "gzip+soci":
-                    _soci_index(f"{registry.host}/{REPOSITORY}:{TAGS[arm]}")
+                    _soci_index(f"{registry.host}/{REPOSITORY}:{TAGS[arm]}",
+                                args.soci_span_size)
             pause = push_pause_image(top / "pause", registry.host) \
                 if any(arm in CRI_ARMS for arm in images) else ""
             host, port = registry.host.rsplit(":", 1)
@@ -1338,7 +1363,14 @@ def _brief(r: Result) -> str:
             f"fetched {_mb(r.fetched_first)} MB in {r.requests_first} requests "
             f"({r.ranges_first} ranges, {_per_range(r)} MiB each), "
             f"whole image local {r.local_s:.2f}s "
-            f"({_mb(r.fetched_local)} MB); {r.pull_summary}")
+            f"({_mb(r.fetched_local)} MB){_ztoc_brief(r)}; {r.pull_summary}")
+
+
+def _ztoc_brief(r: Result) -> str:
+    if not r.ztoc_fetched and not r.ztoc_held_reused:
+        return ""
+    return (f", blob check fetched {_mb(r.ztoc_fetched)} MB and reused "
+            f"{_mb(r.ztoc_held_reused)} MB readers held")
 
 
 def _machine() -> dict[str, str]:
@@ -1377,6 +1409,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the same as two, the base system then python; gcc: a minbase with "
                         "gcc as two layers, the base system then what installing gcc added "
                         "(default: one-layer)")
+    parser.add_argument("--soci-span-size", default="4MiB",
+                        help="span size of the gzip+soci arm's zTOCs, passed to `lazysnap "
+                        "index --span-size` (default: 4MiB, as soci's)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="chunk size of the lazy formats (default: lazysnap's writer)")
     parser.add_argument("--lifetime", type=float, default=7200.0,

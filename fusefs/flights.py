@@ -36,6 +36,7 @@ from fusefs.inflated_spans import InflatedSpans, lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, group_chunks
 from fusefs.request_slots import RequestSlots
+from fusefs.span_mates import SpanFlights
 from fusefs.trace import TRACE
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class ChunkFlights:
         self._blob_slots: dict[str, RequestSlots] = {}
         self._hot = _HotChunks(config.hot_bytes)
         self._spans = InflatedSpans(config.inflated_span_bytes)
+        self._span_flights = SpanFlights()
         self._unwritten: dict[str, bytes] = {}  # verified chunks on their way to the disk cache
         self._writes_pending = 0
         self._writes_idle = trio.Event()
@@ -284,30 +286,45 @@ class ChunkFlights:
         ``flights`` are those the range resolves: while a reader waits on one, the request
         goes ahead of background ones for the blob's slots."""
         lead = lead_bytes(layer.index, planned.start)
+        return await self.request_bytes(
+            layer, planned.start - lead, planned.length + lead, flights
+        )
+
+    async def request_bytes(
+        self, layer: Layer, start: int, length: int, flights: Collection[_Flight] = ()
+    ) -> bytes:
+        """The blob's bytes ``[start, start + length)``, under the blob's request limit and
+        counted on the layer; the one place a range is read from a blob. While a reader waits
+        on one of ``flights`` the request goes ahead of background ones."""
         slots = self._blob_slots.get(layer.digest)
         if slots is None:
             slots = self._blob_slots[layer.digest] = RequestSlots(self._config.blob_requests)
         try:
             async with slots.hold(lambda: any(flight.wanted for flight in flights)):
                 started = trio.current_time()
-                raw = await TRACE.read_at(layer.blob, planned.start - lead, planned.length + lead)
+                raw = await TRACE.read_at(layer.blob, start, length)
         finally:
             if slots.idle and self._blob_slots.get(layer.digest) is slots:
                 del self._blob_slots[layer.digest]
         layer.stats.requests += 1
         layer.stats.fetched_bytes += len(raw)
         layer.stats.meters.fetched(len(raw), trio.current_time() - started)
-        if len(raw) != planned.length + lead:
-            raise FetchError(f"blob returned {len(raw)} bytes for a {planned.length}-byte range")
+        if len(raw) != length:
+            raise FetchError(f"blob returned {len(raw)} bytes for a {length}-byte range")
         return raw
 
     async def fetch_background(
-        self, layer: Layer, planned: PlannedRange[ChunkTag], *, raw: bytes | None = None
+        self,
+        layer: Layer,
+        planned: PlannedRange[ChunkTag],
+        *,
+        read: Callable[[int, int], Awaitable[bytes]] | None = None,
     ) -> bytes:
         """Request all of ``planned`` and fill the cache with the chunks still missing; returns
         the raw bytes, which the whole-blob check hashes. The missing chunks are claimed before
-        the request, so a reader needing one of them waits for this range. ``raw``, when given,
-        is the range's bytes (lead byte first) read back from the layer's held copy instead."""
+        the request, so a reader needing one of them waits for this range. ``read``, when
+        given, gets the range's bytes ``[start, end)`` (lead byte first) instead of one request:
+        the whole-blob check reads what readers fetched back from the held copy."""
         missing = PlannedRange(
             planned.start,
             planned.end,
@@ -315,8 +332,11 @@ class ChunkFlights:
         )
         claim = self.claim(layer, missing, background=True)
         try:
-            if raw is None:
+            if read is None:
                 raw = await self.request(layer, planned, tuple(claim._flights.values()))
+            else:
+                first = planned.start - lead_bytes(layer.index, planned.start)
+                raw = await read(first, planned.end)
         except BaseException as exc:
             self._fail(claim, exc)
             raise
@@ -381,12 +401,24 @@ class ChunkFlights:
             for key, ref in {chunk_key(r, layer.digest): r for _, r in planned.chunks}.items()
             if key in flights
         ]
+        self._claim_mates(layer, todo, flights)
+        start = planned.start - lead_bytes(layer.index, planned.start)
+        fetched = raw is None
+        busy: list[tuple[str, int]] = []
         try:
-            start = planned.start - lead_bytes(layer.index, planned.start)
-            fetched = raw is None
-            if raw is None:
-                raw = await self.request(layer, planned, tuple(flights.values()))
-            outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, raw, start, todo)
+            outcomes = None
+            if raw is None and span_layer(layer.index) is not None:
+                offsets = {ref.blob_offset for _, ref in todo}
+                await self._span_flights.wait_for_others(layer, offsets)
+                busy = self._span_flights.start(layer, offsets)
+                outcomes = await self._decode_inflated(layer, start, todo)
+                fetched = outcomes is None
+            if outcomes is None:
+                if raw is None:
+                    raw = await self.request(layer, planned, tuple(flights.values()))
+                outcomes = await trio.to_thread.run_sync(
+                    self._decode_verify, layer, raw, start, todo
+                )
         except BaseException as exc:
             for key, flight in flights.items():
                 self._resolve(key, flight, None, exc)
@@ -394,6 +426,8 @@ class ChunkFlights:
                 log.debug("range fetch failed layer=%s error=%r", layer.layer_id, exc)
                 return
             raise
+        finally:
+            self._span_flights.end(busy)
         verified: list[tuple[str, bytes]] = []
         for (key, ref), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, bytes):
@@ -425,10 +459,41 @@ class ChunkFlights:
                 self._writes_idle = trio.Event()
             self._writes_pending += 1
             self._nursery.start_soon(self._write_behind, verified)
-        if fetched and layer.held is not None and len(verified) == len(todo):
+        if fetched and raw and layer.held is not None and len(verified) == len(todo):
             # A reader's bytes, all verified: kept so the whole-blob check need not fetch them
             # again. Waiters are released already, so this delays no reader.
             await layer.held.keep(start, raw)
+
+    def _claim_mates(
+        self, layer: Layer, todo: list[tuple[str, ChunkRef]], flights: dict[str, _Flight]
+    ) -> None:
+        """Add to ``todo`` the missing chunks sharing a zTOC span with one of its chunks (see
+        ``fusefs.span_mates``), claimed as background work: a failure is the reader's to retry."""
+        mates = self._span_flights.mates(layer, (ref for _, ref in todo))
+        if not mates:
+            return
+        claim = self.claim(
+            layer, PlannedRange(0, 0, tuple(m for m in mates if self.is_missing(layer, m[1]))),
+            background=True,
+        )
+        for _, ref in mates:
+            key = chunk_key(ref, layer.digest)
+            if key in claim._flights and key not in flights:
+                flights[key] = claim._flights[key]
+                todo.append((key, ref))
+
+    async def _decode_inflated(
+        self, layer: Layer, start: int, todo: list[tuple[str, ChunkRef]]
+    ) -> list[bytes | Exception] | None:
+        """The chunks of ``todo`` decoded from spans another range left inflated, without a
+        request; None when a span is not there (never inflated, or evicted meanwhile)."""
+        ztoc = span_layer(layer.index)
+        if ztoc is None or not self._spans.holds(
+            layer.digest, {ztoc.span_of(ref) for _, ref in todo}
+        ):
+            return None
+        outcomes = await trio.to_thread.run_sync(self._decode_verify, layer, b"", start, todo)
+        return outcomes if all(isinstance(o, bytes) for o in outcomes) else None
 
     def _decode_verify(
         self, layer: Layer, raw: bytes, start: int, todo: list[tuple[str, ChunkRef]]

@@ -14,11 +14,16 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 log = logging.getLogger(__name__)
+
+# Held pieces shorter than this are fetched again with the gaps around them: one request
+# fewer is worth more than a few KiB on the link.
+MIN_PIECE = 32 * 1024
 
 
 class HeldBytes:
@@ -52,6 +57,13 @@ class HeldBytes:
     def holds(self, start: int, end: int) -> bool:
         return any(s <= start and end <= e for s, e in self._intervals)
 
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The held parts of ``[start, end)``, in blob order: what a range held only in part
+        need not fetch again."""
+        return [
+            (max(s, start), min(e, end)) for s, e in self._intervals if s < end and e > start
+        ]
+
     async def read(self, start: int, end: int) -> bytes | None:
         """The bytes of ``[start, end)`` when all of them are held, else None."""
         if not self.holds(start, end):
@@ -62,6 +74,32 @@ class HeldBytes:
             log.warning("reading kept bytes failed, they will be fetched error=%r", exc)
             return None
         return data if data is not None and len(data) == end - start else None
+
+    async def read_with_gaps(
+        self, start: int, end: int, fetch: Callable[[int, int], Awaitable[bytes]]
+    ) -> tuple[bytes, int]:
+        """The blob's bytes ``[start, end)``: held pieces read back, the gaps between them
+        (and any piece that cannot be read back) from ``fetch(start, end)``. Returns the bytes
+        and how many of them came from the copy. Nothing here is trusted: the caller hashes
+        all of it into the blob digest, so a changed copy fails the blob check."""
+        parts: list[bytes] = []
+        reused = 0
+        at = start
+        for s, e in self.pieces(start, end):
+            if e - s < MIN_PIECE:
+                continue  # fetched with the gap around it
+            if at < s:
+                parts.append(await fetch(at, s))
+            data = await self.read(s, e)
+            if data is None:  # closed or failed meanwhile
+                data = await fetch(s, e)
+            else:
+                reused += len(data)
+            parts.append(data)
+            at = e
+        if at < end:
+            parts.append(await fetch(at, end))
+        return b"".join(parts), reused
 
     def close(self) -> None:
         """Drop the copy. The lock keeps a worker thread from using the descriptor once it is

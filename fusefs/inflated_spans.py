@@ -73,6 +73,11 @@ class InflatedSpans:
             raise FetchError(f"chunk needs {stop} bytes of span {span}, which has {len(data)}")
         return data[ref.inner_offset : stop]
 
+    def holds(self, blob: str, spans: set[int]) -> bool:
+        """Whether every one of ``spans`` is here (it may be evicted right after)."""
+        with self._lock:
+            return all((blob, span) in self._items for span in spans)
+
     def _get(self, key: tuple[str, int]) -> bytes | None:
         with self._lock:
             data = self._items.get(key)

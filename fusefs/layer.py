@@ -46,6 +46,7 @@ class Layer:
 
     __slots__ = (
         "_access_marks",
+        "_by_blob_offset",
         "_file_positions",
         "_file_sequence",
         "_read_marks",
@@ -72,6 +73,7 @@ class Layer:
         self._access_marks: bytearray | None = None  # only with an access log
         self._file_positions: array[int] | None = None
         self._file_sequence: Sequence[int] | None = None
+        self._by_blob_offset: dict[int, list[tuple[ChunkTag, ChunkRef]]] | None = None
         # Bytes of this layer's chunks in the cache, kept by the cache once the layer's chunks
         # are registered there (``track_cached_bytes``); meaningful only when that is complete.
         self.cached_bytes = 0
@@ -112,6 +114,17 @@ class Layer:
         for entry in sequence:
             for k, ref in enumerate(self.index.chunks(entry)):
                 yield (entry, k), ref
+
+    def chunks_starting_at(self, blob_offset: int) -> Sequence[tuple[ChunkTag, ChunkRef]]:
+        """The chunks whose compressed bytes start at ``blob_offset``: the files' shares of one
+        zTOC span. Built on the first call, one walk over the chunks."""
+        if self._by_blob_offset is None:
+            by_offset: dict[int, list[tuple[ChunkTag, ChunkRef]]] = {}
+            for tag, ref in self.all_chunks():
+                if not ref.zeros:
+                    by_offset.setdefault(ref.blob_offset, []).append((tag, ref))
+            self._by_blob_offset = by_offset
+        return self._by_blob_offset.get(blob_offset, ())
 
     def track_cached_bytes(self, cache: ChunkCache, budget: int | None = None) -> bool:
         """Register this layer's chunks with ``cache``, which then keeps ``cached_bytes``

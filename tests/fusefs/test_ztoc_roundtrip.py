@@ -190,3 +190,33 @@ def test_serializer_matches_soci_byte_for_byte() -> None:
     )
     assert len(data) == 65928
     assert sha(data) == "sha256:eba28fdf50b1b57543f57dd051b2468c1d4f57b64d2006c75aa4de1d03e6c7ec"
+
+
+class _CountingBlob(io.BytesIO):
+    """Counts the bytes read from it, seeks and all."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def test_index_build_reads_the_blob_once_and_hashes_every_span() -> None:
+    # Text-like bytes: deflate's Huffman blocks end inside bytes, so spans start with bits.
+    words = [random.Random(7).randbytes(5).hex().encode() for _ in range(300)]
+    pick = random.Random(8)
+    tar = TarBuilder().file("words", b" ".join(pick.choice(words) for _ in range(120_000))).tar()
+    blob = gzip.compress(tar + busybox_tar(), mtime=0)
+    counting = _CountingBlob(blob)
+    built = build_ztoc(counting, span_size=SPAN)
+    assert counting.bytes_read == len(blob)  # before: twice, once more to hash the spans
+    layer = parse_ztoc(built.data, blob_size=len(blob), ztoc_digest=built.digest)
+    assert any(point.bits for point in layer.spans.checkpoints)
+    assert layer.span_digests is not None and len(layer.span_digests) == len(layer.spans) > 3
+    for span, digest in enumerate(layer.span_digests):
+        begin, end = layer.spans.compressed_range(span)
+        assert sha(blob[begin:end]) == digest

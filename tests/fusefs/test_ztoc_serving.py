@@ -199,3 +199,108 @@ async def test_a_blob_changed_under_its_index_gives_eio_never_wrong_bytes(tmp_pa
         assert layer.stats.verify_failures >= 1
         # Untouched spans still read right.
         assert await fetcher.read(layer, entry, 0, 4096) == BIG[:4096]
+
+
+async def _held_all_read(layer: Layer, blob: FakeBlob) -> None:
+    """Wait until the copy holds every byte readers requested (it is written after the read
+    is answered)."""
+    assert layer.held is not None
+    with trio.fail_after(10):
+        while layer.held.held_bytes < _requested(blob):
+            await trio.sleep(0.01)
+
+
+@trio_test
+async def test_a_range_held_in_part_requests_only_its_gaps(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    half = len(BIG) // 2
+    # One background range for the whole blob: readers hold it only in part.
+    config = {"background_range": len(BLOB), "file_completion_window": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+        hold_reader_bytes(fetcher, layer)
+        assert await fetcher.read(layer, lookup(layer.index, "big"), 0, half) == BIG[:half]
+        await _held_all_read(layer, blob)
+        read = _requested(blob)
+        await fetch_everything(fetcher, layer)
+        background = _requested(blob) - read
+        assert layer.stats.blob_verified is True
+        assert layer.stats.held_bytes_reused == read
+        # Before, the range came again whole: len(BLOB) bytes.
+        assert background == len(BLOB) - read
+        assert await fetcher.read(layer, lookup(layer.index, "big"), 0, len(BIG)) == BIG
+
+
+@trio_test
+async def test_a_changed_held_piece_of_a_partly_held_range_fails_the_blob_check(
+    tmp_path: Path,
+) -> None:
+    blob = FakeBlob(BLOB)
+    config = {"background_range": len(BLOB), "file_completion_window": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+        hold_reader_bytes(fetcher, layer)
+        entry = lookup(layer.index, "big")
+        half = len(BIG) // 2
+        assert await fetcher.read(layer, entry, 0, half) == BIG[:half]
+        await _held_all_read(layer, blob)
+        assert layer.held is not None
+        later = layer.index.chunks(entry)[1]
+        at = (later.blob_offset + later.blob_end) // 2
+        assert layer.held.holds(at, at + 1)
+        await layer.held.keep(at, bytes([BLOB[at] ^ 0x40]))
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.held_bytes_reused > 0
+        assert layer.stats.blob_verified is False
+        for offset in range(0, len(BIG), SPAN):
+            try:
+                data = await fetcher.read(layer, entry, offset, SPAN)
+            except FetchError:
+                continue  # EIO is an answer
+            assert data == BIG[offset : offset + SPAN]
+
+
+def _span_requests(blob: FakeBlob, ztoc: ZtocLayer, name: str) -> int:
+    """Requests that covered the compressed span of file ``name``'s first chunk."""
+    begin, end = ztoc.fetch_range(ztoc.chunks(lookup(ztoc.index, name))[0])
+    return sum(1 for offset, length in blob.requests if offset <= begin and end <= offset + length)
+
+
+@trio_test
+async def test_a_read_keeps_its_span_mates_so_neighbours_need_no_fetch(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    names = list(SMALL)
+    # Ranges of one chunk: nothing coalesced after it, so one span is inflated in all.
+    config = {"file_completion_window": 0, "ondemand_range": 1, "max_gap": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+        # The last small file first: the files before it in its span are not after it in blob
+        # order, so only span mates bring them in.
+        last = names[-1]
+        assert await fetcher.read(layer, lookup(layer.index, last), 0, 4096) == SMALL[last]
+        requests = len(blob.requests)
+        for name in names[:-1]:
+            assert await fetcher.read(layer, lookup(layer.index, name), 0, 4096) == SMALL[name]
+        assert len(blob.requests) == requests
+        assert fetcher.flights.inflated_spans.inflations == 1
+
+
+@trio_test
+async def test_concurrent_readers_of_one_span_fetch_and_inflate_it_once(tmp_path: Path) -> None:
+    blob = FakeBlob(BLOB)
+    gate = trio.Event()
+    blob.gate = gate
+    names = list(SMALL)
+    first, last = names[0], names[-1]
+    results: dict[str, bytes] = {}
+    config = {"file_completion_window": 0, "ondemand_range": 1, "max_gap": 0}
+    async with _fetcher(tmp_path, blob, **config) as (fetcher, layer):
+
+        async def read(name: str) -> None:
+            results[name] = await fetcher.read(layer, lookup(layer.index, name), 0, 4096)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, last)
+            nursery.start_soon(read, first)
+            await trio.sleep(0.2)  # both readers are waiting on the link
+            gate.set()
+        assert results == {first: SMALL[first], last: SMALL[last]}
+        assert fetcher.flights.inflated_spans.inflations == 1
+        assert _span_requests(blob, layer.index, first) == 1  # type: ignore[arg-type]

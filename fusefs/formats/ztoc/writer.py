@@ -3,7 +3,9 @@
 One pass inflates the blob with ``inflate(Z_BLOCK)`` (the system zlib, which reports every
 deflate block boundary and how many bits of the current byte belong to the next block) and
 records a checkpoint at the first boundary past every ``span_size`` uncompressed bytes, as
-soci does. The uncompressed tar goes to a spool file whose headers give the file table.
+soci does. The same pass hashes each span's compressed bytes, so the blob is read once (it may
+be a registry download or a content store file). The uncompressed tar goes to a spool file
+whose headers give the file table.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ def build_ztoc(
     with contextlib.ExitStack() as stack:
         spool = cast(BinaryIO, stack.enter_context(tempfile.SpooledTemporaryFile(_SPOOL_MAX)))
         blob.seek(0)
-        points, compressed_size = find_checkpoints(blob, span_size, spool)
+        hashes = _SpanHashes()
+        points, compressed_size = find_checkpoints(blob, span_size, spool, hashes)
         table = SpanTable(span_size, points, compressed_size)
-        digests = _span_digests(blob, table)
+        digests = hashes.digests
         try:
             members, tar_end = scan_members(spool)
         except (tarfile.TarError, ValueError) as exc:
@@ -105,13 +108,15 @@ def build_ztoc(
 
 
 def find_checkpoints(
-    blob: BinaryIO, span_size: int, sink: BinaryIO
+    blob: BinaryIO, span_size: int, sink: BinaryIO, hashes: _SpanHashes | None = None
 ) -> tuple[list[Checkpoint], int]:
-    """Inflate ``blob`` into ``sink``; the checkpoints and the blob's size.
+    """Inflate ``blob`` into ``sink``; the checkpoints and the blob's size. ``hashes``, when
+    given, gets each span's digest, in span order.
 
     A checkpoint goes at the end of the first gzip header and then at the first block end
     more than ``span_size`` bytes past the previous one, never after a member's last block.
     """
+    spans = hashes if hashes is not None else _SpanHashes()
     points: list[Checkpoint] = []
     window = bytearray()  # the last WINDOW_SIZE bytes of output
     out = ctypes.create_string_buffer(_OUT)
@@ -120,6 +125,7 @@ def find_checkpoints(
     try:
         with Inflater(31) as inflater:
             while piece := blob.read(_READ):
+                spans.add(total_in, piece)
                 if ended:  # another gzip member follows (pigz, concatenated layers)
                     inflater.reset(31)
                     ended = False
@@ -147,6 +153,7 @@ def find_checkpoints(
                     ):
                         padded = bytes(WINDOW_SIZE - len(window)) + bytes(window)
                         points.append(Checkpoint(total_in, total_out, state & UNUSED_BITS, padded))
+                        spans.cut(points[-1])
                         last = total_out
                     if before == inflater.avail_in and not count:
                         break
@@ -154,24 +161,55 @@ def find_checkpoints(
         raise ZtocBuildError(f"the layer is not valid gzip: {exc}") from exc
     if not ended or not points:
         raise ZtocBuildError("the gzip stream is truncated")
+    spans.finish(total_in)
     return points, total_in
 
 
-def _span_digests(blob: BinaryIO, table: SpanTable) -> list[str]:
-    digests = []
-    for span in range(len(table)):
-        start, end = table.compressed_range(span)
-        blob.seek(start)
-        hasher = hashlib.sha256()
-        remaining = end - start
-        while remaining:
-            piece = blob.read(min(remaining, 1 << 20))
-            if not piece:
-                raise ZtocBuildError("the blob shrank while it was indexed")
-            hasher.update(piece)
-            remaining -= len(piece)
-        digests.append("sha256:" + hasher.hexdigest())
-    return digests
+class _SpanHashes:
+    """sha256 of each span's compressed bytes, fed while the blob is inflated.
+
+    Span ``i`` is ``[points[i].fetch_offset, points[i + 1].compressed_offset)``, the last one
+    running to the end of the blob (``SpanTable.compressed_range``). Bytes are hashed once no
+    checkpoint can fall before them: a checkpoint is found only at what was consumed. Only the
+    last hashed byte is kept, the partial byte a span with bits starts with.
+    """
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._hasher: hashlib._Hash | None = None  # None before the first checkpoint
+        self._pending = bytearray()  # read, not hashed yet
+        self._pending_at = 0  # blob offset of ``_pending[0]``
+        self._last = b""  # the byte before ``_pending_at``
+
+    def add(self, consumed: int, piece: bytes) -> None:
+        """The next ``piece`` read from the blob; ``consumed`` bytes are inflated so far."""
+        self._feed_to(consumed)
+        self._pending += piece
+
+    def cut(self, point: Checkpoint) -> None:
+        """A span starts at ``point``: the one before it ends at its first whole byte."""
+        self._feed_to(point.compressed_offset)
+        if self._hasher is not None:
+            self.digests.append("sha256:" + self._hasher.hexdigest())
+        self._hasher = hashlib.sha256()
+        if point.bits:
+            self._hasher.update(self._last)
+
+    def finish(self, end: int) -> None:
+        self._feed_to(end)
+        if self._hasher is not None:
+            self.digests.append("sha256:" + self._hasher.hexdigest())
+            self._hasher = None
+
+    def _feed_to(self, offset: int) -> None:
+        count = min(max(offset - self._pending_at, 0), len(self._pending))
+        if not count:
+            return
+        if self._hasher is not None:
+            self._hasher.update(memoryview(self._pending)[:count])
+        self._last = bytes(self._pending[count - 1 : count])
+        del self._pending[:count]
+        self._pending_at += count
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
