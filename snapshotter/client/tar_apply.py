@@ -32,11 +32,12 @@ import shutil
 import stat
 import tarfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
+from snapshotter.client.tar_stream import ForwardReader
 from snapshotter.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ def _relative(name: str) -> str:
 
 
 class _Applier:
-    def __init__(self, root: Path, overlay: bool, lowers: Sequence[Path]) -> None:
+    def __init__(
+        self, root: Path, overlay: bool, lowers: Sequence[Path], reader: ForwardReader
+    ) -> None:
         self._root = str(root)
+        self._reader = reader  # what tarfile reads: file data is read from it directly
         self._overlay = overlay
         self._lowers = [str(lower) for lower in lowers]
         # Set for a root that was empty: then ``_made`` knows what is at every path of it.
@@ -204,9 +208,7 @@ class _Applier:
         if existing is not None and not (existing == DIRECTORY and member.isdir()):
             self._remove(rel)
         if member.isreg() and member.size <= OFFLOAD_MAX_SIZE:
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file always has a reader
-            self._submit(rel, source.read(), member)
+            self._submit(rel, b"".join(self._data(member, tar, OFFLOAD_MAX_SIZE)), member)
             self._record(rel, OTHER)
         else:
             self._record(rel, self._create(path, member, tar))
@@ -259,12 +261,12 @@ class _Applier:
                 os.mkdir(path, 0o700)
             kind = DIRECTORY
         elif member.isreg():
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file always has a reader
             fd = os.open(path, CREATE_FLAGS, 0o600)
             try:
-                with open(fd, "wb", closefd=False) as out:
-                    shutil.copyfileobj(source, out, COPY_BUFFER)
+                for piece in self._data(member, tar, COPY_BUFFER):
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
                 self._set_file_metadata(fd, path, member)
             finally:
                 os.close(fd)
@@ -291,6 +293,25 @@ class _Applier:
             raise BadLayerError(f"entry {member.name!r} has unhandled tar type {member.type!r}")
         self._set_metadata(path, member, symlink=kind == SYMLINK)
         return kind
+
+    def _data(self, member: tarfile.TarInfo, tar: tarfile.TarFile, limit: int
+              ) -> Iterator[bytes]:
+        """A regular file's content, in pieces of at most ``limit`` bytes."""
+        if member.sparse is not None:  # GNU sparse: tarfile's reader fills in the holes
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a reader
+            while piece := source.read(limit):
+                yield piece
+            return
+        # Where tarfile left the reader after the member's headers: the data follows.
+        self._reader.seek(member.offset_data)
+        remaining = member.size
+        while remaining > 0:
+            piece = self._reader.read(min(remaining, limit))
+            if not piece:
+                raise BadLayerError(f"entry {member.name!r}: the tar ends inside its data")
+            remaining -= len(piece)
+            yield piece
 
     def _write_file(self, path: str, data: bytes, member: tarfile.TarInfo) -> None:
         fd = os.open(path, CREATE_FLAGS, 0o600)
@@ -370,12 +391,13 @@ def apply_tar(
 
     ``lowers`` are the lower layers' directories, nearest first (for missing parents).
     """
-    applier = _Applier(root, overlay, lowers)
+    reader = ForwardReader(stream)
+    applier = _Applier(root, overlay, lowers, reader)
     entries = 0
     try:
-        # tarfile's default buffer: its stream mode copies what is left of the buffer at every
-        # read, so a large one makes reading headers slow.
-        with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+        # The random-access mode over a forward-only reader rather than the stream mode: see
+        # tar_stream. Read from start to end, tarfile only seeks forward there.
+        with tarfile.open(fileobj=cast(BinaryIO, reader), mode="r:") as tar:
             for member in tar:
                 applier.apply(member, tar)
                 entries += 1

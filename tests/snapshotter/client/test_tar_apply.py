@@ -271,3 +271,29 @@ def test_an_empty_root_ends_as_a_used_root_does(tmp_path: Path, layer: str) -> N
     del expected["unrelated"]
     assert _tree(empty) == expected
     assert expected  # the layer left something to compare
+
+
+def test_a_tar_cut_inside_a_files_data_fails(tmp_path: Path) -> None:
+    whole = Tar().add("big", data=b"x" * 3000).add("next", data=b"n").stream().getvalue()
+    with pytest.raises((BadLayerError, tarfile.ReadError)):
+        apply_tar(io.BytesIO(whole[:2048]), tmp_path, overlay=False)
+
+
+def test_the_layers_stream_is_read_in_large_pieces_not_per_header(tmp_path: Path) -> None:
+    tar = Tar()
+    for number in range(300):
+        tar.add(f"f{number}", data=b"d" * 100)
+    stream = tar.stream()
+    reads = 0
+    original = stream.read
+
+    def counted(size: int = -1, /) -> bytes:
+        nonlocal reads
+        reads += 1
+        return original(size)
+
+    stream.read = counted  # type: ignore[method-assign]
+    assert apply_tar(stream, tmp_path, overlay=False) == 300
+    # 300 KiB of tar: tarfile's stream mode read it 10 KiB at a time.
+    assert reads <= 3
+    assert (tmp_path / "f299").read_bytes() == b"d" * 100
