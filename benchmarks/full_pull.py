@@ -83,7 +83,7 @@ class Sample:
     error: str = ""
 
 
-def scratch_directory() -> Path:
+def scratch_directory(parent: Path) -> Path:
     """The benchmark's top directory, marked as a top of a directory hierarchy (``chattr +T``).
 
     On ext4 with no journal (this VM's root file system), allocating an inode skips every free
@@ -94,7 +94,7 @@ def scratch_directory() -> Path:
     ``+T`` makes ext4's Orlov allocator spread the runs' directories over block groups, as it
     does below a file system's root, rather than keeping them near the parent's group.
     """
-    top = Path(tempfile.mkdtemp(prefix="lzfp", dir="/tmp"))
+    top = Path(tempfile.mkdtemp(prefix="lzfp", dir=parent))
     marked = subprocess.run(["chattr", "+T", str(top)], check=False, capture_output=True,
                             text=True)
     if marked.returncode != 0:  # not ext2/3/4, or no chattr: measured without the hint
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--scratch-dir", type=Path, default=Path("/tmp"),
+                        help="where the runs' containerd and lazysnap roots go (a file system "
+                        "of its own keeps other work's deletions out of the measurement)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     if "ctr" not in arms or any(a not in ARMS for a in arms):
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     links = {"loopback": (0.0, 0.0), "limited": (args.mbit, args.rtt_ms)}
     chosen = [name for name in args.links.split(",") if name]
     image = ensure_layouts(ensure_rootfs(), None, ["overlayfs"])["overlayfs"]
-    top = scratch_directory()
+    top = scratch_directory(args.scratch_dir)
     samples: list[Sample] = []
     tables: list[str] = []
     try:
