@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import cast
@@ -297,3 +299,26 @@ def test_the_layers_stream_is_read_in_large_pieces_not_per_header(tmp_path: Path
     # 300 KiB of tar: tarfile's stream mode read it 10 KiB at a time.
     assert reads <= 3
     assert (tmp_path / "f299").read_bytes() == b"d" * 100
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse tars")
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_files_are_filled_in(tmp_path: Path, tar_format: str) -> None:
+    """GNU sparse members (old GNU headers and PAX 1.0) go through tarfile's reader, which
+    seeks within the member: it must do so forwards only."""
+    source = tmp_path / "src"
+    source.mkdir()
+    with (source / "sparse").open("wb") as out:
+        out.seek(1 << 20)
+        out.write(b"middle")
+        out.seek(3 << 20)
+        out.write(b"end")
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(archive), "-C",
+                    str(source), "sparse"], check=True)
+    with tarfile.open(archive) as tar:
+        assert tar.getmembers()[0].sparse is not None  # really a sparse member
+    root = tmp_path / "root"
+    root.mkdir()
+    apply_tar(io.BytesIO(archive.read_bytes()), root, overlay=False)
+    assert (root / "sparse").read_bytes() == (source / "sparse").read_bytes()
