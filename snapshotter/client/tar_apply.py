@@ -14,6 +14,11 @@ This follows containerd's ``archive.Apply`` as its diff service runs it for over
 Paths never leave the root. A path whose parent is a symbolic link in this layer cannot be
 resolved here the way containerd resolves it (inside the root), so it raises
 ``UnsupportedEntryError`` and the caller lets containerd apply the layer instead.
+
+A root that is empty when the apply starts (a new snapshot's directory, the usual case) holds
+only what this apply puts there, so what is at a path is tracked rather than asked of the file
+system with ``lstat`` for every entry. Regular files get their metadata through the descriptor
+they were written with, not by path.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import shutil
 import stat
 import tarfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
+from snapshotter.client.tar_stream import ForwardReader
 from snapshotter.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ COPY_BUFFER = 1024 * 1024
 WRITER_THREADS = 4
 OFFLOAD_MAX_SIZE = 1024 * 1024  # larger files are written by the reading thread
 MAX_PENDING = 64  # files in flight, so at most 64 MiB of file data is held
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+
+# What is at a path of the root, as far as an entry's creation cares.
+DIRECTORY, SYMLINK, OTHER = "directory", "symlink", "other"
 
 
 class Readable(Protocol):
@@ -63,6 +73,17 @@ class BadLayerError(SnapshotterError):
     """A tar entry that no applier would accept (an unknown type, a link out of the layer)."""
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    return SYMLINK if stat.S_ISLNK(mode) else OTHER
+
+
+def _is_empty(root: str) -> bool:
+    with os.scandir(root) as entries:
+        return next(entries, None) is None
+
+
 def _relative(name: str) -> str:
     """``name`` cleaned and rooted, as containerd's ``filepath.Clean`` of ``/`` + name; ""
     names the root."""
@@ -70,10 +91,16 @@ def _relative(name: str) -> str:
 
 
 class _Applier:
-    def __init__(self, root: Path, overlay: bool, lowers: Sequence[Path]) -> None:
+    def __init__(
+        self, root: Path, overlay: bool, lowers: Sequence[Path], reader: ForwardReader
+    ) -> None:
         self._root = str(root)
+        self._reader = reader  # what tarfile reads: file data is read from it directly
         self._overlay = overlay
         self._lowers = [str(lower) for lower in lowers]
+        # Set for a root that was empty: then ``_made`` knows what is at every path of it.
+        self._fresh = _is_empty(self._root)
+        self._made: dict[str, str] = {}  # rel -> DIRECTORY, SYMLINK or OTHER
         self._unpacked: set[str] = set()
         self._checked_dirs: set[str] = set()  # directories of this layer already walked
         self._dirs: list[tuple[str, tarfile.TarInfo]] = []
@@ -103,6 +130,30 @@ class _Applier:
     def close(self) -> None:
         self._writers.shutdown(wait=True, cancel_futures=True)
 
+    def _lookup(self, rel: str) -> str | None:
+        """What is at ``rel`` (DIRECTORY, SYMLINK or OTHER), None for nothing."""
+        self._settle(rel)
+        if self._fresh:
+            return self._made.get(rel)
+        try:
+            return _kind(os.lstat(self._path(rel)).st_mode)
+        except FileNotFoundError:
+            return None
+
+    def _record(self, rel: str, kind: str) -> None:
+        if self._fresh:
+            self._made[rel] = kind
+
+    def _forget(self, rel: str, kind: str) -> None:
+        """``rel`` was removed, and with a directory everything below it."""
+        if not self._fresh:
+            return
+        self._made.pop(rel, None)
+        if kind == DIRECTORY:
+            prefix = rel + "/"
+            for below in [name for name in self._made if name.startswith(prefix)]:
+                del self._made[below]
+
     def _check_parent(self, rel_parent: str) -> None:
         """Refuse a parent path that goes through a symbolic link; create missing parents."""
         if not rel_parent or rel_parent in self._checked_dirs:
@@ -110,15 +161,12 @@ class _Applier:
         current = ""
         for part in rel_parent.split("/"):
             current = f"{current}/{part}" if current else part
-            self._settle(current)
-            try:
-                info = os.lstat(self._path(current))
-            except FileNotFoundError:
+            kind = self._lookup(current)
+            if kind is None:
                 self._make_parent(current)
-                continue
-            if stat.S_ISLNK(info.st_mode):
+            elif kind == SYMLINK:
                 raise UnsupportedEntryError(f"{current!r} is a symbolic link on an entry's path")
-            if not stat.S_ISDIR(info.st_mode):
+            elif kind != DIRECTORY:
                 raise BadLayerError(f"{current!r} is not a directory but holds entries")
         self._checked_dirs.add(rel_parent)
 
@@ -134,9 +182,11 @@ class _Applier:
                 os.lchown(path, info.st_uid, info.st_gid)
                 os.chmod(path, stat.S_IMODE(info.st_mode))
                 os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+                self._record(rel, DIRECTORY)
                 return
         os.mkdir(path, DEFAULT_DIR_MODE)
         os.chmod(path, DEFAULT_DIR_MODE)
+        self._record(rel, DIRECTORY)
 
     def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         rel = _relative(member.name)
@@ -154,17 +204,14 @@ class _Applier:
             self._settle(target)
             self._whiteout(target, member)
             return
-        self._settle(rel)
-        with contextlib.suppress(FileNotFoundError):
-            info = os.lstat(path)
-            if not (stat.S_ISDIR(info.st_mode) and member.isdir()):
-                self._remove(path)
+        existing = self._lookup(rel)
+        if existing is not None and not (existing == DIRECTORY and member.isdir()):
+            self._remove(rel)
         if member.isreg() and member.size <= OFFLOAD_MAX_SIZE:
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file always has a reader
-            self._submit(rel, source.read(), member)
+            self._submit(rel, b"".join(self._data(member, tar, OFFLOAD_MAX_SIZE)), member)
+            self._record(rel, OTHER)
         else:
-            self._create(path, member, tar)
+            self._record(rel, self._create(path, member, tar))
         self._unpacked.add(rel)
         if member.isdir():
             self._dirs.append((path, member))
@@ -179,43 +226,54 @@ class _Applier:
         for name in os.listdir(directory):
             rel = posixpath.join(rel_dir, name)
             if rel not in self._unpacked:
-                self._remove(self._path(rel))
+                self._remove(rel)
 
     def _whiteout(self, rel_target: str, member: tarfile.TarInfo) -> None:
         target = self._path(rel_target)
         if self._overlay:
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
             os.lchown(target, member.uid, member.gid)
+            self._record(rel_target, OTHER)
             return
-        self._remove(target)
+        self._remove(rel_target)
 
-    def _remove(self, path: str) -> None:
+    def _remove(self, rel: str) -> None:
+        path = self._path(rel)
         try:
-            info = os.lstat(path)
+            kind = _kind(os.lstat(path).st_mode)
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(info.st_mode):
+        if kind == DIRECTORY:
             self._settle_all()  # files may still be on their way into it
             shutil.rmtree(path)
             # What was walked below it is gone; rare enough to walk everything again.
             self._checked_dirs.clear()
         else:
             os.unlink(path)
+        self._forget(rel, kind)
 
-    def _create(self, path: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _create(self, path: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> str:
+        """Create the entry at ``path``; returns what it is (DIRECTORY, SYMLINK or OTHER)."""
         mode = stat.S_IMODE(member.mode)
+        kind = OTHER
         if member.isdir():
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path, 0o700)
+            kind = DIRECTORY
         elif member.isreg():
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file always has a reader
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-            fd = os.open(path, flags, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(source, out, COPY_BUFFER)
+            fd = os.open(path, CREATE_FLAGS, 0o600)
+            try:
+                for piece in self._data(member, tar, COPY_BUFFER):
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+                self._set_file_metadata(fd, path, member)
+            finally:
+                os.close(fd)
+            return kind
         elif member.issym():
             os.symlink(member.linkname, path)
+            kind = SYMLINK
         elif member.islnk():
             target = _relative(member.linkname)
             if not target:
@@ -223,36 +281,74 @@ class _Applier:
             self._check_parent(posixpath.dirname(target))
             self._settle(target)
             os.link(self._path(target), path, follow_symlinks=False)
+            # A hard link to a symbolic link is a symbolic link: _check_parent must know, and
+            # chmod must not follow it (out of the root). Hard links are few: ask.
+            kind = _kind(os.lstat(path).st_mode)
         elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | mode, os.makedev(member.devmajor, member.devminor))
+            device = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(path, device | mode, os.makedev(member.devmajor, member.devminor))
         elif member.isfifo():
             os.mkfifo(path, mode)
         else:
             raise BadLayerError(f"entry {member.name!r} has unhandled tar type {member.type!r}")
-        self._set_metadata(path, member)
+        self._set_metadata(path, member, symlink=kind == SYMLINK)
+        return kind
+
+    def _data(self, member: tarfile.TarInfo, tar: tarfile.TarFile, limit: int
+              ) -> Iterator[bytes]:
+        """A regular file's content, in pieces of at most ``limit`` bytes."""
+        if member.sparse is not None:  # GNU sparse: tarfile's reader fills in the holes
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a reader
+            while piece := source.read(limit):
+                yield piece
+            return
+        # Where tarfile left the reader after the member's headers: the data follows.
+        self._reader.seek(member.offset_data)
+        remaining = member.size
+        while remaining > 0:
+            piece = self._reader.read(min(remaining, limit))
+            if not piece:
+                raise BadLayerError(f"entry {member.name!r}: the tar ends inside its data")
+            remaining -= len(piece)
+            yield piece
 
     def _write_file(self, path: str, data: bytes, member: tarfile.TarInfo) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        self._set_metadata(path, member)
+        fd = os.open(path, CREATE_FLAGS, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._set_file_metadata(fd, path, member)
+        finally:
+            os.close(fd)
 
-    def _set_metadata(self, path: str, member: tarfile.TarInfo) -> None:
+    def _set_file_metadata(self, fd: int, path: str, member: tarfile.TarInfo) -> None:
+        """``_set_metadata`` for a regular file, through its open descriptor: no path lookups.
+        The same order: chown, xattrs (chown drops security.capability), chmod, times."""
+        os.fchown(fd, member.uid, member.gid)
+        self._set_xattrs(fd, path, member)
+        os.fchmod(fd, stat.S_IMODE(member.mode))
+        mtime_ns = int(member.mtime * 1_000_000_000)
+        os.utime(fd, ns=(_atime_ns(member, mtime_ns), mtime_ns))
+
+    def _set_metadata(self, path: str, member: tarfile.TarInfo, *, symlink: bool) -> None:
         mode = stat.S_IMODE(member.mode)
         os.lchown(path, member.uid, member.gid)
-        self._set_xattrs(path, member)
-        if not member.issym():
+        self._set_xattrs(path, path, member)
+        if not symlink:
             # After chown, which clears the set-user-ID and set-group-ID bits, also of the
             # inode a hard link shares. containerd chmods a hard link only when its target name
             # exists relative to its own working directory, which is "/" in practice.
             os.chmod(path, mode)
+        if member.isdir():
+            return  # ``finish`` sets directory times, once nothing is written into them
         mtime_ns = int(member.mtime * 1_000_000_000)
         os.utime(path, ns=(_atime_ns(member, mtime_ns), mtime_ns), follow_symlinks=False)
 
     @staticmethod
-    def _set_xattrs(path: str, member: tarfile.TarInfo) -> None:
+    def _set_xattrs(target: str | int, path: str, member: tarfile.TarInfo) -> None:
+        """``target``: ``path`` (a symbolic link is not followed) or its open descriptor."""
         for key, value in member.pax_headers.items():
             if not key.startswith(XATTR_PAX_PREFIX):
                 continue
@@ -260,7 +356,10 @@ class _Applier:
             # tarfile decodes PAX values as UTF-8 with surrogateescape: this gives the bytes back.
             data = value.encode("utf-8", "surrogateescape")
             try:
-                os.setxattr(path, name, data, follow_symlinks=False)
+                if isinstance(target, int):
+                    os.setxattr(target, name, data)
+                else:
+                    os.setxattr(target, name, data, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno not in {errno.ENOTSUP, errno.EPERM}:
                     raise
@@ -292,12 +391,13 @@ def apply_tar(
 
     ``lowers`` are the lower layers' directories, nearest first (for missing parents).
     """
-    applier = _Applier(root, overlay, lowers)
+    reader = ForwardReader(stream)
+    applier = _Applier(root, overlay, lowers, reader)
     entries = 0
     try:
-        # tarfile's default buffer: its stream mode copies what is left of the buffer at every
-        # read, so a large one makes reading headers slow.
-        with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+        # The random-access mode over a forward-only reader rather than the stream mode: see
+        # tar_stream. Read from start to end, tarfile only seeks forward there.
+        with tarfile.open(fileobj=cast(BinaryIO, reader), mode="r:") as tar:
             for member in tar:
                 applier.apply(member, tar)
                 entries += 1

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -147,3 +150,175 @@ def test_a_file_used_as_a_directory_is_a_bad_layer(tmp_path: Path) -> None:
     with pytest.raises(BadLayerError):
         apply_tar(Tar().add("f", data=b"x").add("f/g", data=b"y").stream(), tmp_path,
                   overlay=False)
+
+
+def test_a_hard_link_to_a_symbolic_link_is_not_followed_by_chmod(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    os.chmod(outside, 0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    tar = (Tar().add("s", tarfile.SYMTYPE, linkname=str(outside))
+           .add("h", tarfile.LNKTYPE, linkname="s", mode=0o777))
+    apply_tar(tar.stream(), root, overlay=False)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+    assert os.readlink(root / "h") == str(outside)
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["empty-root", "used-root"])
+def test_a_hard_link_to_a_symbolic_link_on_an_entry_path_is_left_to_containerd(
+    tmp_path: Path, fresh: bool
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    if not fresh:
+        (root / "unrelated").write_bytes(b"u")
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    tar = (Tar().add("s", tarfile.SYMTYPE, linkname=str(escape))
+           .add("h", tarfile.LNKTYPE, linkname="s").add("h/evil", data=b"x"))
+    with pytest.raises(UnsupportedEntryError):
+        apply_tar(tar.stream(), root, overlay=False)
+    assert not (escape / "evil").exists()
+
+
+class _Counted:
+    """Counts the calls of an ``os`` function whose first argument is a path (not an fd)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.paths: list[str] = []
+        original = getattr(os, name)
+
+        def counted(target: object, *args: object, **kwargs: object) -> object:
+            if not isinstance(target, int):
+                self.paths.append(os.fspath(cast(str, target)))
+            return original(target, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+
+
+def test_an_empty_root_is_not_asked_what_is_at_each_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tar = (Tar().add("etc", tarfile.DIRTYPE).add("etc/a", data=b"a").add("etc/b", data=b"b")
+           .add("usr/bin/x", data=b"x").add("etc/a", data=b"again"))
+    lstat = _Counted(monkeypatch, "lstat")
+    apply_tar(tar.stream(), tmp_path, overlay=False)
+    # Only the replaced etc/a is looked at (to remove it); before, every entry and parent was.
+    assert lstat.paths == [str(tmp_path / "etc/a")]
+    assert (tmp_path / "etc/a").read_bytes() == b"again"
+
+
+def test_regular_files_get_their_metadata_through_the_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = b"b" * (2 * 1024 * 1024)  # written by the reading thread rather than a writer
+    tar = Tar().add("small", data=b"s", mode=0o751).add("big", data=big, mode=0o640)
+    by_path = [_Counted(monkeypatch, name) for name in ("chmod", "lchown", "chown", "utime")]
+    apply_tar(tar.stream(), tmp_path, overlay=False)
+    assert [counted.paths for counted in by_path] == [[], [], [], []]
+    assert stat.S_IMODE((tmp_path / "small").stat().st_mode) == 0o751
+    assert stat.S_IMODE((tmp_path / "big").stat().st_mode) == 0o640
+    assert (tmp_path / "big").stat().st_mtime == 1_600_000_000
+    assert (tmp_path / "big").read_bytes() == big
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a tree holds: type, mode, owner, times of non-directories, contents, link targets."""
+    found: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        detail: object = None
+        if stat.S_ISLNK(info.st_mode):
+            detail = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            detail = path.read_bytes()
+        found[str(path.relative_to(root))] = (
+            stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid,
+            info.st_mtime_ns if not stat.S_ISDIR(info.st_mode) else None, detail)
+    return found
+
+
+# Layers whose entries replace or remove what earlier entries of the same layer created.
+REWRITING_LAYERS = {
+    "file-dir-file": lambda: (
+        Tar().add("x", data=b"1").add("x", tarfile.DIRTYPE).add("x/y", data=b"2")
+        .add("x", data=b"3")),
+    "directories-merge": lambda: (
+        Tar().add("d", tarfile.DIRTYPE, mode=0o700).add("d/a", data=b"a")
+        .add("d", tarfile.DIRTYPE, mode=0o750).add("d/b", data=b"b")),
+    "whiteout-then-again": lambda: (
+        Tar().add("w/sub", tarfile.DIRTYPE).add("w/sub/old", data=b"o").add(".wh.w")
+        .add("w/sub/new", data=b"n")),
+    "opaque-keeps-this-layer": lambda: (
+        Tar().add("o/deep/f", data=b"f").add("o/.wh..wh..opq").add("o/g", data=b"g")),
+    "symlink-replaced-by-directory": lambda: (
+        Tar().add("l", tarfile.SYMTYPE, linkname="/etc").add("l", tarfile.DIRTYPE)
+        .add("l/inside", data=b"i")),
+    "hard-links": lambda: (
+        Tar().add("t", data=b"t", mode=0o4755).add("h", tarfile.LNKTYPE, linkname="t")
+        .add("t", data=b"new t")),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(REWRITING_LAYERS))
+def test_an_empty_root_ends_as_a_used_root_does(tmp_path: Path, layer: str) -> None:
+    """The tracked view of an empty root gives the tree that asking the file system gives."""
+    empty, used = tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    (used / "unrelated").mkdir(parents=True)  # not empty: every path is looked up
+    apply_tar(REWRITING_LAYERS[layer]().stream(), empty, overlay=False)
+    apply_tar(REWRITING_LAYERS[layer]().stream(), used, overlay=False)
+    expected = _tree(used)
+    del expected["unrelated"]
+    assert _tree(empty) == expected
+    assert expected  # the layer left something to compare
+
+
+def test_a_tar_cut_inside_a_files_data_fails(tmp_path: Path) -> None:
+    whole = Tar().add("big", data=b"x" * 3000).add("next", data=b"n").stream().getvalue()
+    with pytest.raises((BadLayerError, tarfile.ReadError)):
+        apply_tar(io.BytesIO(whole[:2048]), tmp_path, overlay=False)
+
+
+def test_the_layers_stream_is_read_in_large_pieces_not_per_header(tmp_path: Path) -> None:
+    tar = Tar()
+    for number in range(300):
+        tar.add(f"f{number}", data=b"d" * 100)
+    stream = tar.stream()
+    reads = 0
+    original = stream.read
+
+    def counted(size: int = -1, /) -> bytes:
+        nonlocal reads
+        reads += 1
+        return original(size)
+
+    stream.read = counted  # type: ignore[method-assign]
+    assert apply_tar(stream, tmp_path, overlay=False) == 300
+    # 300 KiB of tar: tarfile's stream mode read it 10 KiB at a time.
+    assert reads <= 3
+    assert (tmp_path / "f299").read_bytes() == b"d" * 100
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse tars")
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_files_are_filled_in(tmp_path: Path, tar_format: str) -> None:
+    """GNU sparse members (old GNU headers and PAX 1.0) go through tarfile's reader, which
+    seeks within the member: it must do so forwards only."""
+    source = tmp_path / "src"
+    source.mkdir()
+    with (source / "sparse").open("wb") as out:
+        out.seek(1 << 20)
+        out.write(b"middle")
+        out.seek(3 << 20)
+        out.write(b"end")
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(archive), "-C",
+                    str(source), "sparse"], check=True)
+    with tarfile.open(archive) as tar:
+        assert tar.getmembers()[0].sparse is not None  # really a sparse member
+    root = tmp_path / "root"
+    root.mkdir()
+    apply_tar(io.BytesIO(archive.read_bytes()), root, overlay=False)
+    assert (root / "sparse").read_bytes() == (source / "sparse").read_bytes()
