@@ -90,12 +90,13 @@ class ReadPolicy:
 
         Forward only: a miss a little before the last range (a reader going backward through a
         directory) is no walk, and a doubled range plus readahead from there would fetch bytes
-        nobody asks for. A miss from the last range's last chunk on still counts, as a chunk
-        sharing a compressed member with it may start before the range's end."""
+        nobody asks for. A miss at the last chunk's own blob offset is no walk either: in a zTOC
+        layer every chunk of a span has the span's offset, and a doubled range from a file
+        earlier in that span would reach into the next span and inflate this one again."""
         base = self._config.ondemand_range
         ahead = self._readahead.get(layer.layer_id)
         if ahead is None or not (
-            ahead.last_offset <= ref.blob_offset <= ahead.end + self._config.max_gap
+            ahead.last_offset < ref.blob_offset <= ahead.end + self._config.max_gap
         ):
             return base
         return min(max(2 * ahead.window, base), self._readahead_cap())
