@@ -32,7 +32,7 @@ import shutil
 import stat
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
@@ -124,7 +124,8 @@ class _Applier:
     def _submit(self, rel: str, data: bytes, member: tarfile.TarInfo) -> None:
         while len(self._pending) >= MAX_PENDING:
             self._settle(self._order.popleft())
-        self._pending[rel] = self._writers.submit(self._write_file, self._path(rel), data, member)
+        path = self._path(rel)
+        self._pending[rel] = self._writers.submit(self._write_file, path, (data,), member)
         self._order.append(rel)
 
     def close(self) -> None:
@@ -261,15 +262,7 @@ class _Applier:
                 os.mkdir(path, 0o700)
             kind = DIRECTORY
         elif member.isreg():
-            fd = os.open(path, CREATE_FLAGS, 0o600)
-            try:
-                for piece in self._data(member, tar, COPY_BUFFER):
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
-                self._set_file_metadata(fd, path, member)
-            finally:
-                os.close(fd)
+            self._write_file(path, self._data(member, tar, COPY_BUFFER), member)
             return kind
         elif member.issym():
             os.symlink(member.linkname, path)
@@ -313,12 +306,14 @@ class _Applier:
             remaining -= len(piece)
             yield piece
 
-    def _write_file(self, path: str, data: bytes, member: tarfile.TarInfo) -> None:
+    def _write_file(self, path: str, pieces: Iterable[bytes], member: tarfile.TarInfo) -> None:
+        """Create a regular file from ``pieces`` and set its metadata through the descriptor."""
         fd = os.open(path, CREATE_FLAGS, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             self._set_file_metadata(fd, path, member)
         finally:
             os.close(fd)
