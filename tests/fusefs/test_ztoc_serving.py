@@ -171,12 +171,17 @@ async def test_a_changed_held_copy_fails_the_blob_check_never_serves_wrong_bytes
         await fetch_everything(fetcher, layer)
         assert layer.stats.held_bytes_reused > 0
         assert layer.stats.blob_verified is False
-        for offset in range(0, len(BIG), SPAN):
-            try:
-                data = await fetcher.read(layer, entry, offset, SPAN)
-            except FetchError:
-                continue  # EIO is an answer
-            assert data == BIG[offset : offset + SPAN]
+        await _every_span_reads_right_or_eio(fetcher, layer, entry)
+
+
+async def _every_span_reads_right_or_eio(fetcher: ChunkFetcher, layer: Layer, entry: int) -> None:
+    """Read the big file span by span: each read gives its true bytes or FetchError (EIO)."""
+    for offset in range(0, len(BIG), SPAN):
+        try:
+            data = await fetcher.read(layer, entry, offset, SPAN)
+        except FetchError:
+            continue  # EIO is an answer
+        assert data == BIG[offset : offset + SPAN]
 
 
 def _changed_blob() -> bytes:
@@ -250,12 +255,7 @@ async def test_a_changed_held_piece_of_a_partly_held_range_fails_the_blob_check(
         await fetch_everything(fetcher, layer)
         assert layer.stats.held_bytes_reused > 0
         assert layer.stats.blob_verified is False
-        for offset in range(0, len(BIG), SPAN):
-            try:
-                data = await fetcher.read(layer, entry, offset, SPAN)
-            except FetchError:
-                continue  # EIO is an answer
-            assert data == BIG[offset : offset + SPAN]
+        await _every_span_reads_right_or_eio(fetcher, layer, entry)
 
 
 def _span_requests(blob: FakeBlob, ztoc: ZtocLayer, name: str) -> int:
