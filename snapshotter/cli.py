@@ -45,9 +45,12 @@ def _load(name: str) -> ModuleType:
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    # A command named first needs no other command's parser: each costs about a millisecond
+    # (argparse looks up its messages' translations), before `lazysnap pull` sends its first
+    # RPC. Without one (`lazysnap`, `lazysnap --help`, a typo) all are there to be listed.
+    chosen = argv[0] if argv and argv[0] in COMMAND_MODULES else None
     module: ModuleType | None = None
-    for name in COMMAND_MODULES:
+    for name in [chosen] if chosen else COMMAND_MODULES:
         sp = sub.add_parser(name, help=COMMAND_HELP[name])
         if name == chosen:
             # Only the chosen command's module is imported and asked for its arguments.
