@@ -132,6 +132,16 @@ def pull_together(arm: Arm, references: Sequence[str],
     return [seconds for seconds, _, _, _ in done]
 
 
+def _check_tree(tree: Path, env: dict[str, str]) -> None:
+    """The arm's processes import lazysnap from ``tree``, not from another checkout."""
+    where = subprocess.run(
+        [str(PYTHON), "-c", "import snapshotter; print(snapshotter.__file__)"],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"an arm meant to run {tree} would import {where}")
+
+
 # -- phases ------------------------------------------------------------------------------------
 
 def _text_events(text: str, origin: float, who: str) -> list[tuple[float, str]]:
@@ -259,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(Arm(name, containerd))
                 continue
             tree = args.base_tree.resolve() if name == "base" else REPO
-            env = {"PYTHONPATH": str(tree)} if name == "base" else {}
+            # PYTHONSAFEPATH: `python -m` would put the working directory first on sys.path,
+            # before PYTHONPATH, so started from a checkout, the base arm ran that checkout's
+            # CLI and daemon instead of the base tree's.
+            env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
             compile_lazysnap(tree)
+            _check_tree(tree, env)
             config = top / "lazysnap.toml"
             config.write_text("[lazy]\nbackground_fetch = false\n")
             daemon = stack.enter_context(running_daemon(
