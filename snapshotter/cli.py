@@ -93,10 +93,11 @@ def exit_promptly(code: int) -> NoReturn:
     """End a short-lived command's process now that its work is done.
 
     The interpreter's own exit frees every module and object first: after ``lazysnap pull``,
-    with grpc's core, asyncio and protobuf loaded, that took 30-110 ms, longer than the pull's
-    last three RPCs together. Nothing in it is needed once the command returned: the atexit
-    handlers (``logging.shutdown`` among them) run here, stdout and stderr are flushed here,
-    and every gRPC call has been answered and its channel closed by the command. A non-daemon
+    with grpc's core, asyncio and protobuf loaded, that took a median 0.09-0.13 s on the
+    loaded 2-core test machine (benchmarks/README.md), longer than the pull's last RPCs.
+    Nothing in it is needed once the command returned: the atexit handlers
+    (``logging.shutdown`` among them) run here, stdout and stderr are flushed here, and every
+    gRPC call has been answered and its channel closed by the command. A non-daemon
     thread still running (work the interpreter would wait for), or output that cannot be
     flushed (which the interpreter reports, with exit status 120), gets the ordinary exit.
     """
