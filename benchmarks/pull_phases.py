@@ -19,8 +19,11 @@ Arms:
   measured in the same run.
 
 Printed: per arm the median, min and max wall time of the pull command and the ratio of the
-medians to stargz's; then, for the last lazysnap pull of each lazysnap arm, its phases from the
-pull's and the daemon's debug logs (seconds since the command started).
+medians to stargz's; per lazysnap arm the medians over all its pulls of the CLI's own phases
+(Resolve sent, answer logged, lease deleted, exit; the tail from the lease delete to the exit)
+and, when pulls run one at a time, of the command's CPU seconds; then, for the last lazysnap
+pull of each lazysnap arm, its phases from the pull's and the daemon's debug logs (seconds
+since the command started).
 
     sudo .venv/bin/python benchmarks/pull_phases.py --runs 8
     sudo .venv/bin/python benchmarks/pull_phases.py --runs 8 --base-tree /tmp/lazysnap-main
@@ -35,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -75,6 +79,8 @@ class Arm:
     daemon_log: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds per pull (--together 1 only)
+    cli_phases: list[dict[str, float]] = field(default_factory=list)
     last_stderr: str = ""
     last_started: float = 0.0  # wall clock (time.time) of the last pull's start
 
@@ -89,22 +95,26 @@ def _command(arm: Arm, reference: str) -> list[str]:
             str(arm.daemon_address), "--log-level", "debug"]
 
 
-def pull_once(arm: Arm, reference: str, profile: Path | None) -> tuple[float, float, str]:
-    """The pull's wall time, its start on the wall clock and its stderr."""
+def pull_once(arm: Arm, reference: str, profile: Path | None) -> tuple[float, float, str, float]:
+    """The pull's wall time, its start on the wall clock, its stderr and the CPU seconds of the
+    children reaped meanwhile (the pull's own when it is the only one running)."""
     command = _command(arm, reference)
     if profile is not None and arm.name != "stargz":
         # py-spy's collapsed stacks: one line per stack with its sample count.
         command = ["py-spy", "record", "--rate", "1000", "--format", "raw", "--output",
                    str(profile), "--", *command]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall_started = time.time()
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True,
                           timeout=STEP_TIMEOUT, check=False,
                           env={**os.environ, **arm.env})
     elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{arm.name} pull of {reference} failed: {done.stderr[-2000:]}")
-    return elapsed, wall_started, done.stderr
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return elapsed, wall_started, done.stderr, cpu
 
 
 def pull_together(arm: Arm, references: Sequence[str],
@@ -112,9 +122,24 @@ def pull_together(arm: Arm, references: Sequence[str],
     """Pull ``references`` at the same moment; each pull's wall time."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(references)) as pool:
         done = list(pool.map(lambda r, p: pull_once(arm, r, p), references, profiles))
-    arm.seconds += [seconds for seconds, _, _ in done]
-    _, arm.last_started, arm.last_stderr = done[-1]
-    return [seconds for seconds, _, _ in done]
+    arm.seconds += [seconds for seconds, _, _, _ in done]
+    if len(references) == 1:
+        arm.cpu.append(done[0][3])
+    if arm.name != "stargz":
+        arm.cli_phases += [cli_phases(stderr, started, seconds)
+                           for seconds, started, stderr, _ in done]
+    _, arm.last_started, arm.last_stderr, _ = done[-1]
+    return [seconds for seconds, _, _, _ in done]
+
+
+def _check_tree(tree: Path, env: dict[str, str]) -> None:
+    """The arm's processes import lazysnap from ``tree``, not from another checkout."""
+    where = subprocess.run(
+        [str(PYTHON), "-c", "import snapshotter; print(snapshotter.__file__)"],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"an arm meant to run {tree} would import {where}")
 
 
 # -- phases ------------------------------------------------------------------------------------
@@ -142,6 +167,24 @@ def _json_events(text: str, origin: float, who: str) -> list[tuple[float, str]]:
             events.append((stamp - origin, f"{who} {entry['logger'].rsplit('.', 1)[-1]}: "
                                            f"{entry['msg'][:110]}"))
     return events
+
+
+# The CLI's log lines that mark its phases (its debug log), by the phase's name.
+CLI_MARKS = {"sent": "resolve through the daemon", "answer": "resolved by the daemon",
+             "deleted": "lease-deleted"}
+
+
+def cli_phases(stderr: str, origin: float, seconds: float) -> dict[str, float]:
+    """A pull's phases in seconds since it started: CLI_MARKS' lines, its exit, and the tail
+    from the lease delete to the exit."""
+    found = {"exit": seconds}
+    for at, what in _text_events(stderr, origin, "cli"):
+        for name, mark in CLI_MARKS.items():
+            if mark in what:
+                found[name] = at
+    if "deleted" in found:
+        found["tail"] = seconds - found["deleted"]
+    return found
 
 
 def phases(arm: Arm) -> str:
@@ -172,6 +215,13 @@ def render(arms: Sequence[Arm]) -> str:
         rows.append(f"{arm.name:10} {len(arm.seconds):>4} {median:9.3f} "
                     f"{min(arm.seconds):7.3f} {max(arm.seconds):7.3f} {ratio:>10}")
         rows.append("  runs: " + " ".join(f"{s:.3f}" for s in arm.seconds))
+        medians = [f"{name} {statistics.median(p[name] for p in arm.cli_phases):.3f}"
+                   for name in ("sent", "answer", "deleted", "exit", "tail")
+                   if arm.cli_phases and all(name in p for p in arm.cli_phases)]
+        if arm.cpu:
+            medians.append(f"CPU {statistics.median(arm.cpu):.3f}")
+        if medians:
+            rows.append("  medians (s): " + ", ".join(medians))
     return "\n".join(rows)
 
 
@@ -219,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(Arm(name, containerd))
                 continue
             tree = args.base_tree.resolve() if name == "base" else REPO
-            env = {"PYTHONPATH": str(tree)} if name == "base" else {}
+            # PYTHONSAFEPATH: `python -m` would put the working directory first on sys.path,
+            # before PYTHONPATH, so started from a checkout, the base arm ran that checkout's
+            # CLI and daemon instead of the base tree's.
+            env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
             compile_lazysnap(tree)
+            _check_tree(tree, env)
             config = top / "lazysnap.toml"
             config.write_text("[lazy]\nbackground_fetch = false\n")
             daemon = stack.enter_context(running_daemon(

@@ -2,23 +2,23 @@
 Status, SetCredentials, PrepareAhead and Resolve, and the way back from a failed Resolve to the
 message a local pull prints.
 
-Imported before the Resolve RPC is sent, so it imports nothing of ``registry`` or trio at module
-level (see ``snapshotter.commands.pull``).
+Imported right after the Resolve RPC is sent (``client.resolve_send`` sends it without the
+generated protobuf module), so it imports nothing of ``registry`` or trio at module level (see
+``snapshotter.commands.pull``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from snapshotter._proto import daemon_pb2, daemon_pb2_grpc
+from snapshotter.client.resolve_send import DaemonCannotResolve, daemon_channel
 from snapshotter.daemon_api import (
-    MAX_RESOLVE_REQUEST_BYTES,
-    MAX_RESOLVE_RESPONSE_BYTES,
     RESOLVE_FAILURE_KEY,
     RESOLVE_RPC_TIMEOUT_SECONDS,
     ResolveAnswer,
@@ -36,31 +36,13 @@ DAEMON_RPC_TIMEOUT = 5.0  # Status, PrepareAhead: answered from memory
 IMAGE_PULLED_TIMEOUT = 0.5
 
 
-class DaemonCannotResolve(Exception):
-    """The daemon has no Resolve (an older one, or lazy pulling off): resolve locally."""
-
-
 def rpc_detail(exc: grpc.RpcError) -> str:
     return (exc.details() or "") if isinstance(exc, grpc.Call) else str(exc)
 
 
-def daemon_channel(address: str) -> grpc.Channel:
-    """The one channel to the daemon: Status, SetCredentials and Resolve share its connection.
-    A Resolve answer carries at most an index, a manifest and a config."""
-    return grpc.insecure_channel(
-        f"unix:{address}",
-        options=[
-            ("grpc.max_receive_message_length", MAX_RESOLVE_RESPONSE_BYTES),
-            ("grpc.max_send_message_length", MAX_RESOLVE_REQUEST_BYTES),
-        ],
-    )
-
-
-@contextlib.contextmanager
-def daemon_stub(address: str) -> Iterator[daemon_pb2_grpc.DaemonStub]:
-    """A stub on ``daemon_channel``. Nothing is asked yet: the first call may be the Resolve."""
-    with daemon_channel(address) as channel:
-        yield daemon_pb2_grpc.DaemonStub(channel)
+def daemon_stub_on(channel: grpc.Channel) -> daemon_pb2_grpc.DaemonStub:
+    """The stub on ``daemon_channel``, made once the Resolve is out (``client.resolve_send``)."""
+    return daemon_pb2_grpc.DaemonStub(channel)
 
 
 def check_daemon(stub: daemon_pb2_grpc.DaemonStub, address: str) -> None:
@@ -116,6 +98,17 @@ def set_credentials(
         ) from exc
 
 
+def hand_user_credentials(
+    channel: grpc.Channel, address: str, image: str, user: Callable[[], tuple[str, str]]
+) -> None:
+    """``--user``'s credentials, before the Resolve: the daemon must answer first (before
+    ``user`` may ask for the password on the terminal), then take them."""
+    stub = daemon_stub_on(channel)
+    check_daemon(stub, address)
+    name, password = user()
+    set_credentials(stub, address, user_credentials_request(image, name, password))
+
+
 def hand_docker_config_credentials(
     stub: daemon_pb2_grpc.DaemonStub, address: str, image: str
 ) -> bool:
@@ -139,6 +132,16 @@ def hand_docker_config_credentials(
 
 def resolve_request(image: str, platform: str | None) -> daemon_pb2.ResolveRequest:
     return daemon_pb2.ResolveRequest(image=image, platform=platform or "")
+
+
+def parse_resolve_reply(raw: bytes, address: str) -> daemon_pb2.ResolveResponse:
+    """The answer of ``resolve_send.send_resolve``, which the channel hands over unparsed."""
+    try:
+        return daemon_pb2.ResolveResponse.FromString(raw)
+    except DecodeError as exc:
+        raise SnapshotterError(
+            f"lazysnap daemon at {address} sent a Resolve answer that does not parse: {exc}"
+        ) from exc
 
 
 def resolved_from_proto(reply: daemon_pb2.ResolveResponse) -> ResolveAnswer:

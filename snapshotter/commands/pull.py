@@ -7,10 +7,15 @@ registries (127.0.0.1, localhost, [::1]) are spoken to over plain HTTP, as conta
 With ``--snapshotter-address`` the daemon resolves the image (``Daemon/Resolve``) with its own,
 already connected registry client and starts reading the lazy layers' TOCs at once. Most of a
 local resolution's cost is this process's start-up (trio, httpx, TLS set-up), so in that mode
-nothing of ``registry`` or trio is imported, and no configuration read, before the Resolve RPC
-is sent; the daemon's Status is asked only when the Resolve failed. The imports the unpack needs
-happen while the daemon talks to the registry; httpx, trio and a registry client come only if a
-layer's blob must be fetched (a layer that is not lazy).
+nothing of ``registry``, trio or protobuf is imported, and no configuration read, before the
+Resolve RPC is sent (``client.resolve_send``: grpc alone); the daemon's Status is asked only
+when the Resolve failed. The imports the unpack needs (``client.daemon_client`` and its
+protobuf module first) happen while the daemon talks to the registry; httpx, trio and a
+registry client come only if a layer's blob must be fetched (a layer that is not lazy).
+
+The process ends with ``os._exit`` once its output is flushed (``EXIT_PROMPTLY``, see
+``snapshotter.cli``): tearing down an interpreter that loaded grpc, asyncio and protobuf took
+longer than the pull's last three RPCs.
 """
 
 from __future__ import annotations
@@ -25,20 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from snapshotter.client.daemon_client import (
-    DaemonCannotResolve,
-    announcer,
-    check_daemon,
-    credentials_request,
-    daemon_stub,
-    hand_docker_config_credentials,
-    receive_answer,
-    resolve_request,
-    send_credentials,
-    set_credentials,
-    user_credentials_request,
-)
 from snapshotter.client.progress import LayerResult, Progress, layer_progress
+from snapshotter.client.resolve_send import DaemonCannotResolve, daemon_channel, send_resolve
 from snapshotter.commands._containerd_args import (
     add_containerd_arguments,
     add_registry_arguments,
@@ -46,7 +39,6 @@ from snapshotter.commands._containerd_args import (
     hosts_config,
     summary,
 )
-from snapshotter.daemon_api import RESOLVE_RPC_TIMEOUT_SECONDS
 from snapshotter.errors import SnapshotterError
 from snapshotter.logs import setup_logging
 
@@ -61,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "pull"
+# snapshotter.cli ends the process with os._exit once run() returned and the output is flushed.
+EXIT_PROMPTLY = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,14 +163,29 @@ def _client_setup(args: argparse.Namespace) -> ClientSetup:
 def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
     address = args.snapshotter_address
     try:
-        with daemon_stub(address) as stub:
+        with daemon_channel(address) as channel:
             if args.user:
-                check_daemon(stub, address)
-                name, password = user_password(args)
-                set_credentials(stub, address, user_credentials_request(args.image, name, password))
+                # The daemon must answer, and take the credentials, before the Resolve.
+                from snapshotter.client.daemon_client import (  # noqa: PLC0415
+                    hand_user_credentials,
+                )
+
+                hand_user_credentials(channel, address, args.image,
+                                      functools.partial(user_password, args))
             log.debug("resolve through the daemon image=%s", args.image)
+            pending = send_resolve(channel, args.image, args.platform)
+            # Only now the generated protobuf module and the rest of the client.
+            from snapshotter.client.daemon_client import (  # noqa: PLC0415 (module docstring)
+                check_daemon,
+                daemon_stub_on,
+                hand_docker_config_credentials,
+                parse_resolve_reply,
+                receive_answer,
+                resolve_request,
+            )
+
+            stub = daemon_stub_on(channel)
             resolve = resolve_request(args.image, args.platform)
-            pending = stub.Resolve.future(resolve, timeout=RESOLVE_RPC_TIMEOUT_SECONDS)
 
             def hand_credentials() -> bool:
                 # --user was handed over already; otherwise the caller's docker config may help.
@@ -184,8 +193,11 @@ def _pull_through_daemon(args: argparse.Namespace, progress: Progress) -> int:
 
             def answer() -> ResolveAnswer:
                 try:
-                    return receive_answer(stub, address, resolve, pending.result,
-                                          hand_credentials)
+                    return receive_answer(
+                        stub, address, resolve,
+                        lambda: parse_resolve_reply(pending.result(), address),
+                        hand_credentials,
+                    )
                 except SnapshotterError:
                     # Status only now: a pull that works needs no round trip more, one that
                     # failed says so when the daemon is not there at all.
@@ -258,6 +270,11 @@ async def _pull(
         host_platform,
         parse_platform,
         parse_reference,
+    )
+    from snapshotter.client.daemon_client import (  # noqa: PLC0415
+        announcer,
+        credentials_request,
+        send_credentials,
     )
     from snapshotter.client.pull import pull  # noqa: PLC0415
 

@@ -45,3 +45,35 @@ def test_the_pull_command_reaches_the_resolve_without_the_blob_fetch_modules() -
     # on-demand blob fetch (tempfile, random) is needed only after the answer.
     assert _loaded("import snapshotter.commands.pull;",
                    ("snapshotter.client.registry_blobs", "tempfile")) == []
+
+
+
+# Runs `lazysnap pull --snapshotter-address` up to the moment the Resolve leaves (send_resolve
+# replaced by a probe), and prints what of HEAVY was loaded by then.
+HEAVY = ("google.protobuf", "snapshotter._proto.daemon_pb2", "snapshotter.client.daemon_client",
+         "snapshotter.daemon.config", "registry", "trio", "httpx")
+UP_TO_THE_RESOLVE = f"""
+import sys
+import snapshotter.commands.pull as pull
+from snapshotter import cli
+
+def probe(channel, image, platform):
+    print("sent:", *(m for m in {HEAVY!r} if m in sys.modules))
+    raise SystemExit(0)
+
+pull.send_resolve = probe
+cli.main(["pull", "reg.example/app:1", "--snapshotter-address", "/nonexistent.sock", "--quiet"])
+"""
+
+
+def test_the_resolve_leaves_before_protobuf_and_the_unpack_modules_are_imported() -> None:
+    # grpc is the one heavy import left before the daemon starts to work: the generated
+    # protobuf module (about a fifth of the start-up) comes while the daemon resolves.
+    done = subprocess.run([sys.executable, "-c", UP_TO_THE_RESOLVE], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["sent:"], done.stderr
+
+
+def test_the_pull_command_module_imports_no_protobuf() -> None:
+    assert _loaded("import snapshotter.commands.pull;",
+                   ("google.protobuf", "snapshotter._proto.daemon_pb2")) == []
