@@ -157,6 +157,11 @@ def lost_requests_answered() -> int:
     return 0 if _adopted is None else _adopted.lost_answered
 
 
+def passthrough() -> Passthrough | None:
+    """The FUSE passthrough state of the live session, if the kernel accepted passthrough."""
+    return None if _adopted is None else _adopted.passthrough
+
+
 def dup_device_fd() -> int:
     """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
     holds one keeps the connection, and so the mount, alive when this process dies."""
