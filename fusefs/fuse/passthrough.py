@@ -128,8 +128,8 @@ class Passthrough:
         self.copies = 0  # backing files registered so far
         self.passthrough_opens = 0
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Copies are made in ``nursery``; without one, no file is ever passed through."""
+    def start(self, nursery: trio.Nursery | None) -> None:
+        """Copies are made in ``nursery``; without one (None: it closed), none are started."""
         self._nursery = nursery
 
     @property

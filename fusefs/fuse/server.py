@@ -144,6 +144,8 @@ class ProtocolServer:
                         await trio.lowlevel.checkpoint()  # let the READ tasks run
             finally:
                 self._nursery = None
+                if self._passthrough_wanted is not None:
+                    self._passthrough_wanted.start(None)
                 # The connection is gone: answers still being computed have nowhere to go.
                 nursery.cancel_scope.cancel()
 
