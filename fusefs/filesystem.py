@@ -86,7 +86,7 @@ class LazyFilesystem:
         adopt_fd: int | None = None,
         slot_mark: Path | None = None,
         libfuse: bool = False,
-        passthrough: bool = True,
+        passthrough: bool = False,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root instead of a directory
         ``<mountpoint>/<layer-id>``, as ``lazysnap mount --blob`` wants. ``adopt_fd``: an open

@@ -44,7 +44,8 @@ async def test_a_whole_file_is_read_through_its_backing_copy_and_overlay_mounts_
 ) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    fs = LazyFilesystem(mnt, tmp_path / "cache", single_layer=True, decoder=fake_decoder)
+    fs = LazyFilesystem(mnt, tmp_path / "cache", single_layer=True, decoder=fake_decoder,
+                        passthrough=True)
     index = FakeIndex([FakeEntry("big", content=BIG), FakeEntry("small", content=b"small\n")])
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
