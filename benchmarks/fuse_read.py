@@ -548,7 +548,7 @@ def served_mount(blob: Path, mnt: Path, cache: Path, passthrough: bool) -> Itera
 
 
 def alternate(
-    baseline: Callable[[], object], measured: Callable[[], object], runs: int = 5
+    baseline: Callable[[], object], measured: Callable[[], object], runs: int = 9
 ) -> tuple[float, float]:
     """Best of ``runs`` timings of each, taken one after the other."""
     times = [(timed(baseline), timed(measured)) for _ in range(runs)]
@@ -586,7 +586,7 @@ def passthrough_arms(work: Path, mib: int, rows: list[tuple[str, str, str, str]]
     def smalls(root: Path) -> list[Path]:
         return [root / "small" / name for name in names]
 
-    # Each arm against the plain directory measured alternately with it (best of 5 each), so
+    # Each arm against the plain directory measured alternately with it (best of 9 each), so
     # that the load of a shared machine weighs on both alike.
     big: dict[str, dict[int, tuple[float, float]]] = {}
     small: dict[str, tuple[float, float]] = {}
