@@ -240,12 +240,10 @@ def test_the_budget_drops_unused_copies_first(tmp_path: Path) -> None:
     registry = FakeRegistry()
     passthrough = _passthrough(tmp_path, files, registry, budget=2 * len(CONTENT))
 
-    def opens() -> None:
-        for inode in (2, 3):
-            passthrough.open(inode)
-            passthrough.release(inode, CACHED_FH)
-
-    _run_copies(passthrough, opens, lambda: passthrough.copies == 2)
+    for inode in (2, 3):  # one after the other, so that the backing ids are known
+        _run_copies(passthrough, lambda i=inode: passthrough.open(i),
+                    lambda i=inode: passthrough.copies == i - 1)
+        passthrough.release(inode, CACHED_FH)
     assert passthrough.open(2).backing_id == 7  # in use: 3 is the one to go
     _run_copies(passthrough, lambda: passthrough.open(4), lambda: passthrough.copies == 3)
     assert registry.closed == [8]
