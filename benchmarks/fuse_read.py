@@ -493,7 +493,6 @@ def serve_blob(blob: Path, mnt: Path, cache: Path, passthrough: bool) -> int:
     from fusefs import LazyFilesystem  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("fusefs.fuse.passthrough").setLevel(logging.DEBUG)
 
     async def main() -> None:
         local = await LocalFileBlob.open(blob)

@@ -202,8 +202,8 @@ class Passthrough:
         self._backing[inode] = _Backing(backing_id, whole.size, whole.identity)
         self._bytes += whole.size
         self.copies += 1
-        log.debug("passthrough backing file registered inode=%d size=%d backing_id=%d",
-                  inode, whole.size, backing_id)
+        log.info("passthrough backing file registered inode=%d size=%d backing_id=%d",
+                 inode, whole.size, backing_id, extra={"event": "fuse_passthrough_backing"})
 
     def _tmpfile(self) -> int:
         return os.open(self._directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
