@@ -13,10 +13,10 @@ trust: root can still write to it through ``/proc/<pid>/fd`` or the block device
 the chunk cache itself.
 
 The kernel keeps one IO mode per inode while it is open: an inode open in passthrough refuses a
-cached open (EINVAL) or another backing file (EBUSY), and an inode open in cached mode refuses a
-passthrough open (ETXTBSY). So opens are counted per inode, by mode, and RELEASE ends them: a
-file switches to passthrough only once its cached opens are all released, and keeps its backing
-id while any passthrough open lasts.
+cached open or another backing file, and an inode open in cached mode refuses a passthrough
+open; the caller's open(2) then fails with EIO. So opens are counted per inode, by mode, and
+RELEASE ends them: a file switches to passthrough only once its cached opens are all released,
+and keeps its backing id while any passthrough open lasts.
 
 Copies are made in the background after a cached open finds a file whole, for files of at least
 ``min_size`` bytes, within ``budget`` bytes; beyond it the least recently opened copies that no
