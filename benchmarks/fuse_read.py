@@ -15,7 +15,12 @@ Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a us
 * a lazy start without FUSE: every file of a stdlib slice read once, in tar order, from a blob
   20 ms away, with range coalescing vs one request per chunk;
 * the cost of metrics: cold reads of the big file with ``/metrics`` scraped at 10 Hz vs not
-  scraped, interleaved (both mounts serve ``/metrics``; ``--only-scrape`` runs just this).
+  scraped, interleaved (both mounts serve ``/metrics``; ``--only-scrape`` runs just this);
+* FUSE passthrough: warm sequential reads of the big file and warm open+read+close of many
+  small files, on a mount that does not ask for passthrough (page cache, zero-message opens)
+  and on one that does (every OPEN answered; the big file read from its verified backing copy),
+  against the plain directory (``--only-passthrough`` runs just this). Those mounts are served
+  by this script in a child process (``--serve``), since ``lazysnap mount`` has no switch.
 
 Prints a table with ratios; asserts nothing.
 """
@@ -477,6 +482,159 @@ def lazy_start(work: Path, rows: list[tuple[str, str, str, str]], rtt: float = 0
     )
 
 
+# -- FUSE passthrough ------------------------------------------------------------------------
+
+
+def serve_blob(blob: Path, mnt: Path, cache: Path, passthrough: bool) -> int:
+    """``--serve``: what ``lazysnap mount --blob --no-background-fetch`` does, with passthrough
+    chosen; logs the backing copies to stderr so that the parent can wait for them."""
+    import logging  # noqa: PLC0415
+
+    from fusefs import LazyFilesystem  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    async def main() -> None:
+        local = await LocalFileBlob.open(blob)
+        index = await load_layer_index(local)
+        fs = LazyFilesystem(mnt, cache, single_layer=True, passthrough=passthrough)
+        async with trio.open_nursery() as nursery:
+
+            async def stop() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        fs.unmount()
+                        return
+
+            async def run(*, task_status: trio.TaskStatus[None]) -> None:
+                await fs.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop)
+            await nursery.start(run)
+            await fs.attach(blob.name, local, index, background_fetch=False)
+
+    trio.run(main)
+    return 0
+
+
+@contextmanager
+def served_mount(blob: Path, mnt: Path, cache: Path, passthrough: bool) -> Iterator[Path]:
+    """A mount served by ``serve_blob`` in a child; yields the child's log."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    log = mnt.with_name(mnt.name + ".log")
+    args = [sys.executable, __file__, "--serve", str(blob), str(mnt), str(cache),
+            "on" if passthrough else "off"]
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not is_mounted(mnt) or not any(os.scandir(mnt)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mount of {blob} did not come up: {log.read_text()}")
+            time.sleep(0.02)
+        yield log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def alternate(
+    baseline: Callable[[], object], measured: Callable[[], object], runs: int = 9
+) -> tuple[float, float]:
+    """Best of ``runs`` timings of each, taken one after the other."""
+    times = [(timed(baseline), timed(measured)) for _ in range(runs)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def open_read_close(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            total += len(f.read())
+    return total
+
+
+def passthrough_arms(work: Path, mib: int, rows: list[tuple[str, str, str, str]],
+                     small_files: int = 2000) -> None:
+    plain = work / "plain-passthrough"
+    (plain / "small").mkdir(parents=True)
+    rnd = os.urandom(MiB // 2)
+    text = b"".join(b"line %08d of a moderately compressible file\n" % i for i in range(11000))
+    block = (rnd + text)[:MiB]
+    with open(plain / "big.bin", "wb") as f:
+        for i in range(mib):
+            f.write(block[i % 7 :] + block[: i % 7])
+    for i in range(small_files):
+        (plain / "small" / f"f{i:05d}").write_bytes(block[i : i + 4096])
+    tar_path = work / "passthrough.tar"
+    subprocess.run(["tar", "-C", str(plain), "-cf", str(tar_path), "big.bin", "small"],
+                   check=True)
+    blob = work / "passthrough.esgz"
+    make_estargz(tar_path.read_bytes(), blob)
+    size = mib * MiB
+    names = sorted(os.listdir(plain / "small"))
+
+    def smalls(root: Path) -> list[Path]:
+        return [root / "small" / name for name in names]
+
+    # Each arm against the plain directory measured alternately with it (best of 9 each), so
+    # that the load of a shared machine weighs on both alike.
+    big: dict[str, dict[int, tuple[float, float]]] = {}
+    small: dict[str, tuple[float, float]] = {}
+    read_all(plain / "big.bin")
+    open_read_close(smalls(plain))
+    cache = work / "cache-passthrough"
+    with served_mount(blob, work / "mnt-fill", cache, passthrough=False):
+        read_all(work / "mnt-fill" / "big.bin")  # every chunk into the disk cache
+        open_read_close(smalls(work / "mnt-fill"))
+    copies = 0
+    for arm, on in (("page cache", False), ("passthrough", True)):
+        mnt = work / f"mnt-{'on' if on else 'off'}"
+        with served_mount(blob, mnt, cache, passthrough=on) as log:
+            read_all(mnt / "big.bin")  # into the page cache; with passthrough, starts the copy
+            open_read_close(smalls(mnt))
+            if on:
+                if "passthrough=on" not in log.read_text(errors="replace"):
+                    print("this kernel does not offer FUSE passthrough", file=sys.stderr)
+                deadline = time.monotonic() + 120
+                while "backing file registered" not in log.read_text(errors="replace"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no backing copy: {log.read_text()}")
+                    time.sleep(0.05)
+                read_all(mnt / "big.bin")  # the backing copy's pages into the page cache
+                copies = log.read_text(errors="replace").count("backing file registered")
+            big[arm] = {b: alternate(lambda b=b: read_all(plain / "big.bin", b),
+                                     lambda b=b, m=mnt: read_all(m / "big.bin", b))
+                        for b in (128 * 1024, MiB)}
+            small[arm] = alternate(lambda: open_read_close(smalls(plain)),
+                                   lambda m=mnt: open_read_close(smalls(m)))
+    for arm in ("page cache", "passthrough"):
+        for b in (128 * 1024, MiB):
+            native, lazy = big[arm][b]
+            rows.append((
+                f"warm seq read {mib} MiB, {b // 1024} KiB reads, {arm} (MB/s)",
+                f"{size / lazy / 1e6:.0f}",
+                f"{size / native / 1e6:.0f} (plain dir)",
+                f"{native / lazy:.2f}",
+            ))
+        native, lazy = small[arm]
+        rows.append((
+            f"warm open+read+close {small_files} x 4 KiB, {arm} (s)",
+            f"{lazy:.3f}",
+            f"{native:.3f} (plain dir)",
+            f"{native / lazy:.2f}",
+        ))
+    rows.append(("passthrough backing copies made", str(copies), "", ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-mib", type=int, default=256)
@@ -486,19 +644,30 @@ def main() -> int:
     parser.add_argument("--only-scrape", action="store_true",
                         help="measure only the cost of /metrics scrapes on cold reads")
     parser.add_argument("--scrape-pairs", type=int, default=5)
+    parser.add_argument("--only-passthrough", action="store_true",
+                        help="measure only the warm reads with and without FUSE passthrough")
+    parser.add_argument("--serve", nargs=4, metavar=("BLOB", "MNT", "CACHE", "on|off"),
+                        help=argparse.SUPPRESS)  # the mount of a passthrough arm
     args = parser.parse_args()
+    if args.serve is not None:
+        blob, mnt, cache, passthrough = args.serve
+        return serve_blob(Path(blob), Path(mnt), Path(cache), passthrough == "on")
     if os.geteuid() != 0:
         print("needs root (FUSE mounts with allow_other)", file=sys.stderr)
         return 2
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="lazysnap-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        if not args.only_scrape:
-            big_file(work, args.big_mib, rows)
-            many_files(work, args.files, rows)
-            memory(work, args.rss_entries, rows)
-            lazy_start(work, rows)
-        scrape_overhead(work, args.big_mib, rows, pairs=args.scrape_pairs)
+        if args.only_passthrough:
+            passthrough_arms(work, args.big_mib, rows)
+        else:
+            if not args.only_scrape:
+                big_file(work, args.big_mib, rows)
+                many_files(work, args.files, rows)
+                memory(work, args.rss_entries, rows)
+                lazy_start(work, rows)
+                passthrough_arms(work, args.big_mib, rows)
+            scrape_overhead(work, args.big_mib, rows, pairs=args.scrape_pairs)
     header = ("measurement", "lazysnap", "baseline", "ratio (>1: lazysnap faster)")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, tuple("-" * w for w in widths), *rows]:

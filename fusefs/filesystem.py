@@ -86,13 +86,16 @@ class LazyFilesystem:
         adopt_fd: int | None = None,
         slot_mark: Path | None = None,
         libfuse: bool = False,
+        passthrough: bool = False,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root instead of a directory
         ``<mountpoint>/<layer-id>``, as ``lazysnap mount --blob`` wants. ``adopt_fd``: an open
         ``/dev/fuse`` connection already mounted at ``mountpoint`` to serve; this object closes it.
         ``slot_mark``: a file recording the layer slots handed out, so that a daemon serving a
         connection taken over never reuses the slot of a layer removed before it started.
-        ``libfuse``: mount and serve with pyfuse3 even as root (see ``session.serve``)."""
+        ``libfuse``: mount and serve with pyfuse3 even as root (see ``session.serve``).
+        ``passthrough``: use FUSE passthrough for files whole in the cache when the kernel
+        offers it (``fusefs.fuse.passthrough``); False: never ask for it."""
         self.mountpoint = mountpoint
         self._cache_dir = cache_dir
         self._cache_capacity = cache_capacity
@@ -114,6 +117,7 @@ class LazyFilesystem:
         self._handlers: LazyHandlers | None = None
         self._adopt_fd = adopt_fd
         self._libfuse = libfuse
+        self._passthrough = passthrough
         self._took_over = adopt_fd is not None
         self._resume = trio.Event()
         self._retired = LayerMeters()  # meters of layers detached since start
@@ -170,6 +174,7 @@ class LazyFilesystem:
                 allow_other=self._allow_other,
                 unmount_when_cancelled=self._unmount_when_stopped,
                 libfuse=self._libfuse,
+                passthrough_dir=self._cache_dir if self._passthrough else None,
                 task_status=task_status,
             )
         else:

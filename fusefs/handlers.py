@@ -24,11 +24,12 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from fusefs.accesslog import AccessLog
+from fusefs.cache import chunk_key
 from fusefs.exec_prefetch import ExecPrefetch
 from fusefs.fetcher import ChunkFetcher
 from fusefs.fuse.abi import Attributes, StatfsReply
@@ -72,6 +73,17 @@ class Opened:
 
     fh: int
     keep_cache: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WholeFile:
+    """A regular file every byte of which is in the chunk cache under a content digest:
+    ``pieces()`` yields its content from offset 0 to ``size``, each piece checked against its
+    chunk's digest as it is loaded (FUSE passthrough hands such a copy to the kernel)."""
+
+    size: int
+    pieces: Callable[[], AsyncIterator[bytes]]
+    identity: tuple[str, int]  # the layer's digest and the entry: see ``file_identity``
 
 
 # Called once per directory entry; returns False when the reply has no room for it.
@@ -358,6 +370,54 @@ class LazyHandlers:
             # later execs reach us only through their first page, in ``read``.
             self._exec_prefetch.opened(layer, entry, flags)
         return Opened(fh=inode, keep_cache=True)
+
+    def whole_file(self, inode: int) -> WholeFile | None:
+        """The content of ``inode`` if it is a regular file whose chunks all have a digest and
+        are all in the chunk cache now; None otherwise (also for unknown inodes). Plain: it
+        only looks at the index and the cache's key set."""
+        try:
+            resolved = self._resolve(inode)
+        except FuseReplyError:
+            return None
+        if resolved is None:
+            return None
+        layer, entry = resolved
+        attr = layer.index.attr(entry)
+        if attr.kind != EntryKind.REG:
+            return None
+        chunks = layer.index.chunks(entry)
+        cache = self._fetcher.cache
+        position = 0
+        for ref in chunks:
+            if ref.file_offset != position:
+                return None
+            position += ref.size
+            # A chunk without a digest is trusted only once its whole blob has been verified:
+            # not enough to hand its file to the kernel for good.
+            if not ref.zeros and (ref.digest is None or chunk_key(ref, layer.digest) not in cache):
+                return None
+        if position != attr.size:
+            return None
+        fetcher = self._fetcher
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for number, ref in enumerate(chunks):
+                # Verified bytes: the cache checks a chunk against its digest on every load.
+                data = await fetcher.chunk(layer, entry, chunks, number)
+                if len(data) != ref.size:
+                    raise ValueError(f"chunk {number} of entry {entry} has a wrong size")
+                yield data
+
+        return WholeFile(size=attr.size, pieces=pieces, identity=(layer.digest, entry))
+
+    def file_identity(self, inode: int) -> tuple[str, int] | None:
+        """Which file ``inode`` names now, (layer digest, entry); None if none. A copy made for
+        an inode is only ever handed out while the inode still names the same file."""
+        try:
+            resolved = self._resolve(inode)
+        except FuseReplyError:
+            return None
+        return None if resolved is None else (resolved[0].digest, resolved[1])
 
     @_read_boundary
     async def read(self, fh: int, offset: int, size: int) -> bytes:

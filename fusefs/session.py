@@ -24,6 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from fusefs.fuse.passthrough import DeviceBackingRegistry, Passthrough
 from fusefs.fuse.server import DEFAULT_MAX_TASKS, ProtocolServer
 from fusefs.handlers import LazyHandlers
 from fusefs.pyfuse3_operations import Pyfuse3Operations
@@ -77,6 +78,7 @@ async def serve(
     max_tasks: int = PYFUSE3_MAX_TASKS,
     unmount_when_cancelled: Callable[[], bool] = lambda: True,
     libfuse: bool = False,
+    passthrough_dir: Path | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount at ``mountpoint`` and serve requests until unmounted or cancelled. When cancelled,
@@ -85,7 +87,9 @@ async def serve(
 
     As root the mount is made without libfuse and served by our protocol server from INIT on:
     it asks the kernel to cache directory listings and to open files without a round trip,
-    which pyfuse3 cannot. Otherwise, or with ``libfuse``, pyfuse3 mounts and serves."""
+    which pyfuse3 cannot. Otherwise, or with ``libfuse``, pyfuse3 mounts and serves.
+    ``passthrough_dir``: where copies for FUSE passthrough go, if the kernel offers it (our
+    protocol server only); None: no passthrough."""
     if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session (pyfuse3 allows one)")
     if not libfuse and os.geteuid() == 0:
@@ -94,9 +98,16 @@ async def serve(
         except PermissionError as exc:  # root without CAP_SYS_ADMIN: fusermount3 may still work
             log.warning("fuse mount without libfuse refused, using libfuse error=%r", exc)
         else:
+            passthrough = None
+            if passthrough_dir is not None:
+                passthrough = Passthrough(
+                    DeviceBackingRegistry(fd), handlers.whole_file, handlers.file_identity,
+                    passthrough_dir,
+                )
             await _serve_protocol(
                 handlers, fd, mountpoint, answer_lost=False,
-                unmount_when_cancelled=unmount_when_cancelled, task_status=task_status,
+                unmount_when_cancelled=unmount_when_cancelled, passthrough=passthrough,
+                task_status=task_status,
             )
             return
     await _serve_pyfuse3(
@@ -146,6 +157,11 @@ def lost_requests_answered() -> int:
     return 0 if _adopted is None else _adopted.lost_answered
 
 
+def passthrough() -> Passthrough | None:
+    """The FUSE passthrough state of the live session, if the kernel accepted passthrough."""
+    return None if _adopted is None else _adopted.passthrough
+
+
 def dup_device_fd() -> int:
     """A duplicate of the live session's ``/dev/fuse`` fd, which the caller closes. Whoever
     holds one keeps the connection, and so the mount, alive when this process dies."""
@@ -184,11 +200,13 @@ async def _serve_protocol(
     answer_lost: bool,
     unmount_when_cancelled: Callable[[], bool],
     max_tasks: int = DEFAULT_MAX_TASKS,
+    passthrough: Passthrough | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``fd`` served by our protocol server; ``answer_lost`` for a connection taken over."""
     global _adopted
-    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=answer_lost)
+    server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=answer_lost,
+                            passthrough=passthrough)
     _adopted = server
     unmounted_outside = False
     try:

@@ -32,6 +32,9 @@ _XATTR_OUT = struct.Struct("=II")  # fuse_getxattr_out
 _GETXATTR_IN = struct.Struct("=II")  # fuse_getxattr_in
 _READ_IN = struct.Struct("=QQIIQII")  # fuse_read_in
 _OPEN_IN = struct.Struct("=II")  # fuse_open_in
+_RELEASE_IN = struct.Struct("=QIIQ")  # fuse_release_in
+_BACKING_MAP = struct.Struct("=iIQ")  # fuse_backing_map, the argument of BACKING_OPEN
+_BACKING_ID = struct.Struct("=I")  # the argument of BACKING_CLOSE
 _FORGET_IN = struct.Struct("=Q")  # fuse_forget_in
 _BATCH_FORGET_IN = struct.Struct("=II")  # fuse_batch_forget_in
 _FORGET_ONE = struct.Struct("=QQ")  # fuse_forget_one
@@ -117,6 +120,8 @@ FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
 FOPEN_NONSEEKABLE: Final = 1 << 2
 FOPEN_CACHE_DIR: Final = 1 << 3  # the kernel keeps the directory's listing in its page cache
+# Reads (and mmap) of the file go straight to the backing file named by backing_id (7.40).
+FOPEN_PASSTHROUGH: Final = 1 << 7
 
 # fuse_init_in/out.flags
 FUSE_ASYNC_READ: Final = 1 << 0
@@ -127,6 +132,18 @@ FUSE_PARALLEL_DIROPS: Final = 1 << 18
 FUSE_MAX_PAGES: Final = 1 << 22
 FUSE_CACHE_SYMLINKS: Final = 1 << 23
 FUSE_NO_OPENDIR_SUPPORT: Final = 1 << 24
+FUSE_INIT_EXT: Final = 1 << 30  # the flags2 words of fuse_init_in/out are meaningful
+# The bits of flags2, shifted up by 32 as ``InitIn.flags`` holds them.
+FUSE_PASSTHROUGH: Final = 1 << 37  # files may be opened onto a backing file (Linux 6.9)
+
+# The kernel's FILESYSTEM_MAX_STACK_DEPTH: overlayfs refuses a layer whose filesystem already
+# sits at it. A passthrough mount claims a depth at least one above its backing files'.
+FILESYSTEM_MAX_STACK_DEPTH: Final = 2
+
+# ioctls on the /dev/fuse fd (magic 229): _IOW(229, 1, struct fuse_backing_map) and
+# _IOW(229, 2, uint32_t). _IOW(type, nr, size) = 1 << 30 | size << 16 | type << 8 | nr.
+FUSE_DEV_IOC_BACKING_OPEN: Final = 1 << 30 | _BACKING_MAP.size << 16 | 229 << 8 | 1
+FUSE_DEV_IOC_BACKING_CLOSE: Final = 1 << 30 | _BACKING_ID.size << 16 | 229 << 8 | 2
 
 # fuse_out_header.error of a notification (unique 0)
 NOTIFY_INVAL_ENTRY: Final = 3
@@ -264,8 +281,19 @@ def encode_attr_out(a: Attributes) -> bytes:
     return _ATTR_OUT_HEAD.pack(attr_sec, attr_nsec, 0) + encode_attr(a)
 
 
-def encode_open_out(fh: int, open_flags: int) -> bytes:
-    return _OPEN_OUT.pack(fh, open_flags, 0)
+def encode_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
+    """fuse_open_out; ``backing_id`` only counts with FOPEN_PASSTHROUGH."""
+    return _OPEN_OUT.pack(fh, open_flags, backing_id)
+
+
+def encode_backing_map(fd: int) -> bytes:
+    """The argument of FUSE_DEV_IOC_BACKING_OPEN: the fd of the file to register."""
+    return _BACKING_MAP.pack(fd, 0, 0)
+
+
+def encode_backing_id(backing_id: int) -> bytes:
+    """The argument of FUSE_DEV_IOC_BACKING_CLOSE."""
+    return _BACKING_ID.pack(backing_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +397,13 @@ def parse_open_in(body: bytes | memoryview) -> int:
     return int(flags)
 
 
+def parse_release_in(body: bytes | memoryview) -> int:
+    """fuse_release_in.fh: the handle the OPEN reply gave the file."""
+    _need(body, _RELEASE_IN.size, "fuse_release_in")
+    fh, _flags, _release_flags, _lock_owner = _RELEASE_IN.unpack_from(body)
+    return int(fh)
+
+
 def parse_getxattr_in(body: bytes | memoryview) -> tuple[int, bytes]:
     """(size, name) of GETXATTR; LISTXATTR carries the same struct without a name."""
     _need(body, _GETXATTR_IN.size, "fuse_getxattr_in")
@@ -423,11 +458,13 @@ def parse_init_in(body: bytes | memoryview) -> InitIn:
 
 def encode_init_out(
     *, minor: int, max_readahead: int, flags: int, max_write: int, max_pages: int,
-    time_gran: int = 1,
+    time_gran: int = 1, max_stack_depth: int = 0,
 ) -> bytes:
+    """fuse_init_out. ``flags`` above bit 31 go to flags2, which the kernel reads only with
+    FUSE_INIT_EXT in ``flags``; ``max_stack_depth`` (7.40) only counts with FUSE_PASSTHROUGH."""
     return _INIT_OUT.pack(
         KERNEL_VERSION, minor, max_readahead, flags & 0xFFFFFFFF, 0, 0, max_write, time_gran,
-        max_pages, 0, flags >> 32, 0, 0, 0, 0, 0, 0, 0,
+        max_pages, 0, flags >> 32, max_stack_depth, 0, 0, 0, 0, 0, 0,
     )
 
 

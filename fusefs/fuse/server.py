@@ -5,8 +5,9 @@ FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per 
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
 ``snapshotter.daemon.keeper``, therefore reads and answers requests here. As root it also
 serves fresh mounts from INIT on, because it can ask the kernel for what pyfuse3 cannot:
-cached directory listings and files opened without a round trip. It calls
-``fusefs.handlers`` directly and never imports pyfuse3.
+cached directory listings and files opened without a round trip, or, when asked and the kernel
+offers it, FUSE passthrough (``fusefs.fuse.passthrough``). It calls ``fusefs.handlers``
+directly and never imports pyfuse3.
 
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
@@ -32,6 +33,7 @@ import trio
 
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
+from fusefs.fuse.passthrough import MAX_STACK_DEPTH, Passthrough
 from fusefs.handlers import WRITE_OPERATIONS, DirectoryEntrySink, FuseReplyError, Opened
 
 log = logging.getLogger(__name__)
@@ -94,10 +96,11 @@ class ProtocolServer:
 
     def __init__(
         self, handlers: RequestHandlers, fd: int, *, max_tasks: int = DEFAULT_MAX_TASKS,
-        answer_lost: bool = False,
+        answer_lost: bool = False, passthrough: Passthrough | None = None,
     ) -> None:
         """``answer_lost``: the connection was served by a process that died; release the
-        requests it had read and not answered (see ``_answer_lost``)."""
+        requests it had read and not answered (see ``_answer_lost``). ``passthrough``: take FUSE
+        passthrough if the kernel offers it at INIT (``fusefs.fuse.passthrough``)."""
         self._handlers = handlers
         self._fd = fd
         self._answer_lost_pending = answer_lost
@@ -108,6 +111,9 @@ class ProtocolServer:
         # Whether the kernel said in INIT that it opens files without asking us. Unknown on a
         # connection taken over (we never see its INIT): then every OPEN is answered.
         self.zero_message_open = False
+        self._passthrough_wanted = passthrough
+        # Set at INIT when the kernel accepted passthrough; then every OPEN is answered.
+        self.passthrough: Passthrough | None = None
 
     @property
     def fd(self) -> int:
@@ -119,6 +125,8 @@ class ProtocolServer:
         buffer = bytearray(BUFFER_SIZE)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._passthrough_wanted is not None:
+                self._passthrough_wanted.start(nursery)
             task_status.started()
             try:
                 while True:
@@ -137,6 +145,8 @@ class ProtocolServer:
                         await trio.lowlevel.checkpoint()  # let the READ tasks run
             finally:
                 self._nursery = None
+                if self._passthrough_wanted is not None:
+                    self._passthrough_wanted.start(None)
                 # The connection is gone: answers still being computed have nowhere to go.
                 nursery.cancel_scope.cancel()
 
@@ -238,6 +248,8 @@ class ProtocolServer:
                 return kp.reply(unique, handlers.readlink(h.nodeid))
             case Opcode.OPEN:
                 opened = handlers.open(h.nodeid, kp.parse_open_in(body))
+                if self.passthrough is not None and opened.keep_cache:
+                    return self._open_reply(unique, h.nodeid)
                 if self.zero_message_open and opened.keep_cache:
                     # The kernel then opens every file without an OPEN, a FLUSH or a RELEASE,
                     # and keeps their page cache: three round trips less per file.
@@ -267,6 +279,9 @@ class ProtocolServer:
             case Opcode.ACCESS:
                 handlers.access(h.nodeid, kp.parse_access_in(body))
                 return kp.reply(unique)
+            case Opcode.RELEASE if self.passthrough is not None:
+                self.passthrough.release(h.nodeid, kp.parse_release_in(body))
+                return kp.reply(unique)
             case Opcode.RELEASE | Opcode.RELEASEDIR | Opcode.DESTROY:
                 return kp.reply(unique)  # handles are inode numbers: nothing to free
             case Opcode.FLUSH:
@@ -275,13 +290,32 @@ class ProtocolServer:
                 raise FuseReplyError(errno.ENOSYS)
             case Opcode.INIT:
                 init = kp.parse_init_in(body)
-                reply = _init_reply(init)
-                self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
+                use_passthrough = self._passthrough_wanted is not None and _offers_passthrough(init)
+                reply = _init_reply(init, passthrough=use_passthrough)
+                if use_passthrough:
+                    # Passthrough is decided at OPEN, so OPEN must keep coming: no
+                    # zero-message opens on this connection.
+                    self.passthrough = self._passthrough_wanted
+                else:
+                    self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
+                log.info("fuse init major=%d minor=%d passthrough=%s", init.major, init.minor,
+                         _passthrough_state(self._passthrough_wanted, init))
                 return kp.reply(unique, reply)
             case opcode if opcode in _WRITES:
                 raise FuseReplyError(errno.EROFS)
             case _:
                 raise FuseReplyError(errno.ENOSYS)
+
+    def _open_reply(self, unique: int, inode: int) -> bytes:
+        """A file of a passthrough connection: onto its verified copy when it has one and no
+        cached open of it is left, otherwise from the page cache (``fusefs.fuse.passthrough``)."""
+        assert self.passthrough is not None
+        opening = self.passthrough.open(inode)
+        if opening.backing_id is None:
+            return kp.reply(unique, kp.encode_open_out(opening.fh, kp.FOPEN_KEEP_CACHE))
+        return kp.reply(
+            unique, kp.encode_open_out(opening.fh, kp.FOPEN_PASSTHROUGH, opening.backing_id)
+        )
 
     def _listing(self, read: kp.ReadIn, *, plus: bool) -> bytes:
         pieces: list[bytes] = []
@@ -356,15 +390,30 @@ def _sized(value: bytes, size: int) -> bytes:
     return value
 
 
-def _init_reply(init: kp.InitIn) -> bytes:
+def _offers_passthrough(init: kp.InitIn) -> bool:
+    """Whether the kernel offers FUSE passthrough: Linux 6.9+ built with it. Debian 12's 6.1
+    offers no such bit, and a kernel without FUSE_INIT_EXT has no flags2 at all."""
+    return bool(init.flags & kp.FUSE_INIT_EXT and init.flags & kp.FUSE_PASSTHROUGH)
+
+
+def _passthrough_state(wanted: Passthrough | None, init: kp.InitIn) -> str:
+    if wanted is None:
+        return "off"
+    return "on" if _offers_passthrough(init) else "unavailable"
+
+
+def _init_reply(init: kp.InitIn, *, passthrough: bool = False) -> bytes:
     if init.major != kp.KERNEL_VERSION or init.minor < kp.KERNEL_MINOR_VERSION:
         # The struct sizes we write need 7.31 or later; an older kernel is refused.
         raise FuseReplyError(errno.EPROTO)
-    log.info("fuse init major=%d minor=%d", init.major, init.minor)
+    flags = init.flags & _INIT_FLAGS
+    if passthrough:
+        flags |= kp.FUSE_INIT_EXT | kp.FUSE_PASSTHROUGH
     return kp.encode_init_out(
         minor=kp.KERNEL_MINOR_VERSION,
         max_readahead=init.max_readahead,
-        flags=init.flags & _INIT_FLAGS,
+        flags=flags,
         max_write=MAX_WRITE,
         max_pages=MAX_PAGES,
+        max_stack_depth=MAX_STACK_DEPTH if passthrough else 0,
     )

@@ -27,6 +27,7 @@ DEFAULT_READ_DEADLINE = 20.0
 # retries: the read could only wait on an answer that will not come.
 MAX_READ_DEADLINE = 600.0
 DEFAULT_LONG_READ_BYTES = 24 << 20
+FUSE_PASSTHROUGH_MODES = ("auto", "off")
 
 
 class ConfigError(Exception):
@@ -59,6 +60,14 @@ class LazyConfig:
     # libraries, and theirs, down to this depth, this many files at a time (0: off).
     exec_prefetch_depth: int = 2
     exec_prefetch_concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    # "auto": take FUSE passthrough when the kernel offers it (Linux >= 6.9), so files whole and
+    # verified in the cache are read from a backing copy at native speed, at the price of an
+    # OPEN and a RELEASE round trip per open; "off": never ask, files open without a round trip.
+    passthrough: str = "off"
 
 
 # The console script installed with lazysnap (pyproject.toml). Kata's shim recognises the mount
@@ -165,6 +174,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -220,7 +230,7 @@ def _seconds(value: object, name: str, most: float) -> float:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry",
-             "metrics", "index"}
+             "metrics", "index", "fuse"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -258,7 +268,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, metrics=_parse_metrics(_expect(data, "metrics", dict, "")))
     if "index" in data:
         config = replace(config, index=_parse_index(_expect(data, "index", dict, "")))
+    if "fuse" in data:
+        config = replace(config, fuse=_parse_fuse(_expect(data, "fuse", dict, "")))
     return config
+
+
+def _parse_fuse(table: Mapping[str, Any]) -> FuseConfig:
+    _only_keys(table, "fuse", ("passthrough",))
+    fuse = FuseConfig()
+    if "passthrough" in table:
+        fuse = replace(fuse, passthrough=_choice(
+            _expect(table, "passthrough", str, "fuse."), FUSE_PASSTHROUGH_MODES,
+            "fuse.passthrough",
+        ))
+    return fuse
 
 
 def _parse_index(table: Mapping[str, Any]) -> IndexConfig:

@@ -304,7 +304,8 @@ async def _start_lazy(
                             cache_capacity=config.lazy.cache_capacity,
                             config=read_path_config(config.lazy),
                             adopt_fd=None if handover is None else handover.fd,
-                            slot_mark=layout.slot_mark)
+                            slot_mark=layout.slot_mark,
+                            passthrough=config.fuse.passthrough == "auto")
     except SlotMarkError as exc:
         # Serving the running containers' connection without it could give a removed layer's
         # inode numbers to another layer; stop here for the operator instead.

@@ -12,6 +12,7 @@ pull of the plain image gives.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -259,6 +260,31 @@ def test_converted_image_runs_lazily_and_reads_like_overlayfs(
 
     everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", READ_EVERYTHING)
     assert tree(everything) == overlayfs_tree
+
+
+def test_containers_run_on_a_passthrough_mount_and_read_like_overlayfs(
+    short_tmp: Path,
+    converted: dict[str, ConvertedImage],
+    overlayfs_tree: list[str],
+) -> None:
+    """``[fuse] passthrough = "auto"``: containerd's overlayfs mounts over the FUSE mount (the
+    stack depth it claims leaves room), and busybox, 1.9 MiB, whole in the cache once its first
+    exec fetched it, is executed again and again from its backing copy; every file's sha256 is
+    still overlayfs's."""
+    with lazy_stack(short_tmp, background_fetch=False,
+                    config_text='[fuse]\npassthrough = "auto"\n') as (daemon, containerd):
+        image = converted["estargz"]
+        _pull(containerd, image.reference)
+        if "passthrough=on" not in daemon.log():
+            pytest.skip(f"the kernel ({os.uname().release}) did not offer FUSE passthrough "
+                        "(needs Linux >= 6.9 built with CONFIG_FUSE_PASSTHROUGH)")
+        assert _run(containerd, image.reference, "small", "/bin/cat", "/etc/hello") == (
+            HELLO.decode())
+        everything = _run(containerd, image.reference, "all", "/bin/sh", "-c", READ_EVERYTHING)
+        assert tree(everything) == overlayfs_tree
+        assert "passthrough backing file registered" in daemon.log()
+        again = _run(containerd, image.reference, "again", "/bin/sh", "-c", READ_EVERYTHING)
+        assert tree(again) == overlayfs_tree
 
 
 def test_plain_gzip_image_pulled_with_lazysnap_still_runs(

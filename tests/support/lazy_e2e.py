@@ -95,16 +95,18 @@ def tree_after_overlayfs_pull(reference: str) -> list[str]:
 
 @contextlib.contextmanager
 def lazy_stack(
-    workdir: Path, *, background_fetch: bool = True
+    workdir: Path, *, background_fetch: bool = True, config_text: str = ""
 ) -> Iterator[tuple[Daemon, RunningContainerd]]:
     """lazysnap and containerd 1.6 with lazysnap as its proxy snapshotter. Without background
-    fetch the registry serves only what containers read."""
+    fetch the registry serves only what containers read. ``config_text``: more of the daemon's
+    configuration file (whole tables)."""
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     extra_args: list[str] = []
-    if not background_fetch:
+    if not background_fetch or config_text:
         config = workdir / "lazysnap.toml"
-        config.write_text("[lazy]\nbackground_fetch = false\n")
+        lazy = "" if background_fetch else "[lazy]\nbackground_fetch = false\n"
+        config.write_text(lazy + config_text)
         extra_args = ["--config", str(config)]
     with running_daemon(workdir / "d", extra_args=extra_args) as daemon, \
             run_containerd(workdir / "c", daemon.address) as containerd:

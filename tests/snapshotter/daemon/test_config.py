@@ -260,3 +260,16 @@ def test_index_defaults_are_lazysnap_index_s() -> None:
 
     assert Config().index.min_layer_size == DEFAULT_MIN_LAYER_SIZE
     assert Config().index.span_size == IndexOptions().span_size
+
+
+def test_fuse_passthrough_is_off_by_default_and_takes_auto(tmp_path: Path) -> None:
+    assert Config().fuse.passthrough == "off"
+    path = tmp_path / "config.toml"
+    path.write_text('[fuse]\npassthrough = "AUTO"\n')
+    assert load_config(path).fuse.passthrough == "auto"
+    for bad in ('passthrough = "on"', "passthrough = true", 'passthru = "auto"'):
+        path.write_text(f"[fuse]\n{bad}\n")
+        with pytest.raises(ConfigError, match=r"fuse\.pass"):
+            load_config(path)
+    table = (REPO / "docs" / "config.md").read_text()
+    assert "| `fuse.passthrough` | `off` |" in table
