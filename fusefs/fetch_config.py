@@ -56,6 +56,14 @@ class FetchConfig:
     # libraries, its imports); background ranges then only queue ahead of them. A scan, a build
     # or read-everything is past 24 MiB soon, and background fetch joins it then. 0: time alone.
     long_read_bytes: int = 24 * MiB
+    # For this long after a reader waited on the link, background fetch of all layers together
+    # keeps one range of at most ``yield_range`` bytes in flight (0: off). A compiler or a
+    # program starting up pauses for longer than ``quiet_period`` between its misses (more so on
+    # a loaded machine), and eight 2 MiB background ranges started in such a pause held the link
+    # for about 1.3 s at 100 Mbit/s: every miss after it queued behind them (issue 13, gcc).
+    # One small range at a time costs a miss at most about that range's time on the link.
+    background_yield: float = 3.0
+    yield_range: int = 512 * 1024
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
     # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
     # of many small files, and each would otherwise inflate it again.
@@ -89,6 +97,8 @@ class FetchConfig:
             raise ValueError("read_deadline must be positive, foreign_flight_patience >= 0")
         if self.long_read_bytes < 0:
             raise ValueError("long_read_bytes must be >= 0")
+        if self.background_yield < 0 or self.yield_range < 1:
+            raise ValueError("background_yield must be >= 0, yield_range positive")
         if min(self.exec_prefetch_depth, self.exec_prefetch_concurrency,
                self.exec_prefetch_files) < 0:
             raise ValueError("exec_prefetch_depth, _concurrency and _files must be >= 0")

@@ -66,6 +66,7 @@ def read_path_config(lazy: LazyConfig) -> FetchConfig:
     return FetchConfig(
         read_deadline=lazy.read_deadline,
         long_read_bytes=lazy.long_read_bytes,
+        background_yield=lazy.background_yield,
         exec_prefetch_depth=lazy.exec_prefetch_depth,
         exec_prefetch_concurrency=lazy.exec_prefetch_concurrency,
     )

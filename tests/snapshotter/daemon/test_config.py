@@ -260,3 +260,17 @@ def test_index_defaults_are_lazysnap_index_s() -> None:
 
     assert Config().index.min_layer_size == DEFAULT_MIN_LAYER_SIZE
     assert Config().index.span_size == IndexOptions().span_size
+
+
+def test_background_yield_from_the_file_reaches_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert Config().lazy.background_yield == FetchConfig().background_yield == 3.0
+    path = tmp_path / "config.toml"
+    for text, expected in (("0", 0.0), ("1.5", 1.5), ("10", 10.0)):
+        path.write_text(f"[lazy]\nbackground_yield = {text}\n")
+        assert read_path_config(load_config(path).lazy).background_yield == expected
+    for bad in ("-1", "601", "true", '"3s"'):
+        path.write_text(f"[lazy]\nbackground_yield = {bad}\n")
+        with pytest.raises(ConfigError, match=r"lazy\.background_yield: expected seconds"):
+            load_config(path)
