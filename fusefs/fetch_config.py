@@ -37,6 +37,11 @@ class FetchConfig:
     # big file read from the start, gets each next range twice as large, up to this. The range
     # after it is requested before the reader gets there, like the kernel's readahead.
     readahead_max_range: int = 8 * MiB
+    # A miss within this many blob bytes of one of the layer's last few misses fetches the small
+    # files around the two, at most ``nearby_fetch_max`` compressed bytes (0: off). Startup
+    # benchmark, gcc: eight C headers missed one round trip apiece, all within 630 KB.
+    nearby_span: int = 512 * 1024
+    nearby_fetch_max: int = 1 * MiB
     background_range: int = 2 * MiB
     background_concurrency: int = 4
     # Background fetch starts a new range only after no reader has waited on the link for this
@@ -97,6 +102,8 @@ class FetchConfig:
             raise ValueError("read_deadline must be positive, foreign_flight_patience >= 0")
         if self.long_read_bytes < 0:
             raise ValueError("long_read_bytes must be >= 0")
+        if self.nearby_span < 0 or self.nearby_fetch_max < 0:
+            raise ValueError("nearby_span and nearby_fetch_max must be >= 0")
         if self.background_yield < 0 or self.yield_range < 1:
             raise ValueError("background_yield must be >= 0, yield_range positive")
         if min(self.exec_prefetch_depth, self.exec_prefetch_concurrency,

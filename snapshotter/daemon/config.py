@@ -62,6 +62,9 @@ class LazyConfig:
     # (a compiler) finds the link nearly free. 0: off (background ranges at full concurrency
     # after each quiet period).
     background_yield: float = DEFAULT_BACKGROUND_YIELD
+    # A read miss close (in the layer blob) to a recent one fetches the small files around the
+    # two: a package's headers or a compiler's startup objects, read in no blob order.
+    nearby_fetch: bool = True
     # Exec-aware prefetch: a program being started is fetched whole with its loader and
     # libraries, and theirs, down to this depth, this many files at a time (0: off).
     exec_prefetch_depth: int = 2
@@ -349,10 +352,10 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     _only_keys(table, "lazy", ("enabled", "background_fetch", "cache_capacity",
                                "keep_mounted_on_stop", "read_deadline", "long_read_bytes",
-                               "background_yield", "exec_prefetch_depth",
+                               "background_yield", "nearby_fetch", "exec_prefetch_depth",
                                "exec_prefetch_concurrency"))
     lazy = LazyConfig()
-    for key in ("enabled", "background_fetch", "keep_mounted_on_stop"):
+    for key in ("enabled", "background_fetch", "keep_mounted_on_stop", "nearby_fetch"):
         if key in table:
             lazy = replace(lazy, **{key: _expect(table, key, bool, "lazy.")})
     if "cache_capacity" in table:
