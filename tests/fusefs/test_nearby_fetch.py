@@ -12,7 +12,7 @@ from fusefs.fetcher import ChunkFetcher
 from fusefs.index import EntryKind
 from fusefs.layer import Layer
 from tests.fusefs.test_fetcher import fetcher_for, small_files
-from tests.integration.fuse_support import FakeEntry, FakeIndex, trio_test
+from tests.integration.fuse_support import FakeBlob, FakeEntry, FakeIndex, trio_test
 
 KiB = 1024
 
@@ -98,3 +98,33 @@ async def test_nearby_span_zero_turns_it_off(tmp_path: Path) -> None:
         before = len(blob.requests)
         await _read(fetcher, layer, index, "d/f25")
         assert len(blob.requests) == before + 1
+
+
+class _TimedBlob(FakeBlob):
+    """Requests take a little while; records (start, end, offset) of each."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.spans: list[tuple[float, float, int]] = []
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        start = trio.current_time()
+        await trio.sleep(0.02)
+        data = await super().read_at(offset, length)
+        self.spans.append((start, trio.current_time(), offset))
+        return data
+
+
+@trio_test
+async def test_nearby_ranges_wait_for_the_miss_that_started_them(tmp_path: Path) -> None:
+    # Started together, they would share the link with the reader's own range.
+    index = FakeIndex(small_files(60, 3000))
+    blob = _TimedBlob(index.blob_bytes)
+    async with fetcher_for(tmp_path, index, blob, **_SETTINGS) as (fetcher, layer, _):
+        await _read(fetcher, layer, index, "d/f30")
+        await _read(fetcher, layer, index, "d/f20")
+        await _settle(fetcher)
+        miss = index.chunks(index.by_path["d/f20"])[0].blob_offset
+        miss_end = next(end for _, end, offset in blob.spans if offset == miss)
+        nearby = blob.spans[2:]
+        assert nearby and all(start >= miss_end for start, _, _ in nearby)
