@@ -38,9 +38,12 @@ class FetchConfig:
     # after it is requested before the reader gets there, like the kernel's readahead.
     readahead_max_range: int = 8 * MiB
     # A miss within this many blob bytes of one of the layer's last few misses fetches the small
-    # files around the two, at most ``nearby_fetch_max`` compressed bytes (0: off). Startup
-    # benchmark, gcc: eight C headers missed one round trip apiece, all within 630 KB.
-    nearby_span: int = 512 * 1024
+    # files around the two, at most ``nearby_fetch_max`` compressed bytes. 0: off, the default
+    # (the daemon's ``[lazy] nearby_fetch`` sets 512 KiB). Startup benchmark: a gcc compile
+    # missed on eight C headers, a round trip apiece, all within 630 KB; but python's imports
+    # took twice as long with it (its misses are near each other too, and each nearby fetch put
+    # up to 1 MiB on the link ahead of the next one).
+    nearby_span: int = 0
     nearby_fetch_max: int = 1 * MiB
     background_range: int = 2 * MiB
     background_concurrency: int = 4

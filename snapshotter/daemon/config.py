@@ -28,6 +28,7 @@ DEFAULT_READ_DEADLINE = 20.0
 MAX_READ_DEADLINE = 600.0
 DEFAULT_LONG_READ_BYTES = 24 << 20
 DEFAULT_BACKGROUND_YIELD = 3.0
+NEARBY_SPAN = 512 << 10  # the read path's nearby_span when [lazy] nearby_fetch is on
 MAX_BACKGROUND_YIELD = 600.0
 
 
@@ -63,8 +64,9 @@ class LazyConfig:
     # after each quiet period).
     background_yield: float = DEFAULT_BACKGROUND_YIELD
     # A read miss close (in the layer blob) to a recent one fetches the small files around the
-    # two: a package's headers or a compiler's startup objects, read in no blob order.
-    nearby_fetch: bool = True
+    # two: a package's headers or a compiler's startup objects, read in no blob order. Off by
+    # default: it helped a gcc compile and slowed python's imports (benchmarks/README.md).
+    nearby_fetch: bool = False
     # Exec-aware prefetch: a program being started is fetched whole with its loader and
     # libraries, and theirs, down to this depth, this many files at a time (0: off).
     exec_prefetch_depth: int = 2

@@ -274,3 +274,15 @@ def test_background_yield_from_the_file_reaches_the_read_path(tmp_path: Path) ->
         path.write_text(f"[lazy]\nbackground_yield = {bad}\n")
         with pytest.raises(ConfigError, match=r"lazy\.background_yield: expected seconds"):
             load_config(path)
+
+
+def test_nearby_fetch_is_off_unless_the_file_turns_it_on(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert read_path_config(Config().lazy).nearby_span == FetchConfig().nearby_span == 0
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nnearby_fetch = true\n")
+    assert read_path_config(load_config(path).lazy).nearby_span == 512 << 10
+    path.write_text('[lazy]\nnearby_fetch = "yes"\n')
+    with pytest.raises(ConfigError, match=r"lazy\.nearby_fetch"):
+        load_config(path)
