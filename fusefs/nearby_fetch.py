@@ -15,6 +15,10 @@ fetched are requested at once, up to ``nearby_fetch_max`` compressed bytes, in r
 waits on them: they are claimed as background work, and a reader needing one of their chunks
 fetches it itself if the range fails. Chunks of large files are left out (a large file read
 whole has its own file completion), and so are zTOC layers, whose chunks are shares of spans.
+
+Off unless ``nearby_span`` is set (the daemon's ``[lazy] nearby_fetch``): python's imports miss
+close to each other too, and in the startup benchmark they fetched 3.4 MB more in 32 more
+requests and took twice as long with it.
 """
 
 from __future__ import annotations
