@@ -2,9 +2,10 @@
 
 On attach the landmark-prioritized range ``[0, prefetch_end)`` is fetched in one request. With
 background fetch on, the rest of the blob follows in large ranges, several at a time, each one
-started only while readers leave the link alone (``ChunkFetcher.wait_until_quiet``). A range in
-flight is time a reader's next miss waits, and a reader walking through the blob fetches ahead
-by itself (``fusefs.read_policy``).
+started only while readers leave the link alone (``ChunkFetcher.background_turn``): soon after a
+reader waited, one small range at a time for all layers. A range in flight is time a reader's
+next miss waits, and a reader walking through the blob fetches ahead by itself
+(``fusefs.read_policy``).
 
 Every chunk is checked against its digest when it is decoded. How the whole layer is verified
 depends on the layer. When the chunk digests prove the blob (``chunks_prove_blob``), only the
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 
 import trio
 
-from fusefs.fetcher import ChunkFetcher
+from fusefs.fetcher import BackgroundTurn, ChunkFetcher
 from fusefs.held_bytes import HeldBytes
 from fusefs.inflated_spans import lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
@@ -116,8 +117,24 @@ async def _fetch_and_hash_all(
                 with fetch_kind(PREFETCH):
                     await _fetch_and_hash(fetcher, layer, planned, number, hashed)
                 continue
-            await fetcher.wait_until_quiet(started, layer)
-            nursery.start_soon(_fetch_and_hash, fetcher, layer, planned, number, hashed)
+            # The whole blob is hashed in these ranges, so they are not cut: a turn soon after
+            # a reader only keeps them one at a time.
+            turn = await fetcher.background_turn(started, layer)
+            nursery.start_soon(_fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn)
+
+
+async def _fetch_and_hash_turn(
+    fetcher: ChunkFetcher,
+    layer: Layer,
+    planned: PlannedRange[ChunkTag],
+    number: int,
+    hashed: _OrderedHasher,
+    turn: BackgroundTurn,
+) -> None:
+    try:
+        await _fetch_and_hash(fetcher, layer, planned, number, hashed)
+    finally:
+        turn.release()
 
 
 def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | None) -> None:
@@ -178,15 +195,21 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
                 with fetch_kind(PREFETCH):
                     await fetcher.flights.fetch_background(layer, planned)
                 continue
-            if fetcher.flights.missing_part(layer, planned) is None:
-                continue  # a reader (or its readahead) fetched all of it already
-            await slots.acquire()
-            await fetcher.wait_until_quiet(started, layer)
-            missing = fetcher.flights.missing_part(layer, planned)  # readers went on meanwhile
-            if missing is None:
-                slots.release()
-                continue
-            nursery.start_soon(_fetch_then_release, fetcher, layer, missing, slots)
+            rest: PlannedRange[ChunkTag] | None = planned
+            while rest is not None:
+                if fetcher.flights.missing_part(layer, rest) is None:
+                    break  # a reader (or its readahead) fetched all of it already
+                await slots.acquire()
+                turn = await fetcher.background_turn(started, layer)
+                missing = fetcher.flights.missing_part(layer, rest)  # readers went on meanwhile
+                if missing is None:
+                    turn.release()
+                    slots.release()
+                    break
+                # Soon after a reader, a small head of the range now and the rest on a later
+                # turn, so that the reader's next miss finds little ahead of it on the link.
+                piece, rest = cut_range(missing, turn.max_bytes)
+                nursery.start_soon(_fetch_then_release, fetcher, layer, piece, slots, turn)
     still_missing = await fetcher.flights.fetch_rest(layer)
     _record_outcome(
         layer, started, by="chunk-digests", failure=None if still_missing == 0 else
@@ -196,7 +219,11 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
 
 
 async def _fetch_then_release(
-    fetcher: ChunkFetcher, layer: Layer, planned: PlannedRange[ChunkTag], slots: trio.Semaphore
+    fetcher: ChunkFetcher,
+    layer: Layer,
+    planned: PlannedRange[ChunkTag],
+    slots: trio.Semaphore,
+    turn: BackgroundTurn,
 ) -> None:
     try:
         await fetcher.flights.fetch_background(layer, planned)
@@ -210,7 +237,30 @@ async def _fetch_then_release(
             exc,
         )
     finally:
+        turn.release()
         slots.release()
+
+
+def cut_range(
+    planned: PlannedRange[ChunkTag], max_bytes: int | None
+) -> tuple[PlannedRange[ChunkTag], PlannedRange[ChunkTag] | None]:
+    """The head of ``planned`` (chunks in blob order) spanning at most ``max_bytes``, at least
+    its first chunk, and the rest (None when the head is all of it)."""
+    if max_bytes is None or planned.length <= max_bytes:
+        return planned, None
+    chunks = sorted(planned.chunks, key=lambda chunk: chunk[1].blob_offset)
+    first = chunks[0][1].blob_offset
+    count = 1
+    while count < len(chunks) and chunks[count][1].blob_end - first <= max_bytes:
+        count += 1
+    if count == len(chunks):
+        return planned, None
+    head = chunks[:count]
+    head_end = max(ref.blob_end for _, ref in head)
+    return (
+        PlannedRange(first, head_end, tuple(head)),
+        PlannedRange(chunks[count][1].blob_offset, planned.end, tuple(chunks[count:])),
+    )
 
 
 async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, background: bool) -> None:

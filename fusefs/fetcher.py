@@ -5,17 +5,20 @@ write-behind), ``fusefs.read_policy`` (what a miss fetches besides its chunk, an
 fetched ahead of readers) and the priority of readers over background work, here.
 
 Priority: a reader waiting on a chunk that is not in memory marks itself foreground. Background
-fetch calls ``wait_until_quiet`` before each new range. That waits until no reader has waited
+fetch calls ``background_turn`` before each new range. That waits until no reader has waited
 for ``quiet_period`` and ``first_read_grace`` has passed since attach, unless readers have been
-waiting on and off for ``long_read`` and fetched ``long_read_bytes`` of the layer. Background
-ranges are small enough (2 MiB) that a reader who needs one of their chunks never waits long
-for it.
+waiting on and off for ``long_read`` and fetched ``long_read_bytes`` of the layer. Within
+``background_yield`` of a reader's wait (and not in a long read) it also waits until no other
+background range of this fetcher's layers is in flight under that rule, and caps the range at
+``yield_range``: readers that pause between misses find at most one small range on the link.
+Background ranges are small enough (2 MiB) that a reader who needs one of their chunks never
+waits long for it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
@@ -30,13 +33,36 @@ from fusefs.layer import Layer, chunk_at
 from fusefs.read_policy import ReadPolicy
 from fusefs.stats import ON_DEMAND
 
-__all__ = ["ChunkFetcher", "Decoder", "FetchConfig", "FetchError", "ReadDeadlineExceeded"]
+__all__ = [
+    "BackgroundTurn",
+    "ChunkFetcher",
+    "Decoder",
+    "FetchConfig",
+    "FetchError",
+    "ReadDeadlineExceeded",
+]
 
 log = logging.getLogger(__name__)
 
 # While readers have waited long enough but not fetched ``long_read_bytes`` yet, background
 # fetch looks at their bytes again this often.
 _LONG_READ_POLL = 0.1
+
+
+class BackgroundTurn:
+    """Leave for one background range: at most ``max_bytes`` long (None: any length). Call
+    ``release`` when the range is over (fetched or failed), once or more."""
+
+    __slots__ = ("_release", "max_bytes")
+
+    def __init__(self, max_bytes: int | None, release: Callable[[], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._release = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class ChunkFetcher:
@@ -57,6 +83,10 @@ class ChunkFetcher:
         self._idle.set()
         self._last_foreground = -float("inf")
         self._busy_since = -float("inf")
+        # The background range in flight under ``background_yield`` (one at most), and the
+        # event its end sets.
+        self._yielding_range = False
+        self._yield_free = trio.Event()
 
     @property
     def cache(self) -> ChunkCache:
@@ -88,11 +118,39 @@ class ChunkFetcher:
         while self._foreground:
             await self._idle.wait()
 
+    async def background_turn(
+        self, attached_at: float, layer: Layer | None = None
+    ) -> BackgroundTurn:
+        """Wait until background fetch may start a range (``wait_until_quiet``), and say how
+        long it may be. Within ``background_yield`` seconds of a reader's wait, unless readers
+        are in a long read, one range of at most ``yield_range`` bytes for all layers together:
+        this waits until the one before it is over."""
+        config = self.config
+        while True:
+            long_read = await self._wait_quiet(attached_at, layer)
+            yield_until = self._last_foreground + config.background_yield
+            if long_read or config.background_yield <= 0 or trio.current_time() >= yield_until:
+                return BackgroundTurn(None)
+            if not self._yielding_range:
+                self._yielding_range = True
+                self._yield_free = trio.Event()
+                return BackgroundTurn(config.yield_range, self._end_yielding_range)
+            with trio.move_on_at(yield_until):
+                await self._yield_free.wait()
+
+    def _end_yielding_range(self) -> None:
+        self._yielding_range = False
+        self._yield_free.set()
+
     async def wait_until_quiet(self, attached_at: float, layer: Layer | None = None) -> None:
         """Wait until background fetch may start a range: no reader has waited on the link for
         ``quiet_period`` seconds and ``first_read_grace`` has passed since ``attached_at``, a
         trio clock time. Or readers have been waiting on and off for ``long_read`` seconds and
         fetched ``long_read_bytes`` of ``layer`` on demand (without a layer: time alone)."""
+        await self._wait_quiet(attached_at, layer)
+
+    async def _wait_quiet(self, attached_at: float, layer: Layer | None) -> bool:
+        """``wait_until_quiet``; True when it returns for a long read (readers still busy)."""
         grace_end = attached_at + self.config.first_read_grace
         while True:
             now = trio.current_time()
@@ -100,7 +158,7 @@ class ChunkFetcher:
                 long_read_from = self._busy_since + self.config.long_read
                 if now >= long_read_from:
                     if self._read_enough(layer):
-                        return
+                        return True
                     long_read_from = now + _LONG_READ_POLL
                 if self._foreground:
                     with trio.move_on_at(long_read_from):
@@ -112,7 +170,7 @@ class ChunkFetcher:
             elif now < grace_end:
                 await trio.sleep_until(grace_end)
             else:
-                return
+                return False
 
     def _read_enough(self, layer: Layer | None) -> bool:
         """Whether readers fetched enough of ``layer`` to be past a container's first reads."""

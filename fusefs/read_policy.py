@@ -5,6 +5,8 @@
   last, and the next one is requested before the reader gets there.
 * Directory fetch: the ``directory_misses``-th miss in one directory fetches its other files.
 * File completion: the first read of a file fetches the rest of it, as most files are read whole.
+* Nearby fetch: a miss close to a recent one fetches the small files around them
+  (``fusefs.nearby_fetch``).
 
 Nobody waits on the ranges fetched ahead. They are claimed as background work, so a reader
 waiting on one of their chunks fetches it itself if the range fails.
@@ -22,6 +24,7 @@ from fusefs.fetch_config import FetchConfig
 from fusefs.flights import ChunkFlights, Claim
 from fusefs.index import ChunkRef
 from fusefs.layer import ChunkTag, Layer
+from fusefs.nearby_fetch import NearbyFetch
 from fusefs.ranges import PlannedRange, coalesce, group_chunks
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class ReadPolicy:
         self._completion_slots = trio.Semaphore(config.file_completion_concurrency)
         self._readahead: dict[str, _Readahead] = {}
         self._directory_misses: dict[tuple[str, int], int] = {}
+        self.nearby = NearbyFetch(flights, nursery, config)
 
     # -- the read path ---------------------------------------------------------------------------
 
@@ -81,6 +85,10 @@ class ReadPolicy:
         self._after_miss(layer, planned, window)
         self._note_directory_miss(layer, entry)
         await self._flights.fetch_range(layer, planned, seed=claim)
+        if window == self._config.ondemand_range:  # a forward walk has readahead instead
+            # Once this miss's own range is in: started with it, the nearby ranges shared the
+            # link with it (a header's wait went from 0.1 to 0.2 s in the gcc benchmark).
+            self.nearby.note_miss(layer, ref)
 
     # -- readahead -------------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ DEFAULT_READ_DEADLINE = 20.0
 MAX_READ_DEADLINE = 600.0
 DEFAULT_LONG_READ_BYTES = 24 << 20
 FUSE_PASSTHROUGH_MODES = ("auto", "off")
+DEFAULT_BACKGROUND_YIELD = 3.0
+NEARBY_SPAN = 512 << 10  # the read path's nearby_span when [lazy] nearby_fetch is on
+MAX_BACKGROUND_YIELD = 600.0
 
 
 class ConfigError(Exception):
@@ -56,6 +59,15 @@ class LazyConfig:
     # their misses; below that, a container is starting up and background ranges only queue
     # ahead of its reads. 0: background joins readers busy for 6 s, whatever they fetched.
     long_read_bytes: int = DEFAULT_LONG_READ_BYTES
+    # Seconds after a reader waited on the link during which background fetch keeps one small
+    # range in flight for all layers together, so that a program pausing between its misses
+    # (a compiler) finds the link nearly free. 0: off (background ranges at full concurrency
+    # after each quiet period).
+    background_yield: float = DEFAULT_BACKGROUND_YIELD
+    # A read miss close (in the layer blob) to a recent one fetches the small files around the
+    # two: a package's headers or a compiler's startup objects, read in no blob order. Off by
+    # default: it helped a gcc compile and slowed python's imports (benchmarks/README.md).
+    nearby_fetch: bool = False
     # Exec-aware prefetch: a program being started is fetched whole with its loader and
     # libraries, and theirs, down to this depth, this many files at a time (0: off).
     exec_prefetch_depth: int = 2
@@ -365,9 +377,10 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     _only_keys(table, "lazy", ("enabled", "background_fetch", "cache_capacity",
                                "keep_mounted_on_stop", "read_deadline", "long_read_bytes",
-                               "exec_prefetch_depth", "exec_prefetch_concurrency"))
+                               "background_yield", "nearby_fetch", "exec_prefetch_depth",
+                               "exec_prefetch_concurrency"))
     lazy = LazyConfig()
-    for key in ("enabled", "background_fetch", "keep_mounted_on_stop"):
+    for key in ("enabled", "background_fetch", "keep_mounted_on_stop", "nearby_fetch"):
         if key in table:
             lazy = replace(lazy, **{key: _expect(table, key, bool, "lazy.")})
     if "cache_capacity" in table:
@@ -382,6 +395,14 @@ def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
         lazy = replace(lazy, long_read_bytes=_integer(
             table["long_read_bytes"], "lazy.long_read_bytes", 0
         ))
+    if "background_yield" in table:
+        value = table["background_yield"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value <= MAX_BACKGROUND_YIELD
+        ):
+            raise ConfigError(f"lazy.background_yield: expected seconds, a number >= 0 and <= "
+                              f"{MAX_BACKGROUND_YIELD:g}, got {value!r}")
+        lazy = replace(lazy, background_yield=float(value))
     if "exec_prefetch_depth" in table:
         lazy = replace(lazy, exec_prefetch_depth=_integer(
             table["exec_prefetch_depth"], "lazy.exec_prefetch_depth", 0, 8

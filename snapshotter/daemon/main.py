@@ -32,7 +32,7 @@ from registry import (
 )
 from snapshotter.client.containerd_client import ContainerdClient
 from snapshotter.daemon import keeper as fuse_keeper
-from snapshotter.daemon.config import Config, LazyConfig, default_kata_helper
+from snapshotter.daemon.config import NEARBY_SPAN, Config, LazyConfig, default_kata_helper
 from snapshotter.daemon.cri_credentials import CriCredentials
 from snapshotter.daemon.cri_proxy import ImageServiceProxy, proxy_server, upstream_channel
 from snapshotter.daemon.cri_pulled import PulledImages
@@ -66,6 +66,8 @@ def read_path_config(lazy: LazyConfig) -> FetchConfig:
     return FetchConfig(
         read_deadline=lazy.read_deadline,
         long_read_bytes=lazy.long_read_bytes,
+        background_yield=lazy.background_yield,
+        nearby_span=NEARBY_SPAN if lazy.nearby_fetch else 0,
         exec_prefetch_depth=lazy.exec_prefetch_depth,
         exec_prefetch_concurrency=lazy.exec_prefetch_concurrency,
     )

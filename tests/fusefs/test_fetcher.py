@@ -32,6 +32,9 @@ async def fetcher_for(
 ) -> AsyncIterator[tuple[ChunkFetcher, Layer, FakeBlob]]:
     blob = blob or FakeBlob(index.blob_bytes)
     cache = await ChunkCache.open(tmp_path / "cache", capacity_bytes=1 << 30)
+    # In these small blobs every miss is near the last one: nearby fetch would blur what the
+    # other policies' tests count. Its own tests (test_nearby_fetch.py) turn it on.
+    config.setdefault("nearby_span", 0)
     async with trio.open_nursery() as nursery:
         fetcher = ChunkFetcher(cache, nursery, FetchConfig(**config), fake_decoder)  # type: ignore[arg-type]
         yield fetcher, Layer("l1", 1, blob, index), blob

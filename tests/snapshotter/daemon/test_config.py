@@ -273,3 +273,29 @@ def test_fuse_passthrough_is_off_by_default_and_takes_auto(tmp_path: Path) -> No
             load_config(path)
     table = (REPO / "docs" / "config.md").read_text()
     assert "| `fuse.passthrough` | `off` |" in table
+
+
+def test_background_yield_from_the_file_reaches_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert Config().lazy.background_yield == FetchConfig().background_yield == 3.0
+    path = tmp_path / "config.toml"
+    for text, expected in (("0", 0.0), ("1.5", 1.5), ("10", 10.0)):
+        path.write_text(f"[lazy]\nbackground_yield = {text}\n")
+        assert read_path_config(load_config(path).lazy).background_yield == expected
+    for bad in ("-1", "601", "true", '"3s"'):
+        path.write_text(f"[lazy]\nbackground_yield = {bad}\n")
+        with pytest.raises(ConfigError, match=r"lazy\.background_yield: expected seconds"):
+            load_config(path)
+
+
+def test_nearby_fetch_is_off_unless_the_file_turns_it_on(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert read_path_config(Config().lazy).nearby_span == FetchConfig().nearby_span == 0
+    path = tmp_path / "config.toml"
+    path.write_text("[lazy]\nnearby_fetch = true\n")
+    assert read_path_config(load_config(path).lazy).nearby_span == 512 << 10
+    path.write_text('[lazy]\nnearby_fetch = "yes"\n')
+    with pytest.raises(ConfigError, match=r"lazy\.nearby_fetch"):
+        load_config(path)

@@ -1,0 +1,185 @@
+"""Background fetch soon after a reader waited: one small range in flight for all layers
+(``background_yield``), so a program pausing between misses finds the link nearly free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from fusefs.background import cut_range, fetch_everything, fetch_missing
+from fusefs.fetcher import ChunkFetcher
+from fusefs.layer import Layer
+from fusefs.ranges import split_blob
+from tests.fusefs.test_fetcher import fetcher_for, small_files
+from tests.integration.fuse_support import FakeBlob, FakeIndex, trio_test
+
+KiB = 1024
+
+
+class _SlowBlob(FakeBlob):
+    """A blob whose requests take ``delay`` seconds, counting how many are in flight."""
+
+    def __init__(self, data: bytes, delay: float) -> None:
+        super().__init__(data)
+        self.delay = delay
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.log: list[tuple[float, int]] = []  # (start time, length) of each request
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.log.append((trio.current_time(), length))
+        try:
+            await trio.sleep(self.delay)
+            return await super().read_at(offset, length)
+        finally:
+            self.in_flight -= 1
+
+
+async def _a_reader_waits(fetcher: ChunkFetcher, layer: Layer, index: FakeIndex) -> None:
+    """A reader's miss: it waits on the link, which starts the yield time."""
+    entry = index.by_path["d/f0"]
+    assert await fetcher.read(layer, entry, 0, 100) == index._nodes[entry].content[:100]
+
+
+_SETTINGS = {
+    "background_range": 100 * KiB,
+    "background_concurrency": 4,
+    "first_read_grace": 0,
+    "quiet_period": 0.05,
+    "yield_range": 30 * KiB,
+    "ondemand_range": 8 * KiB,
+    "max_gap": 0,
+    "directory_misses": 10**6,
+}
+
+
+@trio_test
+async def test_soon_after_a_reader_background_keeps_one_small_range_in_flight(
+    tmp_path: Path,
+) -> None:
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)  # chunks of about 20 KB
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        reader_requests = len(blob.log)
+        blob.most_in_flight = 0
+        await fetch_missing(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        background = [length for _, length in blob.log[reader_requests:]]
+        # Old code: four 100 KiB ranges at once once the reader was quiet for 0.05 s.
+        assert blob.most_in_flight == 1
+        assert background and max(background) <= 30 * KiB
+        for i in range(40):
+            entry = index.by_path[f"d/f{i}"]
+            assert await fetcher.read(layer, entry, 0, 20_000) == index._nodes[entry].content
+
+
+@trio_test
+async def test_background_is_back_to_full_ranges_once_the_yield_is_over(tmp_path: Path) -> None:
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.02)
+    async with fetcher_for(tmp_path, index, blob, background_yield=0.3, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        reader_done = trio.current_time()
+        reader_requests = len(blob.log)
+        await fetch_missing(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        background = blob.log[reader_requests:]
+        first_full = next(
+            number for number, (_, length) in enumerate(background) if length > 30 * KiB
+        )
+        assert first_full >= 3  # small ranges one at a time first
+        assert background[first_full][0] >= reader_done + 0.29  # full ones once it is over
+        assert blob.most_in_flight > 1
+
+
+@trio_test
+async def test_without_a_reader_background_starts_at_full_concurrency(tmp_path: Path) -> None:
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        await fetch_missing(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        assert blob.most_in_flight > 1 and max(length for _, length in blob.log) > 30 * KiB
+
+
+@trio_test
+async def test_yield_off_restores_full_concurrency_after_the_quiet_period(tmp_path: Path) -> None:
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(tmp_path, index, blob, background_yield=0, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        await fetch_missing(fetcher, layer)
+        assert blob.most_in_flight > 1
+
+
+@trio_test
+async def test_the_whole_blob_check_keeps_its_ranges_one_at_a_time_after_a_reader(
+    tmp_path: Path,
+) -> None:
+    index = FakeIndex(small_files(40, 20_000))  # untrusted: the whole blob is hashed
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        blob.most_in_flight = 0
+        await fetch_everything(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        assert blob.most_in_flight == 1  # old code: four ranges at once
+
+
+@trio_test
+async def test_two_layers_share_the_one_yield_range(tmp_path: Path) -> None:
+    index = FakeIndex(small_files(30, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
+        fetcher, layer, _
+    ):
+        other_index = FakeIndex(small_files(30, 20_000), toc_trusted=True)
+        other_blob = _SlowBlob(other_index.blob_bytes, delay=0.01)
+        other = Layer("l2", 2, other_blob, other_index)
+        await _a_reader_waits(fetcher, layer, index)
+        blob.most_in_flight = 0
+        in_flight_together = 0
+
+        async def watch() -> None:
+            nonlocal in_flight_together
+            while True:
+                in_flight_together = max(
+                    in_flight_together, blob.in_flight + other_blob.in_flight
+                )
+                await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as both:
+                both.start_soon(fetch_missing, fetcher, layer)
+                both.start_soon(fetch_missing, fetcher, other)
+            nursery.cancel_scope.cancel()
+        assert layer.stats.blob_verified and other.stats.blob_verified
+        assert in_flight_together == 1
+
+
+def test_cut_range_keeps_whole_chunks_and_at_least_one() -> None:
+    index = FakeIndex(small_files(6, 20_000), toc_trusted=True)
+    layer = Layer("l1", 1, FakeBlob(index.blob_bytes), index)
+    whole = next(split_blob(layer.all_chunks(), blob_size=layer.blob.size, range_size=1 << 30))
+    assert cut_range(whole, None) == (whole, None)
+    head, rest = cut_range(whole, 45_000)
+    assert rest is not None
+    assert len(head.chunks) == 2 and head.end - head.start <= 45_000
+    assert head.chunks + rest.chunks == whole.chunks and rest.end == whole.end
+    tiny, rest = cut_range(whole, 10)  # smaller than a chunk: still one chunk
+    assert len(tiny.chunks) == 1 and rest is not None
