@@ -124,7 +124,12 @@ def split_name(name: str, limits: IndexLimits) -> list[bytes]:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
         raise LayerFormatError(f"TOC name {name!r} is not encodable") from exc
-    parts = raw.split(b"/")
+    # Most writers prefix "./" and end directories with "/": cut those before splitting, so
+    # that the common name needs no filtering pass (the filter below drops them anyway).
+    stripped = raw[2:] if raw[:2] == b"./" else raw
+    if stripped[-1:] == b"/":
+        stripped = stripped[:-1]
+    parts = stripped.split(b"/")
     if b"" in parts or b"." in parts:
         parts = [p for p in parts if p and p != b"."]
     if b".." in parts:
@@ -324,13 +329,14 @@ class _Builder:
         if base[:1] == b"." and self._special(entry, kind, parts, uid, gid, mtime_ns):
             return
         key = b"/".join(parts)
+        paths = self.paths
         if len(parts) == 1:
             parent = 0
         else:
-            parent = self.paths.get(key[: -len(base) - 1], -1)
+            parent = paths.get(key[: -len(base) - 1], -1)
             if parent < 0 or self.kinds[parent] != _DIR:
                 parent = self._directory(parts[:-1])
-        existing = self.paths.get(key, -1)
+        existing = paths.get(key, -1)
         if existing >= 0:
             if kind == _DIR and self.implicit[existing]:
                 self._describe_dir(existing, mode, uid, gid, mtime_ns, self._xattrs(entry))
@@ -353,7 +359,7 @@ class _Builder:
         new = self._new_entry(
             kind, mode, uid, gid, size, mtime_ns, rdev, parent, base, link_off, link_len
         )
-        self.paths[key] = new
+        paths[key] = new
         if entry.xattrs:
             xattrs = self._xattrs(entry)
             if xattrs:
@@ -478,7 +484,20 @@ class _Builder:
     def _start_file(self, entry: int, fields: TocEntry, name: str, size: int) -> None:
         if fields.chunk_offset:
             raise LayerFormatError(f"regular file {name!r} has a non-zero chunkOffset")
-        chunks = [self._chunk_fields(fields, 0)] if size > 0 else []
+        chunks: list[_Chunk] = []
+        if size > 0:
+            # _chunk_fields inlined: this runs once per file.
+            offset = fields.offset
+            chunk_type = fields.chunk_type
+            if chunk_type and chunk_type != "zeros":
+                raise LayerFormatError(f"unknown chunkType {chunk_type!r}")
+            self.payload_offsets.append(offset)
+            value = fields.chunk_digest
+            digest = sha256_raw(value) if value else None
+            if digest is None and value:
+                _digest("chunkDigest", value)  # raises with the field in the message
+            chunks.append((0, fields.chunk_size, offset, fields.inner_offset, digest,
+                           chunk_type == "zeros"))  # fmt: skip
         # The whole-file digest only matters for single-chunk files without a chunkDigest
         # (containers/storage); it is checked when used.
         self.pending = (entry, name, size, fields.digest, fields.end_offset, chunks)
