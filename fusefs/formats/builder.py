@@ -10,8 +10,10 @@ differences are handled where they matter:
 * containers/storage gives ``endOffset`` (end of a file's last payload frame); eStargz's
   compressed range of a chunk ends at the next different payload offset (or the TOC).
 
-The per-entry path is written for speed (a 100k-entry TOC is parsed at attach time): field
-checks are inlined for the common case and fall back to ``_int``/``_digest`` for the message.
+The per-entry path is written for speed (a 100k-entry TOC is parsed at attach time). Entries
+arrive as ``TocEntry`` Structs whose field types and ranges msgspec checked in C when it decoded
+them (``fusefs.formats.tocentry``); what is left here depends on the limits, on names and on
+other entries.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from fusefs.formats.compact import (
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.limits import IndexLimits
 from fusefs.formats.modtime import parse_modtime
+from fusefs.formats.tocentry import TocEntry, entry_from_object
 from fusefs.index import Codec, EntryKind
 
 log = logging.getLogger(__name__)
@@ -89,36 +92,24 @@ _TYPE_BITS = {
     EntryKind.BLOCK.value: stat.S_IFBLK,
     EntryKind.FIFO.value: stat.S_IFIFO,
 }
-_U32 = 1 << 32
 _NO_DIGEST = bytes(DIGEST_SIZE)
 _pack_entry = ENTRY.pack
 _CHUNK_SIZE = CHUNK.size
 _COUNT_CODEC, _COUNT_AT = ENTRY_CHUNK_COUNT
-_I63 = 1 << 63
 
 # A file's pending chunk: (chunkOffset, chunkSize field, offset, innerOffset, digest, zeros)
 _Chunk = tuple[int, int, int, int, bytes | None, bool]
 
 
-def _int(entry: dict[str, Any], key: str, hi: int = _I63) -> int:
-    value = entry.get(key, 0)
-    if type(value) is not int:
-        raise LayerFormatError(f"TOC field {key!r} is {value!r}, not an integer")
-    if not 0 <= value < hi:
+def _in_range(key: str, value: int, hi: int) -> int:
+    """``value`` (typed and >= 0 already) when below ``hi``, a limit not known to the type."""
+    if value >= hi:
         raise LayerFormatError(f"TOC field {key!r} = {value} is out of range")
     return value
 
 
-def _str(entry: dict[str, Any], key: str) -> str:
-    value = entry.get(key, "")
-    if not isinstance(value, str):
-        raise LayerFormatError(f"TOC field {key!r} is {value!r}, not a string")
-    return value
-
-
-def _digest(entry: dict[str, Any], key: str) -> bytes | None:
+def _digest(key: str, value: str | None) -> bytes | None:
     """The raw 32 bytes of a ``sha256:<hex>`` field, None when absent or empty."""
-    value = entry.get(key)
     if not value:
         return None
     raw = sha256_raw(value)
@@ -133,7 +124,12 @@ def split_name(name: str, limits: IndexLimits) -> list[bytes]:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
         raise LayerFormatError(f"TOC name {name!r} is not encodable") from exc
-    parts = raw.split(b"/")
+    # Most writers prefix "./" and end directories with "/": cut those before splitting, so
+    # that the common name needs no filtering pass (the filter below drops them anyway).
+    stripped = raw[2:] if raw[:2] == b"./" else raw
+    if stripped[-1:] == b"/":
+        stripped = stripped[:-1]
+    parts = stripped.split(b"/")
     if b"" in parts or b"." in parts:
         parts = [p for p in parts if p and p != b"."]
     if b".." in parts:
@@ -198,7 +194,7 @@ class _Builder:
         self.fetch_entries = array("I")
         # The regular file whose chunk entries may follow: (entry or -1, name, size, digest,
         # endOffset, chunks).
-        self.pending: tuple[int, str, int, Any, int, list[_Chunk]] | None = None
+        self.pending: tuple[int, str, int, str | None, int, list[_Chunk]] | None = None
         self.prefetch_end: int | None = None
         self.root_described = False
         self.mtimes: dict[str, int] = {}  # layers repeat a few timestamps: parse each once
@@ -207,9 +203,9 @@ class _Builder:
 
     # --- entries ---------------------------------------------------------------------------
 
-    def _modtime(self, value: object) -> int:
-        if type(value) is not str:
-            return parse_modtime(value)
+    def _modtime(self, value: str | None) -> int:
+        if value is None:
+            return 0
         parsed = self.mtimes.get(value)
         if parsed is None:
             parsed = parse_modtime(value)
@@ -277,18 +273,14 @@ class _Builder:
             current = child
         return current
 
-    def _xattrs(self, entry: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
-        raw = entry.get("xattrs")
-        if raw is None:
+    def _xattrs(self, entry: TocEntry) -> tuple[tuple[bytes, bytes], ...]:
+        raw = entry.xattrs  # a dict of strings: its type is checked by the decoder
+        if not raw:
             return ()
-        if not isinstance(raw, dict):
-            raise LayerFormatError("TOC field 'xattrs' is not an object")
         if len(raw) > self.limits.max_xattrs_per_entry:
             raise LayerFormatError(f"entry has {len(raw)} xattrs, over the limit")
         pairs = []
         for key, value in raw.items():
-            if not isinstance(value, str):
-                raise LayerFormatError(f"xattr {key!r} value is not a base64 string")
             try:
                 name = key.encode("utf-8", "surrogateescape")
                 data = base64.b64decode(value, validate=True)
@@ -304,14 +296,10 @@ class _Builder:
             pairs.append((name, data))
         return tuple(pairs)
 
-    def add(self, entry: Any) -> None:
-        if type(entry) is not dict:
-            raise LayerFormatError("TOC entry is not an object")
-        get = entry.get
-        typ = get("type")
-        name = get("name")
-        if type(typ) is not str or type(name) is not str:
-            raise LayerFormatError("TOC entry lacks a string 'type' or 'name'")
+    def add(self, entry: TocEntry) -> None:
+        """One entry; its fields' types and ranges were checked when it was decoded."""
+        typ = entry.type
+        name = entry.name
         if typ == "chunk":
             self._add_chunk(entry, name)
             return
@@ -324,25 +312,11 @@ class _Builder:
         kind = _KINDS.get(typ)
         if kind is None:
             raise LayerFormatError(f"unknown TOC entry type {typ!r}")
-        mode = get("mode", 0)
-        uid = get("uid", 0)
-        gid = get("gid", 0)
-        if not (
-            type(mode) is int
-            and type(uid) is int
-            and type(gid) is int
-            and 0 <= mode < _U32
-            and 0 <= uid < _U32
-            and 0 <= gid < _U32
-        ):
-            mode, uid, gid = (
-                _int(entry, "mode", _U32),
-                _int(entry, "uid", _U32),
-                _int(entry, "gid", _U32),
-            )
-        mode = _TYPE_BITS[kind] | (mode & 0o7777)
-        modtime = get("modtime")
-        mtime_ns = self.mtimes.get(modtime) if type(modtime) is str else None
+        uid = entry.uid
+        gid = entry.gid
+        mode = _TYPE_BITS[kind] | (entry.mode & 0o7777)
+        modtime = entry.modtime
+        mtime_ns = self.mtimes.get(modtime) if modtime is not None else 0
         if mtime_ns is None:
             mtime_ns = self._modtime(modtime)
         if not parts:
@@ -355,13 +329,14 @@ class _Builder:
         if base[:1] == b"." and self._special(entry, kind, parts, uid, gid, mtime_ns):
             return
         key = b"/".join(parts)
+        paths = self.paths
         if len(parts) == 1:
             parent = 0
         else:
-            parent = self.paths.get(key[: -len(base) - 1], -1)
+            parent = paths.get(key[: -len(base) - 1], -1)
             if parent < 0 or self.kinds[parent] != _DIR:
                 parent = self._directory(parts[:-1])
-        existing = self.paths.get(key, -1)
+        existing = paths.get(key, -1)
         if existing >= 0:
             if kind == _DIR and self.implicit[existing]:
                 self._describe_dir(existing, mode, uid, gid, mtime_ns, self._xattrs(entry))
@@ -371,29 +346,29 @@ class _Builder:
         rdev = 0
         link_off = link_len = 0
         if kind == _REG:
-            size = get("size", 0)
-            if type(size) is not int or not 0 <= size <= self.limits.max_file_size:
-                size = _int(entry, "size", self.limits.max_file_size + 1)
+            size = entry.size
+            if size > self.limits.max_file_size:
+                _in_range("size", size, self.limits.max_file_size + 1)
         elif kind == _SYMLINK:
             target = self._link_target(entry, name)
             link_off, link_len = len(self.links), len(target)
             size = link_len
             self.links += target
         elif kind not in (_DIR, _FIFO):
-            rdev = os.makedev(_int(entry, "devMajor", 1 << 31), _int(entry, "devMinor", 1 << 31))
+            rdev = os.makedev(entry.dev_major, entry.dev_minor)
         new = self._new_entry(
             kind, mode, uid, gid, size, mtime_ns, rdev, parent, base, link_off, link_len
         )
-        self.paths[key] = new
-        if "xattrs" in entry:
+        paths[key] = new
+        if entry.xattrs:
             xattrs = self._xattrs(entry)
             if xattrs:
                 self.xattrs[new] = xattrs
         if kind == _REG:
             self._start_file(new, entry, name, size)
 
-    def _link_target(self, entry: dict[str, Any], name: str) -> bytes:
-        target = _str(entry, "linkName")
+    def _link_target(self, entry: TocEntry, name: str) -> bytes:
+        target = entry.link_name
         if not target:
             raise LayerFormatError(f"symlink {name!r} has no target")
         try:
@@ -411,7 +386,7 @@ class _Builder:
 
     def _special(
         self,
-        entry: dict[str, Any],
+        entry: TocEntry,
         kind: int,
         parts: list[bytes],
         uid: int,
@@ -421,10 +396,10 @@ class _Builder:
         """Handle landmarks and whiteouts; False when the name is an ordinary dot file."""
         base = parts[-1]
         if len(parts) == 1 and base in _LANDMARKS and kind == _REG:
-            size = _int(entry, "size", self.limits.max_file_size + 1)
+            size = _in_range("size", entry.size, self.limits.max_file_size + 1)
             self._start_file(-1, entry, base.decode(), size)
             if base == PREFETCH_LANDMARK.encode():
-                self.prefetch_end = _int(entry, "offset")
+                self.prefetch_end = entry.offset
             return True
         if not base.startswith(_WHITEOUT_PREFIX):
             return False
@@ -466,23 +441,23 @@ class _Builder:
         if xattrs:
             self.xattrs[entry] = xattrs
 
-    def _add_hardlink(self, entry: dict[str, Any], parts: list[bytes]) -> None:
+    def _add_hardlink(self, entry: TocEntry, parts: list[bytes]) -> None:
         if not parts:
             raise LayerFormatError("hardlink at the layer root")
-        target_parts = split_name(_str(entry, "linkName"), self.limits)
+        target_parts = split_name(entry.link_name, self.limits)
         target = self.paths.get(b"/".join(target_parts), -1) if target_parts else -1
         if target < 0:
             raise LayerFormatError(
-                f"hardlink {entry['name']!r} points to a missing entry {entry.get('linkName')!r}"
+                f"hardlink {entry.name!r} points to a missing entry {entry.link_name!r}"
             )
         if self.kinds[target] == _DIR:
-            raise LayerFormatError(f"hardlink {entry['name']!r} points to a directory")
+            raise LayerFormatError(f"hardlink {entry.name!r} points to a directory")
         if parts[-1].startswith(_WHITEOUT_PREFIX):
-            raise LayerFormatError(f"hardlink {entry['name']!r} is a whiteout")
+            raise LayerFormatError(f"hardlink {entry.name!r} is a whiteout")
         parent = self._directory(parts[:-1])
         key = b"/".join(parts)
         if key in self.paths:
-            raise LayerFormatError(f"duplicate TOC entry {entry['name']!r}")
+            raise LayerFormatError(f"duplicate TOC entry {entry.name!r}")
         self.paths[key] = target
         self.dirent_parent.append(parent)
         self.dirent_target.append(target)
@@ -491,47 +466,43 @@ class _Builder:
 
     # --- file content ----------------------------------------------------------------------
 
-    def _chunk_fields(self, entry: dict[str, Any], chunk_offset: int) -> _Chunk:
-        get = entry.get
-        offset = get("offset", 0)
-        inner = get("innerOffset", 0)
-        size_field = get("chunkSize", 0)
-        if not (
-            type(offset) is int
-            and type(inner) is int
-            and type(size_field) is int
-            and 0 <= offset < _I63
-            and 0 <= inner < _I63
-            and 0 <= size_field < _I63
-        ):
-            offset, inner = _int(entry, "offset"), _int(entry, "innerOffset")
-            size_field = _int(entry, "chunkSize")
-        chunk_type = get("chunkType")
+    def _chunk_fields(self, entry: TocEntry, chunk_offset: int) -> _Chunk:
+        offset = entry.offset
+        chunk_type = entry.chunk_type
         if chunk_type and chunk_type != "zeros":
             raise LayerFormatError(f"unknown chunkType {chunk_type!r}")
         self.payload_offsets.append(offset)
-        digest = get("chunkDigest")
-        if digest:  # _digest inlined: this runs once per file
-            digest = sha256_raw(digest)
-            if digest is None:
-                digest = _digest(entry, "chunkDigest")  # raises with the field in the message
-        else:
-            digest = None
-        return (chunk_offset, size_field, offset, inner, digest, chunk_type == "zeros")
+        value = entry.chunk_digest
+        digest = sha256_raw(value) if value else None
+        if digest is None and value:
+            _digest("chunkDigest", value)  # raises with the field in the message
+        return (
+            chunk_offset, entry.chunk_size, offset, entry.inner_offset, digest,
+            chunk_type == "zeros",
+        )  # fmt: skip
 
-    def _start_file(self, entry: int, fields: dict[str, Any], name: str, size: int) -> None:
-        get = fields.get
-        if get("chunkOffset"):
+    def _start_file(self, entry: int, fields: TocEntry, name: str, size: int) -> None:
+        if fields.chunk_offset:
             raise LayerFormatError(f"regular file {name!r} has a non-zero chunkOffset")
-        end_offset = get("endOffset", 0)
-        if type(end_offset) is not int or not 0 <= end_offset < _I63:
-            end_offset = _int(fields, "endOffset")
-        chunks = [self._chunk_fields(fields, 0)] if size > 0 else []
+        chunks: list[_Chunk] = []
+        if size > 0:
+            # _chunk_fields inlined: this runs once per file.
+            offset = fields.offset
+            chunk_type = fields.chunk_type
+            if chunk_type and chunk_type != "zeros":
+                raise LayerFormatError(f"unknown chunkType {chunk_type!r}")
+            self.payload_offsets.append(offset)
+            value = fields.chunk_digest
+            digest = sha256_raw(value) if value else None
+            if digest is None and value:
+                _digest("chunkDigest", value)  # raises with the field in the message
+            chunks.append((0, fields.chunk_size, offset, fields.inner_offset, digest,
+                           chunk_type == "zeros"))  # fmt: skip
         # The whole-file digest only matters for single-chunk files without a chunkDigest
         # (containers/storage); it is checked when used.
-        self.pending = (entry, name, size, fields.get("digest"), end_offset, chunks)
+        self.pending = (entry, name, size, fields.digest, fields.end_offset, chunks)
 
-    def _add_chunk(self, entry: dict[str, Any], name: str) -> None:
+    def _add_chunk(self, entry: TocEntry, name: str) -> None:
         pending = self.pending
         if pending is None or (
             name != pending[1]
@@ -543,7 +514,7 @@ class _Builder:
             raise LayerFormatError(f"chunk entry {name!r} belongs to an empty file")
         if len(chunks) >= self.limits.max_chunks_per_file:
             raise LayerFormatError(f"file {name!r} has too many chunks")
-        chunks.append(self._chunk_fields(entry, _int(entry, "chunkOffset")))
+        chunks.append(self._chunk_fields(entry, entry.chunk_offset))
 
     def _finish_file(self) -> None:
         assert self.pending is not None
@@ -574,7 +545,7 @@ class _Builder:
                     f"{size_field}, layout says {size})"
                 )
             if digest is None and count == 1:
-                digest = _digest({"digest": file_digest}, "digest")
+                digest = _digest("digest", file_digest)
             if digest is None and not zeros and digests_required:
                 raise LayerFormatError(f"chunk of {name!r} has no digest")
             if zeros:
@@ -762,6 +733,9 @@ def build_index(
     per span, and those are checked when a span is inflated.
     """
     builder = _Builder(codec, payload_end, limits, chunk_digests=chunk_digests)
-    for entry in entries:
-        builder.add(entry)
+    add = builder.add
+    for number, entry in enumerate(entries):
+        # Entries decoded by toc_entries are TocEntry already; others (the zTOC reader's, the
+        # streaming decoder's) are checked by msgspec here, with the same rules.
+        add(entry if type(entry) is TocEntry else entry_from_object(entry, number))
     return builder.build(toc_digest, toc_trusted=toc_trusted)

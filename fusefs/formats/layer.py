@@ -13,7 +13,7 @@ from fusefs.formats.compact import CompactLayerIndex
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.footer import LayerFormat, TocLocation, zstd_location
 from fusefs.formats.limits import IndexLimits
-from fusefs.formats.tocdata import iter_toc_entries, toc_json_bytes
+from fusefs.formats.tocdata import toc_entries, toc_json_bytes
 from fusefs.index import Codec
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def index_from_toc(
             raise LayerFormatError(f"TOC digest mismatch: expected {toc_digest}, got {json_digest}")
         trusted = True
     index = build_index(
-        iter_toc_entries(data, limits),
+        toc_entries(data, limits),
         codec=Codec.ZSTD if is_zstd else Codec.GZIP,
         toc_digest=json_digest,
         payload_end=location.payload_end,
