@@ -110,7 +110,7 @@ class ProfilePublisher:
         try:
             digest = await self.publish(job)
         except Skipped as skip:
-            log.info("startup profile not published: %s", skip,
+            log.info("startup profile not published reason=%s image=%s", skip, job.image_ref,
                      extra={"event": "startup_profile_skipped", "reason": str(skip), **where})
             self.counts["skipped"] += 1
         except RegistryError as exc:
@@ -126,7 +126,8 @@ class ProfilePublisher:
                                  "error": type(exc).__name__, **where})
             self.counts["failed"] += 1
         else:
-            log.info("startup profile published", extra={
+            log.info("startup profile published image=%s manifest=%s profile=%s", job.image_ref,
+                     job.manifest_digest, digest, extra={
                 "event": "startup_profile_published", "profile": digest, **where})
             self.counts["published"] += 1
         finally:
