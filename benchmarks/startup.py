@@ -1141,7 +1141,10 @@ def record_profile(workload: str, reference: str, workdir: Path, number: int,
     hosts_dir = workdir / "hosts"
     hosts_dir.mkdir()
     config = workdir / "lazysnap.toml"
-    config.write_text("[lazy]\n" + "".join(f"{line}\n" for line in lazy_settings)
+    # No background fetch: the recording needs only what the workload reads, and a whole image
+    # fetched and written to disk here would still be flushing while the measured run starts.
+    config.write_text("[lazy]\nbackground_fetch = false\n"
+                      + "".join(f"{line}\n" for line in lazy_settings)
                       + f"[profile]\npublish = true\nrecord_seconds = {PROFILE_RECORD_SECONDS}\n")
     try:
         with running_daemon(workdir / "d", extra_args=["--log-level", "info", "--config",
