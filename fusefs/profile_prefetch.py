@@ -30,17 +30,22 @@ MAX_PROFILE_BYTES = 512 << 20  # uncompressed bytes of one layer's profiled file
 RANGE_BYTES = 4 << 20  # compressed bytes per request
 CONCURRENCY = 4  # requests at a time: enough to fill a long fat link, few enough to let
 # readers' own misses in
+_YIELD_EVERY = 64
 
 
-def plan(
+async def plan(
     layer: Layer, files: Sequence[tuple[str, int]], *, max_gap: int
 ) -> list[PlannedRange[ChunkTag]]:
     """The ranges to fetch for ``files`` ((path, bytes read) in first-read order), the ranges
-    needed earliest first; each range is in blob order and at most ``RANGE_BYTES`` long."""
+    needed earliest first; each range is in blob order and at most ``RANGE_BYTES`` long.
+    Path lookups run on the trio thread: it yields to readers every ``_YIELD_EVERY`` files, as
+    a profile may list thousands."""
     # (blob offset, inner offset) -> (rank, tag, ref): chunks of a zTOC span share an offset
     wanted: dict[tuple[int, int], tuple[int, ChunkTag, ChunkRef]] = {}
     budget = MAX_PROFILE_BYTES
     for rank, (path, read_bytes) in enumerate(files):
+        if rank % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await trio.lowlevel.checkpoint()
         found = resolve_in([layer], path.encode("utf-8", "surrogateescape"))
         if found is None:
             continue
@@ -67,7 +72,7 @@ async def prefetch_profile(
     """Fetch the profiled part of ``files``; failures are logged, readers fetch on their own."""
     set_fetch_kind(PREFETCH)
     started = trio.current_time()
-    ranges = plan(layer, files, max_gap=fetcher.config.max_gap)
+    ranges = await plan(layer, files, max_gap=fetcher.config.max_gap)
     slots = trio.Semaphore(CONCURRENCY)
     fetched = 0
     async with trio.open_nursery() as nursery:

@@ -57,7 +57,7 @@ async def test_profiled_files_are_fetched_earliest_first_and_only_as_far_as_read
 ) -> None:
     async with layer_with_fetcher(tmp_path) as (layer, index, fetcher):
         files = [("/usr/c", 50 * KiB), ("/usr/big", 100 * KiB), ("/usr/a", 200 * KiB)]
-        ranges = plan(layer, files, max_gap=fetcher.config.max_gap)
+        ranges = await plan(layer, files, max_gap=fetcher.config.max_gap)
         # /usr/c was read first: its range goes first, though it is last in the blob.
         first = ranges[0]
         assert {tag[0] for tag, _ in first.chunks} >= {index.by_path["usr/c"]}
