@@ -28,7 +28,11 @@ the overlayfs arm's plain gzip image indexed by ``lazysnap index`` (SOCI v2, spa
 whole image is local when the pull ends); ``ctr-remote`` / ``stargz-ctr-remote`` (optional) =
 the gzip image converted by stargz-snapshotter's own
 ``ctr-remote image convert --estargz --oci`` (defaults: 4 MiB chunks), served by lazysnap / by
-stargz-snapshotter; ``cri-*`` (optional) = the container
+stargz-snapshotter; ``estargz+profile`` (optional) = the estargz arm's image under a
+repository of its own per workload, whose startup profile (docs/profile.md) a recording run
+(untimed, its own fresh containerd and daemon with ``[profile] publish``) pushed before the
+measured run, which pulls with lazysnap's defaults from a fresh root and prefetches from the
+profile; ``cri-*`` (optional) = the container
 started through containerd's CRI plugin as kubelet does (cri_start.py; no pull command), with
 overlayfs, lazysnap or stargz-snapshotter. ``--image two-layer`` splits the root file system
 into a base layer and a python layer (image_variants.py). All images come from one
@@ -130,7 +134,7 @@ WORKLOADS: dict[str, list[str]] = {
 # CRI plugin (cri_start.py): no pull command runs.
 ARMS = ("overlayfs", "estargz", "zstd:chunked", "estargz-opt", "stargz", "gzip+soci",
         "parallel", "ctr-remote", "stargz-ctr-remote", "cri-overlayfs", "cri-estargz",
-        "cri-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote")
+        "cri-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote", "estargz+profile")
 DEFAULT_ARMS = ARMS[:3]
 CRI_ARMS = tuple(arm for arm in ARMS if arm.startswith("cri-"))
 ARM_TITLES = {
@@ -148,6 +152,7 @@ ARM_TITLES = {
     "cri-ctr-remote": "CRI lazysnap ctr-rem.",
     "cri-stargz": "CRI stargz-sn. eStargz",
     "cri-stargz-ctr-remote": "CRI stargz-sn. ctr-rem.",
+    "estargz+profile": "lazysnap eStargz+prof.",
 }
 # The arms served by stargz-snapshotter rather than lazysnap, and those that pull everything.
 STARGZ_ARMS = ("stargz", "stargz-ctr-remote", "cri-stargz", "cri-stargz-ctr-remote")
@@ -164,7 +169,8 @@ LAYOUT_KIND = {"overlayfs": "gzip", "estargz": "estargz", "zstd:chunked": "zstd:
                "parallel": "gzip",
                "ctr-remote": "ctr-remote", "stargz-ctr-remote": "ctr-remote",
                "cri-overlayfs": "gzip", "cri-estargz": "estargz", "cri-ctr-remote": "ctr-remote",
-               "cri-stargz": "estargz", "cri-stargz-ctr-remote": "ctr-remote"}
+               "cri-stargz": "estargz", "cri-stargz-ctr-remote": "ctr-remote",
+               "estargz+profile": "estargz"}
 # Arms of one kind pull the same tag, gzip+soci excepted.
 TAGS = {arm: LAYOUT_KIND[arm].replace(":", "") for arm in ARMS} | {"gzip+soci": "gzip-soci"}
 # Cached layouts are named after their kind (and chunk size, layer count and tars' content).
@@ -190,8 +196,18 @@ TARGETS = {"hello": 0.11, "imports": 0.17, "read-everything": 1.1}  # none for g
 WHOLE_LOCAL_TARGET = 1.2
 # Issue 13: lazysnap's first output as a fraction of stargz-snapshotter's on the same blobs.
 STARGZ_TARGETS = {"hello": 0.7, "imports": 0.6, "gcc": 0.65}
-STARGZ_COUNTERPART = {"estargz": "stargz", "ctr-remote": "stargz-ctr-remote",
+STARGZ_COUNTERPART = {"estargz": "stargz", "estargz+profile": "stargz",
+                      "ctr-remote": "stargz-ctr-remote",
                       "cri-estargz": "cri-stargz", "cri-ctr-remote": "cri-stargz-ctr-remote"}
+# estargz+profile: the estargz arm's image under a repository of its own per workload (referrers
+# belong to a repository, so no other arm ever finds its profile); before each measured run, a
+# recording run on its own fresh containerd and daemon ([profile] publish) runs the workload
+# and pushes its startup profile straight to the registry; the measured run then pulls with
+# the daemon's defaults ([profile] prefetch on).
+PROFILE_ARMS = ("estargz+profile",)
+PROFILE_RECORD_SECONDS = 10
+PROFILE_PUBLISHED = "startup profile published"
+PROFILE_NOT_PUBLISHED = ("startup_profile_publish_failed", "startup_profile_skipped")
 FULLY_FETCHED = "layer fully fetched and verified"
 FETCH_STOPPED = "background fetch stopped"
 
@@ -203,6 +219,11 @@ STARGZ_BG_FAILED = "failed to fetch whole layer"
 
 RUN_TIMEOUT = 900.0  # one container run, read-everything on a slow link included
 LOCAL_TIMEOUT = 900.0  # waiting for the background fetch after the container exited
+
+
+def repository(arm: str, workload: str) -> str:
+    """The repository an arm's measured run pulls from."""
+    return f"{REPOSITORY}-profile-{workload}" if arm in PROFILE_ARMS else REPOSITORY
 
 
 def log(message: str) -> None:
@@ -1109,6 +1130,48 @@ def _until_local(
     return result
 
 
+def record_profile(workload: str, reference: str, workdir: Path, number: int,
+                   lazy_settings: tuple[str, ...]) -> None:
+    """The estargz+profile arm's recording run: pull, run the workload, and wait until the
+    daemon pushed (or had already pushed) the image's startup profile. Not timed; straight to
+    the registry on loopback, so that every link's measured run finds the same profile."""
+    if reference in _PROFILED:  # the same workload on another link: recorded already
+        return
+    workdir.mkdir(parents=True)
+    hosts_dir = workdir / "hosts"
+    hosts_dir.mkdir()
+    config = workdir / "lazysnap.toml"
+    # No background fetch: the recording needs only what the workload reads, and a whole image
+    # fetched and written to disk here would still be flushing while the measured run starts.
+    config.write_text("[lazy]\nbackground_fetch = false\n"
+                      + "".join(f"{line}\n" for line in lazy_settings)
+                      + f"[profile]\npublish = true\nrecord_seconds = {PROFILE_RECORD_SECONDS}\n")
+    try:
+        with running_daemon(workdir / "d", extra_args=["--log-level", "info", "--config",
+                                                       str(config)]) as daemon, \
+                run_containerd(workdir / "c", daemon.address) as containerd:
+            _pull("estargz", reference, containerd, hosts_dir, daemon.address)
+            containerd.ctr("run", "--rm", "--snapshotter", "lazysnap", reference,
+                           f"{container_id(number)}-rec", *WORKLOADS[workload],
+                           timeout=RUN_TIMEOUT)
+            deadline = time.monotonic() + PROFILE_RECORD_SECONDS + 120
+            while PROFILE_PUBLISHED not in daemon.log():
+                if any(event in daemon.log() for event in PROFILE_NOT_PUBLISHED):
+                    raise RuntimeError("recording run: the profile was not published: "
+                                       + daemon.log()[-2000:])
+                if time.monotonic() > deadline:
+                    raise RuntimeError("recording run: no profile published in time")
+                time.sleep(0.2)
+    finally:
+        unmount_under(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+    _PROFILED.add(reference)
+    log(f"    startup profile recorded and published for {reference}")
+
+
+_PROFILED: set[str] = set()
+
+
 # -- clean-up -------------------------------------------------------------------------------
 
 def unmount_under(root: Path) -> None:
@@ -1277,6 +1340,11 @@ def run(args: argparse.Namespace) -> int:
         with run_registry(top / "registry") as registry:
             pushed: set[str] = set()
             for arm, image in images.items():
+                if arm in PROFILE_ARMS:  # one repository per workload, each profiled apart
+                    for workload in workloads:
+                        oci.push_layout(image.layout, "latest", f"{registry.host}/"
+                                        f"{repository(arm, workload)}:{TAGS[arm]}")
+                    continue
                 if TAGS[arm] in pushed:  # stargz: the estargz arm's image
                     continue
                 pushed.add(TAGS[arm])
@@ -1298,10 +1366,16 @@ def run(args: argparse.Namespace) -> int:
                     for workload in workloads:
                         for arm in images:
                             number += 1
-                            reference = f"{proxy.address}/{REPOSITORY}:{TAGS[arm]}"
+                            reference = (f"{proxy.address}/{repository(arm, workload)}:"
+                                         f"{TAGS[arm]}")
                             log(f"[{link.name}] {workload} / {arm} ...")
                             workdir = top / f"r{number}"
                             try:
+                                if arm in PROFILE_ARMS:
+                                    record_profile(
+                                        workload, f"{registry.host}/"
+                                        f"{repository(arm, workload)}:{TAGS[arm]}",
+                                        top / f"p{number}", number, tuple(args.lazy_setting))
                                 result = measure(
                                     link.name, workload, arm, images[arm], reference, proxy,
                                     workdir, number,

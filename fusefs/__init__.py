@@ -13,6 +13,7 @@ from fusefs.blob import BlobReader, forget_redirect
 from fusefs.cache import CacheUsage, ChunkCache, ChunkIntegrityError
 from fusefs.fetcher import FetchConfig, FetchError
 from fusefs.filesystem import DEFAULT_CACHE_CAPACITY, LayerUsage, LazyFilesystem
+from fusefs.first_reads import FirstRead
 from fusefs.formats import (
     DEFAULT_CHUNK_SIZE,
     IndexLimits,
@@ -59,6 +60,7 @@ __all__ = [
     "FetchConfig",
     "FetchError",
     "FileRead",
+    "FirstRead",
     "FsSnapshot",
     "Histogram",
     "IndexLimits",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +35,12 @@ from fusefs.blob import BlobReader
 from fusefs.cache import CacheOwner, CacheUsage, ChunkCache
 from fusefs.exec_prefetch import ExecPrefetch
 from fusefs.fetcher import ChunkFetcher, Decoder, FetchConfig
+from fusefs.first_reads import FirstRead, FirstReads
 from fusefs.handlers import LazyHandlers
 from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
 from fusefs.layer import Layer
+from fusefs.profile_prefetch import prefetch_profile
 from fusefs.slot_mark import SlotMark
 from fusefs.stats import FsSnapshot, LayerMeters, LayerSnapshot
 from fusefs.table import LayerTable, check_layer_id
@@ -87,6 +89,7 @@ class LazyFilesystem:
         slot_mark: Path | None = None,
         libfuse: bool = False,
         passthrough: bool = False,
+        record_first_reads: tuple[float, int] | None = None,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root instead of a directory
         ``<mountpoint>/<layer-id>``, as ``lazysnap mount --blob`` wants. ``adopt_fd``: an open
@@ -95,7 +98,9 @@ class LazyFilesystem:
         connection taken over never reuses the slot of a layer removed before it started.
         ``libfuse``: mount and serve with pyfuse3 even as root (see ``session.serve``).
         ``passthrough``: use FUSE passthrough for files whole in the cache when the kernel
-        offers it (``fusefs.fuse.passthrough``); False: never ask for it."""
+        offers it (``fusefs.fuse.passthrough``); False: never ask for it.
+        ``record_first_reads``: (seconds, files) to record per layer from its first read, for
+        startup profiles (``first_reads``)."""
         self.mountpoint = mountpoint
         self._cache_dir = cache_dir
         self._cache_capacity = cache_capacity
@@ -109,6 +114,7 @@ class LazyFilesystem:
                                                       fresh_connection=adopt_fd is None)
         self._table = LayerTable(mark)
         self._background: dict[str, trio.CancelScope] = {}
+        self._profile_scopes: dict[str, list[trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self._fetcher: ChunkFetcher | None = None
         self._cache: ChunkCache | None = None
@@ -121,6 +127,8 @@ class LazyFilesystem:
         self._took_over = adopt_fd is not None
         self._resume = trio.Event()
         self._retired = LayerMeters()  # meters of layers detached since start
+        self._first_reads = None if record_first_reads is None else FirstReads(
+            *record_first_reads)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -151,6 +159,7 @@ class LazyFilesystem:
                         mount_time_ns=time.time_ns(),
                         access_log=access_log,
                         exec_prefetch=exec_prefetch,
+                        first_reads=self._first_reads,
                     )
                     await nursery.start(self._serve, self._handlers)
                     task_status.started()
@@ -264,9 +273,49 @@ class LazyFilesystem:
         with scope:
             await run_layer_background(self._fetcher, layer, background=background)
 
+    def prefetch_files(self, layer_id: str, files: Sequence[tuple[str, int]]) -> bool:
+        """Fetch ``files`` ((absolute path, bytes to fetch from its start), the earliest needed
+        first) of an attached layer in large parallel ranges, alongside its readers; a startup
+        profile's list. Returns at once; False if the layer is not attached. Only the order of
+        fetches changes: paths are looked up in the layer's index and every chunk is verified."""
+        layer = self._table.by_id(layer_id)
+        if layer is None or self._nursery is None or self._fetcher is None or not files:
+            return False
+        self._nursery.start_soon(self._prefetch_files, layer, list(files))
+        return True
+
+    async def _prefetch_files(self, layer: Layer, files: list[tuple[str, int]]) -> None:
+        assert self._fetcher is not None
+        scope = self._background.get(layer.layer_id)
+        with trio.CancelScope() as own:
+            if scope is None:
+                return
+            # Detach cancels the layer's background scope; this task watches it.
+            self._profile_scopes.setdefault(layer.layer_id, []).append(own)
+            try:
+                await prefetch_profile(self._fetcher, layer, files)
+            except Exception as exc:
+                log.warning("profile prefetch failed layer=%s error=%r", layer.layer_id, exc)
+            finally:
+                scopes = self._profile_scopes.get(layer.layer_id, [])
+                if own in scopes:
+                    scopes.remove(own)
+
+    def first_reads(self, layer_id: str) -> list[FirstRead]:
+        """The files of an attached layer read first (recorded only with
+        ``record_first_reads``), in first-read order; times are ``trio.current_time()``."""
+        layer = self._table.by_id(layer_id)
+        if layer is None or self._first_reads is None:
+            return []
+        return self._first_reads.of(layer)
+
     async def detach(self, layer_id: str) -> None:
         """Remove a layer: its directory disappears and its inodes become stale."""
         layer = self._table.remove(layer_id)
+        for own in self._profile_scopes.pop(layer_id, []):
+            own.cancel()
+        if self._first_reads is not None:
+            self._first_reads.forget(layer_id)
         self._retired.add(_meters_of(layer))
         scope = self._background.pop(layer_id, None)
         if scope is not None:

@@ -32,6 +32,7 @@ from fusefs.accesslog import AccessLog
 from fusefs.cache import chunk_key
 from fusefs.exec_prefetch import ExecPrefetch
 from fusefs.fetcher import ChunkFetcher
+from fusefs.first_reads import FirstReads
 from fusefs.fuse.abi import Attributes, StatfsReply
 from fusefs.index import EntryAttr, EntryKind
 from fusefs.inodes import MOUNT_ROOT_INODE, InodeMap
@@ -145,8 +146,10 @@ class LazyHandlers:
         mount_time_ns: int,
         access_log: AccessLog | None = None,
         exec_prefetch: ExecPrefetch | None = None,
+        first_reads: FirstReads | None = None,
     ) -> None:
         self._table = table
+        self._first_reads = first_reads
         self._exec_prefetch = exec_prefetch
         self._fetcher = fetcher
         self._inodes = inodes
@@ -427,6 +430,8 @@ class LazyHandlers:
         layer, entry = resolved
         if self._access_log is not None and layer.mark_accessed(entry):
             self._access_log.record(layer.layer_id, layer.index.path(entry), offset, size)
+        if self._first_reads is not None:
+            self._first_reads.read(layer, entry, offset, size)
         started = time.perf_counter()
         if TRACE.active:
             data = await TRACE.read(

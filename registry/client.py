@@ -333,9 +333,9 @@ class RegistryClient:
     ) -> bytes | None:
         """One host's referrers API answer, or None where it has no such API (a 404)."""
         what = f"referrers of {digest}"
-        url = f"{host.api_url}/{ref.path}/referrers/{digest}"
-        if artifact_type is not None:
-            url = _with_query(url, artifactType=artifact_type)
+        # host.url adds ``ns=`` for a mirror, as on every other request to it.
+        url = host.url(f"{ref.path}/referrers/{digest}",
+                       None if artifact_type is None else {"artifactType": artifact_type})
         try:
             answer = await self._engine.call(
                 host,

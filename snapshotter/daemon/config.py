@@ -174,6 +174,18 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    # Look up each lazily pulled image's startup profile (an OCI referrer of its manifest) and
+    # prefetch the files it lists alongside the container's reads. false: never look.
+    prefetch: bool = True
+    # Record which files each image's first container reads and push them as that profile when
+    # the image has none. Needs push credentials; off by default, as for [index] publish.
+    publish: bool = False
+    record_seconds: float = 10.0  # recorded from the image's first read on
+    max_files: int = 4096  # per layer
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
@@ -187,6 +199,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def cri_credentials_file(self) -> Path:
@@ -242,7 +255,7 @@ def _seconds(value: object, name: str, most: float) -> float:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     known = {"root", "address", "hosts_dir", "log", "lazy", "kata", "cri", "pull", "registry",
-             "metrics", "index", "fuse"}
+             "metrics", "index", "fuse", "profile"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -282,6 +295,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         config = replace(config, index=_parse_index(_expect(data, "index", dict, "")))
     if "fuse" in data:
         config = replace(config, fuse=_parse_fuse(_expect(data, "fuse", dict, "")))
+    if "profile" in data:
+        config = replace(config, profile=_parse_profile(_expect(data, "profile", dict, "")))
     return config
 
 
@@ -294,6 +309,21 @@ def _parse_fuse(table: Mapping[str, Any]) -> FuseConfig:
             "fuse.passthrough",
         ))
     return fuse
+
+
+def _parse_profile(table: Mapping[str, Any]) -> ProfileConfig:
+    _only_keys(table, "profile", ("prefetch", "publish", "record_seconds", "max_files"))
+    profile = ProfileConfig()
+    for key in ("prefetch", "publish"):
+        if key in table:
+            profile = replace(profile, **{key: _expect(table, key, bool, "profile.")})
+    if "record_seconds" in table:
+        profile = replace(profile, record_seconds=_seconds(
+            table["record_seconds"], "profile.record_seconds", 600))
+    if "max_files" in table:
+        profile = replace(profile, max_files=_integer(
+            table["max_files"], "profile.max_files", 1, 4096))
+    return profile
 
 
 def _parse_index(table: Mapping[str, Any]) -> IndexConfig:

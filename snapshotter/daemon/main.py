@@ -47,6 +47,7 @@ from snapshotter.daemon.metrics_server import (
     MetricsServerError,
     start_metrics_server,
 )
+from snapshotter.daemon.profile_publish import ProfilePublisher
 from snapshotter.daemon.pushed_credentials import PushedCredentials
 from snapshotter.daemon.sdnotify import notify
 from snapshotter.daemon.socket_path import SocketError, prepare_socket_path
@@ -307,7 +308,10 @@ async def _start_lazy(
                             config=read_path_config(config.lazy),
                             adopt_fd=None if handover is None else handover.fd,
                             slot_mark=layout.slot_mark,
-                            passthrough=config.fuse.passthrough == "auto")
+                            passthrough=config.fuse.passthrough == "auto",
+                            record_first_reads=(config.profile.record_seconds,
+                                                config.profile.max_files)
+                            if config.profile.publish else None)
     except SlotMarkError as exc:
         # Serving the running containers' connection without it could give a removed layer's
         # inode numbers to another layer; stop here for the operator instead.
@@ -327,7 +331,8 @@ async def _start_lazy(
     options = ClientOptions(mirror_first_byte_timeout=config.registry.mirror_first_byte_timeout)
     client = RegistryClient(HostsConfig(config.hosts_dir), credentials, options)
     nursery.start_soon(client.warm_up)  # the CA bundle, before the first pull needs it
-    layers = LazyLayers(fs, client, layout.tail, background_fetch=config.lazy.background_fetch)
+    layers = LazyLayers(fs, client, layout.tail, background_fetch=config.lazy.background_fetch,
+                        use_profiles=config.profile.prefetch)
     # Restoring reads only local files (saved TOC ranges): startup never waits on a registry.
     async with trio.open_nursery() as restoring:
         for record in await trio.to_thread.run_sync(snapshotter.remote_layer_records):
@@ -380,6 +385,8 @@ def _summary(config: Config, lazy: LazySide | None) -> DaemonSummary:
         "cri_image_service": str(config.cri.image_service_address or ""),
         "metrics": config.metrics.address or "",
         "index_publish": str(config.index.publish).lower(),
+        "profile_prefetch": str(config.profile.prefetch).lower(),
+        "profile_publish": str(config.profile.publish).lower(),
     })
 
 
@@ -456,6 +463,13 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         if publisher is not None:
             await nursery.start(publisher.run)
             exported.publisher = publisher
+        if lazy is not None and config.profile.publish:
+            # Pushes with the lazy side's registry client and its credentials.
+            profiles = ProfilePublisher(lazy.client, lazy.fs.first_reads, config.profile)
+            await nursery.start(profiles.run)
+            lazy.layers.on_attached = profiles.attached
+            log.info("startup profile publish on",
+                     extra={"record_seconds": config.profile.record_seconds})
         server = await trio.to_thread.run_sync(
             _start_server, snapshotter, config.address, lazy, grpc_stats,
             _summary(config, lazy), publisher,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -39,6 +40,7 @@ from snapshotter.remote.open_layer import (
     open_layer,
     open_ztoc_layer,
 )
+from snapshotter.remote.profiles import StartupProfiles
 from snapshotter.remote.refused_reads import ImageNamedBlob
 from snapshotter.remote.report import LayersReport, layer_report
 from snapshotter.remote.resolve import check_access, fetch_image_documents
@@ -64,6 +66,16 @@ USAGE_WRITE_WAIT_SECONDS = 0.5
 MANIFEST_CACHE_SIZE = 64
 
 
+@dataclass(frozen=True, slots=True)
+class ProfiledLayer:
+    """A layer attached for one image manifest: what startup profiles are about."""
+
+    image_ref: str
+    manifest_digest: str
+    layer_digest: str
+    layer_id: str
+
+
 class LazyLayers:
     """The lazily served layers of one FUSE mount and one registry client."""
 
@@ -74,8 +86,16 @@ class LazyLayers:
         tail_path: Callable[[str], Path],
         *,
         background_fetch: bool = True,
+        use_profiles: bool = True,
+        on_attached: Callable[[ProfiledLayer], None] | None = None,
     ) -> None:
+        """``use_profiles``: look up each image's startup profile and prefetch from it
+        (``[profile] prefetch``). ``on_attached``: told of every layer attached for an image
+        manifest, for ``[profile] publish``."""
         self._fs = fs
+        self._use_profiles = use_profiles
+        self.on_attached = on_attached
+        self.profiles = StartupProfiles(client)
         self._client = client
         self._saved_toc_path = tail_path  # where a layer's footer/TOC ranges are saved
         self._background_fetch = background_fetch
@@ -271,6 +291,13 @@ class LazyLayers:
         self._blobs[layer_id] = blob
         log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
                  layer_id, blob.digest, fmt, index.entry_count, how)
+        if request.manifest_digest:
+            profiled = ProfiledLayer(request.image_ref, request.manifest_digest,
+                                     request.layer_digest, layer_id)
+            if self._use_profiles:
+                trio.lowlevel.spawn_system_task(self._apply_profile, profiled)
+            if self.on_attached is not None:
+                self.on_attached(profiled)
         return AttachedLayer(
             layer_id=layer_id,
             slot=self._fs.slot_of(layer_id),
@@ -281,6 +308,21 @@ class LazyLayers:
             annotations=annotations,
             format=fmt,
         )
+
+    async def _apply_profile(self, layer: ProfiledLayer) -> None:
+        """Prefetch the layer's files its image's startup profile lists, once it is known: the
+        Prepare does not wait for the lookup, readers start alongside the prefetch."""
+        try:
+            profile = await self.profiles.profile_of(parse_reference(layer.image_ref),
+                                                     layer.manifest_digest)
+            files = () if profile is None else profile.files_of(layer.layer_digest)
+            if files and self._fs.prefetch_files(layer.layer_id,
+                                                 [(f.path, f.read_bytes) for f in files]):
+                log.info("startup profile applied layer=%s digest=%s files=%d", layer.layer_id,
+                         layer.layer_digest, len(files),
+                         extra={"event": "startup_profile_applied"})
+        except Exception as exc:  # a system task must not raise; the pull goes on without
+            log.warning("startup profile not applied layer=%s error=%r", layer.layer_id, exc)
 
     def read_ahead(self, layers: Sequence[tuple[Mapping[str, str], int | None]]) -> list[bool]:
         """Start reading the TOCs of layers whose Prepares are announced with their labels and
@@ -293,6 +335,9 @@ class LazyLayers:
         if decision is None or decision.request is None or decision.needs_manifest:
             return False
         request = decision.request
+        if self._use_profiles and request.manifest_digest:
+            with contextlib.suppress(ValueError):
+                self.profiles.start(parse_reference(request.image_ref), request.manifest_digest)
         if decision.soci and request.manifest_digest is not None:
             with contextlib.suppress(SociIndexError):  # the Prepare reports it
                 self.soci.start(parse_reference(request.image_ref), request.manifest_digest,

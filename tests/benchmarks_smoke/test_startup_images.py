@@ -230,3 +230,15 @@ def test_container_names_differ_between_runs_of_the_script() -> None:
     # runc's state directory is shared by every containerd of the machine.
     assert startup.container_id(3) == f"bench{os.getpid()}-3"
     assert startup.container_id(3) != startup.container_id(4)
+
+
+def test_the_profile_arm_pulls_the_estargz_blobs_from_a_repository_per_workload() -> None:
+    """Referrers belong to a repository: no other arm, and no other workload, may find the
+    profile a recording run published."""
+    assert startup.LAYOUT_KIND["estargz+profile"] == "estargz"
+    assert startup.STARGZ_COUNTERPART["estargz+profile"] == "stargz"
+    names = {startup.repository(arm, workload) for arm in ("estargz", "stargz")
+             for workload in ("hello", "imports")}
+    assert names == {startup.REPOSITORY}
+    assert startup.repository("estargz+profile", "hello") != \
+        startup.repository("estargz+profile", "imports") != startup.REPOSITORY

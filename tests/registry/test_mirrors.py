@@ -404,3 +404,23 @@ def test_a_cold_pull_through_mirror_is_asked_again_for_the_blob_after_a_while() 
     run(main)
     origin_ranges = [r for r in fake.requests if r.url.host == "reg.test" and "range" in r.headers]
     assert [r.headers["range"] for r in origin_ranges] == ["bytes=0-7", "bytes=8-15"]
+
+
+def test_referrers_requests_to_a_mirror_name_the_registry_too() -> None:
+    """The referrers API (with its artifactType filter) and the referrers tag fallback: a
+    mirror learns which registry is meant from ``ns`` on these as on every request."""
+    fake, _ = seeded()
+    handler, mirror_requests = split_handler(fake)
+
+    async def main() -> None:
+        async with make_client(fake, hosts=HOSTS, handler=handler) as client:
+            image = await client.resolve_image(REF)
+            await client.fetch_referrers(REF, image.digest, "application/x.test+json")
+            await client.list_referrers(REF, image.digest)
+
+    run(main)
+    referrers = [r for r in mirror_requests if "/referrers/" in r.url.path]
+    assert referrers, [str(r.url) for r in mirror_requests]
+    assert all(r.url.params.get("ns") == "reg.test" for r in mirror_requests), [
+        str(r.url) for r in mirror_requests]
+    assert referrers[0].url.params.get("artifactType") == "application/x.test+json"

@@ -299,3 +299,20 @@ def test_nearby_fetch_is_off_unless_the_file_turns_it_on(tmp_path: Path) -> None
     path.write_text('[lazy]\nnearby_fetch = "yes"\n')
     with pytest.raises(ConfigError, match=r"lazy\.nearby_fetch"):
         load_config(path)
+
+
+def test_profile_table_defaults_and_bounds(tmp_path: Path) -> None:
+    profile = Config().profile
+    assert (profile.prefetch, profile.publish, profile.record_seconds, profile.max_files) == (
+        True, False, 10.0, 4096)
+    path = tmp_path / "config.toml"
+    path.write_text("[profile]\nprefetch = false\npublish = true\nrecord_seconds = 2\n"
+                    "max_files = 10\n")
+    profile = load_config(path).profile
+    assert (profile.prefetch, profile.publish, profile.record_seconds, profile.max_files) == (
+        False, True, 2.0, 10)
+    for bad in ("prefetch = 1", "publish = \"yes\"", "record_seconds = 0",
+                "record_seconds = 601", "max_files = 0", "max_files = 5000", "record = true"):
+        path.write_text(f"[profile]\n{bad}\n")
+        with pytest.raises(ConfigError, match=r"profile\."):
+            load_config(path)

@@ -25,6 +25,7 @@ from snapshotter.labels import (
 )
 from snapshotter.remote.layers import LazyLayers
 from snapshotter.soci_index import IMAGE_INDEX_DIGEST, SociIndex, ZtocDescriptor, build
+from snapshotter.startup_profile import ARTIFACT_TYPE
 from snapshotter.store.remote import RemoteLayerError
 from tests.registry.fake_registry import FakeRegistry, make_client
 from tests.support.oci_image import TarBuilder
@@ -87,6 +88,13 @@ def _cri_labels(manifest: str, layers: list[str], number: int) -> dict[str, str]
     }
 
 
+def _soci_referrers(fake: FakeRegistry) -> list[Any]:
+    """Referrers requests of the SOCI lookup (the startup profile lookup asks too, filtered by
+    its own artifact type)."""
+    return [r for r in fake.requests if "/referrers/" in r.url.path
+            and ARTIFACT_TYPE not in r.url.params.get("artifactType", "")]
+
+
 def _mount_both(fake: FakeRegistry, manifest: str, layers: list[str], tmp_path: Path,
                 ) -> tuple[FakeFilesystem, list[Any]]:
     fs = FakeFilesystem()
@@ -115,7 +123,7 @@ def test_cri_labels_alone_find_the_v2_index_through_the_manifest(tmp_path: Path)
     assert isinstance(second, RemoteLayerError) and "no SOCI index" in str(second)
     gets = [r.url.path for r in fake.requests]
     assert gets.count(f"/v2/team/app/manifests/{manifest}") == 1
-    assert not any("/referrers/" in path for path in gets)  # v2: no referrers asked
+    assert not _soci_referrers(fake)  # v2: no referrers asked for SOCI indexes
 
 
 def test_an_image_without_an_index_is_looked_up_once(tmp_path: Path) -> None:
@@ -124,7 +132,7 @@ def test_an_image_without_an_index_is_looked_up_once(tmp_path: Path) -> None:
     fs, outcomes = _mount_both(fake, manifest, layers, tmp_path)
     assert not fs.attached
     assert all(isinstance(o, RemoteLayerError) for o in outcomes)
-    assert sum("/referrers/" in r.url.path for r in fake.requests) == 1
+    assert len(_soci_referrers(fake)) == 1
 
 
 def test_a_restart_reattaches_from_the_saved_ztoc_without_the_network(tmp_path: Path) -> None:
@@ -166,11 +174,11 @@ def test_announced_layers_start_the_lookup_before_their_prepares(tmp_path: Path)
             lazy = LazyLayers(fs, client, lambda layer_id: tmp_path / f"{layer_id}.tail")  # type: ignore[arg-type]
             lazy.read_ahead([(one, None) for one in labels])
             with trio.fail_after(10):
-                while not any("/referrers/" in r.url.path for r in fake.requests):
+                while not _soci_referrers(fake):
                     await trio.sleep(0.01)
             for number, one in enumerate(labels):
                 with contextlib.suppress(RemoteLayerError):
                     await lazy.mount(one, f"l{number}")
-            return lazy.soci.requests, sum("/referrers/" in r.url.path for r in fake.requests)
+            return lazy.soci.requests, len(_soci_referrers(fake))
 
     assert trio.run(main) == (1, 1)
