@@ -12,12 +12,11 @@ is asked about again after a few minutes: another node may publish one meanwhile
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import trio
 
 from registry import Reference, RegistryClient, RegistryError
+from snapshotter.remote.image_lookups import ImageLookups, LookupPolicy, image_key
 from snapshotter.startup_profile import (
     ARTIFACT_TYPE,
     CREATED,
@@ -36,29 +35,24 @@ FAILED_LOOKUP_SECONDS = 30.0
 ABSENT_PROFILE_SECONDS = 300.0
 
 
-@dataclass(slots=True)
-class _Lookup:
-    done: trio.Event
-    profile: StartupProfile | None = None
-    expires_at: float | None = None
-
-    def expired(self) -> bool:
-        return (self.done.is_set() and self.expires_at is not None
-                and trio.current_time() >= self.expires_at)
-
-
 class StartupProfiles:
     """The startup profile of each image, looked up at most once while it stays cached."""
 
     def __init__(self, client: RegistryClient, cache_size: int = IMAGE_CACHE_SIZE) -> None:
         self._client = client
-        self._cache_size = cache_size
-        self._lookups: OrderedDict[str, _Lookup] = OrderedDict()
-        self.requests = 0  # lookups that went to the registry, for tests
+        self._lookups: ImageLookups[StartupProfile] = ImageLookups(LookupPolicy(
+            "startup profile", (RegistryError,), LOOKUP_TIMEOUT_SECONDS,
+            FAILED_LOOKUP_SECONDS, ABSENT_PROFILE_SECONDS, cache_size,
+        ))
+
+    @property
+    def requests(self) -> int:
+        """Lookups that went to the registry, for tests."""
+        return self._lookups.requests
 
     def start(self, ref: Reference, manifest_digest: str) -> bool:
         """Begin the lookup ahead of the image's Prepares; True if it started."""
-        if _key(ref, manifest_digest) in self._lookups:
+        if image_key(ref, manifest_digest) in self._lookups:
             return False
         trio.lowlevel.spawn_system_task(self._look_ahead, ref, manifest_digest)
         return True
@@ -70,36 +64,16 @@ class StartupProfiles:
             log.warning("startup profile lookup ahead failed error=%r", exc)
 
     async def profile_of(self, ref: Reference, manifest_digest: str) -> StartupProfile | None:
-        key = _key(ref, manifest_digest)
-        lookup = self._lookups.get(key)
-        if lookup is not None and lookup.expired():
-            del self._lookups[key]
-            lookup = None
-        if lookup is not None:
-            self._lookups.move_to_end(key)
-            await lookup.done.wait()
-            return lookup.profile
-        lookup = self._lookups[key] = _Lookup(trio.Event())
-        if len(self._lookups) > self._cache_size:
-            self._lookups.popitem(last=False)
-        try:
-            self.requests += 1
-            lookup.expires_at = trio.current_time() + FAILED_LOOKUP_SECONDS
-            with trio.fail_after(LOOKUP_TIMEOUT_SECONDS):
-                lookup.profile = await self._find(ref, manifest_digest)
-            lookup.expires_at = (None if lookup.profile is not None
-                                 else trio.current_time() + ABSENT_PROFILE_SECONDS)
-        except (RegistryError, trio.TooSlowError) as exc:
-            log.warning("startup profile lookup failed image=%s manifest=%s error=%s: %s",
-                        ref.path, manifest_digest, type(exc).__name__, exc)
-        finally:
-            lookup.done.set()
-        if lookup.profile is not None:
-            log.info("startup profile found image=%s manifest=%s layers=%d files=%d dropped=%d",
-                     ref.path, manifest_digest, len(lookup.profile.layers),
-                     sum(len(files) for files in lookup.profile.layers.values()),
-                     lookup.profile.dropped, extra={"event": "startup_profile_found"})
-        return lookup.profile
+        return await self._lookups.get(
+            ref, manifest_digest,
+            lambda: self._find(ref, manifest_digest),
+            lambda profile: log.info(
+                "startup profile found image=%s manifest=%s layers=%d files=%d dropped=%d",
+                ref.path, manifest_digest, len(profile.layers),
+                sum(len(files) for files in profile.layers.values()), profile.dropped,
+                extra={"event": "startup_profile_found"},
+            ),
+        )
 
     async def _find(self, ref: Reference, manifest_digest: str) -> StartupProfile | None:
         listed = await self._client.fetch_referrers(ref, manifest_digest, ARTIFACT_TYPE)
@@ -120,6 +94,3 @@ class StartupProfiles:
         body = await self._client.fetch_blob(ref, blob.digest, size=blob.size)
         return parse(body)
 
-
-def _key(ref: Reference, manifest_digest: str) -> str:
-    return f"{ref.domain}/{ref.path}@{manifest_digest}"

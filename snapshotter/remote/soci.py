@@ -21,12 +21,11 @@ with one log line per image.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import trio
 
 from registry import Reference, RegistryClient, RegistryError
+from snapshotter.remote.image_lookups import ImageLookups, LookupPolicy, image_key
 from snapshotter.soci_index import (
     SOCI_INDEX_V1,
     SociIndex,
@@ -49,29 +48,20 @@ FAILED_LOOKUP_SECONDS = 30.0
 ABSENT_INDEX_SECONDS = 300.0
 
 
-@dataclass(slots=True)
-class _Lookup:
-    done: trio.Event
-    index: SociIndex | None = None
-    # trio time after which the answer is looked up again; None keeps it.
-    expires_at: float | None = None
-
-    def expired(self) -> bool:
-        return (
-            self.done.is_set()
-            and self.expires_at is not None
-            and trio.current_time() >= self.expires_at
-        )
-
-
 class SociIndexes:
     """The SOCI index of each image, looked up at most once while it stays in the cache."""
 
     def __init__(self, client: RegistryClient, cache_size: int = IMAGE_CACHE_SIZE) -> None:
         self._client = client
-        self._cache_size = cache_size
-        self._lookups: OrderedDict[str, _Lookup] = OrderedDict()
-        self.requests = 0  # lookups that went to the registry, for tests
+        self._lookups: ImageLookups[SociIndex] = ImageLookups(LookupPolicy(
+            "soci index", (RegistryError, SociIndexError), LOOKUP_TIMEOUT_SECONDS,
+            FAILED_LOOKUP_SECONDS, ABSENT_INDEX_SECONDS, cache_size,
+        ))
+
+    @property
+    def requests(self) -> int:
+        """Lookups that went to the registry, for tests."""
+        return self._lookups.requests
 
     async def ztoc_for(
         self, ref: Reference, manifest_digest: str, index_digest: str | None, layer_digest: str
@@ -86,7 +76,7 @@ class SociIndexes:
     def start(self, ref: Reference, manifest_digest: str, index_digest: str | None) -> bool:
         """Begin the image's lookup ahead of its Prepares (lazysnap pull announces its layers
         before containerd stores the image); True if it started. Prepares then join it."""
-        if f"{ref.domain}/{ref.path}@{manifest_digest}" in self._lookups:
+        if image_key(ref, manifest_digest) in self._lookups:
             return False
         trio.lowlevel.spawn_system_task(self._look_ahead, ref, manifest_digest, index_digest)
         return True
@@ -102,39 +92,14 @@ class SociIndexes:
     async def index_of(
         self, ref: Reference, manifest_digest: str, index_digest: str | None
     ) -> SociIndex | None:
-        key = f"{ref.domain}/{ref.path}@{manifest_digest}"
-        lookup = self._lookups.get(key)
-        if lookup is not None and lookup.expired():
-            del self._lookups[key]
-            lookup = None
-        if lookup is not None:
-            self._lookups.move_to_end(key)
-            await lookup.done.wait()
-            return lookup.index
-        lookup = self._lookups[key] = _Lookup(trio.Event())
-        if len(self._lookups) > self._cache_size:
-            self._lookups.popitem(last=False)
-        try:
-            self.requests += 1
-            lookup.expires_at = trio.current_time() + FAILED_LOOKUP_SECONDS
-            with trio.fail_after(LOOKUP_TIMEOUT_SECONDS):
-                lookup.index = await self._find(ref, manifest_digest, index_digest)
-            lookup.expires_at = (
-                None if lookup.index is not None else trio.current_time() + ABSENT_INDEX_SECONDS
-            )
-        except (RegistryError, SociIndexError, trio.TooSlowError) as exc:
-            log.warning(
-                "soci index lookup failed image=%s manifest=%s error=%s: %s",
-                ref.path, manifest_digest, type(exc).__name__, exc,
-            )
-        finally:
-            lookup.done.set()
-        if lookup.index is not None:
-            log.info(
+        return await self._lookups.get(
+            ref, manifest_digest,
+            lambda: self._find(ref, manifest_digest, index_digest),
+            lambda index: log.info(
                 "soci index found image=%s manifest=%s version=%d ztocs=%d",
-                ref.path, manifest_digest, lookup.index.version, len(lookup.index.ztocs),
-            )
-        return lookup.index
+                ref.path, manifest_digest, index.version, len(index.ztocs),
+            ),
+        )
 
     async def _find(
         self, ref: Reference, manifest_digest: str, index_digest: str | None
