@@ -486,18 +486,7 @@ class _Builder:
             raise LayerFormatError(f"regular file {name!r} has a non-zero chunkOffset")
         chunks: list[_Chunk] = []
         if size > 0:
-            # _chunk_fields inlined: this runs once per file.
-            offset = fields.offset
-            chunk_type = fields.chunk_type
-            if chunk_type and chunk_type != "zeros":
-                raise LayerFormatError(f"unknown chunkType {chunk_type!r}")
-            self.payload_offsets.append(offset)
-            value = fields.chunk_digest
-            digest = sha256_raw(value) if value else None
-            if digest is None and value:
-                _digest("chunkDigest", value)  # raises with the field in the message
-            chunks.append((0, fields.chunk_size, offset, fields.inner_offset, digest,
-                           chunk_type == "zeros"))  # fmt: skip
+            chunks.append(self._chunk_fields(fields, 0))
         # The whole-file digest only matters for single-chunk files without a chunkDigest
         # (containers/storage); it is checked when used.
         self.pending = (entry, name, size, fields.digest, fields.end_offset, chunks)
