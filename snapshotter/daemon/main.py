@@ -398,6 +398,15 @@ class _Exported:
     publisher: IndexPublisher | None = None
 
 
+def _image_lookups(layers: LazyLayers) -> dict[tuple[str, str], int]:
+    """Registry lookups per image, by what was looked up and the result."""
+    counts = {}
+    for lookup, results in (("soci_index", layers.soci.lookup_results),
+                            ("startup_profile", layers.profiles.lookup_results)):
+        counts.update({(lookup, result): count for result, count in results.items()})
+    return counts
+
+
 def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
                    token: trio.lowlevel.TrioToken) -> MetricsServer:
     """Serve /metrics; each scrape copies the counters on the trio thread (one hop)."""
@@ -410,7 +419,7 @@ def _start_metrics(config: Config, exported: _Exported, grpc_stats: GrpcStats,
         return DaemonSnapshot(
             VERSION, lazy=True, fs=lazy.fs.snapshot(), registry=lazy.client.stats.copy(),
             fallbacks=dict(lazy.layers.fallbacks), grpc=grpc_stats.snapshot(),
-            index_publish=published,
+            index_publish=published, image_lookups=_image_lookups(lazy.layers),
         )
 
     registry = metrics_registry(from_trio(take, token), per_layer=config.metrics.per_layer)

@@ -48,6 +48,8 @@ class DaemonSnapshot:
     grpc: Mapping[tuple[str, str], Histogram] = field(default_factory=dict)
     # [index] publish jobs by result; empty while publishing is off
     index_publish: Mapping[str, int] = field(default_factory=dict)
+    # (lookup, result) -> per-image registry lookups: SOCI indexes and startup profiles
+    image_lookups: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
@@ -116,6 +118,14 @@ class DaemonCollector(Collector):
         for (method, code), histogram in sorted(snapshot.grpc.items()):
             grpc.add_metric([method, code], _buckets(histogram), histogram.total)
         yield grpc
+        if snapshot.lazy:
+            lookups = CounterMetricFamily(
+                f"{PREFIX}_image_lookups", "Per-image registry lookups of SOCI indexes and "
+                "startup profiles, by lookup and result: found, absent, failed.",
+                labels=["lookup", "result"])
+            for (lookup, result), count in sorted(snapshot.image_lookups.items()):
+                lookups.add_metric([lookup, result], count)
+            yield lookups
         if snapshot.index_publish:
             yield _by_label("index_publish", "SOCI indexes this node built from images it "
                             "pulled in full ([index] publish), by result: published, skipped "

@@ -6,6 +6,9 @@ image stays among the ``cache_size`` most recently asked. "Nothing" is not final
 lookup is tried again after ``failed_seconds`` (a registry hiccup should not decide for the
 life of the daemon) and a clean "there is none" after ``absent_seconds`` (someone may publish
 one later without changing the image).
+
+Every lookup that goes to the registry ends in one of ``RESULTS``, counted in ``results`` for
+the daemon's ``lazysnap_image_lookups_total``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from registry import Reference
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+FOUND = "found"
+ABSENT = "absent"  # the registry answered: there is none
+FAILED = "failed"  # the registry failed or took too long: asked again sooner
+RESULTS = (FOUND, ABSENT, FAILED)
 
 
 @dataclass(slots=True)
@@ -60,7 +68,14 @@ class ImageLookups(Generic[T]):
     def __init__(self, policy: LookupPolicy) -> None:
         self._policy = policy
         self._lookups: OrderedDict[str, _Lookup[T]] = OrderedDict()
-        self.requests = 0  # lookups that went to the registry, for tests
+        self.results = dict.fromkeys(RESULTS, 0)  # lookups that went to the registry
+        self._running = 0
+
+    @property
+    def requests(self) -> int:
+        """Lookups that went to the registry, finished or not."""
+        return sum(self.results.values()) + self._running
+
 
     def __contains__(self, key: str) -> bool:
         return key in self._lookups
@@ -88,20 +103,24 @@ class ImageLookups(Generic[T]):
         lookup = self._lookups[key] = _Lookup(trio.Event())
         if len(self._lookups) > policy.cache_size:
             self._lookups.popitem(last=False)
+        result = FAILED  # also when cancelled or when ``find`` raises something unexpected
+        self._running += 1
         try:
-            self.requests += 1
             lookup.expires_at = trio.current_time() + policy.failed_seconds
             with trio.fail_after(policy.timeout_seconds):
                 lookup.found = await find()
             lookup.expires_at = (
                 None if lookup.found is not None else trio.current_time() + policy.absent_seconds
             )
+            result = ABSENT if lookup.found is None else FOUND
         except failures as exc:
             log.warning(
                 "%s lookup failed image=%s manifest=%s error=%s: %s",
                 policy.what, ref.path, manifest_digest, type(exc).__name__, exc,
             )
         finally:
+            self._running -= 1
+            self.results[result] += 1
             lookup.done.set()
         if lookup.found is not None:
             on_found(lookup.found)

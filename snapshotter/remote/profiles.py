@@ -50,6 +50,12 @@ class StartupProfiles:
         """Lookups that went to the registry, for tests."""
         return self._lookups.requests
 
+    @property
+    def lookup_results(self) -> dict[str, int]:
+        """Startup profile lookups that went to the registry, by result
+        (``image_lookups.RESULTS``)."""
+        return dict(self._lookups.results)
+
     def start(self, ref: Reference, manifest_digest: str) -> bool:
         """Begin the lookup ahead of the image's Prepares; True if it started."""
         if image_key(ref, manifest_digest) in self._lookups:

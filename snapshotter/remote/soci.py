@@ -63,6 +63,11 @@ class SociIndexes:
         """Lookups that went to the registry, for tests."""
         return self._lookups.requests
 
+    @property
+    def lookup_results(self) -> dict[str, int]:
+        """SOCI index lookups that went to the registry, by result (``image_lookups.RESULTS``)."""
+        return dict(self._lookups.results)
+
     async def ztoc_for(
         self, ref: Reference, manifest_digest: str, index_digest: str | None, layer_digest: str
     ) -> ZtocDescriptor | None:

@@ -163,6 +163,11 @@ def test_metrics_and_status_follow_a_lazy_pull_and_run(
     assert _total(ran, "lazysnap_grpc_request_duration_seconds_count",
                   method="/containerd.services.snapshots.v1.Snapshots/Prepare") >= len(digests)
     assert _total(ran, "lazysnap_verification_failures_total") == 0
+    # The image has no startup profile: one lookup per image, answered "there is none".
+    assert _total(ran, "lazysnap_image_lookups_total", lookup="startup_profile",
+                  result="absent") == 1
+    assert _total(ran, "lazysnap_image_lookups_total", lookup="startup_profile",
+                  result="failed") == 0
     assert _total(ran, "process_resident_memory_bytes") > 0
 
     # status --layers says, per layer, what the registry served for it.

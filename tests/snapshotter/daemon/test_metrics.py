@@ -47,7 +47,9 @@ def _snapshot(*layers: LayerSnapshot, retired: LayerMeters | None = None) -> Dae
                          evictions=2, verify_failures=1, evicted_bytes=20),
     )
     return DaemonSnapshot("9.9", lazy=True, fs=fs, registry=registry,
-                          fallbacks={"not_lazy_format": 2, "registry_error": 0})
+                          fallbacks={"not_lazy_format": 2, "registry_error": 0},
+                          image_lookups={("startup_profile", "found"): 5,
+                                         ("soci_index", "failed"): 1})
 
 
 def _scrape(snapshot: DaemonSnapshot | None, *, per_layer: bool) -> Samples:
@@ -117,6 +119,10 @@ def test_daemon_wide_families() -> None:
     assert samples[("lazysnap_cache_hits_total", ())] == 4
     assert samples[("lazysnap_cache_evicted_bytes_total", ())] == 20
     assert samples[("lazysnap_daemon_info", (("lazy", "true"), ("version", "9.9")))] == 1
+    assert samples[("lazysnap_image_lookups_total",
+                    (("lookup", "startup_profile"), ("result", "found")))] == 5
+    assert samples[("lazysnap_image_lookups_total",
+                    (("lookup", "soci_index"), ("result", "failed")))] == 1
 
 
 def test_a_stopping_daemon_renders_nothing() -> None:

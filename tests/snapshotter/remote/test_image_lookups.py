@@ -64,6 +64,34 @@ def test_the_least_recently_asked_image_is_forgotten_past_the_cache_size() -> No
     assert trio.run(main) == 4
 
 
+def test_every_lookup_that_went_to_the_registry_is_counted_by_result() -> None:
+    async def main() -> dict[str, int]:
+        lookups: ImageLookups[str] = ImageLookups(POLICY)
+
+        async def found() -> str:
+            return "x"
+
+        async def absent() -> None:
+            return None
+
+        async def missing() -> str:
+            raise Missing("registry down")
+
+        async def slow() -> str:
+            await trio.sleep(60)
+            return "late"
+
+        for name, find in (("a", found), ("a", found), ("b", absent), ("c", missing),
+                           ("d", slow)):
+            await lookups.get(_ref(name), "sha256:m", find, lambda _: None)
+        return lookups.results
+
+    # The second ask of "a" is answered from the cache; "d" times out after 5 s.
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == {
+        "found": 1, "absent": 1, "failed": 2,
+    }
+
+
 def test_a_listed_failure_means_nothing_for_now_and_others_propagate() -> None:
     async def main() -> None:
         lookups: ImageLookups[str] = ImageLookups(POLICY)
@@ -77,5 +105,7 @@ def test_a_listed_failure_means_nothing_for_now_and_others_propagate() -> None:
         assert await lookups.get(_ref("a"), "sha256:m", missing, lambda _: None) is None
         with pytest.raises(ValueError, match="a bug"):
             await lookups.get(_ref("b"), "sha256:m", broken, lambda _: None)
+        # A lookup that raised is counted too, so the failed count shows bugs as well.
+        assert lookups.results == {"found": 0, "absent": 0, "failed": 2}
 
     trio.run(main)
