@@ -24,6 +24,8 @@ stargz-snapshotter's (ctr arms and CRI arms apart), measured in the same run.
     .venv/bin/python benchmarks/scale.py --images 4 --containers 2 --arms lazysnap
     .venv/bin/python benchmarks/scale.py --arms cri-lazysnap,cri-stargz
     .venv/bin/python benchmarks/scale.py --arms cri-lazysnap --py-spy DIR --metrics DIR
+    .venv/bin/python benchmarks/scale.py --arms cri-lazysnap,cri-stargz \
+        --lazy-setting 'background_fetch = false'
 
 ``--py-spy DIR`` samples lazysnap's daemon with py-spy (``pip install py-spy``) for the arm's
 whole run: ``DIR/<arm>.txt`` has its collapsed stacks, one per thread, for a flame graph or grep.
@@ -307,9 +309,11 @@ def _save_metrics(socket: Path, output: Path) -> None:
 
 def measure_arm(arm: str, references: Sequence[str], containers: int, proxy: LinkProxy,
                 workdir: Path, stargz_grpc: Path | None, *, pause: str = "",
-                py_spy: Path | None = None, metrics: Path | None = None) -> ArmResult:
+                py_spy: Path | None = None, metrics: Path | None = None,
+                lazy_settings: Sequence[str] = ()) -> ArmResult:
     """One arm on fresh state. ``pause``: the sandbox image, for the CRI arms; ``py_spy`` and
-    ``metrics``: directories for lazysnap's daemon's profile and metrics (None: not taken)."""
+    ``metrics``: directories for lazysnap's daemon's profile and metrics (None: not taken);
+    ``lazy_settings``: ``[lazy]`` lines for lazysnap's daemon's config."""
     result = ArmResult(arm)
     hosts_dir = workdir / "hosts"
     hosts_dir.mkdir(parents=True)
@@ -327,9 +331,13 @@ def measure_arm(arm: str, references: Sequence[str], containers: int, proxy: Lin
                 workdir / "c", workdir / "no-lazysnap.sock",
                 extra_proxy_plugins={"stargz": stargz}, cri=cri))
         else:
-            metrics_args = ["--metrics-address", f"unix:{metrics_socket}"] if metrics else []
+            daemon_args = ["--metrics-address", f"unix:{metrics_socket}"] if metrics else []
+            if lazy_settings:
+                config = workdir / "lazysnap.toml"
+                config.write_text("[lazy]\n" + "".join(f"{line}\n" for line in lazy_settings))
+                daemon_args += ["--config", str(config)]
             daemon = stack.enter_context(running_daemon(
-                workdir / "d", extra_args=["--log-level", "info", *metrics_args]))
+                workdir / "d", extra_args=["--log-level", "info", *daemon_args]))
             daemon_address = daemon.address
             pid = daemon.process.pid if daemon.process is not None else None
             containerd = stack.enter_context(run_containerd(workdir / "c", daemon.address,
@@ -444,6 +452,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
     parser.add_argument("--mbit", type=float, default=0.0, help="link rate (0: loopback)")
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--lazy-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [lazy] line for lazysnap's daemon's config, in TOML "
+                        "(repeatable), such as 'background_fetch = false'")
     parser.add_argument("--py-spy", metavar="DIR", type=Path,
                         help="sample lazysnap's daemon with py-spy into DIR/<arm>.txt")
     parser.add_argument("--metrics", metavar="DIR", type=Path,
@@ -485,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     results.append(measure_arm(arm, references, args.containers, proxy,
                                                workdir, stargz_grpc, pause=pause,
-                                               py_spy=args.py_spy, metrics=args.metrics))
+                                               py_spy=args.py_spy, metrics=args.metrics,
+                                               lazy_settings=args.lazy_setting))
                 finally:
                     unmount_under(workdir)
             finally:

@@ -74,7 +74,9 @@ def test_arms_default_to_the_ctr_pair_and_take_the_cri_arms() -> None:
     assert arms == ["lazysnap", "stargz"]
     args, arms = scale.parse_arguments(["--arms", "cri-lazysnap, cri-stargz", "--images", "3"])
     assert arms == ["cri-lazysnap", "cri-stargz"] and args.images == 3
-    assert args.py_spy is None and args.metrics is None
+    assert args.py_spy is None and args.metrics is None and args.lazy_setting == []
+    args, _ = scale.parse_arguments(["--lazy-setting", "background_fetch = false"])
+    assert args.lazy_setting == ["background_fetch = false"]
 
 
 @pytest.mark.parametrize("argv", [["--arms", "cri-overlayfs"], ["--arms", ","],
