@@ -75,9 +75,10 @@ class CriStart:
     image_id: str = ""
 
 
-def first_log_line(path: Path, deadline: float) -> str:
+def first_log_line(path: Path, deadline: float, poll: float = LOG_POLL) -> str:
     """The message of the first complete line of a CRI log file (``<time> <stream> <tag>
-    <message>``), polled until it is there or ``deadline`` (monotonic) passes."""
+    <message>``), polled every ``poll`` seconds until it is there or ``deadline`` (monotonic)
+    passes."""
     while time.monotonic() < deadline:
         try:
             text = path.read_text(errors="replace")
@@ -86,7 +87,7 @@ def first_log_line(path: Path, deadline: float) -> str:
         if "\n" in text:
             fields = text.split("\n", 1)[0].split(" ", 3)
             return fields[3] if len(fields) == 4 else ""
-        time.sleep(LOG_POLL)
+        time.sleep(poll)
     raise TimeoutError(f"no line in {path} in time")
 
 
@@ -96,14 +97,27 @@ def start_through_cri(client: CriClient, reference: str, command: list[str], pod
     """PullImage -> RunPodSandbox -> CreateContainer -> StartContainer -> first log line, timed
     from ``started`` (``on_first_output`` is called right then); then waits for the container
     to exit and removes the pod."""
+    image_id = client.pull(reference)
+    pull_s = time.monotonic() - started
+    times = start_pod_through_cri(client, reference, command, pods, pod_name, started, timeout,
+                                  on_first_output)
+    times.image_id, times.pull_s = image_id, pull_s
+    return times
+
+
+def start_pod_through_cri(client: CriClient, reference: str, command: list[str], pods: Path,
+                          pod_name: str, started: float, timeout: float,
+                          on_first_output: Callable[[], None] = lambda: None,
+                          poll: float = LOG_POLL) -> CriStart:
+    """A pulled image's pod: RunPodSandbox -> CreateContainer -> StartContainer -> first log
+    line (polled every ``poll`` seconds), timed from ``started``; then waits for the container
+    to exit and removes the pod. ``pull_s`` and ``image_id`` are left unset."""
     times = CriStart()
-    times.image_id = client.pull(reference)
-    times.pull_s = time.monotonic() - started
     log_directory = pods / pod_name
     with running_pod(client, pod_name, log_directory) as pod:
         container = pod.start_container(CONTAINER, reference, command)
         times.first_line = first_log_line(log_directory / f"{CONTAINER}.log",
-                                          started + timeout)
+                                          started + timeout, poll)
         times.first_output_s = time.monotonic() - started
         on_first_output()
         status = pod.wait_exited(container, timeout=timeout)

@@ -4,10 +4,12 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from fusefs import cache as cache_module
 from fusefs.cache import ChunkCache, ChunkIntegrityError, chunk_key
@@ -145,3 +147,30 @@ async def test_file_removed_behind_our_back_is_a_miss(tmp_path: Path) -> None:
 async def test_capacity_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="capacity"):
         await ChunkCache.open(tmp_path, capacity_bytes=0)
+
+
+@trio_test
+async def test_a_shard_directory_is_made_once_not_before_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = await ChunkCache.open(tmp_path, capacity_bytes=1 << 20)
+    made: list[Path] = []
+    real_mkdir = Path.mkdir
+
+    def counted_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", counted_mkdir)
+    # Keys by blob position share the first hex digits of the blob digest: one shard.
+    chunks = [bytes([i]) * 1000 for i in range(5)]
+    keys = [chunk_key(ChunkRef(i * 1000, 1000, i * 1000, i * 1000 + 1000, 0, None),
+                      "sha256:" + "ab" * 32) for i in range(5)]
+    for key, data in zip(keys, chunks, strict=True):
+        await cache.store(key, data, None)
+    assert len(made) == 1
+    # A shard removed behind the cache's back is made again on its next write.
+    await trio.to_thread.run_sync(shutil.rmtree, made[0])
+    await cache.store(keys[0], chunks[0], None)
+    assert await cache.load(keys[0], None) == chunks[0]
+    assert len(made) == 2

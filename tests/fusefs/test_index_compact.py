@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import stat
 from typing import Any
@@ -12,7 +13,7 @@ import trio
 
 from fusefs.formats import CompactLayerIndex, load_layer_index
 from fusefs.formats.modtime import format_modtime, parse_modtime
-from fusefs.index import EntryKind
+from fusefs.index import ChunkRef, EntryKind
 from tests.fusefs.formats_support import MemoryBlob, estargz_blob, payload_members, read_file, sha
 
 ONE, TWO, THREE = b"one\n", b"two two\n", b"three three three\n"
@@ -188,3 +189,15 @@ def test_children_is_a_lazy_sequence() -> None:
 def test_format_modtime_out_of_range() -> None:
     with pytest.raises(ValueError, match="out of range"):
         format_modtime(10**30)
+
+
+def test_a_chunk_has_each_of_its_fields_where_chunkref_names_it() -> None:
+    # compact.py builds ChunkRef positionally (it is walked often): it relies on this order.
+    assert [f.name for f in dataclasses.fields(ChunkRef)] == [
+        "file_offset", "size", "blob_offset", "blob_end", "inner_offset", "digest", "zeros"]
+    index = load([reg("one", ONE, OFFSETS[0]), reg("two", TWO, OFFSETS[1]),
+                  reg("three", THREE, OFFSETS[2])])
+    two = next(e for e in index.file_entries() if index.path(e) == "two")
+    (chunk,) = index.chunks(two)
+    assert chunk == ChunkRef(file_offset=0, size=len(TWO), blob_offset=OFFSETS[1],
+                             blob_end=OFFSETS[2], inner_offset=0, digest=sha(TWO), zeros=False)
