@@ -50,7 +50,8 @@ async def test_the_prepare_takes_ranges_and_index_read_with_its_own_digests() ->
     assert not ahead.start(AheadLayer(IMAGE, blob.digest, blob.size, toc, annotations))
     taken = await ahead.take(blob.digest, toc_digest=toc, annotations=annotations)
     assert taken is not None and taken.blob is blob
-    assert taken.index is not None and taken.index.toc_trusted
+    assert taken.toc is not None and taken.toc.trusted and taken.built is not None
+    assert (await taken.built()).toc_trusted
     # The ranges are exactly what the TOC reader read: nothing more is needed at Prepare time.
     assert sorted(taken.ranges) == sorted(offset for offset, _ in blob.reads)
     assert client.opened == [(blob.digest, blob.size)]  # the size came along: no HEAD
@@ -65,7 +66,7 @@ async def test_an_index_read_without_the_prepares_digests_is_not_handed_over() -
     taken = await ahead.take(
         blob.digest, toc_digest=annotations[ESTARGZ_TOC_DIGEST], annotations=annotations
     )
-    assert taken is not None and taken.index is None and taken.ranges
+    assert taken is not None and taken.toc is None and taken.built is None and taken.ranges
 
 
 @trio_test
