@@ -42,15 +42,19 @@ async def load_layer_index(
     return await build_index_off_loop(toc)
 
 
-async def build_index_off_loop(toc: VerifiedToc) -> LayerIndex:
-    """Index a verified TOC; a large one in a worker thread. Raises LayerFormatError."""
+async def build_index_off_loop(
+    toc: VerifiedToc, *, inline_limit: int = INLINE_PARSE_LIMIT
+) -> LayerIndex:
+    """Index a verified TOC; one whose compressed size is at least ``inline_limit`` in a worker
+    thread. Raises LayerFormatError. A build nobody waits for passes 0: even a small TOC's
+    build (~0.2 s for 8k entries) would hold the event loop, and with it the RPC answers."""
 
     def build() -> LayerIndex:
         index = build_verified_index(toc)
         release_free_heap()
         return index
 
-    if toc.location.toc_length < INLINE_PARSE_LIMIT:
+    if toc.location.toc_length < inline_limit:
         return build()
     # A large TOC takes ~12 us per entry of pure-Python work: parse it in a worker thread so
     # the event loop keeps answering the attached layers' FUSE requests between GIL switches.

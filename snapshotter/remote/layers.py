@@ -237,7 +237,7 @@ class LazyLayers:
         # Answered now: the index is built after the Prepare returns, and lookups of the
         # layer wait for it (fusefs.pending). Everything that can make containerd fall back to
         # an ordinary pull (registry errors, digest mismatch, unknown format) happened above.
-        built = build or (lambda: build_index_off_loop(toc))
+        built = build or (lambda: build_index_off_loop(toc, inline_limit=0))
         return await self._serve(request, fmt, layer_id, checked.blob, checked.ranges,
                                  dict(request.annotations), how, trio.current_time() - started,
                                  toc_digest=toc.json_digest, build=built)

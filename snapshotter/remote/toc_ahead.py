@@ -150,7 +150,7 @@ class TocReadAhead:
             entry.done.set()
         if entry.toc is not None:
             try:
-                entry.index = await build_index_off_loop(entry.toc)
+                entry.index = await build_index_off_loop(entry.toc, inline_limit=0)
                 log.debug("layer TOC read ahead digest=%s entries=%d", layer.digest,
                           entry.index.entry_count)
             except Exception as exc:  # the attached layer reports it (fusefs.pending)
