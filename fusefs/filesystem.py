@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from fusefs.handlers import LazyHandlers
 from fusefs.index import LayerIndex
 from fusefs.inodes import SINGLE_LAYER_SLOT, InodeMap
 from fusefs.layer import Layer
+from fusefs.pending import PendingLayer
 from fusefs.profile_prefetch import prefetch_profile
 from fusefs.slot_mark import SlotMark
 from fusefs.stats import FsSnapshot, LayerMeters, LayerSnapshot
@@ -127,6 +128,7 @@ class LazyFilesystem:
         self._took_over = adopt_fd is not None
         self._resume = trio.Event()
         self._retired = LayerMeters()  # meters of layers detached since start
+        self.index_build_failures = 0  # layers answered whose index then failed to build
         self._first_reads = None if record_first_reads is None else FirstReads(
             *record_first_reads)
 
@@ -238,10 +240,12 @@ class LazyFilesystem:
         *,
         background_fetch: bool = True,
         slot: int | None = None,
+        meters: LayerMeters | None = None,
     ) -> Path:
         """Make ``index`` readable at ``<mountpoint>/<layer_id>`` and start prefetch, and
         background fetch if asked. ``slot`` pins the inode range: the daemon stores it so that a
-        restart reuses it. By default a slot never handed out on this connection is taken."""
+        restart reuses it. By default a slot never handed out on this connection is taken.
+        ``meters``: what was measured of the layer before its index was built."""
         check_layer_id(layer_id)
         if self._nursery is None or self._fetcher is None:
             raise RuntimeError("attach() needs a running filesystem (start run() first)")
@@ -252,6 +256,8 @@ class LazyFilesystem:
         if slot is None:
             slot = self._table.free_slot()
         layer = Layer(layer_id, slot, blob, index)
+        if meters is not None:
+            layer.stats.meters = meters
         self._table.add(layer)
         scope = trio.CancelScope()
         self._background[layer_id] = scope
@@ -265,6 +271,81 @@ class LazyFilesystem:
             background_fetch,
         )
         return self.layer_path(layer_id)
+
+    def attach_building(
+        self,
+        layer_id: str,
+        blob: BlobReader,
+        build: Callable[[], Awaitable[LayerIndex]],
+        *,
+        background_fetch: bool = True,
+        slot: int | None = None,
+    ) -> int:
+        """Take a slot for ``layer_id`` now and attach it once ``build`` returns its index; the
+        slot. Until then a lookup of the layer waits (``fusefs.pending``). A build that raises
+        leaves the layer failed: every lookup of it answers EIO until it is detached.
+        ``meters`` and ``slot_of`` answer for it meanwhile."""
+        check_layer_id(layer_id)
+        if self._nursery is None or self._fetcher is None:
+            raise RuntimeError("attach_building() needs a running filesystem (start run() first)")
+        if self._inodes.single_layer:
+            raise ValueError("a single-layer mount attaches its layer with attach()")
+        if slot is None:
+            slot = self._table.free_slot()
+        pending = PendingLayer(layer_id, slot, blob.digest)
+        self._table.add_pending(pending)
+        self._nursery.start_soon(self._build, pending, blob, build, background_fetch)
+        return slot
+
+    def is_building(self, layer_id: str) -> bool:
+        """Whether ``layer_id`` waits for its index, or failed to get one."""
+        return self._table.pending(os.fsencode(layer_id)) is not None
+
+    async def _build(
+        self,
+        pending: PendingLayer,
+        blob: BlobReader,
+        build: Callable[[], Awaitable[LayerIndex]],
+        background_fetch: bool,
+    ) -> None:
+        started = trio.current_time()
+        index: LayerIndex | None = None
+        try:
+            with pending.scope:  # cancelled when the layer is detached meanwhile
+                index = await build()
+        except Exception as exc:  # malformed entries behind a valid digest, or a bug
+            failure = f"{type(exc).__name__}: {exc}"[:500]
+            if self._table.pending(os.fsencode(pending.layer_id)) is pending:
+                pending.failure = failure
+                self.index_build_failures += 1
+                log.error("layer index build failed layer=%s slot=%d digest=%s reason=%s; "
+                          "every operation on the layer answers EIO", pending.layer_id,
+                          pending.slot, pending.digest, failure,
+                          extra={"event": "layer_index_build_failed"})
+        else:
+            if index is not None and self._table.pending(
+                os.fsencode(pending.layer_id)
+            ) is pending:
+                await self.attach(pending.layer_id, blob, index,
+                                  background_fetch=background_fetch, slot=pending.slot,
+                                  meters=pending.meters)
+                log.debug("layer index built after its attach layer=%s seconds=%.3f",
+                          pending.layer_id, trio.current_time() - started)
+        finally:
+            pending.ready.set()
+
+    async def wait_built(self, layer_id: str) -> str | None:
+        """Wait until ``layer_id``'s index build (``attach_building``) ended; the reason it
+        failed, or None (also for a layer that was not being built)."""
+        pending = self._table.pending(os.fsencode(layer_id))
+        if pending is None:
+            return None
+        await pending.ready.wait()
+        return pending.failure
+
+    def pending_layers(self) -> list[PendingLayer]:
+        """Layers whose index is being built, or failed to build, in slot order."""
+        return self._table.pending_layers()
 
     async def _run_background(
         self, layer: Layer, scope: trio.CancelScope, background: bool
@@ -310,7 +391,15 @@ class LazyFilesystem:
         return self._first_reads.of(layer)
 
     async def detach(self, layer_id: str) -> None:
-        """Remove a layer: its directory disappears and its inodes become stale."""
+        """Remove a layer: its directory disappears and its inodes become stale. A layer whose
+        index is still being built stops building; lookups waiting for it answer ENOENT."""
+        pending = self._table.remove_pending(layer_id)
+        if pending is not None:
+            pending.scope.cancel()
+            pending.ready.set()
+            log.info("layer detached before its index was built layer=%s slot=%d digest=%s",
+                     layer_id, pending.slot, pending.digest)
+            return
         layer = self._table.remove(layer_id)
         for own in self._profile_scopes.pop(layer_id, []):
             own.cancel()
@@ -333,7 +422,10 @@ class LazyFilesystem:
         """The slot, that is the inode range, of an attached layer; KeyError if not attached."""
         layer = self._table.by_id(layer_id)
         if layer is None:
-            raise KeyError(layer_id)
+            pending = self._table.pending(os.fsencode(layer_id))
+            if pending is None:
+                raise KeyError(layer_id)
+            return pending.slot
         return layer.slot
 
     def layer_ids(self) -> list[str]:
@@ -377,11 +469,14 @@ class LazyFilesystem:
         )
 
     def meters(self, layer_id: str) -> LayerMeters:
-        """The live meters of an attached layer, for the attach timings its caller measures;
-        KeyError if not attached."""
+        """The live meters of an attached layer, or of one whose index is being built, for the
+        attach timings its caller measures; KeyError if neither."""
         layer = self._table.by_id(layer_id)
         if layer is None:
-            raise KeyError(layer_id)
+            pending = self._table.pending(os.fsencode(layer_id))
+            if pending is None:
+                raise KeyError(layer_id)
+            return pending.meters
         return layer.stats.meters
 
     def snapshot(self) -> FsSnapshot:
@@ -403,6 +498,7 @@ class LazyFilesystem:
             takeovers=int(self._took_over),
             lost_requests_answered=session.lost_requests_answered(),
             cache=self.cache_usage(),
+            index_build_failures=self.index_build_failures,
         )
 
     def cache_usage(self) -> CacheUsage | None:

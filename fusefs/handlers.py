@@ -6,7 +6,9 @@ logic of its own.
 
 Only ``read`` may wait. Every other handler is a plain function that answers from memory: the
 protocol server answers them in its reader loop, which reads nothing else meanwhile, so an
-``await`` there would stall the whole mount. A test holds every handler to this.
+``await`` there would stall the whole mount. A test holds every handler to this. The one
+exception is a lookup of a layer whose index is still being built: the handler raises
+``LayerPending`` and the front end calls it again once the build ended, from a task of its own.
 
 Error boundary: a handler raises only ``FuseReplyError``. Any other exception becomes EIO, is
 counted on its layer and is logged once per operation, entry and error type.
@@ -27,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, Final, ParamSpec, TypeVar
+
+import trio
 
 from fusefs.accesslog import AccessLog
 from fusefs.cache import chunk_key
@@ -65,6 +69,16 @@ class FuseReplyError(Exception):
     def __init__(self, errno_value: int) -> None:
         super().__init__(errno_value)
         self.errno = errno_value
+
+
+class LayerPending(FuseReplyError):
+    """The request names a layer whose index is still being built (``fusefs.pending``): the
+    front end calls the handler again once ``ready`` is set, in a task of its own, so that other
+    requests go on meanwhile. A front end that does not know this answers EIO, never a guess."""
+
+    def __init__(self, ready: trio.Event) -> None:
+        super().__init__(errno.EIO)
+        self.ready = ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +280,14 @@ class LazyHandlers:
             if name == b"..":
                 return MOUNT_ROOT_INODE
             slot = self._table.slot_of(name)
-            return None if slot is None else self._inodes.inode(slot, 0)
+            if slot is None:
+                pending = self._table.pending(name)
+                if pending is None:
+                    return None
+                if pending.failure is not None:
+                    raise FuseReplyError(errno.EIO)  # its index failed to build: no tree
+                raise LayerPending(pending.ready)
+            return self._inodes.inode(slot, 0)
         layer, entry = resolved
         if layer.index.attr(entry).kind != EntryKind.DIR:
             raise FuseReplyError(errno.ENOTDIR)

@@ -1,7 +1,8 @@
 """``LazyHandlers`` as ``pyfuse3.Operations``: only type translation, no logic of its own.
 
 pyfuse3 awaits every handler, but only ``read`` waits for anything: the others are plain
-functions, made coroutines by ``_answered``.
+functions, made coroutines by ``_answered``, which also waits for a layer whose index is being
+built (``LayerPending``) and asks again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import pyfuse3
 
 from fusefs.fuse.abi import Attributes
-from fusefs.handlers import READ_ONLY_ERRNO, WRITE_OPERATIONS, FuseReplyError, LazyHandlers
+from fusefs.handlers import (
+    READ_ONLY_ERRNO,
+    WRITE_OPERATIONS,
+    FuseReplyError,
+    LayerPending,
+    LazyHandlers,
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -23,10 +30,13 @@ def _answered(method: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]
     ``FuseReplyError`` becomes the ``pyfuse3.FUSEError`` pyfuse3 answers with."""
 
     async def answered(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return method(*args, **kwargs)
-        except FuseReplyError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except LayerPending as pending:  # a layer whose index is being built: wait for it
+                await pending.ready.wait()
+            except FuseReplyError as exc:
+                raise pyfuse3.FUSEError(exc.errno) from None
 
     return answered
 

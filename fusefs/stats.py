@@ -187,3 +187,4 @@ class FsSnapshot:
     takeovers: int  # 1 when this process serves a connection taken over from the keeper
     lost_requests_answered: int  # requests of the dead predecessor answered EINTR
     cache: CacheUsage | None
+    index_build_failures: int = 0  # layers answered whose index then failed to build

@@ -6,6 +6,7 @@ import os
 
 from fusefs.inodes import MAX_SLOT
 from fusefs.layer import Layer
+from fusefs.pending import PendingLayer
 from fusefs.slot_mark import SlotMark
 
 _MAX_NAME = 255
@@ -27,6 +28,8 @@ class LayerTable:
         connection taken over from another process."""
         self._by_slot: dict[int, Layer] = {}
         self._by_name: dict[bytes, int] = {}
+        # Layers whose slot is taken but whose index is still being built, or failed to build.
+        self._pending: dict[bytes, PendingLayer] = {}
         self._mark = mark
         # One past the highest slot used so far, by this process or one before it.
         self._next = mark.first_unreserved if mark is not None else 1
@@ -39,6 +42,21 @@ class LayerTable:
 
     def slot_of(self, name: bytes) -> int | None:
         return self._by_name.get(name)
+
+    def pending(self, name: bytes) -> PendingLayer | None:
+        return self._pending.get(name)
+
+    def pending_layers(self) -> list[PendingLayer]:
+        return sorted(self._pending.values(), key=lambda p: p.slot)
+
+    def add_pending(self, pending: PendingLayer) -> None:
+        """Take ``pending.slot`` and its name until ``finish_pending`` or ``remove_pending``."""
+        name = self._check_free(pending.layer_id, pending.slot)
+        self._pending[name] = pending
+        self._next = max(self._next, pending.slot + 1)
+
+    def remove_pending(self, layer_id: str) -> PendingLayer | None:
+        return self._pending.pop(os.fsencode(layer_id), None)
 
     def by_id(self, layer_id: str) -> Layer | None:
         slot = self._by_name.get(os.fsencode(layer_id))
@@ -59,7 +77,8 @@ class LayerTable:
         slot = self._next
         if slot > MAX_SLOT:  # a few billion attaches later: fall back to the lowest free one
             slot = 1
-            while slot in self._by_slot:
+            taken = set(self._by_slot) | {p.slot for p in self._pending.values()}
+            while slot in taken:
                 slot += 1
             if slot > MAX_SLOT:
                 raise RuntimeError("no free layer slot")
@@ -68,16 +87,25 @@ class LayerTable:
         return slot
 
     def add(self, layer: Layer) -> None:
+        """Attach ``layer``; a pending layer of the same name and slot becomes it."""
         name = check_layer_id(layer.layer_id)
-        if name in self._by_name:
-            raise ValueError(f"layer already attached: {layer.layer_id!r}")
-        if layer.slot in self._by_slot:
-            raise ValueError(f"layer slot already in use: {layer.slot}")
-        if not 1 <= layer.slot <= MAX_SLOT:
-            raise ValueError(f"layer slot out of range: {layer.slot}")
+        pending = self._pending.get(name)
+        if pending is not None and pending.slot == layer.slot:
+            del self._pending[name]
+        name = self._check_free(layer.layer_id, layer.slot)
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer.slot
         self._next = max(self._next, layer.slot + 1)
+
+    def _check_free(self, layer_id: str, slot: int) -> bytes:
+        name = check_layer_id(layer_id)
+        if name in self._by_name or name in self._pending:
+            raise ValueError(f"layer already attached: {layer_id!r}")
+        if slot in self._by_slot or any(p.slot == slot for p in self._pending.values()):
+            raise ValueError(f"layer slot already in use: {slot}")
+        if not 1 <= slot <= MAX_SLOT:
+            raise ValueError(f"layer slot out of range: {slot}")
+        return name
 
     def remove(self, layer_id: str) -> Layer:
         name = os.fsencode(layer_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fusefs.digest import is_sha256_digest
 from fusefs.formats import annotations as keys
@@ -46,15 +47,29 @@ def location_from_annotations(
     return None
 
 
-def index_from_toc(
+@dataclass(frozen=True, slots=True)
+class VerifiedToc:
+    """A TOC fetched and checked against every digest given for it, not yet indexed.
+
+    Checking is cheap (decompress and hash); indexing is the costly part, which a lazy Prepare
+    leaves to a worker after it answered (``build_verified_index``)."""
+
+    location: TocLocation
+    data: bytes  # the uncompressed TOC JSON
+    json_digest: str
+    trusted: bool  # whether it matched a digest from outside the blob (the manifest)
+    limits: IndexLimits
+
+
+def verify_toc(
     location: TocLocation,
     compressed_toc: bytes,
     *,
     toc_digest: str | None = None,
     annotations: Mapping[str, str] | None = None,
     limits: IndexLimits | None = None,
-) -> CompactLayerIndex:
-    """Decompress, verify and index the TOC found at ``location``.
+) -> VerifiedToc:
+    """Decompress the TOC found at ``location`` and check it against the digests given.
 
     Digests checked when given: ``toc_digest``, the eStargz ``toc.digest`` annotation, and the
     zstd:chunked manifest-checksum annotations. ``toc_digest`` is the uncompressed TOC JSON's
@@ -85,18 +100,38 @@ def index_from_toc(
         if toc_digest not in (json_digest, compressed_digest):
             raise LayerFormatError(f"TOC digest mismatch: expected {toc_digest}, got {json_digest}")
         trusted = True
+    return VerifiedToc(location, data, json_digest, trusted, limits)
+
+
+def build_verified_index(toc: VerifiedToc) -> CompactLayerIndex:
+    """Index a verified TOC; LayerFormatError for entries that break a rule or a limit."""
+    is_zstd = toc.location.format is not LayerFormat.ESTARGZ
     index = build_index(
-        toc_entries(data, limits),
+        toc_entries(toc.data, toc.limits),
         codec=Codec.ZSTD if is_zstd else Codec.GZIP,
-        toc_digest=json_digest,
-        payload_end=location.payload_end,
-        limits=limits,
-        toc_trusted=trusted,
+        toc_digest=toc.json_digest,
+        payload_end=toc.location.payload_end,
+        limits=toc.limits,
+        toc_trusted=toc.trusted,
     )
     log.debug(
         "layer index built format=%s entries=%d toc_digest=%s",
-        location.format.value,
+        toc.location.format.value,
         index.entry_count,
-        json_digest,
+        toc.json_digest,
     )
     return index
+
+
+def index_from_toc(
+    location: TocLocation,
+    compressed_toc: bytes,
+    *,
+    toc_digest: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    limits: IndexLimits | None = None,
+) -> CompactLayerIndex:
+    """Decompress, verify (``verify_toc``) and index the TOC found at ``location``."""
+    return build_verified_index(verify_toc(
+        location, compressed_toc, toc_digest=toc_digest, annotations=annotations, limits=limits
+    ))

@@ -11,7 +11,12 @@ from fusefs.blob import BlobReader
 from fusefs.formats.errors import LayerFormatError
 from fusefs.formats.footer import parse_footer
 from fusefs.formats.heap import release_free_heap
-from fusefs.formats.layer import index_from_toc, location_from_annotations
+from fusefs.formats.layer import (
+    VerifiedToc,
+    build_verified_index,
+    location_from_annotations,
+    verify_toc,
+)
 from fusefs.formats.limits import IndexLimits
 from fusefs.index import LayerIndex
 
@@ -30,7 +35,40 @@ async def load_layer_index(
     annotations: Mapping[str, str] | None = None,
     limits: IndexLimits | None = None,
 ) -> LayerIndex:
-    """Read, verify and index a seekable layer's TOC with one or two ranged reads.
+    """Read, verify and index a seekable layer's TOC (``fetch_verified_toc``, then
+    ``build_index_off_loop``)."""
+    toc = await fetch_verified_toc(blob, toc_digest=toc_digest, annotations=annotations,
+                                   limits=limits)
+    return await build_index_off_loop(toc)
+
+
+async def build_index_off_loop(
+    toc: VerifiedToc, *, inline_limit: int = INLINE_PARSE_LIMIT
+) -> LayerIndex:
+    """Index a verified TOC; one whose compressed size is at least ``inline_limit`` in a worker
+    thread. Raises LayerFormatError. A build nobody waits for passes 0: even a small TOC's
+    build (~0.2 s for 8k entries) would hold the event loop, and with it the RPC answers."""
+
+    def build() -> LayerIndex:
+        index = build_verified_index(toc)
+        release_free_heap()
+        return index
+
+    if toc.location.toc_length < inline_limit:
+        return build()
+    # A large TOC takes ~12 us per entry of pure-Python work: parse it in a worker thread so
+    # the event loop keeps answering the attached layers' FUSE requests between GIL switches.
+    return await trio.to_thread.run_sync(build)
+
+
+async def fetch_verified_toc(
+    blob: BlobReader,
+    *,
+    toc_digest: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    limits: IndexLimits | None = None,
+) -> VerifiedToc:
+    """Read a seekable layer's TOC with one or two ranged reads and check its digests.
 
     When the annotations give the TOC position (zstd:chunked), the footer is not read at all.
     Otherwise the last ``TAIL_READ_SIZE`` bytes are read; the TOC is sliced from them when it
@@ -70,18 +108,15 @@ async def load_layer_index(
         reads,
     )
 
-    def build() -> LayerIndex:
-        index = index_from_toc(
+    def verify() -> VerifiedToc:
+        return verify_toc(
             location, compressed, toc_digest=toc_digest, annotations=annotations, limits=limits
         )
-        release_free_heap()
-        return index
 
     if location.toc_length < INLINE_PARSE_LIMIT:
-        return build()
-    # A large TOC takes ~12 us per entry of pure-Python work: parse it in a worker thread so
-    # the event loop keeps answering the attached layers' FUSE requests between GIL switches.
-    return await trio.to_thread.run_sync(build)
+        return verify()
+    # Decompressing and hashing a large TOC are C calls that release the GIL.
+    return await trio.to_thread.run_sync(verify)
 
 
 def _check_length(data: bytes, expected: int) -> None:

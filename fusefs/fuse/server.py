@@ -12,7 +12,9 @@ directly and never imports pyfuse3.
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
 must not keep the loop from reading a lookup. The handlers of every other request are plain
-functions that answer from memory, called in the loop itself. Each reply is one ``write``.
+functions that answer from memory, called in the loop itself; a lookup of a layer whose index
+is still being built (``handlers.LayerPending``) is answered later, from its own task. Each reply
+is one ``write``.
 FORGET and BATCH_FORGET get no reply because inodes are arithmetic. INTERRUPT gets none either:
 the interrupted request is answered when done, which the protocol allows.
 
@@ -34,7 +36,13 @@ import trio
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
 from fusefs.fuse.passthrough import MAX_STACK_DEPTH, Passthrough
-from fusefs.handlers import WRITE_OPERATIONS, DirectoryEntrySink, FuseReplyError, Opened
+from fusefs.handlers import (
+    WRITE_OPERATIONS,
+    DirectoryEntrySink,
+    FuseReplyError,
+    LayerPending,
+    Opened,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +182,19 @@ class ProtocolServer:
         header, body = parsed
         try:
             out = self._dispatch(header, body)
+        except LayerPending as pending:
+            # A lookup of a layer whose index is being built: it waits in a task of its own,
+            # and the loop goes on reading other requests.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._answer_when_ready, request, pending.ready)
+            return
         except Exception as exc:
             out = _error_reply(header, exc)
         self._write(out)
+
+    async def _answer_when_ready(self, request: bytes, ready: trio.Event) -> None:
+        await ready.wait()
+        self._answer_now(request)
 
     async def _answer_read(self, request: bytes) -> None:
         # A READ waiting for a slot costs a task and its request's bytes. Each slot is held at

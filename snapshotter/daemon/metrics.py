@@ -184,6 +184,9 @@ class DaemonCollector(Collector):
         yield _counter("fuse_lost_requests_answered", "Requests of the previous process, read "
                        "but never answered, that were answered EINTR after a takeover.",
                        fs.lost_requests_answered)
+        yield _counter("layer_index_build_failures", "Layers whose Prepare was answered once "
+                       "their TOC matched its digest, and whose index then failed to build: "
+                       "every operation on such a layer answers EIO.", fs.index_build_failures)
         if fs.cache is not None:
             cache = fs.cache
             yield _counter("cache_hits", "Chunk cache loads that found the chunk.", cache.hits)

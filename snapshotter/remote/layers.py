@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from fusefs import BlobReader, LayerFormatError, LazyFilesystem
+from fusefs import BlobReader, LayerFormatError, LayerIndex, LazyFilesystem, build_index_off_loop
 from registry import (
     CredentialProvider,
     Manifest,
@@ -33,16 +33,17 @@ from snapshotter.remote import fallback
 from snapshotter.remote.decision import RemoteDecision, RemoteLayerRequest, classify, decide
 from snapshotter.remote.fallback import LazyFallback
 from snapshotter.remote.open_layer import (
+    CheckedToc,
     OpenedLayer,
+    check_layer_toc,
     expected_toc_digest,
-    index_layer,
     index_ztoc_layer,
-    open_layer,
+    open_layer_toc,
     open_ztoc_layer,
 )
 from snapshotter.remote.profiles import StartupProfiles
 from snapshotter.remote.refused_reads import ImageNamedBlob
-from snapshotter.remote.report import LayersReport, layer_report
+from snapshotter.remote.report import LayersReport, building_report, layer_report
 from snapshotter.remote.resolve import check_access, fetch_image_documents
 from snapshotter.remote.saved_toc import (
     DeferredBlob,
@@ -212,13 +213,16 @@ class LazyLayers:
                     toc_digest=expected_toc_digest(request.annotations),
                     annotations=request.annotations,
                 )
+                build: Callable[[], Awaitable[LayerIndex]] | None = None
                 if ahead is None:
-                    opened = await open_layer(self._client, ref, request.layer_digest,
-                                              request.annotations)
-                elif ahead.index is None:
-                    opened = await index_layer(ahead.blob, request.annotations, saved=ahead.ranges)
-                else:
-                    opened = OpenedLayer(ahead.blob, ahead.ranges, ahead.index)
+                    checked = await open_layer_toc(self._client, ref, request.layer_digest,
+                                                   request.annotations)
+                elif ahead.toc is None or ahead.built is None:
+                    checked = await check_layer_toc(ahead.blob, request.annotations,
+                                                    saved=ahead.ranges)
+                else:  # checked with these digests, and indexed (or being indexed) ahead
+                    checked = CheckedToc(ahead.blob, ahead.ranges, ahead.toc)
+                    build = ahead.built
         except trio.TooSlowError:
             raise LazyFallback(
                 fallback.REGISTRY_TIMEOUT,
@@ -229,8 +233,14 @@ class LazyLayers:
         except LayerFormatError as exc:
             raise LazyFallback(fallback.INDEX_INVALID, f"{type(exc).__name__}: {exc}") from exc
         how = "read-ahead" if ahead is not None else "read"
-        return await self._serve(request, fmt, layer_id, opened, dict(request.annotations), how,
-                                 trio.current_time() - started)
+        toc = checked.toc
+        # Answered now: the index is built after the Prepare returns, and lookups of the
+        # layer wait for it (fusefs.pending). Everything that can make containerd fall back to
+        # an ordinary pull (registry errors, digest mismatch, unknown format) happened above.
+        built = build or (lambda: build_index_off_loop(toc, inline_limit=0))
+        return await self._serve(request, fmt, layer_id, checked.blob, checked.ranges,
+                                 dict(request.annotations), how, trio.current_time() - started,
+                                 toc_digest=toc.json_digest, build=built)
 
     async def _attach_soci(self, request: RemoteLayerRequest, layer_id: str) -> AttachedLayer:
         """Serve a plain gzip layer through the zTOC its image's SOCI index lists for it."""
@@ -262,35 +272,50 @@ class LazyLayers:
                       else fallback.INDEX_INVALID)
             raise LazyFallback(reason, f"{type(exc).__name__}: {exc}") from exc
         annotations = {**request.annotations, SOCI_ZTOC_DIGEST: ztoc.digest}
-        return await self._serve(request, "soci", layer_id, opened, annotations, "ztoc",
-                                 trio.current_time() - started)
+        return await self._serve(request, "soci", layer_id, opened.blob, opened.ranges,
+                                 annotations, "ztoc", trio.current_time() - started,
+                                 toc_digest=opened.index.toc_digest, index=opened.index,
+                                 saved_digest=opened.saved_digest)
 
     async def _serve(
         self,
         request: RemoteLayerRequest,
         fmt: LazyFormat,
         layer_id: str,
-        opened: OpenedLayer,
+        blob: BlobReader,
+        ranges: dict[int, bytes],
         annotations: dict[str, str],
         how: str,
         toc_seconds: float,
+        *,
+        toc_digest: str,
+        index: LayerIndex | None = None,
+        build: Callable[[], Awaitable[LayerIndex]] | None = None,
+        saved_digest: str | None = None,
     ) -> AttachedLayer:
-        blob, index = opened.blob, opened.index
+        """Attach ``index``, or the one ``build`` returns after this answered."""
         await trio.to_thread.run_sync(
-            save_toc_ranges, self._saved_toc_path(layer_id), opened.saved_digest or blob.digest,
-            opened.ranges,
+            save_toc_ranges, self._saved_toc_path(layer_id), saved_digest or blob.digest, ranges,
         )
         # The filesystem picks the slot: it alone knows which inode numbers the kernel may
         # still hold, and never hands a slot out twice while the connection lives.
         # Named for the operator: a read the registry refuses is logged with its image.
-        await self._fs.attach(layer_id, ImageNamedBlob(blob, request.image_ref), index,
-                              background_fetch=self._background_fetch)
-        self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
+        named = ImageNamedBlob(blob, request.image_ref)
+        if index is not None:
+            await self._fs.attach(layer_id, named, index, background_fetch=self._background_fetch)
+            self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
+            entries = str(index.entry_count)
+        else:
+            assert build is not None
+            self._fs.attach_building(layer_id, named, build,
+                                     background_fetch=self._background_fetch)
+            self._fs.meters(layer_id).toc_get_millis.observe(toc_seconds * 1e3)
+            entries = "building"
         self._digests[layer_id] = blob.digest
         self._described[layer_id] = (request.image_ref, fmt)
         self._blobs[layer_id] = blob
-        log.info("remote layer attached layer=%s digest=%s format=%s entries=%d toc=%s",
-                 layer_id, blob.digest, fmt, index.entry_count, how)
+        log.info("remote layer attached layer=%s digest=%s format=%s entries=%s toc=%s",
+                 layer_id, blob.digest, fmt, entries, how)
         if request.manifest_digest:
             profiled = ProfiledLayer(request.image_ref, request.manifest_digest,
                                      request.layer_digest, layer_id)
@@ -304,7 +329,7 @@ class LazyLayers:
             image_ref=request.image_ref,
             layer_digest=request.layer_digest,
             blob_size=blob.size,
-            toc_digest=index.toc_digest,
+            toc_digest=toc_digest,
             annotations=annotations,
             format=fmt,
         )
@@ -315,6 +340,7 @@ class LazyLayers:
         try:
             profile = await self.profiles.profile_of(parse_reference(layer.image_ref),
                                                      layer.manifest_digest)
+            await self._fs.wait_built(layer.layer_id)  # its paths are in the index
             files = () if profile is None else profile.files_of(layer.layer_digest)
             if files and self._fs.prefetch_files(layer.layer_id,
                                                  [(f.path, f.read_bytes) for f in files]):
@@ -382,6 +408,8 @@ class LazyLayers:
             log.warning("layer=%s tail unusable (%s); reading the TOC from the registry",
                         record.layer_id, exc)
             saved = None
+        opened: OpenedLayer | None = None
+        checked: CheckedToc | None = None
         try:
             if ztoc_digest is not None:
                 data = (saved or {}).get(0)
@@ -389,15 +417,25 @@ class LazyLayers:
                     data = await self._client.fetch_blob(ref, ztoc_digest)
                 opened = await index_ztoc_layer(deferred, data, ztoc_digest)
             else:
-                opened = await index_layer(deferred, record.annotations, saved=saved,
-                                           toc_digest=record.toc_digest)
+                checked = await check_layer_toc(deferred, record.annotations, saved=saved,
+                                                toc_digest=record.toc_digest)
         except (RegistryError, LayerFormatError, OSError) as exc:
             log.error("remote layer not restored layer=%s digest=%s error=%r",
                       record.layer_id, record.layer_digest, str(exc))
             return
-        index = opened.index
-        await self._fs.attach(record.layer_id, ImageNamedBlob(deferred, record.image_ref), index,
-                              background_fetch=self._background_fetch, slot=record.slot)
+        named = ImageNamedBlob(deferred, record.image_ref)
+        if opened is not None:
+            await self._fs.attach(record.layer_id, named, opened.index,
+                                  background_fetch=self._background_fetch, slot=record.slot)
+        else:
+            assert checked is not None
+            toc = checked.toc
+            # Built before this returns: a connection taken over may already hold the layer's
+            # inode numbers, which only an attached index answers. A TOC that fails to build
+            # leaves the layer failed, every operation EIO, as before the restart.
+            self._fs.attach_building(record.layer_id, named, lambda: build_index_off_loop(toc),
+                                     background_fetch=self._background_fetch, slot=record.slot)
+            await self._fs.wait_built(record.layer_id)
         self._digests[record.layer_id] = record.layer_digest
         self._described[record.layer_id] = (
             record.image_ref, classify(None, record.annotations)[0] or "unknown"
@@ -409,7 +447,7 @@ class LazyLayers:
         self._digests.pop(layer_id, None)
         self._described.pop(layer_id, None)
         self._blobs.pop(layer_id, None)
-        if layer_id in self._fs.layer_ids():
+        if layer_id in self._fs.layer_ids() or self._fs.is_building(layer_id):
             await self._fs.detach(layer_id)
             # Its chunk registrations would keep its chunks from Cleanup and its index in memory.
             await self._fs.release_detached_layers()
@@ -431,6 +469,11 @@ class LazyLayers:
                                         self._background_fetch,
                                         None if blob is None else registry_bytes(blob)))
             await trio.lowlevel.checkpoint()  # many layers: let readers in between
+        for pending in self._fs.pending_layers():
+            image, fmt = self._described.get(pending.layer_id, ("", "unknown"))
+            blob = self._blobs.get(pending.layer_id)
+            reports.append(building_report(pending.layer_id, pending.digest, pending.failure,
+                                           image, fmt, 0 if blob is None else blob.size))
         cache = self._fs.cache_usage()
         return LayersReport(reports, cache.bytes if cache else 0,
                             cache.capacity_bytes if cache else 0)

@@ -16,7 +16,9 @@ from fusefs import (
     IndexReadBlob,
     LayerFormatError,
     LayerIndex,
-    load_layer_index,
+    VerifiedToc,
+    build_index_off_loop,
+    fetch_verified_toc,
     parse_ztoc,
 )
 from registry import Reference, RegistryClient
@@ -33,6 +35,16 @@ class OpenedLayer:
     ranges: dict[int, bytes]
     index: LayerIndex
     saved_digest: str | None = None  # the blob ``ranges`` belong to, when not ``blob``
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedToc:
+    """A layer whose TOC is fetched and matches its digests, not yet indexed: what a lazy
+    Prepare answers with. ``build_index_off_loop(toc)`` indexes it."""
+
+    blob: BlobReader
+    ranges: dict[int, bytes]  # the footer and TOC ranges read, to save for restarts
+    toc: VerifiedToc
 
 
 async def open_ztoc_layer(
@@ -77,8 +89,21 @@ async def open_layer(
     size: int | None = None,
 ) -> OpenedLayer:
     """Open the blob in the registry and index it. Without ``size`` the registry is asked."""
+    checked = await open_layer_toc(client, ref, digest, annotations, size=size)
+    return OpenedLayer(checked.blob, checked.ranges, await build_index_off_loop(checked.toc))
+
+
+async def open_layer_toc(
+    client: RegistryClient,
+    ref: Reference,
+    digest: str,
+    annotations: Mapping[str, str] | None,
+    *,
+    size: int | None = None,
+) -> CheckedToc:
+    """Open the blob in the registry, fetch its TOC and check it; no index yet."""
     blob = await client.open_blob(ref, digest, size)
-    return await index_layer(blob, annotations)
+    return await check_layer_toc(blob, annotations)
 
 
 async def index_layer(
@@ -88,17 +113,29 @@ async def index_layer(
     saved: dict[int, bytes] | None = None,
     toc_digest: str | None = None,
 ) -> OpenedLayer:
-    """Read the index of an open blob. ``saved``: footer and TOC ranges read before, served
-    without the network. ``toc_digest``: the digest recorded at first attach, instead of the
-    annotations', because a restart trusts what it verified then."""
+    """Read the index of an open blob (``check_layer_toc``, then the index built)."""
+    checked = await check_layer_toc(blob, annotations, saved=saved, toc_digest=toc_digest)
+    return OpenedLayer(blob, checked.ranges, await build_index_off_loop(checked.toc))
+
+
+async def check_layer_toc(
+    blob: BlobReader,
+    annotations: Mapping[str, str] | None,
+    *,
+    saved: dict[int, bytes] | None = None,
+    toc_digest: str | None = None,
+) -> CheckedToc:
+    """Fetch the TOC of an open blob and check its digests. ``saved``: footer and TOC ranges
+    read before, served without the network. ``toc_digest``: the digest recorded at first
+    attach, instead of the annotations', because a restart trusts what it verified then."""
     traced = IndexReadBlob(blob)  # recorded as kind index while someone traces
     source = traced if saved is None else SavedTocBlob(traced, saved)
     recording = RecordingBlob(source)
     if saved is not None:
         recording.ranges.update(saved)
-    index = await load_layer_index(
+    toc = await fetch_verified_toc(
         recording,
         toc_digest=toc_digest if toc_digest is not None else expected_toc_digest(annotations),
         annotations=None if annotations is None else dict(annotations),
     )
-    return OpenedLayer(blob, recording.ranges, index)
+    return CheckedToc(blob, recording.ranges, toc)

@@ -1,4 +1,5 @@
-"""What ``lazysnap status --layers`` shows of one attached layer (``Daemon/Layers``)."""
+"""What ``lazysnap status --layers`` shows of one attached layer (``Daemon/Layers``), also of
+one whose index is being built or failed to build (``fusefs.pending``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ VERIFIED = "verified"  # the whole blob, or every chunk with digests that prove 
 FAILED = "failed"  # the blob digest did not match, or background fetch could not finish
 PENDING = "pending"  # background fetch still running; each chunk read is checked
 CHUNKS_ONLY = "chunks-only"  # no background fetch: each chunk read is checked, the blob never
+INDEXING = "indexing"  # answered once its TOC matched its digest; its index is being built
+INDEX_FAILED = "index-failed"  # its TOC matched its digest but could not be indexed: all EIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,4 +68,26 @@ def layer_report(usage: LayerUsage, image: str, fmt: str, background_fetch: bool
         errors=usage.errors,
         last_error=usage.last_error or "",
         registry_bytes=usage.fetched_bytes if registry_bytes is None else registry_bytes,
+    )
+
+
+def building_report(layer_id: str, digest: str, failure: str | None, image: str, fmt: str,
+                    size: int) -> LayerReport:
+    """A layer whose index is being built, or failed to build (``failure``)."""
+    return LayerReport(
+        layer_id=layer_id,
+        image=image,
+        digest=digest,
+        format=fmt,
+        size=size,
+        fetched_bytes=0,
+        cached_bytes=0,
+        on_demand_bytes=0,
+        prefetch_bytes=0,
+        background_bytes=0,
+        verification=INDEXING if failure is None else INDEX_FAILED,
+        chunk_verify_failures=0,
+        errors=0 if failure is None else 1,
+        last_error=failure or "",
+        registry_bytes=0,
     )

@@ -8,25 +8,26 @@ TOC's parsing. Two things tell the daemon early which layers come next:
 * a Prepare with ``cri.image-layers`` names the image's other layers, which containerd unpacks
   one after another.
 
-For each, a task opens the blob, reads and indexes its TOC and keeps the result for a while. The
-Prepare always takes the recorded ranges, which need no network. It takes the index too when it
-was built with the same expected digests the Prepare has. Otherwise the index is built again
-from the ranges with the Prepare's digests, so nothing is trusted that the Prepare's labels
-would not vouch for. Everything here runs on the trio thread.
+For each, a task opens the blob, reads and checks its TOC, then indexes it, and keeps the result
+for a while. The Prepare waits for the check only, not for the index. It always takes the
+recorded ranges, which need no network. It takes the checked TOC and the index (built or being
+built) too when they were checked with the same expected digests the Prepare has. Otherwise the
+TOC is checked again from the ranges with the Prepare's digests and indexed anew, so nothing is
+trusted that the Prepare's labels would not vouch for. Everything here runs on the trio thread.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
 
-from fusefs import BlobReader, LayerIndex
+from fusefs import BlobReader, LayerIndex, VerifiedToc, build_index_off_loop
 from registry import RegistryClient, parse_reference
-from snapshotter.remote.open_layer import open_layer
+from snapshotter.remote.open_layer import open_layer_toc
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,33 @@ class AheadLayer:
 
 @dataclass(frozen=True, slots=True)
 class TocRead:
-    """What a Prepare takes: the open blob, the ranges its TOC reader read, and the index when
-    it was built with the Prepare's own expected digests."""
+    """What a Prepare takes: the open blob, the ranges its TOC reader read, and, when the TOC
+    was checked with the Prepare's own expected digests, that TOC and ``built``, which waits
+    for its index (raising the build's LayerFormatError if it failed)."""
 
     blob: BlobReader
     ranges: dict[int, bytes]
-    index: LayerIndex | None
+    toc: VerifiedToc | None
+    built: Callable[[], Awaitable[LayerIndex]] | None
 
 
 @dataclass(slots=True)
 class _Entry:
     layer: AheadLayer
     created: float
-    done: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)  # the TOC checked, or failed
+    built: trio.Event = field(default_factory=trio.Event)  # the index built, or failed
     blob: BlobReader | None = None
     ranges: dict[int, bytes] = field(default_factory=dict)
+    toc: VerifiedToc | None = None
     index: LayerIndex | None = None
+    build_error: Exception | None = None
+
+    async def index_when_built(self) -> LayerIndex:
+        await self.built.wait()
+        if self.index is None:
+            raise self.build_error or RuntimeError("layer index not built")
+        return self.index
 
 
 class TocReadAhead:
@@ -100,12 +112,14 @@ class TocReadAhead:
             return
         entry = _Entry(AheadLayer("", digest, None, None, None), trio.current_time())
         entry.done.set()  # nothing to read: take() finds no blob and returns None
+        entry.built.set()
         self._entries[digest] = entry
 
     async def take(
         self, digest: str, *, toc_digest: str | None, annotations: Mapping[str, str]
     ) -> TocRead | None:
-        """The TOC read ahead for ``digest``, or None. Waits for it if still in flight."""
+        """The TOC read ahead for ``digest``, or None. Waits for its check if still in flight,
+        never for its index."""
         entry = self._entries.pop(digest, None)
         if entry is None:
             return None
@@ -115,7 +129,9 @@ class TocReadAhead:
         same_digests = entry.layer.toc_digest == toc_digest and dict(
             entry.layer.annotations or {}
         ) == dict(annotations)
-        return TocRead(entry.blob, entry.ranges, entry.index if same_digests else None)
+        if not same_digests or entry.toc is None:
+            return TocRead(entry.blob, entry.ranges, None, None)
+        return TocRead(entry.blob, entry.ranges, entry.toc, entry.index_when_built)
 
     def pending(self) -> int:
         return len(self._entries)
@@ -124,16 +140,24 @@ class TocReadAhead:
         layer = entry.layer
         try:
             with trio.fail_after(AHEAD_TIMEOUT_SECONDS):
-                opened = await open_layer(self._client, parse_reference(layer.image_ref),
-                                          layer.digest, layer.annotations, size=layer.size)
-            entry.blob, entry.ranges, entry.index = opened.blob, opened.ranges, opened.index
-            log.debug("layer TOC read ahead digest=%s entries=%d", layer.digest,
-                      opened.index.entry_count)
+                checked = await open_layer_toc(self._client, parse_reference(layer.image_ref),
+                                               layer.digest, layer.annotations, size=layer.size)
+            entry.blob, entry.ranges, entry.toc = checked.blob, checked.ranges, checked.toc
         except Exception as exc:  # the Prepare then reads it itself, and reports any failure
             log.info("layer TOC not read ahead digest=%s reason=%s", layer.digest,
                      f"{type(exc).__name__}: {exc}"[:300])
         finally:
             entry.done.set()
+        if entry.toc is not None:
+            try:
+                entry.index = await build_index_off_loop(entry.toc, inline_limit=0)
+                log.debug("layer TOC read ahead digest=%s entries=%d", layer.digest,
+                          entry.index.entry_count)
+            except Exception as exc:  # the attached layer reports it (fusefs.pending)
+                entry.build_error = exc
+                log.info("layer index not built ahead digest=%s reason=%s", layer.digest,
+                         f"{type(exc).__name__}: {exc}"[:300])
+        entry.built.set()
         # A pull given up before its Prepare must not keep a built index for good: without
         # this, only a later read-ahead would drop it.
         await trio.sleep_until(entry.created + self._lifetime)

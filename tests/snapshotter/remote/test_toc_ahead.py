@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 
 from snapshotter.labels import ESTARGZ_TOC_DIGEST
@@ -50,7 +51,8 @@ async def test_the_prepare_takes_ranges_and_index_read_with_its_own_digests() ->
     assert not ahead.start(AheadLayer(IMAGE, blob.digest, blob.size, toc, annotations))
     taken = await ahead.take(blob.digest, toc_digest=toc, annotations=annotations)
     assert taken is not None and taken.blob is blob
-    assert taken.index is not None and taken.index.toc_trusted
+    assert taken.toc is not None and taken.toc.trusted and taken.built is not None
+    assert (await taken.built()).toc_trusted
     # The ranges are exactly what the TOC reader read: nothing more is needed at Prepare time.
     assert sorted(taken.ranges) == sorted(offset for offset, _ in blob.reads)
     assert client.opened == [(blob.digest, blob.size)]  # the size came along: no HEAD
@@ -65,7 +67,7 @@ async def test_an_index_read_without_the_prepares_digests_is_not_handed_over() -
     taken = await ahead.take(
         blob.digest, toc_digest=annotations[ESTARGZ_TOC_DIGEST], annotations=annotations
     )
-    assert taken is not None and taken.index is None and taken.ranges
+    assert taken is not None and taken.toc is None and taken.built is None and taken.ranges
 
 
 @trio_test
@@ -129,3 +131,30 @@ async def test_a_layer_known_not_to_be_lazy_is_not_read_ahead() -> None:
     assert not ahead.start(AheadLayer(IMAGE, blob.digest, None, None, None))
     assert await ahead.take(blob.digest, toc_digest=None, annotations={}) is None
     assert client.opened == []
+
+
+@trio_test
+async def test_the_prepare_takes_a_checked_toc_without_waiting_for_its_index(
+    monkeypatch: Any,
+) -> None:
+    from fusefs import LayerFormatError  # noqa: PLC0415
+    from snapshotter.remote import toc_ahead  # noqa: PLC0415
+
+    release = trio.Event()
+
+    async def held_build(toc: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        raise LayerFormatError("hostile entries behind a valid digest")
+
+    monkeypatch.setattr(toc_ahead, "build_index_off_loop", held_build)
+    blob, annotations = _layer()
+    ahead = _ahead(FakeClient({blob.digest: blob}))
+    toc = annotations[ESTARGZ_TOC_DIGEST]
+    assert ahead.start(AheadLayer(IMAGE, blob.digest, blob.size, toc, annotations))
+    with trio.fail_after(5):  # answered while the build is held
+        taken = await ahead.take(blob.digest, toc_digest=toc, annotations=annotations)
+    assert taken is not None and taken.toc is not None and taken.built is not None
+    assert taken.toc.json_digest == toc
+    release.set()
+    with pytest.raises(LayerFormatError, match="hostile"):  # reaches whoever attaches it
+        await taken.built()
