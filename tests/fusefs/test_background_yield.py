@@ -248,3 +248,38 @@ def test_cut_range_keeps_whole_chunks_and_at_least_one() -> None:
     assert head.chunks + rest.chunks == whole.chunks and rest.end == whole.end
     tiny, rest = cut_range(whole, 10)  # smaller than a chunk: still one chunk
     assert len(tiny.chunks) == 1 and rest is not None
+
+
+@trio_test
+async def test_a_reader_hitting_the_disk_cache_does_not_hold_background_fetch_back(
+    tmp_path: Path,
+) -> None:
+    """Read-everything reads, on and on, what background fetch brought into the disk cache.
+    Those reads never wait on the link, so background fetch goes on meanwhile."""
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    settings = {**_SETTINGS, "long_read": 1000.0, "hot_bytes": 0}  # every hit is a disk hit
+    async with fetcher_for(tmp_path, index, blob, background_yield=0, **settings) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        await fetcher.writes_done()
+        entry = index.by_path["d/f0"]
+        assert fetcher.flights.in_memory(next(iter(fetcher.cache._entries))) is None
+        background_done_at = None
+
+        async def background() -> None:
+            nonlocal background_done_at
+            await fetch_missing(fetcher, layer)
+            background_done_at = trio.current_time()
+
+        reading_until = trio.current_time() + 2.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(background)
+            while trio.current_time() < reading_until:  # a reader busy on cached bytes
+                assert await fetcher.read(layer, entry, 0, 100) == index._nodes[entry].content[:100]
+                await trio.sleep(0.001)
+        assert layer.stats.blob_verified is True
+        # Old code: every disk hit counted as a wait, so background fetch never had its quiet
+        # time and only ran once the reader stopped.
+        assert background_done_at is not None and background_done_at < reading_until - 1.0
