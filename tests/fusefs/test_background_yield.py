@@ -106,39 +106,38 @@ async def test_soon_after_a_reader_yield_depth_small_ranges_keep_the_link_busy(
 async def test_a_background_range_leaves_the_link_before_its_bytes_are_decoded(
     tmp_path: Path,
 ) -> None:
-    """While one range's chunks are decoded (slowly, on a worker thread), the next range is
-    already requested: the link does not wait for the daemon's work on the last bytes."""
+    """While one range's chunks are decoded (on a worker thread), the next range is already
+    requested: the link does not wait for the daemon's work on the last bytes."""
     index = FakeIndex(small_files(8, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    decoding = threading.Event()  # set while a decode is running
-    requested_while_decoding = 0
-
-    def slow_decoder(codec: Codec, raw: bytes, ref: ChunkRef) -> bytes:
-        decoding.set()
-        try:
-            threading.Event().wait(0.05)
-            return fake_decoder(codec, raw, ref)
-        finally:
-            decoding.clear()
+    next_request = threading.Event()  # a second background request has started
+    requests = 0
 
     class _Watching(_SlowBlob):
         async def read_at(self, offset: int, length: int) -> bytes:
-            nonlocal requested_while_decoding
-            data = await super().read_at(offset, length)
-            requested_while_decoding += decoding.is_set()  # its bytes came in during a decode
-            return data
+            nonlocal requests
+            requests += 1
+            if requests == 2:
+                next_request.set()
+            return await super().read_at(offset, length)
+
+    decodes_saw_the_next_request: list[bool] = []
+
+    def decoder(codec: Codec, raw: bytes, ref: ChunkRef) -> bytes:
+        if not decodes_saw_the_next_request:  # the first range's decode waits for the next one
+            decodes_saw_the_next_request.append(next_request.wait(timeout=2.0))
+        return fake_decoder(codec, raw, ref)
 
     blob = _Watching(index.blob_bytes, delay=0.01)
     settings = {**_SETTINGS, "background_concurrency": 1, "background_range": 20_000}
     async with fetcher_for(tmp_path, index, blob, background_yield=0, **settings) as (
         fetcher, layer, _
     ):
-        fetcher.flights._decode = slow_decoder  # slow on purpose
+        fetcher.flights._decode = decoder
         await fetch_missing(fetcher, layer)
         assert layer.stats.blob_verified is True
-        # Old code: a range held its place until its chunks were decoded, so no request ever
-        # started while a decode ran.
-        assert requested_while_decoding >= 3
+        # Old code: a range held its place on the link until its chunks were decoded, so the
+        # next request waited for the decode, which waited for it in vain.
+        assert decodes_saw_the_next_request == [True]
         for i in range(8):
             entry = index.by_path[f"d/f{i}"]
             assert await fetcher.read(layer, entry, 0, 20_000) == index._nodes[entry].content
