@@ -53,9 +53,13 @@ LOST_REQUEST_WINDOW: Final = 1 << 16
 LOST_REQUEST_ERRNO: Final = errno.EINTR
 # What we take of the kernel's INIT offer. FUSE_CACHE_SYMLINKS keeps readlink answers in the
 # page cache; the tree never changes, so nothing ever invalidates them.
+# FUSE_AUTO_INVAL_DATA makes the kernel check a directory's mtime, asking for it if its
+# attributes expired, before it lists the directory from its cache; that is how the changing
+# listing of the mount root is noticed (``invalidate_listing``). libfuse asks for it too. Its
+# other effect, a file's pages dropped when its mtime or size changes, never happens here.
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
-    | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS
+    | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS | kp.FUSE_AUTO_INVAL_DATA
 )
 
 # The read-only rule of ``fusefs.handlers``, as opcodes.
@@ -108,9 +112,11 @@ class ProtocolServer:
         self._slots = trio.Semaphore(max_tasks)
         self._nursery: trio.Nursery | None = None
         self.requests = 0
-        # Whether the kernel said in INIT that it opens files without asking us. Unknown on a
-        # connection taken over (we never see its INIT): then every OPEN is answered.
+        # Whether the kernel said in INIT that it opens files, or directories, without asking
+        # us. Unknown on a connection taken over (we never see its INIT): then every OPEN and
+        # OPENDIR is answered.
         self.zero_message_open = False
+        self.zero_message_opendir = False
         self._passthrough_wanted = passthrough
         # Set at INIT when the kernel accepted passthrough; then every OPEN is answered.
         self.passthrough: Passthrough | None = None
@@ -259,13 +265,22 @@ class ProtocolServer:
             case Opcode.OPENDIR:
                 kp.parse_open_in(body)
                 opened = handlers.opendir(h.nodeid)
+                if self.zero_message_opendir:
+                    # The kernel then opens every directory without an OPENDIR or a
+                    # RELEASEDIR and caches every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR):
+                    # a warm walk makes no request at all. The one listing that changes, the
+                    # root of a multi-layer mount, is dropped from that cache at every attach
+                    # and detach (``invalidate_listing``).
+                    raise FuseReplyError(errno.ENOSYS)
                 # A listing that never changes is read from us once and then from the page
                 # cache. FOPEN_CACHE_DIR needs FOPEN_KEEP_CACHE, or the kernel drops it at open.
                 flags = kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE if opened.keep_cache else 0
                 return kp.reply(unique, kp.encode_open_out(opened.fh, flags))
             case Opcode.READDIR | Opcode.READDIRPLUS:
                 read = kp.parse_read_in(body)
-                listing = self._listing(read, plus=h.opcode == Opcode.READDIRPLUS)
+                # The node, not read.fh, as for READ: a directory opened without an OPENDIR
+                # has handle 0.
+                listing = self._listing(h.nodeid, read, plus=h.opcode == Opcode.READDIRPLUS)
                 return kp.reply(unique, listing)
             case Opcode.GETXATTR:
                 size, name = kp.parse_getxattr_in(body)
@@ -298,6 +313,8 @@ class ProtocolServer:
                     self.passthrough = self._passthrough_wanted
                 else:
                     self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
+                # Linux 5.1 and later offer it, Debian 12's 6.1 included.
+                self.zero_message_opendir = bool(init.flags & kp.FUSE_NO_OPENDIR_SUPPORT)
                 log.info("fuse init major=%d minor=%d passthrough=%s", init.major, init.minor,
                          _passthrough_state(self._passthrough_wanted, init))
                 return kp.reply(unique, reply)
@@ -317,7 +334,7 @@ class ProtocolServer:
             unique, kp.encode_open_out(opening.fh, kp.FOPEN_PASSTHROUGH, opening.backing_id)
         )
 
-    def _listing(self, read: kp.ReadIn, *, plus: bool) -> bytes:
+    def _listing(self, inode: int, read: kp.ReadIn, *, plus: bool) -> bytes:
         pieces: list[bytes] = []
         used = 0
 
@@ -333,7 +350,7 @@ class ProtocolServer:
             used += len(piece)
             return True
 
-        self._handlers.readdir(read.fh, read.offset, take)
+        self._handlers.readdir(inode, read.offset, take)
         return b"".join(pieces)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
@@ -344,6 +361,17 @@ class ProtocolServer:
             return
         notification = kp.encode_inval_entry(parent, name)
         nursery.start_soon(trio.to_thread.run_sync, self._write_notification, notification)
+
+    async def invalidate_listing(self, inode: int) -> None:
+        """Tell the kernel to drop what it cached of directory ``inode``: its listing, which it
+        keeps for every directory on a connection with zero-message opendirs, and its
+        attributes. Returns once the kernel has it, so that the caller's change is visible in
+        the next listing. Written on a worker thread: an unmount holds the lock the write waits
+        for until this server answers its DESTROY."""
+        if self._nursery is None:
+            return
+        notification = kp.encode_inval_inode(inode)
+        await trio.to_thread.run_sync(self._write_notification, notification)
 
     def _write_notification(self, data: bytes) -> None:
         try:

@@ -287,7 +287,9 @@ def test_the_server_answers_each_opcode() -> None:
         _request(Opcode.INTERRUPT, 40, 0, struct.pack("=Q", 12)),
         _request(Opcode.RELEASE, 42, 2, b"\0" * 24),
         _request(Opcode.READ, 44, 2, b"short"),
-        _request(Opcode.INIT, 46, 0, kp.encode_init_in(41, 131072, 0xFFFFFFFF)),
+        # Every flag but zero-message opendirs, so that OPENDIR is answered below.
+        _request(Opcode.INIT, 46, 0,
+                 kp.encode_init_in(41, 131072, 0xFFFFFFFF & ~kp.FUSE_NO_OPENDIR_SUPPORT)),
         _request(Opcode.OPENDIR, 48, 1, struct.pack("=II", 0, 0)),
         _request(Opcode.OPENDIR, 50, 5, struct.pack("=II", 0, 0)),
         _request(Opcode.FLUSH, 52, 2, b"\0" * 24),
@@ -320,7 +322,8 @@ def test_the_server_answers_each_opcode() -> None:
     fields = struct.unpack("=IIIIHHIIHHI7I", init)
     assert error == 0 and fields[:2] == (7, 31) and fields[6] == 1 << 20 and fields[8] == 256
     assert fields[3] == (kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS
-                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS)
+                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS
+                         | kp.FUSE_AUTO_INVAL_DATA)
     # An immutable listing is cached by the kernel; one that changes is not.
     assert r[48] == (0, kp.encode_open_out(1, kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE))
     assert r[50] == (0, kp.encode_open_out(5, 0))
@@ -342,6 +345,38 @@ def test_files_open_without_a_round_trip_when_init_offers_it() -> None:
     assert r[4] == (-errno.ENOSYS, b"")  # the kernel now opens files by itself
     assert r[6] == (-errno.EROFS, b"")  # the handler's refusals still stand
     assert r[8] == (0, b"hello")
+
+
+def test_directories_open_without_a_round_trip_when_init_offers_it() -> None:
+    # Linux 5.1+ (Debian 12's 6.1 too) offers FUSE_NO_OPENDIR_SUPPORT: one ENOSYS and the
+    # kernel opens and releases every directory itself and caches every listing, so a warm
+    # walk makes no request. The listing is then asked for with handle 0: the node says which.
+    offer = kp.FUSE_ASYNC_READ | kp.FUSE_NO_OPENDIR_SUPPORT
+    requests = [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
+        _request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)),
+        _request(Opcode.READDIR, 6, 1, _read_in(0, 1, 4096)),
+    ]
+    r = _exchange(requests, expect=3)
+    assert r[2][0] == 0
+    assert r[4] == (-errno.ENOSYS, b"")
+    assert r[6] == (0, kp.encode_dirent(3, 2, stat.S_IFLNK, b"l"))
+
+
+@pytest.mark.parametrize("taken_over", [False, True], ids=["old-kernel", "taken-over"])
+def test_directories_are_opened_explicitly_without_that_offer(taken_over: bool) -> None:
+    requests = [] if taken_over else [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, kp.FUSE_ASYNC_READ)),
+    ]
+    requests.append(_request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)))
+    r = _exchange(requests, expect=len(requests))
+    assert r[4] == (0, kp.encode_open_out(1, kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE))
+
+
+def test_a_directory_invalidation_covers_its_whole_cache() -> None:
+    note = kp.encode_inval_inode(1)
+    assert kp.parse_out_header(note) == (40, kp.NOTIFY_INVAL_INODE, 0)
+    assert struct.unpack("=Qqq", note[16:]) == (1, 0, 0)  # offset 0, length 0: to the end
 
 
 @pytest.mark.parametrize("taken_over", [False, True], ids=["old-kernel", "taken-over"])
