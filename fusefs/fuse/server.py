@@ -44,6 +44,10 @@ MAX_PAGES: Final = MAX_WRITE // 4096
 # mount. The connection we adopt was negotiated by libfuse with max_write = 1 MiB.
 BUFFER_SIZE: Final = MAX_WRITE + 4096
 DEFAULT_MAX_TASKS: Final = 64
+# How many requests the reader loop answers in place before it lets other tasks run even
+# though the next request is already waiting. Once none is, waiting for one yields anyway.
+# A yield per request cost a pass of trio's scheduler and an epoll_wait each.
+IN_PLACE_BURST: Final = 16
 # How far below the first request we read to look for requests our predecessor read but never
 # answered. The kernel numbers requests in steps of 2 and never has more than a few hundred
 # waiting, so 32768 candidates are plenty; they cost about 0.1 s, once.
@@ -110,6 +114,7 @@ class ProtocolServer:
         self._answer_lost_pending = answer_lost
         self.lost_answered = 0
         self._slots = trio.Semaphore(max_tasks)
+        self._unyielded = 0  # requests answered in place since the loop last let others run
         self._nursery: trio.Nursery | None = None
         self.requests = 0
         # Whether the kernel said in INIT that it opens files, or directories, without asking
@@ -148,7 +153,9 @@ class ProtocolServer:
                         # Answered in place from memory: a task each would double the cost
                         # of a round trip.
                         self._answer_now(request)
-                        await trio.lowlevel.checkpoint()  # let the READ tasks run
+                        self._unyielded += 1
+                        if self._unyielded >= IN_PLACE_BURST:
+                            await self._yield()  # let the READ tasks run
             finally:
                 self._nursery = None
                 if self._passthrough_wanted is not None:
@@ -156,12 +163,28 @@ class ProtocolServer:
                 # The connection is gone: answers still being computed have nowhere to go.
                 nursery.cancel_scope.cancel()
 
+    async def _yield(self) -> None:
+        self._unyielded = 0
+        await trio.lowlevel.checkpoint()
+
     async def _read(self, buffer: bytearray) -> bytes | None:
-        """The next request, or None once the filesystem is unmounted."""
+        """The next request, or None once the filesystem is unmounted.
+
+        Requests already queued are read without a yield (up to ``IN_PLACE_BURST`` of them).
+        When none is, one pass of trio's scheduler comes first: it runs the READ tasks, and a
+        caller that makes one request after another, as a walk does, has usually queued its
+        next by then, which is cheaper than sleeping in epoll and being woken. Only then does
+        the loop wait for the fd."""
+        yielded = False
         while True:
             try:
                 n = os.readv(self._fd, [buffer])
             except BlockingIOError:
+                if not yielded:
+                    yielded = True
+                    await self._yield()
+                    continue
+                self._unyielded = 0
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
             except OSError as exc:

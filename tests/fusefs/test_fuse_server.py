@@ -4,6 +4,7 @@ dispatch driven over a socketpair standing in for /dev/fuse."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import stat
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
-from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer
+from fusefs.fuse.server import BUFFER_SIZE, IN_PLACE_BURST, ProtocolServer
 from fusefs.handlers import DirectoryEntrySink, FuseReplyError, Opened
 
 ATTRS = Attributes(
@@ -447,3 +448,57 @@ def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
         server.close()
     assert sorted(replies) == [2, 4, 6]
     assert all(error == 0 for error, _ in replies.values())
+
+
+class TickRecorder(Handlers):
+    """Notes, at each lookup, how many times another task has run since the server started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ticks = 0
+        self.seen: list[int] = []
+
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        self.seen.append(self.ticks)
+        return super().lookup(parent, name)
+
+
+def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
+    # A yield per request cost a pass of trio's scheduler (and an epoll_wait) each. Requests
+    # already queued are now answered back to back, and other tasks run at least every
+    # IN_PLACE_BURST of them.
+    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    handlers = TickRecorder()
+    count = 3 * IN_PLACE_BURST
+
+    async def main() -> None:
+        session = ProtocolServer(handlers, server.fileno(), max_tasks=4)
+
+        async def tick() -> None:
+            while True:
+                handlers.ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        for unique in range(count):  # all queued before the server reads the first
+            kernel.send(_request(Opcode.LOOKUP, 2 * unique + 2, 1, b"f\0"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            await nursery.start(session.serve)
+            kernel.setblocking(False)
+            replies = 0
+            with trio.fail_after(10):
+                while replies < count:
+                    await trio.lowlevel.wait_readable(kernel)
+                    kernel.recv(BUFFER_SIZE)
+                    replies += 1
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        kernel.close()
+        server.close()
+    runs = [sum(1 for _ in group) for _, group in itertools.groupby(handlers.seen)]
+    assert len(handlers.seen) == count
+    assert max(runs) == IN_PLACE_BURST  # back to back, up to the burst
+    assert len(runs) >= count // IN_PLACE_BURST  # and the other task ran in between
