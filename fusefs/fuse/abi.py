@@ -195,6 +195,12 @@ def reply(unique: int, *payload: bytes) -> bytes:
     return b"".join((_OUT_HEADER.pack(size, 0, unique), *payload))
 
 
+def reply_header(unique: int, payload_size: int) -> bytes:
+    """The fuse_out_header of a successful reply whose payload is written after it in the
+    same ``writev``: a READ's data is not copied once more to be joined to its header."""
+    return _OUT_HEADER.pack(OUT_HEADER_SIZE + payload_size, 0, unique)
+
+
 def error_reply(unique: int, errno_value: int) -> bytes:
     if not 0 < errno_value <= _MAX_ERRNO:
         raise ValueError(f"errno {errno_value} cannot be sent to the kernel")

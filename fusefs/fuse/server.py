@@ -220,10 +220,10 @@ class ProtocolServer:
                 # The node, not read.fh: a file opened without an OPEN has handle 0. Handles
                 # are node numbers anyway.
                 data = await self._handlers.read(header.nodeid, read.offset, read.size)
-                out = kp.reply(header.unique, data)
             except Exception as exc:
-                out = _error_reply(header, exc)
-            self._write(out)
+                self._write(_error_reply(header, exc))
+                return
+            self._write(kp.reply_header(header.unique, len(data)), data)
 
     def _answer_lost(self, first: bytes) -> None:
         """Answer the requests a dead predecessor had read but not answered.
@@ -254,9 +254,10 @@ class ProtocolServer:
                         self.lost_answered, errno.errorcode[LOST_REQUEST_ERRNO],
                         extra={"event": "fuse_lost_requests_answered"})
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, *pieces: bytes) -> None:
+        """One reply, in one write (the kernel takes a reply from a single write call)."""
         try:
-            os.write(self._fd, data)
+            os.writev(self._fd, pieces)
         except OSError as exc:
             # ENOENT: the request is no longer waited for, because it was interrupted or its
             # process killed. ENODEV: the connection ended. Neither is ours to fix.
