@@ -5,14 +5,15 @@ FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per 
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
 ``snapshotter.daemon.keeper``, therefore reads and answers requests here. As root it also
 serves fresh mounts from INIT on, because it can ask the kernel for what pyfuse3 cannot:
-cached directory listings and files opened without a round trip, or, when asked and the kernel
-offers it, FUSE passthrough (``fusefs.fuse.passthrough``). It calls ``fusefs.handlers``
-directly and never imports pyfuse3.
+cached directory listings and files and directories opened without a round trip, or, when
+asked and the kernel offers it, FUSE passthrough (``fusefs.fuse.passthrough``). It calls
+``fusefs.handlers`` directly and never imports pyfuse3.
 
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
 must not keep the loop from reading a lookup. The handlers of every other request are plain
-functions that answer from memory, called in the loop itself. Each reply is one ``write``.
+functions that answer from memory, called in the loop itself, back to back while requests are
+queued (see ``_read`` for when the loop yields). Each reply is one ``write``.
 FORGET and BATCH_FORGET get no reply because inodes are arithmetic. INTERRUPT gets none either:
 the interrupted request is answered when done, which the protocol allows.
 
