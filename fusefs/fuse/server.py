@@ -338,8 +338,9 @@ class ProtocolServer:
                     self.passthrough = self._passthrough_wanted
                 else:
                     self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
-                # Linux 5.1 and later offer it, Debian 12's 6.1 included.
-                self.zero_message_opendir = bool(init.flags & kp.FUSE_NO_OPENDIR_SUPPORT)
+                # Linux 5.1 and later offer both, Debian 12's 6.1 included. Without
+                # FUSE_AUTO_INVAL_DATA a cached empty root listing would outlive an attach.
+                self.zero_message_opendir = _offers_zero_message_opendir(init)
                 log.info("fuse init major=%d minor=%d passthrough=%s", init.major, init.minor,
                          _passthrough_state(self._passthrough_wanted, init))
                 return kp.reply(unique, reply)
@@ -447,6 +448,11 @@ def _offers_passthrough(init: kp.InitIn) -> bool:
     """Whether the kernel offers FUSE passthrough: Linux 6.9+ built with it. Debian 12's 6.1
     offers no such bit, and a kernel without FUSE_INIT_EXT has no flags2 at all."""
     return bool(init.flags & kp.FUSE_INIT_EXT and init.flags & kp.FUSE_PASSTHROUGH)
+
+
+def _offers_zero_message_opendir(init: kp.InitIn) -> bool:
+    wanted = kp.FUSE_NO_OPENDIR_SUPPORT | kp.FUSE_AUTO_INVAL_DATA
+    return init.flags & wanted == wanted
 
 
 def _passthrough_state(wanted: Passthrough | None, init: kp.InitIn) -> str:

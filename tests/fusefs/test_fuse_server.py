@@ -4,7 +4,6 @@ dispatch driven over a socketpair standing in for /dev/fuse."""
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import socket
 import stat
@@ -352,7 +351,7 @@ def test_directories_open_without_a_round_trip_when_init_offers_it() -> None:
     # Linux 5.1+ (Debian 12's 6.1 too) offers FUSE_NO_OPENDIR_SUPPORT: one ENOSYS and the
     # kernel opens and releases every directory itself and caches every listing, so a warm
     # walk makes no request. The listing is then asked for with handle 0: the node says which.
-    offer = kp.FUSE_ASYNC_READ | kp.FUSE_NO_OPENDIR_SUPPORT
+    offer = kp.FUSE_ASYNC_READ | kp.FUSE_NO_OPENDIR_SUPPORT | kp.FUSE_AUTO_INVAL_DATA
     requests = [
         _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
         _request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)),
@@ -364,10 +363,15 @@ def test_directories_open_without_a_round_trip_when_init_offers_it() -> None:
     assert r[6] == (0, kp.encode_dirent(3, 2, stat.S_IFLNK, b"l"))
 
 
-@pytest.mark.parametrize("taken_over", [False, True], ids=["old-kernel", "taken-over"])
-def test_directories_are_opened_explicitly_without_that_offer(taken_over: bool) -> None:
-    requests = [] if taken_over else [
-        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, kp.FUSE_ASYNC_READ)),
+@pytest.mark.parametrize(
+    "offer", [kp.FUSE_ASYNC_READ, kp.FUSE_NO_OPENDIR_SUPPORT, None],
+    ids=["old-kernel", "no-auto-inval-data", "taken-over"],
+)
+def test_directories_are_opened_explicitly_without_that_offer(offer: int | None) -> None:
+    # Zero-message opendirs need FUSE_AUTO_INVAL_DATA too: it is what makes the kernel notice
+    # that the root's cached listing changed.
+    requests = [] if offer is None else [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
     ]
     requests.append(_request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)))
     r = _exchange(requests, expect=len(requests))
@@ -450,39 +454,35 @@ def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
     assert all(error == 0 for error, _ in replies.values())
 
 
-class TickRecorder(Handlers):
-    """Notes, at each lookup, how many times another task has run since the server started."""
-
+class LookupRecorder(Handlers):
     def __init__(self) -> None:
         super().__init__()
-        self.ticks = 0
-        self.seen: list[int] = []
+        self.lookups = 0
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
-        self.seen.append(self.ticks)
+        self.lookups += 1
         return super().lookup(parent, name)
 
 
 def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
     # A yield per request cost a pass of trio's scheduler (and an epoll_wait) each. Requests
-    # already queued are now answered back to back, and other tasks run at least every
-    # IN_PLACE_BURST of them.
+    # already queued are now answered back to back, with a yield every IN_PLACE_BURST of them
+    # so that the READ tasks still run, and one more once none is left.
     kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    handlers = TickRecorder()
-    count = 3 * IN_PLACE_BURST
+    handlers = LookupRecorder()
+    count = 3 * IN_PLACE_BURST + 2
+    yields: list[int] = []  # how many lookups had been answered at each yield of the loop
+
+    class Recording(ProtocolServer):
+        async def _yield(self) -> None:
+            yields.append(handlers.lookups)
+            await super()._yield()
 
     async def main() -> None:
-        session = ProtocolServer(handlers, server.fileno(), max_tasks=4)
-
-        async def tick() -> None:
-            while True:
-                handlers.ticks += 1
-                await trio.lowlevel.checkpoint()
-
+        session = Recording(handlers, server.fileno(), max_tasks=4)
         for unique in range(count):  # all queued before the server reads the first
             kernel.send(_request(Opcode.LOOKUP, 2 * unique + 2, 1, b"f\0"))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             await nursery.start(session.serve)
             kernel.setblocking(False)
             replies = 0
@@ -498,7 +498,6 @@ def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
     finally:
         kernel.close()
         server.close()
-    runs = [sum(1 for _ in group) for _, group in itertools.groupby(handlers.seen)]
-    assert len(handlers.seen) == count
-    assert max(runs) == IN_PLACE_BURST  # back to back, up to the burst
-    assert len(runs) >= count // IN_PLACE_BURST  # and the other task ran in between
+    assert handlers.lookups == count
+    burst = IN_PLACE_BURST
+    assert yields[:4] == [burst, 2 * burst, 3 * burst, count]
