@@ -388,16 +388,16 @@ class ProtocolServer:
         notification = kp.encode_inval_entry(parent, name)
         nursery.start_soon(trio.to_thread.run_sync, self._write_notification, notification)
 
-    async def invalidate_listing(self, inode: int) -> None:
+    def invalidate_listing(self, inode: int) -> None:
         """Tell the kernel to drop what it cached of directory ``inode``: its listing, which it
         keeps for every directory on a connection with zero-message opendirs, and its
-        attributes. Returns once the kernel has it, so that the caller's change is visible in
-        the next listing. Written on a worker thread: an unmount holds the lock the write waits
-        for until this server answers its DESTROY."""
+        attributes. Written at once, from the caller's thread: no request of this server can be
+        answered between the caller's change and the kernel learning of it, so no one who saw
+        the change (a lookup of a new layer) lists the old directory. Unlike
+        ``invalidate_entry`` this takes no inode lock in the kernel and waits for no request."""
         if self._nursery is None:
             return
-        notification = kp.encode_inval_inode(inode)
-        await trio.to_thread.run_sync(self._write_notification, notification)
+        self._write_notification(kp.encode_inval_inode(inode))
 
     def _write_notification(self, data: bytes) -> None:
         try:
