@@ -16,6 +16,9 @@ Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a us
   20 ms away, with range coalescing vs one request per chunk;
 * the cost of metrics: cold reads of the big file with ``/metrics`` scraped at 10 Hz vs not
   scraped, interleaved (both mounts serve ``/metrics``; ``--only-scrape`` runs just this);
+* ``--only-warm``: warm sequential reads and warm walks only, each with the mount process's CPU
+  over them; with ``--base-lazysnap OTHER_TREE/.venv/bin/lazysnap`` that tree's mounts are
+  measured in turn with this tree's (two rounds, alternating which goes first);
 * FUSE passthrough: warm sequential reads of the big file and warm open+read+close of many
   small files, on a mount that does not ask for passthrough (page cache, zero-message opens)
   and on one that does (every OPEN answered; the big file read from its verified backing copy),
@@ -635,6 +638,57 @@ def passthrough_arms(work: Path, mib: int, rows: list[tuple[str, str, str, str]]
     rows.append(("passthrough backing copies made", str(copies), "", ""))
 
 
+def warm_arms(work: Path, mib: int, files: int, base: Path | None,
+              rows: list[tuple[str, str, str, str]], rounds: int = 2) -> None:
+    """``--only-warm``: warm sequential reads of the big file and warm walks of the many-file
+    layer, each against the plain directory measured alternately with it, and with ``base``
+    (another tree's ``lazysnap``) mounted in turn with this tree's, ``rounds`` times each, so
+    that both trees see the same load."""
+    blob = big_blob(work, mib)
+    plain_big = work / "plain-scrape" / "big.bin"
+    tar_bytes = tree_tar(files)
+    plain_tree = work / "plain-tree"
+    plain_tree.mkdir()
+    subprocess.run(["tar", "-C", str(plain_tree), "-xf", "-"], input=tar_bytes, check=True)
+    tree_blob = work / "tree.esgz"
+    make_estargz(tar_bytes, tree_blob)
+    size = mib * MiB
+    global LAZYSNAP
+    ours = LAZYSNAP
+    arms = [("this tree", ours)] + ([("base", base)] if base is not None else [])
+    for round_number in range(rounds):
+        for arm, binary in arms if round_number % 2 == 0 else arms[::-1]:
+            LAZYSNAP = binary
+            tag = f"{arm.replace(' ', '-')}-{round_number}"
+            cache = work / f"cache-warm-{arm.replace(' ', '-')}"
+            with lazysnap_mount(blob, work / f"mnt-warm-{tag}", "--no-background-fetch",
+                                "--cache-dir", str(cache)) as pid:
+                mnt = work / f"mnt-warm-{tag}"
+                read_all(mnt / "big.bin")  # into the page cache
+                before = cpu_seconds(pid)
+                for b in (128 * 1024, MiB):
+                    native, lazy = alternate(lambda b=b: read_all(plain_big, b),
+                                             lambda b=b, m=mnt: read_all(m / "big.bin", b))
+                    rows.append((f"[{arm}, round {round_number + 1}] warm seq read {mib} MiB, "
+                                 f"{b // 1024} KiB reads (MB/s)", f"{size / lazy / 1e6:.0f}",
+                                 f"{size / native / 1e6:.0f} (plain dir)", f"{native / lazy:.2f}"))
+                rows.append((f"[{arm}, round {round_number + 1}] mount CPU over those reads (s)",
+                             f"{cpu_seconds(pid) - before:.2f}", "", ""))
+            with lazysnap_mount(tree_blob, work / f"mnt-walk-{tag}", "--no-background-fetch",
+                                "--cache-dir", str(work / f"cache-walk-{tag}")) as pid:
+                mnt = work / f"mnt-walk-{tag}"
+                walk_stat(mnt)  # cold: the kernel caches entries and listings
+                before = cpu_seconds(pid)
+                native, lazy = alternate(lambda: walk_stat(plain_tree),
+                                         lambda m=mnt: walk_stat(m), runs=5)
+                rows.append((f"[{arm}, round {round_number + 1}] walk+lstat "
+                             f"{files + files // 100} entries, warm (s)", f"{lazy:.3f}",
+                             f"{native:.3f} (plain dir)", f"{native / lazy:.2f}"))
+                rows.append((f"[{arm}, round {round_number + 1}] mount CPU over 5 warm walks (s)",
+                             f"{cpu_seconds(pid) - before:.2f}", "", ""))
+    LAZYSNAP = ours
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-mib", type=int, default=256)
@@ -646,6 +700,11 @@ def main() -> int:
     parser.add_argument("--scrape-pairs", type=int, default=5)
     parser.add_argument("--only-passthrough", action="store_true",
                         help="measure only the warm reads with and without FUSE passthrough")
+    parser.add_argument("--only-warm", action="store_true",
+                        help="measure only warm reads and warm walks (see --base-lazysnap)")
+    parser.add_argument("--base-lazysnap", type=Path, default=None,
+                        help="with --only-warm: another tree's .venv/bin/lazysnap, mounted in "
+                             "turn with this tree's")
     parser.add_argument("--serve", nargs=4, metavar=("BLOB", "MNT", "CACHE", "on|off"),
                         help=argparse.SUPPRESS)  # the mount of a passthrough arm
     args = parser.parse_args()
@@ -658,7 +717,9 @@ def main() -> int:
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="lazysnap-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        if args.only_passthrough:
+        if args.only_warm:
+            warm_arms(work, args.big_mib, args.files, args.base_lazysnap, rows)
+        elif args.only_passthrough:
             passthrough_arms(work, args.big_mib, rows)
         else:
             if not args.only_scrape:

@@ -262,6 +262,8 @@ class LazyFilesystem:
         scope = trio.CancelScope()
         self._background[layer_id] = scope
         self._nursery.start_soon(self._run_background, layer, scope, background_fetch)
+        # The root lists one more layer, or, on a single-layer mount, is now the layer's root.
+        session.forget_root_listing()
         log.info(
             "layer attached layer=%s slot=%d digest=%s entries=%d background=%s",
             layer_id,
@@ -411,6 +413,7 @@ class LazyFilesystem:
             scope.cancel()
         if not self._inodes.single_layer:
             session.forget_root_entry(os.fsencode(layer_id))
+        session.forget_root_listing()
         log.info("layer detached layer=%s slot=%d digest=%s", layer_id, layer.slot, layer.digest)
 
     def layer_path(self, layer_id: str) -> Path:

@@ -248,7 +248,10 @@ class LazyHandlers:
             uid=0,
             gid=0,
             size=0,
-            mtime_ns=self._mount_time_ns,
+            # One nanosecond later per layer attached or detached. A kernel that caches the
+            # root's listing compares its mtime before reusing the listing, so a new mtime
+            # is what makes it list the root again (see ``fusefs.fuse.server``).
+            mtime_ns=self._mount_time_ns + self._table.changes,
             rdev=0,
             nlink=2 + len(self._table),
         )

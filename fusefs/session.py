@@ -279,6 +279,14 @@ def unmount_path(mountpoint: Path) -> None:
         log.warning("unmount failed command=%s error=%s", command[0], done.stderr.strip())
 
 
+def forget_root_listing() -> None:
+    """Tell the kernel that the mount root's listing changed (a layer attached or detached).
+    Only our protocol server lets the kernel cache that listing (zero-message opendirs); a
+    pyfuse3 mount answers every opendir of the root without the cache flags."""
+    if _adopted is not None:
+        _adopted.invalidate_listing(pyfuse3.ROOT_INODE)
+
+
 def forget_root_entry(name: bytes) -> None:
     """Tell the kernel that ``name`` left the mount root (a detached layer)."""
     if _adopted is not None:

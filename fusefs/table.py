@@ -33,6 +33,8 @@ class LayerTable:
         self._mark = mark
         # One past the highest slot used so far, by this process or one before it.
         self._next = mark.first_unreserved if mark is not None else 1
+        # How many times a layer was added or removed: the mount root's listing changed.
+        self.changes = 0
 
     def __len__(self) -> int:
         return len(self._by_slot)
@@ -96,6 +98,7 @@ class LayerTable:
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer.slot
         self._next = max(self._next, layer.slot + 1)
+        self.changes += 1
 
     def _check_free(self, layer_id: str, slot: int) -> bytes:
         name = check_layer_id(layer_id)
@@ -112,4 +115,5 @@ class LayerTable:
         slot = self._by_name.pop(name, None)
         if slot is None:
             raise KeyError(layer_id)
+        self.changes += 1
         return self._by_slot.pop(slot)

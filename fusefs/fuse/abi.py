@@ -45,6 +45,7 @@ _INIT_IN = struct.Struct("=IIIII11I")  # fuse_init_in with flags2 and unused, si
 _INIT_IN_OLD = struct.Struct("=IIII")  # fuse_init_in before 7.36
 _INIT_OUT = struct.Struct("=IIIIHHIIHHI7I")  # fuse_init_out
 _INVAL_ENTRY = struct.Struct("=QII")  # fuse_notify_inval_entry_out
+_INVAL_INODE = struct.Struct("=Qqq")  # fuse_notify_inval_inode_out
 # fuse_entry_out in one struct, and followed by a dirent's head (fuse_direntplus): one pack per
 # entry, as a cold readdirplus of a big directory spends most of its time encoding entries.
 _ENTRY_OUT = struct.Struct(_ENTRY_HEAD.format + _ATTR.format[1:])
@@ -126,12 +127,13 @@ FOPEN_PASSTHROUGH: Final = 1 << 7
 # fuse_init_in/out.flags
 FUSE_ASYNC_READ: Final = 1 << 0
 FUSE_BIG_WRITES: Final = 1 << 5
+FUSE_AUTO_INVAL_DATA: Final = 1 << 12
 FUSE_DO_READDIRPLUS: Final = 1 << 13
 FUSE_NO_OPEN_SUPPORT: Final = 1 << 17
 FUSE_PARALLEL_DIROPS: Final = 1 << 18
 FUSE_MAX_PAGES: Final = 1 << 22
 FUSE_CACHE_SYMLINKS: Final = 1 << 23
-FUSE_NO_OPENDIR_SUPPORT: Final = 1 << 24
+FUSE_NO_OPENDIR_SUPPORT: Final = 1 << 24  # offered since Linux 5.1
 FUSE_INIT_EXT: Final = 1 << 30  # the flags2 words of fuse_init_in/out are meaningful
 # The bits of flags2, shifted up by 32 as ``InitIn.flags`` holds them.
 FUSE_PASSTHROUGH: Final = 1 << 37  # files may be opened onto a backing file (Linux 6.9)
@@ -146,6 +148,7 @@ FUSE_DEV_IOC_BACKING_OPEN: Final = 1 << 30 | _BACKING_MAP.size << 16 | 229 << 8 
 FUSE_DEV_IOC_BACKING_CLOSE: Final = 1 << 30 | _BACKING_ID.size << 16 | 229 << 8 | 2
 
 # fuse_out_header.error of a notification (unique 0)
+NOTIFY_INVAL_INODE: Final = 2
 NOTIFY_INVAL_ENTRY: Final = 3
 
 # The reply error must lie in (-512, 0]: the kernel refuses anything else with EINVAL.
@@ -190,6 +193,12 @@ def reply(unique: int, *payload: bytes) -> bytes:
     """A successful reply: fuse_out_header then the payload pieces (one write)."""
     size = OUT_HEADER_SIZE + sum(len(p) for p in payload)
     return b"".join((_OUT_HEADER.pack(size, 0, unique), *payload))
+
+
+def reply_header(unique: int, payload_size: int) -> bytes:
+    """The fuse_out_header of a successful reply whose payload is written after it in the
+    same ``writev``: a READ's data is not copied once more to be joined to its header."""
+    return _OUT_HEADER.pack(OUT_HEADER_SIZE + payload_size, 0, unique)
 
 
 def error_reply(unique: int, errno_value: int) -> bytes:
@@ -357,6 +366,13 @@ def encode_inval_entry(parent: int, name: bytes) -> bytes:
     field holds the notification code."""
     body = _INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
     return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), NOTIFY_INVAL_ENTRY, 0) + body
+
+
+def encode_inval_inode(inode: int) -> bytes:
+    """A FUSE_NOTIFY_INVAL_INODE notification for all of ``inode``: its attributes and its
+    page cache, which for a directory is its cached listing (offset 0, length 0: to the end)."""
+    body = _INVAL_INODE.pack(inode, 0, 0)
+    return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), NOTIFY_INVAL_INODE, 0) + body
 
 
 # -- request bodies --------------------------------------------------------------------------

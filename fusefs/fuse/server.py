@@ -5,16 +5,17 @@ FUSE_INIT it answers every request with EIO, and the kernel sends INIT once per 
 restarted daemon that adopts the ``/dev/fuse`` fd of its predecessor, kept alive by
 ``snapshotter.daemon.keeper``, therefore reads and answers requests here. As root it also
 serves fresh mounts from INIT on, because it can ask the kernel for what pyfuse3 cannot:
-cached directory listings and files opened without a round trip, or, when asked and the kernel
-offers it, FUSE passthrough (``fusefs.fuse.passthrough``). It calls ``fusefs.handlers``
-directly and never imports pyfuse3.
+cached directory listings and files and directories opened without a round trip, or, when
+asked and the kernel offers it, FUSE passthrough (``fusefs.fuse.passthrough``). It calls
+``fusefs.handlers`` directly and never imports pyfuse3.
 
 One reader loop. Only read may wait: each READ runs in its own task, at most ``max_tasks`` of
 them computing at a time. A READ past that waits in its task, never in the loop: stalled reads
 must not keep the loop from reading a lookup. The handlers of every other request are plain
-functions that answer from memory, called in the loop itself; a lookup of a layer whose index
-is still being built (``handlers.LayerPending``) is answered later, from its own task. Each reply
-is one ``write``.
+functions that answer from memory, called in the loop itself, back to back while requests are
+queued (see ``_read`` for when the loop yields); a lookup of a layer whose index is still being
+built (``handlers.LayerPending``) is answered later, from its own task. Each reply is one
+``write`` (a READ's a ``writev`` of its header and data).
 FORGET and BATCH_FORGET get no reply because inodes are arithmetic. INTERRUPT gets none either:
 the interrupted request is answered when done, which the protocol allows.
 
@@ -52,6 +53,10 @@ MAX_PAGES: Final = MAX_WRITE // 4096
 # mount. The connection we adopt was negotiated by libfuse with max_write = 1 MiB.
 BUFFER_SIZE: Final = MAX_WRITE + 4096
 DEFAULT_MAX_TASKS: Final = 64
+# How many requests the reader loop answers in place before it lets other tasks run even
+# though the next request is already waiting. Once none is, waiting for one yields anyway.
+# A yield per request cost a pass of trio's scheduler and an epoll_wait each.
+IN_PLACE_BURST: Final = 16
 # How far below the first request we read to look for requests our predecessor read but never
 # answered. The kernel numbers requests in steps of 2 and never has more than a few hundred
 # waiting, so 32768 candidates are plenty; they cost about 0.1 s, once.
@@ -61,9 +66,13 @@ LOST_REQUEST_WINDOW: Final = 1 << 16
 LOST_REQUEST_ERRNO: Final = errno.EINTR
 # What we take of the kernel's INIT offer. FUSE_CACHE_SYMLINKS keeps readlink answers in the
 # page cache; the tree never changes, so nothing ever invalidates them.
+# FUSE_AUTO_INVAL_DATA makes the kernel check a directory's mtime, asking for it if its
+# attributes expired, before it lists the directory from its cache; that is how the changing
+# listing of the mount root is noticed (``invalidate_listing``). libfuse asks for it too. Its
+# other effect, a file's pages dropped when its mtime or size changes, never happens here.
 _INIT_FLAGS: Final = (
     kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS | kp.FUSE_PARALLEL_DIROPS
-    | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS
+    | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS | kp.FUSE_AUTO_INVAL_DATA
 )
 
 # The read-only rule of ``fusefs.handlers``, as opcodes.
@@ -114,11 +123,14 @@ class ProtocolServer:
         self._answer_lost_pending = answer_lost
         self.lost_answered = 0
         self._slots = trio.Semaphore(max_tasks)
+        self._unyielded = 0  # requests answered in place since the loop last let others run
         self._nursery: trio.Nursery | None = None
         self.requests = 0
-        # Whether the kernel said in INIT that it opens files without asking us. Unknown on a
-        # connection taken over (we never see its INIT): then every OPEN is answered.
+        # Whether the kernel said in INIT that it opens files, or directories, without asking
+        # us. Unknown on a connection taken over (we never see its INIT): then every OPEN and
+        # OPENDIR is answered.
         self.zero_message_open = False
+        self.zero_message_opendir = False
         self._passthrough_wanted = passthrough
         # Set at INIT when the kernel accepted passthrough; then every OPEN is answered.
         self.passthrough: Passthrough | None = None
@@ -150,7 +162,9 @@ class ProtocolServer:
                         # Answered in place from memory: a task each would double the cost
                         # of a round trip.
                         self._answer_now(request)
-                        await trio.lowlevel.checkpoint()  # let the READ tasks run
+                        self._unyielded += 1
+                        if self._unyielded >= IN_PLACE_BURST:
+                            await self._yield()  # let the READ tasks run
             finally:
                 self._nursery = None
                 if self._passthrough_wanted is not None:
@@ -158,12 +172,28 @@ class ProtocolServer:
                 # The connection is gone: answers still being computed have nowhere to go.
                 nursery.cancel_scope.cancel()
 
+    async def _yield(self) -> None:
+        self._unyielded = 0
+        await trio.lowlevel.checkpoint()
+
     async def _read(self, buffer: bytearray) -> bytes | None:
-        """The next request, or None once the filesystem is unmounted."""
+        """The next request, or None once the filesystem is unmounted.
+
+        Requests already queued are read without a yield (up to ``IN_PLACE_BURST`` of them).
+        When none is, one pass of trio's scheduler comes first: it runs the READ tasks, and a
+        caller that makes one request after another, as a walk does, has usually queued its
+        next by then, which is cheaper than sleeping in epoll and being woken. Only then does
+        the loop wait for the fd."""
+        yielded = False
         while True:
             try:
                 n = os.readv(self._fd, [buffer])
             except BlockingIOError:
+                if not yielded:
+                    yielded = True
+                    await self._yield()
+                    continue
+                self._unyielded = 0
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
             except OSError as exc:
@@ -209,10 +239,10 @@ class ProtocolServer:
                 # The node, not read.fh: a file opened without an OPEN has handle 0. Handles
                 # are node numbers anyway.
                 data = await self._handlers.read(header.nodeid, read.offset, read.size)
-                out = kp.reply(header.unique, data)
             except Exception as exc:
-                out = _error_reply(header, exc)
-            self._write(out)
+                self._write(_error_reply(header, exc))
+                return
+            self._write(kp.reply_header(header.unique, len(data)), data)
 
     def _answer_lost(self, first: bytes) -> None:
         """Answer the requests a dead predecessor had read but not answered.
@@ -243,9 +273,10 @@ class ProtocolServer:
                         self.lost_answered, errno.errorcode[LOST_REQUEST_ERRNO],
                         extra={"event": "fuse_lost_requests_answered"})
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, *pieces: bytes) -> None:
+        """One reply, in one write (the kernel takes a reply from a single write call)."""
         try:
-            os.write(self._fd, data)
+            os.writev(self._fd, pieces)
         except OSError as exc:
             # ENOENT: the request is no longer waited for, because it was interrupted or its
             # process killed. ENODEV: the connection ended. Neither is ours to fix.
@@ -277,13 +308,22 @@ class ProtocolServer:
             case Opcode.OPENDIR:
                 kp.parse_open_in(body)
                 opened = handlers.opendir(h.nodeid)
+                if self.zero_message_opendir:
+                    # The kernel then opens every directory without an OPENDIR or a
+                    # RELEASEDIR and caches every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR):
+                    # a warm walk makes no request at all. The one listing that changes, the
+                    # root of a multi-layer mount, is dropped from that cache at every attach
+                    # and detach (``invalidate_listing``).
+                    raise FuseReplyError(errno.ENOSYS)
                 # A listing that never changes is read from us once and then from the page
                 # cache. FOPEN_CACHE_DIR needs FOPEN_KEEP_CACHE, or the kernel drops it at open.
                 flags = kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE if opened.keep_cache else 0
                 return kp.reply(unique, kp.encode_open_out(opened.fh, flags))
             case Opcode.READDIR | Opcode.READDIRPLUS:
                 read = kp.parse_read_in(body)
-                listing = self._listing(read, plus=h.opcode == Opcode.READDIRPLUS)
+                # The node, not read.fh, as for READ: a directory opened without an OPENDIR
+                # has handle 0.
+                listing = self._listing(h.nodeid, read, plus=h.opcode == Opcode.READDIRPLUS)
                 return kp.reply(unique, listing)
             case Opcode.GETXATTR:
                 size, name = kp.parse_getxattr_in(body)
@@ -316,6 +356,9 @@ class ProtocolServer:
                     self.passthrough = self._passthrough_wanted
                 else:
                     self.zero_message_open = bool(init.flags & kp.FUSE_NO_OPEN_SUPPORT)
+                # Linux 5.1 and later offer both, Debian 12's 6.1 included. Without
+                # FUSE_AUTO_INVAL_DATA a cached empty root listing would outlive an attach.
+                self.zero_message_opendir = _offers_zero_message_opendir(init)
                 log.info("fuse init major=%d minor=%d passthrough=%s", init.major, init.minor,
                          _passthrough_state(self._passthrough_wanted, init))
                 return kp.reply(unique, reply)
@@ -335,7 +378,7 @@ class ProtocolServer:
             unique, kp.encode_open_out(opening.fh, kp.FOPEN_PASSTHROUGH, opening.backing_id)
         )
 
-    def _listing(self, read: kp.ReadIn, *, plus: bool) -> bytes:
+    def _listing(self, inode: int, read: kp.ReadIn, *, plus: bool) -> bytes:
         pieces: list[bytes] = []
         used = 0
 
@@ -351,7 +394,7 @@ class ProtocolServer:
             used += len(piece)
             return True
 
-        self._handlers.readdir(read.fh, read.offset, take)
+        self._handlers.readdir(inode, read.offset, take)
         return b"".join(pieces)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
@@ -362,6 +405,17 @@ class ProtocolServer:
             return
         notification = kp.encode_inval_entry(parent, name)
         nursery.start_soon(trio.to_thread.run_sync, self._write_notification, notification)
+
+    def invalidate_listing(self, inode: int) -> None:
+        """Tell the kernel to drop what it cached of directory ``inode``: its listing, which it
+        keeps for every directory on a connection with zero-message opendirs, and its
+        attributes. Written at once, from the caller's thread: no request of this server can be
+        answered between the caller's change and the kernel learning of it, so no one who saw
+        the change (a lookup of a new layer) lists the old directory. Unlike
+        ``invalidate_entry`` this takes no inode lock in the kernel and waits for no request."""
+        if self._nursery is None:
+            return
+        self._write_notification(kp.encode_inval_inode(inode))
 
     def _write_notification(self, data: bytes) -> None:
         try:
@@ -412,6 +466,11 @@ def _offers_passthrough(init: kp.InitIn) -> bool:
     """Whether the kernel offers FUSE passthrough: Linux 6.9+ built with it. Debian 12's 6.1
     offers no such bit, and a kernel without FUSE_INIT_EXT has no flags2 at all."""
     return bool(init.flags & kp.FUSE_INIT_EXT and init.flags & kp.FUSE_PASSTHROUGH)
+
+
+def _offers_zero_message_opendir(init: kp.InitIn) -> bool:
+    wanted = kp.FUSE_NO_OPENDIR_SUPPORT | kp.FUSE_AUTO_INVAL_DATA
+    return init.flags & wanted == wanted
 
 
 def _passthrough_state(wanted: Passthrough | None, init: kp.InitIn) -> str:

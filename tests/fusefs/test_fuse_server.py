@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Attributes, Opcode, StatfsReply
-from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer
+from fusefs.fuse.server import BUFFER_SIZE, IN_PLACE_BURST, ProtocolServer
 from fusefs.handlers import DirectoryEntrySink, FuseReplyError, Opened
 
 ATTRS = Attributes(
@@ -287,7 +287,9 @@ def test_the_server_answers_each_opcode() -> None:
         _request(Opcode.INTERRUPT, 40, 0, struct.pack("=Q", 12)),
         _request(Opcode.RELEASE, 42, 2, b"\0" * 24),
         _request(Opcode.READ, 44, 2, b"short"),
-        _request(Opcode.INIT, 46, 0, kp.encode_init_in(41, 131072, 0xFFFFFFFF)),
+        # Every flag but zero-message opendirs, so that OPENDIR is answered below.
+        _request(Opcode.INIT, 46, 0,
+                 kp.encode_init_in(41, 131072, 0xFFFFFFFF & ~kp.FUSE_NO_OPENDIR_SUPPORT)),
         _request(Opcode.OPENDIR, 48, 1, struct.pack("=II", 0, 0)),
         _request(Opcode.OPENDIR, 50, 5, struct.pack("=II", 0, 0)),
         _request(Opcode.FLUSH, 52, 2, b"\0" * 24),
@@ -320,7 +322,8 @@ def test_the_server_answers_each_opcode() -> None:
     fields = struct.unpack("=IIIIHHIIHHI7I", init)
     assert error == 0 and fields[:2] == (7, 31) and fields[6] == 1 << 20 and fields[8] == 256
     assert fields[3] == (kp.FUSE_ASYNC_READ | kp.FUSE_BIG_WRITES | kp.FUSE_DO_READDIRPLUS
-                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS)
+                         | kp.FUSE_PARALLEL_DIROPS | kp.FUSE_MAX_PAGES | kp.FUSE_CACHE_SYMLINKS
+                         | kp.FUSE_AUTO_INVAL_DATA)
     # An immutable listing is cached by the kernel; one that changes is not.
     assert r[48] == (0, kp.encode_open_out(1, kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE))
     assert r[50] == (0, kp.encode_open_out(5, 0))
@@ -342,6 +345,43 @@ def test_files_open_without_a_round_trip_when_init_offers_it() -> None:
     assert r[4] == (-errno.ENOSYS, b"")  # the kernel now opens files by itself
     assert r[6] == (-errno.EROFS, b"")  # the handler's refusals still stand
     assert r[8] == (0, b"hello")
+
+
+def test_directories_open_without_a_round_trip_when_init_offers_it() -> None:
+    # Linux 5.1+ (Debian 12's 6.1 too) offers FUSE_NO_OPENDIR_SUPPORT: one ENOSYS and the
+    # kernel opens and releases every directory itself and caches every listing, so a warm
+    # walk makes no request. The listing is then asked for with handle 0: the node says which.
+    offer = kp.FUSE_ASYNC_READ | kp.FUSE_NO_OPENDIR_SUPPORT | kp.FUSE_AUTO_INVAL_DATA
+    requests = [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
+        _request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)),
+        _request(Opcode.READDIR, 6, 1, _read_in(0, 1, 4096)),
+    ]
+    r = _exchange(requests, expect=3)
+    assert r[2][0] == 0
+    assert r[4] == (-errno.ENOSYS, b"")
+    assert r[6] == (0, kp.encode_dirent(3, 2, stat.S_IFLNK, b"l"))
+
+
+@pytest.mark.parametrize(
+    "offer", [kp.FUSE_ASYNC_READ, kp.FUSE_NO_OPENDIR_SUPPORT, None],
+    ids=["old-kernel", "no-auto-inval-data", "taken-over"],
+)
+def test_directories_are_opened_explicitly_without_that_offer(offer: int | None) -> None:
+    # Zero-message opendirs need FUSE_AUTO_INVAL_DATA too: it is what makes the kernel notice
+    # that the root's cached listing changed.
+    requests = [] if offer is None else [
+        _request(Opcode.INIT, 2, 0, kp.encode_init_in(37, 131072, offer)),
+    ]
+    requests.append(_request(Opcode.OPENDIR, 4, 1, struct.pack("=II", 0, 0)))
+    r = _exchange(requests, expect=len(requests))
+    assert r[4] == (0, kp.encode_open_out(1, kp.FOPEN_CACHE_DIR | kp.FOPEN_KEEP_CACHE))
+
+
+def test_a_directory_invalidation_covers_its_whole_cache() -> None:
+    note = kp.encode_inval_inode(1)
+    assert kp.parse_out_header(note) == (40, kp.NOTIFY_INVAL_INODE, 0)
+    assert struct.unpack("=Qqq", note[16:]) == (1, 0, 0)  # offset 0, length 0: to the end
 
 
 @pytest.mark.parametrize("taken_over", [False, True], ids=["old-kernel", "taken-over"])
@@ -412,3 +452,52 @@ def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
         server.close()
     assert sorted(replies) == [2, 4, 6]
     assert all(error == 0 for error, _ in replies.values())
+
+
+class LookupRecorder(Handlers):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        self.lookups += 1
+        return super().lookup(parent, name)
+
+
+def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
+    # A yield per request cost a pass of trio's scheduler (and an epoll_wait) each. Requests
+    # already queued are now answered back to back, with a yield every IN_PLACE_BURST of them
+    # so that the READ tasks still run, and one more once none is left.
+    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    handlers = LookupRecorder()
+    count = 3 * IN_PLACE_BURST + 2
+    yields: list[int] = []  # how many lookups had been answered at each yield of the loop
+
+    class Recording(ProtocolServer):
+        async def _yield(self) -> None:
+            yields.append(handlers.lookups)
+            await super()._yield()
+
+    async def main() -> None:
+        session = Recording(handlers, server.fileno(), max_tasks=4)
+        for unique in range(count):  # all queued before the server reads the first
+            kernel.send(_request(Opcode.LOOKUP, 2 * unique + 2, 1, b"f\0"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.serve)
+            kernel.setblocking(False)
+            replies = 0
+            with trio.fail_after(10):
+                while replies < count:
+                    await trio.lowlevel.wait_readable(kernel)
+                    kernel.recv(BUFFER_SIZE)
+                    replies += 1
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        kernel.close()
+        server.close()
+    assert handlers.lookups == count
+    burst = IN_PLACE_BURST
+    assert yields[:4] == [burst, 2 * burst, 3 * burst, count]

@@ -466,7 +466,10 @@ TOP_ENTRIES = [
 ]
 
 
-def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool, libfuse: bool) -> None:
+def _serve_fake(
+    mountpoint: Path, cache_dir: Path, *, multi: bool, libfuse: bool, start_empty: bool = False,
+) -> None:
+    """``start_empty``: attach nothing until SIGUSR2 attaches "top"."""
     import trio  # noqa: PLC0415
 
     from fusefs import LazyFilesystem  # noqa: PLC0415
@@ -504,6 +507,8 @@ def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool, libfuse: bool
 
             nursery.start_soon(control)
             await nursery.start(serve)
+            if start_empty:
+                return
             base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
             await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False)
             if multi:
@@ -514,4 +519,4 @@ def _serve_fake(mountpoint: Path, cache_dir: Path, *, multi: bool, libfuse: bool
 
 if __name__ == "__main__":
     _serve_fake(Path(sys.argv[1]), Path(sys.argv[2]), multi="--multi" in sys.argv[3:],
-                libfuse="--libfuse" in sys.argv[3:])
+                libfuse="--libfuse" in sys.argv[3:], start_empty="--start-empty" in sys.argv[3:])

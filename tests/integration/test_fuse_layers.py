@@ -82,6 +82,29 @@ def test_layers_are_top_level_directories_attached_and_detached_at_runtime(
 
 
 @pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize("front_end", [(), ("--libfuse",)], ids=["protocol-server", "pyfuse3"])
+def test_an_empty_root_listed_before_the_first_attach_shows_the_layer_after_it(
+    tmp_path: Path, front_end: tuple[str, ...]
+) -> None:
+    # The protocol server lets the kernel cache every listing (zero-message opendirs). A
+    # cached empty listing has no page to invalidate: the kernel notices the attach only by
+    # the root's new mtime, which it asks for because the attach invalidated the root.
+    mnt = tmp_path / "mnt"
+    command = fake_server(mnt, tmp_path / "cache", "--start-empty", *front_end)
+    with running_mount(command, mnt) as server:
+        assert os.listdir(mnt) == []
+        assert os.listdir(mnt) == []  # from the kernel's cache, on the protocol server
+        server.proc.send_signal(signal.SIGUSR2)  # attach "top"
+        wait_for((mnt / "top").exists, 10, "top to be attached")
+        assert os.listdir(mnt) == ["top"]
+        assert sorted(os.listdir(mnt / "top")) == ["doomed", "etc"]
+        server.proc.send_signal(signal.SIGUSR1)  # detach it again
+        wait_for(lambda: not (mnt / "top").exists(), 10, "top to be detached")
+        assert os.listdir(mnt) == []
+    assert server.proc.returncode == 0
+
+
+@pytest.mark.usefixtures("in_repo")
 def test_overlayfs_over_two_fuse_layers_honours_whiteouts_and_opaque_dirs(
     tmp_path: Path,
 ) -> None:
