@@ -538,7 +538,8 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
                 fuse_keeper.leave_note, keeper, {"passthrough": state}
             )
             log.info("fuse passthrough state left to the keeper",
-                     extra={"event": "fuse_passthrough_left", "noted": noted})
+                     extra={"event": "fuse_passthrough_left", "noted": noted,
+                            "state": state})
     return signum
 
 
