@@ -263,6 +263,14 @@ async def _serve_protocol(
             # daemon goes on from them.
             if server.passthrough is not None:
                 _left_passthrough = server.passthrough.handover_state()
+                open_files, in_passthrough = server.passthrough.open_counts()
+                log.info("fuse passthrough state kept for the next daemon backing_files=%d "
+                         "open_files=%d passthrough_open_files=%d",
+                         server.passthrough.backing_files, open_files, in_passthrough,
+                         extra={"event": "fuse_passthrough_left",
+                                "backing_files": server.passthrough.backing_files,
+                                "open_files": open_files,
+                                "passthrough_open_files": in_passthrough})
             log.info("fuse connection left mounted for the next daemon mountpoint=%s "
                      "requests=%d", mountpoint, server.requests)
 

@@ -205,6 +205,10 @@ class Passthrough:
             "opens": [[inode, c.cached, c.passthrough] for inode, c in self._opens.items()],
         }
 
+    def open_counts(self) -> tuple[int, int]:
+        """Files open now, and how many of them in passthrough (for a log line)."""
+        return len(self._opens), sum(1 for c in self._opens.values() if c.passthrough)
+
     def adopt(self, state: object) -> None:
         """Go on from a predecessor's ``handover_state`` on the same connection: its backing
         files serve the opens of their inodes (while the inode names the same file), and its

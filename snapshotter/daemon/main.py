@@ -537,9 +537,8 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
             noted = await trio.to_thread.run_sync(
                 fuse_keeper.leave_note, keeper, {"passthrough": state}
             )
-            log.info("fuse passthrough state left to the keeper",
-                     extra={"event": "fuse_passthrough_left", "noted": noted,
-                            "state": state})
+            log.info("fuse passthrough state left to the keeper noted=%s", noted,
+                     extra={"event": "fuse_passthrough_noted", "noted": noted})
     return signum
 
 
