@@ -288,7 +288,7 @@ class _Keeper:
                     conn.sendall(b'{"noted":true}')
                     log.info("fuse keeper took a note for the next daemon bytes=%d",
                              len(command))
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # a client, whatever it sends, must never end the connection
                 log.warning("fuse keeper client failed error=%r", exc)
         return False
 

@@ -57,3 +57,10 @@ def test_no_note_without_a_keeper(tmp_path: Path) -> None:
 def test_a_note_over_the_bound_is_not_sent(socket_path: Path) -> None:
     assert not keeper.leave_note(socket_path, {"x": "y" * keeper.MAX_NOTE_BYTES})
     assert _take(socket_path)["note"] is None
+
+
+def test_a_bad_note_leaves_the_keeper_running(socket_path: Path) -> None:
+    for data in (b"note {", b"note " + b"[" * 10_000 + b"]" * 10_000):
+        assert keeper._ask(socket_path, data) is not None
+    assert keeper.leave_note(socket_path, {"passthrough": {}})
+    assert _take(socket_path)["note"] == {"passthrough": {}}
