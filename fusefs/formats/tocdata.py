@@ -189,9 +189,11 @@ def _decoded_in_batches(raws: list[msgspec.Raw]) -> Iterator[TocEntry]:
         batch = raws[start : start + ENTRY_BATCH_SIZE]
         try:
             entries = _ENTRY_BATCH.decode(b"[" + b",".join(batch) + b"]")
-        except msgspec.ValidationError:
+        except msgspec.ValidationError as exc:
             _raise_first_invalid(batch, start)
-            raise  # not reached: one of the batch's entries is invalid on its own
+            # Not reached (one of the batch's entries is invalid on its own), but never let
+            # msgspec's own error out.
+            raise LayerFormatError(f"TOC entries from {start} on are invalid: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise LayerFormatError(f"TOC is not valid UTF-8 JSON: {exc}") from exc
         del batch
