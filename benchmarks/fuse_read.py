@@ -11,7 +11,8 @@ Measures (each lazysnap mount is a ``lazysnap mount --blob`` subprocess, as a us
 * cold and warm ``os.walk`` + ``lstat`` over a layer of many small files vs the plain directory;
 * TOC load (``load_layer_index``) time for that layer, i.e. what attach waits for;
 * RSS of the ``lazysnap mount`` process with a layer of many entries attached (after a walk),
-  against the RSS of the same command with a one-file layer;
+  against the RSS of the same command with a one-file layer, and its peak RSS (VmHWM) while it
+  indexed that layer (``--only-memory`` runs just this);
 * a lazy start without FUSE: every file of a stdlib slice read once, in tar order, from a blob
   20 ms away, with range coalescing vs one request per chunk;
 * the cost of metrics: cold reads of the big file with ``/metrics`` scraped at 10 Hz vs not
@@ -149,12 +150,13 @@ def gunzip_blob(blob: Path) -> int:
     return total
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak) of process ``pid``, in KiB."""
     with open(f"/proc/{pid}/status", encoding="utf-8") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def tree_tar(files: int, per_dir: int = 100, size: int = 64) -> bytes:
@@ -399,6 +401,7 @@ def memory(work: Path, entries: int, rows: list[tuple[str, str, str, str]]) -> N
         base = rss_kib(pid)
     with lazysnap_mount(big, work / "mnt-rss", "--no-background-fetch") as pid:
         attached = rss_kib(pid)
+        peak = rss_kib(pid, "VmHWM")  # the index build's peak: nothing else ran yet
         walk_stat(work / "mnt-rss")
         walked = rss_kib(pid)
     rows.append(
@@ -407,6 +410,14 @@ def memory(work: Path, entries: int, rows: list[tuple[str, str, str, str]]) -> N
             f"{attached / 1024:.1f}",
             f"{base / 1024:.1f} (1 entry)",
             f"{(attached - base) / 1024:.1f} MB more",
+        )
+    )
+    rows.append(
+        (
+            f"peak RSS while indexing {entries} entries (MB)",
+            f"{peak / 1024:.1f}",
+            "",
+            "",
         )
     )
     rows.append(
@@ -698,6 +709,8 @@ def main() -> int:
     parser.add_argument("--only-scrape", action="store_true",
                         help="measure only the cost of /metrics scrapes on cold reads")
     parser.add_argument("--scrape-pairs", type=int, default=5)
+    parser.add_argument("--only-memory", action="store_true",
+                        help="measure only the RSS with --rss-entries entries attached")
     parser.add_argument("--only-passthrough", action="store_true",
                         help="measure only the warm reads with and without FUSE passthrough")
     parser.add_argument("--only-warm", action="store_true",
@@ -721,6 +734,8 @@ def main() -> int:
             warm_arms(work, args.big_mib, args.files, args.base_lazysnap, rows)
         elif args.only_passthrough:
             passthrough_arms(work, args.big_mib, rows)
+        elif args.only_memory:
+            memory(work, args.rss_entries, rows)
         else:
             if not args.only_scrape:
                 big_file(work, args.big_mib, rows)

@@ -90,6 +90,7 @@ class LazyFilesystem:
         slot_mark: Path | None = None,
         libfuse: bool = False,
         passthrough: bool = False,
+        passthrough_handover: object = None,
         record_first_reads: tuple[float, int] | None = None,
     ) -> None:
         """``single_layer``: the one attached layer is the mount root instead of a directory
@@ -100,6 +101,9 @@ class LazyFilesystem:
         ``libfuse``: mount and serve with pyfuse3 even as root (see ``session.serve``).
         ``passthrough``: use FUSE passthrough for files whole in the cache when the kernel
         offers it (``fusefs.fuse.passthrough``); False: never ask for it.
+        ``passthrough_handover``: with ``adopt_fd``, the passthrough state the previous daemon
+        left (``passthrough_handover()``), adopted even with ``passthrough`` False so that the
+        files it opened in passthrough open again (then no new copies are made).
         ``record_first_reads``: (seconds, files) to record per layer from its first read, for
         startup profiles (``first_reads``)."""
         self.mountpoint = mountpoint
@@ -125,6 +129,7 @@ class LazyFilesystem:
         self._adopt_fd = adopt_fd
         self._libfuse = libfuse
         self._passthrough = passthrough
+        self._passthrough_handover = passthrough_handover
         self._took_over = adopt_fd is not None
         self._resume = trio.Event()
         self._retired = LayerMeters()  # meters of layers detached since start
@@ -197,8 +202,11 @@ class LazyFilesystem:
             except BaseException:
                 os.close(fd)  # the mount stays: whoever else holds the connection keeps it
                 raise
+            handover, self._passthrough_handover = self._passthrough_handover, None
             await session.serve_adopted(
-                handlers, fd, self.mountpoint, unmount_when_cancelled=self._unmount_when_stopped
+                handlers, fd, self.mountpoint, unmount_when_cancelled=self._unmount_when_stopped,
+                passthrough_state=handover,
+                passthrough_dir=self._cache_dir if self._passthrough else None,
             )
         # Unmounted from outside: stop background work so run() returns.
         if self._run_scope is not None:
@@ -217,6 +225,11 @@ class LazyFilesystem:
         self._leave_mounted = True
         if self._run_scope is not None:
             self._run_scope.cancel()
+
+    def passthrough_handover(self) -> dict[str, object] | None:
+        """After ``run`` returned from ``leave_mounted``: the passthrough state for the next
+        daemon (its ``passthrough_handover``), None when the connection had no passthrough."""
+        return session.left_passthrough_state()
 
     def _unmount_when_stopped(self) -> bool:
         return not self._leave_mounted

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from fusefs.fuse.passthrough import DeviceBackingRegistry, Passthrough
+from fusefs.fuse.passthrough import DeviceBackingRegistry, HandoverError, Passthrough
 from fusefs.fuse.server import DEFAULT_MAX_TASKS, ProtocolServer
 from fusefs.handlers import LazyHandlers
 from fusefs.pyfuse3_operations import Pyfuse3Operations
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 _active = False
 _device_fd: int | None = None  # pyfuse3's /dev/fuse fd while its session is open
 _adopted: ProtocolServer | None = None
+# The passthrough state of the last connection this process left mounted, for the next daemon.
+_left_passthrough: dict[str, object] | None = None
 
 _FUSE_DEVICE = "/dev/fuse"
 
@@ -171,6 +173,12 @@ def dup_device_fd() -> int:
     return os.dup(fd)
 
 
+def left_passthrough_state() -> dict[str, object] | None:
+    """The passthrough state of the connection this process last left mounted (None: it had
+    no passthrough), for the daemon that takes it over (``serve_adopted``)."""
+    return _left_passthrough
+
+
 async def serve_adopted(
     handlers: LazyHandlers,
     fd: int,
@@ -178,17 +186,40 @@ async def serve_adopted(
     *,
     max_tasks: int = DEFAULT_MAX_TASKS,
     unmount_when_cancelled: Callable[[], bool] = lambda: True,
+    passthrough_state: object = None,
+    passthrough_dir: Path | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the already initialised connection ``fd`` (ours to close) until the filesystem is
     unmounted (returns) or the caller is cancelled (then unmount, as ``serve`` does, unless
-    ``unmount_when_cancelled()`` says no)."""
+    ``unmount_when_cancelled()`` says no).
+
+    ``passthrough_state``: what the predecessor that negotiated passthrough on this connection
+    left (``left_passthrough_state``); its backing files and open counts are adopted, and new
+    copies go to ``passthrough_dir`` (None: none are made). Without it the connection is
+    served without passthrough: a file still open in passthrough mode then cannot be opened
+    again until it is closed (docs/fusefs.md, "Restarts")."""
     if _active or _adopted is not None:
         raise RuntimeError("this process already has a FUSE session")
     log.info("fuse connection adopted mountpoint=%s fd=%d", mountpoint, fd)
+    passthrough = None
+    if passthrough_state is not None:
+        passthrough = Passthrough(
+            DeviceBackingRegistry(fd), handlers.whole_file, handlers.file_identity,
+            passthrough_dir or mountpoint, new_copies=passthrough_dir is not None,
+        )
+        try:
+            passthrough.adopt(passthrough_state)
+        except HandoverError as exc:
+            log.warning("fuse passthrough state of the previous daemon not adopted error=%s", exc)
+            passthrough = None
+        else:
+            log.info("fuse passthrough adopted backing_files=%d", passthrough.backing_files,
+                     extra={"event": "fuse_passthrough_adopted"})
     await _serve_protocol(
         handlers, fd, mountpoint, answer_lost=True, max_tasks=max_tasks,
-        unmount_when_cancelled=unmount_when_cancelled, task_status=task_status,
+        unmount_when_cancelled=unmount_when_cancelled, passthrough=passthrough,
+        passthrough_negotiated=passthrough is not None, task_status=task_status,
     )
 
 
@@ -201,12 +232,14 @@ async def _serve_protocol(
     unmount_when_cancelled: Callable[[], bool],
     max_tasks: int = DEFAULT_MAX_TASKS,
     passthrough: Passthrough | None = None,
+    passthrough_negotiated: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``fd`` served by our protocol server; ``answer_lost`` for a connection taken over."""
-    global _adopted
+    global _adopted, _left_passthrough
     server = ProtocolServer(handlers, fd, max_tasks=max_tasks, answer_lost=answer_lost,
-                            passthrough=passthrough)
+                            passthrough=passthrough,
+                            passthrough_negotiated=passthrough_negotiated)
     _adopted = server
     unmounted_outside = False
     try:
@@ -226,6 +259,18 @@ async def _serve_protocol(
         if unmount or unmounted_outside:
             log.info("fuse unmounted mountpoint=%s requests=%d", mountpoint, server.requests)
         else:
+            # Requests are no longer read, so the opens and backing ids are final: the next
+            # daemon goes on from them.
+            if server.passthrough is not None:
+                _left_passthrough = server.passthrough.handover_state()
+                open_files, in_passthrough = server.passthrough.open_counts()
+                log.info("fuse passthrough state kept for the next daemon backing_files=%d "
+                         "open_files=%d passthrough_open_files=%d",
+                         server.passthrough.backing_files, open_files, in_passthrough,
+                         extra={"event": "fuse_passthrough_left",
+                                "backing_files": server.passthrough.backing_files,
+                                "open_files": open_files,
+                                "passthrough_open_files": in_passthrough})
             log.info("fuse connection left mounted for the next daemon mountpoint=%s "
                      "requests=%d", mountpoint, server.requests)
 

@@ -123,15 +123,22 @@ def _skip(text: str, pos: int) -> int:
 
 
 _DOCUMENT = msgspec.json.Decoder(TocDocument)
+_ENTRY_BATCH = msgspec.json.Decoder(list[TocEntry])
+_ENTRY = msgspec.json.Decoder(TocEntry)
+# Entries decoded per msgspec call. Small enough that a batch's Structs and strings (about
+# 0.5 MB) come and go within the same pymalloc pools, large enough that the per-call cost and
+# the join stay a few ms per 50k entries.
+ENTRY_BATCH_SIZE = 1024
 # A key spelled with escapes needs a \u escape; to spell "entries", \u006X or \u007X.
 _ESCAPED_LETTER = re.compile(rb"\\u00[67]")
 
 
 def toc_entries(data: bytes, limits: IndexLimits) -> Iterable[TocEntry | dict[str, Any]]:
-    """The TOC's entries, decoded at once by msgspec when that is known to be safe.
+    """The TOC's entries, decoded by msgspec when that is known to be safe.
 
-    msgspec decodes the whole document into typed TocEntry Structs in C, several times faster
-    than one ``json`` object per entry, but it neither stops at the entry limit nor sees a
+    msgspec checks the whole document's syntax at once and decodes the entries into typed
+    TocEntry Structs in C, a batch at a time (``_decoded_in_batches``), several times faster
+    than one ``json`` object per entry. But it neither stops at the entry limit nor sees a
     second ``entries`` key (the last would win). So it is used only when neither can happen:
     every entry is an object, so it needs a ``{`` of its own, and a second ``entries`` key is
     either a second literal ``"entries"`` or a key spelled with a ``\\u00[67]`` escape. Other
@@ -167,7 +174,39 @@ def toc_entries(data: bytes, limits: IndexLimits) -> Iterable[TocEntry | dict[st
     version = document.version
     if type(version) is not int or version != 1:
         raise LayerFormatError(f"unsupported TOC version {version!r}")
-    return entries
+    return _decoded_in_batches(entries)
+
+
+def _decoded_in_batches(raws: list[msgspec.Raw]) -> Iterator[TocEntry]:
+    """TocEntry Structs of the raw ``entries``, ENTRY_BATCH_SIZE per decode.
+
+    The document's decode already checked every entry's JSON syntax (surrogate escapes
+    included), so a batch fails only on a type, a range or a field string that is not UTF-8,
+    all of which the json walk rejects too: no document starts on the fast path and then
+    needs the walk. Each batch is dropped when the next one is decoded.
+    """
+    for start in range(0, len(raws), ENTRY_BATCH_SIZE):
+        batch = raws[start : start + ENTRY_BATCH_SIZE]
+        try:
+            entries = _ENTRY_BATCH.decode(b"[" + b",".join(batch) + b"]")
+        except msgspec.ValidationError as exc:
+            _raise_first_invalid(batch, start)
+            # Not reached (one of the batch's entries is invalid on its own), but never let
+            # msgspec's own error out.
+            raise LayerFormatError(f"TOC entries from {start} on are invalid: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise LayerFormatError(f"TOC is not valid UTF-8 JSON: {exc}") from exc
+        del batch
+        yield from entries
+
+
+def _raise_first_invalid(batch: list[msgspec.Raw], start: int) -> None:
+    """Raise the error of the batch's first invalid entry, named by its place in the TOC."""
+    for offset, raw in enumerate(batch):
+        try:
+            _ENTRY.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise entry_error(str(exc), start + offset) from exc
 
 
 def iter_toc_entries(data: bytes, limits: IndexLimits) -> Iterator[Any]:

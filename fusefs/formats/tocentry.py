@@ -46,10 +46,15 @@ class TocEntry(msgspec.Struct, gc=False, rename="camel"):
 
 
 class TocDocument(msgspec.Struct, gc=False):
-    """The TOC's top level; ``version`` is checked by the caller for a clear message."""
+    """The TOC's top level; ``version`` is checked by the caller for a clear message.
+
+    The entries stay raw JSON (checked for syntax, not decoded) so that the caller can decode
+    them a batch at a time: only one batch of TocEntry Structs and their strings is alive at
+    once, instead of every entry of a 100k-entry TOC until the index is built.
+    """
 
     version: Any = None
-    entries: list[TocEntry] | None = None
+    entries: list[msgspec.Raw] | None = None
 
 
 _CONVERT = msgspec.convert

@@ -21,6 +21,11 @@ and keeps its backing id while any passthrough open lasts.
 Copies are made in the background after a cached open finds a file whole, for files of at least
 ``min_size`` bytes, within ``budget`` bytes; beyond it the least recently opened copies that no
 open file uses are dropped (the kernel frees a copy once its last user is gone).
+
+A daemon that stops and leaves its connection to the next one (``handover_state``) passes on
+its backing ids and open counts, which the kernel still holds for it; the next daemon
+``adopt``s them before it reads a request, so that the files open in passthrough open again
+onto the same backing file and the ones open through the page cache stay there until closed.
 """
 
 from __future__ import annotations
@@ -92,6 +97,25 @@ class _Backing:
     identity: tuple[str, int]
 
 
+class HandoverError(ValueError):
+    """A handed-over passthrough state that is not what ``handover_state`` writes."""
+
+
+def _ints(value: object, count: int) -> list[int]:
+    if not isinstance(value, list) or len(value) != count:
+        raise HandoverError(f"expected a list of {count} values, got {value!r}")
+    if not all(type(v) is int and v >= 0 for v in value):
+        raise HandoverError(f"expected non-negative integers, got {value!r}")
+    return value
+
+
+def _rows(state: dict[str, object], key: str) -> list[object]:
+    rows = state.get(key, [])
+    if not isinstance(rows, list):
+        raise HandoverError(f"passthrough state {key!r} is not a list")
+    return rows
+
+
 @dataclass(frozen=True, slots=True)
 class Opening:
     """How to answer one OPEN: the handle, and the backing id when it is a passthrough open."""
@@ -112,12 +136,16 @@ class Passthrough:
         *,
         min_size: int = DEFAULT_MIN_SIZE,
         budget: int = DEFAULT_BUDGET,
+        new_copies: bool = True,
     ) -> None:
+        """``new_copies=False``: serve adopted backing files only (passthrough turned off in a
+        daemon that took over a connection negotiated with it)."""
         self._registry = registry
         self._whole_file = whole_file
         self._identity = identity
         self._directory = directory
         self._min_size = min_size
+        self._new_copies = new_copies
         self._budget = budget
         self._backing: OrderedDict[int, _Backing] = OrderedDict()
         self._bytes = 0
@@ -166,8 +194,49 @@ class Passthrough:
         if counts.cached == counts.passthrough == 0:
             del self._opens[inode]
 
+    def handover_state(self) -> dict[str, object]:
+        """The backing ids and open counts, as JSON, for the daemon that takes over the
+        connection. Taken once requests are no longer read: nothing changes them after."""
+        return {
+            "backing": [
+                [inode, b.backing_id, b.size, b.identity[0], b.identity[1]]
+                for inode, b in self._backing.items()
+            ],
+            "opens": [[inode, c.cached, c.passthrough] for inode, c in self._opens.items()],
+        }
+
+    def open_counts(self) -> tuple[int, int]:
+        """Files open now, and how many of them in passthrough (for a log line)."""
+        return len(self._opens), sum(1 for c in self._opens.values() if c.passthrough)
+
+    def adopt(self, state: object) -> None:
+        """Go on from a predecessor's ``handover_state`` on the same connection: its backing
+        files serve the opens of their inodes (while the inode names the same file), and its
+        open counts are lowered by the RELEASEs of its opens (same handles). Before any request
+        is read; raises HandoverError, adopting nothing, when ``state`` is malformed."""
+        if not isinstance(state, dict):
+            raise HandoverError(f"passthrough state is not an object: {state!r}")
+        backing: OrderedDict[int, _Backing] = OrderedDict()
+        for row in _rows(state, "backing"):
+            if not isinstance(row, list) or len(row) != 5 or not isinstance(row[3], str):
+                raise HandoverError(f"bad backing row {row!r}")
+            inode, backing_id, size, entry = _ints([row[0], row[1], row[2], row[4]], 4)
+            backing[inode] = _Backing(backing_id, size, (row[3], entry))
+        opens = {}
+        for row in _rows(state, "opens"):
+            inode, cached, passthrough = _ints(row, 3)
+            opens[inode] = _Counts(cached, passthrough)
+        self._backing = backing
+        self._bytes = sum(b.size for b in backing.values())
+        self._opens = opens
+
     def _maybe_copy(self, inode: int) -> None:
-        if self._nursery is None or inode in self._copying or inode in self._refused:
+        if (
+            self._nursery is None
+            or not self._new_copies
+            or inode in self._copying
+            or inode in self._refused
+        ):
             return
         whole = self._whole_file(inode)
         if whole is None or whole.size < self._min_size or whole.size > self._budget:

@@ -114,10 +114,12 @@ class ProtocolServer:
     def __init__(
         self, handlers: RequestHandlers, fd: int, *, max_tasks: int = DEFAULT_MAX_TASKS,
         answer_lost: bool = False, passthrough: Passthrough | None = None,
+        passthrough_negotiated: bool = False,
     ) -> None:
         """``answer_lost``: the connection was served by a process that died; release the
         requests it had read and not answered (see ``_answer_lost``). ``passthrough``: take FUSE
-        passthrough if the kernel offers it at INIT (``fusefs.fuse.passthrough``)."""
+        passthrough if the kernel offers it at INIT (``fusefs.fuse.passthrough``), or, with
+        ``passthrough_negotiated``, a connection taken over whose INIT took it already."""
         self._handlers = handlers
         self._fd = fd
         self._answer_lost_pending = answer_lost
@@ -133,7 +135,7 @@ class ProtocolServer:
         self.zero_message_opendir = False
         self._passthrough_wanted = passthrough
         # Set at INIT when the kernel accepted passthrough; then every OPEN is answered.
-        self.passthrough: Passthrough | None = None
+        self.passthrough: Passthrough | None = passthrough if passthrough_negotiated else None
 
     @property
     def fd(self) -> int:

@@ -9,6 +9,9 @@ The keeper
 * never reads from the fd, so requests wait in the kernel while no daemon runs;
 * gives a copy to whoever asks on its unix socket ``<root>/fuse-keeper.sock``, mode 0600 for
   root only, with SCM_RIGHTS, so a restarted daemon can serve the same connection;
+* keeps a note that a daemon stopping cleanly leaves for the next one (the connection's FUSE
+  passthrough state: backing ids and open counts that only that daemon knew) and hands it
+  over with the fd, once: it describes the connection at that stop only;
 * exits by itself once the connection ends: the daemon unmounted on a clean stop, or an
   operator did. The fd then polls POLLERR; the keeper checks on every mount table change and
   every second, and not on every request, which would wake it for each FUSE read.
@@ -43,6 +46,10 @@ _CHECK_SECONDS: Final = 1.0
 _CLIENT_TIMEOUT: Final = 5.0
 _TAKE: Final = b"take"
 _EXIT: Final = b"exit"
+_NOTE: Final = b"note "
+# A note holds a few numbers per open file of the mount; this bounds what a client can make the
+# keeper hold.
+MAX_NOTE_BYTES: Final = 16 << 20
 
 
 def keeper_socket(root: Path) -> Path:
@@ -89,6 +96,7 @@ class Handover:
     fd: int
     device: str
     keeper_pid: int
+    note: object = None  # what the previous daemon left with ``leave_note``, if anything
 
 
 def _ask(socket_path: Path, command: bytes) -> tuple[dict[str, object], list[int]] | None:
@@ -98,7 +106,8 @@ def _ask(socket_path: Path, command: bytes) -> tuple[dict[str, object], list[int
             conn.connect(str(socket_path))
             conn.sendall(command)
             conn.shutdown(socket.SHUT_WR)
-            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+            data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+            data += _read_to_end(conn, MAX_NOTE_BYTES + 4096 - len(data))
         except (FileNotFoundError, ConnectionRefusedError):
             return None  # no keeper: none started, or it exited with its connection
         except OSError as exc:
@@ -110,6 +119,33 @@ def _ask(socket_path: Path, command: bytes) -> tuple[dict[str, object], list[int
         for fd in fds:
             os.close(fd)
         return None
+
+
+def _read_to_end(conn: socket.socket, limit: int) -> bytes:
+    parts = []
+    while limit > 0:
+        part = conn.recv(min(limit, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        limit -= len(part)
+    return b"".join(parts)
+
+
+def leave_note(socket_path: Path, note: object) -> bool:
+    """Leave ``note`` (JSON) with the keeper for the next daemon that takes the connection over;
+    False when no keeper took it (none, or one from before notes: then nothing is carried)."""
+    data = _NOTE + json.dumps(note, separators=(",", ":")).encode()
+    if len(data) > MAX_NOTE_BYTES:
+        log.warning("fuse keeper note too large bytes=%d", len(data))
+        return False
+    answer = _ask(socket_path, data)
+    if answer is None:
+        return False
+    info, fds = answer
+    for fd in fds:
+        os.close(fd)
+    return info.get("noted") is True
 
 
 def take_over(socket_path: Path, mountpoint: Path) -> Handover | None:
@@ -140,7 +176,7 @@ def take_over(socket_path: Path, mountpoint: Path) -> Handover | None:
         os.close(fd)
         retire(socket_path)
         return None
-    return Handover(fd, device, pid)
+    return Handover(fd, device, pid, info.get("note"))
 
 
 def retire(socket_path: Path) -> None:
@@ -206,6 +242,7 @@ class _Keeper:
         self._socket_ino = os.stat(socket_path).st_ino
         self._mountpoint = mountpoint
         self._device = device
+        self._note: object = None
 
     def run(self) -> str:
         """Serve until the connection ends or someone asks us to exit; returns why."""
@@ -231,16 +268,27 @@ class _Keeper:
         with conn:
             conn.settimeout(_CLIENT_TIMEOUT)
             try:
-                command = conn.recv(64).strip()
+                command = _read_to_end(conn, MAX_NOTE_BYTES + 1).strip()
                 if command == _EXIT:
                     conn.sendall(b"{}")
                     return True
                 if command == _TAKE:
                     info = {"mountpoint": self._mountpoint, "device": self._device,
-                            "pid": os.getpid()}
-                    socket.send_fds(conn, [json.dumps(info).encode()], [self._fuse_fd])
+                            "pid": os.getpid(), "note": self._note}
+                    data = json.dumps(info).encode()
+                    # The fd rides on the first bytes; a long note follows.
+                    socket.send_fds(conn, [data[:4096]], [self._fuse_fd])
+                    conn.sendall(data[4096:])
+                    # A note describes the connection when its daemon stopped: the next
+                    # daemon adopts it, and one after that must not.
+                    self._note = None
                     log.info("fuse keeper handed the connection over device=%s", self._device)
-            except OSError as exc:
+                elif command.startswith(_NOTE):
+                    self._note = json.loads(command[len(_NOTE) :])
+                    conn.sendall(b'{"noted":true}')
+                    log.info("fuse keeper took a note for the next daemon bytes=%d",
+                             len(command))
+            except Exception as exc:  # a client, whatever it sends, must never end the connection
                 log.warning("fuse keeper client failed error=%r", exc)
         return False
 

@@ -309,6 +309,7 @@ async def _start_lazy(
                             adopt_fd=None if handover is None else handover.fd,
                             slot_mark=layout.slot_mark,
                             passthrough=config.fuse.passthrough == "auto",
+                            passthrough_handover=_passthrough_note(handover),
                             record_first_reads=(config.profile.record_seconds,
                                                 config.profile.max_files)
                             if config.profile.publish else None)
@@ -537,7 +538,24 @@ async def _serve(config: Config, snapshotter: Snapshotter) -> int:
         await trio.to_thread.run_sync(
             _release_keeper, layout.fuse, fuse_keeper.keeper_socket(layout.root)
         )
+    if lazy is not None and kept:
+        # Only now has the FUSE server stopped reading: the passthrough state is final.
+        state = lazy.fs.passthrough_handover()
+        if state is not None:
+            keeper = fuse_keeper.keeper_socket(snapshotter.layout.root)
+            noted = await trio.to_thread.run_sync(
+                fuse_keeper.leave_note, keeper, {"passthrough": state}
+            )
+            log.info("fuse passthrough state left to the keeper noted=%s", noted,
+                     extra={"event": "fuse_passthrough_noted", "noted": noted})
     return signum
+
+
+def _passthrough_note(handover: fuse_keeper.Handover | None) -> object:
+    """The passthrough state the previous daemon left with the keeper, if any."""
+    if handover is None or not isinstance(handover.note, dict):
+        return None
+    return handover.note.get("passthrough")
 
 
 def _keeper_holds(mountpoint: Path, keeper: Path) -> bool:

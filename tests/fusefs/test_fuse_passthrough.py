@@ -4,6 +4,7 @@ the backing copies, with the protocol server driven over a socketpair and a fake
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
@@ -16,7 +17,13 @@ import trio
 from fusefs.cache import ChunkIntegrityError
 from fusefs.fuse import abi as kp
 from fusefs.fuse.abi import Opcode
-from fusefs.fuse.passthrough import CACHED_FH, PASSTHROUGH_FH, Passthrough
+from fusefs.fuse.passthrough import (
+    CACHED_FH,
+    PASSTHROUGH_FH,
+    HandoverError,
+    Opening,
+    Passthrough,
+)
 from fusefs.fuse.server import BUFFER_SIZE, ProtocolServer
 from fusefs.handlers import FuseReplyError, WholeFile
 from tests.fusefs.test_fuse_server import Handlers
@@ -260,3 +267,60 @@ def test_an_inode_renamed_under_an_open_passthrough_file_gets_eio(tmp_path: Path
     with pytest.raises(FuseReplyError) as info:
         passthrough.open(2)
     assert info.value.errno == errno.EIO
+
+
+def test_the_next_daemon_answers_opens_as_the_one_that_handed_over_would(
+    tmp_path: Path,
+) -> None:
+    files, registry = Files({2: CONTENT, 3: CONTENT[::-1]}), FakeRegistry()
+    before = _passthrough(tmp_path, files, registry)
+    for inode in (2, 3):
+        _run_copies(before, lambda i=inode: before.open(i),
+                    lambda i=inode: before.copies == i - 1)
+    before.release(2, CACHED_FH)
+    assert before.open(2).backing_id == 7  # inode 2 open in passthrough; 3 in page-cache mode
+    state = json.loads(json.dumps(before.handover_state()))  # as it travels through the keeper
+
+    after = _passthrough(tmp_path, files, registry)
+    after.adopt(state)
+    assert after.backing_files == 2
+    # The kernel refuses a page-cache open of an inode open in passthrough, and the reverse.
+    assert after.open(2) == Opening(PASSTHROUGH_FH, 7)
+    assert after.open(3) == Opening(CACHED_FH, None)
+    # The predecessor's opens end with RELEASEs carrying its handles: then 3 switches.
+    after.release(3, CACHED_FH)
+    after.release(3, CACHED_FH)
+    assert after.open(3) == Opening(PASSTHROUGH_FH, 8)
+    assert registry.closed == []  # the predecessor's backing ids are the ones in use
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        [],
+        {"backing": {}},
+        {"backing": [[2, 7, 10, "sha256:layer"]]},
+        {"backing": [[2, -7, 10, "sha256:layer", 2]]},
+        {"backing": [[2, 7, 10, 5, 2]]},
+        {"opens": [[2, 1]]},
+        {"opens": [[2, 1, True]]},
+    ],
+)
+def test_a_malformed_handover_is_refused_whole(tmp_path: Path, state: object) -> None:
+    files, registry = Files({2: CONTENT}), FakeRegistry()
+    passthrough = _passthrough(tmp_path, files, registry)
+    with pytest.raises(HandoverError):
+        passthrough.adopt(state)
+    assert passthrough.backing_files == 0
+
+
+def test_a_daemon_with_passthrough_off_serves_adopted_copies_and_makes_none(
+    tmp_path: Path,
+) -> None:
+    files, registry = Files({2: CONTENT, 3: CONTENT[::-1]}), FakeRegistry()
+    passthrough = Passthrough(registry, files.whole_file, files.file_identity, tmp_path,
+                              min_size=100, new_copies=False)
+    passthrough.adopt({"backing": [[2, 7, len(CONTENT), "sha256:layer", 2]], "opens": []})
+    assert passthrough.open(2) == Opening(PASSTHROUGH_FH, 7)
+    _run_copies(passthrough, lambda: passthrough.open(3))
+    assert registry.opened == {} and passthrough.open(3).backing_id is None

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fusefs.formats import IndexLimits, LayerFormatError
+from fusefs.formats import IndexLimits, LayerFormatError, tocdata
 from fusefs.formats.builder import build_index
 from fusefs.formats.tocdata import toc_entries
 from fusefs.formats.tocentry import TocEntry
@@ -35,9 +35,26 @@ def build(data: bytes, limits: IndexLimits = LIMITS) -> Any:
 
 
 def test_an_ordinary_toc_is_decoded_into_structs() -> None:
-    entries = toc_entries(document([{"name": "a", "type": "dir"}, reg("a/f")]), LIMITS)
-    assert isinstance(entries, list) and all(type(e) is TocEntry for e in entries)
+    entries = list(toc_entries(document([{"name": "a", "type": "dir"}, reg("a/f")]), LIMITS))
+    assert all(type(e) is TocEntry for e in entries)
     assert entries[1].chunk_digest == reg("a/f")["chunkDigest"]
+
+
+def test_entries_are_decoded_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only one batch of Structs is alive at once: an invalid entry in a later batch is not
+    # decoded (nor found) before the builder has taken the earlier batches.
+    monkeypatch.setattr(tocdata, "ENTRY_BATCH_SIZE", 2)
+    entries = [reg(f"f{i}", size=0) for i in range(5)] + [reg("bad", mode="0644")]
+    decoded = iter(toc_entries(document(entries), LIMITS))
+    assert [next(decoded).name for _ in range(4)] == ["f0", "f1", "f2", "f3"]
+    with pytest.raises(LayerFormatError, match="TOC entry 5: TOC field 'mode' is `str`"):
+        list(decoded)
+
+
+def test_a_name_that_is_not_utf8_is_a_format_error() -> None:
+    data = document([reg("NAME", size=0)]).replace(b"NAME", b"\xff")
+    with pytest.raises(LayerFormatError, match="not valid UTF-8"):
+        build(data)
 
 
 @pytest.mark.parametrize(

@@ -438,6 +438,8 @@ def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 # -- a FUSE server over fake layers, run as ``python -m tests.integration.fuse_support`` ----------
 
 BIG = bytes(range(256)) * 1200  # 300 KiB: several 64 KiB chunks
+# Over FUSE passthrough's 1 MiB minimum; 251 is prime, so no chunk repeats another.
+PASSTHROUGH_BIG = (bytes(range(251)) * 8400)[: 2 << 20]
 
 BASE_ENTRIES = [
     FakeEntry("bin", kind=EntryKind.DIR, perm=0o755),

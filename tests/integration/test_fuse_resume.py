@@ -23,6 +23,7 @@ import pytest
 from snapshotter.daemon import keeper as fuse_keeper
 from tests.integration.fuse_support import (
     BIG,
+    PASSTHROUGH_BIG,
     REPO,
     force_unmount,
     is_mounted,
@@ -290,3 +291,56 @@ def test_the_keeper_hands_its_connection_over_only_for_its_own_mount(servers: Se
     wait_for(lambda: not _keeper_alive(servers), 10, "the refused keeper to exit")
     # The serving process is not affected.
     assert (servers.mnt / "base/etc/keep").read_bytes() == b"base keep\n"
+
+
+def _restart_leaving_the_mount(servers: Servers, *extra: str) -> None:
+    """SIGTERM with ``--leave-on-term`` (the daemon's ``keep_mounted_on_stop``), then a new
+    server that takes the connection over."""
+    last = servers.processes[-1]
+    last.send_signal(signal.SIGTERM)
+    assert last.wait(timeout=20) == 0
+    assert is_mounted(servers.mnt)
+    servers.start(*extra)
+    assert servers.how() == "adopted"
+
+
+def test_passthrough_goes_on_across_restarts_that_leave_the_mount(servers: Servers) -> None:
+    """The kernel keeps one I/O mode per open inode: a file open in passthrough refuses a
+    page-cache open (EIO), one open through the page cache refuses a passthrough open. The
+    next server must answer as the previous one would have, so it takes over its backing
+    ids and open counts (through the keeper)."""
+    flags = ("--passthrough", "--leave-on-term")
+    servers.start(*flags)
+    if "passthrough=on" not in servers.logs():
+        pytest.skip(f"the kernel ({os.uname().release}) did not offer FUSE passthrough at INIT "
+                    "(needs Linux >= 6.9 built with CONFIG_FUSE_PASSTHROUGH)")
+    wait_for(lambda: _keeper_alive(servers), 10, "the keeper's socket")
+    huge = servers.mnt / "base/huge"
+    cached = os.open(huge, os.O_RDONLY)  # a page-cache open, held across the first restart
+    try:
+        assert os.pread(cached, len(PASSTHROUGH_BIG) + 1, 0) == PASSTHROUGH_BIG
+        # Whole in the cache now: another open starts the backing copy.
+        deadline = time.monotonic() + 20
+        while "passthrough backing file registered" not in servers.logs():
+            assert time.monotonic() < deadline, servers.logs()
+            assert huge.read_bytes() == PASSTHROUGH_BIG
+            time.sleep(0.1)
+
+        _restart_leaving_the_mount(servers, *flags)
+        assert "fuse passthrough adopted backing_files=1" in servers.logs()
+        # The inode is in page-cache mode: answered onto the copy, this open would fail.
+        assert huge.read_bytes() == PASSTHROUGH_BIG
+    finally:
+        os.close(cached)
+    # Its last page-cache open released (a RELEASE counted against the adopted count), the
+    # file now opens onto its copy; this open is held across the second restart.
+    held = os.open(huge, os.O_RDONLY)
+    try:
+        _restart_leaving_the_mount(servers, *flags)
+        # The inode is in passthrough mode: a page-cache answer would fail with EIO.
+        assert huge.read_bytes() == PASSTHROUGH_BIG
+        assert os.pread(held, 4096, 1 << 20) == PASSTHROUGH_BIG[1 << 20 : (1 << 20) + 4096]
+    finally:
+        os.close(held)
+    with open(huge, "rb") as again:
+        assert again.read() == PASSTHROUGH_BIG

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import socket
 import subprocess
@@ -33,6 +34,7 @@ pytestmark = full_stack()
 
 _RNG = random.Random(5)
 FILES = {name: _RNG.randbytes(300_000) for name in ("first", "second", "third", "fourth")}
+FILES["big"] = _RNG.randbytes(2 << 20)  # over FUSE passthrough's 1 MiB minimum
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,9 @@ def image(docker_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFac
 
 
 @contextmanager
-def _stack(short_tmp: Path, *, keep_mounted: bool) -> Iterator[tuple[Daemon, RunningContainerd]]:
+def _stack(
+    short_tmp: Path, *, keep_mounted: bool, passthrough: bool = False
+) -> Iterator[tuple[Daemon, RunningContainerd]]:
     if not containerd_available():
         pytest.skip("containerd, ctr, runc or the runc shim is not installed")
     config = short_tmp / "lazysnap.toml"
@@ -62,6 +66,7 @@ def _stack(short_tmp: Path, *, keep_mounted: bool) -> Iterator[tuple[Daemon, Run
         "[lazy]\nbackground_fetch = false\n"
         f"keep_mounted_on_stop = {'true' if keep_mounted else 'false'}\n"
         f'[metrics]\naddress = "unix:{short_tmp / "metrics.sock"}"\n'
+        + ('[fuse]\npassthrough = "auto"\n' if passthrough else "")
     )
     try:
         with running_daemon(short_tmp / "d", extra_args=["--config", str(config)]) as daemon, \
@@ -81,6 +86,12 @@ def stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
 @pytest.fixture
 def kept_stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
     with _stack(short_tmp, keep_mounted=True) as parts:
+        yield parts
+
+
+@pytest.fixture
+def passthrough_stack(short_tmp: Path) -> Iterator[tuple[Daemon, RunningContainerd]]:
+    with _stack(short_tmp, keep_mounted=True, passthrough=True) as parts:
         yield parts
 
 
@@ -212,3 +223,44 @@ def test_a_running_container_reads_new_files_across_a_clean_restart_when_kept_mo
     assert "fuse connection taken over from the keeper" in daemon.log()
     assert _sha(containerd, "app", "e2", "/data/second") == _expected("second")
     assert _sha(containerd, "app", "e3", "/data/first") == _expected("first")
+
+
+def test_a_file_held_open_in_passthrough_opens_again_after_a_clean_restart(
+    passthrough_stack: tuple[Daemon, RunningContainerd], image: str
+) -> None:
+    """With ``[fuse] passthrough = "auto"``: the kernel refuses a page-cache open of a file open
+    in passthrough mode (EIO), so the restarted daemon goes on from the backing ids and open
+    counts its predecessor left with the keeper."""
+    daemon, containerd = passthrough_stack
+    if "passthrough=on" not in daemon.log():
+        pytest.skip("the kernel did not offer FUSE passthrough at INIT (Linux >= 6.9 with "
+                    "CONFIG_FUSE_PASSTHROUGH)")
+    _pull(containerd, image)
+    containerd.ctr("run", "-d", "--snapshotter", "lazysnap", image, "app",
+                   "/bin/sleep", "3600", timeout=120)
+    # Read on the FUSE mount itself first (a container's closes reach the daemon some time
+    # after its process exits, through overlayfs, and a page-cache open left would keep the
+    # file from passthrough): again until an open finds the file whole and copies it, then
+    # held open, in passthrough mode, across the restart.
+    (big,) = (daemon.root / "fuse").glob("*/data/big")
+    deadline = time.monotonic() + 60
+    while not _events(daemon, "fuse_passthrough_backing"):
+        assert big.read_bytes() == FILES["big"]
+        assert time.monotonic() < deadline, "no backing copy was registered"
+        time.sleep(0.2)
+    held = os.open(big, os.O_RDONLY)
+    try:
+        assert daemon.stop(leave_mount=True) == 0  # SIGTERM, as systemctl restart does
+        (left,) = _events(daemon, "fuse_passthrough_left")
+        assert left["backing_files"] == 1 and left["passthrough_open_files"] == 1, left
+        assert [e["noted"] for e in _events(daemon, "fuse_passthrough_noted")] == [True]
+        daemon.start()
+        assert "fuse connection taken over from the keeper" in daemon.log()
+        assert _events(daemon, "fuse_passthrough_adopted")
+        # Before: EIO, until the held file was closed.
+        assert _sha(containerd, "app", "after", "/data/big") == _expected("big")
+        assert big.read_bytes() == FILES["big"]
+        assert os.pread(held, 4096, 1 << 20) == FILES["big"][1 << 20 : (1 << 20) + 4096]
+    finally:
+        os.close(held)
+    assert _sha(containerd, "app", "other", "/data/second") == _expected("second")

@@ -3,11 +3,15 @@ own SIGKILL the way the daemon does: it hands its connection to a fuse keeper, a
 instance takes it over from the keeper and serves it with the protocol server.
 
     python -m tests.support.fuse_resume_server MOUNTPOINT CACHE_DIR KEEPER_SOCKET [--no-keeper]
-        [--stall-top] [--raw]
+        [--stall-top] [--raw] [--passthrough] [--leave-on-term]
 
 ``--stall-top``: reads from layer "top" never complete (a request read and never answered).
 ``--raw``: mount without libfuse and serve with the protocol server from INIT on (with
 ``--no-keeper``: no takeover involved).
+``--passthrough``: ask for FUSE passthrough (``[fuse] passthrough = "auto"``); layer "base" then
+also holds ``huge``, a file big enough for a backing copy, and INFO lines are logged.
+``--leave-on-term``: SIGTERM leaves the connection mounted for the next server and the
+passthrough state with the keeper, as the daemon does with ``lazy.keep_mounted_on_stop``.
 
 Layers "base" (slot 1) and "top" (slot 2) are attached at fixed slots, as the daemon does from
 its database. Once serving, ``<MOUNTPOINT>.ready`` holds ``<pid> mounted|adopted``. SIGTERM
@@ -16,6 +20,7 @@ unmounts and exits.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -27,8 +32,10 @@ from fusefs import LazyFilesystem, session
 from snapshotter.daemon import keeper as fuse_keeper
 from tests.integration.fuse_support import (
     BASE_ENTRIES,
+    PASSTHROUGH_BIG,
     TOP_ENTRIES,
     FakeBlob,
+    FakeEntry,
     FakeIndex,
     fake_decoder,
 )
@@ -36,13 +43,15 @@ from tests.integration.fuse_support import (
 
 async def _main(
     mountpoint: Path, cache_dir: Path, keeper_socket: Path, use_keeper: bool, stall_top: bool,
-    raw: bool,
+    raw: bool, passthrough: bool, leave_on_term: bool,
 ) -> None:
     handover = fuse_keeper.take_over(keeper_socket, mountpoint) if use_keeper else None
     adopt_fd = None if handover is None else handover.fd
     if raw:
         adopt_fd = session.mount_raw(mountpoint)  # the protocol server from INIT on
-    fs = LazyFilesystem(mountpoint, cache_dir, decoder=fake_decoder, adopt_fd=adopt_fd)
+    note = handover.note if handover is not None and isinstance(handover.note, dict) else {}
+    fs = LazyFilesystem(mountpoint, cache_dir, decoder=fake_decoder, adopt_fd=adopt_fd,
+                        passthrough=passthrough, passthrough_handover=note.get("passthrough"))
     async with trio.open_nursery() as nursery:
 
         async def serve(*, task_status: trio.TaskStatus[None]) -> None:
@@ -52,7 +61,10 @@ async def _main(
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
-                    fs.unmount()
+                    if leave_on_term:
+                        fs.leave_mounted()
+                    else:
+                        fs.unmount()
                     return
 
         nursery.start_soon(stop_on_signal)
@@ -63,7 +75,10 @@ async def _main(
                 fuse_keeper.start_keeper(keeper_socket, fd, mountpoint)
             finally:
                 os.close(fd)
-        base = FakeIndex(BASE_ENTRIES, chunk_size=64 * 1024, corrupt_digest_of="bad")
+        entries = BASE_ENTRIES
+        if passthrough:
+            entries = [*entries, FakeEntry("huge", content=PASSTHROUGH_BIG)]
+        base = FakeIndex(entries, chunk_size=64 * 1024, corrupt_digest_of="bad")
         await fs.attach("base", FakeBlob(base.blob_bytes), base, background_fetch=False, slot=1)
         top = FakeIndex(TOP_ENTRIES)
         top_blob = FakeBlob(top.blob_bytes)
@@ -77,10 +92,19 @@ async def _main(
         written = ready.with_name(ready.name + ".tmp")
         written.write_text(f"{os.getpid()} {how}\n")
         written.rename(ready)
+    state = fs.passthrough_handover()
+    if leave_on_term and state is not None:
+        fuse_keeper.leave_note(keeper_socket, {"passthrough": state})
+
+
+def _flag(name: str) -> bool:
+    return name in sys.argv[4:]
 
 
 if __name__ == "__main__":
+    if _flag("--passthrough"):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     trio.run(
-        _main, Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
-        "--no-keeper" not in sys.argv[4:], "--stall-top" in sys.argv[4:], "--raw" in sys.argv[4:],
+        _main, Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), not _flag("--no-keeper"),
+        _flag("--stall-top"), _flag("--raw"), _flag("--passthrough"), _flag("--leave-on-term"),
     )
