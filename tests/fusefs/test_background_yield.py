@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusefs.background import cut_range, fetch_everything, fetch_missing
@@ -59,14 +60,15 @@ _SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("yield_depth", [1, 2])
 @trio_test
-async def test_soon_after_a_reader_background_keeps_one_small_range_in_flight(
-    tmp_path: Path,
+async def test_soon_after_a_reader_background_keeps_yield_depth_small_ranges_in_flight(
+    tmp_path: Path, yield_depth: int,
 ) -> None:
     index = FakeIndex(small_files(40, 20_000), toc_trusted=True)  # chunks of about 20 KB
     blob = _SlowBlob(index.blob_bytes, delay=0.01)
     async with fetcher_for(
-        tmp_path, index, blob, background_yield=60, yield_depth=1, **_SETTINGS
+        tmp_path, index, blob, background_yield=60, yield_depth=yield_depth, **_SETTINGS
     ) as (fetcher, layer, _):
         await _a_reader_waits(fetcher, layer, index)
         reader_requests = len(blob.log)
@@ -74,32 +76,13 @@ async def test_soon_after_a_reader_background_keeps_one_small_range_in_flight(
         await fetch_missing(fetcher, layer)
         assert layer.stats.blob_verified is True
         background = [length for _, length in blob.log[reader_requests:]]
-        # Old code: four 100 KiB ranges at once once the reader was quiet for 0.05 s.
-        assert blob.most_in_flight == 1
+        # Old code: four 100 KiB ranges at once once the reader was quiet for 0.05 s; before
+        # yield_depth, one range at a time, the link idle for a round trip between two.
+        assert blob.most_in_flight == yield_depth
         assert background and max(background) <= 30 * KiB
         for i in range(40):
             entry = index.by_path[f"d/f{i}"]
             assert await fetcher.read(layer, entry, 0, 20_000) == index._nodes[entry].content
-
-
-@trio_test
-async def test_soon_after_a_reader_yield_depth_small_ranges_keep_the_link_busy(
-    tmp_path: Path,
-) -> None:
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(
-        tmp_path, index, blob, background_yield=60, yield_depth=2, **_SETTINGS
-    ) as (fetcher, layer, _):
-        await _a_reader_waits(fetcher, layer, index)
-        reader_requests = len(blob.log)
-        blob.most_in_flight = 0
-        await fetch_missing(fetcher, layer)
-        assert layer.stats.blob_verified is True
-        background = [length for _, length in blob.log[reader_requests:]]
-        # Old code: one range at a time, the link idle for a round trip between two.
-        assert blob.most_in_flight == 2
-        assert background and max(background) <= 30 * KiB
 
 
 @trio_test

@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
@@ -225,38 +225,54 @@ def _read_in(fh: int, offset: int, size: int) -> bytes:
     return struct.pack("=QQIIQII", fh, offset, size, 0, 0, 0, 0)
 
 
+def _over_socketpair(main: Callable[[socket.socket, socket.socket], Awaitable[None]]) -> None:
+    """Run ``main(kernel, server)`` under trio over a SOCK_SEQPACKET pair standing in for
+    /dev/fuse (one datagram per request); both ends are closed afterwards."""
+    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        trio.run(main, kernel, server)
+    finally:
+        kernel.close()
+        server.close()
+
+
+async def _replies(
+    kernel: socket.socket, count: int, seconds: float
+) -> dict[int, tuple[int, bytes]]:
+    """The next ``count`` replies the server wrote, {unique: (error, payload)}; each reply's
+    header must state its length."""
+    kernel.setblocking(False)
+    replies: dict[int, tuple[int, bytes]] = {}
+    with trio.fail_after(seconds):
+        while len(replies) < count:
+            await trio.lowlevel.wait_readable(kernel)
+            data = kernel.recv(BUFFER_SIZE)
+            length, error, unique = kp.parse_out_header(data)
+            assert length == len(data)
+            replies[unique] = (error, data[kp.OUT_HEADER_SIZE:])
+    return replies
+
+
 def _exchange(
     requests: list[bytes], expect: int, handlers: Handlers | None = None,
 ) -> dict[int, tuple[int, bytes]]:
-    """Serve ``requests`` over a SOCK_SEQPACKET pair (one datagram per request, like
-    /dev/fuse); returns {unique: (error, payload)} of the replies."""
-    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    """Serve ``requests`` over a socketpair; returns {unique: (error, payload)} of the
+    replies."""
     replies: dict[int, tuple[int, bytes]] = {}
 
-    async def main() -> None:
+    async def main(kernel: socket.socket, server: socket.socket) -> None:
         session = ProtocolServer(handlers or Handlers(), server.fileno(), max_tasks=4)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
             for request in requests:
                 await trio.to_thread.run_sync(kernel.send, request)
-            kernel.setblocking(False)
-            with trio.fail_after(10):
-                while len(replies) < expect:
-                    await trio.lowlevel.wait_readable(kernel)
-                    data = kernel.recv(BUFFER_SIZE)
-                    length, error, unique = kp.parse_out_header(data)
-                    assert length == len(data)
-                    replies[unique] = (error, data[16:])
+            replies.update(await _replies(kernel, expect, 10))
             await trio.sleep(0.1)  # nothing else must arrive (no replies to forgets)
             with pytest.raises(BlockingIOError):
                 kernel.recv(BUFFER_SIZE)
             nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    finally:
-        kernel.close()
-        server.close()
+    _over_socketpair(main)
     return replies
 
 
@@ -421,10 +437,9 @@ class StalledReads(Handlers):
 def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
     # Issue 15: the reader loop waited for a READ slot, so max_tasks stalled READs kept it
     # from reading anything else, lookups included.
-    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     replies: dict[int, tuple[int, bytes]] = {}
 
-    async def main() -> None:
+    async def main(kernel: socket.socket, server: socket.socket) -> None:
         session = ProtocolServer(StalledReads(), server.fileno(), max_tasks=4)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
@@ -436,20 +451,10 @@ def test_metadata_is_answered_while_every_read_slot_is_stalled() -> None:
             ]
             for request in stalled + answered:
                 await trio.to_thread.run_sync(kernel.send, request)
-            kernel.setblocking(False)
-            with trio.fail_after(3):
-                while len(replies) < len(answered):
-                    await trio.lowlevel.wait_readable(kernel)
-                    data = kernel.recv(BUFFER_SIZE)
-                    _, error, unique = kp.parse_out_header(data)
-                    replies[unique] = (error, data[16:])
+            replies.update(await _replies(kernel, len(answered), 3))
             nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    finally:
-        kernel.close()
-        server.close()
+    _over_socketpair(main)
     assert sorted(replies) == [2, 4, 6]
     assert all(error == 0 for error, _ in replies.values())
 
@@ -468,7 +473,6 @@ def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
     # A yield per request cost a pass of trio's scheduler (and an epoll_wait) each. Requests
     # already queued are now answered back to back, with a yield every IN_PLACE_BURST of them
     # so that the READ tasks still run, and one more once none is left.
-    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     handlers = LookupRecorder()
     count = 3 * IN_PLACE_BURST + 2
     yields: list[int] = []  # how many lookups had been answered at each yield of the loop
@@ -478,26 +482,16 @@ def test_queued_requests_are_answered_without_a_yield_between_them() -> None:
             yields.append(handlers.lookups)
             await super()._yield()
 
-    async def main() -> None:
+    async def main(kernel: socket.socket, server: socket.socket) -> None:
         session = Recording(handlers, server.fileno(), max_tasks=4)
         for unique in range(count):  # all queued before the server reads the first
             kernel.send(_request(Opcode.LOOKUP, 2 * unique + 2, 1, b"f\0"))
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
-            kernel.setblocking(False)
-            replies = 0
-            with trio.fail_after(10):
-                while replies < count:
-                    await trio.lowlevel.wait_readable(kernel)
-                    kernel.recv(BUFFER_SIZE)
-                    replies += 1
+            assert len(await _replies(kernel, count, 10)) == count
             nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    finally:
-        kernel.close()
-        server.close()
+    _over_socketpair(main)
     assert handlers.lookups == count
     burst = IN_PLACE_BURST
     assert yields[:4] == [burst, 2 * burst, 3 * burst, count]
