@@ -361,7 +361,10 @@ class LazyLayers:
         if decision is None or decision.request is None or decision.needs_manifest:
             return False
         request = decision.request
-        if self._use_profiles and request.manifest_digest:
+        # Only a layer that may be served lazily has a use for its image's profile: an image
+        # of other layers costs no registry request.
+        may_be_lazy = decision.format is not None or decision.soci
+        if self._use_profiles and request.manifest_digest and may_be_lazy:
             with contextlib.suppress(ValueError):
                 self.profiles.start(parse_reference(request.image_ref), request.manifest_digest)
         if decision.soci and request.manifest_digest is not None:

@@ -32,6 +32,7 @@ from tests.support.oci_image import TarBuilder
 
 IMAGE = "reg.test/team/app:v1"
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 class FakeFilesystem:
@@ -182,3 +183,32 @@ def test_announced_layers_start_the_lookup_before_their_prepares(tmp_path: Path)
             return lazy.soci.requests, len(_soci_referrers(fake))
 
     assert trio.run(main) == (1, 1)
+
+
+def test_announced_layers_that_cannot_be_lazy_start_no_lookup(tmp_path: Path) -> None:
+    from snapshotter.client.chain import layer_labels  # noqa: PLC0415
+
+    fake = FakeRegistry()
+    manifest, layers = _image(fake, soci=False)
+
+    def labels(media_type: str) -> list[dict[str, str]]:
+        return [layer_labels(image_ref=IMAGE, manifest_digest=manifest, layer_digests=layers,
+                             index=i, chain_id="sha256:" + str(i) * 64, media_type=media_type)
+                for i in range(2)]
+
+    async def main() -> list[bool]:
+        async with make_client(fake) as client:
+            lazy = LazyLayers(FakeFilesystem(), client,  # type: ignore[arg-type]
+                              lambda layer_id: tmp_path / f"{layer_id}.tail")
+            # Plain zstd layers: no lazy format, no SOCI index to look for.
+            started = lazy.read_ahead([(one, None) for one in labels(ZSTD)])
+            await trio.sleep(0.5)
+            assert lazy.profiles.requests == 0 and lazy.soci.requests == 0
+            # Plain gzip layers may have a zTOC: their image's profile is looked up once.
+            lazy.read_ahead([(one, None) for one in labels(GZIP)])
+            with trio.fail_after(10):
+                while lazy.profiles.requests == 0:
+                    await trio.sleep(0.01)
+            return started
+
+    assert trio.run(main) == [False, False]
