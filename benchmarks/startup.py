@@ -191,9 +191,10 @@ IMAGE_CMD = {"one-layer": ("python3",), "two-layer": ("python3",), "gcc": ("sh",
 # eStargz does; the list comes from running them under strace in a chroot of the image.
 PROFILED_WORKLOADS = {"one-layer": ("hello", "imports"), "two-layer": ("hello", "imports"),
                       "gcc": ("gcc",)}
-# Issue 5: lazy time-to-first-output as a fraction of the full pull's, and whole-image-local.
+# Issue 5: lazy time-to-first-output as a fraction of the full pull's, and whole-image-local
+# (issue 5 asked <= 1.2x; issue 13 asks <= 1.0x on every image of the benchmark).
 TARGETS = {"hello": 0.11, "imports": 0.17, "read-everything": 1.1}  # none for gcc
-WHOLE_LOCAL_TARGET = 1.2
+WHOLE_LOCAL_TARGET = 1.0
 # Issue 13: lazysnap's first output as a fraction of stargz-snapshotter's on the same blobs.
 STARGZ_TARGETS = {"hello": 0.7, "imports": 0.6, "gcc": 0.65}
 STARGZ_COUNTERPART = {"estargz": "stargz", "estargz+profile": "stargz",

@@ -3,9 +3,10 @@
 On attach the landmark-prioritized range ``[0, prefetch_end)`` is fetched in one request. With
 background fetch on, the rest of the blob follows in large ranges, several at a time, each one
 started only while readers leave the link alone (``ChunkFetcher.background_turn``): soon after a
-reader waited, one small range at a time for all layers. A range in flight is time a reader's
+reader waited, a few small ranges at a time for all layers. A range in flight is time a reader's
 next miss waits, and a reader walking through the blob fetches ahead by itself
-(``fusefs.read_policy``).
+(``fusefs.read_policy``). A range leaves the link when its bytes are in, before they are decoded
+and cached, so the next one is requested while the daemon works on them.
 
 Every chunk is checked against its digest when it is decoded. How the whole layer is verified
 depends on the layer. When the chunk digests prove the blob (``chunks_prove_blob``), only the
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -132,7 +133,7 @@ async def _fetch_and_hash_turn(
     turn: BackgroundTurn,
 ) -> None:
     try:
-        await _fetch_and_hash(fetcher, layer, planned, number, hashed)
+        await _fetch_and_hash(fetcher, layer, planned, number, hashed, on_bytes=turn.release)
     finally:
         turn.release()
 
@@ -186,7 +187,10 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
         range_size=config.background_range,
         first_cut=layer.index.prefetch_end,
     )
-    slots = trio.Semaphore(config.background_concurrency)
+    # Ranges on the link, and ranges in memory (on the link or being decoded): a range leaves
+    # the link when its bytes are in, and the next one goes out while they are decoded.
+    on_link = trio.Semaphore(config.background_concurrency)
+    in_memory = trio.Semaphore(2 * config.background_concurrency)
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
         for number, planned in enumerate(ranges):
@@ -199,17 +203,21 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
             while rest is not None:
                 if fetcher.flights.missing_part(layer, rest) is None:
                     break  # a reader (or its readahead) fetched all of it already
-                await slots.acquire()
+                await in_memory.acquire()
+                await on_link.acquire()
                 turn = await fetcher.background_turn(started, layer)
                 missing = fetcher.flights.missing_part(layer, rest)  # readers went on meanwhile
                 if missing is None:
                     turn.release()
-                    slots.release()
+                    on_link.release()
+                    in_memory.release()
                     break
                 # Soon after a reader, a small head of the range now and the rest on a later
                 # turn, so that the reader's next miss finds little ahead of it on the link.
                 piece, rest = cut_range(missing, turn.max_bytes)
-                nursery.start_soon(_fetch_then_release, fetcher, layer, piece, slots, turn)
+                nursery.start_soon(
+                    _fetch_then_release, fetcher, layer, piece, _OffLink(turn, on_link), in_memory
+                )
     still_missing = await fetcher.flights.fetch_rest(layer)
     _record_outcome(
         layer, started, by="chunk-digests", failure=None if still_missing == 0 else
@@ -222,11 +230,11 @@ async def _fetch_then_release(
     fetcher: ChunkFetcher,
     layer: Layer,
     planned: PlannedRange[ChunkTag],
-    slots: trio.Semaphore,
-    turn: BackgroundTurn,
+    off_link: _OffLink,
+    in_memory: trio.Semaphore,
 ) -> None:
     try:
-        await fetcher.flights.fetch_background(layer, planned)
+        await fetcher.flights.fetch_background(layer, planned, on_bytes=off_link)
     except Exception as exc:
         # The sweep at the end fetches whatever this range did not deliver.
         log.warning(
@@ -237,8 +245,25 @@ async def _fetch_then_release(
             exc,
         )
     finally:
-        turn.release()
-        slots.release()
+        off_link()
+        in_memory.release()
+
+
+class _OffLink:
+    """Called when a background range's bytes are in (or it failed): its turn and its place on
+    the link go to the next range. Once only, however often it is called."""
+
+    __slots__ = ("_on_link", "_turn")
+
+    def __init__(self, turn: BackgroundTurn, on_link: trio.Semaphore) -> None:
+        self._turn = turn
+        self._on_link: trio.Semaphore | None = on_link
+
+    def __call__(self) -> None:
+        self._turn.release()
+        on_link, self._on_link = self._on_link, None
+        if on_link is not None:
+            on_link.release()
 
 
 def cut_range(
@@ -317,6 +342,8 @@ async def _fetch_and_hash(
     planned: PlannedRange[ChunkTag],
     number: int,
     hashed: _OrderedHasher,
+    *,
+    on_bytes: Callable[[], None] | None = None,
 ) -> None:
     held = layer.held
     read = None
@@ -336,7 +363,7 @@ async def _fetch_and_hash(
             hashed.fetched += len(data)
             return data
 
-    raw = await fetcher.flights.fetch_background(layer, planned, read=read)
+    raw = await fetcher.flights.fetch_background(layer, planned, read=read, on_bytes=on_bytes)
     if read is None:
         hashed.fetched += planned.length + lead_bytes(layer.index, planned.start)
     await hashed.feed(number, raw)

@@ -69,9 +69,15 @@ class FetchConfig:
     # program starting up pauses for longer than ``quiet_period`` between its misses (more so on
     # a loaded machine), and eight 2 MiB background ranges started in such a pause held the link
     # for about 1.3 s at 100 Mbit/s: every miss after it queued behind them (issue 13, gcc).
-    # One small range at a time costs a miss at most about that range's time on the link.
+    # A few small ranges at a time cost a miss at most about their time on the link.
     background_yield: float = 3.0
     yield_range: int = 512 * 1024
+    # How many such ranges are on the link at once. With one, the link was idle for a round
+    # trip and the decode between two ranges: at 100 Mbit/s and 20 ms, 512 KiB ranges came at
+    # 4.7 MB/s, a third of the link, for the whole 3 s after hello's last miss (startup
+    # benchmark). With two, the next request crosses the link while the last one's bytes
+    # arrive. A range is off the link once its bytes are in, before they are decoded.
+    yield_depth: int = 2
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
     # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
     # of many small files, and each would otherwise inflate it again.
@@ -107,8 +113,8 @@ class FetchConfig:
             raise ValueError("long_read_bytes must be >= 0")
         if self.nearby_span < 0 or self.nearby_fetch_max < 0:
             raise ValueError("nearby_span and nearby_fetch_max must be >= 0")
-        if self.background_yield < 0 or self.yield_range < 1:
-            raise ValueError("background_yield must be >= 0, yield_range positive")
+        if self.background_yield < 0 or self.yield_range < 1 or self.yield_depth < 1:
+            raise ValueError("background_yield must be >= 0, yield_range and yield_depth positive")
         if min(self.exec_prefetch_depth, self.exec_prefetch_concurrency,
                self.exec_prefetch_files) < 0:
             raise ValueError("exec_prefetch_depth, _concurrency and _files must be >= 0")

@@ -319,12 +319,15 @@ class ChunkFlights:
         planned: PlannedRange[ChunkTag],
         *,
         read: Callable[[int, int], Awaitable[bytes]] | None = None,
+        on_bytes: Callable[[], None] | None = None,
     ) -> bytes:
         """Request all of ``planned`` and fill the cache with the chunks still missing; returns
         the raw bytes, which the whole-blob check hashes. The missing chunks are claimed before
         the request, so a reader needing one of them waits for this range. ``read``, when
         given, gets the range's bytes ``[start, end)`` (lead byte first) instead of one request:
-        the whole-blob check reads what readers fetched back from the held copy."""
+        the whole-blob check reads what readers fetched back from the held copy. ``on_bytes``
+        is called once the bytes are in (or the request failed), before they are decoded: the
+        range is off the link then."""
         missing = PlannedRange(
             planned.start,
             planned.end,
@@ -340,6 +343,9 @@ class ChunkFlights:
         except BaseException as exc:
             self._fail(claim, exc)
             raise
+        finally:
+            if on_bytes is not None:
+                on_bytes()
         if claim:
             await self.fetch_range(layer, planned, seed=claim, claimed=True, raw=raw)
         return raw[lead_bytes(layer.index, planned.start) :]

@@ -59,8 +59,8 @@ class LazyConfig:
     # their misses; below that, a container is starting up and background ranges only queue
     # ahead of its reads. 0: background joins readers busy for 6 s, whatever they fetched.
     long_read_bytes: int = DEFAULT_LONG_READ_BYTES
-    # Seconds after a reader waited on the link during which background fetch keeps one small
-    # range in flight for all layers together, so that a program pausing between its misses
+    # Seconds after a reader waited on the link during which background fetch keeps two small
+    # ranges on the link for all layers together, so that a program pausing between its misses
     # (a compiler) finds the link nearly free. 0: off (background ranges at full concurrency
     # after each quiet period).
     background_yield: float = DEFAULT_BACKGROUND_YIELD

@@ -1,18 +1,21 @@
-"""Background fetch soon after a reader waited: one small range in flight for all layers
-(``background_yield``), so a program pausing between misses finds the link nearly free."""
+"""Background fetch soon after a reader waited: ``yield_depth`` small ranges on the link for all
+layers (``background_yield``), so a program pausing between misses finds the link nearly free;
+and a range leaves the link once its bytes are in, before they are decoded."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import trio
 
 from fusefs.background import cut_range, fetch_everything, fetch_missing
 from fusefs.fetcher import ChunkFetcher
+from fusefs.index import ChunkRef, Codec
 from fusefs.layer import Layer
 from fusefs.ranges import split_blob
 from tests.fusefs.test_fetcher import fetcher_for, small_files
-from tests.integration.fuse_support import FakeBlob, FakeIndex, trio_test
+from tests.integration.fuse_support import FakeBlob, FakeIndex, fake_decoder, trio_test
 
 KiB = 1024
 
@@ -62,9 +65,9 @@ async def test_soon_after_a_reader_background_keeps_one_small_range_in_flight(
 ) -> None:
     index = FakeIndex(small_files(40, 20_000), toc_trusted=True)  # chunks of about 20 KB
     blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
-        fetcher, layer, _
-    ):
+    async with fetcher_for(
+        tmp_path, index, blob, background_yield=60, yield_depth=1, **_SETTINGS
+    ) as (fetcher, layer, _):
         await _a_reader_waits(fetcher, layer, index)
         reader_requests = len(blob.log)
         blob.most_in_flight = 0
@@ -75,6 +78,67 @@ async def test_soon_after_a_reader_background_keeps_one_small_range_in_flight(
         assert blob.most_in_flight == 1
         assert background and max(background) <= 30 * KiB
         for i in range(40):
+            entry = index.by_path[f"d/f{i}"]
+            assert await fetcher.read(layer, entry, 0, 20_000) == index._nodes[entry].content
+
+
+@trio_test
+async def test_soon_after_a_reader_yield_depth_small_ranges_keep_the_link_busy(
+    tmp_path: Path,
+) -> None:
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    async with fetcher_for(
+        tmp_path, index, blob, background_yield=60, yield_depth=2, **_SETTINGS
+    ) as (fetcher, layer, _):
+        await _a_reader_waits(fetcher, layer, index)
+        reader_requests = len(blob.log)
+        blob.most_in_flight = 0
+        await fetch_missing(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        background = [length for _, length in blob.log[reader_requests:]]
+        # Old code: one range at a time, the link idle for a round trip between two.
+        assert blob.most_in_flight == 2
+        assert background and max(background) <= 30 * KiB
+
+
+@trio_test
+async def test_a_background_range_leaves_the_link_before_its_bytes_are_decoded(
+    tmp_path: Path,
+) -> None:
+    """While one range's chunks are decoded (on a worker thread), the next range is already
+    requested: the link does not wait for the daemon's work on the last bytes."""
+    index = FakeIndex(small_files(8, 20_000), toc_trusted=True)
+    next_request = threading.Event()  # a second background request has started
+    requests = 0
+
+    class _Watching(_SlowBlob):
+        async def read_at(self, offset: int, length: int) -> bytes:
+            nonlocal requests
+            requests += 1
+            if requests == 2:
+                next_request.set()
+            return await super().read_at(offset, length)
+
+    decodes_saw_the_next_request: list[bool] = []
+
+    def decoder(codec: Codec, raw: bytes, ref: ChunkRef) -> bytes:
+        if not decodes_saw_the_next_request:  # the first range's decode waits for the next one
+            decodes_saw_the_next_request.append(next_request.wait(timeout=2.0))
+        return fake_decoder(codec, raw, ref)
+
+    blob = _Watching(index.blob_bytes, delay=0.01)
+    settings = {**_SETTINGS, "background_concurrency": 1, "background_range": 20_000}
+    async with fetcher_for(tmp_path, index, blob, background_yield=0, **settings) as (
+        fetcher, layer, _
+    ):
+        fetcher.flights._decode = decoder
+        await fetch_missing(fetcher, layer)
+        assert layer.stats.blob_verified is True
+        # Old code: a range held its place on the link until its chunks were decoded, so the
+        # next request waited for the decode, which waited for it in vain.
+        assert decodes_saw_the_next_request == [True]
+        for i in range(8):
             entry = index.by_path[f"d/f{i}"]
             assert await fetcher.read(layer, entry, 0, 20_000) == index._nodes[entry].content
 
@@ -130,9 +194,9 @@ async def test_the_whole_blob_check_keeps_its_ranges_one_at_a_time_after_a_reade
 ) -> None:
     index = FakeIndex(small_files(40, 20_000))  # untrusted: the whole blob is hashed
     blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
-        fetcher, layer, _
-    ):
+    async with fetcher_for(
+        tmp_path, index, blob, background_yield=60, yield_depth=1, **_SETTINGS
+    ) as (fetcher, layer, _):
         await _a_reader_waits(fetcher, layer, index)
         blob.most_in_flight = 0
         await fetch_everything(fetcher, layer)
@@ -141,12 +205,12 @@ async def test_the_whole_blob_check_keeps_its_ranges_one_at_a_time_after_a_reade
 
 
 @trio_test
-async def test_two_layers_share_the_one_yield_range(tmp_path: Path) -> None:
+async def test_two_layers_share_the_yield_ranges(tmp_path: Path) -> None:
     index = FakeIndex(small_files(30, 20_000), toc_trusted=True)
     blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
-        fetcher, layer, _
-    ):
+    async with fetcher_for(
+        tmp_path, index, blob, background_yield=60, yield_depth=2, **_SETTINGS
+    ) as (fetcher, layer, _):
         other_index = FakeIndex(small_files(30, 20_000), toc_trusted=True)
         other_blob = _SlowBlob(other_index.blob_bytes, delay=0.01)
         other = Layer("l2", 2, other_blob, other_index)
@@ -169,7 +233,7 @@ async def test_two_layers_share_the_one_yield_range(tmp_path: Path) -> None:
                 both.start_soon(fetch_missing, fetcher, other)
             nursery.cancel_scope.cancel()
         assert layer.stats.blob_verified and other.stats.blob_verified
-        assert in_flight_together == 1
+        assert in_flight_together == 2
 
 
 def test_cut_range_keeps_whole_chunks_and_at_least_one() -> None:
@@ -183,3 +247,38 @@ def test_cut_range_keeps_whole_chunks_and_at_least_one() -> None:
     assert head.chunks + rest.chunks == whole.chunks and rest.end == whole.end
     tiny, rest = cut_range(whole, 10)  # smaller than a chunk: still one chunk
     assert len(tiny.chunks) == 1 and rest is not None
+
+
+@trio_test
+async def test_a_reader_hitting_the_disk_cache_does_not_hold_background_fetch_back(
+    tmp_path: Path,
+) -> None:
+    """Read-everything reads, on and on, what background fetch brought into the disk cache.
+    Those reads never wait on the link, so background fetch goes on meanwhile."""
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    settings = {**_SETTINGS, "long_read": 1000.0, "hot_bytes": 0}  # every hit is a disk hit
+    async with fetcher_for(tmp_path, index, blob, background_yield=0, **settings) as (
+        fetcher, layer, _
+    ):
+        await _a_reader_waits(fetcher, layer, index)
+        await fetcher.writes_done()
+        entry = index.by_path["d/f0"]
+        assert fetcher.flights.in_memory(next(iter(fetcher.cache._entries))) is None
+        background_done_at = None
+
+        async def background() -> None:
+            nonlocal background_done_at
+            await fetch_missing(fetcher, layer)
+            background_done_at = trio.current_time()
+
+        reading_until = trio.current_time() + 2.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(background)
+            while trio.current_time() < reading_until:  # a reader busy on cached bytes
+                assert await fetcher.read(layer, entry, 0, 100) == index._nodes[entry].content[:100]
+                await trio.sleep(0.001)
+        assert layer.stats.blob_verified is True
+        # Old code: every disk hit counted as a wait, so background fetch never had its quiet
+        # time and only ran once the reader stopped.
+        assert background_done_at is not None and background_done_at < reading_until - 1.0
