@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import trio
 
+from fusefs.background_budget import BudgetPlace
 from fusefs.fetcher import BackgroundTurn, ChunkFetcher
 from fusefs.held_bytes import HeldBytes
 from fusefs.inflated_spans import lead_bytes, span_layer
@@ -121,7 +122,10 @@ async def _fetch_and_hash_all(
             # The whole blob is hashed in these ranges, so they are not cut: a turn soon after
             # a reader only keeps them one at a time.
             turn = await fetcher.background_turn(started, layer)
-            nursery.start_soon(_fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn)
+            place = await fetcher.background_place(layer)
+            nursery.start_soon(
+                _fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn, place
+            )
 
 
 async def _fetch_and_hash_turn(
@@ -131,11 +135,13 @@ async def _fetch_and_hash_turn(
     number: int,
     hashed: _OrderedHasher,
     turn: BackgroundTurn,
+    place: BudgetPlace,
 ) -> None:
     try:
         await _fetch_and_hash(fetcher, layer, planned, number, hashed, on_bytes=turn.release)
     finally:
         turn.release()
+        place.release()
 
 
 def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | None) -> None:
@@ -206,8 +212,10 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
                 await in_memory.acquire()
                 await on_link.acquire()
                 turn = await fetcher.background_turn(started, layer)
+                place = await fetcher.background_place(layer)
                 missing = fetcher.flights.missing_part(layer, rest)  # readers went on meanwhile
                 if missing is None:
+                    place.release()
                     turn.release()
                     on_link.release()
                     in_memory.release()
@@ -216,7 +224,13 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
                 # turn, so that the reader's next miss finds little ahead of it on the link.
                 piece, rest = cut_range(missing, turn.max_bytes)
                 nursery.start_soon(
-                    _fetch_then_release, fetcher, layer, piece, _OffLink(turn, on_link), in_memory
+                    _fetch_then_release,
+                    fetcher,
+                    layer,
+                    piece,
+                    _OffLink(turn, on_link),
+                    in_memory,
+                    place,
                 )
     still_missing = await fetcher.flights.fetch_rest(layer)
     _record_outcome(
@@ -232,6 +246,7 @@ async def _fetch_then_release(
     planned: PlannedRange[ChunkTag],
     off_link: _OffLink,
     in_memory: trio.Semaphore,
+    place: BudgetPlace,
 ) -> None:
     try:
         await fetcher.flights.fetch_background(layer, planned, on_bytes=off_link)
@@ -247,6 +262,7 @@ async def _fetch_then_release(
     finally:
         off_link()
         in_memory.release()
+        place.release()
 
 
 class _OffLink:
