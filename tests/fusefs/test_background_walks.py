@@ -47,8 +47,8 @@ def test_background_fetch_walks_the_layer_once(
             await run_layer_background(fetcher, layer, background=True)
             assert layer.stats.blob_verified is True, layer.stats.last_error
             assert fetcher.cache.usage().chunks == 30
-        # Old code: chunks_prove_blob, split_blob and fetch_rest's two passes (trusted), or
-        # chunks_prove_blob and split_blob (the whole-blob check).
+        # Old code, trusted: chunks_prove_blob, split_blob and fetch_rest's two passes. The
+        # whole-blob check (untrusted) walked once before too, and still does.
         assert walks == ["l1"]
 
     run()
