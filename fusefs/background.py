@@ -124,10 +124,20 @@ async def _fetch_and_hash_all(
             # The whole blob is hashed in these ranges, so they are not cut: a turn soon after
             # a reader only keeps them one at a time.
             turn = await fetcher.background_turn(started, layer)
-            place = await fetcher.background_place(layer)
+            place = await _place_for(fetcher, layer, turn)
             nursery.start_soon(
                 _fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn, place
             )
+
+
+async def _place_for(fetcher: ChunkFetcher, layer: Layer, turn: BackgroundTurn) -> BudgetPlace:
+    """The range's place in the node's budget; a layer detached while it waits gives its turn
+    back, or the yield depth of every layer would shrink for good."""
+    try:
+        return await fetcher.background_place(layer)
+    except BaseException:
+        turn.release()
+        raise
 
 
 async def _fetch_and_hash_turn(
@@ -259,7 +269,7 @@ async def fetch_missing(
                 await in_memory.acquire()
                 await on_link.acquire()
                 turn = await fetcher.background_turn(started, layer)
-                place = await fetcher.background_place(layer)
+                place = await _place_for(fetcher, layer, turn)
                 missing = fetcher.flights.missing_part(layer, rest)  # readers went on meanwhile
                 if missing is None:
                     place.release()

@@ -16,8 +16,8 @@ range leaves the link when its bytes have arrived (``BackgroundTurn.release``), 
 decoded. Each background range also takes a place in the node's budget
 (``fusefs.background_budget``, ``background_ranges`` for all layers, in attach order) until its
 chunks are decoded; while ``crowd_readers`` readers wait on the link at once, and for a while
-after, all layers together hold one. Background ranges are small enough (2 MiB) that a reader who needs one of their chunks
-never waits long for it.
+after, all layers together hold one. Background ranges are small enough (2 MiB) that a reader
+who needs one of their chunks never waits long for it.
 """
 
 from __future__ import annotations

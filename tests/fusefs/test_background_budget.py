@@ -138,3 +138,25 @@ async def test_the_budget_serves_the_lowest_order_first_and_returns_to_full_afte
 def test_the_budget_refuses_a_limit_below_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         BackgroundBudget(0)
+
+
+@trio_test
+async def test_a_layer_detached_while_waiting_for_a_place_gives_back_its_turn(
+    tmp_path: Path,
+) -> None:
+    index = FakeIndex(small_files(20, 20_000), toc_trusted=True)
+    blob = _SlowBlob(index.blob_bytes, delay=0.01)
+    settings = {**_SETTINGS, "background_yield": 60, "yield_depth": 2}
+    async with fetcher_for(tmp_path, index, blob, background_ranges=1, **settings) as (
+        fetcher, layer, _
+    ):
+        with fetcher.foreground():
+            pass  # a reader waited: turns are yielding turns, counted against yield_depth
+        await trio.sleep(0.1)  # past the quiet period
+        blocker = await fetcher.budget.acquire(-1)  # the only place, held by someone else
+        with trio.move_on_after(0.5):
+            await fetch_missing(fetcher, layer)  # waits for a place with its turn: detached
+        blocker.release()
+        assert fetcher.budget.held == 0
+        # Old code without the give-back: one of the two yielding turns was lost for good.
+        assert fetcher._yielding_ranges == 0
