@@ -20,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import trio
 
+from fusefs.background_budget import BudgetPlace
 from fusefs.fetcher import BackgroundTurn, ChunkFetcher
 from fusefs.held_bytes import HeldBytes
+from fusefs.index import ChunkRef
 from fusefs.inflated_spans import lead_bytes, span_layer
 from fusefs.layer import ChunkTag, Layer
 from fusefs.ranges import PlannedRange, split_blob
@@ -59,15 +62,15 @@ async def prefetch(fetcher: ChunkFetcher, layer: Layer) -> None:
     )
 
 
-async def fetch_everything(fetcher: ChunkFetcher, layer: Layer) -> None:
-    """Fetch the whole blob (prefetch range first), fill the cache, and verify the blob digest."""
+async def fetch_everything(
+    fetcher: ChunkFetcher, layer: Layer, plan: LayerPlan | None = None
+) -> None:
+    """Fetch the whole blob (prefetch range first), fill the cache, and verify the blob digest.
+    ``plan``: the layer's walk, when the caller made it already."""
     config = fetcher.config
-    ranges = split_blob(
-        layer.all_chunks(),
-        blob_size=layer.blob.size,
-        range_size=config.background_range,
-        first_cut=layer.index.prefetch_end,
-    )
+    if plan is None:
+        plan = await plan_layer(fetcher, layer)
+    ranges = iter(plan.ranges)
     hasher = hashlib.sha256()
     hashed = _OrderedHasher(hasher, config.background_concurrency)
     started = trio.current_time()
@@ -121,7 +124,20 @@ async def _fetch_and_hash_all(
             # The whole blob is hashed in these ranges, so they are not cut: a turn soon after
             # a reader only keeps them one at a time.
             turn = await fetcher.background_turn(started, layer)
-            nursery.start_soon(_fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn)
+            place = await _place_for(fetcher, layer, turn)
+            nursery.start_soon(
+                _fetch_and_hash_turn, fetcher, layer, planned, number, hashed, turn, place
+            )
+
+
+async def _place_for(fetcher: ChunkFetcher, layer: Layer, turn: BackgroundTurn) -> BudgetPlace:
+    """The range's place in the node's budget; a layer detached while it waits gives its turn
+    back, or the yield depth of every layer would shrink for good."""
+    try:
+        return await fetcher.background_place(layer)
+    except BaseException:
+        turn.release()
+        raise
 
 
 async def _fetch_and_hash_turn(
@@ -131,11 +147,13 @@ async def _fetch_and_hash_turn(
     number: int,
     hashed: _OrderedHasher,
     turn: BackgroundTurn,
+    place: BudgetPlace,
 ) -> None:
     try:
         await _fetch_and_hash(fetcher, layer, planned, number, hashed, on_bytes=turn.release)
     finally:
         turn.release()
+        place.release()
 
 
 def _record_outcome(layer: Layer, started: float, *, by: str, failure: str | None) -> None:
@@ -169,6 +187,50 @@ def hold_reader_bytes(fetcher: ChunkFetcher, layer: Layer) -> None:
         layer.held = HeldBytes(fetcher.flights.cache.directory, layer.blob.size)
 
 
+@dataclass(slots=True)
+class LayerPlan:
+    """What one walk over a layer's chunks gives background fetch: the ranges covering the
+    blob, the chunks no range carries, and whether the chunk digests prove the blob."""
+
+    ranges: list[PlannedRange[ChunkTag]]
+    left_out: list[tuple[ChunkTag, ChunkRef]]
+    proves_blob: bool
+
+    def chunks(self) -> Iterator[tuple[ChunkTag, ChunkRef]]:
+        for planned in self.ranges:
+            yield from planned.chunks
+        yield from self.left_out
+
+
+async def plan_layer(fetcher: ChunkFetcher, layer: Layer) -> LayerPlan:
+    """Walk the layer's chunks once, a range at a time with a checkpoint between, so that
+    twenty layers attached at once leave the trio thread to readers. Building each chunk's
+    ``ChunkRef`` is most of a walk's cost, and background fetch walked every layer four times
+    (``chunks_prove_blob``, ``split_blob``, ``fetch_rest`` twice): 6.1 % of the daemon's
+    samples in benchmarks/scale.py's CRI arm."""
+    proves = layer.index.toc_trusted
+
+    def checked() -> Iterator[tuple[ChunkTag, ChunkRef]]:
+        nonlocal proves
+        for tag, ref in layer.all_chunks():
+            if proves and not ref.zeros and ref.digest is None:
+                proves = False
+            yield tag, ref
+
+    left_out: list[tuple[ChunkTag, ChunkRef]] = []
+    ranges: list[PlannedRange[ChunkTag]] = []
+    for planned in split_blob(
+        checked(),
+        blob_size=layer.blob.size,
+        range_size=fetcher.config.background_range,
+        first_cut=layer.index.prefetch_end,
+        left_out=left_out,
+    ):
+        ranges.append(planned)
+        await trio.lowlevel.checkpoint()
+    return LayerPlan(ranges, left_out, proves)
+
+
 def chunks_prove_blob(layer: Layer) -> bool:
     """Whether the chunk digests alone check every byte a reader can get: the TOC matched a
     digest from the manifest and every chunk with bytes in the blob has a digest."""
@@ -177,16 +239,17 @@ def chunks_prove_blob(layer: Layer) -> bool:
     return all(ref.zeros or ref.digest is not None for _, ref in layer.all_chunks())
 
 
-async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
+async def fetch_missing(
+    fetcher: ChunkFetcher, layer: Layer, plan: LayerPlan | None = None
+) -> None:
     """Fetch every chunk that is not cached yet (prefetch range first), in large ranges that
-    skip what readers already fetched; for layers whose chunk digests prove the blob."""
+    skip what readers already fetched; for layers whose chunk digests prove the blob.
+    ``plan``: the layer's walk, when the caller made it already; the end-of-fetch sweep goes
+    over its chunks instead of walking the layer again."""
     config = fetcher.config
-    ranges = split_blob(
-        layer.all_chunks(),
-        blob_size=layer.blob.size,
-        range_size=config.background_range,
-        first_cut=layer.index.prefetch_end,
-    )
+    if plan is None:
+        plan = await plan_layer(fetcher, layer)
+    ranges = plan.ranges
     # Ranges on the link, and ranges in memory (on the link or being decoded): a range leaves
     # the link when its bytes are in, and the next one goes out while they are decoded.
     on_link = trio.Semaphore(config.background_concurrency)
@@ -206,8 +269,10 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
                 await in_memory.acquire()
                 await on_link.acquire()
                 turn = await fetcher.background_turn(started, layer)
+                place = await _place_for(fetcher, layer, turn)
                 missing = fetcher.flights.missing_part(layer, rest)  # readers went on meanwhile
                 if missing is None:
+                    place.release()
                     turn.release()
                     on_link.release()
                     in_memory.release()
@@ -216,9 +281,15 @@ async def fetch_missing(fetcher: ChunkFetcher, layer: Layer) -> None:
                 # turn, so that the reader's next miss finds little ahead of it on the link.
                 piece, rest = cut_range(missing, turn.max_bytes)
                 nursery.start_soon(
-                    _fetch_then_release, fetcher, layer, piece, _OffLink(turn, on_link), in_memory
+                    _fetch_then_release,
+                    fetcher,
+                    layer,
+                    piece,
+                    _OffLink(turn, on_link),
+                    in_memory,
+                    place,
                 )
-    still_missing = await fetcher.flights.fetch_rest(layer)
+    still_missing = await fetcher.flights.fetch_rest(layer, plan.chunks())
     _record_outcome(
         layer, started, by="chunk-digests", failure=None if still_missing == 0 else
         f"background fetch incomplete layer={layer.layer_id} digest={layer.digest} "
@@ -232,6 +303,7 @@ async def _fetch_then_release(
     planned: PlannedRange[ChunkTag],
     off_link: _OffLink,
     in_memory: trio.Semaphore,
+    place: BudgetPlace,
 ) -> None:
     try:
         await fetcher.flights.fetch_background(layer, planned, on_bytes=off_link)
@@ -247,6 +319,7 @@ async def _fetch_then_release(
     finally:
         off_link()
         in_memory.release()
+        place.release()
 
 
 class _OffLink:
@@ -292,11 +365,13 @@ async def run_layer_background(fetcher: ChunkFetcher, layer: Layer, *, backgroun
     """The per-layer task started by attach; failures are logged, never raised."""
     set_fetch_kind(BACKGROUND)
     try:
-        if background and chunks_prove_blob(layer):
-            await fetch_missing(fetcher, layer)
-        elif background:
-            hold_reader_bytes(fetcher, layer)
-            await fetch_everything(fetcher, layer)
+        if background:
+            plan = await plan_layer(fetcher, layer)
+            if plan.proves_blob:
+                await fetch_missing(fetcher, layer, plan)
+            else:
+                hold_reader_bytes(fetcher, layer)
+                await fetch_everything(fetcher, layer, plan)
         else:
             await prefetch(fetcher, layer)
     except Exception as exc:

@@ -78,6 +78,16 @@ class FetchConfig:
     # benchmark). With two, the next request crosses the link while the last one's bytes
     # arrive. A range is off the link once its bytes are in, before they are decoded.
     yield_depth: int = 2
+    # Background ranges all layers of the daemon hold at once, on the link or being decoded,
+    # handed out in attach order (``fusefs.background_budget``). One layer holds at most
+    # ``2 * background_concurrency`` on its own, so one image fetches as before; twenty
+    # layers attached at once no longer fetch together while their containers start
+    # (benchmarks/scale.py: ~12 s more daemon CPU, FUSE reads 5-7x slower).
+    background_ranges: int = 8
+    # When this many readers wait on the link at once, anywhere on the node, the node is
+    # crowded: for ``max(quiet_period, background_yield)`` after, background fetch of all
+    # layers together holds one range at a time, whatever each layer's own readers do.
+    crowd_readers: int = 4
     hot_bytes: int = 32 * MiB  # decoded chunks kept in memory; a read is often < a chunk
     # Inflated spans of zTOC layers kept in memory: one span (4 MiB by default) holds the chunks
     # of many small files, and each would otherwise inflate it again.
@@ -118,6 +128,8 @@ class FetchConfig:
         if min(self.exec_prefetch_depth, self.exec_prefetch_concurrency,
                self.exec_prefetch_files) < 0:
             raise ValueError("exec_prefetch_depth, _concurrency and _files must be >= 0")
+        if self.background_ranges < 1 or self.crowd_readers < 1:
+            raise ValueError("background_ranges and crowd_readers must be at least 1")
         if self.blob_requests < 1:
             raise ValueError("blob_requests must be at least 1")
 

@@ -13,18 +13,23 @@ waiting on and off for ``long_read`` and fetched ``long_read_bytes`` of the laye
 caps the range at ``yield_range``: readers that pause between misses find at most a few small
 ranges on the link, and the link is not left idle for a round trip between two of them. A
 range leaves the link when its bytes have arrived (``BackgroundTurn.release``), before they are
-decoded. Background ranges are small enough (2 MiB) that a reader who needs one of their chunks
-never waits long for it.
+decoded. Each background range also takes a place in the node's budget
+(``fusefs.background_budget``, ``background_ranges`` for all layers, in attach order) until its
+chunks are decoded; while ``crowd_readers`` readers wait on the link at once, and for a while
+after, all layers together hold one. Background ranges are small enough (2 MiB) that a reader
+who needs one of their chunks never waits long for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
 
+from fusefs.background_budget import BackgroundBudget, BudgetPlace
 from fusefs.cache import ChunkCache, chunk_key
 from fusefs.chunk_blocks import has_blocks
 from fusefs.fetch_config import Decoder, FetchConfig, FetchError, ReadDeadlineExceeded
@@ -89,6 +94,8 @@ class ChunkFetcher:
         # and the event the end of one sets.
         self._yielding_ranges = 0
         self._yield_free = trio.Event()
+        # Background ranges of all layers together, in attach order, fewer while crowded.
+        self.budget = BackgroundBudget(self.config.background_ranges)
 
     @property
     def cache(self) -> ChunkCache:
@@ -108,10 +115,18 @@ class ChunkFetcher:
             if now >= self._last_foreground + self.config.quiet_period:
                 self._busy_since = now  # readers start waiting after a quiet time
         self._foreground += 1
+        crowd = self.config.crowd_readers
+        if self._foreground == crowd:
+            self.budget.crowded(math.inf)  # for as long as the crowd waits
         try:
             yield
         finally:
             self._foreground -= 1
+            if self._foreground == crowd - 1:
+                # And a while after: readers of a crowd come back with their next miss.
+                config = self.config
+                hold = max(config.quiet_period, config.background_yield)
+                self.budget.crowded(trio.current_time() + hold)
             if self._foreground == 0:
                 self._last_foreground = trio.current_time()
                 self._idle.set()
@@ -144,6 +159,11 @@ class ChunkFetcher:
         # Wake every waiter; each checks the count again, and those that lose wait on a new event.
         self._yield_free.set()
         self._yield_free = trio.Event()
+
+    async def background_place(self, layer: Layer) -> BudgetPlace:
+        """A place in the node's background budget for one range of ``layer``; release it
+        when the range's chunks are decoded or it failed."""
+        return await self.budget.acquire(layer.attach_order)
 
     async def wait_until_quiet(self, attached_at: float, layer: Layer | None = None) -> None:
         """Wait until background fetch may start a range: no reader has waited on the link for

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 import trio
 
@@ -38,6 +38,9 @@ from fusefs.ranges import PlannedRange, group_chunks
 from fusefs.request_slots import RequestSlots
 from fusefs.span_mates import SpanFlights
 from fusefs.trace import TRACE
+
+# Chunks the end-of-fetch sweep looks at between two checkpoints.
+_SWEEP_STEP = 2000
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +360,20 @@ class ChunkFlights:
         background claim fetches it itself, so the failure is only logged at debug."""
         await self.fetch_range(layer, planned, seed=claim, claimed=True)
 
-    async def fetch_rest(self, layer: Layer) -> int:
-        """Make every chunk of ``layer`` cached: wait for those in flight, fetch the others in
-        coalesced ranges. Returns how many are still not cached, which failed."""
-        pending: list[tuple[ChunkTag, ChunkRef]] = []
-        for tag, ref in layer.all_chunks():
+    async def fetch_rest(
+        self, layer: Layer, chunks: Iterable[tuple[ChunkTag, ChunkRef]] | None = None
+    ) -> int:
+        """Make every chunk of ``layer`` (or ``chunks``, all of them, walked already) cached:
+        wait for those in flight, fetch the others in coalesced ranges. Returns how many of
+        those not cached at first are still not cached, which failed. One pass over the
+        chunks, with a checkpoint every few thousand: the sweep after each layer's background
+        fetch must not hold the trio thread for a whole layer."""
+        pending: list[tuple[ChunkTag, str, ChunkRef]] = []
+        walked = 0
+        for tag, ref in layer.all_chunks() if chunks is None else chunks:
+            walked += 1
+            if walked % _SWEEP_STEP == 0:
+                await trio.lowlevel.checkpoint()
             if ref.zeros:
                 continue
             key = chunk_key(ref, layer.digest)
@@ -369,19 +381,17 @@ class ChunkFlights:
             if flight is not None:
                 await flight.done.wait()
             if key not in self._cache:
-                pending.append((tag, ref))
+                pending.append((tag, key, ref))
         await self.writes_done()
-        still_missing = (chunk for chunk in pending if self.is_missing(layer, chunk[1]))
+        still_missing = (
+            (tag, ref) for tag, _, ref in pending if self.is_missing(layer, ref)
+        )
         for planned in group_chunks(
             still_missing, max_range=self._config.background_range, max_gap=self._config.max_gap
         ):
             await self.fetch_range(layer, planned)  # claims only what is still missing
         await self.writes_done()
-        return sum(
-            1
-            for _, ref in layer.all_chunks()
-            if not ref.zeros and chunk_key(ref, layer.digest) not in self._cache
-        )
+        return sum(1 for _, key, _ in pending if key not in self._cache)
 
     async def fetch_range(
         self,

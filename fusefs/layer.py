@@ -7,6 +7,7 @@ position of each file in blob order is an ``array`` built on the first cache mis
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from array import array
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,9 @@ class LayerStats:
     logged: set[tuple[str, int, str]] = field(default_factory=set)
 
 
+_attach_orders = itertools.count()
+
+
 class Layer:
     """The filesystem's view of one attached layer; only its counters change."""
 
@@ -52,6 +56,7 @@ class Layer:
         "_read_marks",
         "_tracked_cache",
         "_tracked_files",
+        "attach_order",
         "blob",
         "cached_bytes",
         "held",
@@ -67,6 +72,8 @@ class Layer:
         self.blob = blob
         self.index = index
         self.stats = LayerStats()
+        # Layers made earlier come first for the node's background fetch budget.
+        self.attach_order = next(_attach_orders)
         # Compressed bytes readers fetched, kept for the whole-blob check of a zTOC layer.
         self.held: HeldBytes | None = None
         self._read_marks = bytearray((index.entry_count + 7) // 8)

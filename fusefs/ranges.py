@@ -73,6 +73,7 @@ def split_blob(
     blob_size: int,
     range_size: int,
     first_cut: int | None = None,
+    left_out: list[tuple[T, ChunkRef]] | None = None,
 ) -> Iterator[PlannedRange[T]]:
     """Cover the whole blob ``[0, blob_size)`` with consecutive ranges of about ``range_size``.
 
@@ -81,6 +82,8 @@ def split_blob(
     ``first_cut`` is the prefetch landmark's offset: it makes ``[0, first_cut)`` a range of its
     own, whatever its size. The last range runs to the end of the blob, TOC and footer included,
     so the ranges' bytes hashed in order give the blob digest. Chunks are consumed lazily.
+    ``left_out``, when given, gets the chunks no range carries (straddling a cut, or out of
+    blob order), so a caller walking the chunks once still knows all of them.
     """
     if range_size <= 0:
         raise ValueError("range_size must be positive")
@@ -102,7 +105,10 @@ def split_blob(
             pending = []
             start = ref.blob_offset
         if ref.blob_offset < start:
-            continue  # straddles a cut or out of blob order: left to on-demand reads
+            # Straddles a cut or out of blob order: left to on-demand reads.
+            if left_out is not None:
+                left_out.append((tag, ref))
+            continue
         pending.append((tag, ref))
         covered = max(covered, ref.blob_end)
     if cut is not None:

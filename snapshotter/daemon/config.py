@@ -31,6 +31,11 @@ FUSE_PASSTHROUGH_MODES = ("auto", "off")
 DEFAULT_BACKGROUND_YIELD = 3.0
 NEARBY_SPAN = 512 << 10  # the read path's nearby_span when [lazy] nearby_fetch is on
 MAX_BACKGROUND_YIELD = 600.0
+# Background ranges all lazy layers of the node hold at once, in attach order: two layers' worth
+# (each holds at most eight on its own), so one image fetches as before and twenty do not
+# fetch at once while their containers start (benchmarks/scale.py).
+DEFAULT_BACKGROUND_RANGES = 8
+MAX_BACKGROUND_RANGES = 1024
 
 
 class ConfigError(Exception):
@@ -64,6 +69,9 @@ class LazyConfig:
     # (a compiler) finds the link nearly free. 0: off (background ranges at full concurrency
     # after each quiet period).
     background_yield: float = DEFAULT_BACKGROUND_YIELD
+    # Background ranges (2 MiB) all lazy layers hold at once, on the link or being decoded,
+    # handed out in attach order; one while many readers wait on the link at once.
+    background_ranges: int = DEFAULT_BACKGROUND_RANGES
     # A read miss close (in the layer blob) to a recent one fetches the small files around the
     # two: a package's headers or a compiler's startup objects, read in no blob order. Off by
     # default: it helped a gcc compile and slowed python's imports (benchmarks/README.md).
@@ -407,8 +415,8 @@ def _parse_kata(table: Mapping[str, Any]) -> KataConfig:
 def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
     _only_keys(table, "lazy", ("enabled", "background_fetch", "cache_capacity",
                                "keep_mounted_on_stop", "read_deadline", "long_read_bytes",
-                               "background_yield", "nearby_fetch", "exec_prefetch_depth",
-                               "exec_prefetch_concurrency"))
+                               "background_yield", "background_ranges", "nearby_fetch",
+                               "exec_prefetch_depth", "exec_prefetch_concurrency"))
     lazy = LazyConfig()
     for key in ("enabled", "background_fetch", "keep_mounted_on_stop", "nearby_fetch"):
         if key in table:
@@ -433,6 +441,10 @@ def _parse_lazy(table: Mapping[str, Any]) -> LazyConfig:
             raise ConfigError(f"lazy.background_yield: expected seconds, a number >= 0 and <= "
                               f"{MAX_BACKGROUND_YIELD:g}, got {value!r}")
         lazy = replace(lazy, background_yield=float(value))
+    if "background_ranges" in table:
+        lazy = replace(lazy, background_ranges=_integer(
+            table["background_ranges"], "lazy.background_ranges", 1, MAX_BACKGROUND_RANGES
+        ))
     if "exec_prefetch_depth" in table:
         lazy = replace(lazy, exec_prefetch_depth=_integer(
             table["exec_prefetch_depth"], "lazy.exec_prefetch_depth", 0, 8

@@ -68,6 +68,7 @@ def read_path_config(lazy: LazyConfig) -> FetchConfig:
         read_deadline=lazy.read_deadline,
         long_read_bytes=lazy.long_read_bytes,
         background_yield=lazy.background_yield,
+        background_ranges=lazy.background_ranges,
         nearby_span=NEARBY_SPAN if lazy.nearby_fetch else 0,
         exec_prefetch_depth=lazy.exec_prefetch_depth,
         exec_prefetch_concurrency=lazy.exec_prefetch_concurrency,

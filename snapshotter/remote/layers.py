@@ -468,6 +468,7 @@ class LazyLayers:
         for layer_id in self._fs.layer_ids():
             image, fmt = self._described.get(layer_id, ("", "unknown"))
             blob = self._blobs.get(layer_id)
+            await self._fs.track_usage(layer_id)  # the first report's walk, in steps
             reports.append(layer_report(self._fs.usage(layer_id), image, fmt,
                                         self._background_fetch,
                                         None if blob is None else registry_bytes(blob)))
@@ -488,6 +489,7 @@ class LazyLayers:
         # this call, but never hold a Usage RPC long behind a busy background fetch.
         with trio.move_on_after(USAGE_WRITE_WAIT_SECONDS):
             await self._fs.writes_done()
+        await self._fs.track_usage(layer_id)  # the first Usage's walk, in steps
         return self._fs.usage(layer_id).cached_bytes
 
     async def collect_garbage(

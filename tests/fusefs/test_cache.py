@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import shutil
 from pathlib import Path
@@ -106,12 +105,13 @@ async def test_a_write_that_fails_leaves_no_temporary_file(
 ) -> None:
     cache = await ChunkCache.open(tmp_path, capacity_bytes=1 << 20)
 
-    class FullDisk(io.FileIO):
-        def write(self, data: Any) -> int:
-            super().write(bytes(data)[:10])  # part of the chunk lands, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    write_new_file = cache_module._write_new_file
 
-    monkeypatch.setattr(cache_module, "open", FullDisk, raising=False)
+    def full_disk(path: str, data: bytes) -> None:
+        write_new_file(path, data[:10])  # part of the chunk lands, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module, "_write_new_file", full_disk)
     chunks = [bytes([i]) * 1000 for i in range(20)]
     for data in chunks:
         with pytest.raises(OSError) as failed:
@@ -154,14 +154,14 @@ async def test_a_shard_directory_is_made_once_not_before_every_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = await ChunkCache.open(tmp_path, capacity_bytes=1 << 20)
-    made: list[Path] = []
-    real_mkdir = Path.mkdir
+    made: list[str] = []
+    real_makedirs = os.makedirs
 
-    def counted_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
-        made.append(self)
-        real_mkdir(self, *args, **kwargs)
+    def counted_makedirs(name: str, *args: Any, **kwargs: Any) -> None:
+        made.append(name)
+        real_makedirs(name, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", counted_mkdir)
+    monkeypatch.setattr(cache_module.os, "makedirs", counted_makedirs)
     # Keys by blob position share the first hex digits of the blob digest: one shard.
     chunks = [bytes([i]) * 1000 for i in range(5)]
     keys = [chunk_key(ChunkRef(i * 1000, 1000, i * 1000, i * 1000 + 1000, 0, None),

@@ -337,3 +337,51 @@ async def test_filesystem_usage_and_garbage_collection(
         removed, _ = await fs.collect_garbage()
         assert removed > 0 and files_in(tmp_path / "cache") == set()
         fs.unmount()
+
+
+@trio_test
+async def test_track_usage_registers_a_layer_in_steps_that_let_others_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first Usage of a layer registers its chunks a few at a time, with checkpoints
+    between, not in one walk on the trio thread; ``usage`` then counts them all."""
+
+    async def no_mount(*args: object, task_status: trio.TaskStatus[None], **kwargs: object) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(filesystem_module.session, "serve", no_mount)
+    monkeypatch.setattr(filesystem_module, "_ACCOUNTING_STEP", 2)
+    index = layer_a()
+    fs = LazyFilesystem(tmp_path / "mnt", tmp_path / "cache", config=QUICK, decoder=fake_decoder)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        await fs.attach("a", FakeBlob(index.blob_bytes), index, background_fetch=True)
+        total = sum(c.size for f in index.file_entries() for c in index.chunks(f))
+        with trio.fail_after(20):
+            await fs.writes_done()
+            while fs.meters("a") is not None and not fs.usage("a").background_done:
+                await trio.sleep(0.05)
+            await fs.writes_done()
+        # A fresh start of the counting, as on the first Usage after a restart.
+        layer = fs._table.by_id("a")
+        assert layer is not None
+        assert layer.untrack_cached_bytes()
+        ticks = 0
+        counting = True
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while counting:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(ticker)
+        await fs.track_usage("a")
+        counting = False
+        # Old code had no steps: usage() walked every file at once. Eleven files, two a step.
+        assert ticks >= 4
+        assert fs.usage("a").cached_bytes == total
+        await fs.track_usage("gone")  # not attached: nothing to do
+        fs.unmount()
+        nursery.cancel_scope.cancel()

@@ -112,3 +112,11 @@ def test_split_blob_ranges_have_about_the_asked_size() -> None:
 def test_split_blob_rejects_bad_range_size() -> None:
     with pytest.raises(ValueError, match="range_size"):
         list(split_blob([], blob_size=10, range_size=0))
+
+
+def test_split_blob_hands_the_chunks_no_range_carries_to_left_out() -> None:
+    chunks = [(0, ref(0, 10)), (1, ref(200, 210)), (2, ref(50, 60)), (3, ref(210, 220))]
+    left_out: list[tuple[int, ChunkRef]] = []
+    ranges = list(split_blob(chunks, blob_size=300, range_size=100, left_out=left_out))
+    assert [tag for planned in ranges for tag, _ in planned.chunks] == [0, 1, 3]
+    assert left_out == [chunks[2]]  # out of blob order: behind the cut at 200

@@ -289,6 +289,21 @@ def test_background_yield_from_the_file_reaches_the_read_path(tmp_path: Path) ->
             load_config(path)
 
 
+def test_background_ranges_from_the_file_reaches_the_read_path(tmp_path: Path) -> None:
+    from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
+
+    assert Config().lazy.background_ranges == FetchConfig().background_ranges == 8
+    assert read_path_config(Config().lazy).background_ranges == 8
+    path = tmp_path / "config.toml"
+    for value in (1, 3, 64):
+        path.write_text(f"[lazy]\nbackground_ranges = {value}\n")
+        assert read_path_config(load_config(path).lazy).background_ranges == value
+    for bad in ("0", "-2", "1025", "true", '"8"'):
+        path.write_text(f"[lazy]\nbackground_ranges = {bad}\n")
+        with pytest.raises(ConfigError, match=r"lazy\.background_ranges: expected an integer"):
+            load_config(path)
+
+
 def test_nearby_fetch_is_off_unless_the_file_turns_it_on(tmp_path: Path) -> None:
     from snapshotter.daemon.main import read_path_config  # noqa: PLC0415 (daemon imports)
 
