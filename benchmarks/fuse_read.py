@@ -342,13 +342,19 @@ def scrape_overhead(
     )
 
 
-def many_files(work: Path, files: int, rows: list[tuple[str, str, str, str]]) -> None:
+def tree_both_ways(work: Path, files: int) -> tuple[Path, Path]:
+    """A tree of ``files`` small files as a plain directory and as an eStargz blob."""
     tar_bytes = tree_tar(files)
     plain = work / "plain-tree"
     plain.mkdir()
     subprocess.run(["tar", "-C", str(plain), "-xf", "-"], input=tar_bytes, check=True)
     blob = work / "tree.esgz"
     make_estargz(tar_bytes, blob)
+    return plain, blob
+
+
+def many_files(work: Path, files: int, rows: list[tuple[str, str, str, str]]) -> None:
+    plain, blob = tree_both_ways(work, files)
 
     async def load() -> float:
         local = await LocalFileBlob.open(blob)
@@ -657,12 +663,7 @@ def warm_arms(work: Path, mib: int, files: int, base: Path | None,
     that both trees see the same load."""
     blob = big_blob(work, mib)
     plain_big = work / "plain-scrape" / "big.bin"
-    tar_bytes = tree_tar(files)
-    plain_tree = work / "plain-tree"
-    plain_tree.mkdir()
-    subprocess.run(["tar", "-C", str(plain_tree), "-xf", "-"], input=tar_bytes, check=True)
-    tree_blob = work / "tree.esgz"
-    make_estargz(tar_bytes, tree_blob)
+    plain_tree, tree_blob = tree_both_ways(work, files)
     size = mib * MiB
     global LAZYSNAP
     ours = LAZYSNAP
