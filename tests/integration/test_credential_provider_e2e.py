@@ -164,7 +164,7 @@ def _prepare_lazily(daemon: Daemon, private: PrivateRegistry) -> None:
 
 
 def _layer_dir(daemon: Daemon) -> Path:
-    (layer,) = list((daemon.root / "fuse").iterdir())
+    (layer,) = daemon.listed_layers(1)
     return layer
 
 

@@ -254,7 +254,7 @@ def test_remove_detaches_the_layer(short_tmp: Path, lazy_image: LazyImage) -> No
     with running_daemon(short_tmp / "d") as daemon:
         _prepare_all_lazily(daemon, lazy_image)
         fuse_root = daemon.root / "fuse"
-        assert len(list(fuse_root.iterdir())) == 2
+        assert len(daemon.listed_layers(2)) == 2
         with daemon.snapshots() as stub:
             stub.Remove(snapshots_pb2.RemoveSnapshotRequest(key=lazy_image.chain[1]))
             stub.Remove(snapshots_pb2.RemoveSnapshotRequest(key=lazy_image.chain[0]))
@@ -338,7 +338,7 @@ def test_a_removed_layers_slot_is_never_given_to_another_layer(
         slots_seen: set[int] = set()
 
         def check_layer(path: str, expected: bytes) -> None:
-            (layer,) = fuse_root.iterdir()
+            (layer,) = daemon.listed_layers(1)
             target = layer / path
             before = target.stat()
             assert target.read_bytes() == expected
@@ -364,4 +364,4 @@ def test_a_removed_layers_slot_is_never_given_to_another_layer(
         _expect_remote(daemon, lazy_image, 0, "")
         check_layer("bin/busybox", oci.BUSYBOX.read_bytes())
         _expect_remote(daemon, lazy_image, 1, lazy_image.chain[0])
-        assert len(list(fuse_root.iterdir())) == 2
+        assert len(daemon.listed_layers(2)) == 2

@@ -90,6 +90,18 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def listed_layers(self, count: int, timeout: float = 30.0) -> list[Path]:
+        """The layers the FUSE mount's root lists, once ``count`` of them are there. A lazy
+        Prepare answers before its layer's index is built, and the root lists a layer only
+        once it is (fusefs.pending): a listing right after the Prepare may not show it yet."""
+        root = self.root / "fuse"
+        deadline = time.monotonic() + timeout
+        while True:
+            layers = sorted(root.iterdir())
+            if len(layers) >= count or time.monotonic() > deadline:
+                return layers
+            time.sleep(0.05)
+
     @contextlib.contextmanager
     def snapshots(self) -> Iterator[snapshots_pb2_grpc.SnapshotsStub]:
         with grpc.insecure_channel(f"unix:{self.address}") as channel:
