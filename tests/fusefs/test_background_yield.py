@@ -4,7 +4,9 @@ and a range leaves the link once its bytes are in, before they are decoded."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,16 +62,28 @@ _SETTINGS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def _forty_small_files(
+    tmp_path: Path, *, delay: float = 0.01, trusted: bool = True, **settings: float
+) -> AsyncIterator[tuple[ChunkFetcher, Layer, FakeIndex, _SlowBlob]]:
+    """A layer of 40 files of 20 KB (a chunk each) on a slow blob, with ``_SETTINGS`` and
+    ``settings`` over them; ``trusted``: the TOC's chunk digests prove the blob."""
+    index = FakeIndex(small_files(40, 20_000), toc_trusted=trusted)
+    blob = _SlowBlob(index.blob_bytes, delay=delay)
+    async with fetcher_for(tmp_path, index, blob, **{**_SETTINGS, **settings}) as (
+        fetcher, layer, _
+    ):
+        yield fetcher, layer, index, blob
+
+
 @pytest.mark.parametrize("yield_depth", [1, 2])
 @trio_test
 async def test_soon_after_a_reader_background_keeps_yield_depth_small_ranges_in_flight(
     tmp_path: Path, yield_depth: int,
 ) -> None:
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)  # chunks of about 20 KB
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(
-        tmp_path, index, blob, background_yield=60, yield_depth=yield_depth, **_SETTINGS
-    ) as (fetcher, layer, _):
+    async with _forty_small_files(
+        tmp_path, background_yield=60, yield_depth=yield_depth
+    ) as (fetcher, layer, index, blob):
         await _a_reader_waits(fetcher, layer, index)
         reader_requests = len(blob.log)
         blob.most_in_flight = 0
@@ -128,10 +142,8 @@ async def test_a_background_range_leaves_the_link_before_its_bytes_are_decoded(
 
 @trio_test
 async def test_background_is_back_to_full_ranges_once_the_yield_is_over(tmp_path: Path) -> None:
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.02)
-    async with fetcher_for(tmp_path, index, blob, background_yield=0.3, **_SETTINGS) as (
-        fetcher, layer, _
+    async with _forty_small_files(tmp_path, delay=0.02, background_yield=0.3) as (
+        fetcher, layer, index, blob
     ):
         await _a_reader_waits(fetcher, layer, index)
         reader_done = trio.current_time()
@@ -149,11 +161,7 @@ async def test_background_is_back_to_full_ranges_once_the_yield_is_over(tmp_path
 
 @trio_test
 async def test_without_a_reader_background_starts_at_full_concurrency(tmp_path: Path) -> None:
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(tmp_path, index, blob, background_yield=60, **_SETTINGS) as (
-        fetcher, layer, _
-    ):
+    async with _forty_small_files(tmp_path, background_yield=60) as (fetcher, layer, _, blob):
         await fetch_missing(fetcher, layer)
         assert layer.stats.blob_verified is True
         assert blob.most_in_flight > 1 and max(length for _, length in blob.log) > 30 * KiB
@@ -161,10 +169,8 @@ async def test_without_a_reader_background_starts_at_full_concurrency(tmp_path: 
 
 @trio_test
 async def test_yield_off_restores_full_concurrency_after_the_quiet_period(tmp_path: Path) -> None:
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(tmp_path, index, blob, background_yield=0, **_SETTINGS) as (
-        fetcher, layer, _
+    async with _forty_small_files(tmp_path, background_yield=0) as (
+        fetcher, layer, index, blob
     ):
         await _a_reader_waits(fetcher, layer, index)
         await fetch_missing(fetcher, layer)
@@ -175,11 +181,10 @@ async def test_yield_off_restores_full_concurrency_after_the_quiet_period(tmp_pa
 async def test_the_whole_blob_check_keeps_its_ranges_one_at_a_time_after_a_reader(
     tmp_path: Path,
 ) -> None:
-    index = FakeIndex(small_files(40, 20_000))  # untrusted: the whole blob is hashed
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    async with fetcher_for(
-        tmp_path, index, blob, background_yield=60, yield_depth=1, **_SETTINGS
-    ) as (fetcher, layer, _):
+    # Untrusted: the whole blob is hashed.
+    async with _forty_small_files(
+        tmp_path, trusted=False, background_yield=60, yield_depth=1
+    ) as (fetcher, layer, index, blob):
         await _a_reader_waits(fetcher, layer, index)
         blob.most_in_flight = 0
         await fetch_everything(fetcher, layer)
@@ -238,12 +243,10 @@ async def test_a_reader_hitting_the_disk_cache_does_not_hold_background_fetch_ba
 ) -> None:
     """Read-everything reads, on and on, what background fetch brought into the disk cache.
     Those reads never wait on the link, so background fetch goes on meanwhile."""
-    index = FakeIndex(small_files(40, 20_000), toc_trusted=True)
-    blob = _SlowBlob(index.blob_bytes, delay=0.01)
-    settings = {**_SETTINGS, "long_read": 1000.0, "hot_bytes": 0}  # every hit is a disk hit
-    async with fetcher_for(tmp_path, index, blob, background_yield=0, **settings) as (
-        fetcher, layer, _
-    ):
+    # hot_bytes 0: every hit is a disk hit.
+    async with _forty_small_files(
+        tmp_path, background_yield=0, long_read=1000.0, hot_bytes=0
+    ) as (fetcher, layer, index, _):
         await _a_reader_waits(fetcher, layer, index)
         await fetcher.writes_done()
         entry = index.by_path["d/f0"]
